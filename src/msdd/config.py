@@ -1,0 +1,400 @@
+"""Configuration: frozen dataclasses that validate themselves, YAML presets and `--set` overrides.
+
+A run is described by one `Config` with four sections:
+
+    model    what is saved with a tokenizer (image size, latent shape, encoder, decoder, flow, sampling)
+    train    stage-1 optimisation (batch, lr schedule, EMA, checkpoints, logging)
+    distill  stage-2 one-step-per-scale distillation
+    data     where training and evaluation images come from
+
+Presets live in `msdd/configs/<name>.yaml` (also reachable as `configs/` at the repository root).
+Overrides use dotted paths, e.g. `model.decoder.depth=4`; the `model.` prefix may be left out
+(`decoder.depth=4`). Values are parsed as YAML scalars/lists (`4`, `1e-4`, `[30,30,30]`, `true`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from typing import Any, Literal
+
+import yaml
+
+POS_SCHEMES = ("none", "1d", "cross")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"invalid config value for `{name}`: {msg}")
+
+
+def _check_choice(value: Any, name: str, choices: tuple) -> None:
+    _check(value in choices, name, f"got {value!r}, expected one of {list(choices)}")
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    """An MMDiT stack. `mlp_hidden` is the SwiGLU hidden width."""
+
+    depth: int = 4
+    width: int = 128
+    heads: int = 4
+    mlp_hidden: int = 344
+    patch_size: int = 4
+    # Positions of the second (context / register) stream: none, 1d RoPE, or cross-RoPE (SPEC 4).
+    context_pos: Literal["none", "1d", "cross"] = "cross"
+
+    def validate(self, prefix: str) -> None:
+        _check_choice(self.context_pos, f"{prefix}.context_pos", POS_SCHEMES)
+        for name in ("depth", "width", "heads", "mlp_hidden", "patch_size"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.width % self.heads == 0, f"{prefix}.heads",
+               f"width {self.width} must be divisible by heads {self.heads}")
+        # 2D RoPE splits the head dim in two halves (rows, columns) of rotated pairs.
+        _check((self.width // self.heads) % 4 == 0, f"{prefix}.heads",
+               f"head dim width/heads = {self.width // self.heads} must be a multiple of 4 for 2D RoPE")
+
+
+@dataclass(frozen=True)
+class EncoderConfig(TransformerConfig):
+    """Image patches + learnable register tokens; the registers become the latent."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig(TransformerConfig):
+    """Noisy image patches + context tokens from the latent, modulated by the model time."""
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    """Multi-scale flow (SPEC 5). `num_stages` resolutions, each half the next."""
+
+    num_stages: int = 4
+    gamma: float = 1.0 / 3.0
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    loss_weighting: Literal["none", "sigmoid"] = "none"
+    sigmoid_bias: float = 0.0
+    lpips_weight: float = 0.0
+    cfg_drop: float = 0.1
+
+    def validate(self, prefix: str) -> None:
+        _check(self.num_stages >= 1, f"{prefix}.num_stages", f"must be >= 1, got {self.num_stages}")
+        _check(0.0 < self.gamma < 1.0, f"{prefix}.gamma", f"must be in (0, 1), got {self.gamma}")
+        _check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
+        _check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid"))
+        _check(self.lpips_weight >= 0.0, f"{prefix}.lpips_weight", "must be >= 0")
+        _check(0.0 <= self.cfg_drop < 1.0, f"{prefix}.cfg_drop", f"must be in [0, 1), got {self.cfg_drop}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Default decode schedule stored with a model: Euler steps per stage and guidance scale."""
+
+    steps: tuple[int, ...] = (10, 10, 10, 10)
+    cfg: float = 1.0
+
+    def validate(self, prefix: str, num_stages: int) -> None:
+        _check(len(self.steps) == num_stages, f"{prefix}.steps",
+               f"needs one entry per stage ({num_stages}), got {list(self.steps)}")
+        _check(all(s >= 1 for s in self.steps), f"{prefix}.steps", f"all must be >= 1, got {list(self.steps)}")
+        _check(self.cfg >= 0.0, f"{prefix}.cfg", f"must be >= 0, got {self.cfg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    image_size: int = 64
+    latent_tokens: int = 32
+    latent_dim: int = 8
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # True for a distilled student: it decodes with one step per stage unless asked otherwise.
+    one_step: bool = False
+
+    def validate(self, prefix: str = "model") -> None:
+        self.encoder.validate(f"{prefix}.encoder")
+        self.decoder.validate(f"{prefix}.decoder")
+        self.flow.validate(f"{prefix}.flow")
+        self.sampling.validate(f"{prefix}.sampling", self.flow.num_stages)
+        _check(self.latent_tokens >= 1, f"{prefix}.latent_tokens", "must be >= 1")
+        _check(self.latent_dim >= 1, f"{prefix}.latent_dim", "must be >= 1")
+        _check(self.image_size % self.encoder.patch_size == 0, f"{prefix}.encoder.patch_size",
+               f"image_size {self.image_size} must be divisible by the patch size {self.encoder.patch_size}")
+        # The first stage works at image_size / 2^(S-1) and must still hold whole patches, and be even
+        # so that x_start (one more halving) exists.
+        first = self.stage_resolutions[0]
+        _check(self.image_size % (2 ** self.flow.num_stages) == 0,
+               f"{prefix}.flow.num_stages",
+               f"image_size {self.image_size} must be divisible by 2^num_stages = {2 ** self.flow.num_stages}")
+        _check(first % self.decoder.patch_size == 0 and first >= self.decoder.patch_size,
+               f"{prefix}.decoder.patch_size",
+               f"first-stage resolution {first} (image_size / 2^(S-1)) must be a multiple of the patch size "
+               f"{self.decoder.patch_size}; use fewer stages or a smaller patch")
+
+    @property
+    def stage_resolutions(self) -> tuple[int, ...]:
+        s = self.flow.num_stages
+        return tuple(self.image_size // 2 ** (s - 1 - i) for i in range(s))
+
+    @property
+    def compression(self) -> float:
+        return self.image_size**2 * 3 / (self.latent_tokens * self.latent_dim)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = 32
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    max_steps: int = 10_000
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    bf16: bool = False
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_checkpoints: int = 3
+    grid_every: int = 500
+
+    def validate(self, prefix: str = "train") -> None:
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+               f"needs two values in [0, 1), got {self.betas}")
+        _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
+        _check(0 <= self.warmup_steps, f"{prefix}.warmup_steps", "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        _check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
+        _check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
+        for name in ("log_every", "ckpt_every", "grid_every", "keep_checkpoints"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Stage 2 (SPEC 7). Defaults are the paper's best setting."""
+
+    lr: float = 1e-4
+    disc_lr: float = 5e-5
+    max_steps: int = 2_000
+    warmup_steps: int = 50
+    batch_size: int = 16
+    lambda_rec: float = 2.5
+    lambda_perc: float = 0.5
+    lambda_adv: float = 1.0
+    adaptive_adv: bool = True
+    adv_start_step: int = 0
+    cfg: float = 1.0
+    teacher_steps: int = 1
+    discriminator: Literal["dino", "patch"] = "dino"
+    perceptual: Literal["lpips", "none"] = "lpips"
+    ema_decay: float = 0.999
+    log_every: int = 10
+    ckpt_every: int = 500
+    grid_every: int = 500
+
+    def validate(self, prefix: str = "distill") -> None:
+        _check(self.lr > 0 and self.disc_lr > 0, f"{prefix}.lr", "learning rates must be > 0")
+        _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        for name in ("lambda_rec", "lambda_perc", "lambda_adv", "cfg"):
+            _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
+        _check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
+        _check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))
+        _check_choice(self.perceptual, f"{prefix}.perceptual", ("lpips", "none"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """`source`: "embedded" (photos inside scikit-image / scikit-learn) or a folder of images."""
+
+    source: str = "embedded"
+    eval_source: str = "embedded"
+    num_workers: int = 0
+    limit: int | None = None
+
+    def validate(self, prefix: str = "data") -> None:
+        _check(self.num_workers >= 0, f"{prefix}.num_workers", "must be >= 0")
+        _check(self.limit is None or self.limit >= 1, f"{prefix}.limit", "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self) -> None:
+        self.model.validate()
+        self.train.validate()
+        self.distill.validate()
+        self.data.validate()
+
+    def to_dict(self) -> dict:
+        return to_dict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# dict <-> dataclass
+
+
+def to_dict(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def _coerce(tp: Any, value: Any, name: str) -> Any:
+    """Turn a YAML/JSON value into the declared field type, with errors naming the field."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ValueError(f"invalid config value for `{name}`: expected a mapping, got {value!r}")
+        return from_dict(tp, value, name)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"invalid config value for `{name}`: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        elem = args[0]
+        return tuple(_coerce(elem, v, f"{name}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, name)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"invalid config value for `{name}`: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise ValueError(f"invalid config value for `{name}`: expected an integer, got {value!r}")
+        return int(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"invalid config value for `{name}`: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"invalid config value for `{name}`: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        where = f"`{prefix}`" if prefix else "the top level"
+        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where}; valid keys: {sorted(known)}")
+    kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def model_config_from_dict(data: dict) -> ModelConfig:
+    cfg = from_dict(ModelConfig, data, "model")
+    cfg.validate()
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# presets and overrides
+
+
+def preset_names() -> list[str]:
+    files = resources.files("msdd").joinpath("configs").iterdir()
+    return sorted(f.name[: -len(".yaml")] for f in files if f.name.endswith(".yaml"))
+
+
+def _preset_dict(name: str) -> dict:
+    if name not in preset_names():
+        raise ValueError(f"unknown preset {name!r}; available presets: {preset_names()}")
+    text = resources.files("msdd").joinpath("configs", f"{name}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"invalid override `{dotted}`: `{k}` is not a section")
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"invalid override {text!r}: expected KEY=VALUE, e.g. model.decoder.depth=4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ValueError(f"invalid override {text!r}: value is not valid YAML ({e})") from None
+    if key.split(".")[0] not in {f.name for f in fields(Config)}:
+        key = f"model.{key}"  # `decoder.depth=4` means `model.decoder.depth=4`
+    return key, value
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a validated `Config` from a preset name (or a YAML file path) and `KEY=VALUE` overrides."""
+    if preset.endswith((".yaml", ".yml")):
+        with open(preset) as f:
+            tree = yaml.safe_load(f) or {}
+    else:
+        tree = _preset_dict(preset)
+    if "base" in tree:  # presets may extend another preset
+        tree = _merge(_preset_dict(tree.pop("base")), tree)
+    tree.setdefault("name", preset)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(tree, key, value)
+    return from_dict(Config, tree)
+
+
+def config_from_json(text: str) -> Config:
+    return from_dict(Config, json.loads(text))
+
+
+def diff_fields(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where two configs differ (used to refuse mismatched resumes)."""
+    da, db = to_dict(a), to_dict(b)
+    out: list[str] = []
+
+    def walk(x: Any, y: Any, p: str) -> None:
+        if isinstance(x, dict) and isinstance(y, dict):
+            for k in sorted(set(x) | set(y)):
+                walk(x.get(k), y.get(k), f"{p}.{k}" if p else k)
+        elif x != y and not (isinstance(x, float) and isinstance(y, float) and math.isclose(x, y)):
+            out.append(f"{p}: {x!r} -> {y!r}")
+
+    walk(da, db, prefix)
+    return out

@@ -1,0 +1,62 @@
+"""Images in, (B, 3, R, R) tensors in [-1, 1] out.
+
+`data.source` is either "embedded" (photos shipped inside scikit-image/scikit-learn, no download)
+or a folder of the user's own images. Both training datasets yield the same record,
+`(tensor or None, name, skip reason or None)`, batched by `collate_skip_bad`, so the training loop
+has one code path.
+"""
+
+from pathlib import Path
+
+import torch
+
+from msdd.data.embedded import (
+    EPOCH_LENGTH, HELDOUT_PHOTOS, TRAIN_PHOTOS, EmbeddedCrops, embedded_eval_set, load_photo,
+)  # fmt: skip
+from msdd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, SkipCounter, collate_skip_bad, list_images
+from msdd.data.images import (
+    BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor, to_uint8,
+)  # fmt: skip
+
+__all__ = [
+    "BadImageError", "EmbeddedCrops", "HELDOUT_PHOTOS", "IMAGE_EXTENSIONS", "ImageFolderDataset",
+    "SkipCounter", "TRAIN_PHOTOS", "build_eval_images", "build_train_dataset", "center_crop_arr",
+    "collate_skip_bad", "embedded_eval_set", "list_images", "load_image", "load_photo",
+    "random_crop_arr", "to_tensor", "to_uint8",
+]  # fmt: skip
+
+
+def _folder(source: str) -> Path:
+    if not Path(source).is_dir():
+        raise ValueError(
+            f"data.source={source!r} is neither 'embedded' nor an existing folder; "
+            "set data.source to 'embedded' or to a folder of images"
+        )
+    return Path(source)
+
+
+def build_train_dataset(
+    source: str, resolution: int, seed: int, limit: int | None = None
+) -> EmbeddedCrops | ImageFolderDataset:
+    """The training dataset for `data.source`; `limit` caps the items per epoch (for quick runs)."""
+    if source == "embedded":
+        return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed)
+    return ImageFolderDataset(_folder(source), resolution, train=True, seed=seed, limit=limit)
+
+
+def build_eval_images(
+    source: str, resolution: int, limit: int | None = None
+) -> tuple[torch.Tensor, list[str]]:
+    """Fixed evaluation images (N, 3, R, R) in [-1, 1] and their names; bad files skipped with a warning."""
+    if source == "embedded":
+        images, names = embedded_eval_set(resolution)
+        return images[:limit], names[:limit]
+    dataset = ImageFolderDataset(_folder(source), resolution, train=False, limit=limit)
+    records = [dataset[i] for i in range(len(dataset))]
+    x, n_skipped, skipped = collate_skip_bad(records)
+    SkipCounter().update(n_skipped, skipped)
+    if not len(x):
+        path, reason = skipped[0]
+        raise ValueError(f"none of the {n_skipped} images in {source} is usable, e.g. {path}: {reason}")
+    names = [str(Path(path).relative_to(dataset.root)) for image, path, _ in records if image is not None]
+    return x, names

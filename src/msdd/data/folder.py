@@ -1,0 +1,111 @@
+"""Users' own images: a folder (searched recursively) of JPEG/PNG/WebP/BMP files.
+
+Real folders hold a few broken, truncated or tiny files, and one of them must not kill a week-long
+run. So an item is a record `(tensor or None, path, reason or None)`: the dataset never raises for
+a bad file, and `collate_skip_bad` drops bad records and reports them. Counting happens in the
+collate function because it returns to the main process; a counter inside the dataset would be
+lost in DataLoader worker processes.
+"""
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from msdd.data.images import BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+Record = tuple[torch.Tensor | None, str, str | None]  # (image (3, R, R) or None, path, why skipped)
+
+
+def list_images(root: str | Path) -> list[Path]:
+    """Every image file under `root`, recursively, in sorted (hence reproducible) order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not paths:
+        raise ValueError(
+            f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
+            "any letter case); point it at a folder of images or use the embedded dataset"
+        )
+    return paths
+
+
+class ImageFolderDataset(Dataset):
+    """Square `resolution` crops of the images under `root`, as `Record`s.
+
+    train: ADM random crop (80-100% of the shorter side) + horizontal flip, a pure function of
+    (seed, epoch, index). eval: centre crop, no randomness. Images with a shorter side below
+    `min_size` (default resolution // 2) are skipped as too small; those between `min_size` and
+    `resolution` are upscaled. `limit` keeps only the first `limit` files.
+    """
+
+    def __init__(
+        self, root: str | Path, resolution: int, train: bool, seed: int = 0,
+        min_size: int | None = None, limit: int | None = None,
+    ):  # fmt: skip
+        self.root = Path(root)
+        self.paths = list_images(root)[:limit]
+        self.resolution, self.train, self.seed = resolution, train, seed
+        self.min_size = resolution // 2 if min_size is None else min_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Record:
+        path = str(self.paths[i])
+        try:
+            arr = load_image(path)
+        except BadImageError as e:
+            return None, path, e.reason
+        h, w = arr.shape[:2]
+        if min(h, w) < self.min_size:
+            return None, path, f"too small ({w}x{h}; the shorter side must be >= min_size={self.min_size})"
+        if not self.train:
+            return to_tensor(center_crop_arr(arr, self.resolution)), path, None
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        x = to_tensor(random_crop_arr(arr, self.resolution, rng))
+        return (x.flip(-1) if rng.random() < 0.5 else x), path, None
+
+
+def collate_skip_bad(batch: list[Record]) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
+    """Stack the good images (B', 3, R, R); also return how many were skipped and (path, reason) for each.
+
+    If every record in the batch is bad the tensor is empty (0 rows): check `len(x)` before a step.
+    """
+    good = [x for x, _, _ in batch if x is not None]
+    skipped = [(path, reason) for x, path, reason in batch if x is None]
+    return (torch.stack(good) if good else torch.empty(0)), len(skipped), skipped
+
+
+class SkipCounter:
+    """A training loop's running tally of skipped files; warns for the first few so they are seen early."""
+
+    KEEP = 10  # (path, reason) examples kept for the summary
+    WARN = 5  # skips that get their own warning
+
+    def __init__(self):
+        self.count = 0
+        self.examples: list[tuple[str, str]] = []
+
+    def update(self, n: int, items: list[tuple[str, str]]) -> None:
+        """Add `n` skips; `items` are their (path, reason) pairs, as `collate_skip_bad` returns them."""
+        for j, (path, reason) in enumerate(items):
+            if self.count + j < self.WARN:
+                warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
+        self.examples += items[: self.KEEP - len(self.examples)]
+        self.count += n
+
+    def summary(self) -> str:
+        if not self.count:
+            return "no images skipped"
+        shown = "; ".join(f"{path} ({reason})" for path, reason in self.examples)
+        return f"skipped {self.count} images (first {len(self.examples)}: {shown})"

@@ -1,0 +1,1 @@
+"""Metrics, reconstruction, grids, FLOP counting."""

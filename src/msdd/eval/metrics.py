@@ -1,0 +1,46 @@
+"""Reconstruction metrics through torchmetrics, on images mapped from [-1, 1] to [0, 1] (data_range = 1).
+
+PSNR and SSIM per image; the reference SSIM of the paper's code used data_range = 2 on [-1, 1]
+images, which inflates SSIM: we do not.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round images in [-1, 1] to the 8-bit grid (what a saved PNG holds), staying in [-1, 1]."""
+    return torch.round(to_unit(x) * 255) / 127.5 - 1
+
+
+def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) PSNR in dB of images in [-1, 1], computed on [0, 1] with data_range 1."""
+    return peak_signal_noise_ratio(to_unit(pred), to_unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))
+
+
+def ssim_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(B,) SSIM (Gaussian window 11, sigma 1.5) of images in [-1, 1], computed on [0, 1], data_range 1."""
+    return structural_similarity_index_measure(to_unit(pred), to_unit(target), data_range=1.0, reduction="none")
+
+
+def bicubic_side(latent_floats: int) -> int:
+    """Side of the largest 3 x s x s image with at most `latent_floats` numbers."""
+    return int(math.isqrt(latent_floats // 3))
+
+
+def bicubic_baseline(images: torch.Tensor, latent_floats: int) -> torch.Tensor:
+    """Bicubic down to as many floats as the latent holds (at most), then bicubic back up: the
+    simplest 'tokenizer' with the same budget. images (B, 3, R, R) in [-1, 1]."""
+    side = bicubic_side(latent_floats)
+    r = images.shape[-1]
+    small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
+    return F.interpolate(small, size=(r, r), mode="bicubic", align_corners=False).clamp(-1, 1)

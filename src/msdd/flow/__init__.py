@@ -1,0 +1,1 @@
+"""The multi-scale flow: stage windows (schedule), training path (path), sampler."""

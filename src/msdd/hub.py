@@ -1,0 +1,125 @@
+"""Saving and loading models: a directory with `config.json` + `model.safetensors` (the Hugging Face
+layout, so `huggingface_hub` can upload/download it unchanged). Files are written atomically
+(temporary name, fsync, rename) so an interrupted save never leaves a half-written model behind.
+No pickle anywhere: tensors go through safetensors, metadata through JSON.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from msdd.config import model_config_from_dict, to_dict
+
+FORMAT = "msdd-tokenizer"
+FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+# Shipped pretrained model (issue 6); used when no model is given.
+BUNDLED_DIR = Path(__file__).parent / "pretrained"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_tokenizer(tokenizer, directory: str | Path, **extra_metadata) -> Path:
+    """Write `tokenizer` (weights, buffers and config) to `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(tokenizer.state_dict(), directory / WEIGHTS_NAME)
+    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(tokenizer.config), **extra_metadata}
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+def resolve_model_dir(path: str | Path | None) -> Path:
+    """A local model directory for `path`: a folder, a Hugging Face repo id (downloaded), or the bundled one."""
+    if path is None:
+        if (BUNDLED_DIR / CONFIG_NAME).exists():
+            return BUNDLED_DIR
+        raise FileNotFoundError("no model given and no bundled pretrained model installed; pass a model directory "
+                                "(e.g. runs/demo/model) written by `msdd train` or `Tokenizer.save_pretrained`")
+    p = Path(path)
+    if p.is_dir():
+        if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+            raise FileNotFoundError(f"{p} is not an msdd model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
+                                    f"inside (a training run keeps its model in <run>/model)")
+        return p
+    if p.exists():
+        raise ValueError(f"{p} is a file; pass the model directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
+        from huggingface_hub import snapshot_download
+
+        try:
+            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+        except Exception as e:  # offline, unknown repo, ...
+            raise FileNotFoundError(f"model {path!r} is neither a local directory nor downloadable from the "
+                                    f"Hugging Face Hub ({type(e).__name__}: {e})") from None
+    raise FileNotFoundError(f"model directory {p} does not exist")
+
+
+def read_model_metadata(directory: Path) -> dict:
+    meta = json.loads((directory / CONFIG_NAME).read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory / CONFIG_NAME} is not an msdd model config (format {meta.get('format')!r})")
+    return meta
+
+
+def load_tokenizer(path: str | Path | None = None, device: str | torch.device = "cpu"):
+    from msdd.tokenizer import Tokenizer
+
+    directory = resolve_model_dir(path)
+    meta = read_model_metadata(directory)
+    tok = Tokenizer(model_config_from_dict(meta["model"]))
+    state = load_file(str(directory / WEIGHTS_NAME))
+    missing, unexpected = set(tok.state_dict()) - set(state), set(state) - set(tok.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    tok.load_state_dict(state)
+    tok.metadata = meta
+    return tok.to(device).eval()

@@ -1,0 +1,1 @@
+"""Encoder, decoder and shared layers (MMDiT), perceptual network."""

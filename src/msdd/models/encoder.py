@@ -1,0 +1,40 @@
+"""Encoder (SPEC 3): image patches + learnable register tokens through MMDiT blocks -> latent tokens.
+
+The register stream after the last block, LayerNorm, Linear(width -> latent_dim) is the latent z of
+shape (B, L, C). A plain autoencoder latent: no KL term, no quantisation.
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from msdd.config import EncoderConfig
+from msdd.models.layers import JointBlock, RopeCache
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: EncoderConfig, image_size: int, latent_tokens: int, latent_dim: int) -> None:
+        super().__init__()
+        self.cfg, self.image_size = cfg, image_size
+        w, p = cfg.width, cfg.patch_size
+        self.grid = image_size // p
+        self.patch_embed = nn.Conv2d(3, w, kernel_size=p, stride=p)
+        self.registers = nn.Parameter(torch.randn(1, latent_tokens, w) * 0.02)
+        self.blocks = nn.ModuleList(
+            JointBlock(w, cfg.heads, cfg.mlp_hidden, modulated=False, img_pre_only=(i == cfg.depth - 1))
+            for i in range(cfg.depth)
+        )
+        self.norm = nn.LayerNorm(w, eps=1e-6)
+        self.to_latent = nn.Linear(w, latent_dim)
+        self.rope = RopeCache(self.grid, latent_tokens, w // cfg.heads, cfg.context_pos)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, R, R) in [-1, 1] -> z (B, L, C)."""
+        x = rearrange(self.patch_embed(images), "b w h v -> b (h v) w")  # (B, grid*grid, W)
+        reg = self.registers.to(x.dtype).repeat(images.shape[0], 1, 1)  # (B, L, W)
+        rope = self.rope(self.grid, x.device)
+        for block in self.blocks:
+            x, reg = block(x, reg, None, rope)
+        return self.to_latent(self.norm(reg))

@@ -1,0 +1,193 @@
+"""Building blocks shared by the encoder and the decoder: RoPE, joint (MMDiT) attention, SwiGLU, adaLN.
+
+An MMDiT block keeps two token streams with separate weights (image tokens and context/register
+tokens); their queries, keys and values are concatenated and go through ONE attention, so every token
+attends to both streams. In the decoder each stream is modulated (adaLN: shift, scale, gate) by the
+timestep embedding; the encoder uses the same block without modulation.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+# ---------------------------------------------------------------------------------------------
+# rotary position embedding
+
+
+def _angles(pos: torch.Tensor, n_freq: int, base: float) -> torch.Tensor:
+    """(N,) positions -> (N, n_freq) rotation angles pos * base^(-j/n_freq)."""
+    freqs = base ** (-torch.arange(n_freq, dtype=torch.float64) / n_freq)
+    return pos.double()[:, None] * freqs[None, :]
+
+
+def rope_angles(
+    grid: int, full_grid: int, num_context: int, head_dim: int, context_pos: str
+) -> torch.Tensor:
+    """Rotation angles for the joint sequence [image tokens (grid x grid, row-major), context tokens].
+
+    Image tokens use 2D RoPE (half of the rotated pairs for rows, half for columns, base 10000) on the
+    positions of the centred `grid` x `grid` crop of the `full_grid` x `full_grid` final-stage grid.
+    Context tokens: "none" -> no rotation; "1d" -> token index over all pairs; "cross" -> the position
+    (row = grid, column = i) with base 10000 * L / grid on the column axis (SPEC 4).
+    Returns float64 angles of shape (grid*grid + num_context, head_dim // 2).
+    """
+    half = head_dim // 2  # rotated pairs
+    quarter = half // 2
+    offset = (full_grid - grid) / 2
+    coords = torch.arange(grid, dtype=torch.float64) + offset
+    rows = coords.repeat_interleave(grid)  # (grid*grid,)
+    cols = coords.repeat(grid)
+    img = torch.cat([_angles(rows, quarter, 10000.0), _angles(cols, quarter, 10000.0)], dim=-1)
+    idx = torch.arange(num_context, dtype=torch.float64)
+    if context_pos == "none":
+        ctx = torch.zeros(num_context, half, dtype=torch.float64)
+    elif context_pos == "1d":
+        ctx = _angles(idx, half, 10000.0)
+    elif context_pos == "cross":
+        row = torch.full((num_context,), float(grid), dtype=torch.float64)
+        col_base = 10000.0 * num_context / grid
+        ctx = torch.cat([_angles(row, quarter, 10000.0), _angles(idx, quarter, col_base)], dim=-1)
+    else:
+        raise ValueError(f"unknown context_pos {context_pos!r}; expected one of ['none', '1d', 'cross']")
+    return torch.cat([img, ctx], dim=0)
+
+
+class RopeCache:
+    """float32 cos/sin tables per (grid, device), each (N, head_dim) in the rotate-half layout."""
+
+    def __init__(self, full_grid: int, num_context: int, head_dim: int, context_pos: str) -> None:
+        self.full_grid, self.num_context, self.head_dim, self.context_pos = full_grid, num_context, head_dim, context_pos
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device)
+        if key not in self._tables:
+            ang = rope_angles(grid, self.full_grid, self.num_context, self.head_dim, self.context_pos)
+            ang = torch.cat([ang, ang], dim=-1)  # (N, head_dim): pair (i, i + head_dim/2) shares an angle
+            self._tables[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+        return self._tables[key]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate (B, heads, N, D) by per-token angles; dims i and i + D/2 form a rotated pair."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# small modules
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, width: int, hidden: int) -> None:
+        super().__init__()
+        self.w12 = nn.Linear(width, 2 * hidden)
+        self.w3 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(a) * b)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal embedding (256 dims) of the model time tau in [0, 1], then an MLP."""
+
+    def __init__(self, width: int, freq_dim: int = 256) -> None:
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, width), nn.SiLU(), nn.Linear(width, width))
+
+    def forward(self, tau: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=tau.device, dtype=torch.float32) / half)
+        args = (tau.float() * 1000.0)[:, None] * freqs[None]  # (B, half); x1000 spreads tau over the frequencies
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale[:, None]) + shift[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# MMDiT
+
+
+class Stream(nn.Module):
+    """One stream of a joint block: its own norms, qkv, output projection and MLP.
+
+    `modulated`: adaLN from the conditioning vector (decoder) instead of affine LayerNorm (encoder).
+    `pre_only`: the stream's output is not needed after this block (last block), so it only
+    contributes keys and values and has no projection / MLP.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_hidden: int, modulated: bool, pre_only: bool) -> None:
+        super().__init__()
+        self.heads, self.modulated, self.pre_only = heads, modulated, pre_only
+        head_dim = width // heads
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=not modulated, eps=1e-6)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.q_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.LayerNorm(head_dim, eps=1e-6)
+        if not pre_only:
+            self.proj = nn.Linear(width, width)
+            self.norm2 = nn.LayerNorm(width, elementwise_affine=not modulated, eps=1e-6)
+            self.mlp = SwiGLU(width, mlp_hidden)
+        if modulated:
+            n_mod = 2 if pre_only else 6
+            self.adaln = nn.Linear(width, n_mod * width)
+            nn.init.zeros_(self.adaln.weight)  # adaLN-Zero: every block starts as the identity
+            nn.init.zeros_(self.adaln.bias)
+
+    def pre(self, x: torch.Tensor, c: torch.Tensor | None):
+        """(B, N, W) -> q, k, v each (B, heads, N, head_dim), plus the modulation vectors."""
+        mods = self.adaln(F.silu(c)).chunk(2 if self.pre_only else 6, dim=-1) if self.modulated else None
+        h = self.norm1(x)
+        if mods is not None:
+            h = modulate(h, mods[0], mods[1])
+        q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.q_norm(q), self.k_norm(k), v, mods
+
+    def post(self, x: torch.Tensor, attn: torch.Tensor, mods) -> torch.Tensor:
+        """Residual attention output and MLP; attn is (B, N, W)."""
+        if mods is None:
+            x = x + self.proj(attn)
+            return x + self.mlp(self.norm2(x))
+        _, _, gate_a, shift_m, scale_m, gate_m = mods
+        x = x + gate_a[:, None] * self.proj(attn)
+        return x + gate_m[:, None] * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class JointBlock(nn.Module):
+    """MMDiT block over an image stream and a context stream with one joint attention."""
+
+    def __init__(
+        self, width: int, heads: int, mlp_hidden: int, modulated: bool,
+        img_pre_only: bool = False, ctx_pre_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.img = Stream(width, heads, mlp_hidden, modulated, img_pre_only)
+        self.ctx = Stream(width, heads, mlp_hidden, modulated, ctx_pre_only)
+
+    def forward(
+        self, x: torch.Tensor, ctx: torch.Tensor, c: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        # x: (B, N, W) image tokens, ctx: (B, L, W) context tokens, c: (B, W) conditioning or None
+        n = x.shape[1]
+        qx, kx, vx, mx = self.img.pre(x, c)
+        qc, kc, vc, mc = self.ctx.pre(ctx, c)
+        q = torch.cat([qx, qc], dim=2)  # (B, heads, N + L, head_dim)
+        k = torch.cat([kx, kc], dim=2)
+        v = torch.cat([vx, vc], dim=2)
+        cos, sin = rope
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
+        out = rearrange(out, "b h n d -> b n (h d)")
+        x = None if self.img.pre_only else self.img.post(x, out[:, :n], mx)
+        ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out[:, n:], mc)
+        return x, ctx

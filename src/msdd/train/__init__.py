@@ -1,0 +1,1 @@
+"""Stage-1 trainer, shared loop pieces, checkpoints."""

@@ -1,0 +1,80 @@
+"""Pretrained files that some features need (LPIPS-VGG16, DINO ViT-S/16, Inception for FID).
+
+Nothing here downloads implicitly: a file is taken from an explicit path, else from an environment
+variable, else from the standard torch hub cache (`$TORCH_HOME/hub/checkpoints`, where torchvision,
+torch-fidelity and DINO's hub entry keep them). When it is absent the error names the file, where we
+looked, the option to pass and how to fetch it (`msdd fetch-weights NAME`, online).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class PretrainedFile:
+    name: str
+    filename: str
+    env: str
+    option: str
+    purpose: str
+    url: str
+
+
+PRETRAINED = {
+    f.name: f
+    for f in (
+        PretrainedFile("vgg16", "vgg16-397923af.pth", "MSDD_VGG16_WEIGHTS", "--vgg-weights",
+                       "the LPIPS perceptual loss/metric (VGG16 ImageNet backbone)",
+                       "https://download.pytorch.org/models/vgg16-397923af.pth"),
+        PretrainedFile("dino_vits16", "dino_deitsmall16_pretrain.pth", "MSDD_DINO_WEIGHTS", "--dino-weights",
+                       "the DINO ViT-S/16 discriminator",
+                       "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"),
+        PretrainedFile("inception", "weights-inception-2015-12-05-6726825d.pth", "MSDD_INCEPTION_WEIGHTS",
+                       "--inception-weights", "rFID (torch-fidelity's Inception-v3 FID network)",
+                       "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
+                       "weights-inception-2015-12-05-6726825d.pth"),
+    )
+}
+
+
+def cache_path(spec: PretrainedFile) -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / spec.filename
+
+
+def resolve_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
+    """Path of pretrained file `name` (see PRETRAINED) or a FileNotFoundError that says how to get it."""
+    spec = PRETRAINED[name]
+    if explicit is not None:
+        p = Path(explicit)
+        if not p.is_file():
+            raise FileNotFoundError(f"{spec.option} {p}: no such file (expected {spec.filename}, for {spec.purpose})")
+        return p
+    env = os.environ.get(spec.env)
+    if env:
+        p = Path(env)
+        if not p.is_file():
+            raise FileNotFoundError(f"${spec.env}={p}: no such file (expected {spec.filename}, for {spec.purpose})")
+        return p
+    p = cache_path(spec)
+    if p.is_file():
+        return p
+    raise FileNotFoundError(
+        f"{spec.purpose} needs the pretrained file {spec.filename}, which is not in the cache ({p}). "
+        f"Pass its path with {spec.option} PATH (or set ${spec.env}), or, when online, run "
+        f"`msdd fetch-weights {spec.name}` to download it from {spec.url}"
+    )
+
+
+def fetch_weights(name: str) -> Path:
+    """Download pretrained file `name` into the torch hub cache (explicit, online only)."""
+    spec = PRETRAINED[name]
+    dest = cache_path(spec)
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(spec.url, str(dest), progress=True)
+    return dest

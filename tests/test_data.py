@@ -1,0 +1,275 @@
+"""msdd.data: image decoding, ADM crops, the embedded photos, folder datasets with bad files.
+
+Every file here is a real image written with PIL into tmp_path; nothing is mocked.
+"""
+
+import numpy as np
+import pytest
+import skimage.data
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import DataLoader
+
+from msdd.data import (
+    HELDOUT_PHOTOS, TRAIN_PHOTOS, BadImageError, EmbeddedCrops, ImageFolderDataset, SkipCounter,
+    build_eval_images, build_train_dataset, center_crop_arr, collate_skip_bad, embedded_eval_set,
+    list_images, load_image, load_photo, random_crop_arr, to_tensor, to_uint8,
+)  # fmt: skip
+
+
+def noise(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def write_truncated_jpeg(path):
+    Image.fromarray(noise(64, 64)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+# ---------------------------------------------------------------- embedded photos
+
+
+@pytest.mark.parametrize("name", TRAIN_PHOTOS + HELDOUT_PHOTOS)
+def test_embedded_photo_loads_as_rgb(name):
+    photo = load_photo(name)
+    assert photo.dtype == np.uint8 and photo.ndim == 3 and photo.shape[2] == 3
+    assert min(photo.shape[:2]) >= 256
+    assert not photo.flags.writeable  # the cached array is shared; nobody may edit it
+
+
+def test_train_and_heldout_photos_are_disjoint():
+    assert not set(TRAIN_PHOTOS) & set(HELDOUT_PHOTOS)
+    assert "cat" not in TRAIN_PHOTOS + HELDOUT_PHOTOS  # skimage's cat is chelsea
+    left, right, _ = skimage.data.stereo_motorcycle()
+    assert np.array_equal(load_photo("stereo_motorcycle"), left)
+
+
+def test_embedded_crops_are_deterministic_and_vary():
+    ds = EmbeddedCrops(32, seed=0)
+    x, name, reason = ds[5]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+    assert x.min() >= -1 and x.max() <= 1 and x.std() > 0.01
+    assert name.startswith("embedded:") and name.removeprefix("embedded:") in TRAIN_PHOTOS and reason is None
+    assert torch.equal(EmbeddedCrops(32, seed=0)[5][0], x)  # a fresh instance (as in a worker) agrees
+    assert not torch.equal(ds[6][0], x)
+    assert not torch.equal(EmbeddedCrops(32, seed=1)[5][0], x)
+    ds.set_epoch(1)
+    assert not torch.equal(ds[5][0], x)
+    ds.set_epoch(0)
+    assert torch.equal(ds[5][0], x)
+
+
+def test_embedded_crops_batch_through_the_folder_collate():
+    ds = build_train_dataset("embedded", 16, seed=0, limit=20)
+    assert len(ds) == 20
+    x, n_skipped, skipped = next(iter(DataLoader(ds, batch_size=8, collate_fn=collate_skip_bad)))
+    assert x.shape == (8, 3, 16, 16) and n_skipped == 0 and skipped == []
+    names = {ds[i][1] for i in range(20)}
+    assert len(names) > 2  # crops come from several photos
+
+
+def test_embedded_eval_set():
+    x, names = embedded_eval_set(32)
+    assert x.shape == (42, 3, 32, 32) and len(names) == 42 == len(set(names))
+    assert x.min() >= -1 and x.max() <= 1
+    assert {"chelsea", "rocket", "flower", "chelsea_2x2_r0c1", "flower_3x3_r2c2"} <= set(names)
+    x2, names2 = embedded_eval_set(32)
+    assert torch.equal(x, x2) and names == names2
+    whole, whole_names = embedded_eval_set(32, tiles=False)
+    assert whole_names == list(HELDOUT_PHOTOS)
+    assert torch.equal(whole, x[[names.index(n) for n in HELDOUT_PHOTOS]])
+    assert build_eval_images("embedded", 32, limit=5)[0].shape == (5, 3, 32, 32)
+
+
+# ---------------------------------------------------------------- tensors and crops
+
+
+def test_to_tensor_and_back():
+    arr = noise(5, 7)
+    x = to_tensor(arr)
+    assert x.shape == (3, 5, 7) and x.min() >= -1 and x.max() <= 1
+    assert np.array_equal(to_uint8(x).permute(1, 2, 0).numpy(), arr)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+    with pytest.raises(ValueError, match="uint8"):
+        to_tensor(arr.astype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [(300, 451), (451, 300), (40, 50), (64, 64)])
+def test_crop_shapes(shape):
+    arr = noise(*shape)
+    assert center_crop_arr(arr, 64).shape == (64, 64, 3)
+    assert random_crop_arr(arr, 64, np.random.default_rng(0)).shape == (64, 64, 3)
+
+
+def test_center_crop_keeps_the_centre():
+    arr = np.zeros((100, 300, 3), np.uint8)
+    arr[:, 100:200] = 255  # the centre square is white, the sides black
+    out = center_crop_arr(arr, 50)
+    assert out[:, 3:-3].min() == 255
+
+
+def test_random_crop_covers_80_to_100_percent_of_the_shorter_side():
+    # Red = x and green = y in source pixels, so a crop's corners say where in the source it came from.
+    h, w, size = 200, 250, 64
+    yy, xx = np.mgrid[0:h, 0:w]
+    arr = np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8)
+    fracs = []
+    for seed in range(40):
+        crop = random_crop_arr(arr, size, np.random.default_rng(seed)).astype(float)
+        # Pixel centres 0 and size-1 of the crop are (size-1)/size of its side apart.
+        span_y = (crop[-1, :, 1].mean() - crop[0, :, 1].mean()) * size / (size - 1)
+        span_x = (crop[:, -1, 0].mean() - crop[:, 0, 0].mean()) * size / (size - 1)
+        assert abs(span_x - span_y) < 3  # square in the source too
+        fracs.append(span_y / h)
+    assert 0.78 <= min(fracs) < 0.85 and 0.95 < max(fracs) <= 1.02
+
+
+# ---------------------------------------------------------------- load_image on awkward files
+
+
+def test_load_grayscale_png(tmp_path):
+    Image.fromarray(np.full((6, 9), 77, np.uint8), "L").save(tmp_path / "g.png")
+    Image.fromarray(np.eye(8, dtype=bool)).save(tmp_path / "b.png")  # mode "1"
+    gray = load_image(tmp_path / "g.png")
+    assert gray.shape == (6, 9, 3) and gray.dtype == np.uint8 and (gray == 77).all()
+    assert load_image(tmp_path / "b.png")[0, 0].tolist() == [255, 255, 255]
+
+
+def test_load_rgba_png_composites_on_white(tmp_path):
+    rgba = np.zeros((4, 4, 4), np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    rgba[0, 0] = (0, 0, 0, 0)  # fully transparent black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = load_image(tmp_path / "a.png")
+    assert out[0, 0].tolist() == [255, 255, 255] and out[1, 1].tolist() == [200, 0, 0]
+    Image.fromarray(rgba, "RGBA").convert("LA").save(tmp_path / "la.png")
+    assert load_image(tmp_path / "la.png")[0, 0].tolist() == [255, 255, 255]
+
+
+def test_load_palette_png(tmp_path):
+    img = Image.new("P", (5, 3))
+    img.putpalette([10, 20, 30, 250, 0, 0] + [0] * 762)
+    img.putpixel((1, 1), 1)
+    img.save(tmp_path / "p.png")
+    out = load_image(tmp_path / "p.png")
+    assert out[0, 0].tolist() == [10, 20, 30] and out[1, 1].tolist() == [250, 0, 0]
+    img.save(tmp_path / "pt.png", transparency=0)  # colour 0 transparent
+    assert load_image(tmp_path / "pt.png")[0, 0].tolist() == [255, 255, 255]
+
+
+def test_load_16bit_png_scales_not_clips(tmp_path):
+    Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(tmp_path / "d.png")
+    out = load_image(tmp_path / "d.png")[0, :, 0].astype(int)
+    assert out[0] == 0 and abs(out[1] - 128) <= 1 and out[2] == 255
+
+
+def test_load_float_tiff(tmp_path):
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f.tiff")
+    assert load_image(tmp_path / "f.tiff")[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_load_cmyk_jpeg(tmp_path):
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(tmp_path / "c.jpg", quality=100)  # red ink-free
+    r, g, b = load_image(tmp_path / "c.jpg")[8, 8].astype(int)
+    assert r > 240 and g < 15 and b < 15
+
+
+def test_load_applies_exif_rotation(tmp_path):
+    arr = np.zeros((20, 40, 3), np.uint8)
+    arr[:5, :5] = 255  # white block at the stored top-left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    Image.fromarray(arr).save(tmp_path / "r.jpg", exif=exif, quality=100)
+    out = load_image(tmp_path / "r.jpg")
+    assert out.shape == (40, 20, 3)
+    assert out[1, -2].min() > 200 and out[-2, 1].max() < 50  # the block is now top-right
+
+
+def test_truncated_jpeg_raises_bad_image_error(tmp_path):
+    assert not ImageFile.LOAD_TRUNCATED_IMAGES
+    path = tmp_path / "cut.jpg"
+    write_truncated_jpeg(path)
+    with pytest.raises(BadImageError, match="cut.jpg") as err:
+        load_image(path)
+    assert err.value.path == str(path) and "truncated" in err.value.reason
+
+
+def test_text_file_named_png_raises_bad_image_error(tmp_path):
+    path = tmp_path / "notes.png"
+    path.write_text("not an image")
+    with pytest.raises(BadImageError, match="notes.png"):
+        load_image(path)
+
+
+# ---------------------------------------------------------------- folders of users' images
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """3 good images (one nested, one with an upper-case extension), 2 bad ones, 1 non-image file."""
+    (tmp_path / "sub").mkdir()
+    Image.fromarray(noise(40, 60, 1)).save(tmp_path / "a.png")
+    Image.fromarray(noise(50, 50, 2)).save(tmp_path / "sub" / "b.JPG")
+    Image.fromarray(noise(70, 40, 3)).save(tmp_path / "c.webp")
+    write_truncated_jpeg(tmp_path / "broken.jpg")
+    (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "readme.txt").write_text("ignored")
+    return tmp_path
+
+
+def test_list_images(mixed_folder, tmp_path_factory):
+    names = [p.relative_to(mixed_folder).as_posix() for p in list_images(mixed_folder)]
+    assert names == ["a.png", "broken.jpg", "c.webp", "fake.png", "sub/b.JPG"]
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(ValueError, match=str(empty)):
+        list_images(empty)
+    with pytest.raises(FileNotFoundError):
+        list_images(empty / "missing")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_folder_loader_skips_bad_files(mixed_folder, num_workers):
+    ds = ImageFolderDataset(mixed_folder, 32, train=True)
+    loader = DataLoader(ds, batch_size=2, collate_fn=collate_skip_bad, num_workers=num_workers)
+    counter, n_good = SkipCounter(), 0
+    with pytest.warns(UserWarning, match="skipping image"):
+        for x, n_skipped, skipped in loader:
+            assert x.shape[1:] == (3, 32, 32) and x.min() >= -1 and x.max() <= 1
+            n_good += len(x)
+            counter.update(n_skipped, skipped)
+    assert n_good == 3 and counter.count == 2
+    assert sorted(path.rsplit("/", 1)[-1] for path, _ in counter.examples) == ["broken.jpg", "fake.png"]
+    assert "broken.jpg" in counter.summary() and "skipped 2" in counter.summary()
+
+
+def test_folder_dataset_train_is_seeded_and_eval_is_fixed(mixed_folder):
+    train = ImageFolderDataset(mixed_folder, 32, train=True, seed=0)
+    a = train[0][0]
+    assert torch.equal(ImageFolderDataset(mixed_folder, 32, train=True, seed=0)[0][0], a)
+    assert any(not torch.equal(train[0][0], a) for train.epoch in range(1, 6))
+    ev = ImageFolderDataset(mixed_folder, 32, train=False)
+    assert torch.equal(ev[0][0], to_tensor(center_crop_arr(load_image(mixed_folder / "a.png"), 32)))
+
+
+def test_too_small_image_is_skipped(tmp_path):
+    Image.fromarray(noise(10, 12)).save(tmp_path / "tiny.png")
+    Image.fromarray(noise(20, 24)).save(tmp_path / "small.png")  # below 32 but above min_size 16: upscaled
+    ds = ImageFolderDataset(tmp_path, 32, train=True)
+    x, n_skipped, skipped = collate_skip_bad([ds[i] for i in range(len(ds))])
+    assert x.shape == (1, 3, 32, 32) and n_skipped == 1
+    assert skipped[0][0].endswith("tiny.png") and "too small" in skipped[0][1]
+
+
+def test_build_from_folder_and_bad_source(mixed_folder):
+    assert isinstance(build_train_dataset(str(mixed_folder), 32, seed=0), ImageFolderDataset)
+    with pytest.warns(UserWarning, match="skipping image") as warned:
+        x, names = build_eval_images(str(mixed_folder), 32)
+    messages = " ".join(str(w.message) for w in warned)
+    assert "broken.jpg" in messages and "fake.png" in messages
+    assert x.shape == (3, 3, 32, 32) and names == ["a.png", "c.webp", "sub/b.JPG"]
+    with pytest.raises(ValueError, match="data.source"):
+        build_train_dataset(str(mixed_folder / "nope"), 32, seed=0)
+    with pytest.raises(ValueError, match="data.source"):
+        build_eval_images("imagenet", 32)

@@ -1,0 +1,145 @@
+"""Flow path, block noise, training loss and the sampler."""
+
+import math
+
+import pytest
+import torch
+
+from msdd.flow.path import balanced_stages, block_noise, flow_loss, noisy_at, renoise, stage_ends
+from msdd.flow.sampler import sample
+from msdd.flow.schedule import stage_windows
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+
+def test_block_noise_covariance():
+    """Within a 2x2 block: covariance (1 + gamma) I - gamma 11^T; independent across blocks."""
+    g = torch.Generator().manual_seed(0)
+    gamma = 0.2
+    n = block_noise((4000, 1, 8, 8), gamma, g, torch.zeros(1))
+    blocks = n.view(4000, 4, 2, 4, 2).permute(0, 1, 3, 2, 4).reshape(-1, 4)  # (samples*blocks, 4 pixels)
+    cov = torch.cov(blocks.T)
+    assert torch.allclose(blocks.mean(0), torch.zeros(4), atol=0.02)
+    assert torch.allclose(torch.diagonal(cov), torch.ones(4), atol=0.04)  # (1 + gamma) - gamma
+    off = cov[~torch.eye(4, dtype=bool)]
+    assert torch.allclose(off, torch.full_like(off, -gamma), atol=0.03)
+    a, b = n[:, 0, 0, 1].flatten(), n[:, 0, 0, 2].flatten()  # neighbouring blocks
+    assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.05
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_renoised_stage_start_has_isotropic_noise_of_std_t0(stage):
+    """The previous stage's end (noise sigma, upsampled) after renoising carries iid-looking noise of
+    std t0 on top of alpha (1 - sigma) x_start: the same distribution as the training pairs."""
+    w = stage_windows(4, 32)
+    prev, cur = w[stage - 1], w[stage]
+    g = torch.Generator().manual_seed(0)
+    noise_prev = torch.randn(3000, 1, prev.resolution, prev.resolution, generator=g)
+    x = renoise(prev.t_end * noise_prev, cur, 1 / 3, g)  # signal 0: only the noise is left
+    blocks = x.view(3000, 1, cur.resolution // 2, 2, cur.resolution // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, 4)
+    cov = torch.cov(blocks.T)
+    assert torch.allclose(cov, torch.eye(4) * cur.t_start**2, atol=0.02)
+
+
+def test_path_endpoints_and_velocity():
+    w = stage_windows(4, 32)[2]
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    x_end, x_start = stage_ends(x, w)
+    assert x_end.shape == (3, 3, 16, 16) and x_start.shape == (3, 3, 16, 16)
+    assert torch.allclose(x_end[:, :, :2, :2].mean((2, 3)), x_start[:, :, 0, 0], atol=1e-6)
+    noise = torch.randn_like(x_end)
+    start, v = noisy_at(x_end, x_start, w, torch.ones(3), noise)
+    end, _ = noisy_at(x_end, x_start, w, torch.zeros(3), noise)
+    assert torch.allclose(start, (1 - w.t_start) * x_start + w.t_start * noise, atol=1e-6)
+    assert torch.allclose(end, (1 - w.t_end) * x_end + w.t_end * noise, atol=1e-6)
+    mid, _ = noisy_at(x_end, x_start, w, torch.full((3,), 0.3), noise)
+    assert torch.allclose(mid - end, 0.3 * v, atol=1e-5)  # x_r = x_end_n + r v
+
+
+def test_oracle_velocity_sampler_lands_on_the_path_end():
+    """With the exact velocity, Euler steps (any count) land on the stage end; the sampler's step rule
+    and the training target agree."""
+    w = stage_windows(1, 16)
+    x_img = torch.rand(2, 3, 16, 16) * 2 - 1
+    x_end, x_start = stage_ends(x_img, w[0])
+    noise = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    _, v = noisy_at(x_end, x_start, w[0], torch.ones(2), noise)
+
+    def oracle(x, tau, z):
+        return v
+
+    for steps in (1, 3, 7):
+        out = sample(oracle, torch.zeros(2, 4, 4), w, [steps], generator=torch.Generator().manual_seed(0))
+        assert torch.allclose(out, x_end + 0 * noise, atol=1e-5)  # e = 0 at the last stage: clean image
+
+
+def test_balanced_stage_assignment():
+    a = balanced_stages(10, 4, torch.Generator().manual_seed(0))
+    counts = torch.bincount(a, minlength=4)
+    assert counts.max() - counts.min() <= 1 and counts.sum() == 10
+
+
+@pytest.mark.parametrize("stages", [1, 3, 4])
+def test_shapes_at_every_stage(stages):
+    cfg = tiny_config(stages=stages).model
+    tok = Tokenizer(cfg)
+    z = tok.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    assert z.shape == (2, cfg.latent_tokens, cfg.latent_dim)
+    x, previews = tok.decode(z, steps=1, return_stages=True)
+    assert x.shape == (2, 3, 32, 32)
+    assert [p.shape[-1] for p in previews] == list(cfg.stage_resolutions)
+    assert cfg.stage_resolutions[-1] == 32 and all(b == 2 * a for a, b in zip(cfg.stage_resolutions, cfg.stage_resolutions[1:]))
+
+
+def test_flow_loss_is_finite_and_per_stage():
+    cfg = tiny_config().model
+    tok = Tokenizer(cfg)
+    # adaLN-Zero: at init the decoder ignores its inputs; give the output layer and gates weights so
+    # that gradients reach the encoder
+    for m in tok.decoder.modules():
+        if hasattr(m, "adaln"):
+            torch.nn.init.normal_(m.adaln.weight, std=0.1)
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    g = torch.Generator().manual_seed(0)
+    loss, per_stage = flow_loss(tok.decoder, x, tok.encoder(x), tok.windows, cfg_drop=0.1,
+                                null_context=tok.decoder.null_context, generator=g, loss_weighting="sigmoid")
+    assert torch.isfinite(loss) and sorted(per_stage) == [0, 1, 2]
+    assert math.isclose(loss.item(), sum(v.item() for v in per_stage.values()), rel_tol=1e-5)
+    loss.backward()
+    assert tok.encoder.registers.grad is not None and tok.encoder.registers.grad.abs().sum() > 0
+
+
+def test_sampler_determinism_and_seeds():
+    tok = Tokenizer(tiny_config().model)
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)  # non-zero output so noise matters
+    z = torch.randn(2, 8, 4)
+    a = tok.decode(z, generator=torch.Generator().manual_seed(1))
+    b = tok.decode(z, generator=torch.Generator().manual_seed(1))
+    c = tok.decode(z, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+    assert (a - c).abs().max() > 1e-3
+
+
+def test_cfg_one_equals_conditional_pass_and_cfg_mixes():
+    tok = Tokenizer(tiny_config().model)
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)
+    z = torch.randn(2, 8, 4)
+    x = torch.randn(2, 3, 8, 8)
+    from msdd.flow.sampler import guided_velocity
+
+    with torch.no_grad():
+        cond = tok.decoder(x, torch.full((2,), 0.9), z)
+        null = tok.decoder(x, torch.full((2,), 0.9), tok.decoder.null_like(z))
+        assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 1.0), cond, atol=1e-6)
+        assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 0.0), null, atol=1e-6)
+        assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 2.5), null + 2.5 * (cond - null), atol=1e-5)
+
+
+def test_sampler_rejects_wrong_step_lists():
+    tok = Tokenizer(tiny_config().model)
+    with pytest.raises(ValueError, match="one entry per stage"):
+        sample(tok.decoder, torch.zeros(1, 8, 4), tok.windows, [1, 1], generator=None)
+    with pytest.raises(ValueError, match="steps must be"):
+        tok.decode(torch.zeros(1, 8, 4), steps=[0, 1, 1])

@@ -1,0 +1,132 @@
+"""Library API: input handling, bad inputs, save/load round trip, RoPE, one-step marking."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from msdd.config import load_config
+from msdd.hub import CONFIG_NAME, WEIGHTS_NAME
+from msdd.models.layers import rope_angles
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def tok():
+    t = Tokenizer(tiny_config().model)
+    torch.nn.init.normal_(t.decoder.final.linear.weight, std=0.1)
+    return t.eval()
+
+
+def test_accepts_float_uint8_and_pil(tok):
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    u8 = ((x + 1) * 127.5).round().to(torch.uint8)
+    z_float, z_u8 = tok.encode(x), tok.encode(u8)
+    assert z_float.shape == (2, 8, 4)
+    assert torch.allclose(z_float, z_u8, atol=0.05)
+    pil = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    assert tok.encode([pil, pil]).shape == (2, 8, 4)
+    assert tok.encode(pil).shape == (1, 8, 4)
+
+
+@pytest.mark.parametrize(
+    "bad, err, match",
+    [
+        (torch.rand(2, 3, 64, 64), ValueError, r"\(B, 3, 32, 32\)"),
+        (torch.rand(2, 1, 32, 32), ValueError, r"\(B, 3, 32, 32\)"),
+        (torch.rand(2, 3, 32, 32) * 255, ValueError, r"\[-1, 1\].*uint8"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.int32), TypeError, "uint8"),
+        (torch.full((1, 3, 32, 32), float("nan")), ValueError, "NaN"),
+        ("image.png", TypeError, "tensor, numpy array or PIL"),
+    ],
+)
+def test_encode_bad_inputs(tok, bad, err, match):
+    with pytest.raises(err, match=match):
+        tok.encode(bad)
+
+
+@pytest.mark.parametrize("shape", [(2, 9, 4), (2, 8, 5), (8,)])
+def test_decode_bad_latent_shape(tok, shape):
+    with pytest.raises(ValueError, match=r"\(B, 8, 4\)"):
+        tok.decode(torch.zeros(shape))
+
+
+def test_decode_rejects_non_finite_latents(tok):
+    with pytest.raises(ValueError, match="NaN"):
+        tok.decode(torch.full((1, 8, 4), float("inf")))
+
+
+def test_save_load_round_trip_gives_identical_decodes(tok, tmp_path):
+    tok.latent_mean.fill_(0.5)
+    z = tok.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
+    a = tok.decode(z, seed=3)
+    tok.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / CONFIG_NAME).exists() and (tmp_path / "m" / WEIGHTS_NAME).exists()
+    loaded = Tokenizer.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.decode(z, seed=3), a)
+    assert torch.equal(loaded.latent_mean, tok.latent_mean)
+    assert loaded.config == tok.config
+
+
+def test_from_pretrained_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_pretrained(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not an msdd model directory"):
+        Tokenizer.from_pretrained(tmp_path / "empty")
+
+
+def test_one_step_model_defaults_to_one_step_and_warns_once(tmp_path):
+    from dataclasses import replace
+
+    cfg = replace(tiny_config().model, one_step=True)
+    tok = Tokenizer(cfg)
+    assert tok.default_steps() == (1, 1, 1)
+    z = torch.zeros(1, 8, 4)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        tok.decode(z, steps=4)
+        tok.decode(z, steps=4)
+    assert sum("distilled for one step" in str(x.message) for x in w) == 1
+
+
+def test_latent_normalisation_round_trip(tok):
+    tok.latent_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0]))
+    tok.latent_std.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
+    z = torch.randn(3, 8, 4)
+    assert torch.allclose(tok.denormalize_latents(tok.normalize_latents(z)), z, atol=1e-6)
+
+
+def test_rope_lower_stages_use_the_centred_crop_of_the_final_grid():
+    full = rope_angles(8, 8, 0, 16, "none")  # (64, 8)
+    crop = rope_angles(4, 8, 0, 16, "none")  # (16, 8)
+    full = full.view(8, 8, -1)[2:6, 2:6].reshape(16, -1)
+    assert torch.allclose(full, crop)
+
+
+def test_rope_context_schemes():
+    none = rope_angles(4, 8, 5, 16, "none")[16:]
+    assert torch.all(none == 0)
+    oned = rope_angles(4, 8, 5, 16, "1d")[16:]
+    assert torch.allclose(oned[:, 0], torch.arange(5, dtype=torch.float64))
+    cross = rope_angles(4, 8, 5, 16, "cross")[16:]
+    assert torch.all(cross[:, 0] == 4)  # row = the current stage's grid width
+    # head dim 16 -> 8 rotated pairs: 4 for the row, 4 for the column
+    assert torch.allclose(cross[:, 4], torch.arange(5, dtype=torch.float64))  # column = token index
+    # column frequencies use base 10000 * L / grid
+    assert cross[1, 5].item() == pytest.approx((10000 * 5 / 4) ** (-1 / 4))
+
+
+def test_paper_sizes():
+    """Parameter counts of paper-256 against the reference (decoder ~250M, encoder ~171M)."""
+    with torch.device("meta"):
+        tok = Tokenizer(load_config("paper-256").model)
+    dec = sum(p.numel() for p in tok.decoder.parameters()) / 1e6
+    enc = sum(p.numel() for p in tok.encoder.parameters()) / 1e6
+    assert 240 < dec < 260
+    assert 160 < enc < 180

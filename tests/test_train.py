@@ -1,0 +1,87 @@
+"""Stage-1 trainer: it learns, it resumes exactly, it survives damaged checkpoints, it refuses mismatches."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
+from msdd.train.stage1 import Stage1Trainer
+
+from conftest import tiny_config
+
+
+def _losses(run_dir):
+    return [json.loads(line)["loss"] for line in open(run_dir / "log.jsonl")]
+
+
+def test_overfit_few_images_drives_loss_down(photo_folder, tmp_path):
+    cfg = tiny_config(f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.log_every=1",
+                      "train.ckpt_every=1000", "train.batch_size=6")
+    trainer = Stage1Trainer(cfg, tmp_path / "run")
+    trainer.fit(max_steps=400, progress=False)
+    losses = _losses(tmp_path / "run")
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.5 * first, (first, last)
+    assert (tmp_path / "run" / "model" / "model.safetensors").exists()
+    assert list((tmp_path / "run" / "grids").glob("*.png"))
+
+
+def test_resume_continues_exactly(tmp_path):
+    cfg = tiny_config("train.log_every=1", "train.ckpt_every=5")
+    straight = Stage1Trainer(cfg, tmp_path / "a")
+    straight.fit(max_steps=12, progress=False)
+
+    first = Stage1Trainer(cfg, tmp_path / "b")
+    first.fit(max_steps=7, progress=False)
+    resumed = Stage1Trainer(cfg, tmp_path / "b", require_resume=True)
+    assert resumed.step == 7
+    resumed.fit(max_steps=12, progress=False)
+
+    assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
+    a, b = straight.tok.state_dict(), resumed.tok.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ea, eb = straight.ema.module.state_dict(), resumed.ema.module.state_dict()
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_damaged_newest_checkpoint_falls_back(tmp_path):
+    cfg = tiny_config("train.ckpt_every=3")
+    Stage1Trainer(cfg, tmp_path / "r").fit(max_steps=6, progress=False)
+    ckpts = list_checkpoints(tmp_path / "r")
+    assert [p.name for p in ckpts] == ["step_00000003", "step_00000006"]
+    weights = ckpts[-1] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match="damaged"):
+        assert latest_checkpoint(tmp_path / "r") == ckpts[0]
+    with pytest.warns(UserWarning, match="damaged"):
+        assert Stage1Trainer(cfg, tmp_path / "r").step == 3
+
+
+def test_resume_with_different_config_lists_fields(tmp_path):
+    Stage1Trainer(tiny_config(), tmp_path / "r").fit(max_steps=2, progress=False)
+    with pytest.raises(ValueError, match=r"train\.lr.*\n.*model\.decoder\.depth|model\.decoder\.depth.*\n.*train\.lr"):
+        Stage1Trainer(tiny_config("train.lr=5e-4", "model.decoder.depth=3"), tmp_path / "r")
+    # logging cadence may change freely
+    assert Stage1Trainer(tiny_config("train.log_every=7"), tmp_path / "r").step == 2
+
+
+def test_require_resume_without_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no intact checkpoint"):
+        Stage1Trainer(tiny_config(), tmp_path / "new", require_resume=True)
+
+
+def test_state_file_loads_with_weights_only(tmp_path):
+    Stage1Trainer(tiny_config(), tmp_path / "r").fit(max_steps=2, progress=False)
+    ckpt = latest_checkpoint(tmp_path / "r")
+    state = torch.load(ckpt / "state.pt", weights_only=True)
+    assert state["step"] == 2 and "optimizer" in state and "rng" in state
+    assert set(load_file(str(ckpt / "ema.safetensors"))) == set(load_file(str(ckpt / "model.safetensors")))
+
+
+def test_missing_vgg_weights_for_lpips_names_file_and_option(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.delenv("MSDD_VGG16_WEIGHTS", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--vgg-weights[\s\S]*lpips_weight"):
+        Stage1Trainer(tiny_config("model.flow.lpips_weight=0.1"), tmp_path / "r")
