@@ -98,9 +98,11 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert main(["demo", "--minutes", "0.05", "--out", str(out), *_tiny_args()]) == 0
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["eval_set"]["images"] == 42
-    for key in ("tokenizer", "bicubic"):
+    for key in ("teacher", "student", "bicubic"):
         assert 5 < metrics[key]["psnr"] < 60 and 0 < metrics[key]["ssim"] <= 1
     assert metrics["bicubic"]["floats"] <= metrics["latent"]["floats"]
+    assert metrics["student"]["decoder_passes"] == 3 and metrics["teacher"]["decoder_passes"] == 6
+    assert metrics["stage1"]["steps"] >= 10 and metrics["stage2"]["steps"] >= 10
     assert (out / "report" / "grid.png").exists()
     assert "bicubic" in (out / "report" / "summary.md").read_text()
     assert "msdd demo" in capsys.readouterr().out

@@ -48,6 +48,18 @@ def cmd_train(args) -> None:
     print(f"model written to {Path(args.run_dir) / 'model'}")
 
 
+def cmd_distill(args) -> None:
+    from msdd.config import load_config
+    from msdd.train.distill import Distiller
+
+    cfg = load_config(args.preset, args.overrides)
+    distiller = Distiller(cfg, args.teacher, args.run_dir, device=args.device, vgg_weights=args.vgg_weights,
+                          dino_weights=args.dino_weights, require_resume=args.resume)
+    summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
+    print(json.dumps(summary, indent=2))
+    print(f"one-step student written to {Path(args.run_dir) / 'model'}")
+
+
 def cmd_reconstruct(args) -> None:
     from msdd.eval.reconstruct import collect_inputs, reconstruct_images, write_reconstructions
     from msdd.tokenizer import Tokenizer
@@ -138,6 +150,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="stage 2: distil a stage-1 model into a one-step-per-stage student")
+    _add_config_args(p)
+    p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
+    p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: distill.max_steps)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
+    p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("reconstruct", help="encode + decode images; writes PNGs, a grid and metrics.csv")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")

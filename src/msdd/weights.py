@@ -2,7 +2,7 @@
 
 Nothing here downloads implicitly: a file is taken from an explicit path, else from an environment
 variable, else from the standard torch hub cache (`$TORCH_HOME/hub/checkpoints`, where torchvision,
-torch-fidelity and DINO's hub entry keep them). When it is absent the error names the file, where we
+torch-fidelity and DINO's hub entry keep them), else (DINO) from the Hugging Face cache of timm. When it is absent the error names the file, where we
 looked, the option to pass and how to fetch it (`msdd fetch-weights NAME`, online).
 """
 
@@ -23,6 +23,8 @@ class PretrainedFile:
     option: str
     purpose: str
     url: str
+    hf_repo: str | None = None  # also found in the Hugging Face cache under this repo (timm's copy)
+    hf_file: str = "model.safetensors"
 
 
 PRETRAINED = {
@@ -33,7 +35,8 @@ PRETRAINED = {
                        "https://download.pytorch.org/models/vgg16-397923af.pth"),
         PretrainedFile("dino_vits16", "dino_deitsmall16_pretrain.pth", "MSDD_DINO_WEIGHTS", "--dino-weights",
                        "the DINO ViT-S/16 discriminator",
-                       "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth"),
+                       "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
+                       hf_repo="timm/vit_small_patch16_224.dino"),
         PretrainedFile("inception", "weights-inception-2015-12-05-6726825d.pth", "MSDD_INCEPTION_WEIGHTS",
                        "--inception-weights", "rFID (torch-fidelity's Inception-v3 FID network)",
                        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
@@ -63,6 +66,12 @@ def resolve_weights(name: str, explicit: str | os.PathLike | None = None) -> Pat
     p = cache_path(spec)
     if p.is_file():
         return p
+    if spec.hf_repo is not None:
+        from huggingface_hub import try_to_load_from_cache
+
+        hit = try_to_load_from_cache(spec.hf_repo, spec.hf_file)
+        if isinstance(hit, str):
+            return Path(hit)
     raise FileNotFoundError(
         f"{spec.purpose} needs the pretrained file {spec.filename}, which is not in the cache ({p}). "
         f"Pass its path with {spec.option} PATH (or set ${spec.env}), or, when online, run "

@@ -4,15 +4,23 @@ resumable data order, RNG state capture, logging."""
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
 import time
+import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from msdd.config import to_dict
+from msdd.data import SkipCounter, build_train_dataset, collate_skip_bad
+from msdd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
 def make_optimizer(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0) -> torch.optim.AdamW:
@@ -142,10 +150,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def generator_state(g: torch.Generator) -> torch.Tensor:
-    return g.get_state()
-
-
 class Throughput:
     """Images per second over the last logging window."""
 
@@ -160,3 +164,129 @@ class Throughput:
         r = self.n / dt if dt > 0 else 0.0
         self.t0, self.n = time.perf_counter(), 0
         return r
+
+
+# ---------------------------------------------------------------------------------------------
+# the training loop shared by stage 1 and stage 2
+
+
+class TrainerBase:
+    """Run directory, data stream, resume, checkpoints, logging and the step loop.
+
+    Subclasses build their models and optimisers, then call `self._resume(...)`, and implement
+    `train_step(images) -> dict | None` (None: non-finite loss, step skipped), `weights()`,
+    `load_weights(w)`, `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`.
+    `settings` is the section of the config with log_every / ckpt_every / grid_every.
+    """
+
+    desc = "train"
+
+    def __init__(self, cfg, run_dir, device, batch_size: int, seed: int, settings) -> None:
+        self.cfg, self.run_dir, self.device, self.settings = cfg, Path(run_dir), torch.device(device), settings
+        dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit)
+        self.stream = BatchStream(dataset, batch_size, ResumableSampler(len(dataset), seed), collate_skip_bad,
+                                  cfg.data.num_workers)
+        self.skips = SkipCounter()
+        self.gen = torch.Generator(self.device).manual_seed(seed + 1)  # all noise of the objective
+        self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._config_json = json.dumps(to_dict(cfg), indent=2)
+        self._writer = None
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {"step": self.step, "data": self.stream.state(), "generator": self.gen.get_state(),
+                "rng": rng_state(), "skipped_steps": self.skipped_steps, **self.optim_state()}
+
+    def save(self):
+        return save_checkpoint(self.run_dir, self.step, self.weights(), self.state(), self._config_json,
+                               keep=self.cfg.train.keep_checkpoints)
+
+    def _resume(self, require: bool, check_config) -> None:
+        """Continue from the newest intact checkpoint, if any; `check_config(stored_json, path)` raises
+        on a mismatch. Writes the run's config.json."""
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            if require:
+                raise FileNotFoundError(f"--resume: no intact checkpoint in {self.run_dir / 'checkpoints'}")
+        else:
+            weights, state, cfg_json = load_checkpoint(path)
+            check_config(cfg_json, path)
+            self.load_weights(weights)
+            self.load_optim_state(state)
+            self.stream.load_state(state["data"])
+            self.gen.set_state(state["generator"])
+            set_rng_state(state["rng"])
+            self.step = int(state["step"])
+            self.skipped_steps = int(state.get("skipped_steps", 0))
+            print(f"resumed from {path} at step {self.step}")
+        (self.run_dir / "config.json").write_text(self._config_json + "\n")
+
+    # ------------------------------------------------------------------ loop
+
+    def fit(self, max_steps: int | None = None, minutes: float | None = None, progress: bool = True) -> dict:
+        """Train until `max_steps` (default: the config's) or `minutes` of wall time; then save a
+        checkpoint, a grid and the final model (`finalize`). Returns a summary."""
+        s = self.settings
+        max_steps = s.max_steps if max_steps is None else max_steps
+        deadline = None if minutes is None else time.monotonic() + 60 * minutes
+        bar = tqdm(total=max_steps, initial=self.step, disable=not progress, desc=self.desc, unit="step",
+                   dynamic_ncols=True)
+        meter, t_start, last = Throughput(), time.monotonic(), {}
+        while self.step < max_steps and (deadline is None or time.monotonic() < deadline):
+            images, n_skipped, skipped = next(self.stream)
+            self.skips.update(n_skipped, skipped)
+            if len(images) == 0:
+                continue
+            out = self.train_step(images.to(self.device, non_blocking=True))
+            if out is None:
+                self.bad_steps += 1
+                self.skipped_steps += 1
+                warnings.warn(f"non-finite loss at step {self.step}: step skipped "
+                              f"({self.bad_steps} in a row, {self.skipped_steps} in total)")
+                if self.bad_steps >= MAX_BAD_STEPS:
+                    raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
+                                       f"The last good checkpoint is intact; lower the learning rate or check the data")
+                continue
+            self.bad_steps = 0
+            self.step += 1
+            meter.add(len(images))
+            bar.update(1)
+            last = out
+            if self.step % s.log_every == 0:
+                out["img_per_s"] = meter.rate()
+                self.log(out)
+                bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['img_per_s']:.1f}")
+            if self.step % s.grid_every == 0:
+                self.save_grid()
+            if self.step % s.ckpt_every == 0:
+                self.save()
+        bar.close()
+        self.save()
+        self.save_grid()
+        self.finalize()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return {"steps": self.step, "seconds": time.monotonic() - t_start, "last": last,
+                "skipped_images": self.skips.count, "skipped_steps": self.skipped_steps}
+
+    # ------------------------------------------------------------------ logging
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter  # slow import: only when logging starts
+
+            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+        return self._writer
+
+    def log(self, out: dict) -> None:
+        for k, v in out.items():
+            self.writer.add_scalar(f"{self.desc}/{k}", v, self.step)
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, **out}) + "\n")
+
+
+MAX_BAD_STEPS = 20  # consecutive non-finite losses before a run gives up

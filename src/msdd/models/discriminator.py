@@ -1,0 +1,123 @@
+"""Discriminators for stage-2 distillation (SPEC 7) and the hinge losses.
+
+`dino`:  a frozen DINO ViT-S/16 (built by timm, weights from a file) whose patch-embedding tokens and
+         block 2, 5, 8, 11 tokens feed one small trainable head each: spectral-normalised 1x1 conv1d
+         -> GroupNorm -> LeakyReLU(0.2) -> residual spectral-normalised conv1d (kernel 9, circular
+         padding) -> 1x1 conv1d to one logit per token.
+`patch`: a small trainable convolutional patch discriminator with spectral norm; it needs no
+         pretrained weights, for offline and CPU presets.
+
+Both map images in [-1, 1] (B, 3, H, W) to logits (B, N). Losses are computed in fp32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+from msdd.weights import resolve_weights
+
+DINO_LEVELS = (2, 5, 8, 11)  # transformer blocks whose tokens are used (plus the patch embedding)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.relu(1 - real_logits.float()).mean() + F.relu(1 + fake_logits.float()).mean()
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.float().mean()
+
+
+class PatchDiscriminator(nn.Module):
+    """Strided spectral-norm convolutions; one logit per receptive-field patch."""
+
+    def __init__(self, channels: int = 64, layers: int = 3) -> None:
+        super().__init__()
+        mods, c_in = [], 3
+        for i in range(layers):
+            c_out = channels * 2**i
+            mods += [spectral_norm(nn.Conv2d(c_in, c_out, 4, stride=2, padding=1)), nn.LeakyReLU(0.2)]
+            c_in = c_out
+        mods.append(spectral_norm(nn.Conv2d(c_in, 1, 3, padding=1)))
+        self.net = nn.Sequential(*mods)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float()).flatten(1)  # (B, h*w)
+
+
+class DinoHead(nn.Module):
+    def __init__(self, dim: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.inp = spectral_norm(nn.Conv1d(dim, hidden, 1))
+        self.norm = nn.GroupNorm(1, hidden)
+        self.res = spectral_norm(nn.Conv1d(hidden, hidden, 9, padding=4, padding_mode="circular"))
+        self.out = spectral_norm(nn.Conv1d(hidden, 1, 1))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.norm(self.inp(tokens.transpose(1, 2))), 0.2)  # (B, hidden, N)
+        h = h + F.leaky_relu(self.res(h), 0.2)
+        return self.out(h).flatten(1)  # (B, N)
+
+
+class DinoDiscriminator(nn.Module):
+    def __init__(self, weights_path: str | Path | None = None) -> None:
+        super().__init__()
+        try:
+            import timm
+        except ImportError:
+            raise ImportError("the DINO discriminator needs timm: pip install 'msdd[dino]' (or use "
+                              "distill.discriminator=patch)") from None
+        path = resolve_weights("dino_vits16", weights_path)
+        vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=False)
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = {k: v for k, v in state.items() if not k.startswith("head")}
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path} is not a DINO ViT-S/16 state dict: missing {missing[:5]}, unexpected "
+                             f"{unexpected[:5]}")
+        self.vit = vit.eval().requires_grad_(False)
+        self.heads = nn.ModuleList(DinoHead(vit.embed_dim) for _ in range(1 + len(DINO_LEVELS)))
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+
+    def train(self, mode: bool = True) -> "DinoDiscriminator":
+        super().train(mode)
+        self.vit.eval()  # frozen feature network
+        return self
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Patch tokens (B, 196, 384) after the patch embedding and after blocks 2, 5, 8, 11."""
+        x = ((x.float() + 1) / 2 - self.mean) / self.std
+        x = F.interpolate(x, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)
+        h = self.vit._pos_embed(self.vit.patch_embed(x))  # (B, 1 + 196, 384) with the cls token first
+        prefix = self.vit.num_prefix_tokens
+        feats = [h[:, prefix:]]
+        for i, block in enumerate(self.vit.blocks):
+            h = block(h)
+            if i in DINO_LEVELS:
+                feats.append(h[:, prefix:])
+            if i >= DINO_LEVELS[-1]:
+                break
+        return feats
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([head(f) for head, f in zip(self.heads, self.features(x))], dim=1)  # (B, 5 * 196)
+
+
+def build_discriminator(kind: str, dino_weights: str | Path | None = None) -> nn.Module:
+    if kind == "patch":
+        return PatchDiscriminator()
+    if kind == "dino":
+        return DinoDiscriminator(dino_weights)
+    raise ValueError(f"unknown distill.discriminator {kind!r}; expected 'dino' or 'patch'")
