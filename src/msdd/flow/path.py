@@ -23,8 +23,15 @@ import torch.nn.functional as F
 from msdd.flow.schedule import StageWindow
 
 
-def randn(shape: tuple[int, ...], generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
-    """Standard normal noise drawn from `generator` (on its own device), returned on `like`'s device."""
+def randn(shape: tuple[int, ...], generator, like: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise drawn from `generator` (on its own device), returned on `like`'s device.
+
+    `generator` may also be a list with one generator per sample: each sample's noise then depends
+    only on its own generator, so a decode does not change with batch size or process count."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        return torch.stack([randn(tuple(shape[1:]), g, like) for g in generator])
     device = generator.device if generator is not None else like.device
     return torch.randn(shape, generator=generator, device=device, dtype=torch.float32).to(like.device)
 
@@ -149,6 +156,9 @@ def flow_loss(
         err = (v - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
         if loss_weighting == "sigmoid":
             err = err * sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), sigmoid_bias)
+        elif loss_weighting == "stage":
+            # v carries the stage-end image scaled by (1 - e_s): weigh every stage's content equally
+            err = err / (1 - w.t_end) ** 2
         loss = err.mean()
         if perceptual is not None and perceptual_weight > 0 and w.index == len(windows) - 1:
             end_n = (1 - w.t_end) * x_end + w.t_end * noise

@@ -1,0 +1,64 @@
+"""torch.distributed helpers: the same code runs as one plain process or under torchrun / SLURM.
+
+`init_distributed()` reads the launcher's environment (torchrun: RANK / WORLD_SIZE / LOCAL_RANK;
+SLURM: SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID with MASTER_ADDR / MASTER_PORT set by the job
+script) and starts a process group: NCCL on GPUs, gloo on CPU. Without a launcher it does nothing
+and reports rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _env_int(*names: str) -> int | None:
+    for n in names:
+        if n in os.environ:
+            return int(os.environ[n])
+    return None
+
+
+def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(dist.get_rank(), dist.get_world_size(), _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS") or 1
+    if world == 1:
+        return DistInfo()
+    rank = _env_int("RANK", "SLURM_PROCID")
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    os.environ.setdefault("RANK", str(rank))
+    os.environ.setdefault("WORLD_SIZE", str(world))
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise RuntimeError("distributed launch without MASTER_ADDR/MASTER_PORT: use torchrun, or export them in "
+                           "the SLURM job script (MASTER_ADDR=$(scontrol show hostnames | head -n1))")
+    dev = torch.device(device)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    if dev.type == "cuda":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank, world, local)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,195 @@
+"""`msdd eval`: reconstruction metrics with the protocol written into the result (SPEC 8).
+
+Protocol: every image is ADM centre-cropped to the model resolution (resize the shorter side, crop);
+the reference for every metric is that same crop as uint8; reconstructions are rounded to uint8 too
+(what a saved PNG holds). PSNR and SSIM on [0, 1] with data_range 1 (torchmetrics), LPIPS-VGG16
+(v0.1 linear heads), rFID with torchmetrics' FrechetInceptionDistance on torch-fidelity's
+Inception-v3 (2048-d pool features) between the reconstructions and the same cropped originals.
+Metrics whose pretrained file is absent are skipped and reported, never approximated.
+
+Under torchrun each process reconstructs a shard (images rank, rank + world, ...); torchmetrics
+states are summed across processes before `compute()`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric, SumMetric
+
+from msdd.data import ImageFolderDataset, embedded_eval_set
+from msdd.dist import DistInfo
+from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
+from msdd.hub import WEIGHTS_NAME, file_sha256
+from msdd.tokenizer import Tokenizer, autocast
+from msdd.weights import resolve_weights
+
+PUBLISHED_FID_IMAGES = 50_000
+
+
+def build_fid(weights: str | Path | None, device) -> tuple[object | None, str | None]:
+    """(FrechetInceptionDistance metric, None) or (None, reason it is skipped)."""
+    try:
+        path = resolve_weights("inception", weights)
+    except FileNotFoundError as e:
+        return None, str(e)
+    try:
+        import torch_fidelity  # noqa: F401
+        from torchmetrics.image.fid import FrechetInceptionDistance
+    except ImportError:
+        return None, "rFID needs torch-fidelity: pip install 'msdd[fid]'"
+    # torch-fidelity unpickles the file without weights_only; we first prove it holds only tensors.
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is not a plain tensor state dict ({type(e).__name__}); refusing to load it") from None
+    fid = FrechetInceptionDistance(feature=2048, reset_real_features=True, feature_extractor_weights_path=str(path))
+    return fid.to(device), None
+
+
+def build_lpips(weights: str | Path | None, device) -> tuple[torch.nn.Module | None, str | None]:
+    from msdd.models.perceptual import LPIPS
+
+    try:
+        return LPIPS(weights).to(device), None
+    except FileNotFoundError as e:
+        return None, str(e)
+
+
+def eval_images(source: str, resolution: int, limit: int | None = None):
+    """A dataset of (image, name, reason) records: the embedded held-out set or a folder (centre crop)."""
+    if source == "embedded":
+        images, names = embedded_eval_set(resolution)
+        records = [(x, n, None) for x, n in zip(images, names)][:limit]
+        return records
+    return ImageFolderDataset(source, resolution, train=False, limit=limit)
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """The records of `data` at `indices`, each with its global index (to seed its own noise)."""
+
+    def __init__(self, data, indices) -> None:
+        self.data, self.indices = data, list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        return self.data[self.indices[k]], self.indices[k]
+
+
+def _collate_indexed(batch):
+    """-> (images (B', 3, R, R), their global indices, number of bad files skipped)."""
+    good = [(rec[0], i) for rec, i in batch if rec[0] is not None]
+    for rec, _ in batch:
+        if rec[0] is None:
+            warnings.warn(f"skipping {rec[1]}: {rec[2]}")
+    images = torch.stack([x for x, _ in good]) if good else torch.empty(0)
+    return images, [i for _, i in good], len(batch) - len(good)
+
+
+@torch.no_grad()
+def evaluate(
+    tok: Tokenizer,
+    source: str,
+    *,
+    steps: int | Sequence[int] | None = None,
+    cfg: float | None = None,
+    seed: int = 0,
+    bf16: bool = False,
+    batch_size: int = 32,
+    limit: int | None = None,
+    inception_weights: str | Path | None = None,
+    vgg_weights: str | Path | None = None,
+    dist_info: DistInfo = DistInfo(),
+    model_path: str | Path | None = None,
+) -> dict:
+    device = tok.device
+    steps = tok.resolve_steps(steps)
+    cfg = tok.config.sampling.cfg if cfg is None else float(cfg)
+    data = eval_images(source, tok.config.image_size, limit)
+    shard = range(dist_info.rank, len(data), dist_info.world_size)
+    loader = DataLoader(_Indexed(data, shard), batch_size=batch_size, collate_fn=_collate_indexed)
+
+    metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds")}
+    count = SumMetric().to(device)
+    fid, fid_skip = build_fid(inception_weights, device)
+    lpips, lpips_skip = build_lpips(vgg_weights, device)
+    skipped_files = 0
+    for images, indices, n_skipped in loader:
+        skipped_files += n_skipped
+        if len(images) == 0:
+            continue
+        ref = quantize(images).to(device)  # the cropped originals as uint8 values, in [-1, 1]
+        z = tok.encode(ref, bf16=bf16)
+        # one generator per image, seeded by its index: results do not depend on batch size or processes
+        g = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        recon = tok.decode(z, steps=steps, cfg=cfg, generator=g, bf16=bf16)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        metrics["decode_seconds"].update(torch.tensor((time.perf_counter() - t0) / len(images)), weight=len(images))
+        recon = quantize(recon)
+        metrics["psnr"].update(psnr_per_image(recon, ref))
+        metrics["ssim"].update(ssim_per_image(recon, ref))
+        count.update(float(len(images)))
+        if lpips is not None:
+            with autocast(device, bf16):
+                metrics["lpips"].update(lpips(recon, ref).float())
+        if fid is not None:
+            to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
+            fid.update(to_u8(ref), real=True)
+            fid.update(to_u8(recon), real=False)
+
+    total = int(count.compute().item())
+    out_metrics = {"psnr": metrics["psnr"].compute().item(), "ssim": metrics["ssim"].compute().item()}
+    skipped = {}
+    warns = []
+    if lpips is not None:
+        out_metrics["lpips"] = metrics["lpips"].compute().item()
+    else:
+        skipped["lpips"] = lpips_skip
+    if fid is not None:
+        out_metrics["rfid"] = fid.compute().item()
+        if total < PUBLISHED_FID_IMAGES:
+            warns.append(f"rFID on {total} images is not comparable to published rFID (which uses "
+                         f"{PUBLISHED_FID_IMAGES:,} ImageNet validation images)")
+    else:
+        skipped["rfid"] = fid_skip
+    for w in warns:
+        warnings.warn(w)
+    return {
+        "metrics": out_metrics,
+        "skipped_metrics": skipped,
+        "warnings": warns,
+        "decode_seconds_per_image": metrics["decode_seconds"].compute().item(),
+        "img_per_s": 1.0 / max(metrics["decode_seconds"].compute().item(), 1e-12),
+        "protocol": {
+            "images": total,
+            "skipped_files": skipped_files,
+            "data": source,
+            "crop": f"ADM centre crop to {tok.config.image_size} (resize shorter side, crop)",
+            "reference": "the same centre-cropped originals, as uint8",
+            "reconstructions": "rounded to uint8",
+            "steps_per_stage": list(steps),
+            "cfg": cfg,
+            "decoder_passes_per_image": sum(steps) * (1 if cfg in (0.0, 1.0) else 2),
+            "dtype": "bf16" if bf16 else "fp32",
+            "seed": seed,
+            "batch_size": batch_size,
+            "processes": dist_info.world_size,
+            "device": str(device),
+            "checkpoint_sha256": file_sha256(Path(model_path) / WEIGHTS_NAME) if model_path else None,
+            "psnr_ssim": "torchmetrics on [0, 1], data_range=1; SSIM Gaussian window 11, sigma 1.5",
+            "lpips": "LPIPS, VGG16 backbone, v0.1 linear heads",
+            "rfid": "torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 2048-d features, "
+                    "reconstructions vs the same cropped originals",
+        },
+    }
