@@ -73,6 +73,55 @@ def cmd_reconstruct(args) -> None:
           f"{summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}, decode {decode_s:.3f} s/image")
 
 
+def cmd_eval(args) -> None:
+    import warnings
+
+    from msdd.dist import cleanup, init_distributed
+    from msdd.eval.evaluate import evaluate
+    from msdd.eval.plots import plot_pareto
+    from msdd.tokenizer import Tokenizer
+
+    info = init_distributed(args.device)
+    device = f"cuda:{info.local_rank}" if args.device == "cuda" else args.device
+    runs = []  # (label, model dir, steps)
+    for path in [args.model, *args.compare]:
+        tok = Tokenizer.from_pretrained(path, device=device)
+        sweep = [_parse_steps(s) for s in args.sweep_steps.split(";")] if args.sweep_steps and not tok.config.one_step \
+            else [_parse_steps(args.steps)]
+        for steps in sweep:
+            runs.append((path, tok, steps))
+    results = []
+    for path, tok, steps in runs:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore" if not info.is_main else "default")
+            r = evaluate(tok, args.data, steps=steps, cfg=args.cfg, seed=args.seed, bf16=args.bf16,
+                         batch_size=args.batch_size, limit=args.limit, inception_weights=args.inception_weights,
+                         vgg_weights=args.vgg_weights, dist_info=info, model_path=path)
+        p = r["protocol"]
+        r["label"] = f"{'student' if tok.config.one_step else 'teacher'} {p['steps_per_stage']} cfg {p['cfg']:g}"
+        r["model"] = str(path)
+        results.append(r)
+        if info.is_main:
+            m = r["metrics"]
+            extra = "".join(f", {k} {m[k]:.4f}" for k in ("lpips", "rfid") if k in m)
+            print(f"{r['label']}: {p['images']} images, PSNR {m['psnr']:.3f} dB, SSIM {m['ssim']:.4f}{extra}, "
+                  f"decode {r['img_per_s']:.2f} img/s")
+            for k, why in r["skipped_metrics"].items():
+                print(f"  skipped {k}: {why}")
+            for w in r["warnings"]:
+                print(f"  WARNING: {w}")
+    if info.is_main:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")
+        print(f"results -> {args.out}")
+        if args.plot:
+            points = [{"label": r["label"], "img_per_s": r["img_per_s"], "psnr": r["metrics"]["psnr"],
+                       "rfid": r["metrics"].get("rfid")} for r in results]
+            title = f"{args.data}, {results[0]['protocol']['device']}, {results[0]['protocol']['dtype']}"
+            print(f"plot -> {plot_pareto(points, args.plot, title=title)}")
+    cleanup()
+
+
 def cmd_info(args) -> None:
     import torch
 
@@ -136,6 +185,26 @@ def cmd_fetch_weights(args) -> None:
         print(f"{name}: {fetch_weights(name)}")
 
 
+def cmd_bench(args) -> None:
+    from msdd.eval.bench import QUICK, BenchSettings, format_report, parse_list, run_bench
+
+    given = {
+        "preset": args.preset, "overrides": tuple(args.overrides), "model": args.model, "student": args.student,
+        "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size, "resolution": args.resolution,
+        "steps": _parse_steps(args.steps), "cfg": args.cfg, "rounds": args.rounds, "warmup": args.warmup,
+        "threads": args.threads, "contenders": parse_list(args.contenders, "--contenders"),
+        "resolutions": parse_list(args.resolutions, "--resolutions", int), "device": args.device, "quick": args.quick,
+    }
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
+    settings = BenchSettings(**({**QUICK, **given} if args.quick else given))
+    report = run_bench(settings)
+    print(format_report(report))
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"results written to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from msdd.weights import PRETRAINED
 
@@ -171,6 +240,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_decode_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
+    p = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) with the protocol in the JSON")
+    p.add_argument("--model", default=None, help="model directory (default: bundled model)")
+    p.add_argument("--compare", nargs="*", default=[], help="more model directories evaluated in the same run")
+    p.add_argument("--data", default="embedded", help="'embedded' (held-out photos) or an image folder (e.g. ImageNet val)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--sweep-steps", default=None,
+                   help="several teacher schedules separated by ';', e.g. '1;2;5;10' or '30,30,30,30;10,10,10,10'")
+    p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
+    p.add_argument("--plot", default=None, help="also save a quality-vs-speed (Pareto) plot PNG here")
+    p.add_argument("--inception-weights", default=None, help="Inception file for rFID (weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    _add_decode_args(p)
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("info", help="parameter counts, tokens per stage, FLOPs per decode")
     _add_config_args(p)
     p.add_argument("--model", default=None, help="a model directory instead of a preset")
@@ -193,6 +277,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch-weights", help="download pretrained files into the torch hub cache (online)")
     p.add_argument("names", nargs="+", choices=sorted(PRETRAINED))
     p.set_defaults(func=cmd_fetch_weights)
+
+    p = sub.add_parser("bench", help="decode throughput: student, teacher, single-scale and SD-VAE side by side")
+    _add_config_args(p)
+    p.add_argument("--model", default=None, help="trained model directory (e.g. a teacher) instead of random "
+                                                 "weights of --preset (--preset/--set are then ignored)")
+    p.add_argument("--student", default=None, help="distilled student model directory (default: the --model or "
+                                                   "preset architecture at one step per stage)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None, help="fp32 (default) or bf16 autocast")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoders (compile time reported apart)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per decode call (default 4)")
+    p.add_argument("--resolution", type=int, default=None, help="decode resolution (default: the model's; same stages)")
+    p.add_argument("--steps", type=str, default=None,
+                   help="teacher Euler steps per stage: one int or a comma list (default: the model's schedule)")
+    p.add_argument("--cfg", type=float, default=None, help="teacher guidance scale (default: the model's)")
+    p.add_argument("--rounds", type=int, default=None, help="timed rounds, every contender once per round (default 5)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--contenders", type=str, default=None,
+                   help="comma list, a subset of student,teacher,teacher-nocfg,single-scale,sd-vae (default: all)")
+    p.add_argument("--resolutions", type=str, default=None,
+                   help="also time student and teacher at these resolutions, one stage more per doubling, "
+                        "e.g. 64,128,256")
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long smoke run: batch 2, 1 warm-up, 2 rounds, 2 teacher steps per stage")
+    p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -76,7 +76,9 @@ class FlowConfig:
     num_stages: int = 4
     gamma: float = 1.0 / 3.0
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    loss_weighting: Literal["none", "sigmoid"] = "none"
+    # none | sigmoid (sigmoid(bias - logSNR(t))) | stage (1 / (1 - e_s)^2: the image content of every
+    # stage's end weighs the same, instead of 1/16 for the first stage of four)
+    loss_weighting: Literal["none", "sigmoid", "stage"] = "none"
     sigmoid_bias: float = 0.0
     lpips_weight: float = 0.0
     cfg_drop: float = 0.1
@@ -85,7 +87,7 @@ class FlowConfig:
         _check(self.num_stages >= 1, f"{prefix}.num_stages", f"must be >= 1, got {self.num_stages}")
         _check(0.0 < self.gamma < 1.0, f"{prefix}.gamma", f"must be in (0, 1), got {self.gamma}")
         _check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
-        _check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid"))
+        _check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid", "stage"))
         _check(self.lpips_weight >= 0.0, f"{prefix}.lpips_weight", "must be >= 0")
         _check(0.0 <= self.cfg_drop < 1.0, f"{prefix}.cfg_drop", f"must be in [0, 1), got {self.cfg_drop}")
 

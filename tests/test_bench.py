@@ -1,0 +1,150 @@
+"""`msdd bench`: quick runs through the CLI (CPU, seconds), the round scheduling and the config helpers."""
+
+import contextlib
+import dataclasses
+import importlib.util
+import io
+import json
+import sys
+
+import pytest
+import torch
+
+from msdd.cli import main
+from msdd.config import load_config
+from msdd.eval.bench import (CONTENDERS, NO_DIFFUSERS, at_resolution, measure_conv_peak, measure_matmul_peak,
+                             rotated_orders)
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+REQUIRED = ("name", "img_per_s", "gflop_per_img", "achieved_gflops")
+TOP_LEVEL = ("machine_peak_gflops", "dtype", "threads", "device", "batch_size", "resolution", "preset", "date",
+             "command", "torch_version")
+HAVE_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
+
+
+def _bench(tmp_path, *args) -> tuple[dict, str]:
+    out = tmp_path / "bench.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        assert main(["bench", "--quick", "--threads", "1", "--json", str(out), *args]) == 0
+    return json.loads(out.read_text()), stdout.getvalue()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick run of every contender; the teacher guided at cfg 2 (tiny-64 itself decodes at cfg 1)."""
+    return _bench(tmp_path_factory.mktemp("bench"), "--cfg", "2")
+
+
+def test_rotated_orders():
+    names = ["a", "b", "c", "d"]
+    orders = rotated_orders(names, 8)
+    assert all(sorted(o) == names for o in orders)
+    for i in range(len(names)):  # over len(names) rounds each contender runs once in each position
+        assert sorted(o[i] for o in orders[:4]) == names
+    assert [o[0] for o in orders] == ["a", "b", "c", "d", "a", "b", "c", "d"]
+    assert rotated_orders(["x", "y"], 2) == [["x", "y"], ["y", "x"]]
+    assert rotated_orders(names, 0) == []
+
+
+def test_quick_report_has_every_contender(quick):
+    report, stdout = quick
+    assert all(k in report for k in TOP_LEVEL)
+    assert report["preset"] == "tiny-64" and report["batch_size"] == 2 and report["threads"] == 1
+    assert report["teacher_steps"] == [2, 2, 2, 2] and report["machine_peak_gflops"] > 0
+    assert report["conv_peak_gflops"] > 0
+    assert report["command"].startswith("msdd bench --preset tiny-64")
+    rows = {r["name"]: r for r in report["contenders"]}
+    assert list(rows) == list(CONTENDERS)
+    for name, r in rows.items():
+        if name == "sd-vae" and not HAVE_DIFFUSERS:
+            assert r["error"] == NO_DIFFUSERS and "img_per_s" not in r
+            continue
+        assert all(k in r for k in REQUIRED), name
+        assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["achieved_gflops"] > 0
+        assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"] and len(r["seconds"]) == 2
+        assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / report["machine_peak_gflops"], rel=1e-3)
+        assert name in stdout
+    assert rows["student"]["speed_vs_student"] == 1.0
+
+
+def test_quick_flop_ratios(quick):
+    rows = {r["name"]: r for r in quick[0]["contenders"]}
+    student, teacher, nocfg, single = (rows[n] for n in ("student", "teacher", "teacher-nocfg", "single-scale"))
+    n = 2  # steps per stage
+    assert student["steps"] == [1, 1, 1, 1] and student["cfg"] == 1.0 and student["passes_per_image"] == 4
+    assert teacher["passes_per_image"] == 2 * n * 4 and nocfg["passes_per_image"] == n * 4
+    # CFG = one doubled batch per step: 2N x the one-step student; without CFG N x
+    assert teacher["gflop_per_img"] == pytest.approx(2 * n * student["gflop_per_img"], rel=1e-4)
+    assert nocfg["gflop_per_img"] == pytest.approx(n * student["gflop_per_img"], rel=1e-4)
+    # every single-scale step runs at full resolution
+    assert single["steps"] == [4 * n] and single["num_stages"] == 1 and single["cfg"] == 2.0
+    assert single["gflop_per_img"] > nocfg["gflop_per_img"]
+    if HAVE_DIFFUSERS:  # SD v1 VAE decoder: 622.2 GFLOP at 256 px (SPEC 11: 622), 38.76 at 64 px
+        assert rows["sd-vae"]["gflop_per_img"] == pytest.approx(38.7609, rel=1e-3)
+
+
+def test_contenders_subset_and_resolution_table(tmp_path):
+    report, stdout = _bench(tmp_path, "--contenders", "student,teacher", "--resolutions", "32,64")
+    assert [r["name"] for r in report["contenders"]] == ["student", "teacher"]
+    assert "sd-vae" not in stdout and "single-scale" not in stdout
+    table = report["resolution_table"]
+    assert [row["resolution"] for row in table] == [32, 64]
+    assert [row["num_stages"] for row in table] == [3, 4]
+    assert all(row["stage_resolutions"][0] == 8 for row in table)  # the first stage keeps its resolution
+    assert table[0]["teacher"]["steps"] == [2, 2, 2]
+    for row in table:
+        assert row["student"]["img_per_s"] > 0 and row["teacher"]["img_per_s"] > 0
+    assert table[1]["student"]["gflop_per_img"] > table[0]["student"]["gflop_per_img"]
+    assert table[1]["student"]["gflop_per_img"] == pytest.approx(report["contenders"][0]["gflop_per_img"])
+    assert "decode cost against resolution" in stdout
+
+
+def test_sd_vae_row_without_diffusers(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
+    report, stdout = _bench(tmp_path, "--contenders", "student,sd-vae")
+    rows = {r["name"]: r for r in report["contenders"]}
+    assert rows["sd-vae"] == {"name": "sd-vae", "error": NO_DIFFUSERS}
+    assert rows["student"]["img_per_s"] > 0
+    assert NO_DIFFUSERS in stdout
+
+
+def test_trained_model_directories(tmp_path):
+    cfg = tiny_config().model  # 32 px, 3 stages
+    Tokenizer(cfg).save_pretrained(tmp_path / "teacher")
+    Tokenizer(dataclasses.replace(cfg, one_step=True)).save_pretrained(tmp_path / "student")
+    report, _ = _bench(tmp_path, "--model", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"),
+                       "--contenders", "student,teacher,single-scale", "--steps", "1,2,1")
+    rows = {r["name"]: r for r in report["contenders"]}
+    assert report["resolution"] == 32 and report["preset"] is None and report["model"] == str(tmp_path / "teacher")
+    assert rows["student"]["steps"] == [1, 1, 1] and rows["teacher"]["steps"] == [1, 2, 1]
+    assert rows["single-scale"]["steps"] == [4]
+
+
+@pytest.mark.parametrize("args", [
+    ["--contenders", "student,vae"],
+    ["--resolutions", "96"],
+    ["--steps", "1,2"],
+    ["--batch-size", "0"],
+])
+def test_bad_options(tmp_path, args, capsys):
+    assert main(["bench", "--quick", "--json", str(tmp_path / "b.json"), *args]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+
+
+def test_at_resolution_adds_a_stage_per_doubling():
+    paper = load_config("paper-256").model
+    c512 = at_resolution(paper, 512)
+    assert c512.flow.num_stages == 5 and c512.sampling.steps == (30,) * 5
+    assert c512.stage_resolutions == load_config("paper-512").model.stage_resolutions
+    assert at_resolution(paper, 128).stage_resolutions == (32, 64, 128)
+    with pytest.raises(ValueError, match="power of two"):
+        at_resolution(paper, 384)
+
+
+def test_peak_probes_positive():
+    assert measure_matmul_peak(torch.float32, threads=1, n=256, repeats=2) > 0
+    assert measure_conv_peak(torch.float32, threads=1, channels=32, size=16, repeats=2) > 0
