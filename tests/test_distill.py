@@ -39,8 +39,9 @@ def test_student_pass_makes_one_call_per_stage_and_keeps_every_stage():
     tok = Tokenizer(tiny_config(stages=4, ).model)
     counting = CountingDecoder(tok.decoder)
     z = torch.randn(2, 8, 4)
-    x, stages = student_pass(counting, z, tok.windows, 1 / 3, torch.Generator().manual_seed(0))
+    x, stages, noises = student_pass(counting, z, tok.windows, 1 / 3, torch.Generator().manual_seed(0))
     assert counting.calls == 4
+    assert [n.shape for n in noises] == [s.shape for s in stages]
     assert [s.shape[-1] for s in stages] == [4, 8, 16, 32] and x.shape == (2, 3, 32, 32)
 
 
@@ -66,7 +67,7 @@ def test_teacher_target_starts_in_the_stage_of_u(teacher_dir):
     z = torch.randn(2, 8, 4)
     for win in w:
         u = (win.tau_start + win.tau_end) / 2
-        s_u, outs = teacher_targets(tok.decoder, x, z, w, u, 1, 1.0, 1 / 3, torch.Generator().manual_seed(0))
+        s_u, outs, _ = teacher_targets(tok.decoder, x, z, w, u, 1, 1.0, 1 / 3, torch.Generator().manual_seed(0))
         assert s_u == win.index
         assert len(outs) == len(w) - s_u
         assert [o.shape[-1] for o in outs] == [v.resolution for v in w[s_u:]]

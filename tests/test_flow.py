@@ -36,7 +36,7 @@ def test_renoised_stage_start_has_isotropic_noise_of_std_t0(stage):
     prev, cur = w[stage - 1], w[stage]
     g = torch.Generator().manual_seed(0)
     noise_prev = torch.randn(3000, 1, prev.resolution, prev.resolution, generator=g)
-    x = renoise(prev.t_end * noise_prev, cur, 1 / 3, g)  # signal 0: only the noise is left
+    x, _ = renoise(prev.t_end * noise_prev, cur, 1 / 3, g)  # signal 0: only the noise is left
     blocks = x.view(3000, 1, cur.resolution // 2, 2, cur.resolution // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, 4)
     cov = torch.cov(blocks.T)
     assert torch.allclose(cov, torch.eye(4) * cur.t_start**2, atol=0.02)
@@ -143,3 +143,23 @@ def test_sampler_rejects_wrong_step_lists():
         sample(tok.decoder, torch.zeros(1, 8, 4), tok.windows, [1, 1], generator=None)
     with pytest.raises(ValueError, match="steps must be"):
         tok.decode(torch.zeros(1, 8, 4), steps=[0, 1, 1])
+
+
+def test_noise_trace_of_a_chain():
+    """With the exact velocity of an all-zero image (the state is pure scaled noise), every stage ends at
+    e_s N_s with the traced unit noise N_s, which has unit variance."""
+    windows = stage_windows(4, 32)
+
+    def exact_for_zero_content(x, tau, z):
+        w = next(w for w in windows if w.resolution == x.shape[-1])
+        r = w.r_of_tau(float(tau[0]))
+        t = w.t_at(r)
+        return (w.t_start - w.t_end) / t * x  # x_r = t N and v = (t0 - e) N
+
+    z = torch.zeros(64, 4, 4)
+    x, outs, noises = sample(exact_for_zero_content, z, windows, [3, 1, 2, 1], generator=torch.Generator().manual_seed(0),
+                             return_noise=True)
+    for w, o, n in zip(windows, outs, noises):
+        assert torch.allclose(o, w.t_end * n, atol=1e-4)
+        assert n.var().item() == pytest.approx(1.0, abs=0.06)
+    assert x.abs().max() < 1e-4

@@ -37,27 +37,44 @@ def _parse_steps(text: str | None):
     return values[0] if len(values) == 1 else values
 
 
-def cmd_train(args) -> None:
+def _finish_training(trainer, summary: dict, what: str) -> int:
+    """Print the summary (rank 0), end the process group; exit code 128 + signal when interrupted."""
+    import signal
+
+    from msdd.dist import cleanup
+
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary["last"]}, indent=2))
+        if not summary["interrupted"]:
+            print(f"{what} written to {trainer.run_dir / 'model'}")
+    cleanup()
+    stop = summary["interrupted"]
+    if not stop:
+        return 0
+    return 128 + signal.Signals[stop] if stop in signal.Signals.__members__ else 1
+
+
+def _load_training_config(args):
     from msdd.config import load_config
+
+    limit = [f"data.limit={args.limit}"] if args.limit is not None else []
+    return load_config(args.preset, [*args.overrides, *limit])
+
+
+def cmd_train(args) -> int:
     from msdd.train.stage1 import Stage1Trainer
 
-    cfg = load_config(args.preset, args.overrides)
-    trainer = Stage1Trainer(cfg, args.run_dir, device=args.device, require_resume=args.resume)
-    summary = trainer.fit(max_steps=args.max_steps, minutes=args.minutes)
-    print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary["last"]}, indent=2))
-    print(f"model written to {Path(args.run_dir) / 'model'}")
+    trainer = Stage1Trainer(_load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume)
+    return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "model")
 
 
-def cmd_distill(args) -> None:
-    from msdd.config import load_config
+def cmd_distill(args) -> int:
     from msdd.train.distill import Distiller
 
-    cfg = load_config(args.preset, args.overrides)
-    distiller = Distiller(cfg, args.teacher, args.run_dir, device=args.device, vgg_weights=args.vgg_weights,
-                          dino_weights=args.dino_weights, require_resume=args.resume)
+    distiller = Distiller(_load_training_config(args), args.teacher, args.run_dir, device=args.device,
+                          vgg_weights=args.vgg_weights, dino_weights=args.dino_weights, require_resume=args.resume)
     summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
-    print(json.dumps(summary, indent=2))
-    print(f"one-step student written to {Path(args.run_dir) / 'model'}")
+    return _finish_training(distiller, summary, "one-step student")
 
 
 def cmd_reconstruct(args) -> None:
@@ -211,16 +228,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msdd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="stage 1: train encoder + multi-scale flow decoder")
+    p = sub.add_parser("train", help="stage 1: train encoder + multi-scale flow decoder",
+                       description="Stage 1. Also runs under torchrun / srun: train.batch_size is the global batch, "
+                                   "split over the processes and train.grad_accum micro-batches. SIGTERM / SIGINT "
+                                   "write a checkpoint and exit; the same command continues the run.")
     _add_config_args(p)
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
     p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("distill", help="stage 2: distil a stage-1 model into a one-step-per-stage student")
+    p = sub.add_parser("distill", help="stage 2: distil a stage-1 model into a one-step-per-stage student",
+                       description="Stage 2. Runs under torchrun / srun like `msdd train` (distill.batch_size is "
+                                   "global, distill.grad_accum micro-batches).")
     _add_config_args(p)
     p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
@@ -229,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("reconstruct", help="encode + decode images; writes PNGs, a grid and metrics.csv")
@@ -310,11 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 32
+    batch_size: int = 32  # global: split over processes (torchrun) and grad_accum micro-batches
+    grad_accum: int = 1
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -168,6 +169,7 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
                f"needs two values in [0, 1), got {self.betas}")
@@ -188,7 +190,8 @@ class DistillConfig:
     disc_lr: float = 5e-5
     max_steps: int = 2_000
     warmup_steps: int = 50
-    batch_size: int = 16
+    batch_size: int = 16  # global, as train.batch_size
+    grad_accum: int = 1
     lambda_rec: float = 2.5
     lambda_perc: float = 0.5
     lambda_adv: float = 1.0
@@ -207,6 +210,7 @@ class DistillConfig:
         _check(self.lr > 0 and self.disc_lr > 0, f"{prefix}.lr", "learning rates must be > 0")
         _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         for name in ("lambda_rec", "lambda_perc", "lambda_adv", "cfg"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         _check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
@@ -216,7 +220,8 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """`source`: "embedded" (photos inside scikit-image / scikit-learn) or a folder of images."""
+    """`source`: "embedded" (photos inside scikit-image / scikit-learn), a folder of images, or
+    WebDataset tar shards (a path or brace pattern ending in .tar, e.g. /data/train-{000000..000099}.tar)."""
 
     source: str = "embedded"
     eval_source: str = "embedded"

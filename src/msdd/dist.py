@@ -54,9 +54,54 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
     return DistInfo(rank, world, local)
 
 
+def setup(device: str | torch.device = "cpu") -> tuple[DistInfo, torch.device]:
+    """`init_distributed`, plus this process's device: "cuda" becomes "cuda:<local rank>"."""
+    info = init_distributed(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", info.local_rank)
+    return info, dev
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _active():
         dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over all processes, in place (a no-op in a single process)."""
+    if _active():
+        dist.all_reduce(t)
+    return t
+
+
+def all_gather_object(obj) -> list:
+    """[obj of rank 0, obj of rank 1, ...] on every process ([obj] in a single process)."""
+    if not _active():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every process."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def broadcast_tensors(tensors) -> None:
+    """Overwrite `tensors` in place with rank 0's values."""
+    if _active():
+        for t in tensors:
+            dist.broadcast(t, src=0)
 
 
 def cleanup() -> None:

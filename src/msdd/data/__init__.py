@@ -1,7 +1,7 @@
 """Images in, (B, 3, R, R) tensors in [-1, 1] out.
 
-`data.source` is either "embedded" (photos shipped inside scikit-image/scikit-learn, no download)
-or a folder of the user's own images. Both training datasets yield the same record,
+`data.source` is "embedded" (photos shipped inside scikit-image/scikit-learn, no download), a
+folder of the user's own images, or WebDataset tar shards. All training datasets yield the same record,
 `(tensor or None, name, skip reason or None)`, batched by `collate_skip_bad`, so the training loop
 has one code path.
 """
@@ -14,13 +14,14 @@ from msdd.data.embedded import (
     EPOCH_LENGTH, HELDOUT_PHOTOS, TRAIN_PHOTOS, EmbeddedCrops, embedded_eval_set, load_photo,
 )  # fmt: skip
 from msdd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, SkipCounter, collate_skip_bad, list_images
+from msdd.data.shards import TarShardDataset, is_shard_source
 from msdd.data.images import (
     BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor, to_uint8,
 )  # fmt: skip
 
 __all__ = [
     "BadImageError", "EmbeddedCrops", "HELDOUT_PHOTOS", "IMAGE_EXTENSIONS", "ImageFolderDataset",
-    "SkipCounter", "TRAIN_PHOTOS", "build_eval_images", "build_train_dataset", "center_crop_arr",
+    "SkipCounter", "TRAIN_PHOTOS", "TarShardDataset", "build_eval_images", "build_train_dataset", "center_crop_arr",
     "collate_skip_bad", "embedded_eval_set", "list_images", "load_image", "load_photo",
     "random_crop_arr", "to_tensor", "to_uint8",
 ]  # fmt: skip
@@ -29,18 +30,21 @@ __all__ = [
 def _folder(source: str) -> Path:
     if not Path(source).is_dir():
         raise ValueError(
-            f"data.source={source!r} is neither 'embedded' nor an existing folder; "
-            "set data.source to 'embedded' or to a folder of images"
+            f"data.source={source!r} is neither 'embedded', nor an existing folder, nor tar shards (*.tar); "
+            "set data.source to 'embedded', to a folder of images or to shards like /data/train-{000000..000099}.tar"
         )
     return Path(source)
 
 
 def build_train_dataset(
-    source: str, resolution: int, seed: int, limit: int | None = None
-) -> EmbeddedCrops | ImageFolderDataset:
-    """The training dataset for `data.source`; `limit` caps the items per epoch (for quick runs)."""
+    source: str, resolution: int, seed: int, limit: int | None = None, rank: int = 0, world_size: int = 1
+) -> EmbeddedCrops | ImageFolderDataset | TarShardDataset:
+    """The training dataset for `data.source`; `limit` caps the items per epoch (for quick runs).
+    Map-style datasets are split over processes by the sampler, tar shards by the dataset itself."""
     if source == "embedded":
         return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed)
+    if is_shard_source(source):
+        return TarShardDataset(source, resolution, seed=seed, rank=rank, world_size=world_size, limit=limit)
     return ImageFolderDataset(_folder(source), resolution, train=True, seed=seed, limit=limit)
 
 
@@ -51,6 +55,9 @@ def build_eval_images(
     if source == "embedded":
         images, names = embedded_eval_set(resolution)
         return images[:limit], names[:limit]
+    if is_shard_source(source):
+        raise ValueError(f"data.eval_source={source!r}: evaluation images come from 'embedded' or a folder, "
+                         "not tar shards")
     dataset = ImageFolderDataset(_folder(source), resolution, train=False, limit=limit)
     records = [dataset[i] for i in range(len(dataset))]
     x, n_skipped, skipped = collate_skip_bad(records)

@@ -66,14 +66,19 @@ class ImageFolderDataset(Dataset):
             arr = load_image(path)
         except BadImageError as e:
             return None, path, e.reason
-        h, w = arr.shape[:2]
-        if min(h, w) < self.min_size:
-            return None, path, f"too small ({w}x{h}; the shorter side must be >= min_size={self.min_size})"
-        if not self.train:
-            return to_tensor(center_crop_arr(arr, self.resolution)), path, None
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        x = to_tensor(random_crop_arr(arr, self.resolution, rng))
-        return (x.flip(-1) if rng.random() < 0.5 else x), path, None
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        return crop_record(arr, path, self.resolution, self.min_size, rng)
+
+
+def crop_record(arr: np.ndarray, name: str, resolution: int, min_size: int, rng: np.random.Generator | None) -> Record:
+    """A decoded image as a `Record`: too small -> skipped; rng -> ADM random crop + flip, else centre crop."""
+    h, w = arr.shape[:2]
+    if min(h, w) < min_size:
+        return None, name, f"too small ({w}x{h}; the shorter side must be >= min_size={min_size})"
+    if rng is None:
+        return to_tensor(center_crop_arr(arr, resolution)), name, None
+    x = to_tensor(random_crop_arr(arr, resolution, rng))
+    return (x.flip(-1) if rng.random() < 0.5 else x), name, None
 
 
 def collate_skip_bad(batch: list[Record]) -> tuple[torch.Tensor, int, list[tuple[str, str]]]:
@@ -103,6 +108,14 @@ class SkipCounter:
                 warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
         self.examples += items[: self.KEEP - len(self.examples)]
         self.count += n
+
+    @classmethod
+    def combined(cls, counters: list["SkipCounter"]) -> "SkipCounter":
+        """One counter for several (e.g. one per training process), without repeating warnings."""
+        out = cls()
+        out.count = sum(c.count for c in counters)
+        out.examples = [e for c in counters for e in c.examples][: cls.KEEP]
+        return out
 
     def summary(self) -> str:
         if not self.count:

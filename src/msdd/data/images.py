@@ -6,6 +6,7 @@ transparency) are made uniform. The crops follow ADM (guided-diffusion): shrink 
 filters while the image is large, which is fast and alias-free, then one bicubic resize.
 """
 
+import io
 import math
 from pathlib import Path
 
@@ -25,16 +26,20 @@ class BadImageError(ValueError):
         )
 
 
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode `path` fully into a uint8 (H, W, 3) RGB array, upright as the camera meant it."""
+def load_image(path: str | Path | bytes, name: str | None = None) -> np.ndarray:
+    """Decode `path` (or a file's bytes, named `name` in errors) fully into a uint8 (H, W, 3) RGB
+    array, upright as the camera meant it."""
+    data = isinstance(path, (bytes, bytearray))
+    fp = io.BytesIO(path) if data else path
     try:
-        with Image.open(path) as img:
+        with Image.open(fp) as img:
             img.load()  # decode every byte now: a truncated file must fail here, not later
             return _to_rgb(ImageOps.exif_transpose(img))
     # PIL's decoders raise a zoo of types on malformed files (OSError, SyntaxError, struct.error,
     # DecompressionBombError, ...); any of them means this one file is unusable.
     except Exception as e:
-        raise BadImageError(path, f"{type(e).__name__}: {e}") from e
+        reason = f"{type(e).__name__}: {e}".replace(f" {fp!r}", "")  # PIL names a BytesIO by its repr
+        raise BadImageError(name or ("<bytes>" if data else path), reason) from e
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

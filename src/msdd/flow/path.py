@@ -67,10 +67,12 @@ def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator
     return math.sqrt(1.0 + gamma) * (n - m) + math.sqrt(max(0.0, 1.0 - 3.0 * gamma)) * m
 
 
-def renoise(x: torch.Tensor, window: StageWindow, gamma: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Enter `window`'s stage: nearest x2 upsample, then x <- alpha x + beta * block_noise."""
+def renoise(x: torch.Tensor, window: StageWindow, gamma: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Enter `window`'s stage: nearest x2 upsample, then x <- alpha x + beta * bn with 2x2 block noise bn.
+    Returns (the new x, bn)."""
     x = upsample_nearest(x)
-    return window.alpha * x + window.beta * block_noise(tuple(x.shape), gamma, generator, x)
+    bn = block_noise(tuple(x.shape), gamma, generator, x)
+    return window.alpha * x + window.beta * bn, bn
 
 
 def stage_ends(images: torch.Tensor, window: StageWindow) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,7 +104,8 @@ def sample_r(n: int, scheme: str, generator: torch.Generator | None, like: torch
 
 def balanced_stages(batch: int, num_stages: int, generator: torch.Generator | None) -> torch.Tensor:
     """Assign each sample of a batch to a stage: counts differ by at most one, order shuffled."""
-    perm = torch.randperm(batch, generator=generator)
+    device = generator.device if generator is not None else "cpu"
+    perm = torch.randperm(batch, generator=generator, device=device).cpu()
     return torch.arange(batch)[perm] % num_stages
 
 

@@ -6,7 +6,13 @@
 
 All randomness comes from the explicit `generator`; the same generator state gives the same output.
 Gradients flow through the whole chain when called outside `torch.no_grad()` (the distillation
-student). `start=(stage, r, x)` starts part-way (the distillation teacher).
+student). `start=(stage, r, x, noise)` starts part-way (the distillation teacher).
+
+The unit noise a chain carries can be traced (`return_noise`): a straight path keeps the noise of its
+start, so a stage ends at (1 - e) content + e N. N_0 is the initial noise; entering stage s,
+N_s = (alpha_s e_{s-1} up(N_{s-1}) + beta_s bn_s) / t0_s (unit variance, see path.block_noise).
+Subtracting e_s N_s from a stage output leaves its signal part, comparable across two chains that
+drew different noise (the distiller's reconstruction loss).
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from msdd.flow.path import randn, renoise
+from msdd.flow.path import randn, renoise, upsample_nearest
 from msdd.flow.schedule import StageWindow
 
 
@@ -40,15 +46,18 @@ def sample(
     *,
     cfg: float = 1.0,
     gamma: float = 1.0 / 3.0,
-    generator: torch.Generator | None,
-    start: tuple[int, float, torch.Tensor] | None = None,
+    generator,
+    start: tuple[int, float, torch.Tensor, torch.Tensor] | None = None,
     return_stages: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    return_noise: bool = False,
+):
     """Decode latents z (B, L, C) to images (B, 3, R, R), approximately in [-1, 1].
 
     steps: Euler steps per stage (one entry per window). start: (stage index, local time r, x at that
-    stage's resolution) to begin part-way; the stages before it are skipped. return_stages: also
-    return the image at the end of every stage that ran (progressive previews).
+    stage's resolution, the unit noise x carries) to begin part-way; the stages before it are skipped.
+    return_stages: also return the image at the end of every stage that ran (progressive previews);
+    return_noise: also return the unit noise N_s each of those stage outputs carries.
+    Returns x, or (x, stages), or (x, stages, noises).
     """
     if len(steps) != len(windows):
         raise ValueError(f"steps needs one entry per stage ({len(windows)}), got {list(steps)}")
@@ -59,12 +68,17 @@ def sample(
         first, r0 = 0, 1.0
         res = windows[0].resolution
         x = randn((b, 3, res, res), generator, z)
+        noise = x
     else:
-        first, r0, x = start
+        first, r0, x, noise = start
     outputs: list[torch.Tensor] = []
+    noises: list[torch.Tensor] = []
     for w in windows[first:]:
         if w.index > first:
-            x = renoise(x, w, gamma, generator)
+            x, bn = renoise(x, w, gamma, generator)
+            if return_noise:
+                prev_end = windows[w.index - 1].t_end
+                noise = (w.alpha * prev_end * upsample_nearest(noise) + w.beta * bn) / w.t_start
         n = int(steps[w.index])
         r_start = r0 if w.index == first else 1.0
         rs = [r_start * (1 - i / n) for i in range(n + 1)]  # linearly spaced local times, r_start -> 0
@@ -72,4 +86,7 @@ def sample(
             v = guided_velocity(decoder, x, w.tau_at(r), z, cfg)
             x = x + (r_next - r) * v.float()
         outputs.append(x)
+        noises.append(noise)
+    if return_noise:
+        return x, outputs, noises
     return (x, outputs) if return_stages else x

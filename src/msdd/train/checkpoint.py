@@ -5,11 +5,14 @@
         state.pt                                  optimiser / scheduler / step / RNG / data position
                                                   (tensors and plain containers: loads with weights_only=True)
         config.json                               the run's full config
-        manifest.json                             size and sha256 of every file above, written last
+        manifest.json                             size and sha256 of every file above, and the
+                                                  mean training loss since the previous checkpoint;
+                                                  written last
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a crash leaves
 either the previous checkpoints or the new complete one. On load, the manifest is checked; a damaged
-newest checkpoint is reported and the previous one is used.
+newest checkpoint is reported and the previous one is used. Only the newest `keep` checkpoints are
+kept, plus the best one (lowest recorded loss), which is never deleted.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
@@ -41,8 +45,9 @@ def save_checkpoint(
     state: dict,
     config_json: str,
     keep: int = 3,
+    loss: float | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically and keep only the newest `keep` complete ones."""
+    """Write checkpoint `step` atomically; keep the newest `keep` and the one with the lowest `loss`."""
     final = _step_dir(Path(run_dir), step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,13 +59,17 @@ def save_checkpoint(
     atomic_write_bytes(tmp / "state.pt", buf.getvalue())
     atomic_write_text(tmp / "config.json", config_json)
     manifest = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
-    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "files": manifest}, indent=1))
+    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "loss": loss, "files": manifest}, indent=1))
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
+    best = best_checkpoint(run_dir)
     for old in list_checkpoints(run_dir)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != best:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in final.parent.glob(".step_*.tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 
@@ -70,6 +79,21 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
+
+
+def checkpoint_loss(path: Path) -> float | None:
+    """The mean training loss recorded in a checkpoint's manifest (None if absent or unreadable)."""
+    try:
+        loss = json.loads((path / MANIFEST).read_text()).get("loss")
+    except (OSError, ValueError):
+        return None
+    return None if loss is None else float(loss)
+
+
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the lowest recorded loss, or None when none has one."""
+    scored = [(loss, p) for p in list_checkpoints(run_dir) if (loss := checkpoint_loss(p)) is not None]
+    return min(scored)[1] if scored else None
 
 
 def verify_checkpoint(path: Path) -> str | None:
@@ -93,9 +117,14 @@ def verify_checkpoint(path: Path) -> str | None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
-    """(weights by name, state, config json) of one checkpoint folder."""
+    """(weights by name, state, config json) of one checkpoint folder. The state file is unpickled with
+    weights_only=True: anything but tensors and plain containers is refused, never executed."""
     weights = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"refusing to load {path / 'state.pt'}: it holds objects other than tensors and plain "
+                         f"containers, which could run code when unpickled (not written by msdd?)\n{e}") from None
     return weights, state, (path / "config.json").read_text()
 
 

@@ -7,7 +7,12 @@ Per step, for real images x and latents z = E(x) (the frozen, shared encoder):
     target    u ~ U(0, 1) -> stage s_u whose tau window holds u; the student's final image (detached)
               brought down to stage s_u and noised onto that stage's path at u; the frozen teacher
               runs from there to the end (distill.teacher_steps per stage, guidance distill.cfg)
-    losses    L_rec  = sum over s >= s_u of MSE(student_s, teacher_s)
+    losses    L_rec  = sum over s >= s_u of MSE(signal of student_s, signal of teacher_s), where the
+                       signal of a stage output is the output minus e_s N_s, the unit noise its chain
+                       carries (traced by the sampler). The two chains draw independent noise; comparing
+                       raw intermediate outputs would add a floor of 2 e_s^2 per stage (1.75 of the loss
+                       for s_u = 0 with four stages) whose gradient strips the noise from the student's
+                       intermediate states; the student then decodes grey images (measured).
               L_perc = LPIPS(student_final, x)                        (when enabled)
               L_adv  = hinge generator loss of the discriminator on student_final
               total  = lambda_adv' L_adv + lambda_rec (L_rec / (1 + u) + lambda_perc L_perc)
@@ -29,6 +34,7 @@ import torch.nn.functional as F
 
 from msdd.config import Config, config_from_json, diff_fields, to_dict
 from msdd.data import build_eval_images
+from msdd.dist import setup
 from msdd.eval.grid import save_grid
 from msdd.flow.path import noisy_at, randn, stage_ends
 from msdd.flow.sampler import sample
@@ -49,39 +55,47 @@ def adaptive_weight(non_adv: torch.Tensor, adv: torch.Tensor, last_layer: torch.
     return torch.nan_to_num(w, nan=0.0, posinf=MAX_ADAPTIVE_WEIGHT).clamp(0.0, MAX_ADAPTIVE_WEIGHT).detach()
 
 
-def student_pass(decoder, z: torch.Tensor, windows, gamma: float, generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """One Euler step per stage from pure noise, differentiable; (final image, outputs of every stage)."""
+def student_pass(decoder, z: torch.Tensor, windows, gamma: float, generator):
+    """One Euler step per stage from pure noise, differentiable.
+    Returns (final image, outputs of every stage, unit noise each output carries)."""
     return sample(decoder, z, windows, [1] * len(windows), cfg=1.0, gamma=gamma, generator=generator,
-                  return_stages=True)
+                  return_noise=True)
 
 
 @torch.no_grad()
 def teacher_targets(teacher_decoder, x_final: torch.Tensor, z: torch.Tensor, windows, u: float, steps: int,
-                    cfg: float, gamma: float, generator) -> tuple[int, list[torch.Tensor]]:
-    """(s_u, teacher outputs of stages s_u..S-1) for the student's final image noised at model time u."""
+                    cfg: float, gamma: float, generator) -> tuple[int, list[torch.Tensor], list[torch.Tensor]]:
+    """For the student's final image noised at model time u: (s_u, the teacher's outputs of stages
+    s_u..S-1, the unit noise each carries)."""
     s_u = stage_of_tau(windows, u)
     w = windows[s_u]
     r_u = w.r_of_tau(u)
     x_end, x_start = stage_ends(x_final.detach().float(), w)
     noise = randn(tuple(x_end.shape), generator, x_end)
     x_u, _ = noisy_at(x_end, x_start, w, torch.full((x_end.shape[0],), r_u, device=x_end.device), noise)
-    _, outs = sample(teacher_decoder, z, windows, [steps] * len(windows), cfg=cfg, gamma=gamma,
-                     generator=generator, start=(s_u, r_u, x_u), return_stages=True)
-    return s_u, outs
+    _, outs, noises = sample(teacher_decoder, z, windows, [steps] * len(windows), cfg=cfg, gamma=gamma,
+                             generator=generator, start=(s_u, r_u, x_u, noise), return_noise=True)
+    return s_u, outs, noises
+
+
+def signal(x: torch.Tensor, noise: torch.Tensor, window) -> torch.Tensor:
+    """A stage output without the noise its path carries: (1 - e) content."""
+    return x.float() - window.t_end * noise.float()
 
 
 class Distiller(TrainerBase):
-    desc = "distill"
+    desc, section, best_metric = "distill", "distill", "l_rec"
 
     def __init__(self, cfg: Config, teacher: str | Path, run_dir: str | Path, device: str | torch.device = "cpu",
                  vgg_weights=None, dino_weights=None, require_resume: bool = False) -> None:
         dc = cfg.distill
+        device = setup(device)[1]  # this process's device, before the teacher is loaded onto it
         self.teacher_dir = Path(teacher)
         self.teacher = Tokenizer.from_pretrained(teacher, device=device).requires_grad_(False).eval()
         if self.teacher.config.one_step:
             raise ValueError(f"{teacher} is already a distilled one-step student; distil from a stage-1 model")
         cfg = replace(cfg, model=self.teacher.config)  # the run's model section is the teacher's architecture
-        super().__init__(cfg, run_dir, device, dc.batch_size, cfg.train.seed, dc)
+        super().__init__(cfg, run_dir, device, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
         student_cfg = replace(self.teacher.config, one_step=True, sampling=replace(self.teacher.config.sampling, cfg=1.0))
         self.student = Tokenizer(student_cfg).to(self.device)
@@ -140,18 +154,25 @@ class Distiller(TrainerBase):
         self.sched_d.load_state_dict(state["scheduler_d"])
         self.ema.updates = int(state["ema_updates"])
 
-    def train_step(self, images: torch.Tensor) -> dict | None:
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.student.decoder.parameters() if p.requires_grad] + self.disc_params
+
+    def micro_step(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        """Generator loss + discriminator loss: the first reaches only the student (the discriminator is
+        frozen while it is built), the second only the discriminator (the student image is detached)."""
         dc, windows, gamma = self.cfg.distill, self.student.windows, self.student.config.flow.gamma
         bf16 = self.cfg.train.bf16
         self.student.decoder.train()
         with torch.no_grad(), autocast(self.device, bf16):
             z = self.teacher.encoder(images).float()
-        u = torch.rand((), generator=self.gen, device=self.gen.device).item()
+        u = torch.rand((), generator=generator, device=generator.device).item()
+        self.disc.requires_grad_(False)
         with autocast(self.device, bf16):
-            x_student, stages_s = student_pass(self.student.decoder, z, windows, gamma, self.gen)
-            s_u, stages_t = teacher_targets(self.teacher.decoder, x_student, z, windows, u, dc.teacher_steps,
-                                            dc.cfg, gamma, self.gen)
-            gaps = [F.mse_loss(stages_s[s].float(), t.float()) for s, t in zip(range(s_u, len(windows)), stages_t)]
+            x_student, stages_s, noise_s = student_pass(self.student.decoder, z, windows, gamma, generator)
+            s_u, stages_t, noise_t = teacher_targets(self.teacher.decoder, x_student, z, windows, u,
+                                                     dc.teacher_steps, dc.cfg, gamma, generator)
+            gaps = [F.mse_loss(signal(stages_s[s], noise_s[s], windows[s]), signal(t, n, windows[s]))
+                    for s, t, n in zip(range(s_u, len(windows)), stages_t, noise_t)]
             l_rec = torch.stack(gaps).sum()
             non_adv = l_rec / (1 + u)
             l_perc = None
@@ -167,35 +188,31 @@ class Distiller(TrainerBase):
             lam = (adaptive_weight(non_adv, l_adv, self.student.decoder.final.linear.weight) * dc.lambda_adv
                    if dc.adaptive_adv else torch.tensor(dc.lambda_adv, device=self.device))
         loss = non_adv + lam * l_adv
-        self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return None
-        for p in self.disc_params:  # generator step: no gradients into the discriminator
-            p.requires_grad_(False)
-        loss.backward()
-        for p in self.disc_params:
+        for p in self.disc_params:  # the heads train; a frozen DINO ViT stays frozen
             p.requires_grad_(True)
+        with autocast(self.device, bf16):
+            real_logits = self.disc(images)
+            fake_logits_d = self.disc(x_student.detach())
+        d_loss = hinge_d_loss(real_logits, fake_logits_d)  # fp32
+        out = {"l_gen": loss.item(), "l_rec": l_rec.item(), "l_adv": l_adv.item(), "lambda_adv": float(lam),
+               "d_loss": d_loss.item(), "d_real": real_logits.float().mean().item(),
+               "d_fake": fake_logits_d.float().mean().item(), "u": u,
+               **{f"gap_stage{s_u + i}": g.item() for i, g in enumerate(gaps)}}
+        if l_perc is not None:
+            out["l_perc"] = l_perc.item()
+        return loss + d_loss, out
+
+    def synced_buffers(self) -> list[torch.Tensor]:
+        return list(self.disc.buffers())  # spectral-norm power iteration vectors
+
+    def optimizer_step(self) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.student.decoder.parameters(), self.cfg.train.grad_clip)
         self.opt.step()
         self.sched.step()
         self.ema.update(self.student)
-
-        # discriminator step (fp32 hinge loss)
-        with autocast(self.device, bf16):
-            real_logits = self.disc(images)
-            fake_logits_d = self.disc(x_student.detach())
-        d_loss = hinge_d_loss(real_logits, fake_logits_d)
-        self.opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
         self.opt_d.step()
         self.sched_d.step()
-        out = {"loss": loss.item(), "l_rec": l_rec.item(), "l_adv": l_adv.item(), "lambda_adv": float(lam),
-               "d_loss": d_loss.item(), "d_real": real_logits.float().mean().item(),
-               "d_fake": fake_logits_d.float().mean().item(), "u": u, "grad_norm": grad_norm.item(),
-               "lr": self.sched.get_last_lr()[0], **{f"gap_stage{s_u + i}": g.item() for i, g in enumerate(gaps)}}
-        if l_perc is not None:
-            out["l_perc"] = l_perc.item()
-        return out
+        return {"grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0]}
 
     @torch.no_grad()
     def save_grid(self) -> Path:

@@ -1,12 +1,37 @@
 """Pieces shared by the stage-1 trainer and the stage-2 distiller: optimiser, LR schedule, EMA,
-resumable data order, RNG state capture, logging."""
+resumable data order, RNG state capture, signals, logging, and the training loop itself.
+
+One optimiser step over a global batch of B images, with n processes (torchrun) and A = grad_accum:
+
+    micro-batch slot j = rank * A + a  (j < n A) holds images [j m, (j + 1) m) of the global batch,
+                                        m = B / (n A), and draws its noise from a generator seeded by
+                                        (seed, attempt, j): which images and which noise a slot gets
+                                        does not depend on how the slots are spread over processes
+    forward + backward per micro-batch (loss scaled by its share of good images)
+    one all-reduce of [good images, non-finite flag, loss sum, skipped files, signal, time up]
+        -> every process takes the same decision: step, skip (non-finite somewhere), or stop
+    one all-reduce of the flattened gradients (sum), then clip, optimiser, scheduler, EMA
+
+So n processes with A accumulation steps train like n' processes with A' = n A / n' (up to the order
+in which gradients are summed). The objective is defined per micro-batch (the flow loss balances its
+stages within one), so changing n A changes it slightly.
+
+Gradients are reduced by hand rather than by DistributedDataParallel: the objectives call parts of
+their models several times per micro-batch (every stage, a discriminator twice, autograd.grad for
+the adaptive weight), accumulate over micro-batches and train two optimisers; a single flat
+all-reduce after the last backward is exact for all of that. It does not overlap communication with
+the backward pass, which DDP would.
+"""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
+import os
 import random
+import signal
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -15,11 +40,12 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, IterableDataset, Sampler
 from tqdm import tqdm
 
 from msdd.config import to_dict
 from msdd.data import SkipCounter, build_train_dataset, collate_skip_bad
+from msdd.dist import all_gather_object, all_reduce_sum, barrier, broadcast_object, broadcast_tensors, setup
 from msdd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -63,13 +89,18 @@ class EMA:
 
 
 class ResumableSampler(Sampler[int]):
-    """A shuffled index order per epoch that can start mid-epoch and be sharded across ranks.
+    """A shuffled index order per epoch that can start mid-epoch and be split across processes.
 
-    Epoch e's order is a permutation drawn from (seed, e); rank k of n takes every n-th index. The
-    position (indices already consumed by this rank) is all a checkpoint needs to continue exactly."""
+    Epoch e's order is a permutation drawn from (seed, e), cut into global batches of `batch`
+    indices (the rest of the epoch is dropped); rank k of n takes the k-th of the n equal contiguous
+    parts of every global batch. The position (indices already consumed by this rank) is all a
+    checkpoint needs to continue exactly. `batch` defaults to n (rank k takes every n-th index)."""
 
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, batch: int | None = None) -> None:
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.batch = world_size if batch is None else batch
+        if self.batch % world_size:
+            raise ValueError(f"a global batch of {self.batch} cannot be split evenly over {world_size} processes")
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
@@ -77,28 +108,38 @@ class ResumableSampler(Sampler[int]):
 
     def order(self) -> list[int]:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=g).tolist()
-        per_rank = self.size // self.world_size  # equal shares so every rank runs the same number of steps
-        return perm[self.rank : per_rank * self.world_size : self.world_size]
+        perm = torch.randperm(self.size, generator=g)
+        steps, share = self.size // self.batch, self.batch // self.world_size
+        return perm[: steps * self.batch].view(steps, self.world_size, share)[:, self.rank].flatten().tolist()
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start :])
 
     def __len__(self) -> int:
-        return max(0, self.size // self.world_size - self.start)
+        return max(0, self.size // self.batch * (self.batch // self.world_size) - self.start)
+
+
+def _ignore_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves and shuts them down."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class BatchStream:
-    """Endless batches over epochs with a resumable position: (epoch, batches taken this epoch)."""
+    """Endless batches over epochs with a resumable position: (epoch, batches taken this epoch).
 
-    def __init__(self, dataset, batch_size: int, sampler: ResumableSampler, collate_fn, num_workers: int = 0) -> None:
+    Map-style datasets are ordered by `sampler`; an IterableDataset (tar shards) orders and splits
+    itself and is told the position through `set_epoch(epoch, batches_done, batch_size)`."""
+
+    def __init__(self, dataset, batch_size: int, sampler: ResumableSampler | None, collate_fn,
+                 num_workers: int = 0) -> None:
         self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.epoch, self.batches_in_epoch = 0, 0
         self._it = None
-        if len(sampler) < batch_size:
-            raise ValueError(f"the training set has {sampler.size} images, fewer than one batch of {batch_size} per "
-                             f"process; lower train.batch_size or add images")
+        if sampler is not None and len(sampler) < batch_size:
+            raise ValueError(f"the training set has {sampler.size} images, fewer than one global batch of "
+                             f"{sampler.batch}; lower the batch size or add images")
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
@@ -108,12 +149,15 @@ class BatchStream:
         self._it = None
 
     def _start_epoch(self) -> None:
-        self.sampler.set_epoch(self.epoch, self.batches_in_epoch * self.batch_size)
-        if hasattr(self.dataset, "set_epoch"):
-            self.dataset.set_epoch(self.epoch)
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch, self.batches_in_epoch * self.batch_size)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+        else:
+            self.dataset.set_epoch(self.epoch, self.batches_in_epoch, self.batch_size)
         loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
                             collate_fn=self.collate_fn, num_workers=self.num_workers,
-                            persistent_workers=False)
+                            worker_init_fn=_ignore_signals if self.num_workers else None)
         self._it = iter(loader)
 
     def __next__(self):
@@ -125,6 +169,9 @@ class BatchStream:
                 self.batches_in_epoch += 1
                 return batch
             except StopIteration:
+                if self.batches_in_epoch == 0:  # would loop forever
+                    raise ValueError(f"the training data gives this process not one full batch of "
+                                     f"{self.batch_size} per epoch; add data or lower the batch size") from None
                 self.epoch, self.batches_in_epoch, self._it = self.epoch + 1, 0, None
 
     def __iter__(self):
@@ -135,15 +182,20 @@ def rng_state() -> dict:
     """Global RNG states in a form `torch.load(weights_only=True)` accepts (tensors and lists only)."""
     np_state = np.random.get_state()
     py_state = random.getstate()
-    return {
+    state = {
         "torch": torch.get_rng_state(),
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
         "python": [py_state[0], list(py_state[1]), py_state[2]],
     }
+    if torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
     version, internal, gauss = state["python"]
@@ -166,111 +218,288 @@ class Throughput:
         return r
 
 
+class StopSignals:
+    """While active, SIGTERM and SIGINT (pre-emption, Ctrl-C) only set `received`: the training loop
+    finishes its step, writes a checkpoint and returns. A second signal acts as it did before (by
+    default: ends the process at once). The previous handlers are restored on exit. Signals can only
+    be caught in the main thread; elsewhere this does nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __enter__(self) -> "StopSignals":
+        self.received, self._previous = 0, {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            self._restore()
+            signal.raise_signal(signum)
+            return
+        self.received = signum
+        os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
+                    f"(send it again to stop at once)\n".encode())
+
+    def _restore(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
+
+
+def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
+    """Per key, the mean over micro-batches weighted by their image counts (keys may be missing in some)."""
+    total, weight = {}, {}
+    for n, out in outs:
+        for k, v in out.items():
+            total[k], weight[k] = total.get(k, 0.0) + n * v, weight.get(k, 0) + n
+    return {k: total[k] / weight[k] for k in total}
+
+
+def _read_log(path: Path, max_step: int) -> list[str]:
+    """Lines of log.jsonl up to `max_step` (a line cut short by a killed process is dropped)."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= max_step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError):
+            pass
+    return keep
+
+
 # ---------------------------------------------------------------------------------------------
 # the training loop shared by stage 1 and stage 2
 
 
 class TrainerBase:
-    """Run directory, data stream, resume, checkpoints, logging and the step loop.
+    """Run directory, data stream, resume, checkpoints, logging and the step loop, in one process or
+    under torchrun / SLURM (see the module docstring for one step).
 
     Subclasses build their models and optimisers, then call `self._resume(...)`, and implement
-    `train_step(images) -> dict | None` (None: non-finite loss, step skipped), `weights()`,
-    `load_weights(w)`, `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`.
-    `settings` is the section of the config with log_every / ckpt_every / grid_every.
+    `trained_parameters()` (whose gradients are reduced over processes), `micro_step(images, generator)
+    -> (loss, metrics)` (the forward pass of one micro-batch; `loss` is backpropagated),
+    `optimizer_step() -> metrics` (clip, step, schedule, EMA), `weights()`, `load_weights(w)`,
+    `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`; `synced_buffers()` if needed.
+    `section` names the config section with batch_size, grad_accum, log_every, ckpt_every, grid_every
+    and max_steps; checkpoints are ranked by the mean of `best_metric` since the previous one.
+    Only rank 0 writes files (logs, checkpoints, grids, the final model); the run directory must be
+    on a file system that every process can read (for resuming).
     """
 
-    desc = "train"
+    desc, section, best_metric = "train", "train", "loss"
 
-    def __init__(self, cfg, run_dir, device, batch_size: int, seed: int, settings) -> None:
-        self.cfg, self.run_dir, self.device, self.settings = cfg, Path(run_dir), torch.device(device), settings
-        dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit)
-        self.stream = BatchStream(dataset, batch_size, ResumableSampler(len(dataset), seed), collate_skip_bad,
-                                  cfg.data.num_workers)
-        self.skips = SkipCounter()
-        self.gen = torch.Generator(self.device).manual_seed(seed + 1)  # all noise of the objective
-        self.step, self.bad_steps, self.skipped_steps = 0, 0, 0
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg, run_dir, device, seed: int) -> None:
+        self.dist, self.device = setup(device)
+        self.settings = s = getattr(cfg, self.section)
+        rank, world = self.dist.rank, self.dist.world_size
+        if s.batch_size % (world * s.grad_accum):
+            raise ValueError(f"{self.section}.batch_size={s.batch_size} (the global batch) must be divisible by "
+                             f"processes x {self.section}.grad_accum = {world} x {s.grad_accum}")
+        self.micro = s.batch_size // (world * s.grad_accum)
+        self.cfg, self.run_dir, self.seed = cfg, Path(run_dir), seed
+        dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit, rank, world)
+        sampler = None if isinstance(dataset, IterableDataset) else \
+            ResumableSampler(len(dataset), seed, rank, world, s.batch_size)
+        self.stream = BatchStream(dataset, self.micro, sampler, collate_skip_bad, cfg.data.num_workers)
+        self.skips = SkipCounter()  # this process's skipped files, with examples
+        self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
+        self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
+        if self.dist.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._config_json = json.dumps(to_dict(cfg), indent=2)
-        self._writer = None
+        self._writer, self._purge_step = None, None
+
+    def generator(self, a: int) -> torch.Generator:
+        """All randomness of micro-batch a's objective: seeded by (seed, attempt, slot rank * A + a), so it
+        needs no checkpointing and a slot draws the same noise whatever the number of processes."""
+        slot = self.dist.rank * self.settings.grad_accum + a
+        seed = np.random.SeedSequence([self.seed, self.step + self.skipped_steps, slot]).generate_state(1, np.uint64)
+        return torch.Generator(self.device).manual_seed(int(seed[0]))
 
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
-        return {"step": self.step, "data": self.stream.state(), "generator": self.gen.get_state(),
-                "rng": rng_state(), "skipped_steps": self.skipped_steps, **self.optim_state()}
+        """Everything but the weights. Collective: holds every process's data position and RNG states."""
+        return {"step": self.step, "world_size": self.dist.world_size,
+                "data": all_gather_object(self.stream.state()), "rng": all_gather_object(rng_state()),
+                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images, **self.optim_state()}
 
-    def save(self):
-        return save_checkpoint(self.run_dir, self.step, self.weights(), self.state(), self._config_json,
-                               keep=self.cfg.train.keep_checkpoints)
+    def save(self) -> Path | None:
+        """A checkpoint of the current step (written by rank 0; every process must call this)."""
+        state, path = self.state(), None
+        if self.dist.is_main:
+            loss = sum(self._since_saved) / len(self._since_saved) if self._since_saved else None
+            path = save_checkpoint(self.run_dir, self.step, self.weights(), state, self._config_json,
+                                   keep=self.cfg.train.keep_checkpoints, loss=loss)
+        barrier()
+        self._saved_step, self._since_saved = self.step, []
+        return path
 
     def _resume(self, require: bool, check_config) -> None:
-        """Continue from the newest intact checkpoint, if any; `check_config(stored_json, path)` raises
-        on a mismatch. Writes the run's config.json."""
-        path = latest_checkpoint(self.run_dir)
+        """Continue from the newest intact checkpoint (chosen by rank 0), if any; `check_config(stored_json,
+        path)` raises on a mismatch. Every process then holds rank 0's weights. Writes config.json."""
+        path = broadcast_object(latest_checkpoint(self.run_dir) if self.dist.is_main else None)
         if path is None:
             if require:
                 raise FileNotFoundError(f"--resume: no intact checkpoint in {self.run_dir / 'checkpoints'}")
         else:
             weights, state, cfg_json = load_checkpoint(path)
             check_config(cfg_json, path)
+            if state["world_size"] != self.dist.world_size:
+                raise ValueError(f"cannot resume {path}: it was written by {state['world_size']} process(es), this run "
+                                 f"has {self.dist.world_size}; the data order and random states are per process, "
+                                 f"so resume with {state['world_size']}")
             self.load_weights(weights)
             self.load_optim_state(state)
-            self.stream.load_state(state["data"])
-            self.gen.set_state(state["generator"])
-            set_rng_state(state["rng"])
-            self.step = int(state["step"])
-            self.skipped_steps = int(state.get("skipped_steps", 0))
-            print(f"resumed from {path} at step {self.step}")
-        (self.run_dir / "config.json").write_text(self._config_json + "\n")
+            self.stream.load_state(state["data"][self.dist.rank])
+            set_rng_state(state["rng"][self.dist.rank])
+            self.step, self._saved_step = int(state["step"]), int(state["step"])
+            self.skipped_steps, self.skipped_images = int(state["skipped_steps"]), int(state["skipped_images"])
+            self._purge_step = self.step + 1  # TensorBoard drops events logged after the checkpoint
+            if self.dist.is_main:
+                log = self.run_dir / "log.jsonl"
+                if log.exists():
+                    log.write_text("".join(_read_log(log, self.step)))
+                print(f"resumed from {path} at step {self.step}")
+        broadcast_tensors([t for w in self.weights().values() for t in w.values()])
+        if self.dist.is_main:
+            (self.run_dir / "config.json").write_text(self._config_json + "\n")
+
+    # ------------------------------------------------------------------ one step
+
+    def train_step(self, images: torch.Tensor) -> dict | None:
+        """One optimiser step on `images` as a single micro-batch (no data stream): metrics, or None
+        when the loss was not finite (nothing changed)."""
+        return self._step([images])[0]
+
+    def _step(self, batches: list[torch.Tensor], skipped: int = 0, signum: int = 0,
+              time_up: bool = False) -> tuple[dict | None, dict]:
+        """Forward and backward over this process's micro-batches, then one decision taken by every
+        process from the summed flags. Returns (metrics, or None when no step was taken; the flags)."""
+        params = self.trained_parameters()
+        for p in params:
+            p.grad = None
+        n_good, bad, loss_sum, outs = 0, 0, 0.0, []
+        for a, images in enumerate(batches):
+            if len(images) == 0 or bad:
+                continue
+            loss, out = self.micro_step(images.to(self.device, non_blocking=True), self.generator(a))
+            if not torch.isfinite(loss):
+                bad = 1
+                continue
+            (loss * (len(images) / self.micro)).backward()  # weight = this micro-batch's share of good images
+            n_good, loss_sum = n_good + len(images), loss_sum + loss.item() * len(images)
+            outs.append((len(images), out))
+        flags = torch.tensor([n_good, bad, loss_sum, skipped, signum, time_up], dtype=torch.float64, device=self.device)
+        n, bad, loss_sum, skipped, signum, time_up = all_reduce_sum(flags).tolist()
+        info = {"images": int(n), "bad": bad > 0, "skipped": int(skipped), "signal": int(signum) > 0,
+                "time_up": time_up > 0}
+        broadcast_tensors(self.synced_buffers())
+        if bad or not n:
+            return None, info
+        self._reduce_grads(params, self.micro / n)
+        return {"loss": loss_sum / n, **_weighted_means(outs), **self.optimizer_step()}, info
+
+    def synced_buffers(self) -> list[torch.Tensor]:
+        """Buffers that training forward passes update (e.g. spectral-norm power iterations): every
+        process takes rank 0's at each step, as DistributedDataParallel's broadcast_buffers does."""
+        return []
+
+    def _reduce_grads(self, params: list[nn.Parameter], scale: float) -> None:
+        """Sum gradients over processes in one flat all-reduce, then multiply by `scale`. A parameter
+        keeps grad None only if it has none on every process."""
+        if self.dist.world_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+            has = torch.tensor([p.grad is not None for p in params], dtype=grads[0].dtype, device=self.device)
+            flat = all_reduce_sum(torch.cat([g.reshape(-1) for g in grads] + [has]))
+            offset = 0
+            for p, present in zip(params, flat[-len(params):].tolist()):
+                p.grad = flat[offset : offset + p.numel()].view_as(p) if present else None
+                offset += p.numel()
+        if scale != 1:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
 
     # ------------------------------------------------------------------ loop
 
     def fit(self, max_steps: int | None = None, minutes: float | None = None, progress: bool = True) -> dict:
-        """Train until `max_steps` (default: the config's) or `minutes` of wall time; then save a
-        checkpoint, a grid and the final model (`finalize`). Returns a summary."""
-        s = self.settings
+        """Train until `max_steps` (default: the config's) or `minutes` of wall time, then save a
+        checkpoint, a grid and the final model (`finalize`). SIGTERM / SIGINT stop early: a checkpoint
+        is written and the summary says `interrupted` (no final model). Returns a summary."""
+        s, main = self.settings, self.dist.is_main
         max_steps = s.max_steps if max_steps is None else max_steps
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
-        bar = tqdm(total=max_steps, initial=self.step, disable=not progress, desc=self.desc, unit="step",
-                   dynamic_ncols=True)
-        meter, t_start, last = Throughput(), time.monotonic(), {}
-        while self.step < max_steps and (deadline is None or time.monotonic() < deadline):
-            images, n_skipped, skipped = next(self.stream)
-            self.skips.update(n_skipped, skipped)
-            if len(images) == 0:
-                continue
-            out = self.train_step(images.to(self.device, non_blocking=True))
-            if out is None:
-                self.bad_steps += 1
-                self.skipped_steps += 1
-                warnings.warn(f"non-finite loss at step {self.step}: step skipped "
-                              f"({self.bad_steps} in a row, {self.skipped_steps} in total)")
-                if self.bad_steps >= MAX_BAD_STEPS:
-                    raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; stopping. "
-                                       f"The last good checkpoint is intact; lower the learning rate or check the data")
-                continue
-            self.bad_steps = 0
-            self.step += 1
-            meter.add(len(images))
-            bar.update(1)
-            last = out
-            if self.step % s.log_every == 0:
-                out["img_per_s"] = meter.rate()
-                self.log(out)
-                bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['img_per_s']:.1f}")
-            if self.step % s.grid_every == 0:
-                self.save_grid()
-            if self.step % s.ckpt_every == 0:
+        bar = tqdm(total=max_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
+                   unit="step", dynamic_ncols=True)
+        meter, t_start, last, stop = Throughput(), time.monotonic(), {}, None
+        with StopSignals() as signals:
+            while self.step < max_steps and stop is None:
+                batches, skipped = [], 0
+                for _ in range(s.grad_accum):
+                    images, n_skipped, items = next(self.stream)
+                    self.skips.update(n_skipped, items)
+                    batches.append(images)
+                    skipped += n_skipped
+                time_up = main and deadline is not None and time.monotonic() > deadline
+                out, info = self._step(batches, skipped, signals.received, time_up)
+                self.skipped_images += info["skipped"]
+                if info["signal"] or info["time_up"]:
+                    stop = signal.Signals(signals.received).name if signals.received else \
+                        "a signal to another process" if info["signal"] else "time"
+                if info["bad"]:
+                    self.bad_steps += 1
+                    self.skipped_steps += 1
+                    if main:
+                        warnings.warn(f"non-finite loss at step {self.step}: step skipped "
+                                      f"({self.bad_steps} in a row, {self.skipped_steps} in total)")
+                    if self.bad_steps >= MAX_BAD_STEPS:
+                        raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
+                                           f"stopping. The last good checkpoint is intact; lower the learning rate "
+                                           f"or check the data")
+                    continue
+                if out is None:  # not one usable image in the whole global batch
+                    continue
+                self.bad_steps = 0
+                self.step += 1
+                self._since_saved.append(out[self.best_metric])
+                meter.add(info["images"])
+                bar.update(1)
+                last = out = {**out, "skipped_images": self.skipped_images}
+                if self.step % s.log_every == 0:
+                    out["img_per_s"] = meter.rate()
+                    if main:
+                        self.log(out)
+                    bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['img_per_s']:.1f}")
+                if self.step % s.grid_every == 0 and main:
+                    self.save_grid()
+                if self.step % s.ckpt_every == 0:
+                    self.save()
+            bar.close()
+            if self._saved_step != self.step:
                 self.save()
-        bar.close()
-        self.save()
-        self.save_grid()
-        self.finalize()
+        skips = SkipCounter.combined(all_gather_object(self.skips))
+        summary = {"steps": self.step, "seconds": time.monotonic() - t_start, "last": last,
+                   "skipped_images": self.skipped_images, "skipped_examples": skips.examples,
+                   "skipped_steps": self.skipped_steps, "interrupted": stop if stop not in (None, "time") else None}
+        if main:
+            print(f"data: {skips.summary()}")
+        if summary["interrupted"]:
+            if main:
+                print(f"stopped by {stop} at step {self.step}: checkpoint written to "
+                      f"{self.run_dir / 'checkpoints'}; run the same command again to continue")
+        elif main:
+            self.save_grid()
+            self.finalize()
+        barrier()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        return {"steps": self.step, "seconds": time.monotonic() - t_start, "last": last,
-                "skipped_images": self.skips.count, "skipped_steps": self.skipped_steps}
+        return summary
 
     # ------------------------------------------------------------------ logging
 
@@ -279,7 +508,7 @@ class TrainerBase:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter  # slow import: only when logging starts
 
-            self._writer = SummaryWriter(str(self.run_dir / "tb"))
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
         return self._writer
 
     def log(self, out: dict) -> None:

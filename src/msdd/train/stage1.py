@@ -45,7 +45,7 @@ class Stage1Trainer(TrainerBase):
     def __init__(self, cfg: Config, run_dir: str | Path, device: str | torch.device = "cpu",
                  perceptual: torch.nn.Module | None = None, require_resume: bool = False) -> None:
         tc, mc = cfg.train, cfg.model
-        super().__init__(cfg, run_dir, device, tc.batch_size, tc.seed, tc)
+        super().__init__(cfg, run_dir, device, tc.seed)
         torch.manual_seed(tc.seed)
         self.tok = Tokenizer(mc).to(self.device)
         self.ema = EMA(self.tok, tc.ema_decay)
@@ -82,27 +82,28 @@ class Stage1Trainer(TrainerBase):
         self.sched.load_state_dict(state["scheduler"])
         self.ema.updates = int(state["ema_updates"])
 
-    def train_step(self, images: torch.Tensor) -> dict | None:
-        tc, fc = self.cfg.train, self.cfg.model.flow
+    def trained_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.tok.parameters() if p.requires_grad]
+
+    def micro_step(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        fc = self.cfg.model.flow
         self.tok.train()
-        with autocast(self.device, tc.bf16):
+        with autocast(self.device, self.cfg.train.bf16):
             z = self.tok.encoder(images)
             loss, per_stage = flow_loss(
                 self.tok.decoder, images, z, self.tok.windows,
                 t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
                 cfg_drop=fc.cfg_drop, null_context=self.tok.decoder.null_context,
-                perceptual=self.perceptual, perceptual_weight=fc.lpips_weight, generator=self.gen,
+                perceptual=self.perceptual, perceptual_weight=fc.lpips_weight, generator=generator,
             )
-        self.opt.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return None
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.tok.parameters(), tc.grad_clip)
+        return loss, {f"loss_stage{s}": v.item() for s, v in per_stage.items()}
+
+    def optimizer_step(self) -> dict:
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.train.grad_clip)
         self.opt.step()
         self.sched.step()
         self.ema.update(self.tok)
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0],
-                **{f"loss_stage{s}": v.item() for s, v in per_stage.items()}}
+        return {"grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0]}
 
     @torch.no_grad()
     def save_grid(self) -> Path:
