@@ -64,15 +64,17 @@ def _load_training_config(args):
 def cmd_train(args) -> int:
     from msdd.train.stage1 import Stage1Trainer
 
-    trainer = Stage1Trainer(_load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume)
+    trainer = Stage1Trainer(_load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume,
+                            vgg_weights=args.vgg_weights, dinov2_weights=args.dinov2_weights)
     return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "model")
 
 
 def cmd_distill(args) -> int:
-    from msdd.train.distill import Distiller
+    from msdd.train.distill import build_distiller
 
-    distiller = Distiller(_load_training_config(args), args.teacher, args.run_dir, device=args.device,
-                          vgg_weights=args.vgg_weights, dino_weights=args.dino_weights, require_resume=args.resume)
+    distiller = build_distiller(_load_training_config(args), args.teacher, args.run_dir, device=args.device,
+                                vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
+                                require_resume=args.resume)
     summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
     return _finish_training(distiller, summary, "one-step student")
 
@@ -157,6 +159,9 @@ def cmd_info(args) -> None:
     n_dec = sum(p.numel() for p in tok.decoder.parameters())
     passes = decoder_pass_flops(tok)
     steps = tok.default_steps()
+    if cfg.family != "msdd":
+        print(json.dumps(_family_info(cfg, tok, n_enc, n_dec, passes, steps, encoder_flops(tok)), indent=2))
+        return
     info = {
         "image_size": cfg.image_size, "latent": [cfg.latent_tokens, cfg.latent_dim],
         "compression": cfg.compression, "one_step": cfg.one_step,
@@ -173,6 +178,32 @@ def cmd_info(args) -> None:
                    "one_step_gflop_per_image": round(sum(passes) / 1e9, 3)},
     }
     print(json.dumps(info, indent=2))
+
+
+def _family_info(cfg, tok, n_enc: int, n_dec: int, passes: list[int], steps: tuple[int, ...], enc_flops: int) -> dict:
+    """`msdd info` for the ssdd and plain families: one stage at full resolution."""
+    from msdd.flow.ssdd import time_schedule
+
+    info = {
+        "family": cfg.family, "image_size": cfg.image_size, "latent": list(cfg.latent_shape),
+        "compression": cfg.compression, "one_step": cfg.one_step,
+        "params_encoder_M": round(n_enc / 1e6, 3), "params_decoder_M": round(n_dec / 1e6, 3),
+        "encoder_gflop_per_image": round(enc_flops / 1e9, 3),
+        "gflop_per_pass": round(passes[0] / 1e9, 3),
+    }
+    if cfg.family == "plain":
+        info["decode"] = {"passes": 1, "gflop_per_image": round(passes[0] / 1e9, 3)}
+        return info
+    s = cfg.ssdd
+    info["ssdd"] = {"latent_kind": s.latent_kind, "base_channels": s.base_channels,
+                    "channel_mults": list(s.channel_mults), "blocks_per_level": s.blocks_per_level,
+                    "bottleneck_grid": cfg.image_size // 2 ** (len(s.channel_mults) - 1),
+                    "mid_depth": s.mid_depth, "mid_width": s.width, "mid_heads": s.mid_heads}
+    info["decode"] = {"steps": steps[0], "schedule_t": [round(t, 4) for t in time_schedule(steps[0], s.shift)],
+                      "gflop_per_image": round(steps[0] * passes[0] / 1e9, 3),
+                      "one_step_gflop_per_image": round(passes[0] / 1e9, 3),
+                      "teacher_steps": s.steps, "teacher_gflop_per_image": round(s.steps * passes[0] / 1e9, 3)}
+    return info
 
 
 def cmd_latent_stats(args) -> None:
@@ -195,6 +226,13 @@ def cmd_demo(args) -> None:
     run_demo(args.out, minutes=args.minutes, preset=args.preset, overrides=tuple(args.overrides), device=args.device)
 
 
+def cmd_fidelity(args) -> None:
+    from msdd.eval.fidelity import Fidelity
+
+    Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds,
+             total_steps=args.total_steps, quick=args.quick, device=args.device).run()
+
+
 def cmd_fetch_weights(args) -> None:
     from msdd.weights import fetch_weights
 
@@ -211,6 +249,7 @@ def cmd_bench(args) -> None:
         "steps": _parse_steps(args.steps), "cfg": args.cfg, "rounds": args.rounds, "warmup": args.warmup,
         "threads": args.threads, "contenders": parse_list(args.contenders, "--contenders"),
         "resolutions": parse_list(args.resolutions, "--resolutions", int), "device": args.device, "quick": args.quick,
+        "ssdd_preset": args.ssdd_preset, "ssdd_steps": args.ssdd_steps,
     }
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     settings = BenchSettings(**({**QUICK, **given} if args.quick else given))
@@ -238,12 +277,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
     p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
     p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for the LPIPS loss (vgg16-397923af.pth)")
+    p.add_argument("--dinov2-weights", default=None,
+                   help="DINOv2 ViT-S/14 weights file for the REPA loss of SSDD models (dinov2_vits14_pretrain.pth)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("distill", help="stage 2: distil a stage-1 model into a one-step-per-stage student",
                        description="Stage 2. Runs under torchrun / srun like `msdd train` (distill.batch_size is "
-                                   "global, distill.grad_accum micro-batches).")
+                                   "global, distill.grad_accum micro-batches). An msdd teacher is distilled into a "
+                                   "one-step-per-stage student (discriminator, SPEC 7); an SSDD teacher into a "
+                                   "single-step student without GAN (SPEC 10).")
     _add_config_args(p)
     p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
@@ -298,11 +342,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("fidelity", help="the paper's Tables 2-3 / Figure 4 in miniature on the embedded photos")
+    _add_config_args(p)
+    p.add_argument("--minutes", type=float, default=120.0, help="total training budget (default 120)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
+    p.add_argument("--total-steps", type=int, default=40, help="Euler steps every teacher shares (default 40)")
+    p.add_argument("--quick", action="store_true", help="a 32 px toy model and 1 seed: about a minute, same table")
+    p.add_argument("--out", default="benchmarks/fidelity/latest", help="output folder")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_fidelity)
+
     p = sub.add_parser("fetch-weights", help="download pretrained files into the torch hub cache (online)")
     p.add_argument("names", nargs="+", choices=sorted(PRETRAINED))
     p.set_defaults(func=cmd_fetch_weights)
 
-    p = sub.add_parser("bench", help="decode throughput: student, teacher, single-scale and SD-VAE side by side")
+    p = sub.add_parser("bench", help="decode throughput: student, teacher, single-scale, SD-VAE and SSDD side by side")
     _add_config_args(p)
     p.add_argument("--model", default=None, help="trained model directory (e.g. a teacher) instead of random "
                                                  "weights of --preset (--preset/--set are then ignored)")
@@ -319,7 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--contenders", type=str, default=None,
-                   help="comma list, a subset of student,teacher,teacher-nocfg,single-scale,sd-vae (default: all)")
+                   help="comma list, a subset of student,teacher,teacher-nocfg,single-scale,sd-vae,ssdd-student,"
+                        "ssdd-teacher (default: all)")
+    p.add_argument("--ssdd-preset", default=None,
+                   help="SSDD preset (or YAML) of the ssdd-* rows, random weights at the benchmark resolution "
+                        "(default: ssdd-m-256 from 256 px up, else ssdd-tiny-64)")
+    p.add_argument("--ssdd-steps", type=int, default=None, help="ssdd-teacher Euler steps (default: the preset's)")
     p.add_argument("--resolutions", type=str, default=None,
                    help="also time student and teacher at these resolutions, one stage more per doubling, "
                         "e.g. 64,128,256")

@@ -2,7 +2,8 @@
 
 A run is described by one `Config` with four sections:
 
-    model    what is saved with a tokenizer (image size, latent shape, encoder, decoder, flow, sampling)
+    model    what is saved with a tokenizer (family, image size, latent shape, encoder, decoder, flow,
+             sampling, and the `ssdd` section of the SSDD family)
     train    stage-1 optimisation (batch, lr schedule, EMA, checkpoints, logging)
     distill  stage-2 one-step-per-scale distillation
     data     where training and evaluation images come from
@@ -25,6 +26,8 @@ from typing import Any, Literal
 import yaml
 
 POS_SCHEMES = ("none", "1d", "cross")
+FAMILIES = ("msdd", "ssdd", "plain")
+SSDD_LATENT_FACTOR = 8  # the SSDD latent map (spatial latent, or the token latent mapped) is at 1/8 resolution
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -107,7 +110,76 @@ class SamplingConfig:
 
 
 @dataclass(frozen=True)
+class SSDDConfig:
+    """The SSDD family (SPEC 10): a pixel-space U-Net with a transformer at its bottleneck, one flow from
+    noise (t = 1) to the image (t = 0), sampled with the schedule t_i = (1 - i/N)^shift, N = `steps`.
+
+    The latent is either our 1-D token latent (`latent_kind: tokens`, the token encoder of the `encoder`
+    section, (latent_tokens, latent_dim)) or a convolutional f8 spatial latent (`latent_kind: spatial`,
+    (spatial_channels, R/8, R/8), encoded by a conv encoder with `encoder_channels`, one entry per level
+    = 3 halvings). Either way the decoder sees a (spatial_channels, R/8, R/8) map of it.
+    The U-Net width at level i is base_channels * channel_mults[i]; the transformer at the bottleneck
+    has width base_channels * channel_mults[-1].
+    """
+
+    base_channels: int = 16
+    channel_mults: tuple[int, ...] = (1, 2, 4)
+    blocks_per_level: int = 1
+    mid_depth: int = 2
+    mid_heads: int = 4
+    mid_mlp_hidden: int = 172
+    latent_kind: Literal["tokens", "spatial"] = "tokens"
+    spatial_channels: int = 4
+    encoder_channels: tuple[int, ...] = (32, 64, 128, 128)
+    steps: int = 8
+    shift: float = 2.0
+    t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    lpips_weight: float = 0.0
+    repa_weight: float = 0.0
+
+    def validate(self, prefix: str, image_size: int) -> None:
+        _check_choice(self.latent_kind, f"{prefix}.latent_kind", ("tokens", "spatial"))
+        _check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
+        for name in ("base_channels", "blocks_per_level", "mid_depth", "mid_heads", "mid_mlp_hidden",
+                     "spatial_channels", "steps"):
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(len(self.channel_mults) >= 1 and all(m >= 1 for m in self.channel_mults), f"{prefix}.channel_mults",
+               f"needs one or more multipliers >= 1, got {list(self.channel_mults)}")
+        _check(len(self.encoder_channels) == 4 and all(c >= 1 for c in self.encoder_channels),
+               f"{prefix}.encoder_channels",
+               f"needs 4 channel counts >= 1 (one per level of the f8 encoder), got {list(self.encoder_channels)}")
+        for name, chans in (("channel_mults", [self.base_channels * m for m in self.channel_mults]),
+                            ("encoder_channels", list(self.encoder_channels))):
+            _check(all(c % 4 == 0 for c in chans), f"{prefix}.{name}",
+                   f"every level's channel count must be a multiple of 4 (GroupNorm groups), got {chans}")
+        width = self.base_channels * self.channel_mults[-1]
+        _check(width % self.mid_heads == 0, f"{prefix}.mid_heads",
+               f"the bottleneck width base_channels * channel_mults[-1] = {width} must be divisible by mid_heads "
+               f"{self.mid_heads}")
+        _check((width // self.mid_heads) % 4 == 0, f"{prefix}.mid_heads",
+               f"head dim {width // self.mid_heads} must be a multiple of 4 for 2D RoPE")
+        _check(self.shift > 0, f"{prefix}.shift", f"must be > 0, got {self.shift}")
+        _check(self.lpips_weight >= 0.0, f"{prefix}.lpips_weight", "must be >= 0")
+        _check(self.repa_weight >= 0.0, f"{prefix}.repa_weight", "must be >= 0")
+        down = 2 ** (len(self.channel_mults) - 1)
+        _check(image_size % max(down, SSDD_LATENT_FACTOR) == 0, f"{prefix}.channel_mults",
+               f"image_size {image_size} must be divisible by {SSDD_LATENT_FACTOR} (the latent map) and by "
+               f"2^(levels - 1) = {down} (the U-Net bottleneck)")
+
+    @property
+    def width(self) -> int:
+        """Width of the bottleneck transformer (and of the conditioning vector)."""
+        return self.base_channels * self.channel_mults[-1]
+
+
+@dataclass(frozen=True)
 class ModelConfig:
+    """`family` picks the decoder: "msdd" (the multi-scale flow, SPEC 4-6), "ssdd" (SPEC 10, section
+    `ssdd`) or "plain" (a baseline: the msdd encoder and decoder network as a deterministic one-pass
+    autoencoder, decoder(zeros, tau = 0, z), trained with MSE (+ LPIPS at flow.lpips_weight)).
+    Sections a family does not use keep their defaults and are ignored."""
+
+    family: Literal["msdd", "ssdd", "plain"] = "msdd"
     image_size: int = 64
     latent_tokens: int = 32
     latent_dim: int = 8
@@ -115,10 +187,12 @@ class ModelConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    # True for a distilled student: it decodes with one step per stage unless asked otherwise.
+    ssdd: SSDDConfig = field(default_factory=SSDDConfig)
+    # True for a distilled student: it decodes with one step (per stage) unless asked otherwise.
     one_step: bool = False
 
     def validate(self, prefix: str = "model") -> None:
+        _check_choice(self.family, f"{prefix}.family", FAMILIES)
         self.encoder.validate(f"{prefix}.encoder")
         self.decoder.validate(f"{prefix}.decoder")
         self.flow.validate(f"{prefix}.flow")
@@ -127,6 +201,16 @@ class ModelConfig:
         _check(self.latent_dim >= 1, f"{prefix}.latent_dim", "must be >= 1")
         _check(self.image_size % self.encoder.patch_size == 0, f"{prefix}.encoder.patch_size",
                f"image_size {self.image_size} must be divisible by the patch size {self.encoder.patch_size}")
+        if self.family == "ssdd":
+            self.ssdd.validate(f"{prefix}.ssdd", self.image_size)
+            _check(self.sampling.cfg == 1.0, f"{prefix}.sampling.cfg",
+                   f"SSDD decoders are trained without a null latent (no classifier-free guidance); must be 1, "
+                   f"got {self.sampling.cfg}")
+            return
+        if self.family == "plain":
+            _check(self.image_size % self.decoder.patch_size == 0, f"{prefix}.decoder.patch_size",
+                   f"image_size {self.image_size} must be divisible by the patch size {self.decoder.patch_size}")
+            return
         # The first stage works at image_size / 2^(S-1) and must still hold whole patches, and be even
         # so that x_start (one more halving) exists.
         first = self.stage_resolutions[0]
@@ -144,8 +228,25 @@ class ModelConfig:
         return tuple(self.image_size // 2 ** (s - 1 - i) for i in range(s))
 
     @property
+    def spatial_latent(self) -> bool:
+        return self.family == "ssdd" and self.ssdd.latent_kind == "spatial"
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """Shape of one image's latent: (tokens, channels), or (channels, R/8, R/8) for a spatial latent."""
+        if self.spatial_latent:
+            side = self.image_size // SSDD_LATENT_FACTOR
+            return (self.ssdd.spatial_channels, side, side)
+        return (self.latent_tokens, self.latent_dim)
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent (what latent_mean / latent_std are per)."""
+        return self.latent_shape[0] if self.spatial_latent else self.latent_dim
+
+    @property
     def compression(self) -> float:
-        return self.image_size**2 * 3 / (self.latent_tokens * self.latent_dim)
+        return self.image_size**2 * 3 / math.prod(self.latent_shape)
 
 
 @dataclass(frozen=True)

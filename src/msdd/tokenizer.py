@@ -1,4 +1,4 @@
-"""The library API: `Tokenizer` = encoder + multi-scale flow decoder + latent statistics.
+"""The library API: `Tokenizer` = encoder + decoder + latent statistics, for every model family.
 
     tok = Tokenizer.from_pretrained("path/to/model")        # or Tokenizer(model_config)
     z = tok.encode(images)                                  # (B, 3, R, R) in [-1, 1] -> (B, L, C)
@@ -8,6 +8,14 @@
 `images` may also be uint8 tensors (B, 3, R, R), a PIL image or a list of PIL images (centre-cropped
 to the model resolution). A distilled student (`config.one_step`) decodes with one step per stage by
 default.
+
+`config.family` picks the encoder/decoder pair, the latent shape, the decode and the training loss:
+
+    msdd   token encoder + multi-scale MMDiT flow decoder (SPEC 3-6); z (B, L, C); steps per stage, cfg
+    ssdd   token encoder (z (B, L, C)) or f8 conv encoder (z (B, c, R/8, R/8)) + U-Net/transformer flow
+           decoder (SPEC 10, `msdd.models.ssdd`); `steps` is one int N (schedule (1 - i/N)^shift); no cfg
+    plain  token encoder + the msdd decoder network used once: x = decoder(zeros, tau = 0, z), a
+           deterministic autoencoder baseline; `steps` and `cfg` are ignored
 """
 
 from __future__ import annotations
@@ -21,10 +29,13 @@ import torch
 from torch import nn
 
 from msdd.config import ModelConfig
-from msdd.flow.sampler import sample
+from msdd.flow.path import flow_loss
+from msdd.flow.sampler import sample as multiscale_sample
 from msdd.flow.schedule import StageWindow, stage_windows
+from msdd.flow.ssdd import sample_ssdd, ssdd_loss
 from msdd.models.decoder import Decoder
 from msdd.models.encoder import Encoder
+from msdd.models.ssdd import SpatialEncoder, SSDDDecoder
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -39,11 +50,11 @@ class Tokenizer(nn.Module):
         config.validate()
         self.config = config
         args = (config.image_size, config.latent_tokens, config.latent_dim)
-        self.encoder = Encoder(config.encoder, *args)
-        self.decoder = Decoder(config.decoder, *args)
+        self.encoder = SpatialEncoder(config) if config.spatial_latent else Encoder(config.encoder, *args)
+        self.decoder = SSDDDecoder(config) if config.family == "ssdd" else Decoder(config.decoder, *args)
         # Per-channel statistics of z over a dataset (`msdd latent-stats`), for downstream models.
-        self.register_buffer("latent_mean", torch.zeros(config.latent_dim))
-        self.register_buffer("latent_std", torch.ones(config.latent_dim))
+        self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
+        self.register_buffer("latent_std", torch.ones(config.latent_channels))
         self._warned_steps = False
 
     # ------------------------------------------------------------------ properties
@@ -58,7 +69,18 @@ class Tokenizer(nn.Module):
         return next(self.parameters()).device
 
     def default_steps(self) -> tuple[int, ...]:
-        return (1,) * self.config.flow.num_stages if self.config.one_step else tuple(self.config.sampling.steps)
+        """Euler steps per stage of a default decode; (N,) for ssdd, (1,) for plain (one pass)."""
+        c = self.config
+        if c.family == "plain":
+            return (1,)
+        if c.family == "ssdd":
+            return (1,) if c.one_step else (c.ssdd.steps,)
+        return (1,) * c.flow.num_stages if c.one_step else tuple(c.sampling.steps)
+
+    def passes_per_image(self, steps: Sequence[int], cfg: float) -> int:
+        """Decoder forward passes per image of a decode (guidance other than 0 or 1 doubles them)."""
+        guided = self.config.family == "msdd" and cfg not in (0.0, 1.0)
+        return sum(steps) * (2 if guided else 1)
 
     # ------------------------------------------------------------------ input checks
 
@@ -100,26 +122,27 @@ class Tokenizer(nn.Module):
         return images.float().to(self.device)
 
     def check_latents(self, z: torch.Tensor) -> torch.Tensor:
-        c = self.config
+        shape = self.config.latent_shape
+        want = f"(B, {', '.join(map(str, shape))})"
+        what = "(channels, height, width)" if self.config.spatial_latent else "(tokens, channels)"
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"latents must be a float tensor of shape (B, {c.latent_tokens}, {c.latent_dim})")
-        if z.ndim == 2:
+            raise TypeError(f"latents must be a float tensor of shape {want}")
+        if z.ndim == len(shape):
             z = z[None]
-        if z.ndim != 3 or z.shape[1:] != (c.latent_tokens, c.latent_dim):
-            raise ValueError(
-                f"latents must have shape (B, {c.latent_tokens}, {c.latent_dim}) (tokens, channels) for this "
-                f"model, got {tuple(z.shape)}"
-            )
+        if z.ndim != len(shape) + 1 or tuple(z.shape[1:]) != shape:
+            raise ValueError(f"latents must have shape {want} {what} for this model, got {tuple(z.shape)}")
         if not torch.isfinite(z).all():
             raise ValueError("latents contain NaN or inf")
         return z.float().to(self.device)
 
     def resolve_steps(self, steps: int | Sequence[int] | None) -> tuple[int, ...]:
-        s = self.config.flow.num_stages
-        if steps is None:
+        if steps is None or self.config.family == "plain":  # plain: always one pass
             return self.default_steps()
+        s = 1 if self.config.family == "ssdd" else self.config.flow.num_stages
         steps = (int(steps),) * s if isinstance(steps, int) else tuple(int(n) for n in steps)
         if len(steps) != s or any(n < 1 for n in steps):
+            if s == 1 and self.config.family == "ssdd":
+                raise ValueError(f"steps must be an int >= 1 for an SSDD model (a single flow), got {steps}")
             raise ValueError(f"steps must be an int >= 1 or a list of {s} ints >= 1 (one per stage), got {steps}")
         if self.config.one_step and any(n > 1 for n in steps) and not self._warned_steps:
             warnings.warn(f"this decoder was distilled for one step per stage; decoding with {list(steps)}",
@@ -127,11 +150,23 @@ class Tokenizer(nn.Module):
             self._warned_steps = True
         return steps
 
+    def resolve_cfg(self, cfg: float | None) -> float:
+        """The guidance scale of a decode: the model's by default; plain ignores it; ssdd has none."""
+        if self.config.family == "plain":
+            return 1.0
+        if self.config.family == "ssdd":
+            if cfg is not None and float(cfg) != 1.0:
+                raise ValueError(f"SSDD models have no classifier-free guidance (trained without a null latent); "
+                                 f"cfg must be 1, got {cfg}")
+            return 1.0
+        return self.config.sampling.cfg if cfg is None else float(cfg)
+
     # ------------------------------------------------------------------ API
 
     @torch.no_grad()
     def encode(self, images, bf16: bool = False) -> torch.Tensor:
-        """Images -> latents z (B, L, C) (raw; see `normalize_latents`)."""
+        """Images -> latents z (B, L, C), or (B, c, R/8, R/8) for a spatial latent (raw; see
+        `normalize_latents`)."""
         x = self.prepare_images(images)
         with autocast(x.device, bf16):
             return self.encoder(x).float()
@@ -147,34 +182,79 @@ class Tokenizer(nn.Module):
         bf16: bool = False,
         return_stages: bool = False,
     ):
-        """Latents (B, L, C) -> images (B, 3, R, R) in [-1, 1].
+        """Latents (see `encode`) -> images (B, 3, R, R) in [-1, 1].
 
         steps: Euler steps per stage (int or list; default: the model's own schedule); cfg: guidance
         scale (default: the model's); generator: source of all noise (default: a CPU generator seeded
         with `seed`, so the same call gives the same image). return_stages: also return the image at
-        the end of every stage.
+        the end of every stage (ssdd and plain: the final image only).
         """
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
-        cfg = self.config.sampling.cfg if cfg is None else float(cfg)
+        cfg = self.resolve_cfg(cfg)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         with autocast(z.device, bf16):
-            x, stages = sample(
-                self.decoder, z, self.windows, steps, cfg=cfg, gamma=self.config.flow.gamma,
-                generator=generator, return_stages=True,
-            )
+            x, stages = self.sample(z, steps, cfg, generator)
         x = x.clamp(-1, 1)
         return (x, [s.clamp(-1, 1) for s in stages]) if return_stages else x
+
+    def sample(self, z: torch.Tensor, steps: Sequence[int], cfg: float, generator) -> tuple[torch.Tensor, list]:
+        """The decode of this model's family on checked latents, without clamping or `no_grad`.
+        Returns (images, images at the end of every stage)."""
+        if self.config.family == "plain":
+            x = self.plain_decode(z)
+            return x, [x]
+        if self.config.family == "ssdd":
+            x = sample_ssdd(self.decoder, z, steps[0], self.config.ssdd.shift, generator=generator)
+            return x, [x]
+        return multiscale_sample(self.decoder, z, self.windows, steps, cfg=cfg, gamma=self.config.flow.gamma,
+                                 generator=generator, return_stages=True)
+
+    def plain_decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The plain family's one pass: the decoder on a zero image at tau = 0."""
+        r, b = self.config.image_size, z.shape[0]
+        return self.decoder(z.new_zeros(b, 3, r, r), z.new_zeros(b), z).float()
+
+    def training_loss(self, images: torch.Tensor, generator, perceptual: nn.Module | None = None,
+                      repa: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Stage-1 loss of this model's family on images (B, 3, R, R) in [-1, 1] (encoder and decoder
+        trained jointly). Returns (loss, {name: detached value}) for logging."""
+        c = self.config
+        z = self.encoder(images)
+        if c.family == "ssdd":
+            s = c.ssdd
+            return ssdd_loss(self.decoder, images, z, t_sampling=s.t_sampling, perceptual=perceptual,
+                             lpips_weight=s.lpips_weight, repa=repa, repa_weight=s.repa_weight, generator=generator)
+        if c.family == "plain":
+            x = self.plain_decode(z)
+            loss = (x - images).pow(2).mean()
+            terms = {"loss_mse": loss.detach()}
+            if perceptual is not None and c.flow.lpips_weight > 0:
+                l_lpips = perceptual(x, images).mean()
+                loss = loss + c.flow.lpips_weight * l_lpips
+                terms["loss_lpips"] = l_lpips.detach()
+            return loss, terms
+        fc = c.flow
+        loss, per_stage = flow_loss(
+            self.decoder, images, z, self.windows,
+            t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
+            cfg_drop=fc.cfg_drop, null_context=self.decoder.null_context,
+            perceptual=perceptual, perceptual_weight=fc.lpips_weight, generator=generator,
+        )
+        return loss, {f"loss_stage{s}": v for s, v in per_stage.items()}
 
     def reconstruct(self, images, **decode_kwargs) -> torch.Tensor:
         return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
 
+    def _per_channel(self, stat: torch.Tensor) -> torch.Tensor:
+        return stat.view(-1, 1, 1) if self.config.spatial_latent else stat  # channels first for a spatial latent
+
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.latent_mean) / self.latent_std
+        return (z - self._per_channel(self.latent_mean)) / self._per_channel(self.latent_std)
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self.latent_std + self.latent_mean
+        return z * self._per_channel(self.latent_std) + self._per_channel(self.latent_mean)
 
     # ------------------------------------------------------------------ I/O (see msdd.hub)
 

@@ -1,9 +1,11 @@
-"""Pretrained files that some features need (LPIPS-VGG16, DINO ViT-S/16, Inception for FID).
+"""Pretrained files that some features need (LPIPS-VGG16, DINO ViT-S/16, Inception for FID, DINOv2
+ViT-S/14 for the REPA loss of the SSDD family).
 
 Nothing here downloads implicitly: a file is taken from an explicit path, else from an environment
 variable, else from the standard torch hub cache (`$TORCH_HOME/hub/checkpoints`, where torchvision,
-torch-fidelity and DINO's hub entry keep them), else (DINO) from the Hugging Face cache of timm. When it is absent the error names the file, where we
-looked, the option to pass and how to fetch it (`msdd fetch-weights NAME`, online).
+torch-fidelity and DINO's hub entry keep them), else (DINO, DINOv2) from the Hugging Face cache of timm.
+When it is absent the error names the file, where we looked, the option to pass and how to fetch it
+(`msdd fetch-weights NAME`, online).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ PRETRAINED = {
                        "the DINO ViT-S/16 discriminator",
                        "https://dl.fbaipublicfiles.com/dino/dino_deitsmall16_pretrain/dino_deitsmall16_pretrain.pth",
                        hf_repo="timm/vit_small_patch16_224.dino"),
+        PretrainedFile("dinov2_vits14", "dinov2_vits14_pretrain.pth", "MSDD_DINOV2_WEIGHTS", "--dinov2-weights",
+                       "the REPA loss of the SSDD family (DINOv2 ViT-S/14 features; model.ssdd.repa_weight)",
+                       "https://dl.fbaipublicfiles.com/dinov2/dinov2_vits14/dinov2_vits14_pretrain.pth",
+                       hf_repo="timm/vit_small_patch14_dinov2.lvd142m"),
         PretrainedFile("inception", "weights-inception-2015-12-05-6726825d.pth", "MSDD_INCEPTION_WEIGHTS",
                        "--inception-weights", "rFID (torch-fidelity's Inception-v3 FID network)",
                        "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"

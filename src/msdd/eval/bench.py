@@ -7,6 +7,9 @@ one process.
     single-scale   the same decoder with one stage at full resolution, the teacher's total number of
                    steps and its cfg (the paper's single-scale ablation)
     sd-vae         the Stable Diffusion v1 VAE decoder (diffusers `AutoencoderKL`), random weights
+    ssdd-student   an SSDD decoder (SPEC 10; `--ssdd-preset`, random weights, at the same resolution),
+                   one Euler step
+    ssdd-teacher   the same decoder with its own N-step schedule (`--ssdd-steps`)
 
 All run at one resolution, batch size, dtype and thread count. Method: `torch.inference_mode()`,
 warm-up rounds, then R rounds in which every contender runs once, in an order rotated by one place
@@ -43,10 +46,12 @@ from msdd.config import ModelConfig, load_config
 from msdd.eval.flops import count_flops, decode_flops
 from msdd.flow.sampler import sample
 from msdd.flow.schedule import stage_windows
+from msdd.flow.ssdd import sample_ssdd
 from msdd.models.decoder import Decoder
+from msdd.models.ssdd import SSDDDecoder
 from msdd.tokenizer import Tokenizer, autocast
 
-CONTENDERS = ("student", "teacher", "teacher-nocfg", "single-scale", "sd-vae")
+CONTENDERS = ("student", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student", "ssdd-teacher")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NO_DIFFUSERS = "diffusers not installed: pip install 'msdd[bench]'"
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
@@ -106,6 +111,8 @@ class BenchSettings:
     resolutions: tuple[int, ...] = ()
     device: str = "cpu"
     quick: bool = False  # recorded in the command; also fewer repeats of the peak probes
+    ssdd_preset: str | None = None  # None: default_ssdd_preset(resolution)
+    ssdd_steps: int | None = None  # None: the SSDD preset's own steps
 
     def __post_init__(self) -> None:
         def check(cond: bool, option: str, msg: str) -> None:
@@ -120,6 +127,7 @@ class BenchSettings:
         check(self.resolution is None or self.resolution >= 1, "--resolution", f"must be >= 1, got {self.resolution}")
         check(all(r >= 1 for r in self.resolutions), "--resolutions", f"must be >= 1, got {list(self.resolutions)}")
         check(self.cfg is None or self.cfg >= 0, "--cfg", f"must be >= 0, got {self.cfg}")
+        check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
         steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
         unknown = [c for c in self.contenders if c not in CONTENDERS]
@@ -149,6 +157,10 @@ class BenchSettings:
             a += ["--contenders", ",".join(self.contenders)]
         if self.resolutions:
             a += ["--resolutions", ",".join(map(str, self.resolutions))]
+        if self.ssdd_preset:
+            a += ["--ssdd-preset", self.ssdd_preset]
+        if self.ssdd_steps:
+            a += ["--ssdd-steps", str(self.ssdd_steps)]
         if self.compile:
             a += ["--compile"]
         a += ["--device", self.device]
@@ -175,6 +187,9 @@ class FlowModel:
     @classmethod
     def load(cls, path: str, device: torch.device) -> "FlowModel":
         tok = Tokenizer.from_pretrained(path, device=device)
+        if tok.config.family != "msdd":
+            raise ValueError(f"{path} is a {tok.config.family!r} model; --model / --student take multi-scale (msdd) "
+                             f"models (the ssdd-* rows are built from --ssdd-preset)")
         return cls(tok.config, tok.decoder)
 
     def with_config(self, config: ModelConfig) -> "FlowModel":
@@ -311,8 +326,49 @@ def sd_vae_contender(resolution: int, batch_size: int, device: torch.device, com
     return Contender("sd-vae", decode, flops, {"latent": [4, h, h], "passes_per_image": 1, "params_M": params / 1e6})
 
 
+def default_ssdd_preset(resolution: int) -> str:
+    return "ssdd-m-256" if resolution >= 256 else "ssdd-tiny-64"
+
+
+def ssdd_config(preset: str | None, resolution: int) -> ModelConfig:
+    """The model section of an SSDD preset (default: `default_ssdd_preset`) at `resolution` px (the U-Net is
+    convolutional and its RoPE grid follows the resolution; the token map, if any, is resized with it)."""
+    config = load_config(preset or default_ssdd_preset(resolution)).model
+    if config.family != "ssdd":
+        raise ValueError(f"--ssdd-preset {preset!r} is a {config.family!r} model, not an SSDD one")
+    config = dataclasses.replace(config, image_size=resolution)
+    config.validate()
+    return config
+
+
+def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, device: torch.device,
+                   compile: bool = False, seed: int = 0) -> Contender:
+    """An SSDD decoder (random weights) decoding a fixed latent batch with `steps` Euler steps."""
+    with torch.device(device):
+        decoder = SSDDDecoder(config).eval()
+    run = torch.compile(decoder) if compile else decoder
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(batch_size, *config.latent_shape, generator=g).to(device)  # (B, L, C) or (B, c, R/8, R/8)
+    generator = torch.Generator(device=device)
+    shift = config.ssdd.shift
+
+    def decode():
+        generator.manual_seed(seed)
+        return sample_ssdd(run, z, steps, shift, generator=generator)
+
+    with torch.device("meta"):  # shapes only
+        shape_only = SSDDDecoder(config)
+    r = config.image_size
+    pass_flops = count_flops(shape_only, torch.zeros(1, 3, r, r, device="meta"), torch.zeros(1, device="meta"),
+                             torch.zeros(1, *config.latent_shape, device="meta"))
+    info = {"steps": [steps], "cfg": 1.0, "passes_per_image": steps, "family": "ssdd",
+            "latent": list(config.latent_shape), "params_M": sum(p.numel() for p in decoder.parameters()) / 1e6}
+    return Contender(name, decode, steps * pass_flops, info)
+
+
 def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowModel, steps: Sequence[int],
-                     cfg: float, batch_size: int, device: torch.device, compile: bool = False) -> list[Contender]:
+                     cfg: float, batch_size: int, device: torch.device, compile: bool = False,
+                     ssdd: ModelConfig | None = None, ssdd_steps: int | None = None) -> list[Contender]:
     compiled: dict[int, nn.Module] = {}  # one torch.compile wrapper per decoder module, shared by contenders
 
     def dec(model: FlowModel) -> nn.Module:
@@ -338,6 +394,10 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             out.append(flow_contender(name, single, dec(teacher), z, (sum(steps),), cfg))
         elif name == "sd-vae":
             out.append(sd_vae_contender(teacher.config.image_size, batch_size, device, compile))
+        elif name in ("ssdd-student", "ssdd-teacher"):
+            ssdd = ssdd or ssdd_config(None, teacher.config.image_size)
+            n = 1 if name == "ssdd-student" else (ssdd_steps or ssdd.ssdd.steps)
+            out.append(ssdd_contender(name, ssdd, n, batch_size, device, compile))
         else:
             raise ValueError(f"unknown contender {name!r}; expected one of {list(CONTENDERS)}")
     return out
@@ -561,7 +621,11 @@ def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
     log(f"matmul peak {peak:.1f} GFLOP/s ({peak_n}^3 {s.dtype}, {torch.get_num_threads()} threads), "
         f"3x3 conv {conv_peak:.1f} GFLOP/s")
 
-    contenders = build_contenders(s.contenders, teacher, student, steps, cfg, s.batch_size, device, s.compile)
+    ssdd = None
+    if {"ssdd-student", "ssdd-teacher"} & set(s.contenders):
+        ssdd = ssdd_config(s.ssdd_preset, teacher.config.image_size)
+    contenders = build_contenders(s.contenders, teacher, student, steps, cfg, s.batch_size, device, s.compile,
+                                  ssdd, s.ssdd_steps)
     log(f"decoding {s.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
     rows = measure(contenders, s, peak, device, log)
     try:
@@ -577,6 +641,7 @@ def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
         "model": s.model, "student": s.student,
         "resolution": teacher.config.image_size, "num_stages": teacher.config.flow.num_stages,
         "teacher_steps": list(steps), "teacher_cfg": cfg,
+        "ssdd_preset": (s.ssdd_preset or default_ssdd_preset(teacher.config.image_size)) if ssdd else None,
         "batch_size": s.batch_size, "dtype": s.dtype, "compile": s.compile, "threads": torch.get_num_threads(),
         "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak, "peak_matmul_size": peak_n,
         "conv_peak_gflops": conv_peak,

@@ -111,7 +111,7 @@ def evaluate(
 ) -> dict:
     device = tok.device
     steps = tok.resolve_steps(steps)
-    cfg = tok.config.sampling.cfg if cfg is None else float(cfg)
+    cfg = tok.resolve_cfg(cfg)
     data = eval_images(source, tok.config.image_size, limit)
     shard = range(dist_info.rank, len(data), dist_info.world_size)
     loader = DataLoader(_Indexed(data, shard), batch_size=batch_size, collate_fn=_collate_indexed)
@@ -180,7 +180,7 @@ def evaluate(
             "reconstructions": "rounded to uint8",
             "steps_per_stage": list(steps),
             "cfg": cfg,
-            "decoder_passes_per_image": sum(steps) * (1 if cfg in (0.0, 1.0) else 2),
+            "decoder_passes_per_image": tok.passes_per_image(steps, cfg),
             "dtype": "bf16" if bf16 else "fp32",
             "seed": seed,
             "batch_size": batch_size,

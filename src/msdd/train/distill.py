@@ -21,6 +21,8 @@ Per step, for real images x and latents z = E(x) (the frozen, shared encoder):
     discriminator  hinge loss (fp32) on x vs the detached student image, its own AdamW and schedule
 
 The student is saved as a normal msdd model marked `one_step` (decodes with one step per stage).
+Teachers of the SSDD family are distilled by `msdd.train.distill_ssdd.SSDDDistiller`;
+`build_distiller` picks the class from the teacher's family (plain autoencoders have nothing to distil).
 """
 
 from __future__ import annotations
@@ -83,6 +85,47 @@ def signal(x: torch.Tensor, noise: torch.Tensor, window) -> torch.Tensor:
     return x.float() - window.t_end * noise.float()
 
 
+def teacher_family(teacher: str | Path) -> str:
+    """The model family of a teacher directory, read from its config.json (weights not loaded)."""
+    from msdd.hub import read_model_metadata, resolve_model_dir
+
+    return read_model_metadata(resolve_model_dir(teacher))["model"].get("family", "msdd")
+
+
+def check_teacher(tok: Tokenizer, teacher: str | Path, family: str) -> None:
+    """Refuse teachers this distiller cannot distil, naming the right tool."""
+    f = tok.config.family
+    if f == "plain":
+        raise ValueError(f"{teacher} is a plain autoencoder (model.family=plain): it already decodes in one pass, "
+                         f"there is nothing to distil")
+    if f != family:
+        raise ValueError(f"{teacher} is a model of the {f!r} family; this distiller is for {family!r} teachers "
+                         f"(`msdd distill` and `build_distiller` pick the right one)")
+    if tok.config.one_step:
+        raise ValueError(f"{teacher} is already a distilled one-step student; distil from a stage-1 model")
+
+
+def check_distill_resume(stored_json: str, cfg: Config, path: Path) -> None:
+    """Refuse to resume a distillation run whose stored config differs in a field that matters."""
+    free = ("distill.log_every", "distill.ckpt_every", "distill.grid_every", "train.", "data.num_workers", "name")
+    diffs = [d for d in diff_fields(config_from_json(stored_json), cfg) if not d.startswith(free)]
+    if diffs:
+        raise ValueError(f"cannot resume {path}: its config differs in {len(diffs)} field(s):\n  "
+                         + "\n  ".join(diffs) + "\nuse the original settings or a new run directory")
+
+
+def build_distiller(cfg: Config, teacher: str | Path, run_dir: str | Path, device: str | torch.device = "cpu",
+                    vgg_weights=None, dino_weights=None, require_resume: bool = False) -> TrainerBase:
+    """The distiller for the teacher's family: `Distiller` (msdd) or `SSDDDistiller` (ssdd)."""
+    if teacher_family(teacher) == "ssdd":
+        from msdd.train.distill_ssdd import SSDDDistiller
+
+        return SSDDDistiller(cfg, teacher, run_dir, device=device, vgg_weights=vgg_weights,
+                             require_resume=require_resume)
+    return Distiller(cfg, teacher, run_dir, device=device, vgg_weights=vgg_weights, dino_weights=dino_weights,
+                     require_resume=require_resume)
+
+
 class Distiller(TrainerBase):
     desc, section, best_metric = "distill", "distill", "l_rec"
 
@@ -92,8 +135,7 @@ class Distiller(TrainerBase):
         device = setup(device)[1]  # this process's device, before the teacher is loaded onto it
         self.teacher_dir = Path(teacher)
         self.teacher = Tokenizer.from_pretrained(teacher, device=device).requires_grad_(False).eval()
-        if self.teacher.config.one_step:
-            raise ValueError(f"{teacher} is already a distilled one-step student; distil from a stage-1 model")
+        check_teacher(self.teacher, teacher, "msdd")
         cfg = replace(cfg, model=self.teacher.config)  # the run's model section is the teacher's architecture
         super().__init__(cfg, run_dir, device, cfg.train.seed)
         torch.manual_seed(cfg.train.seed)
@@ -122,11 +164,7 @@ class Distiller(TrainerBase):
         self._resume(require_resume, self._check_resume)
 
     def _check_resume(self, stored_json: str, path: Path) -> None:
-        free = ("distill.log_every", "distill.ckpt_every", "distill.grid_every", "train.", "data.num_workers", "name")
-        diffs = [d for d in diff_fields(config_from_json(stored_json), self.cfg) if not d.startswith(free)]
-        if diffs:
-            raise ValueError(f"cannot resume {path}: its config differs in {len(diffs)} field(s):\n  "
-                             + "\n  ".join(diffs) + "\nuse the original settings or a new run directory")
+        check_distill_resume(stored_json, self.cfg, path)
 
     # ------------------------------------------------------------------ TrainerBase hooks
 
@@ -244,7 +282,7 @@ def measure_distill_step_time(cfg: Config, teacher: str | Path, steps: int = 3, 
     import time
 
     with tempfile.TemporaryDirectory() as tmp:
-        d = Distiller(cfg, teacher, tmp, device=device)
+        d = build_distiller(cfg, teacher, tmp, device=device)
         r = d.cfg.model.image_size
         images = torch.rand(cfg.distill.batch_size, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1
         times = []

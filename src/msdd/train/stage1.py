@@ -1,4 +1,6 @@
-"""Stage 1: train the encoder and the multi-scale flow decoder jointly (SPEC 5).
+"""Stage 1: train the encoder and the decoder jointly: the multi-scale flow (SPEC 5), or the loss of
+another model family (`Tokenizer.training_loss`: SSDD's single-scale flow + LPIPS + REPA, or the plain
+autoencoder's MSE).
 
 A run directory holds everything about one run and is all that is needed to continue it:
 
@@ -21,8 +23,6 @@ from torch.utils.data import DataLoader
 from msdd.config import Config, config_from_json, diff_fields
 from msdd.data import build_eval_images, build_train_dataset, collate_skip_bad
 from msdd.eval.grid import save_grid
-from msdd.flow.path import flow_loss
-from msdd.flow.sampler import sample
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
 
@@ -43,7 +43,9 @@ class Stage1Trainer(TrainerBase):
     desc = "stage1"
 
     def __init__(self, cfg: Config, run_dir: str | Path, device: str | torch.device = "cpu",
-                 perceptual: torch.nn.Module | None = None, require_resume: bool = False) -> None:
+                 perceptual: torch.nn.Module | None = None, require_resume: bool = False,
+                 vgg_weights: str | Path | None = None, dinov2_weights: str | Path | None = None,
+                 repa: torch.nn.Module | None = None) -> None:
         tc, mc = cfg.train, cfg.model
         super().__init__(cfg, run_dir, device, tc.seed)
         torch.manual_seed(tc.seed)
@@ -51,15 +53,25 @@ class Stage1Trainer(TrainerBase):
         self.ema = EMA(self.tok, tc.ema_decay)
         self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
-        self.perceptual = perceptual
-        if mc.flow.lpips_weight > 0 and perceptual is None:
+        self.perceptual, self.repa = perceptual, repa
+        lpips_field, lpips_weight = (("model.ssdd.lpips_weight", mc.ssdd.lpips_weight) if mc.family == "ssdd"
+                                     else ("model.flow.lpips_weight", mc.flow.lpips_weight))
+        if lpips_weight > 0 and perceptual is None:
             from msdd.models.perceptual import LPIPS
 
             try:
-                self.perceptual = LPIPS().to(self.device)
+                self.perceptual = LPIPS(vgg_weights).to(self.device)
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n(model.flow.lpips_weight={mc.flow.lpips_weight}; set it to 0 to "
+                raise FileNotFoundError(f"{e}\n({lpips_field}={lpips_weight}; set it to 0 to "
                                         f"train without LPIPS)") from None
+        if mc.family == "ssdd" and mc.ssdd.repa_weight > 0 and repa is None:
+            from msdd.models.repa import DinoV2Features
+
+            try:
+                self.repa = DinoV2Features(dinov2_weights).to(self.device)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{e}\n(model.ssdd.repa_weight={mc.ssdd.repa_weight}; set it to 0 to "
+                                        f"train without REPA)") from None
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
         free = RESUME_FREE_FIELDS + ("distill.",)  # stage 2 settings do not affect stage 1
         self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free))
@@ -86,17 +98,10 @@ class Stage1Trainer(TrainerBase):
         return [p for p in self.tok.parameters() if p.requires_grad]
 
     def micro_step(self, images: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, dict]:
-        fc = self.cfg.model.flow
         self.tok.train()
         with autocast(self.device, self.cfg.train.bf16):
-            z = self.tok.encoder(images)
-            loss, per_stage = flow_loss(
-                self.tok.decoder, images, z, self.tok.windows,
-                t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
-                cfg_drop=fc.cfg_drop, null_context=self.tok.decoder.null_context,
-                perceptual=self.perceptual, perceptual_weight=fc.lpips_weight, generator=generator,
-            )
-        return loss, {f"loss_stage{s}": v.item() for s, v in per_stage.items()}
+            loss, terms = self.tok.training_loss(images, generator, perceptual=self.perceptual, repa=self.repa)
+        return loss, {k: v.item() for k, v in terms.items()}
 
     def optimizer_step(self) -> dict:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trained_parameters(), self.cfg.train.grad_clip)
@@ -111,9 +116,8 @@ class Stage1Trainer(TrainerBase):
         tok, images = self.ema.module, self.eval_images.to(self.device)
         with autocast(self.device, self.cfg.train.bf16):
             z = tok.encoder(images).float()
-            _, stages = sample(tok.decoder, z, tok.windows, tok.default_steps(), cfg=tok.config.sampling.cfg,
-                               gamma=tok.config.flow.gamma, generator=torch.Generator(self.device).manual_seed(0),
-                               return_stages=True)
+            _, stages = tok.sample(z, tok.default_steps(), tok.resolve_cfg(None),
+                                   torch.Generator(self.device).manual_seed(0))
         return save_grid([images, *stages], self.run_dir / "grids" / f"step_{self.step:08d}.png")
 
     def finalize(self) -> Path:
@@ -135,9 +139,10 @@ def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_imag
     for images, _, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
         if len(images) == 0:
             continue
-        z = tok.encoder(images.to(tok.device)).float().flatten(0, 1)  # (B*L, C)
+        z = tok.encoder(images.to(tok.device)).float()
+        z = z.movedim(1, -1).flatten(0, -2) if tok.config.spatial_latent else z.flatten(0, 1)  # (B*positions, C)
         total, total_sq, n = total + z.sum(0), total_sq + z.pow(2).sum(0), n + z.shape[0]
-        if n >= max_images * tok.config.latent_tokens:
+        if n >= max_images * (z.shape[0] // len(images)):
             break
     if n == 0:
         raise ValueError("no usable images to compute latent statistics from")
@@ -153,14 +158,13 @@ def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str 
     tok = Tokenizer(cfg.model).to(device)
     opt = make_optimizer(tok.parameters(), cfg.train.lr, cfg.train.betas)
     g = torch.Generator(device).manual_seed(0)
-    r, fc = cfg.model.image_size, cfg.model.flow
+    r = cfg.model.image_size
     images = torch.rand(cfg.train.batch_size, 3, r, r, generator=g, device=device) * 2 - 1
     times = []
     for i in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast(device, cfg.train.bf16):
-            loss, _ = flow_loss(tok.decoder, images, tok.encoder(images), tok.windows, t_sampling=fc.t_sampling,
-                                cfg_drop=fc.cfg_drop, null_context=tok.decoder.null_context, generator=g)
+            loss, _ = tok.training_loss(images, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,0 +1,202 @@
+"""`msdd fidelity`: the paper's Tables 2-3 and Figure 4 in miniature, on the embedded photographs, on a CPU.
+
+Given a compute budget in minutes, it trains and evaluates (each number over `seeds` seeds, mean and
+spread):
+
+  a. teachers with 1 (single-scale), 3 and 4 stages at an equal total step budget (PSNR, SSIM, decode
+     seconds per image);
+  b. their one-step-per-stage students (same metrics, decoder passes per image);
+  c. sweeps: the stage-1 guidance scale at decode time for the 4-stage teacher; the distillation
+     guidance (distill.cfg 1 vs 2) for the 4-stage student; lambda_perc only when the LPIPS weights are
+     available (offline it is reported as skipped, with the reason);
+  d. baselines with the same number of latent floats: bicubic down/up, and a plain deterministic
+     autoencoder (the same encoder and decoder network, one pass, MSE) trained for a teacher's budget.
+
+The budget is split over the training jobs in proportion to their weight (teacher and plain autoencoder
+2, student 1); every job sizes its step count from a measured step time, so its LR schedule completes.
+Results go to <out>/results.json and <out>/results.md with the exact command, machine, date and budget.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from msdd.config import Config, load_config
+from msdd.data import embedded_eval_set
+from msdd.demo import budgeted_config, budgeted_distill
+from msdd.eval.evaluate import evaluate
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
+from msdd.tokenizer import Tokenizer
+from msdd.train.distill import Distiller
+from msdd.train.stage1 import Stage1Trainer
+
+# --quick: a tiny model at 32 px so that the whole pipeline runs in about a minute.
+QUICK_OVERRIDES = (
+    "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
+    "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
+    "model.decoder.depth=2", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.mlp_hidden=64",
+    "train.batch_size=8", "distill.batch_size=4",
+)
+
+
+def split_steps(total: int, stages: int) -> tuple[int, ...]:
+    """`total` Euler steps over `stages` stages, the remainder going to the coarse stages (cheap)."""
+    base, extra = divmod(total, stages)
+    return tuple(base + (1 if s < extra else 0) for s in range(stages))
+
+
+def teacher_config(base: Config, stages: int, total_steps: int, seed: int) -> Config:
+    m = base.model
+    model = replace(m, flow=replace(m.flow, num_stages=stages),
+                    sampling=replace(m.sampling, steps=split_steps(total_steps, stages)))
+    return replace(base, name=f"{base.name}-s{stages}", model=model, train=replace(base.train, seed=seed))
+
+
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+class Fidelity:
+    def __init__(self, out: str | Path, minutes: float, preset: str = "tiny-64", overrides=(), seeds: int = 2,
+                 total_steps: int = 40, quick: bool = False, device: str = "cpu") -> None:
+        self.out, self.minutes, self.device = Path(out), minutes, device
+        self.base = load_config(preset, [*(QUICK_OVERRIDES if quick else ()), *overrides])
+        if quick:  # the same table from a toy model in about a minute
+            seeds, minutes = 1, min(minutes, 0.3)
+        self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
+        self.images, self.names = embedded_eval_set(self.base.model.image_size)
+        self.rows: list[dict] = []  # one per (experiment, variant, seed)
+        teachers, students, plain = 3 * seeds, 3 * seeds + seeds, seeds  # +1 student per seed: cfg 2
+        self.unit = minutes / (2 * teachers + students + 2 * plain)  # minutes per unit of job weight
+
+    # ------------------------------------------------------------------ jobs
+
+    def train_teacher(self, cfg: Config, tag: str) -> Path:
+        run = self.out / "runs" / tag
+        if not (run / "model" / "config.json").exists():
+            cfg, _ = budgeted_config(cfg, 2 * self.unit, self.device)
+            Stage1Trainer(cfg, run, device=self.device).fit(progress=False)
+        return run / "model"
+
+    def distill(self, cfg: Config, teacher: Path, tag: str, distill_cfg: float = 1.0) -> Path:
+        run = self.out / "runs" / tag
+        if not (run / "model" / "config.json").exists():
+            cfg = replace(cfg, distill=replace(cfg.distill, cfg=distill_cfg))
+            cfg, _ = budgeted_distill(cfg, teacher, self.unit, self.device)
+            Distiller(cfg, teacher, run, device=self.device).fit(progress=False)
+        return run / "model"
+
+    def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
+        tok = Tokenizer.from_pretrained(model, device=self.device)
+        r = evaluate(tok, "embedded", batch_size=42, **decode)
+        p = r["protocol"]
+        row = {"experiment": experiment, "variant": variant, "seed": seed, "psnr": r["metrics"]["psnr"],
+               "ssim": r["metrics"]["ssim"], "decode_s_per_img": r["decode_seconds_per_image"],
+               "passes": p["decoder_passes_per_image"], "steps": p["steps_per_stage"], "cfg": p["cfg"]}
+        self.rows.append(row)
+        print(f"  {experiment:>10} {variant:<28} seed {seed}: PSNR {row['psnr']:.2f} SSIM {row['ssim']:.3f} "
+              f"{row['passes']} passes {row['decode_s_per_img'] * 1000:.1f} ms/img", flush=True)
+        return row
+
+    # ------------------------------------------------------------------ the experiments
+
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        self.out.mkdir(parents=True, exist_ok=True)
+        floats = self.base.model.latent_tokens * self.base.model.latent_dim
+        bic = bicubic_baseline(self.images, floats)
+        self.rows.append({"experiment": "baseline", "variant": f"bicubic {bicubic_side(floats)}px", "seed": 0,
+                          "psnr": psnr_per_image(bic, self.images).mean().item(),
+                          "ssim": ssim_per_image(bic, self.images).mean().item(), "decode_s_per_img": None,
+                          "passes": 0, "steps": [], "cfg": None})
+        for seed in range(self.seeds):
+            for stages in (1, 3, 4):
+                cfg = teacher_config(self.base, stages, self.total_steps, seed)
+                name = "single-scale" if stages == 1 else f"{stages} stages"
+                teacher = self.train_teacher(cfg, f"teacher-s{stages}-seed{seed}")
+                self.measure(teacher, "teacher", name, seed)
+                student = self.distill(cfg, teacher, f"student-s{stages}-seed{seed}")
+                self.measure(student, "student", name, seed)
+                if stages == 4:
+                    for g in (1.5, 2.0, 3.0):
+                        self.measure(teacher, "teacher-cfg", f"4 stages, cfg {g:g}", seed, cfg=g)
+                    student2 = self.distill(cfg, teacher, f"student-s4-cfg2-seed{seed}", distill_cfg=2.0)
+                    self.measure(student2, "student-cfg", "4 stages, distill cfg 2", seed)
+            plain = replace(self.base, model=replace(self.base.model, family="plain"),
+                            train=replace(self.base.train, seed=seed))
+            self.measure(self.train_teacher(plain, f"plain-seed{seed}"), "baseline", "plain autoencoder", seed)
+        return self.report(time.monotonic() - t0)
+
+    # ------------------------------------------------------------------ report
+
+    def summary(self) -> list[dict]:
+        groups: dict[tuple, list[dict]] = {}
+        for r in self.rows:
+            groups.setdefault((r["experiment"], r["variant"]), []).append(r)
+        out = []
+        for (exp, var), rs in groups.items():
+            ms = [r["decode_s_per_img"] for r in rs if r["decode_s_per_img"] is not None]
+            out.append({"experiment": exp, "variant": var, "seeds": len(rs),
+                        "psnr": spread([r["psnr"] for r in rs]), "ssim": spread([r["ssim"] for r in rs]),
+                        "decode_s_per_img": spread(ms) if ms else None, "passes": rs[0]["passes"],
+                        "steps": rs[0]["steps"], "cfg": rs[0]["cfg"]})
+        return out
+
+    def report(self, seconds: float) -> dict:
+        result = {
+            "command": shlex.join(["msdd", "fidelity", *sys.argv[2:]]) if sys.argv[1:2] == ["fidelity"] else None,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+                       f"{self.device}",
+            "budget_minutes": self.minutes, "wall_minutes": round(seconds / 60, 1), "seeds": self.seeds,
+            "preset": self.base.name, "quick": self.quick, "total_steps": self.total_steps,
+            "eval_set": f"{len(self.names)} held-out images at {self.base.model.image_size} px (chelsea, rocket, "
+                        "flower: whole photos + 2x2 and 3x3 tiles)",
+            "lambda_perc_sweep": "skipped: LPIPS needs the VGG16 weights file (offline presets train without it)",
+            "summary": self.summary(), "rows": self.rows,
+        }
+        (self.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        (self.out / "results.md").write_text(render_markdown(result))
+        print(render_markdown(result))
+        return result
+
+
+def _fmt(s: dict | None, digits: int) -> str:
+    if s is None:
+        return "-"
+    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
+
+
+def render_markdown(r: dict) -> str:
+    lines = [
+        f"# Fidelity experiments ({r['preset']}{', quick' if r['quick'] else ''})",
+        "",
+        f"- command: `{r['command']}`" if r["command"] else "- command: (library call)",
+        f"- machine: {r['machine']}; date: {r['date']}",
+        f"- budget: {r['budget_minutes']} min (wall {r['wall_minutes']} min); seeds: {r['seeds']} "
+        "(mean ± std over seeds)",
+        f"- teachers share a total of {r['total_steps']} Euler steps; evaluation: {r['eval_set']}",
+        f"- lambda_perc sweep: {r['lambda_perc_sweep']}",
+        "",
+        "| experiment | variant | steps/stage | cfg | passes/img | PSNR (dB) | SSIM | decode ms/img |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in r["summary"]:
+        ms = None if s["decode_s_per_img"] is None else {**s["decode_s_per_img"],
+                                                         "mean": s["decode_s_per_img"]["mean"] * 1000,
+                                                         "std": s["decode_s_per_img"]["std"] * 1000}
+        lines.append(f"| {s['experiment']} | {s['variant']} | {s['steps'] or '-'} | "
+                     f"{'-' if s['cfg'] is None else s['cfg']} | {s['passes']} | {_fmt(s['psnr'], 2)} | "
+                     f"{_fmt(s['ssim'], 3)} | {_fmt(ms, 1)} |")
+    return "\n".join(lines) + "\n"
