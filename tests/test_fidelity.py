@@ -14,7 +14,7 @@ def test_fidelity_quick_writes_the_table(tmp_path):
     for v in [("teacher", "single-scale"), ("teacher", "3 stages"), ("teacher", "4 stages"),
               ("student", "single-scale"), ("student", "3 stages"), ("student", "4 stages"),
               ("teacher-cfg", "4 stages, cfg 2"), ("student-cfg", "4 stages, distill cfg 2"),
-              ("baseline", "plain autoencoder")]:
+              ("baseline", "plain autoencoder"), ("ssdd", "teacher"), ("ssdd", "one-step student")]:
         assert v in variants, v
     assert any(s["experiment"] == "baseline" and s["variant"].startswith("bicubic") for s in r["summary"])
     students = [s for s in r["summary"] if s["experiment"] == "student"]

@@ -20,8 +20,10 @@ FORMAT = "msdd-tokenizer"
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-# Shipped pretrained model (issue 6); used when no model is given.
+# Shipped pretrained tiny-64 models (see pretrained/README.md); the student is used when no model is given.
 BUNDLED_DIR = Path(__file__).parent / "pretrained"
+BUNDLED = {"tiny-64": BUNDLED_DIR / "tiny-64-student", "tiny-64-student": BUNDLED_DIR / "tiny-64-student",
+           "tiny-64-teacher": BUNDLED_DIR / "tiny-64-teacher"}
 
 
 def _fsync_dir(path: Path) -> None:
@@ -78,11 +80,12 @@ def save_tokenizer(tokenizer, directory: str | Path, **extra_metadata) -> Path:
 
 def resolve_model_dir(path: str | Path | None) -> Path:
     """A local model directory for `path`: a folder, a Hugging Face repo id (downloaded), or the bundled one."""
-    if path is None:
-        if (BUNDLED_DIR / CONFIG_NAME).exists():
-            return BUNDLED_DIR
-        raise FileNotFoundError("no model given and no bundled pretrained model installed; pass a model directory "
-                                "(e.g. runs/demo/model) written by `msdd train` or `Tokenizer.save_pretrained`")
+    if path is None or str(path) in BUNDLED:
+        bundled = BUNDLED["tiny-64" if path is None else str(path)]
+        if (bundled / CONFIG_NAME).exists():
+            return bundled
+        raise FileNotFoundError(f"the bundled model {bundled.name} is not installed; pass a model directory "
+                                "(e.g. runs/a/model) written by `msdd train` or `Tokenizer.save_pretrained`")
     p = Path(path)
     if p.is_dir():
         if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():

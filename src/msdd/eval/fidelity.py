@@ -10,10 +10,11 @@ spread):
      guidance (distill.cfg 1 vs 2) for the 4-stage student; lambda_perc only when the LPIPS weights are
      available (offline it is reported as skipped, with the reason);
   d. baselines with the same number of latent floats: bicubic down/up, and a plain deterministic
-     autoencoder (the same encoder and decoder network, one pass, MSE) trained for a teacher's budget.
+     autoencoder (the same encoder and decoder network, one pass, MSE) trained for a teacher's budget;
+  e. the SSDD family (ssdd-tiny-64: U-Net decoder, same token latent) teacher and its one-step student.
 
-The budget is split over the training jobs in proportion to their weight (teacher and plain autoencoder
-2, student 1); every job sizes its step count from a measured step time, so its LR schedule completes.
+The budget is split over the training jobs in proportion to their weight (teachers and plain autoencoder
+2, students 1); every job sizes its step count from a measured step time, so its LR schedule completes.
 Results go to <out>/results.json and <out>/results.md with the exact command, machine, date and budget.
 """
 
@@ -37,7 +38,7 @@ from msdd.demo import budgeted_config, budgeted_distill
 from msdd.eval.evaluate import evaluate
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
 from msdd.tokenizer import Tokenizer
-from msdd.train.distill import Distiller
+from msdd.train.distill import build_distiller
 from msdd.train.stage1 import Stage1Trainer
 
 # --quick: a tiny model at 32 px so that the whole pipeline runs in about a minute.
@@ -45,6 +46,12 @@ QUICK_OVERRIDES = (
     "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
     "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
     "model.decoder.depth=2", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.mlp_hidden=64",
+    "train.batch_size=8", "distill.batch_size=4",
+)
+QUICK_SSDD = (
+    "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
+    "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
+    "model.ssdd.base_channels=8", "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2", "model.ssdd.mid_mlp_hidden=32",
     "train.batch_size=8", "distill.batch_size=4",
 )
 
@@ -69,15 +76,17 @@ def spread(values: list[float]) -> dict:
 
 class Fidelity:
     def __init__(self, out: str | Path, minutes: float, preset: str = "tiny-64", overrides=(), seeds: int = 2,
-                 total_steps: int = 40, quick: bool = False, device: str = "cpu") -> None:
+                 total_steps: int = 40, quick: bool = False, device: str = "cpu",
+                 ssdd_preset: str = "ssdd-tiny-64") -> None:
         self.out, self.minutes, self.device = Path(out), minutes, device
         self.base = load_config(preset, [*(QUICK_OVERRIDES if quick else ()), *overrides])
+        self.ssdd = load_config(ssdd_preset, list(QUICK_SSDD if quick else ()))
         if quick:  # the same table from a toy model in about a minute
             seeds, minutes = 1, min(minutes, 0.3)
         self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
         self.images, self.names = embedded_eval_set(self.base.model.image_size)
         self.rows: list[dict] = []  # one per (experiment, variant, seed)
-        teachers, students, plain = 3 * seeds, 3 * seeds + seeds, seeds  # +1 student per seed: cfg 2
+        teachers, students, plain = 4 * seeds, 4 * seeds + seeds, seeds  # 3 msdd + 1 ssdd; +1 student: cfg 2
         self.unit = minutes / (2 * teachers + students + 2 * plain)  # minutes per unit of job weight
 
     # ------------------------------------------------------------------ jobs
@@ -94,7 +103,7 @@ class Fidelity:
         if not (run / "model" / "config.json").exists():
             cfg = replace(cfg, distill=replace(cfg.distill, cfg=distill_cfg))
             cfg, _ = budgeted_distill(cfg, teacher, self.unit, self.device)
-            Distiller(cfg, teacher, run, device=self.device).fit(progress=False)
+            build_distiller(cfg, teacher, run, device=self.device).fit(progress=False)
         return run / "model"
 
     def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
@@ -136,6 +145,10 @@ class Fidelity:
             plain = replace(self.base, model=replace(self.base.model, family="plain"),
                             train=replace(self.base.train, seed=seed))
             self.measure(self.train_teacher(plain, f"plain-seed{seed}"), "baseline", "plain autoencoder", seed)
+            ssdd = replace(self.ssdd, train=replace(self.ssdd.train, seed=seed))
+            teacher = self.train_teacher(ssdd, f"ssdd-teacher-seed{seed}")
+            self.measure(teacher, "ssdd", "teacher", seed)
+            self.measure(self.distill(ssdd, teacher, f"ssdd-student-seed{seed}"), "ssdd", "one-step student", seed)
         return self.report(time.monotonic() - t0)
 
     # ------------------------------------------------------------------ report
