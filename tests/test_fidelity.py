@@ -23,3 +23,23 @@ def test_fidelity_quick_writes_the_table(tmp_path):
         assert 0 < s["psnr"]["mean"] < 60 and 0 < s["ssim"]["mean"] <= 1
     md = (out / "results.md").read_text()
     assert "| experiment | variant |" in md and "machine:" in md and "budget:" in md
+    assert ("teacher-steps", "4 stages, 30 steps/stage") in variants
+    assert [g["goal"].split()[0] for g in r["goals"]] == ["4-stage", "student", "student", "4"]
+    assert "| goal | measured (seed means) | met |" in md
+
+
+def _row(exp, var, psnr, ssim, passes):
+    return {"experiment": exp, "variant": var, "passes": passes, "psnr": {"mean": psnr}, "ssim": {"mean": ssim}}
+
+
+def test_goals_are_checked_against_the_numbers():
+    from msdd.eval.fidelity import goals
+
+    summary = [_row("baseline", "bicubic 9px", 26.0, 0.68, 0), _row("teacher", "4 stages", 28.5, 0.80, 40),
+               _row("teacher", "3 stages", 28.7, 0.81, 40), _row("student", "4 stages", 28.2, 0.79, 4),
+               _row("teacher-steps", "4 stages, 30 steps/stage", 29.0, 0.82, 120)]
+    met = {g["goal"]: g["met"] for g in goals(summary)}
+    assert list(met.values()) == [True, False, False, False]  # +2.5 dB; 10x passes; -0.8 dB; 4 < 3 stages
+    summary[4] = _row("teacher-steps", "4 stages, 30 steps/stage", 28.6, 0.80, 120)
+    summary[2] = _row("teacher", "3 stages", 28.0, 0.79, 40)
+    assert [g["met"] for g in goals(summary)] == [True, False, True, True]

@@ -98,12 +98,14 @@ def cmd_eval(args) -> None:
     from msdd.dist import cleanup, init_distributed
     from msdd.eval.evaluate import evaluate
     from msdd.eval.plots import plot_pareto
+    from msdd.hub import resolve_model_dir
     from msdd.tokenizer import Tokenizer
 
     info = init_distributed(args.device)
     device = f"cuda:{info.local_rank}" if args.device == "cuda" else args.device
     runs = []  # (label, model dir, steps)
     for path in [args.model, *args.compare]:
+        path = resolve_model_dir(path)  # a folder, a bundled name (default: the bundled student) or a Hub id
         tok = Tokenizer.from_pretrained(path, device=device)
         sweep = [_parse_steps(s) for s in args.sweep_steps.split(";")] if args.sweep_steps and not tok.config.one_step \
             else [_parse_steps(args.steps)]
@@ -218,6 +220,13 @@ def cmd_latent_stats(args) -> None:
     tok.latent_std.copy_(std)
     tok.save_pretrained(args.model, **{k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")})
     print(json.dumps({"mean": [round(v, 5) for v in mean.tolist()], "std": [round(v, 5) for v in std.tolist()]}))
+
+
+def cmd_export(args) -> None:
+    from msdd.hub import export_tokenizer
+
+    out = export_tokenizer(args.model, args.out, args.dtype)
+    print(f"wrote {out} ({args.dtype} weights)")
 
 
 def cmd_demo(args) -> None:
@@ -335,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_latent_stats)
 
+    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size)")
+    p.add_argument("--model", required=True, help="model directory to copy")
+    p.add_argument("--out", required=True, help="new model directory")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("demo", help="train the tiny preset on the embedded photos, evaluate, write a report")
     _add_config_args(p)
     p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
@@ -373,8 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--contenders", type=str, default=None,
-                   help="comma list, a subset of student,teacher,teacher-nocfg,single-scale,sd-vae,ssdd-student,"
-                        "ssdd-teacher (default: all)")
+                   help="comma list, a subset of student,student-bf16,teacher,teacher-nocfg,single-scale,sd-vae,"
+                        "ssdd-student,ssdd-teacher (default: all; student-bf16 is the student under bf16 "
+                        "autocast whatever --dtype says, for the bf16/fp32 ratio in one run)")
     p.add_argument("--ssdd-preset", default=None,
                    help="SSDD preset (or YAML) of the ssdd-* rows, random weights at the benchmark resolution "
                         "(default: ssdd-m-256 from 256 px up, else ssdd-tiny-64)")

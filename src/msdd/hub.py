@@ -68,14 +68,30 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def save_tokenizer(tokenizer, directory: str | Path, **extra_metadata) -> Path:
-    """Write `tokenizer` (weights, buffers and config) to `directory`."""
+def save_tokenizer(tokenizer, directory: str | Path, dtype: torch.dtype | None = None, **extra_metadata) -> Path:
+    """Write `tokenizer` (weights, buffers and config) to `directory`; `dtype` (e.g. torch.float16) stores the
+    floating-point tensors in that type (they are loaded back into the model's fp32 parameters)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors(tokenizer.state_dict(), directory / WEIGHTS_NAME)
+    state = tokenizer.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    atomic_save_safetensors(state, directory / WEIGHTS_NAME)
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(tokenizer.config), **extra_metadata}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
+
+
+def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "fp16") -> Path:
+    """Copy the model at `source` to `destination` with its weights stored as `dtype` (fp16 halves the file;
+    the metadata keeps the source's training record and names the source file's sha256)."""
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {list(dtypes)}")
+    tok = load_tokenizer(source)
+    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
+    extra.update(weights_dtype=dtype, exported_from_sha256=file_sha256(resolve_model_dir(source) / WEIGHTS_NAME))
+    return save_tokenizer(tok, destination, dtype=dtypes[dtype], **extra)
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:

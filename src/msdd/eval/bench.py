@@ -27,6 +27,7 @@ faster kernels (oneDNN) than matmuls (BLAS), the convolutional SD-VAE can pass t
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import datetime
 import math
@@ -51,7 +52,8 @@ from msdd.models.decoder import Decoder
 from msdd.models.ssdd import SSDDDecoder
 from msdd.tokenizer import Tokenizer, autocast
 
-CONTENDERS = ("student", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student", "ssdd-teacher")
+CONTENDERS = ("student", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
+              "ssdd-teacher")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 NO_DIFFUSERS = "diffusers not installed: pip install 'msdd[bench]'"
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
@@ -300,7 +302,8 @@ def flow_contender(name: str, model: FlowModel, decoder: nn.Module, z: torch.Ten
     return Contender(name, decode, decode_flops(shape_only, steps, cfg), info)
 
 
-def sd_vae_contender(resolution: int, batch_size: int, device: torch.device, compile: bool = False) -> Contender:
+def sd_vae_contender(resolution: int, batch_size: int, device: torch.device, compile: bool = False,
+                     weights: torch.dtype | None = None) -> Contender:
     """The SD v1 VAE decoder (random weights) decoding latents (B, 4, R/8, R/8) with `.decode(z).sample`."""
     try:
         from diffusers import AutoencoderKL
@@ -310,7 +313,7 @@ def sd_vae_contender(resolution: int, batch_size: int, device: torch.device, com
         return Contender("sd-vae", None, error=f"resolution {resolution} is not a multiple of 8")
     h = resolution // 8
     with torch.device(device):
-        vae = AutoencoderKL(**SD_VAE_CONFIG, sample_size=resolution).eval()
+        vae = cast_weights(AutoencoderKL(**SD_VAE_CONFIG, sample_size=resolution).eval(), weights)
     if compile:
         vae.decoder = torch.compile(vae.decoder)
     g = torch.Generator().manual_seed(0)
@@ -342,10 +345,10 @@ def ssdd_config(preset: str | None, resolution: int) -> ModelConfig:
 
 
 def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, device: torch.device,
-                   compile: bool = False, seed: int = 0) -> Contender:
+                   compile: bool = False, seed: int = 0, weights: torch.dtype | None = None) -> Contender:
     """An SSDD decoder (random weights) decoding a fixed latent batch with `steps` Euler steps."""
     with torch.device(device):
-        decoder = SSDDDecoder(config).eval()
+        decoder = cast_weights(SSDDDecoder(config).eval(), weights)
     run = torch.compile(decoder) if compile else decoder
     g = torch.Generator().manual_seed(0)
     z = torch.randn(batch_size, *config.latent_shape, generator=g).to(device)  # (B, L, C) or (B, c, R/8, R/8)
@@ -366,10 +369,32 @@ def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, 
     return Contender(name, decode, steps * pass_flops, info)
 
 
+def cast_weights(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
+    """Store the weights of the linear and convolution layers of `module` in `dtype`, in place (bf16
+    inference: autocast then has no weight to cast on every call; norms and buffers stay fp32)."""
+    if dtype is not None:
+        for m in module.modules():
+            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+                m.to(dtype)
+    return module
+
+
+def _in_bf16(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    def run():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
 def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowModel, steps: Sequence[int],
                      cfg: float, batch_size: int, device: torch.device, compile: bool = False,
-                     ssdd: ModelConfig | None = None, ssdd_steps: int | None = None) -> list[Contender]:
+                     ssdd: ModelConfig | None = None, ssdd_steps: int | None = None,
+                     weights: torch.dtype | None = None) -> list[Contender]:
+    """The named contenders. `weights` (bf16 runs) stores every decoder's linear/conv weights in that type."""
     compiled: dict[int, nn.Module] = {}  # one torch.compile wrapper per decoder module, shared by contenders
+    for model in (teacher, student):
+        cast_weights(model.decoder, weights)
 
     def dec(model: FlowModel) -> nn.Module:
         if not compile:
@@ -385,6 +410,11 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             one_step = (1,) * student.config.flow.num_stages
             out.append(flow_contender(name, student, dec(student), _latents(student.config, batch_size, device),
                                       one_step, 1.0))
+        elif name == "student-bf16":  # the student again in bf16: the bf16/fp32 ratio in one run
+            one_step = (1,) * student.config.flow.num_stages
+            half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))
+            c = flow_contender(name, half, dec(half), _latents(student.config, batch_size, device), one_step, 1.0)
+            out.append(dataclasses.replace(c, decode=_in_bf16(c.decode, device), info={**c.info, "dtype": "bf16"}))
         elif name == "teacher":
             out.append(flow_contender(name, teacher, dec(teacher), z, steps, cfg))
         elif name == "teacher-nocfg":
@@ -393,11 +423,11 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             single = teacher.with_config(single_scale_config(teacher.config, sum(steps), cfg))
             out.append(flow_contender(name, single, dec(teacher), z, (sum(steps),), cfg))
         elif name == "sd-vae":
-            out.append(sd_vae_contender(teacher.config.image_size, batch_size, device, compile))
+            out.append(sd_vae_contender(teacher.config.image_size, batch_size, device, compile, weights))
         elif name in ("ssdd-student", "ssdd-teacher"):
             ssdd = ssdd or ssdd_config(None, teacher.config.image_size)
             n = 1 if name == "ssdd-student" else (ssdd_steps or ssdd.ssdd.steps)
-            out.append(ssdd_contender(name, ssdd, n, batch_size, device, compile))
+            out.append(ssdd_contender(name, ssdd, n, batch_size, device, compile, weights=weights))
         else:
             raise ValueError(f"unknown contender {name!r}; expected one of {list(CONTENDERS)}")
     return out
@@ -561,7 +591,7 @@ def resolution_table(teacher: FlowModel, student: FlowModel, resolutions: Sequen
         log(f"resolution {r}: {t_cfg.flow.num_stages} stages {list(t_cfg.stage_resolutions)}, "
             f"teacher steps {list(t_cfg.sampling.steps)}")
         contenders = build_contenders(("student", "teacher"), t_model, s_model, t_cfg.sampling.steps, cfg,
-                                      s.batch_size, device, s.compile)
+                                      s.batch_size, device, s.compile, weights=_weights(s))
         student_row, teacher_row = measure(contenders, s, peak_gflops, device, log)
         out.append({"resolution": r, "num_stages": t_cfg.flow.num_stages,
                     "stage_resolutions": list(t_cfg.stage_resolutions), "student": student_row, "teacher": teacher_row})
@@ -603,6 +633,12 @@ def run_bench(s: BenchSettings, log: Callable[[str], None] = _stderr) -> dict:
         torch.set_num_threads(previous_threads)
 
 
+def _weights(s: BenchSettings) -> torch.dtype | None:
+    """bf16 runs keep the weights of every contender's matmuls and convolutions in bf16 (autocast would
+    otherwise cast them again on every call: 17% of a paper-256 student decode on the 2-core CPU)."""
+    return torch.bfloat16 if s.dtype == "bf16" else None
+
+
 def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
     device = torch.device(s.device)
     dtype = DTYPES[s.dtype]
@@ -625,7 +661,7 @@ def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
     if {"ssdd-student", "ssdd-teacher"} & set(s.contenders):
         ssdd = ssdd_config(s.ssdd_preset, teacher.config.image_size)
     contenders = build_contenders(s.contenders, teacher, student, steps, cfg, s.batch_size, device, s.compile,
-                                  ssdd, s.ssdd_steps)
+                                  ssdd, s.ssdd_steps, weights=_weights(s))
     log(f"decoding {s.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
     rows = measure(contenders, s, peak, device, log)
     try:
@@ -642,7 +678,9 @@ def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
         "resolution": teacher.config.image_size, "num_stages": teacher.config.flow.num_stages,
         "teacher_steps": list(steps), "teacher_cfg": cfg,
         "ssdd_preset": (s.ssdd_preset or default_ssdd_preset(teacher.config.image_size)) if ssdd else None,
-        "batch_size": s.batch_size, "dtype": s.dtype, "compile": s.compile, "threads": torch.get_num_threads(),
+        "batch_size": s.batch_size, "dtype": s.dtype,
+        "bf16": "weights of linear/conv layers stored in bf16, calls under bf16 autocast" if s.dtype == "bf16" else None,
+        "compile": s.compile, "threads": torch.get_num_threads(),
         "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak, "peak_matmul_size": peak_n,
         "conv_peak_gflops": conv_peak,
         "warmup": s.warmup, "rounds": s.rounds,

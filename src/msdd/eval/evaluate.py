@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric, SumMetric
 from msdd.data import ImageFolderDataset, embedded_eval_set
 from msdd.dist import DistInfo
 from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
-from msdd.hub import WEIGHTS_NAME, file_sha256
+from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import resolve_weights
 
@@ -186,7 +186,7 @@ def evaluate(
             "batch_size": batch_size,
             "processes": dist_info.world_size,
             "device": str(device),
-            "checkpoint_sha256": file_sha256(Path(model_path) / WEIGHTS_NAME) if model_path else None,
+            "checkpoint_sha256": file_sha256(resolve_model_dir(model_path) / WEIGHTS_NAME) if model_path else None,
             "psnr_ssim": "torchmetrics on [0, 1], data_range=1; SSIM Gaussian window 11, sigma 1.5",
             "lpips": "LPIPS, VGG16 backbone, v0.1 linear heads",
             "rfid": "torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 2048-d features, "

@@ -108,7 +108,7 @@ class Fidelity:
 
     def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
         tok = Tokenizer.from_pretrained(model, device=self.device)
-        r = evaluate(tok, "embedded", batch_size=42, **decode)
+        r = evaluate(tok, "embedded", batch_size=42, model_path=model, **decode)
         p = r["protocol"]
         row = {"experiment": experiment, "variant": variant, "seed": seed, "psnr": r["metrics"]["psnr"],
                "ssim": r["metrics"]["ssim"], "decode_s_per_img": r["decode_seconds_per_image"],
@@ -137,7 +137,8 @@ class Fidelity:
                 self.measure(teacher, "teacher", name, seed)
                 student = self.distill(cfg, teacher, f"student-s{stages}-seed{seed}")
                 self.measure(student, "student", name, seed)
-                if stages == 4:
+                if stages == 4:  # the same teacher at 30 steps per stage: 30x the student's passes
+                    self.measure(teacher, "teacher-steps", "4 stages, 30 steps/stage", seed, steps=30)
                     for g in (1.5, 2.0, 3.0):
                         self.measure(teacher, "teacher-cfg", f"4 stages, cfg {g:g}", seed, cfg=g)
                     student2 = self.distill(cfg, teacher, f"student-s4-cfg2-seed{seed}", distill_cfg=2.0)
@@ -179,6 +180,7 @@ class Fidelity:
             "lambda_perc_sweep": "skipped: LPIPS needs the VGG16 weights file (offline presets train without it)",
             "summary": self.summary(), "rows": self.rows,
         }
+        result["goals"] = goals(result["summary"])
         (self.out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
         (self.out / "results.md").write_text(render_markdown(result))
         print(render_markdown(result))
@@ -189,6 +191,30 @@ def _fmt(s: dict | None, digits: int) -> str:
     if s is None:
         return "-"
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
+
+
+def goals(summary: list[dict]) -> list[dict]:
+    """The project's quality goals (issue 6), checked on the seed means of `summary`."""
+    by = {(s["experiment"], s["variant"]): s for s in summary}
+    bicubic = next((s for s in summary if s["variant"].startswith("bicubic")), None)
+    t4, t3 = by.get(("teacher", "4 stages")), by.get(("teacher", "3 stages"))
+    t30, s4 = by.get(("teacher-steps", "4 stages, 30 steps/stage")), by.get(("student", "4 stages"))
+    out = []
+    if t4 and bicubic:
+        d = t4["psnr"]["mean"] - bicubic["psnr"]["mean"]
+        out.append({"goal": "4-stage teacher PSNR >= bicubic + 2 dB", "measured": f"{d:+.2f} dB", "met": d >= 2})
+    for teacher, label in ((t4, "its 4-stage teacher"), (t30, "the teacher at 30 steps/stage")):
+        if teacher and s4:
+            dp = s4["psnr"]["mean"] - teacher["psnr"]["mean"]
+            ds = s4["ssim"]["mean"] - teacher["ssim"]["mean"]
+            ratio = teacher["passes"] / s4["passes"]
+            out.append({"goal": f"student within 0.5 dB and 0.02 SSIM of {label} at >= 30x fewer passes",
+                        "measured": f"{dp:+.2f} dB, {ds:+.3f} SSIM, {ratio:g}x fewer passes",
+                        "met": dp >= -0.5 and ds >= -0.02 and ratio >= 30})
+    if t4 and t3:
+        d = t4["psnr"]["mean"] - t3["psnr"]["mean"]
+        out.append({"goal": "4 stages >= 3 stages (teacher PSNR)", "measured": f"{d:+.2f} dB", "met": d >= 0})
+    return out
 
 
 def render_markdown(r: dict) -> str:
@@ -212,4 +238,7 @@ def render_markdown(r: dict) -> str:
         lines.append(f"| {s['experiment']} | {s['variant']} | {s['steps'] or '-'} | "
                      f"{'-' if s['cfg'] is None else s['cfg']} | {s['passes']} | {_fmt(s['psnr'], 2)} | "
                      f"{_fmt(s['ssim'], 3)} | {_fmt(ms, 1)} |")
+    if r.get("goals"):
+        lines += ["", "| goal | measured (seed means) | met |", "|---|---|---|"]
+        lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in r["goals"]]
     return "\n".join(lines) + "\n"

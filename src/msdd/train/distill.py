@@ -41,7 +41,7 @@ from msdd.eval.grid import save_grid
 from msdd.flow.path import noisy_at, randn, stage_ends
 from msdd.flow.sampler import sample
 from msdd.flow.schedule import stage_of_tau
-from msdd.hub import file_sha256
+from msdd.hub import file_sha256, resolve_model_dir
 from msdd.models.discriminator import build_discriminator, hinge_d_loss, hinge_g_loss
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
@@ -133,7 +133,7 @@ class Distiller(TrainerBase):
                  vgg_weights=None, dino_weights=None, require_resume: bool = False) -> None:
         dc = cfg.distill
         device = setup(device)[1]  # this process's device, before the teacher is loaded onto it
-        self.teacher_dir = Path(teacher)
+        self.teacher_dir = resolve_model_dir(teacher)  # a folder, a bundled name or a Hub repo id
         self.teacher = Tokenizer.from_pretrained(teacher, device=device).requires_grad_(False).eval()
         check_teacher(self.teacher, teacher, "msdd")
         cfg = replace(cfg, model=self.teacher.config)  # the run's model section is the teacher's architecture

@@ -29,7 +29,7 @@ from msdd.dist import setup
 from msdd.eval.grid import save_grid
 from msdd.flow.path import randn
 from msdd.flow.ssdd import sample_ssdd
-from msdd.hub import file_sha256
+from msdd.hub import file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.distill import check_distill_resume, check_teacher
 from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
@@ -42,7 +42,7 @@ class SSDDDistiller(TrainerBase):
                  vgg_weights=None, require_resume: bool = False) -> None:
         dc = cfg.distill
         device = setup(device)[1]  # this process's device, before the teacher is loaded onto it
-        self.teacher_dir = Path(teacher)
+        self.teacher_dir = resolve_model_dir(teacher)  # a folder, a bundled name or a Hub repo id
         self.teacher = Tokenizer.from_pretrained(teacher, device=device).requires_grad_(False).eval()
         check_teacher(self.teacher, teacher, "ssdd")
         cfg = replace(cfg, model=self.teacher.config)  # the run's model section is the teacher's architecture

@@ -307,6 +307,7 @@ class TrainerBase:
         self.stream = BatchStream(dataset, self.micro, sampler, collate_skip_bad, cfg.data.num_workers)
         self.skips = SkipCounter()  # this process's skipped files, with examples
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
+        self.train_seconds, self._fit_t0 = 0.0, None  # wall time of fit() calls, kept across resumes
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
         if self.dist.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -326,7 +327,12 @@ class TrainerBase:
         """Everything but the weights. Collective: holds every process's data position and RNG states."""
         return {"step": self.step, "world_size": self.dist.world_size,
                 "data": all_gather_object(self.stream.state()), "rng": all_gather_object(rng_state()),
-                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images, **self.optim_state()}
+                "skipped_steps": self.skipped_steps, "skipped_images": self.skipped_images,
+                "train_seconds": self._elapsed(), **self.optim_state()}
+
+    def _elapsed(self) -> float:
+        """Seconds spent in fit() up to now, over every run that led to this state."""
+        return self.train_seconds + (time.monotonic() - self._fit_t0 if self._fit_t0 is not None else 0.0)
 
     def save(self) -> Path | None:
         """A checkpoint of the current step (written by rank 0; every process must call this)."""
@@ -359,6 +365,7 @@ class TrainerBase:
             set_rng_state(state["rng"][self.dist.rank])
             self.step, self._saved_step = int(state["step"]), int(state["step"])
             self.skipped_steps, self.skipped_images = int(state["skipped_steps"]), int(state["skipped_images"])
+            self.train_seconds = float(state.get("train_seconds", 0.0))
             self._purge_step = self.step + 1  # TensorBoard drops events logged after the checkpoint
             if self.dist.is_main:
                 log = self.run_dir / "log.jsonl"
@@ -437,6 +444,7 @@ class TrainerBase:
         bar = tqdm(total=max_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
                    unit="step", dynamic_ncols=True)
         meter, t_start, last, stop = Throughput(), time.monotonic(), {}, None
+        self._fit_t0 = t_start
         with StopSignals() as signals:
             while self.step < max_steps and stop is None:
                 batches, skipped = [], 0
@@ -483,7 +491,9 @@ class TrainerBase:
             if self._saved_step != self.step:
                 self.save()
         skips = SkipCounter.combined(all_gather_object(self.skips))
-        summary = {"steps": self.step, "seconds": time.monotonic() - t_start, "last": last,
+        self.train_seconds, self._fit_t0 = self._elapsed(), None
+        summary = {"steps": self.step, "seconds": self.train_seconds, "seconds_this_run": time.monotonic() - t_start,
+                   "last": last,
                    "skipped_images": self.skipped_images, "skipped_examples": skips.examples,
                    "skipped_steps": self.skipped_steps, "interrupted": stop if stop not in (None, "time") else None}
         if main:

@@ -1,0 +1,54 @@
+"""The shipped tiny-64 models (src/msdd/pretrained, model card there): a regression test of the weights,
+the decoder and the sampler together. Thresholds are the model card's numbers minus a margin."""
+
+import pytest
+import torch
+
+from msdd import Tokenizer
+from msdd.data.embedded import embedded_eval_set
+from msdd.eval.evaluate import evaluate
+from msdd.hub import BUNDLED, resolve_model_dir
+
+# Model card (held-out set, seed 0, fp32): student 17.17 dB / SSIM 0.300; teacher at 2 steps 18.32 / 0.264.
+MARGIN_DB = 0.5
+
+
+def test_default_model_is_the_bundled_one_step_student():
+    tok = Tokenizer.from_pretrained()
+    assert resolve_model_dir(None) == BUNDLED["tiny-64-student"]
+    assert tok.config.one_step and tok.default_steps() == (1, 1, 1, 1)
+    assert tok.metadata["weights_dtype"] == "fp16" and tok.metadata["stage"] == 2
+    assert all(p.dtype == torch.float32 for p in tok.parameters())
+
+
+def test_shipped_student_reconstructs_held_out_photos():
+    tok = Tokenizer.from_pretrained("tiny-64")
+    r = evaluate(tok, "embedded", batch_size=42, model_path="tiny-64")
+    assert r["protocol"]["images"] == 42 and r["protocol"]["checkpoint_sha256"]
+    assert r["metrics"]["psnr"] > 17.17 - MARGIN_DB
+    assert r["metrics"]["ssim"] > 0.300 - 0.02
+    assert r["protocol"]["decoder_passes_per_image"] == 4
+
+
+def test_shipped_teacher_and_student_share_the_encoder_and_beat_a_broken_decoder():
+    teacher, student = Tokenizer.from_pretrained("tiny-64-teacher"), Tokenizer.from_pretrained("tiny-64-student")
+    images, _ = embedded_eval_set(64)
+    x = images[:3]  # the three whole photos, (3, 3, 64, 64) in [-1, 1]
+    with torch.no_grad():
+        z_t, z_s = teacher.encode(x), student.encode(x)
+    torch.testing.assert_close(z_t, z_s)
+    r = evaluate(teacher, "embedded", batch_size=42, steps=2)
+    assert r["metrics"]["psnr"] > 18.32 - MARGIN_DB
+    # the same decode with the decoder's weights scrambled must fall well below: the threshold can fail
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in teacher.decoder.parameters():
+            p.copy_(p.flatten()[torch.randperm(p.numel(), generator=g)].view_as(p))
+    broken = evaluate(teacher, "embedded", batch_size=42, steps=2)
+    assert broken["metrics"]["psnr"] < 18.32 - MARGIN_DB
+
+
+@pytest.mark.parametrize("name", ["tiny-64-teacher", "tiny-64-student"])
+def test_model_card_lists_the_shipped_models(name):
+    card = (BUNDLED[name].parent / "README.md").read_text()
+    assert f"`{name}`" in card
