@@ -34,10 +34,12 @@ def test_resume_continues_exactly(tmp_path):
     straight.fit(max_steps=12, progress=False)
 
     first = Stage1Trainer(cfg, tmp_path / "b")
-    first.fit(max_steps=7, progress=False)
+    before = first.fit(max_steps=7, progress=False)
     resumed = Stage1Trainer(cfg, tmp_path / "b", require_resume=True)
-    assert resumed.step == 7
-    resumed.fit(max_steps=12, progress=False)
+    assert resumed.step == 7 and resumed.train_seconds == pytest.approx(before["seconds"], abs=0.5)
+    after = resumed.fit(max_steps=12, progress=False)
+    assert after["seconds"] == pytest.approx(resumed.train_seconds)  # training time summed over both runs
+    assert after["seconds"] > before["seconds"] and after["seconds_this_run"] < after["seconds"]
 
     assert _losses(tmp_path / "a") == _losses(tmp_path / "b")
     a, b = straight.tok.state_dict(), resumed.tok.state_dict()
