@@ -35,6 +35,17 @@ def test_info_preset(capsys):
     assert info["decode"]["gflop_per_image"] == pytest.approx(60 * info["decode"]["one_step_gflop_per_image"], rel=1e-3)
 
 
+def test_info_step_time(capsys):
+    overrides = ["--set", "train.batch_size=4", "--set", "model.decoder.depth=1", "--set", "model.encoder.depth=1"]
+    assert main(["info", "--preset", "tiny-64", *overrides, "--step-time", "1"]) == 0
+    step = json.loads(capsys.readouterr().out)["train_step"]
+    assert step["batch_size"] == 4 and step["rounds"] == 1
+    assert step["fp32_s_per_step"] > 0 and step["bf16_s_per_step"] > 0
+    assert step["bf16_speedup"] == pytest.approx(step["fp32_s_per_step"] / step["bf16_s_per_step"], rel=1e-2)
+    with pytest.raises(SystemExit, match="not --model"):
+        main(["info", "--model", "tiny-64", "--step-time", "1"])
+
+
 def test_train_then_reconstruct_then_info(tmp_path, photo_folder, capsys):
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), "--max-steps", "20", *_tiny_args()]) == 0

@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msdd.flow.schedule import stage_windows
 from msdd.models.discriminator import PatchDiscriminator, build_discriminator, hinge_d_loss
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import Distiller, adaptive_weight, student_pass, teacher_targets

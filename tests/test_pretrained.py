@@ -5,8 +5,11 @@ import pytest
 import torch
 
 from msdd import Tokenizer
+from msdd.config import load_config
 from msdd.data.embedded import embedded_eval_set
 from msdd.eval.evaluate import evaluate
+from msdd.eval.metrics import psnr_per_image
+from msdd.eval.stages import stage_fidelity
 from msdd.hub import BUNDLED, resolve_model_dir
 
 # Model card (held-out set, seed 0, fp32): student 17.17 dB / SSIM 0.300; teacher at 2 steps 18.32 / 0.264.
@@ -52,3 +55,17 @@ def test_shipped_teacher_and_student_share_the_encoder_and_beat_a_broken_decoder
 def test_model_card_lists_the_shipped_models(name):
     card = (BUNDLED[name].parent / "README.md").read_text()
     assert f"`{name}`" in card
+
+
+def test_stage_fidelity_traces_the_real_decode():
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")
+    images, _ = embedded_eval_set(64)
+    x = images[:6]
+    rows = stage_fidelity(tok, x, steps=2, seed=3)
+    assert [r["resolution"] for r in rows] == [8, 16, 32, 64] and rows[-1]["noise_level"] == 0.0
+    assert rows[0]["psnr"] == rows[0]["coarse_psnr"]  # the first stage is already at the coarse size
+    decoded = tok.decode(tok.encode(x), steps=2, seed=3)
+    assert rows[-1]["psnr"] == pytest.approx(psnr_per_image(decoded, x).mean().item(), abs=1e-4)
+    assert rows[0]["psnr"] > 24.0  # benchmarks/results/stage-drift-*.json: 28-30 dB after the first stage
+    with pytest.raises(ValueError, match="msdd"):
+        stage_fidelity(Tokenizer(load_config("ssdd-tiny-64").model), x)

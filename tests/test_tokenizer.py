@@ -1,6 +1,5 @@
 """Library API: input handling, bad inputs, save/load round trip, RoPE, one-step marking."""
 
-import json
 import warnings
 
 import numpy as np

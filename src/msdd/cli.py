@@ -150,11 +150,16 @@ def cmd_info(args) -> None:
     from msdd.eval.flops import decode_flops, decoder_pass_flops, encoder_flops
     from msdd.tokenizer import Tokenizer
 
+    if args.step_time < 0:
+        raise SystemExit(f"msdd info: --step-time takes a number of rounds >= 1, got {args.step_time}")
+    if args.model and args.step_time:
+        raise SystemExit("msdd info: --step-time measures a preset's training step; pass --preset/--set, not --model")
     if args.model:
         tok = Tokenizer.from_pretrained(args.model)
         cfg = tok.config
     else:
-        cfg = load_config(args.preset, args.overrides).model
+        full = load_config(args.preset, args.overrides)
+        cfg = full.model
         with torch.device("meta"):  # shapes only: counting parameters and FLOPs costs no compute
             tok = Tokenizer(cfg)
     n_enc = sum(p.numel() for p in tok.encoder.parameters())
@@ -162,7 +167,10 @@ def cmd_info(args) -> None:
     passes = decoder_pass_flops(tok)
     steps = tok.default_steps()
     if cfg.family != "msdd":
-        print(json.dumps(_family_info(cfg, tok, n_enc, n_dec, passes, steps, encoder_flops(tok)), indent=2))
+        info = _family_info(cfg, tok, n_enc, n_dec, passes, steps, encoder_flops(tok))
+        if args.step_time:
+            info["train_step"] = _step_times(full, args.step_time)
+        print(json.dumps(info, indent=2))
         return
     info = {
         "image_size": cfg.image_size, "latent": [cfg.latent_tokens, cfg.latent_dim],
@@ -179,7 +187,30 @@ def cmd_info(args) -> None:
                    "gflop_per_image": round(decode_flops(tok, steps, cfg.sampling.cfg) / 1e9, 3),
                    "one_step_gflop_per_image": round(sum(passes) / 1e9, 3)},
     }
+    if args.step_time:
+        info["train_step"] = _step_times(full, args.step_time)
     print(json.dumps(info, indent=2))
+
+
+def _step_times(cfg, rounds: int) -> dict:
+    """Stage-1 training step time of `cfg` in fp32 and with bf16 autocast, measured side by side:
+    `rounds` alternating rounds of 5 timed steps each, median over rounds."""
+    import statistics
+    from dataclasses import replace
+
+    from msdd.train.stage1 import measure_step_time
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(rounds):
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            times[name].append(measure_step_time(replace(cfg, train=replace(cfg.train, bf16=bf16))))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "batch_size": cfg.train.batch_size, "rounds": rounds,
+        **{f"{name}_s_per_step": round(m, 4) for name, m in med.items()},
+        **{f"{name}_steps_per_s": round(1 / m, 3) for name, m in med.items()},
+        "bf16_speedup": round(med["fp32"] / med["bf16"], 3),
+    }
 
 
 def _family_info(cfg, tok, n_enc: int, n_dec: int, passes: list[int], steps: tuple[int, ...], enc_flops: int) -> dict:
@@ -335,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="parameter counts, tokens per stage, FLOPs per decode")
     _add_config_args(p)
     p.add_argument("--model", default=None, help="a model directory instead of a preset")
+    p.add_argument("--step-time", type=int, default=0, metavar="ROUNDS",
+                   help="also measure a training step of the preset in fp32 and bf16, side by side, over ROUNDS "
+                        "alternating rounds (runs the model: seconds per round at tiny-64, minutes at paper scale)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("latent-stats", help="compute per-channel latent mean/std and store them in the model")

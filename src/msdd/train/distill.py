@@ -27,7 +27,6 @@ Teachers of the SSDD family are distilled by `msdd.train.distill_ssdd.SSDDDistil
 
 from __future__ import annotations
 
-import copy
 from dataclasses import replace
 from pathlib import Path
 

@@ -153,7 +153,7 @@ def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_imag
 
 def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str | torch.device = "cpu") -> float:
     """Median seconds of a stage-1 training step (forward, backward, AdamW) for `cfg` on random
-    images, on a throwaway model. Used to size time-budgeted runs and by `msdd info`."""
+    images, on a throwaway model. Used to size time-budgeted runs and by `msdd info --step-time`."""
     device = torch.device(device)
     tok = Tokenizer(cfg.model).to(device)
     opt = make_optimizer(tok.parameters(), cfg.train.lr, cfg.train.betas)
