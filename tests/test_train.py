@@ -87,3 +87,28 @@ def test_missing_vgg_weights_for_lpips_names_file_and_option(tmp_path, monkeypat
     monkeypatch.delenv("MSDD_VGG16_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--vgg-weights[\s\S]*lpips_weight"):
         Stage1Trainer(tiny_config("model.flow.lpips_weight=0.1"), tmp_path / "r")
+
+
+def test_init_from_fine_tunes_a_trained_model_and_resume_takes_precedence(tmp_path, capsys):
+    from msdd import Tokenizer
+    from msdd.config import load_config
+
+    base = ["train.log_every=1", "train.ckpt_every=3", "train.batch_size=4", "train.init_from=tiny-64-teacher"]
+    cfg = load_config("tiny-64", base + ["model.flow.loss_weighting=none"])
+    trainer = Stage1Trainer(cfg, tmp_path / "ft")
+    assert "model.flow.loss_weighting: 'stage' -> 'none'" in capsys.readouterr().out
+    shipped = Tokenizer.from_pretrained("tiny-64-teacher").state_dict()
+    for name, t in trainer.tok.state_dict().items():
+        torch.testing.assert_close(t, shipped[name], rtol=0, atol=0, msg=name)
+    trainer.fit(max_steps=3, progress=False)
+    trained = {k: v.clone() for k, v in trainer.tok.state_dict().items()}
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)
+
+    resumed = Stage1Trainer(cfg, tmp_path / "ft", require_resume=True)  # the checkpoint, not the init weights
+    assert resumed.step == 3
+    for name, t in resumed.tok.state_dict().items():
+        torch.testing.assert_close(t, trained[name], rtol=0, atol=0, msg=name)
+
+    wrong = load_config("tiny-64", base + ["model.decoder.depth=2"])
+    with pytest.raises(ValueError, match=r"do not fit(.|\n)*model\.decoder\.depth: 4 -> 2"):
+        Stage1Trainer(wrong, tmp_path / "wrong")

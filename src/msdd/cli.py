@@ -57,8 +57,10 @@ def _finish_training(trainer, summary: dict, what: str) -> int:
 def _load_training_config(args):
     from msdd.config import load_config
 
-    limit = [f"data.limit={args.limit}"] if args.limit is not None else []
-    return load_config(args.preset, [*args.overrides, *limit])
+    extra = [f"data.limit={args.limit}"] if args.limit is not None else []
+    if getattr(args, "init_from", None):
+        extra.append(f"train.init_from={args.init_from}")
+    return load_config(args.preset, [*args.overrides, *extra])
 
 
 def cmd_train(args) -> int:
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
     p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
     p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="fine-tune: start from this trained model (directory, bundled name such as tiny-64-teacher, "
+                        "or HF repo id) instead of random weights (train.init_from)")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for the LPIPS loss (vgg16-397923af.pth)")
     p.add_argument("--dinov2-weights", default=None,
                    help="DINOv2 ViT-S/14 weights file for the REPA loss of SSDD models (dinov2_vits14_pretrain.pth)")

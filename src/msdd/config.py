@@ -267,6 +267,7 @@ class TrainConfig:
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     grid_every: int = 500
+    init_from: str = ""  # stage 1 only: start from a trained model (directory, bundled name or HF repo id)
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")

@@ -39,6 +39,23 @@ def check_resume_config(stored: Config, requested: Config, where: Path, free=RES
                          + "\nuse the original settings, or start a new run directory")
 
 
+def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
+    """Copy a trained model's weights (encoder, decoder, latent statistics) into `tok` to fine-tune it.
+    Returns the model config fields that differ (training settings such as the loss weighting may);
+    a model whose weights do not fit is an error naming those fields."""
+    src = Tokenizer.from_pretrained(source)
+    differ = diff_fields(src.config, tok.config, "model")
+    try:
+        tok.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise ValueError(f"train.init_from={source}: its weights do not fit this model ({detail}); model fields "
+                         f"that differ:\n  " + "\n  ".join(differ or ["(none)"])
+                         + "\nuse the preset it was trained with (see its config.json), or drop train.init_from"
+                         ) from None
+    return differ
+
+
 class Stage1Trainer(TrainerBase):
     desc = "stage1"
 
@@ -72,6 +89,12 @@ class Stage1Trainer(TrainerBase):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}\n(model.ssdd.repa_weight={mc.ssdd.repa_weight}; set it to 0 to "
                                         f"train without REPA)") from None
+        if tc.init_from:  # a resumed checkpoint below replaces these weights
+            differ = load_init_weights(self.tok, tc.init_from)
+            self.ema.module.load_state_dict(self.tok.state_dict())
+            if differ and self.dist.is_main:
+                print(f"train.init_from={tc.init_from}: same architecture; model settings that differ from it "
+                      f"(this run uses the new ones):\n  " + "\n  ".join(differ))
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
         free = RESUME_FREE_FIELDS + ("distill.",)  # stage 2 settings do not affect stage 1
         self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free))
