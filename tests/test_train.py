@@ -104,10 +104,12 @@ def test_init_from_fine_tunes_a_trained_model_and_resume_takes_precedence(tmp_pa
     trained = {k: v.clone() for k, v in trainer.tok.state_dict().items()}
     assert any(not torch.equal(trained[k], shipped[k]) for k in shipped)
 
-    resumed = Stage1Trainer(cfg, tmp_path / "ft", require_resume=True)  # the checkpoint, not the init weights
-    assert resumed.step == 3
-    for name, t in resumed.tok.state_dict().items():
-        torch.testing.assert_close(t, trained[name], rtol=0, atol=0, msg=name)
+    capsys.readouterr()
+    for again in (cfg, load_config("tiny-64", base[:-1] + ["model.flow.loss_weighting=none"])):  # with or without it
+        resumed = Stage1Trainer(again, tmp_path / "ft", require_resume=True)  # the checkpoint, not the init weights
+        assert resumed.step == 3 and "train.init_from" not in capsys.readouterr().out
+        for name, t in resumed.tok.state_dict().items():
+            torch.testing.assert_close(t, trained[name], rtol=0, atol=0, msg=name)
 
     wrong = load_config("tiny-64", base + ["model.decoder.depth=2"])
     with pytest.raises(ValueError, match=r"do not fit(.|\n)*model\.decoder\.depth: 4 -> 2"):

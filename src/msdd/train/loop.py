@@ -345,13 +345,16 @@ class TrainerBase:
         self._saved_step, self._since_saved = self.step, []
         return path
 
-    def _resume(self, require: bool, check_config) -> None:
+    def _resume(self, require: bool, check_config, fresh=None) -> None:
         """Continue from the newest intact checkpoint (chosen by rank 0), if any; `check_config(stored_json,
-        path)` raises on a mismatch. Every process then holds rank 0's weights. Writes config.json."""
+        path)` raises on a mismatch; `fresh()`, if given, runs instead when there is none (a new run).
+        Every process then holds rank 0's weights. Writes config.json."""
         path = broadcast_object(latest_checkpoint(self.run_dir) if self.dist.is_main else None)
         if path is None:
             if require:
                 raise FileNotFoundError(f"--resume: no intact checkpoint in {self.run_dir / 'checkpoints'}")
+            if fresh is not None:
+                fresh()
         else:
             weights, state, cfg_json = load_checkpoint(path)
             check_config(cfg_json, path)

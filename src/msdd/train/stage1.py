@@ -89,15 +89,21 @@ class Stage1Trainer(TrainerBase):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}\n(model.ssdd.repa_weight={mc.ssdd.repa_weight}; set it to 0 to "
                                         f"train without REPA)") from None
-        if tc.init_from:  # a resumed checkpoint below replaces these weights
-            differ = load_init_weights(self.tok, tc.init_from)
-            self.ema.module.load_state_dict(self.tok.state_dict())
-            if differ and self.dist.is_main:
-                print(f"train.init_from={tc.init_from}: same architecture; model settings that differ from it "
-                      f"(this run uses the new ones):\n  " + "\n  ".join(differ))
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
-        free = RESUME_FREE_FIELDS + ("distill.",)  # stage 2 settings do not affect stage 1
-        self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free))
+        # stage 2 settings do not affect stage 1; a resumed run continues from its checkpoint, not init_from
+        free = RESUME_FREE_FIELDS + ("distill.", "train.init_from")
+        self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free),
+                     fresh=self._init_from if tc.init_from else None)
+
+    def _init_from(self) -> None:
+        """A new fine-tuning run: start model and EMA from `train.init_from`."""
+        source = self.cfg.train.init_from
+        differ = load_init_weights(self.tok, source)
+        self.ema.module.load_state_dict(self.tok.state_dict())
+        if self.dist.is_main:
+            print(f"train.init_from={source}: starting from its weights"
+                  + (f"; model settings that differ from it (this run uses the new ones):\n  " + "\n  ".join(differ)
+                     if differ else ""))
 
     # ------------------------------------------------------------------ TrainerBase hooks
 
