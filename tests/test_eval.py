@@ -147,3 +147,30 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     assert b["protocol"]["processes"] == 2 and b["protocol"]["images"] == a["protocol"]["images"] == 7
     assert b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], abs=1e-4)
     assert b["metrics"]["ssim"] == pytest.approx(a["metrics"]["ssim"], abs=1e-5)
+
+
+def test_lpips_matches_torchmetrics_given_the_same_vgg16_file(model_dir, tmp_path, monkeypatch):
+    """Our differentiable LPIPS (msdd.models.perceptual) against torchmetrics' reference implementation,
+    both reading one VGG16 file: a stand-in with random weights (the real one is 528 MB and online), put
+    where torchvision's cache looks for it, so torchmetrics loads it without a download."""
+    import torchvision
+    from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as tm_lpips
+
+    from msdd.models.perceptual import LPIPS
+
+    cache = tmp_path / "torch" / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), cache / "vgg16-397923af.pth")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1
+    y = (x + 0.3 * torch.randn(3, 3, 64, 64, generator=g)).clamp(-1, 1)
+    ours = LPIPS(cache / "vgg16-397923af.pth")
+    ref = torch.stack([tm_lpips(x[i : i + 1], y[i : i + 1], net_type="vgg") for i in range(3)])
+    torch.testing.assert_close(ours(x, y), ref, rtol=1e-4, atol=1e-6)
+    assert ours(x, x).abs().max() < 1e-6 and (ours(x, y) > 0).all()
+
+    r = evaluate(Tokenizer.from_pretrained(model_dir), "embedded", limit=2)  # found in the cache
+    assert "lpips" not in r["skipped_metrics"] and r["metrics"]["lpips"] > 0
