@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -163,6 +164,8 @@ def test_lpips_matches_torchmetrics_given_the_same_vgg16_file(model_dir, tmp_pat
     torch.manual_seed(0)
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), cache / "vgg16-397923af.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    # torchvision reads the cache first and downloads only a missing file: make sure it looks here
+    assert (Path(torch.hub.get_dir()) / "checkpoints" / "vgg16-397923af.pth").is_file()
 
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 3, 64, 64, generator=g) * 2 - 1

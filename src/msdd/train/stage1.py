@@ -48,7 +48,8 @@ def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
     try:
         tok.load_state_dict(src.state_dict())
     except RuntimeError as e:
-        detail = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        lines = str(e).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
         raise ValueError(f"train.init_from={source}: its weights do not fit this model ({detail}); model fields "
                          f"that differ:\n  " + "\n  ".join(differ or ["(none)"])
                          + "\nuse the preset it was trained with (see its config.json), or drop train.init_from"
