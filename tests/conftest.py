@@ -15,7 +15,7 @@ TINY = [
     "model.decoder.depth=2", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.mlp_hidden=64",
     "model.flow.num_stages=3", "model.sampling.steps=[2,2,2]",
     "train.batch_size=8", "train.warmup_steps=5", "train.max_steps=200", "train.log_every=5",
-    "train.ckpt_every=10", "train.grid_every=1000", "train.lr=1e-3",
+    "train.ckpt_every=10", "train.grid_every=1000", "train.lr=1e-3", "train.pca_crops=300",
 ]
 
 
@@ -29,6 +29,16 @@ def tiny_config(*extra: str, stages: int | None = None):
 @pytest.fixture
 def tiny_cfg():
     return tiny_config()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _pca_cache(tmp_path_factory):
+    """PCA baselines: a per-session cache (not the user's) and a small fit (600 crops, not 20,000)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MSDD_CACHE", str(tmp_path_factory.mktemp("msdd-cache")))
+    mp.setenv("MSDD_PCA_CROPS", "600")
+    yield
+    mp.undo()
 
 
 @pytest.fixture(autouse=True)

@@ -93,7 +93,7 @@ def test_shapes_at_every_stage(stages):
 
 
 def test_flow_loss_is_finite_and_per_stage():
-    cfg = tiny_config().model
+    cfg = tiny_config("model.linear_path=false", "model.flow.prediction=v").model  # the paper's network
     tok = Tokenizer(cfg)
     # adaLN-Zero: at init the decoder ignores its inputs; give the output layer and gates weights so
     # that gradients reach the encoder

@@ -85,8 +85,13 @@ class FlowConfig:
     sigmoid_bias: float = 0.0
     lpips_weight: float = 0.0
     cfg_drop: float = 0.1
+    # What the network predicts: "v" the velocity x_start_n - x_end_n (SPEC 5), or "x" the clean stage
+    # end x_end, trained with MSE on x_end and turned into the velocity of the same path for sampling
+    # (msdd.flow.path.velocity_from_end). "x" is a time weighting of the same flow objective.
+    prediction: Literal["v", "x"] = "v"
 
     def validate(self, prefix: str) -> None:
+        _check_choice(self.prediction, f"{prefix}.prediction", ("v", "x"))
         _check(self.num_stages >= 1, f"{prefix}.num_stages", f"must be >= 1, got {self.num_stages}")
         _check(0.0 < self.gamma < 1.0, f"{prefix}.gamma", f"must be in (0, 1), got {self.gamma}")
         _check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
@@ -190,6 +195,10 @@ class ModelConfig:
     ssdd: SSDDConfig = field(default_factory=SSDDConfig)
     # True for a distilled student: it decodes with one step (per stage) unless asked otherwise.
     one_step: bool = False
+    # A linear path through the latent (msdd.models.linear), PCA-initialised at the start of training:
+    # z = P x + z_net, and the decoder refines x_lin = D z (msdd and plain families; SSDD has none and
+    # ignores it, like the other sections it does not use).
+    linear_path: bool = False
 
     def validate(self, prefix: str = "model") -> None:
         _check_choice(self.family, f"{prefix}.family", FAMILIES)
@@ -226,6 +235,10 @@ class ModelConfig:
     def stage_resolutions(self) -> tuple[int, ...]:
         s = self.flow.num_stages
         return tuple(self.image_size // 2 ** (s - 1 - i) for i in range(s))
+
+    @property
+    def uses_linear_path(self) -> bool:
+        return self.linear_path and self.family != "ssdd"
 
     @property
     def spatial_latent(self) -> bool:
@@ -268,6 +281,11 @@ class TrainConfig:
     keep_checkpoints: int = 3
     grid_every: int = 500
     init_from: str = ""  # stage 1 only: start from a trained model (directory, bundled name or HF repo id)
+    # model.linear_path: training crops the PCA that initialises it is fitted on, and the learning rate
+    # of its two linear maps relative to `lr` (Adam moves every weight by about lr per step; PCA weights
+    # are ~1/sqrt(pixels) in size, so they need a much smaller rate than the transformer)
+    pca_crops: int = 10_000
+    linear_lr_scale: float = 0.01
 
     def validate(self, prefix: str = "train") -> None:
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
@@ -280,8 +298,9 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
         _check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
         _check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
-        for name in ("log_every", "ckpt_every", "grid_every", "keep_checkpoints"):
+        for name in ("log_every", "ckpt_every", "grid_every", "keep_checkpoints", "pca_crops"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+        _check(self.linear_lr_scale >= 0, f"{prefix}.linear_lr_scale", "must be >= 0 (0 freezes the linear path)")
 
 
 @dataclass(frozen=True)
@@ -297,6 +316,9 @@ class DistillConfig:
     lambda_rec: float = 2.5
     lambda_perc: float = 0.5
     lambda_adv: float = 1.0
+    # MSE between the student's final image and the real image (inside the lambda_rec bracket, beside
+    # LPIPS): ties the student to the real image when no VGG16 file is available for LPIPS.
+    lambda_pix: float = 0.0
     adaptive_adv: bool = True
     adv_start_step: int = 0
     cfg: float = 1.0
@@ -313,7 +335,7 @@ class DistillConfig:
         _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
         _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
-        for name in ("lambda_rec", "lambda_perc", "lambda_adv", "cfg"):
+        for name in ("lambda_rec", "lambda_perc", "lambda_adv", "lambda_pix", "cfg"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         _check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
         _check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))

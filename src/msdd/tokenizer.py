@@ -50,8 +50,13 @@ class Tokenizer(nn.Module):
         config.validate()
         self.config = config
         args = (config.image_size, config.latent_tokens, config.latent_dim)
-        self.encoder = SpatialEncoder(config) if config.spatial_latent else Encoder(config.encoder, *args)
-        self.decoder = SSDDDecoder(config) if config.family == "ssdd" else Decoder(config.decoder, *args)
+        lin = config.uses_linear_path
+        self.encoder = (SpatialEncoder(config) if config.spatial_latent
+                        else Encoder(config.encoder, *args, linear_path=lin))
+        windows = stage_windows(config.flow.num_stages, config.image_size, config.flow.gamma)
+        self.decoder = (SSDDDecoder(config) if config.family == "ssdd"
+                        else Decoder(config.decoder, *args, linear_path=lin, windows=windows,
+                                     prediction=config.flow.prediction if config.family == "msdd" else "v"))
         # Per-channel statistics of z over a dataset (`msdd latent-stats`), for downstream models.
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
@@ -212,9 +217,9 @@ class Tokenizer(nn.Module):
                                  generator=generator, return_stages=True)
 
     def plain_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The plain family's one pass: the decoder on a zero image at tau = 0."""
+        """The plain family's one pass: the decoder on a zero image at tau = 0 (+ x_lin with a linear path)."""
         r, b = self.config.image_size, z.shape[0]
-        return self.decoder(z.new_zeros(b, 3, r, r), z.new_zeros(b), z).float()
+        return self.decoder.end_estimate(z.new_zeros(b, 3, r, r), z.new_zeros(b), z).float()
 
     def training_loss(self, images: torch.Tensor, generator, perceptual: nn.Module | None = None,
                       repa: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -239,10 +244,20 @@ class Tokenizer(nn.Module):
         loss, per_stage = flow_loss(
             self.decoder, images, z, self.windows,
             t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
+            prediction=fc.prediction,
             cfg_drop=fc.cfg_drop, null_context=self.decoder.null_context,
             perceptual=perceptual, perceptual_weight=fc.lpips_weight, generator=generator,
         )
         return loss, {f"loss_stage{s}": v for s, v in per_stage.items()}
+
+    def init_linear_path(self, pca) -> None:
+        """Start the linear path (config.linear_path) as the PCA code `pca` (msdd.models.linear.fit_pca
+        with latent_tokens * latent_dim components, on flattened images in [-1, 1])."""
+        from msdd.models.linear import init_linear_path
+
+        if not self.config.uses_linear_path:
+            raise ValueError("this model has no linear path (model.linear_path=false, or the ssdd family)")
+        init_linear_path(self.encoder.to_linear, self.decoder.from_linear, pca)
 
     def reconstruct(self, images, **decode_kwargs) -> torch.Tensor:
         return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)

@@ -92,6 +92,22 @@ def noisy_at(
     return (1 - r4) * end_n + r4 * start_n, start_n - end_n
 
 
+def velocity_from_end(x_r: torch.Tensor, x_end: torch.Tensor, window: StageWindow, r: torch.Tensor) -> torch.Tensor:
+    """The velocity of the stage path through x_r whose clean end is `x_end` (x-prediction).
+
+    On the path x_r = A x_end + B x_start + c n with A = (1 - r)(1 - e), B = r (1 - t0),
+    c = (1 - r) e + r t0 and x_start = up(down(x_end)); an estimate of x_end fixes n, and with it
+    v = (1 - t0) x_start - (1 - e) x_end + (t0 - e) n. One Euler step from r to 0 then lands on
+    (1 - e) x_end + e n exactly. r: (B,) local times."""
+    e, t0 = window.t_end, window.t_start
+    r4 = r.view(-1, 1, 1, 1).to(x_r.dtype)
+    x_end = x_end.to(x_r.dtype)
+    x_start = upsample_nearest(downsample(x_end))
+    c = ((1 - r4) * e + r4 * t0).clamp_min(1e-4)
+    noise = (x_r - (1 - r4) * (1 - e) * x_end - r4 * (1 - t0) * x_start) / c
+    return (1 - t0) * x_start - (1 - e) * x_end + (t0 - e) * noise
+
+
 def sample_r(n: int, scheme: str, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
     """Local times in (0, 1): logit-normal (sigmoid of N(0, 1)) or uniform."""
     if scheme == "logit_normal":
@@ -124,6 +140,7 @@ def flow_loss(
     t_sampling: str = "logit_normal",
     loss_weighting: str = "none",
     sigmoid_bias: float = 0.0,
+    prediction: str = "v",
     cfg_drop: float = 0.0,
     null_context: torch.Tensor | None = None,
     perceptual: Callable | None = None,
@@ -133,8 +150,10 @@ def flow_loss(
     """Stage-1 loss for a batch of images (B, 3, R, R) with latents z (B, L, C).
 
     Each sample trains one stage (balanced, shuffled assignment); the loss is the sum over stages of
-    the mean squared velocity error of that stage's samples, plus, when `perceptual` is given, its
-    weighted value between the one-step estimate of the last stage's end and x_end_n.
+    the mean squared velocity error of that stage's samples (prediction "x": the mean squared error of
+    `decoder.end_estimate`, the predicted clean stage end, against x_end; no loss weighting), plus,
+    when `perceptual` is given, its weighted value between the one-step estimate of the last stage's
+    end and x_end_n.
     Returns (loss, {stage index: that stage's loss (detached)}).
     """
     b = images.shape[0]
@@ -155,13 +174,18 @@ def flow_loss(
         r = sample_r(idx.numel(), t_sampling, generator, x_end)
         x_r, target = noisy_at(x_end, x_start, w, r, noise)
         tau = w.tau_end + r * (w.tau_start - w.tau_end)
-        v = decoder(x_r, tau, z[idx]).float()
-        err = (v - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
-        if loss_weighting == "sigmoid":
-            err = err * sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), sigmoid_bias)
-        elif loss_weighting == "stage":
-            # v carries the stage-end image scaled by (1 - e_s): weigh every stage's content equally
-            err = err / (1 - w.t_end) ** 2
+        if prediction == "x":  # the loss weighting is that of x-space MSE
+            x_hat = decoder.end_estimate(x_r, tau, z[idx]).float()
+            err = (x_hat - x_end).pow(2).mean(dim=(1, 2, 3))  # (n,)
+            v = velocity_from_end(x_r, x_hat, w, r)
+        else:
+            v = decoder(x_r, tau, z[idx]).float()
+            err = (v - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
+            if loss_weighting == "sigmoid":
+                err = err * sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), sigmoid_bias)
+            elif loss_weighting == "stage":
+                # v carries the stage-end image scaled by (1 - e_s): weigh every stage's content equally
+                err = err / (1 - w.t_end) ** 2
         loss = err.mean()
         if perceptual is not None and perceptual_weight > 0 and w.index == len(windows) - 1:
             end_n = (1 - w.t_end) * x_end + w.t_end * noise

@@ -6,6 +6,11 @@ tokens; both streams are modulated by the embedding of tau only. Output: the vel
 One set of weights serves every stage: only the number of image tokens changes.
 
 The learnable null context (1, L, C) replaces z for classifier-free guidance.
+
+Options (model config): `linear_path` maps z linearly to an image x_lin = from_linear(z) (PCA-initialised,
+msdd.models.linear), whose average-pooled copy at the stage resolution is a second input of every
+patch; prediction "x" makes the network output the clean stage end, x_end = x_lin + output (output
+starts at zero, so a fresh decoder reproduces x_lin), turned into the path's velocity for the sampler.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import DecoderConfig
+from msdd.flow.path import velocity_from_end
+from msdd.flow.schedule import StageWindow
 from msdd.models.layers import JointBlock, RopeCache, TimestepEmbedder, modulate
 
 
@@ -35,12 +42,22 @@ class FinalLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, image_size: int, latent_tokens: int, latent_dim: int) -> None:
+    def __init__(self, cfg: DecoderConfig, image_size: int, latent_tokens: int, latent_dim: int,
+                 linear_path: bool = False, prediction: str = "v",
+                 windows: tuple[StageWindow, ...] = ()) -> None:
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         self.latent_tokens, self.latent_dim = latent_tokens, latent_dim
+        if prediction == "x" and not windows:
+            raise ValueError("x-prediction needs the stage windows to turn its estimate into a velocity")
+        self.prediction = prediction
+        self.windows = {win.resolution: win for win in windows}
         w, p = cfg.width, cfg.patch_size
-        self.patch_embed = nn.Linear(3 * p * p, w)
+        self.from_linear = nn.Linear(latent_tokens * latent_dim, 3 * image_size * image_size) if linear_path else None
+        if linear_path:  # set by init_linear_path
+            nn.init.zeros_(self.from_linear.weight)
+            nn.init.zeros_(self.from_linear.bias)
+        self.patch_embed = nn.Linear((6 if linear_path else 3) * p * p, w)
         self.context_embed = nn.Linear(latent_dim, w)
         self.t_embed = TimestepEmbedder(w)
         self.null_context = nn.Parameter(torch.randn(1, latent_tokens, latent_dim))
@@ -51,10 +68,32 @@ class Decoder(nn.Module):
         self.final = FinalLayer(w, 3 * p * p)
         self.rope = RopeCache(image_size // p, latent_tokens, w // cfg.heads, cfg.context_pos)
 
+    def linear_image(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
+        """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`; fp32."""
+        with torch.autocast(z.device.type, enabled=False):
+            x_lin = self.from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
+        factor = self.image_size // resolution
+        return F.avg_pool2d(x_lin, factor) if factor > 1 else x_lin
+
     def forward(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy images x (B, 3, H, W) at model time tau (B,) given latents z (B, L, C)."""
+        if self.prediction == "v":
+            return self.network(x, tau, z)
+        win = self.windows[x.shape[-1]]
+        r = (tau.float() - win.tau_end) / (win.tau_start - win.tau_end)
+        return velocity_from_end(x.float(), self.end_estimate(x, tau, z).float(), win, r)
+
+    def end_estimate(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """x-prediction: the clean image at the end of the stage of x (x_lin + network output)."""
+        out = self.network(x, tau, z)
+        return out.float() + self.linear_image(z, x.shape[-1]) if self.from_linear is not None else out
+
+    def network(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The MMDiT itself: (B, 3, H, W) noisy image [+ x_lin at that resolution], tau, z -> (B, 3, H, W)."""
         p = self.cfg.patch_size
         grid = x.shape[-1] // p
+        if self.from_linear is not None:
+            x = torch.cat([x, self.linear_image(z, x.shape[-1]).to(x.dtype)], dim=1)
         h = self.patch_embed(rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))  # (B, grid^2, W)
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)
         c = self.t_embed(tau)  # (B, W)

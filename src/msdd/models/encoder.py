@@ -2,6 +2,10 @@
 
 The register stream after the last block, LayerNorm, Linear(width -> latent_dim) is the latent z of
 shape (B, L, C). A plain autoencoder latent: no KL term, no quantisation.
+
+With `linear_path` (msdd.models.linear) a linear map of the whole image is added,
+z = to_linear(x) + to_latent(norm(reg)); to_latent starts at zero, so a PCA-initialised encoder starts
+as the PCA code and the transformer learns what to add to it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,8 @@ from msdd.models.layers import JointBlock, RopeCache
 
 
 class Encoder(nn.Module):
-    def __init__(self, cfg: EncoderConfig, image_size: int, latent_tokens: int, latent_dim: int) -> None:
+    def __init__(self, cfg: EncoderConfig, image_size: int, latent_tokens: int, latent_dim: int,
+                 linear_path: bool = False) -> None:
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         w, p = cfg.width, cfg.patch_size
@@ -29,6 +34,12 @@ class Encoder(nn.Module):
         self.norm = nn.LayerNorm(w, eps=1e-6)
         self.to_latent = nn.Linear(w, latent_dim)
         self.rope = RopeCache(self.grid, latent_tokens, w // cfg.heads, cfg.context_pos)
+        self.to_linear = None
+        if linear_path:
+            self.to_linear = nn.Linear(3 * image_size * image_size, latent_tokens * latent_dim)
+            for layer in (self.to_linear, self.to_latent):  # set by init_linear_path; the residual starts at 0
+                nn.init.zeros_(layer.weight)
+                nn.init.zeros_(layer.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, R, R) in [-1, 1] -> z (B, L, C)."""
@@ -37,4 +48,8 @@ class Encoder(nn.Module):
         rope = self.rope(self.grid, x.device)
         for block in self.blocks:
             x, reg = block(x, reg, None, rope)
-        return self.to_latent(self.norm(reg))
+        z = self.to_latent(self.norm(reg))
+        if self.to_linear is not None:
+            with torch.autocast(images.device.type, enabled=False):  # the linear code in fp32
+                z = z.float() + self.to_linear(images.float().flatten(1)).view(z.shape)
+        return z

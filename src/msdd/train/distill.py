@@ -14,8 +14,10 @@ Per step, for real images x and latents z = E(x) (the frozen, shared encoder):
                        for s_u = 0 with four stages) whose gradient strips the noise from the student's
                        intermediate states; the student then decodes grey images (measured).
               L_perc = LPIPS(student_final, x)                        (when enabled)
+              L_pix  = MSE(student_final, x)                          (distill.lambda_pix > 0: the offline
+                       tie to the real image when LPIPS has no VGG16 file)
               L_adv  = hinge generator loss of the discriminator on student_final
-              total  = lambda_adv' L_adv + lambda_rec (L_rec / (1 + u) + lambda_perc L_perc)
+              total  = lambda_adv' L_adv + lambda_rec (L_rec / (1 + u) + lambda_perc L_perc + lambda_pix L_pix)
               lambda_adv' = lambda_adv * |grad L_nonadv| / |grad L_adv| at the decoder's last layer,
               clamped to [0, 1e4] (adaptive weight), 0 before distill.adv_start_step
     discriminator  hinge loss (fp32) on x vs the detached student image, its own AdamW and schedule
@@ -154,7 +156,10 @@ class Distiller(TrainerBase):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}\n(distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set "
                                         f"distill.perceptual=none to distil without it)") from None
-        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas)
+        lin = self.student.decoder.from_linear
+        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas,
+                                  slow=lin.parameters() if lin is not None else (),
+                                  slow_scale=cfg.train.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
         self.opt_d = make_optimizer(self.disc_params, dc.disc_lr, cfg.train.betas)
         self.sched_d = cosine_schedule(self.opt_d, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
@@ -212,6 +217,10 @@ class Distiller(TrainerBase):
                     for s, t, n in zip(range(s_u, len(windows)), stages_t, noise_t)]
             l_rec = torch.stack(gaps).sum()
             non_adv = l_rec / (1 + u)
+            l_pix = None
+            if dc.lambda_pix > 0:
+                l_pix = F.mse_loss(x_student.float(), images.float())
+                non_adv = non_adv + dc.lambda_pix * l_pix
             l_perc = None
             if self.perceptual is not None:
                 l_perc = self.perceptual(x_student, images).mean()
@@ -237,6 +246,8 @@ class Distiller(TrainerBase):
                **{f"gap_stage{s_u + i}": g.item() for i, g in enumerate(gaps)}}
         if l_perc is not None:
             out["l_perc"] = l_perc.item()
+        if l_pix is not None:
+            out["l_pix"] = l_pix.item()
         return loss + d_loss, out
 
     def synced_buffers(self) -> list[torch.Tensor]:

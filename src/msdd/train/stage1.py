@@ -69,7 +69,8 @@ class Stage1Trainer(TrainerBase):
         torch.manual_seed(tc.seed)
         self.tok = Tokenizer(mc).to(self.device)
         self.ema = EMA(self.tok, tc.ema_decay)
-        self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay)
+        self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay,
+                                  slow=self.linear_parameters(), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         self.perceptual, self.repa = perceptual, repa
         lpips_field, lpips_weight = (("model.ssdd.lpips_weight", mc.ssdd.lpips_weight) if mc.family == "ssdd"
@@ -94,7 +95,33 @@ class Stage1Trainer(TrainerBase):
         # stage 2 settings do not affect stage 1; a resumed run continues from its checkpoint, not init_from
         free = RESUME_FREE_FIELDS + ("distill.", "train.init_from")
         self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free),
-                     fresh=self._init_from if tc.init_from else None)
+                     fresh=self._fresh_start)
+
+    def linear_parameters(self) -> list[torch.nn.Parameter]:
+        """The linear path's two maps (model.linear_path), trained at lr * train.linear_lr_scale."""
+        if not self.cfg.model.uses_linear_path:
+            return []
+        return [*self.tok.encoder.to_linear.parameters(), *self.tok.decoder.from_linear.parameters()]
+
+    def _fresh_start(self) -> None:
+        """A new run: start from train.init_from, or set the linear path from a PCA of training crops."""
+        if self.cfg.train.init_from:
+            self._init_from()
+        elif self.cfg.model.uses_linear_path and self.dist.is_main:  # the others receive rank 0's weights
+            from msdd.eval.baselines import training_crops
+            from msdd.models.linear import fit_pca
+
+            tc, mc = self.cfg.train, self.cfg.model
+            t0 = time.monotonic()
+            crops = training_crops(self.cfg.data.source, mc.image_size, tc.pca_crops, seed=tc.seed + 11)
+            k = mc.latent_tokens * mc.latent_dim
+            if len(crops) < k:
+                raise ValueError(f"model.linear_path starts from a PCA with {k} components, but data.source="
+                                 f"{self.cfg.data.source} gave only {len(crops)} training crops; add images, raise "
+                                 f"train.pca_crops, or set model.linear_path=false")
+            self.tok.init_linear_path(fit_pca(crops, k, seed=tc.seed))
+            self.ema.module.load_state_dict(self.tok.state_dict())
+            print(f"linear path: PCA of {len(crops)} training crops ({time.monotonic() - t0:.0f} s)")
 
     def _init_from(self) -> None:
         """A new fine-tuning run: start model and EMA from `train.init_from`."""

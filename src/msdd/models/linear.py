@@ -1,0 +1,75 @@
+"""PCA: the best linear code of a given size, as a baseline and as the start of the linear path.
+
+`fit_pca(x, k)` fits the top-k principal components of flattened images. Two uses:
+
+* the baseline every report names beside the tokenizer: `pca_reconstruct` with as many components as
+  the latent has floats (reconstruction = mean + projection onto the span of the components);
+* the tokenizer's optional linear path (`model.linear_path`): the encoder adds the whitened PCA
+  coefficients of the image to its latent, z = P x + z_net (z_net starts at zero), and the decoder maps
+  z back linearly, x_lin = D z, and refines x_lin instead of inventing the image from nothing. P and D
+  are ordinary trainable linear layers that `init_linear_path` sets from the fit, so a fresh tokenizer
+  starts out as exactly this PCA code and training only has to learn what a linear code misses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class PCA:
+    mean: torch.Tensor  # (D,)
+    components: torch.Tensor  # (K, D), orthonormal rows, by decreasing variance
+    variance: torch.Tensor  # (K,) variance of each coefficient over the fitted data
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[0]
+
+
+@torch.no_grad()
+def fit_pca(x: torch.Tensor, k: int, seed: int = 0) -> PCA:
+    """Top-k principal components of x (N, ...) flattened to (N, D), in float64 arithmetic where exact.
+
+    Exact SVD when the smaller side is at most 4096, else a randomised SVD (Halko et al.) with 64
+    extra columns and 6 power iterations, seeded, so the fit is a pure function of (x, k, seed)."""
+    x = x.reshape(x.shape[0], -1).double()
+    n, d = x.shape
+    if k > min(n, d):
+        raise ValueError(f"PCA with {k} components needs at least {k} samples of at least {k} values, got {n} x {d}")
+    mean = x.mean(0)
+    xc = x - mean
+    if min(n, d) <= 4096:
+        _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+        s, vh = s[:k], vh[:k]
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _, s, v = torch.svd_lowrank(xc.float(), q=min(k + 64, n, d), niter=6)
+        s, vh = s[:k].double(), v[:, :k].T.double()
+    return PCA(mean.float(), vh.float().contiguous(), (s.pow(2) / max(n - 1, 1)).float())
+
+
+@torch.no_grad()
+def pca_reconstruct(pca: PCA, x: torch.Tensor) -> torch.Tensor:
+    """Project x (N, ...) onto the components and back; same shape as x."""
+    flat = x.reshape(x.shape[0], -1).float()
+    coeff = (flat - pca.mean) @ pca.components.T
+    return (coeff @ pca.components + pca.mean).reshape(x.shape)
+
+
+@torch.no_grad()
+def init_linear_path(encode: nn.Linear, decode: nn.Linear, pca: PCA) -> None:
+    """Set the linear path from a fit: encode(x) = whitened coefficients (unit variance each),
+    decode(z) = mean + z * std @ components, so decode(encode(x)) is the PCA reconstruction."""
+    if encode.weight.shape != pca.components.shape:
+        raise ValueError(f"the linear path has {tuple(encode.weight.shape)} weights, the PCA fit "
+                         f"{tuple(pca.components.shape)}: fit as many components as the latent has floats")
+    std = pca.variance.clamp_min(1e-12).sqrt()
+    encode.weight.copy_(pca.components / std[:, None])
+    encode.bias.copy_(-(pca.components @ pca.mean) / std)
+    decode.weight.copy_((pca.components * std[:, None]).T)
+    decode.bias.copy_(pca.mean)

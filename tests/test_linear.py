@@ -1,0 +1,107 @@
+"""PCA (the linear baseline and the start of the linear path), x-prediction, the student's pixel loss."""
+
+import pytest
+import torch
+
+from msdd.flow.path import noisy_at, stage_ends, velocity_from_end
+from msdd.flow.schedule import stage_windows
+from msdd.models.linear import fit_pca, pca_reconstruct
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+
+def test_pca_hand_computed_case():
+    """Points on a line through m along u: one component is u (up to sign), its variance the sample
+    variance of the coefficients, and a vector in the span reconstructs exactly; the orthogonal part of
+    one outside it is removed."""
+    m, u = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([3.0, 0.0, 4.0]) / 5
+    coeff = torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])
+    x = m + coeff[:, None] * u
+    pca = fit_pca(x, 1)
+    assert torch.allclose(pca.mean, m, atol=1e-6)
+    assert torch.allclose(pca.components[0].abs(), u.abs(), atol=1e-6)
+    assert pca.variance[0].item() == pytest.approx(coeff.var().item(), rel=1e-5)  # 2.5
+    inside = (m + 0.7 * u)[None]
+    assert torch.allclose(pca_reconstruct(pca, inside), inside, atol=1e-6)
+    w = torch.tensor([4.0, 0.0, -3.0]) / 5  # orthogonal to u
+    assert torch.allclose(pca_reconstruct(pca, inside + 0.5 * w), inside, atol=1e-6)
+
+
+def test_pca_randomised_path_matches_exact():
+    """Above 4096 values per sample the fit is randomised; on data of low rank it recovers the same span."""
+    g = torch.Generator().manual_seed(0)
+    basis = torch.linalg.qr(torch.randn(5000, 6, generator=g))[0].T  # (6, 5000) orthonormal
+    x = (torch.randn(300, 6, generator=g) * torch.tensor([9.0, 7, 5, 3, 2, 1])) @ basis
+    pca = fit_pca(x, 6)
+    assert torch.allclose(pca_reconstruct(pca, x), x, atol=1e-3)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_velocity_from_true_end_is_the_path_velocity(stage):
+    """Given the true clean end, x-prediction's velocity equals the flow target of the same path point."""
+    w = stage_windows(3, 32)[stage]
+    g = torch.Generator().manual_seed(stage)
+    images = torch.rand(4, 3, 32, 32, generator=g) * 2 - 1
+    x_end, x_start = stage_ends(images, w)
+    r = torch.tensor([0.9, 0.5, 0.2, 0.05])
+    x_r, target = noisy_at(x_end, x_start, w, r, torch.randn(x_end.shape, generator=g))
+    assert torch.allclose(velocity_from_end(x_r, x_end, w, r), target, atol=1e-4)
+
+
+def test_fresh_linear_path_tokenizer_is_the_pca_code():
+    """With the linear path set from a PCA and nothing trained yet, encode + decode (any steps, x-prediction)
+    reproduces the PCA reconstruction."""
+    cfg = tiny_config("model.linear_path=true", "model.flow.prediction=x").model
+    tok = Tokenizer(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
+    pca = fit_pca(data, cfg.latent_tokens * cfg.latent_dim)
+    tok.init_linear_path(pca)
+    x = data[:3] * 0.5
+    want = pca_reconstruct(pca, x).clamp(-1, 1)
+    for steps in ([1, 1, 1], [3, 2, 2]):
+        assert torch.allclose(tok.decode(tok.encode(x), steps=steps), want, atol=1e-4)
+
+
+def test_linear_path_training_starts_from_pca_and_learns(tmp_path):
+    """A stage-1 run with the linear path fits the PCA on its training crops before step 0 and trains
+    the linear maps at lr * train.linear_lr_scale (0 keeps them fixed)."""
+    from msdd.train.stage1 import Stage1Trainer
+
+    cfg = tiny_config("model.linear_path=true", "model.flow.prediction=x", "train.pca_crops=300",
+                      "train.linear_lr_scale=0", "train.max_steps=3", "model.flow.cfg_drop=0")
+    tr = Stage1Trainer(cfg, tmp_path / "run")
+    start = tr.tok.decoder.from_linear.weight.detach().clone()
+    assert start.abs().sum() > 0  # set from the fit
+    transformer = tr.tok.decoder.final.linear.weight.detach().clone()
+    tr.fit(progress=False)
+    assert torch.equal(tr.tok.decoder.from_linear.weight, start)  # frozen at scale 0
+    assert not torch.equal(tr.tok.decoder.final.linear.weight, transformer)  # the rest trains
+
+
+def test_student_pixel_loss_changes_gradients_only_when_weighted(tmp_path):
+    """distill.lambda_pix = 0 gives exactly the gradients of the run without the term; > 0 changes them."""
+    from msdd.train.distill import Distiller
+
+    teacher_cfg = tiny_config()
+    teacher = Tokenizer(teacher_cfg.model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    grads = {}
+    for lam in (0.0, 0.5):
+        cfg = tiny_config("distill.discriminator=patch", "distill.perceptual=none", "distill.batch_size=4",
+                          "distill.lambda_adv=0", f"distill.lambda_pix={lam}")
+        d = Distiller(cfg, tmp_path / "teacher", tmp_path / f"run{lam}")
+        loss, _ = d.micro_step(images, torch.Generator().manual_seed(0))
+        d.student.decoder.zero_grad()
+        loss.backward()
+        grads[lam] = torch.cat([p.grad.flatten() for p in d.student.decoder.parameters() if p.grad is not None])
+    ref = tiny_config("distill.discriminator=patch", "distill.perceptual=none", "distill.batch_size=4",
+                      "distill.lambda_adv=0")
+    d = Distiller(ref, tmp_path / "teacher", tmp_path / "ref")
+    loss, _ = d.micro_step(images, torch.Generator().manual_seed(0))
+    loss.backward()
+    g_ref = torch.cat([p.grad.flatten() for p in d.student.decoder.parameters() if p.grad is not None])
+    assert torch.equal(grads[0.0], g_ref)
+    assert not torch.allclose(grads[0.5], g_ref)
