@@ -11,12 +11,16 @@
 
 A checkpoint is assembled in a hidden temporary folder and renamed into place, so a crash leaves
 either the previous checkpoints or the new complete one. On load, the manifest is checked; a damaged
-newest checkpoint is reported and the previous one is used. Only the newest `keep` checkpoints are
-kept, plus the best one (lowest recorded loss), which is never deleted.
+newest checkpoint is reported and the previous one is used. When checkpoints exist but none is intact,
+loading stops with `CheckpointError` instead of starting over: a restart from step 0 would rotate the
+damaged ones away and overwrite the run's finished model. Only the newest `keep` intact checkpoints are
+kept, plus the best intact one (lowest recorded loss) and the one just written; damaged ones are deleted
+at the next save (with a warning), so they never take the place of a good one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -32,6 +36,34 @@ from msdd.hub import _fsync_dir, atomic_save_safetensors, atomic_write_bytes, at
 
 CKPT_SUBDIR = "checkpoints"
 MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A run directory that cannot be resumed from or written to. A ValueError, so `msdd train` reports it
+    as an error (exit code 2) rather than a traceback."""
+
+
+def check_writable(run_dir: str | Path) -> None:
+    """Create `run_dir` and write, fsync and delete a probe file in it (and in its checkpoints folder, if
+    there is one): an unwritable run directory then stops a run before its work, not at its first checkpoint."""
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / CKPT_SUBDIR):
+        if folder != run_dir and not folder.is_dir():
+            continue
+        probe = folder / f".msdd-write-test-{os.getpid()}"
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with open(probe, "wb") as f:
+                f.write(b"msdd")
+                f.flush()
+                os.fsync(f.fileno())
+            probe.unlink()
+        except OSError as e:
+            with contextlib.suppress(OSError):  # a probe written but not synced (disk full)
+                probe.unlink(missing_ok=True)
+            raise CheckpointError(f"cannot write to the run directory {run_dir} ({folder}: {e.strerror or e}); its "
+                                  f"checkpoints, logs and model would be lost. Fix its permissions or free space, or "
+                                  f"choose another --run-dir") from None
 
 
 def _step_dir(run_dir: Path, step: int) -> Path:
@@ -64,9 +96,16 @@ def save_checkpoint(
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(final.parent)
-    best = best_checkpoint(run_dir)
-    for old in list_checkpoints(run_dir)[:-keep]:
-        if old != best:
+    # Rotation counts only intact checkpoints (a size check: hashing every kept one at each save would cost
+    # seconds), so damaged ones never take the place of a good one; the one just written always stays.
+    ckpts = list_checkpoints(run_dir)
+    problems = {p: None if p == final else verify_checkpoint(p, hashes=False) for p in ckpts}
+    intact = [p for p in ckpts if problems[p] is None]
+    best = _lowest_loss(intact)
+    for old in ckpts:
+        if old not in intact[-keep:] and old not in (best, final):
+            if problems[old]:
+                warnings.warn(f"deleting damaged checkpoint {old} ({problems[old]})", stacklevel=2)
             shutil.rmtree(old, ignore_errors=True)
     for stale in final.parent.glob(".step_*.tmp-*"):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
@@ -90,14 +129,19 @@ def checkpoint_loss(path: Path) -> float | None:
     return None if loss is None else float(loss)
 
 
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the lowest recorded loss, or None when none has one."""
-    scored = [(loss, p) for p in list_checkpoints(run_dir) if (loss := checkpoint_loss(p)) is not None]
+def _lowest_loss(paths: list[Path]) -> Path | None:
+    scored = [(loss, p) for p in paths if (loss := checkpoint_loss(p)) is not None]
     return min(scored)[1] if scored else None
 
 
-def verify_checkpoint(path: Path) -> str | None:
-    """None if the checkpoint is complete and intact, else the reason it is not."""
+def best_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint with the lowest recorded loss, or None when none has one."""
+    return _lowest_loss(list_checkpoints(run_dir))
+
+
+def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
+    """None if the checkpoint is complete and intact, else the reason it is not. hashes=False checks only
+    that every file is there with its recorded size (catches incomplete and truncated files, fast)."""
     mpath = path / MANIFEST
     if not mpath.exists():
         return "no manifest (incomplete write)"
@@ -111,7 +155,7 @@ def verify_checkpoint(path: Path) -> str | None:
             return f"missing {name}"
         if f.stat().st_size != info["size"]:
             return f"{name} has {f.stat().st_size} bytes, expected {info['size']} (truncated?)"
-        if file_sha256(f) != info["sha256"]:
+        if hashes and file_sha256(f) != info["sha256"]:
             return f"{name} content does not match its sha256 (corrupt)"
     return None
 
@@ -129,10 +173,23 @@ def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dic
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The newest intact checkpoint; damaged newer ones are reported with a warning and skipped."""
+    """The newest intact checkpoint, None if there are none; damaged newer ones are reported with a warning
+    and skipped. If there are checkpoints but every one is damaged, CheckpointError lists them: starting
+    over silently would train from step 0 and, at its first save, rotate the damaged ones away."""
+    damaged = []
     for path in reversed(list_checkpoints(run_dir)):
         problem = verify_checkpoint(path)
         if problem is None:
+            for old, why in damaged:
+                warnings.warn(f"checkpoint {old} is damaged ({why}); falling back to the previous one", stacklevel=2)
             return path
-        warnings.warn(f"checkpoint {path} is damaged ({problem}); falling back to the previous one", stacklevel=2)
+        damaged.append((path, problem))
+    if damaged:
+        root = Path(run_dir) / CKPT_SUBDIR
+        raise CheckpointError(
+            f"every checkpoint in {root} is damaged, so this run cannot continue:\n  "
+            + "\n  ".join(f"{p.name}: {why}" for p, why in reversed(damaged))
+            + f"\nnot starting over from step 0: that would rotate them away and overwrite {Path(run_dir) / 'model'}. "
+              f"To continue, restore an intact checkpoint there; to start afresh, move or delete {root} (or use a "
+              f"new --run-dir)")
     return None

@@ -8,9 +8,10 @@ One optimiser step over a global batch of B images, with n processes (torchrun) 
                                         (seed, attempt, j): which images and which noise a slot gets
                                         does not depend on how the slots are spread over processes
     forward + backward per micro-batch (loss scaled by its share of good images)
-    one all-reduce of [good images, non-finite flag, loss sum, skipped files, signal, time up]
+    one all-reduce of [good images, non-finite flag, loss sum, skipped files, signal, time up, data dry]
         -> every process takes the same decision: step, skip (non-finite somewhere), or stop
-    one all-reduce of the flattened gradients (sum), then clip, optimiser, scheduler, EMA
+    one all-reduce of the flattened gradients (sum); non-finite anywhere -> skip (the reduced gradients
+        are the same on every process, so is this decision); else clip, optimiser, scheduler, EMA
 
 So n processes with A accumulation steps train like n' processes with A' = n A / n' (up to the order
 in which gradients are summed). The objective is defined per micro-batch (the flow loss balances its
@@ -46,11 +47,23 @@ from tqdm import tqdm
 from msdd.config import to_dict
 from msdd.data import SkipCounter, build_train_dataset, collate_skip_bad
 from msdd.dist import all_gather_object, all_reduce_sum, barrier, broadcast_object, broadcast_tensors, setup
-from msdd.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from msdd.train.checkpoint import (
+    CheckpointError, _step_dir, check_writable, latest_checkpoint, load_checkpoint, save_checkpoint,
+)  # fmt: skip
 
 
-def make_optimizer(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0) -> torch.optim.AdamW:
-    return torch.optim.AdamW([p for p in params if p.requires_grad], lr=lr, betas=tuple(betas), weight_decay=weight_decay)
+def make_optimizer(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, slow=(),
+                   slow_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over the trainable `params`; those also in `slow` train at lr * slow_scale (0: frozen)."""
+    slow_ids = {id(p) for p in slow}
+    fast = [p for p in params if p.requires_grad and id(p) not in slow_ids]
+    slow = [p for p in slow if p.requires_grad]
+    if slow and slow_scale == 0:
+        for p in slow:
+            p.requires_grad_(False)
+        slow = []
+    groups = [{"params": fast}] + ([{"params": slow, "lr": lr * slow_scale}] if slow else [])
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
 
 
 def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
@@ -115,6 +128,11 @@ class ResumableSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         return iter(self.order()[self.start :])
 
+    def dropped(self) -> list[int]:
+        """The indices epoch `epoch` leaves out on every process (the rest of its last global batch)."""
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.size, generator=g)[self.size // self.batch * self.batch :].tolist()
+
     def __len__(self) -> int:
         return max(0, self.size // self.batch * (self.batch // self.world_size) - self.start)
 
@@ -129,13 +147,19 @@ class BatchStream:
     """Endless batches over epochs with a resumable position: (epoch, batches taken this epoch).
 
     Map-style datasets are ordered by `sampler`; an IterableDataset (tar shards) orders and splits
-    itself and is told the position through `set_epoch(epoch, batches_done, batch_size)`."""
+    itself and is told the position through `set_epoch(epoch, batches_done, batch_size)`.
+
+    Batches are `collate_skip_bad` triples. `dry` becomes True once a whole pass over this process's data
+    (a full epoch, and for a map-style dataset also the images the epoch left out) gave not one usable
+    image, and False again at the next usable one; `example` is the last skipped (path, reason). A folder of
+    unreadable files would otherwise give empty batches forever: the loop stops when every process is dry."""
 
     def __init__(self, dataset, batch_size: int, sampler: ResumableSampler | None, collate_fn,
                  num_workers: int = 0) -> None:
         self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
         self.collate_fn, self.num_workers = collate_fn, num_workers
         self.epoch, self.batches_in_epoch = 0, 0
+        self.dry, self.example, self._dry_batches = False, None, 0  # _dry_batches: in a row, without an image
         self._it = None
         if sampler is not None and len(sampler) < batch_size:
             raise ValueError(f"the training set has {sampler.size} images, fewer than one global batch of "
@@ -167,12 +191,27 @@ class BatchStream:
             try:
                 batch = next(self._it)
                 self.batches_in_epoch += 1
+                if len(batch[0]):
+                    self.dry, self._dry_batches = False, 0
+                else:
+                    self._dry_batches += 1
+                    self.example = batch[2][0] if batch[2] else self.example
                 return batch
             except StopIteration:
                 if self.batches_in_epoch == 0:  # would loop forever
                     raise ValueError(f"the training data gives this process not one full batch of "
                                      f"{self.batch_size} per epoch; add data or lower the batch size") from None
+                # a whole epoch without an image (a resumed one counts only once seen from its start)
+                if self._dry_batches >= self.batches_in_epoch and not self._dropped_usable():
+                    self.dry = True
                 self.epoch, self.batches_in_epoch, self._it = self.epoch + 1, 0, None
+
+    def _dropped_usable(self) -> bool:
+        """Whether an image the epoch left out (drop_last) is usable: a dataset whose few good images all fell
+        there is not yet known to be unusable."""
+        if self.sampler is None:
+            return False
+        return any(self.dataset[i][0] is not None for i in self.sampler.dropped())
 
     def __iter__(self):
         return self
@@ -301,6 +340,7 @@ class TrainerBase:
                              f"processes x {self.section}.grad_accum = {world} x {s.grad_accum}")
         self.micro = s.batch_size // (world * s.grad_accum)
         self.cfg, self.run_dir, self.seed = cfg, Path(run_dir), seed
+        self._on_main(lambda: check_writable(self.run_dir))  # creates it
         dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit, rank, world)
         sampler = None if isinstance(dataset, IterableDataset) else \
             ResumableSampler(len(dataset), seed, rank, world, s.batch_size)
@@ -309,10 +349,22 @@ class TrainerBase:
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
         self.train_seconds, self._fit_t0 = 0.0, None  # wall time of fit() calls, kept across resumes
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
         self._config_json = json.dumps(to_dict(cfg), indent=2)
         self._writer, self._purge_step = None, None
+
+    def _on_main(self, fn):
+        """fn() on rank 0 only; its result on every process, or its CheckpointError raised on every process
+        (raised on rank 0 alone, it would leave the others waiting in the next collective)."""
+        out = None
+        if self.dist.is_main:
+            try:
+                out = fn()
+            except CheckpointError as e:
+                out = e
+        out = broadcast_object(out)
+        if isinstance(out, CheckpointError):
+            raise out
+        return out
 
     def generator(self, a: int) -> torch.Generator:
         """All randomness of micro-batch a's objective: seeded by (seed, attempt, slot rank * A + a), so it
@@ -348,8 +400,9 @@ class TrainerBase:
     def _resume(self, require: bool, check_config, fresh=None) -> None:
         """Continue from the newest intact checkpoint (chosen by rank 0), if any; `check_config(stored_json,
         path)` raises on a mismatch; `fresh()`, if given, runs instead when there is none (a new run).
-        Every process then holds rank 0's weights. Writes config.json."""
-        path = broadcast_object(latest_checkpoint(self.run_dir) if self.dist.is_main else None)
+        Checkpoints that are all damaged are a CheckpointError, not a new run. Every process then holds
+        rank 0's weights. Writes config.json."""
+        path = self._on_main(lambda: latest_checkpoint(self.run_dir))
         if path is None:
             if require:
                 raise FileNotFoundError(f"--resume: no intact checkpoint in {self.run_dir / 'checkpoints'}")
@@ -383,11 +436,11 @@ class TrainerBase:
 
     def train_step(self, images: torch.Tensor) -> dict | None:
         """One optimiser step on `images` as a single micro-batch (no data stream): metrics, or None
-        when the loss was not finite (nothing changed)."""
+        when the loss or the gradients were not finite (nothing changed)."""
         return self._step([images])[0]
 
     def _step(self, batches: list[torch.Tensor], skipped: int = 0, signum: int = 0,
-              time_up: bool = False) -> tuple[dict | None, dict]:
+              time_up: bool = False, dry: bool = False) -> tuple[dict | None, dict]:
         """Forward and backward over this process's micro-batches, then one decision taken by every
         process from the summed flags. Returns (metrics, or None when no step was taken; the flags)."""
         params = self.trained_parameters()
@@ -404,14 +457,19 @@ class TrainerBase:
             (loss * (len(images) / self.micro)).backward()  # weight = this micro-batch's share of good images
             n_good, loss_sum = n_good + len(images), loss_sum + loss.item() * len(images)
             outs.append((len(images), out))
-        flags = torch.tensor([n_good, bad, loss_sum, skipped, signum, time_up], dtype=torch.float64, device=self.device)
-        n, bad, loss_sum, skipped, signum, time_up = all_reduce_sum(flags).tolist()
-        info = {"images": int(n), "bad": bad > 0, "skipped": int(skipped), "signal": int(signum) > 0,
-                "time_up": time_up > 0}
+        flags = torch.tensor([n_good, bad, loss_sum, skipped, signum, time_up, dry], dtype=torch.float64,
+                             device=self.device)
+        n, bad, loss_sum, skipped, signum, time_up, dry = all_reduce_sum(flags).tolist()
+        info = {"images": int(n), "bad": bad > 0, "bad_grads": False, "skipped": int(skipped),
+                "signal": int(signum) > 0, "time_up": time_up > 0, "dry": int(dry) == self.dist.world_size}
         broadcast_tensors(self.synced_buffers())
         if bad or not n:
             return None, info
         self._reduce_grads(params, self.micro / n)
+        if not _grads_finite(params):  # a finite loss can still have inf / NaN gradients: skip like a bad loss
+            for p in params:
+                p.grad = None
+            return None, {**info, "bad": True, "bad_grads": True}
         return {"loss": loss_sum / n, **_weighted_means(outs), **self.optimizer_step()}, info
 
     def synced_buffers(self) -> list[torch.Tensor]:
@@ -457,7 +515,7 @@ class TrainerBase:
                     batches.append(images)
                     skipped += n_skipped
                 time_up = main and deadline is not None and time.monotonic() > deadline
-                out, info = self._step(batches, skipped, signals.received, time_up)
+                out, info = self._step(batches, skipped, signals.received, time_up, self.stream.dry)
                 self.skipped_images += info["skipped"]
                 if info["signal"] or info["time_up"]:
                     stop = signal.Signals(signals.received).name if signals.received else \
@@ -466,14 +524,19 @@ class TrainerBase:
                     self.bad_steps += 1
                     self.skipped_steps += 1
                     if main:
-                        warnings.warn(f"non-finite loss at step {self.step}: step skipped "
-                                      f"({self.bad_steps} in a row, {self.skipped_steps} in total)")
+                        warnings.warn(f"non-finite {'gradients' if info['bad_grads'] else 'loss'} at step "
+                                      f"{self.step}: step skipped ({self.bad_steps} in a row, "
+                                      f"{self.skipped_steps} in total)")
                     if self.bad_steps >= MAX_BAD_STEPS:
-                        raise RuntimeError(f"{self.bad_steps} non-finite losses in a row at step {self.step}; "
-                                           f"stopping. The last good checkpoint is intact; lower the learning rate "
-                                           f"or check the data")
+                        raise RuntimeError(f"{self.bad_steps} non-finite losses or gradients in a row at step "
+                                           f"{self.step}; stopping without saving. {self._newest_checkpoint()}")
                     continue
                 if out is None:  # not one usable image in the whole global batch
+                    if info["dry"]:
+                        path, reason = self.stream.example or ("?", "?")
+                        raise ValueError(f"not one usable image in a whole pass over the training data "
+                                         f"{self.cfg.data.source}: every file was skipped, e.g. {path}: {reason}; "
+                                         f"fix or replace the files, or point data.source elsewhere")
                     continue
                 self.bad_steps = 0
                 self.step += 1
@@ -514,6 +577,15 @@ class TrainerBase:
             self._writer = None
         return summary
 
+    def _newest_checkpoint(self) -> str:
+        """Where a run stopped by bad steps can continue from: the checkpoint it saved or resumed from, if any
+        (not "the last good checkpoint" of a run that never wrote one)."""
+        if self._saved_step is None:
+            return (f"No checkpoint has been written to {self.run_dir / 'checkpoints'}, so there is nothing to "
+                    f"continue from; lower the learning rate or check the data, and start again")
+        return (f"The newest checkpoint is {_step_dir(self.run_dir, self._saved_step)} (step {self._saved_step}); "
+                f"lower the learning rate or check the data, then run again to continue from it")
+
     # ------------------------------------------------------------------ logging
 
     @property
@@ -531,4 +603,9 @@ class TrainerBase:
             f.write(json.dumps({"step": self.step, **out}) + "\n")
 
 
-MAX_BAD_STEPS = 20  # consecutive non-finite losses before a run gives up
+def _grads_finite(params: list[nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+
+MAX_BAD_STEPS = 20  # consecutive non-finite losses or gradients before a run gives up

@@ -1,0 +1,236 @@
+"""Faults that used to pass silently or late (issue 14): every checkpoint damaged, an unwritable run
+directory, finite losses with non-finite gradients, a training folder with no usable image.
+
+Real files and real training runs with the tiny config; nothing under test is mocked (a gradient
+hook stands in for a layer whose backward overflows).
+"""
+
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msdd.cli import main
+from msdd.data import ImageFolderDataset, collate_skip_bad, load_photo
+from msdd.hub import file_sha256
+from msdd.train.checkpoint import (
+    CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint,
+)  # fmt: skip
+from msdd.train.loop import BatchStream, ResumableSampler
+from msdd.train.stage1 import Stage1Trainer
+
+from conftest import TINY, tiny_config
+
+SMALL = ["train.batch_size=4", "data.limit=16"]
+
+
+def _cli_train(run_dir, steps, *extra) -> int:
+    sets = [a for o in TINY + SMALL + list(extra) for a in ("--set", o)]
+    return main(["train", "--run-dir", str(run_dir), *sets, "--max-steps", str(steps)])
+
+
+def _truncate(path: Path, size: int) -> None:
+    path.write_bytes(path.read_bytes()[:size])
+
+
+# ---------------------------------------------------------------- 1: every checkpoint damaged
+
+
+def test_all_checkpoints_damaged_stops_instead_of_starting_over(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert _cli_train(run, 10, "train.ckpt_every=2") == 0
+    ckpts = list_checkpoints(run)
+    assert len(ckpts) >= 3
+    for c in ckpts:
+        _truncate(c / "model.safetensors", 1000)
+    before = {p: file_sha256(p) for p in sorted(run.rglob("*")) if p.is_file()}
+    capsys.readouterr()
+
+    assert _cli_train(run, 2, "train.ckpt_every=2") == 2  # before: warned, trained from step 0, exit 0
+    err = capsys.readouterr().err
+    assert f"every checkpoint in {run / 'checkpoints'} is damaged" in err
+    for c in ckpts:
+        assert re.search(rf"{c.name}: model\.safetensors has 1000 bytes, expected \d+", err)
+    assert "move or delete" in err and "--run-dir" in err
+    # nothing was touched: no new checkpoint, no rotation, the finished model and the log are as they were
+    assert list_checkpoints(run) == ckpts
+    assert {p: file_sha256(p) for p in sorted(run.rglob("*")) if p.is_file()} == before
+
+
+def test_rotation_never_deletes_the_intact_checkpoint_for_damaged_ones(tmp_path):
+    weights = {"model": {"w": torch.arange(1000.0)}}
+    for step in (6, 8, 10):
+        save_checkpoint(tmp_path, step, weights, {"step": step}, "{}", keep=3)
+    for step in (8, 10):
+        _truncate(tmp_path / f"checkpoints/step_{step:08d}/model.safetensors", 1000)
+    # resumed from step 6 (the newer two are damaged); with keep=1 its next save used to delete step 6 and
+    # itself and keep only the damaged step 10
+    with pytest.warns(UserWarning, match=r"deleting damaged checkpoint .*step_00000010 \(model\.safetensors has 1000"):
+        save_checkpoint(tmp_path, 8, weights, {"step": 8}, "{}", keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000008"]
+    assert verify_checkpoint(latest_checkpoint(tmp_path)) is None
+
+    # every other checkpoint damaged (and newer), as in a run restarted from step 0 over them: its first
+    # save used to be the one deleted, keeping the K=3 damaged ones
+    other = tmp_path / "other"
+    for step in (6, 8, 10):
+        save_checkpoint(other, step, weights, {"step": step}, "{}", keep=3)
+    for step in (6, 8, 10):
+        _truncate(other / f"checkpoints/step_{step:08d}/model.safetensors", 1000)
+    with pytest.warns(UserWarning, match="deleting damaged checkpoint"):
+        save_checkpoint(other, 2, weights, {"step": 2}, "{}", keep=3)
+    assert [p.name for p in list_checkpoints(other)] == ["step_00000002"]
+    assert latest_checkpoint(other).name == "step_00000002"
+
+
+# ---------------------------------------------------------------- 3: unwritable run directory
+
+
+def _can_create(folder: Path) -> bool:
+    try:
+        (folder / ".probe").touch()
+    except OSError:
+        return False
+    (folder / ".probe").unlink()
+    return True
+
+
+def _make_unwritable(folder: Path):
+    """No new entries in `folder` (existing files stay writable, as in a read-only-mode directory); returns
+    the undo. Root ignores permissions, so there the folder is made immutable (chattr +i) instead."""
+    folder.chmod(0o555)
+    if not _can_create(folder):
+        return lambda: folder.chmod(0o755)
+    folder.chmod(0o755)
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode or _can_create(folder):
+        pytest.skip("cannot make a folder unwritable here (root without chattr +i)")
+    return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+def test_an_unwritable_run_directory_stops_before_training(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")  # writable, so the old code trained until its first checkpoint
+    undo = _make_unwritable(run)
+    try:
+        with pytest.raises(CheckpointError, match=rf"cannot write to the run directory {re.escape(str(run))} "):
+            Stage1Trainer(tiny_config(*SMALL), run)
+        assert _cli_train(run, 2) == 2
+        assert f"error: cannot write to the run directory {run}" in capsys.readouterr().err
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        undo_parent = _make_unwritable(parent)
+        try:  # a run directory that cannot even be created: the same error, not an OSError traceback
+            with pytest.raises(CheckpointError, match=re.escape(str(parent / "new"))):
+                Stage1Trainer(tiny_config(*SMALL), parent / "new")
+        finally:
+            undo_parent()
+    finally:
+        undo()
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"]  # no probe left behind
+
+
+# ---------------------------------------------------------------- 4: non-finite gradients
+
+
+def _poison_first_grads(param: torch.nn.Parameter, n: int) -> None:
+    """The first `n` backward passes give `param` an inf gradient while the loss stays finite."""
+    calls = [0]
+
+    def hook(grad):
+        calls[0] += 1
+        return torch.full_like(grad, float("inf")) if calls[0] <= n else grad
+
+    param.register_hook(hook)
+
+
+def test_non_finite_gradients_with_a_finite_loss_are_skipped(tmp_path):
+    trainer = Stage1Trainer(tiny_config(*SMALL, "train.log_every=1"), tmp_path / "r")
+    _poison_first_grads(trainer.tok.encoder.patch_embed.weight, 3)
+    before = {k: v.clone() for k, v in trainer.tok.state_dict().items()}
+    ema_before = {k: v.clone() for k, v in trainer.ema.module.state_dict().items()}
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert trainer.train_step(images) is None  # nothing changed: weights, EMA, optimiser state
+    assert all(torch.equal(before[k], v) for k, v in trainer.tok.state_dict().items())
+    assert all(torch.equal(ema_before[k], v) for k, v in trainer.ema.module.state_dict().items())
+    assert not trainer.opt.state and trainer.ema.updates == 0
+
+    with pytest.warns(UserWarning, match=r"non-finite gradients at step 0: step skipped \(2 in a row"):
+        summary = trainer.fit(max_steps=3, progress=False)
+    assert summary["steps"] == 3 and summary["skipped_steps"] == 2
+    assert all(torch.isfinite(v).all() for v in trainer.tok.state_dict().values())
+    assert all(torch.isfinite(v).all() for v in trainer.ema.module.state_dict().values())
+    assert np.isfinite(summary["last"]["loss"]) and np.isfinite(summary["last"]["grad_norm"])
+
+
+def test_too_many_bad_steps_name_the_real_newest_checkpoint(tmp_path):
+    fresh = Stage1Trainer(tiny_config(*SMALL), tmp_path / "fresh")
+    _poison_first_grads(fresh.tok.encoder.patch_embed.weight, 10_000)
+    with pytest.warns(UserWarning, match="non-finite gradients"), pytest.raises(RuntimeError) as e:
+        fresh.fit(max_steps=5, progress=False)
+    assert "20 non-finite losses or gradients in a row at step 0" in str(e.value)
+    assert "No checkpoint has been written" in str(e.value) and "intact" not in str(e.value)
+    assert not list_checkpoints(tmp_path / "fresh")
+
+    saved = Stage1Trainer(tiny_config(*SMALL, "train.ckpt_every=2"), tmp_path / "saved")
+    saved.fit(max_steps=2, progress=False)
+    with torch.no_grad():
+        saved.tok.encoder.patch_embed.weight[0, 0] = float("nan")  # every loss is NaN from now on
+    with pytest.warns(UserWarning, match="non-finite loss"), pytest.raises(RuntimeError) as e:
+        saved.fit(max_steps=5, progress=False)
+    assert f"newest checkpoint is {tmp_path / 'saved/checkpoints/step_00000002'} (step 2)" in str(e.value)
+
+
+# ---------------------------------------------------------------- 5: no usable image at all
+
+
+def _unreadable_folder(root: Path, n: int = 8) -> Path:
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"broken_{i}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    return root
+
+
+def test_a_folder_of_only_unreadable_images_stops_with_an_error(tmp_path):
+    root = _unreadable_folder(tmp_path / "bad")
+    # no linear path: its PCA initialisation would already refuse this folder (the loop must, without one)
+    trainer = Stage1Trainer(tiny_config(f"data.source={root}", "train.batch_size=4", "model.linear_path=false"),
+                            tmp_path / "r")
+    # minutes: a bound for the code as it was, which drew empty batches at step 0 forever
+    with pytest.warns(UserWarning, match="skipping image"), pytest.raises(ValueError) as e:
+        trainer.fit(max_steps=2, minutes=0.25, progress=False)
+    msg = str(e.value)
+    assert msg.startswith(f"not one usable image in a whole pass over the training data {root}")
+    assert re.search(rf"e\.g\. {re.escape(str(root))}/broken_\d\.jpg: \S", msg)
+    assert trainer.step == 0 and not list_checkpoints(tmp_path / "r")
+
+
+def test_a_dry_epoch_is_not_final_while_a_left_out_image_is_usable(tmp_path):
+    """9 files, batches of 4: each epoch leaves one out. When that one is the only good image, the epoch
+    has no usable image but the data does: no stop."""
+    from PIL import Image
+
+    root = _unreadable_folder(tmp_path / "data")
+    Image.fromarray(np.ascontiguousarray(load_photo("coffee")[:64, :64])).save(root / "good.png")
+    dataset = ImageFolderDataset(root, 32, train=True)
+    good = [i for i, p in enumerate(dataset.paths) if p.name == "good.png"][0]
+
+    def fits(seed):  # epoch 0 leaves the good image out, epoch 1 does not start with it
+        sampler = ResumableSampler(9, seed, batch=4)
+        sampler.set_epoch(1)
+        return ResumableSampler(9, seed, batch=4).dropped() == [good] and good not in sampler.order()[:4]
+
+    seed = next(s for s in range(1000) if fits(s))
+    stream = BatchStream(dataset, 4, ResumableSampler(9, seed, batch=4), collate_skip_bad)
+    assert [len(next(stream)[0]) for _ in range(3)] == [0, 0, 0]  # epoch 0 and the first batch of epoch 1
+    assert stream.epoch == 1 and not stream.dry
+
+    (root / "good.png").write_bytes(b"not a png")  # now nothing is usable: dry after one epoch
+    stream = BatchStream(ImageFolderDataset(root, 32, train=True), 4, ResumableSampler(9, seed, batch=4),
+                         collate_skip_bad)
+    for _ in range(3):
+        next(stream)
+    assert stream.dry and Path(stream.example[0]).parent == root and stream.example[1]
