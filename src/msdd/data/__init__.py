@@ -36,6 +36,22 @@ def _folder(source: str) -> Path:
     return Path(source)
 
 
+def extra_photos(folder: str) -> tuple[str, ...]:
+    """The decodable photographs of `folder` (recursively), for data.source=embedded+FOLDER: they are
+    cropped at random scales like the embedded photos. Unusable files are skipped with a warning."""
+    paths, bad = [], []
+    for path in list_images(_folder(folder)):
+        try:
+            load_photo(str(path))
+            paths.append(str(path))
+        except BadImageError as e:
+            bad.append((str(path), str(e)))
+    SkipCounter().update(len(bad), bad)
+    if not paths:
+        raise ValueError(f"data.source=embedded+{folder}: no usable photograph in {folder}")
+    return tuple(paths)
+
+
 def build_train_dataset(
     source: str, resolution: int, seed: int, limit: int | None = None, rank: int = 0, world_size: int = 1
 ) -> EmbeddedCrops | ImageFolderDataset | TarShardDataset:
@@ -43,6 +59,9 @@ def build_train_dataset(
     Map-style datasets are split over processes by the sampler, tar shards by the dataset itself."""
     if source == "embedded":
         return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed)
+    if source.startswith("embedded+"):
+        return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed,
+                             photos=TRAIN_PHOTOS + extra_photos(source[len("embedded+"):]))
     if is_shard_source(source):
         return TarShardDataset(source, resolution, seed=seed, rank=rank, world_size=world_size, limit=limit)
     return ImageFolderDataset(_folder(source), resolution, train=True, seed=seed, limit=limit)

@@ -9,13 +9,14 @@ of `stereo_motorcycle` is almost its left view, so both are left out.
 
 import functools
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from msdd.data.images import center_crop_arr, to_tensor
+from msdd.data.images import center_crop_arr, load_image, to_tensor
 
 TRAIN_PHOTOS = (
     "coffee", "astronaut", "hubble_deep_field", "immunohistochemistry", "retina", "stereo_motorcycle",
@@ -34,6 +35,10 @@ def load_photo(name: str) -> np.ndarray:
     from sklearn.datasets import load_sample_image
 
     if name not in TRAIN_PHOTOS + HELDOUT_PHOTOS:
+        if Path(name).is_file():  # an extra photograph (data.source=embedded+FOLDER)
+            arr = load_image(name)
+            arr.setflags(write=False)
+            return arr
         raise ValueError(f"unknown embedded photo {name!r}; choose from {TRAIN_PHOTOS + HELDOUT_PHOTOS}")
     if name in _SKLEARN_PHOTOS:
         arr = load_sample_image(f"{name}.jpg")
@@ -98,7 +103,7 @@ class EmbeddedCrops(Dataset):
         if rng.random() < 0.5:
             x = x.flip(-1)
         x = (x[0] / 127.5 - 1.0).clamp(-1, 1)  # (3, R, R); clamp: float rounding
-        return x, f"embedded:{self.photos[p]}", None
+        return x, f"embedded:{Path(self.photos[p]).name}", None
 
 
 def embedded_eval_set(resolution: int, tiles: bool = True) -> tuple[torch.Tensor, list[str]]:
