@@ -119,7 +119,8 @@ def cmd_eval(args) -> None:
             warnings.simplefilter("ignore" if not info.is_main else "default")
             r = evaluate(tok, args.data, steps=steps, cfg=args.cfg, seed=args.seed, bf16=args.bf16,
                          batch_size=args.batch_size, limit=args.limit, inception_weights=args.inception_weights,
-                         vgg_weights=args.vgg_weights, dist_info=info, model_path=path)
+                         vgg_weights=args.vgg_weights, dist_info=info, model_path=path,
+                         pca_source=None if args.pca_source == "none" else args.pca_source)
         p = r["protocol"]
         r["label"] = f"{'student' if tok.config.one_step else 'teacher'} {p['steps_per_stage']} cfg {p['cfg']:g}"
         r["model"] = str(path)
@@ -129,6 +130,8 @@ def cmd_eval(args) -> None:
             extra = "".join(f", {k} {m[k]:.4f}" for k in ("lpips", "rfid") if k in m)
             print(f"{r['label']}: {p['images']} images, PSNR {m['psnr']:.3f} dB, SSIM {m['ssim']:.4f}{extra}, "
                   f"decode {r['img_per_s']:.2f} img/s")
+            for b in r["baselines"].values():
+                print(f"  baseline {b['method']} ({b['floats']} floats): PSNR {b['psnr']:.3f} dB, SSIM {b['ssim']:.4f}")
             for k, why in r["skipped_metrics"].items():
                 print(f"  skipped {k}: {why}")
             for w in r["warnings"]:
@@ -358,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", nargs="*", default=[], help="more model directories evaluated in the same run")
     p.add_argument("--data", default="embedded", help="'embedded' (held-out photos) or an image folder (e.g. ImageNet val)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--pca-source", default="embedded",
+                   help="training data the PCA baseline is fitted on (20,000 crops, cached): 'embedded', a folder, "
+                        "or 'none' to skip it (default: embedded)")
     p.add_argument("--sweep-steps", default=None,
                    help="several teacher schedules separated by ';', e.g. '1;2;5;10' or '30,30,30,30;10,10,10,10'")
     p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
@@ -391,7 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the tiny preset on the embedded photos, evaluate, write a report")
     _add_config_args(p)
-    p.add_argument("--minutes", type=float, default=10.0, help="training budget in minutes (default 10)")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="size both stages to this wall-time budget from a measured step time instead of the fixed "
+                        "step counts (the model then depends on the machine's speed)")
     p.add_argument("--out", default="msdd-demo", help="output folder (default: msdd-demo)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)

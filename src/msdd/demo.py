@@ -1,12 +1,15 @@
-"""`msdd demo`: the whole path on the embedded photographs, on a CPU, in a bounded time.
+"""`msdd demo`: the whole path on the embedded photographs, on a CPU, reproducibly.
 
-1. stage 1: train the tiny preset on random crops of the embedded training photos;
-2. stage 2: distil it into a one-step-per-stage student;
+1. stage 1: train the tiny preset on random crops of the embedded training photos for a fixed number
+   of steps (`DEMO_STAGE1_STEPS`; about 6 minutes on 2 cores);
+2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`; about 3 minutes);
 3. reconstruct the held-out photos (never seen in training) with teacher and student, timing both;
-4. compare with a bicubic down/up baseline that keeps as many floats as the latent;
+4. compare with the baselines that keep as many floats as the latent: bicubic down/up and PCA fitted
+   on training crops (msdd.eval.baselines), and with the shipped pretrained model of the same preset;
 5. write <out>/report/: grid.png, metrics.json, summary.md (also printed).
 
-`minutes` is the training budget of both stages together (70% stage 1, 30% stage 2).
+Fixed step counts make two machines train the same model; `minutes` instead sizes both stages from
+a measured step time (70% stage 1, 30% stage 2), so that model depends on the machine's speed.
 """
 
 from __future__ import annotations
@@ -22,11 +25,27 @@ import torch
 from msdd.config import Config, config_from_json, load_config
 from msdd.data import embedded_eval_set
 from msdd.eval.grid import save_grid
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
+from msdd.eval.baselines import default_pca_crops, pca_for_source
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
+from msdd.models.linear import pca_reconstruct
 from msdd.eval.reconstruct import reconstruct_images
+from msdd.hub import BUNDLED
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import Distiller, measure_distill_step_time
 from msdd.train.stage1 import Stage1Trainer, measure_step_time
+
+
+DEMO_STAGE1_STEPS = 1200
+DEMO_DISTILL_STEPS = 500
+
+
+def fixed_steps(cfg: Config, stage1: int = DEMO_STAGE1_STEPS, distill: int = DEMO_DISTILL_STEPS) -> Config:
+    """The demo's schedule: fixed step counts (warm-up, checkpoints and grids scaled to them)."""
+    train = replace(cfg.train, max_steps=stage1, warmup_steps=min(cfg.train.warmup_steps, stage1 // 10),
+                    ckpt_every=max(50, stage1 // 6), grid_every=max(50, stage1 // 4))
+    dist = replace(cfg.distill, max_steps=distill, warmup_steps=min(cfg.distill.warmup_steps, distill // 10),
+                   ckpt_every=max(50, distill // 5), grid_every=max(50, distill // 2))
+    return replace(cfg, train=train, distill=dist)
 
 
 def budgeted_config(cfg: Config, stage1_minutes: float, device: str) -> tuple[Config, float]:
@@ -57,7 +76,7 @@ def quality(recon: torch.Tensor, images: torch.Tensor, names: list[str]) -> dict
     }
 
 
-def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: str = "tiny-64",
+def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, preset: str = "tiny-64",
              overrides: tuple[str, ...] = (), device: str = "cpu", progress: bool = True) -> dict:
     out = Path(out_dir)
     run1, run2, report_dir = out / "stage1", out / "stage2", out / "report"
@@ -66,6 +85,9 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
     if (run1 / "config.json").exists():
         cfg = config_from_json((run1 / "config.json").read_text())
         print(f"continuing stage 1 in {run1}")
+    elif minutes is None:
+        cfg = fixed_steps(load_config(preset, list(overrides)))
+        print(f"stage 1: {cfg.train.max_steps} steps at batch {cfg.train.batch_size}")
     else:
         cfg, step_s = budgeted_config(load_config(preset, list(overrides)), 0.7 * minutes, device)
         print(f"stage 1: {step_s:.2f} s per step at batch {cfg.train.batch_size} -> {cfg.train.max_steps} steps")
@@ -73,6 +95,9 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
     if (run2 / "config.json").exists():
         cfg2 = config_from_json((run2 / "config.json").read_text())
         print(f"continuing stage 2 in {run2}")
+    elif minutes is None:
+        cfg2 = cfg
+        print(f"stage 2: {cfg2.distill.max_steps} steps at batch {cfg2.distill.batch_size}")
     else:
         cfg2, step_s = budgeted_distill(cfg, run1 / "model", 0.3 * minutes, device)
         print(f"stage 2: {step_s:.2f} s per step at batch {cfg2.distill.batch_size} -> {cfg2.distill.max_steps} steps")
@@ -83,10 +108,18 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
     images, names = embedded_eval_set(cfg.model.image_size)
     floats = cfg.model.latent_tokens * cfg.model.latent_dim
     bicubic = bicubic_baseline(images, floats)
+    pca = pca_for_source(cfg.data.source, cfg.model.image_size, floats)
+    pca_recon = quantize(pca_reconstruct(pca, images).clamp(-1, 1))
+    models = [("teacher", teacher), ("student", student)]
+    shipped = f"{cfg.name}-student"
+    if shipped in BUNDLED:  # what the shipped model of this preset does with the same images
+        tok = Tokenizer.from_pretrained(shipped, device=device)
+        if tok.config.image_size == cfg.model.image_size:
+            models.append(("shipped_student", tok))
     decoded = {}
-    for name, tok in (("teacher", teacher), ("student", student)):
+    for name, tok in models:
         recon, decode_s = reconstruct_images(tok, images, seed=0)
-        passes = sum(tok.default_steps()) * (1 if tok.config.sampling.cfg in (0.0, 1.0) else 2)
+        passes = tok.passes_per_image(tok.default_steps(), tok.resolve_cfg(None))
         decoded[name] = recon
         decoded[name + "_row"] = {**quality(recon, images, names), "steps_per_stage": list(tok.default_steps()),
                                   "cfg": tok.config.sampling.cfg, "decoder_passes": passes,
@@ -100,7 +133,8 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
                    "batch_size": cfg.train.batch_size, "final_loss": summary1["last"].get("loss")},
         "stage2": {"steps": summary2["steps"], "seconds": round(summary2["seconds"], 1),
                    "batch_size": cfg2.distill.batch_size, "discriminator": cfg2.distill.discriminator,
-                   "perceptual": cfg2.distill.perceptual if cfg2.distill.lambda_perc > 0 else "none"},
+                   "perceptual": cfg2.distill.perceptual if cfg2.distill.lambda_perc > 0 else "none",
+                   "lambda_pix": cfg2.distill.lambda_pix},
         "eval_set": {"images": len(names), "source": "embedded held-out photos (chelsea, rocket, flower): whole "
                      "photo centre crops + 2x2 and 3x3 tiles, never seen in training",
                      "resolution": cfg.model.image_size},
@@ -112,11 +146,17 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
                                "speedup": round(t["decode_seconds_per_image"] / s["decode_seconds_per_image"], 2)},
         "bicubic": {**quality(bicubic, images, names), "side": bicubic_side(floats),
                     "floats": 3 * bicubic_side(floats) ** 2},
+        "pca": {**quality(pca_recon, images, names), "components": floats, "floats": floats,
+                "fitted_on": f"{default_pca_crops()} training crops of data.source={cfg.data.source}"},
     }
+    if "shipped_student_row" in decoded:
+        results["shipped_student"] = {**decoded["shipped_student_row"], "model": shipped}
     report_dir.mkdir(parents=True, exist_ok=True)
     order = sorted(range(len(names)), key=lambda i: ("_" in names[i], i))[:12]  # whole photos first
-    save_grid([images[order], bicubic[order], decoded["teacher"][order], decoded["student"][order]],
-              report_dir / "grid.png")
+    columns = [images, bicubic, pca_recon, decoded["teacher"], decoded["student"]]
+    if "shipped_student" in decoded:
+        columns.append(decoded["shipped_student"])
+    save_grid([c[order] for c in columns], report_dir / "grid.png")
     (report_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     summary = render_summary(results, time.monotonic() - t_start)
     (report_dir / "summary.md").write_text(summary)
@@ -126,19 +166,22 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float = 10.0, preset: s
 
 def render_summary(r: dict, total_s: float) -> str:
     rows = []
-    for key, label in (("teacher", "msdd teacher (stage 1)"), ("student", "msdd student (stage 2)")):
+    labels = [("teacher", "msdd teacher (stage 1, trained here)"), ("student", "msdd student (stage 2, trained here)")]
+    if "shipped_student" in r:
+        labels.append(("shipped_student", f"shipped {r['shipped_student']['model']} (pretrained)"))
+    for key, label in labels:
         m = r[key]
         rows.append(f"| {label}, steps {m['steps_per_stage']}, cfg {m['cfg']} | {r['latent']['floats']} | "
                     f"{m['psnr']:.2f} | {m['ssim']:.3f} | {m['psnr_whole_photos']:.2f} | {m['decoder_passes']} | "
                     f"{m['decode_seconds_per_image']:.4f} |")
-    b, sv = r["bicubic"], r["student_vs_teacher"]
-    gain = r["teacher"]["psnr"] - b["psnr"]
+    b, pca, sv = r["bicubic"], r["pca"], r["student_vs_teacher"]
     lines = [
         f"# msdd demo ({r['preset']}, {r['device']}, {r['machine']})",
         "",
         f"Stage 1: {r['stage1']['steps']} steps (batch {r['stage1']['batch_size']}) in {r['stage1']['seconds']:.0f} s. "
         f"Stage 2: {r['stage2']['steps']} steps (batch {r['stage2']['batch_size']}, {r['stage2']['discriminator']} "
-        f"discriminator, perceptual: {r['stage2']['perceptual']}) in {r['stage2']['seconds']:.0f} s. "
+        f"discriminator, perceptual: {r['stage2']['perceptual']}, pixel loss weight {r['stage2']['lambda_pix']:g}) in "
+        f"{r['stage2']['seconds']:.0f} s. "
         f"Whole demo: {total_s / 60:.1f} min.",
         f"Evaluated on {r['eval_set']['images']} held-out images at {r['eval_set']['resolution']} px "
         f"({r['eval_set']['source']}).",
@@ -148,12 +191,16 @@ def render_summary(r: dict, total_s: float) -> str:
         *rows,
         f"| bicubic {b['side']}x{b['side']} -> up | {b['floats']} | {b['psnr']:.2f} | {b['ssim']:.3f} | "
         f"{b['psnr_whole_photos']:.2f} | - | - |",
+        f"| PCA, {pca['components']} components ({pca['fitted_on']}) | {pca['floats']} | {pca['psnr']:.2f} | "
+        f"{pca['ssim']:.3f} | {pca['psnr_whole_photos']:.2f} | - | - |",
         "",
         f"Student vs teacher: {sv['psnr_diff_db']:+.2f} dB PSNR with {sv['pass_ratio']:g}x fewer decoder passes, "
         f"{sv['speedup']:g}x faster decode (measured in this run).",
-        f"The teacher is {abs(gain):.2f} dB {'above' if gain >= 0 else 'below'} the bicubic baseline at the same "
-        "number of floats.",
-        "Grid (real | bicubic | teacher | student): report/grid.png",
+        *[f"The {key} is {abs(r[key]['psnr'] - base['psnr']):.2f} dB "
+          f"{'above' if r[key]['psnr'] >= base['psnr'] else 'below'} the {label} baseline at the same number of floats."
+          for key in ("teacher", "student") for base, label in ((b, "bicubic"), (pca, "PCA"))],
+        "Grid (real | bicubic | PCA | teacher | student" + (" | shipped student" if "shipped_student" in r else "")
+        + "): report/grid.png",
         "",
     ]
     return "\n".join(lines)

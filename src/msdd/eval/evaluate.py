@@ -13,6 +13,7 @@ states are summed across processes before `compute()`.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +25,9 @@ from torchmetrics import MeanMetric, SumMetric
 
 from msdd.data import ImageFolderDataset, embedded_eval_set
 from msdd.dist import DistInfo
-from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
+from msdd.eval.baselines import default_pca_crops, pca_for_source
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
+from msdd.models.linear import pca_reconstruct
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import resolve_weights
@@ -108,15 +111,22 @@ def evaluate(
     vgg_weights: str | Path | None = None,
     dist_info: DistInfo = DistInfo(),
     model_path: str | Path | None = None,
+    pca_source: str | None = "embedded",
 ) -> dict:
+    """Metrics of `tok` on `source`, with the protocol; beside them (`baselines`) the PSNR/SSIM of
+    bicubic down/up and of PCA (fitted on training crops of `pca_source`, None to skip) with as many
+    floats as the latent, on the same images."""
     device = tok.device
+    floats = math.prod(tok.config.latent_shape)
+    pca = pca_for_source(pca_source, tok.config.image_size, floats) if pca_source else None
     steps = tok.resolve_steps(steps)
     cfg = tok.resolve_cfg(cfg)
     data = eval_images(source, tok.config.image_size, limit)
     shard = range(dist_info.rank, len(data), dist_info.world_size)
     loader = DataLoader(_Indexed(data, shard), batch_size=batch_size, collate_fn=_collate_indexed)
 
-    metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds")}
+    metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds", "bicubic_psnr",
+                                                          "bicubic_ssim", "pca_psnr", "pca_ssim")}
     count = SumMetric().to(device)
     fid, fid_skip = build_fid(inception_weights, device)
     lpips, lpips_skip = build_lpips(vgg_weights, device)
@@ -140,6 +150,13 @@ def evaluate(
         metrics["psnr"].update(psnr_per_image(recon, ref))
         metrics["ssim"].update(ssim_per_image(recon, ref))
         count.update(float(len(images)))
+        baselines = [("bicubic", bicubic_baseline(ref, floats))]
+        if pca is not None:
+            baselines.append(("pca", pca_reconstruct(pca, ref.cpu()).clamp(-1, 1).to(device)))
+        for name, base in baselines:
+            base = quantize(base)
+            metrics[f"{name}_psnr"].update(psnr_per_image(base, ref))
+            metrics[f"{name}_ssim"].update(ssim_per_image(base, ref))
         if lpips is not None:
             with autocast(device, bf16):
                 metrics["lpips"].update(lpips(recon, ref).float())
@@ -165,8 +182,17 @@ def evaluate(
         skipped["rfid"] = fid_skip
     for w in warns:
         warnings.warn(w)
+    side = bicubic_side(floats)
+    baselines_out = {"bicubic": {"psnr": metrics["bicubic_psnr"].compute().item(),
+                                 "ssim": metrics["bicubic_ssim"].compute().item(), "floats": 3 * side * side,
+                                 "method": f"bicubic down to {side}x{side} and back up"}}
+    if pca is not None:
+        baselines_out["pca"] = {"psnr": metrics["pca_psnr"].compute().item(), "ssim": metrics["pca_ssim"].compute().item(),
+                                "floats": floats, "method": f"PCA, {floats} components fitted on "
+                                f"{default_pca_crops()} training crops of {pca_source}"}
     return {
         "metrics": out_metrics,
+        "baselines": baselines_out,
         "skipped_metrics": skipped,
         "warnings": warns,
         "decode_seconds_per_image": metrics["decode_seconds"].compute().item(),

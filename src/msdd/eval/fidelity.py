@@ -36,7 +36,9 @@ from msdd.config import Config, load_config
 from msdd.data import embedded_eval_set
 from msdd.demo import budgeted_config, budgeted_distill
 from msdd.eval.evaluate import evaluate
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
+from msdd.eval.baselines import pca_for_source
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
+from msdd.models.linear import pca_reconstruct
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import build_distiller
 from msdd.train.stage1 import Stage1Trainer
@@ -108,7 +110,7 @@ class Fidelity:
 
     def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
         tok = Tokenizer.from_pretrained(model, device=self.device)
-        r = evaluate(tok, "embedded", batch_size=42, model_path=model, **decode)
+        r = evaluate(tok, "embedded", batch_size=42, model_path=model, pca_source=None, **decode)
         p = r["protocol"]
         row = {"experiment": experiment, "variant": variant, "seed": seed, "psnr": r["metrics"]["psnr"],
                "ssim": r["metrics"]["ssim"], "decode_s_per_img": r["decode_seconds_per_image"],
@@ -128,6 +130,12 @@ class Fidelity:
         self.rows.append({"experiment": "baseline", "variant": f"bicubic {bicubic_side(floats)}px", "seed": 0,
                           "psnr": psnr_per_image(bic, self.images).mean().item(),
                           "ssim": ssim_per_image(bic, self.images).mean().item(), "decode_s_per_img": None,
+                          "passes": 0, "steps": [], "cfg": None})
+        pca = quantize(pca_reconstruct(pca_for_source("embedded", self.base.model.image_size, floats),
+                                       self.images).clamp(-1, 1))
+        self.rows.append({"experiment": "baseline", "variant": f"PCA {floats} components", "seed": 0,
+                          "psnr": psnr_per_image(pca, self.images).mean().item(),
+                          "ssim": ssim_per_image(pca, self.images).mean().item(), "decode_s_per_img": None,
                           "passes": 0, "steps": [], "cfg": None})
         for seed in range(self.seeds):
             for stages in (1, 3, 4):
