@@ -2,7 +2,7 @@
 
 1. stage 1: train the tiny preset on random crops of the embedded training photos for a fixed number
    of steps (`DEMO_STAGE1_STEPS`; about 6 minutes on 2 cores);
-2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`; about 3 minutes);
+2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`; about 4.5 minutes);
 3. reconstruct the held-out photos (never seen in training) with teacher and student, timing both;
 4. compare with the baselines that keep as many floats as the latent: bicubic down/up and PCA fitted
    on training crops (msdd.eval.baselines), and with the shipped pretrained model of the same preset;
@@ -35,8 +35,8 @@ from msdd.train.distill import Distiller, measure_distill_step_time
 from msdd.train.stage1 import Stage1Trainer, measure_step_time
 
 
-DEMO_STAGE1_STEPS = 1200
-DEMO_DISTILL_STEPS = 500
+DEMO_STAGE1_STEPS = 900
+DEMO_DISTILL_STEPS = 250
 
 
 def fixed_steps(cfg: Config, stage1: int = DEMO_STAGE1_STEPS, distill: int = DEMO_DISTILL_STEPS) -> Config:
