@@ -117,3 +117,13 @@ def test_demo_writes_a_report(tmp_path, capsys):
     assert (out / "report" / "grid.png").exists()
     assert "bicubic" in (out / "report" / "summary.md").read_text()
     assert "msdd demo" in capsys.readouterr().out
+
+
+def test_demo_stops_when_a_stage_is_interrupted(tmp_path):
+    """A stage stopped by SIGTERM ends the demo with 128 + 15 instead of going on without its model."""
+    from msdd.demo import _stop_if_interrupted
+
+    with pytest.raises(SystemExit) as e:
+        _stop_if_interrupted({"interrupted": "SIGTERM"}, tmp_path)
+    assert e.value.code == 143
+    assert _stop_if_interrupted({"interrupted": None}, tmp_path) == {"interrupted": None}

@@ -208,7 +208,7 @@ def test_distill_cli_dispatches_on_the_teacher_family(ssdd_teacher, tmp_path, ca
 
 def test_plain_family_trains_and_decodes_in_one_deterministic_pass(photo_folder, tmp_path):
     cfg = tiny_config("model.family=plain", f"data.source={photo_folder}", f"data.eval_source={photo_folder}",
-                      "train.log_every=1", "train.ckpt_every=1000", "train.batch_size=6")
+                      "train.log_every=1", "train.ckpt_every=1000", "train.batch_size=6", "model.linear_path=false")
     trainer = Stage1Trainer(cfg, tmp_path / "run")
     trainer.fit(max_steps=150, progress=False)
     losses = _losses(tmp_path / "run")

@@ -66,6 +66,18 @@ def budgeted_distill(cfg: Config, teacher: Path, minutes: float, device: str) ->
     return replace(cfg, distill=distill), step_s
 
 
+def _stop_if_interrupted(summary: dict, out: Path) -> dict:
+    """A stage stopped by SIGTERM / SIGINT ends the demo (exit code 128 + signal) instead of going on
+    without its model; the same command continues it."""
+    import signal
+
+    stop = summary["interrupted"]
+    if stop:
+        print(f"demo interrupted ({stop}); run the same command again (`msdd demo --out {out}`) to continue")
+        raise SystemExit(128 + signal.Signals[stop] if stop in signal.Signals.__members__ else 1)
+    return summary
+
+
 def quality(recon: torch.Tensor, images: torch.Tensor, names: list[str]) -> dict:
     psnr, ssim = psnr_per_image(recon, images), ssim_per_image(recon, images)
     whole = torch.tensor(["_" not in n for n in names])  # the whole held-out photos (not their tiles)
@@ -91,7 +103,7 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
     else:
         cfg, step_s = budgeted_config(load_config(preset, list(overrides)), 0.7 * minutes, device)
         print(f"stage 1: {step_s:.2f} s per step at batch {cfg.train.batch_size} -> {cfg.train.max_steps} steps")
-    summary1 = Stage1Trainer(cfg, run1, device=device).fit(progress=progress)
+    summary1 = _stop_if_interrupted(Stage1Trainer(cfg, run1, device=device).fit(progress=progress), out)
     if (run2 / "config.json").exists():
         cfg2 = config_from_json((run2 / "config.json").read_text())
         print(f"continuing stage 2 in {run2}")
@@ -101,7 +113,7 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
     else:
         cfg2, step_s = budgeted_distill(cfg, run1 / "model", 0.3 * minutes, device)
         print(f"stage 2: {step_s:.2f} s per step at batch {cfg2.distill.batch_size} -> {cfg2.distill.max_steps} steps")
-    summary2 = Distiller(cfg2, run1 / "model", run2, device=device).fit(progress=progress)
+    summary2 = _stop_if_interrupted(Distiller(cfg2, run1 / "model", run2, device=device).fit(progress=progress), out)
 
     teacher = Tokenizer.from_pretrained(run1 / "model", device=device)
     student = Tokenizer.from_pretrained(run2 / "model", device=device)

@@ -24,6 +24,7 @@ from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
 from msdd.models.layers import JointBlock, RopeCache, TimestepEmbedder, modulate
+from msdd.models.linear import fp32_region
 
 
 class FinalLayer(nn.Module):
@@ -70,7 +71,7 @@ class Decoder(nn.Module):
 
     def linear_image(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
         """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`; fp32."""
-        with torch.autocast(z.device.type, enabled=False):
+        with fp32_region(z.device):
             x_lin = self.from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
         factor = self.image_size // resolution
         return F.avg_pool2d(x_lin, factor) if factor > 1 else x_lin

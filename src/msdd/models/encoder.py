@@ -16,6 +16,7 @@ from torch import nn
 
 from msdd.config import EncoderConfig
 from msdd.models.layers import JointBlock, RopeCache
+from msdd.models.linear import fp32_region
 
 
 class Encoder(nn.Module):
@@ -50,6 +51,6 @@ class Encoder(nn.Module):
             x, reg = block(x, reg, None, rope)
         z = self.to_latent(self.norm(reg))
         if self.to_linear is not None:
-            with torch.autocast(images.device.type, enabled=False):  # the linear code in fp32
+            with fp32_region(images.device):  # the linear code in fp32
                 z = z.float() + self.to_linear(images.float().flatten(1)).view(z.shape)
         return z

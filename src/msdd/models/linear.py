@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -74,3 +75,11 @@ def init_linear_path(encode: nn.Linear, decode: nn.Linear, pca: PCA) -> None:
     encode.bias.copy_(-(pca.components @ pca.mean) / std)
     decode.weight.copy_((pca.components * std[:, None]).T)
     decode.bias.copy_(pca.mean)
+
+
+def fp32_region(device: torch.device):
+    """Autocast off on `device` (the linear path runs in fp32); a no-op where autocast does not exist
+    (e.g. the meta tensors of FLOP counting)."""
+    if device.type in ("cpu", "cuda", "xpu", "mps"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
