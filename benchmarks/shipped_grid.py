@@ -12,11 +12,10 @@ import torch
 
 from msdd import Tokenizer
 from msdd.data.embedded import embedded_eval_set
-from msdd.eval.baselines import pca_for_source
+from msdd.eval.baselines import pca_baseline, pca_for_source
 from msdd.eval.grid import save_grid
 from msdd.eval.metrics import bicubic_baseline, quantize
 from msdd.eval.reconstruct import reconstruct_images
-from msdd.models.linear import pca_reconstruct
 
 
 def main() -> None:
@@ -32,7 +31,7 @@ def main() -> None:
     x = images[order]
     floats = teacher.config.latent_tokens * teacher.config.latent_dim
     pca = pca_for_source("embedded", teacher.config.image_size, floats)
-    columns = [x, quantize(bicubic_baseline(x, floats)), quantize(pca_reconstruct(pca, x).clamp(-1, 1)),
+    columns = [x, quantize(bicubic_baseline(x, floats)), pca_baseline(pca, x),
                reconstruct_images(teacher, x, seed=0)[0], reconstruct_images(student, x, seed=0)[0]]
     print(f"grid -> {save_grid(columns, args.out)} (real | bicubic | PCA | teacher | student)")
 

@@ -25,9 +25,8 @@ import torch
 from msdd.config import Config, config_from_json, load_config
 from msdd.data import embedded_eval_set
 from msdd.eval.grid import save_grid
-from msdd.eval.baselines import default_pca_crops, pca_for_source
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
-from msdd.models.linear import pca_reconstruct
+from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
 from msdd.eval.reconstruct import reconstruct_images
 from msdd.hub import BUNDLED
 from msdd.tokenizer import Tokenizer
@@ -121,7 +120,7 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
     floats = cfg.model.latent_tokens * cfg.model.latent_dim
     bicubic = bicubic_baseline(images, floats)
     pca = pca_for_source(cfg.data.source, cfg.model.image_size, floats)
-    pca_recon = quantize(pca_reconstruct(pca, images).clamp(-1, 1))
+    pca_recon = pca_baseline(pca, images)
     models = [("teacher", teacher), ("student", student)]
     shipped = f"{cfg.name}-student"
     if shipped in BUNDLED:  # what the shipped model of this preset does with the same images

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from msdd.models.linear import PCA, fit_pca
+from msdd.models.linear import PCA, fit_pca, pca_reconstruct
 
 DEFAULT_PCA_CROPS = 20_000
 
@@ -78,3 +78,11 @@ def pca_for_source(source: str, resolution: int, components: int, crops: int | N
                   metadata={"key": key})
         os.replace(tmp, path)
     return pca
+
+
+def pca_baseline(pca: PCA, images: torch.Tensor) -> torch.Tensor:
+    """The PCA code's reconstruction of images (N, 3, R, R) in [-1, 1], rounded to 8 bits like every
+    reconstruction a report scores; on the images' device."""
+    from msdd.eval.metrics import quantize
+
+    return quantize(pca_reconstruct(pca, images.cpu()).clamp(-1, 1)).to(images.device)

@@ -25,9 +25,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from msdd.data import ImageFolderDataset, embedded_eval_set
 from msdd.dist import DistInfo
-from msdd.eval.baselines import default_pca_crops, pca_for_source
+from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
-from msdd.models.linear import pca_reconstruct
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import resolve_weights
@@ -150,11 +149,10 @@ def evaluate(
         metrics["psnr"].update(psnr_per_image(recon, ref))
         metrics["ssim"].update(ssim_per_image(recon, ref))
         count.update(float(len(images)))
-        baselines = [("bicubic", bicubic_baseline(ref, floats))]
+        baselines = [("bicubic", quantize(bicubic_baseline(ref, floats)))]
         if pca is not None:
-            baselines.append(("pca", pca_reconstruct(pca, ref.cpu()).clamp(-1, 1).to(device)))
+            baselines.append(("pca", pca_baseline(pca, ref)))
         for name, base in baselines:
-            base = quantize(base)
             metrics[f"{name}_psnr"].update(psnr_per_image(base, ref))
             metrics[f"{name}_ssim"].update(ssim_per_image(base, ref))
         if lpips is not None:

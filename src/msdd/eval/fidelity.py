@@ -36,9 +36,8 @@ from msdd.config import Config, load_config
 from msdd.data import embedded_eval_set
 from msdd.demo import budgeted_config, budgeted_distill
 from msdd.eval.evaluate import evaluate
-from msdd.eval.baselines import pca_for_source
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
-from msdd.models.linear import pca_reconstruct
+from msdd.eval.baselines import pca_baseline, pca_for_source
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import build_distiller
 from msdd.train.stage1 import Stage1Trainer
@@ -131,8 +130,7 @@ class Fidelity:
                           "psnr": psnr_per_image(bic, self.images).mean().item(),
                           "ssim": ssim_per_image(bic, self.images).mean().item(), "decode_s_per_img": None,
                           "passes": 0, "steps": [], "cfg": None})
-        pca = quantize(pca_reconstruct(pca_for_source("embedded", self.base.model.image_size, floats),
-                                       self.images).clamp(-1, 1))
+        pca = pca_baseline(pca_for_source("embedded", self.base.model.image_size, floats), self.images)
         self.rows.append({"experiment": "baseline", "variant": f"PCA {floats} components", "seed": 0,
                           "psnr": psnr_per_image(pca, self.images).mean().item(),
                           "ssim": ssim_per_image(pca, self.images).mean().item(), "decode_s_per_img": None,
