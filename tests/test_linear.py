@@ -100,3 +100,66 @@ def test_student_pixel_loss_changes_gradients_only_when_weighted(tmp_path):
     change = grads[0.5] - grads[0.0]
     assert change.abs().max() > 1e-6
     torch.testing.assert_close(grads[1.0] - grads[0.0], 2 * change, atol=1e-6, rtol=1e-3)
+
+
+def test_fresh_ssdd_with_linear_path_and_x_prediction_is_the_pca_code():
+    """The SSDD family with the token latent takes the same recipe: a fresh model decodes as the PCA code
+    at any step count, its x-prediction loss is MSE on the image estimate, and a spatial latent has no
+    linear path."""
+    from msdd.flow.ssdd import ssdd_loss
+
+    ssdd = ["model.family=ssdd", "model.ssdd.base_channels=8", "model.ssdd.channel_mults=[1,2]",
+            "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2", "model.ssdd.mid_mlp_hidden=32",
+            "model.ssdd.encoder_channels=[8,8,16,16]", "train.bf16=false", "model.linear_path=true"]
+    cfg = tiny_config(*ssdd, "model.ssdd.prediction=x").model
+    tok = Tokenizer(cfg)
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
+    pca = fit_pca(data, cfg.latent_tokens * cfg.latent_dim)
+    tok.init_linear_path(pca)
+    x = data[:3] * 0.5
+    want = pca_reconstruct(pca, x).clamp(-1, 1)
+    for steps in (1, 4):
+        assert torch.allclose(tok.decode(tok.encode(x), steps=steps), want, atol=1e-4)
+    loss, terms = ssdd_loss(tok.decoder, x, tok.encode(x), generator=torch.Generator().manual_seed(1))
+    assert set(terms) == {"loss_x"}
+    assert loss.item() == pytest.approx((pca_reconstruct(pca, x) - x).pow(2).mean().item(), rel=1e-4)
+    torch.nn.init.normal_(tok.decoder.out_conv.weight, std=0.05)  # now the network adds to x_lin
+    assert not torch.allclose(tok.decode(tok.encode(x), steps=1), want, atol=1e-3)
+    spatial = Tokenizer(tiny_config(*ssdd, "model.ssdd.latent_kind=spatial").model)
+    assert spatial.decoder.from_linear is None and not spatial.config.uses_linear_path
+
+
+def test_refiner_starts_as_the_identity_trains_and_fine_tunes_a_model_without_one(tmp_path):
+    """model.refiner_width: a fresh tokenizer with a refiner still decodes as the PCA code; a stage-1 run
+    trains the refiner (the linear maps stay frozen); a model trained without one fine-tunes into one
+    (train.init_from) with the refiner starting as the identity; the refiner needs the linear path."""
+    from msdd.train.stage1 import Stage1Trainer
+
+    base = ("model.linear_path=true", "model.flow.prediction=x", "train.pca_crops=300", "train.linear_lr_scale=0",
+            "model.flow.cfg_drop=0", "train.max_steps=3")
+    cfg = tiny_config(*base, "model.refiner_width=8", "model.refiner_blocks=1")
+    tok = Tokenizer(cfg.model)
+    g = torch.Generator().manual_seed(0)
+    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
+    pca = fit_pca(data, cfg.model.latent_tokens * cfg.model.latent_dim)
+    tok.init_linear_path(pca)
+    x = data[:3] * 0.5
+    assert torch.allclose(tok.decode(tok.encode(x), steps=[1, 1, 1]), pca_reconstruct(pca, x).clamp(-1, 1), atol=1e-4)
+
+    plain = Stage1Trainer(tiny_config(*base), tmp_path / "plain")
+    plain.fit(progress=False)
+    tr = Stage1Trainer(replace_cfg(cfg, init_from=str(tmp_path / "plain" / "model")), tmp_path / "ft")
+    assert torch.equal(tr.tok.decoder.from_linear.weight, plain.ema.module.decoder.from_linear.weight)
+    assert tr.tok.decoder.refiner.out.weight.abs().sum() == 0  # the identity
+    tr.fit(progress=False)
+    assert tr.tok.decoder.refiner.out.weight.abs().sum() > 0  # trained
+    assert torch.equal(tr.tok.decoder.from_linear.weight, plain.ema.module.decoder.from_linear.weight)  # frozen
+    with pytest.raises(ValueError, match="refiner_width"):
+        tiny_config("model.linear_path=false", "model.refiner_width=8")
+
+
+def replace_cfg(cfg, **train):
+    from dataclasses import replace
+
+    return replace(cfg, train=replace(cfg.train, **train))

@@ -27,6 +27,7 @@ SSDD_TINY = [
     "model.family=ssdd", "model.ssdd.base_channels=8", "model.ssdd.channel_mults=[1,2]",
     "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2", "model.ssdd.mid_mlp_hidden=32", "model.ssdd.steps=4",
     "model.ssdd.encoder_channels=[8,8,16,16]", "train.bf16=false",
+    "model.linear_path=false",  # the family without the PCA path (test_linear.py covers it with one)
 ]
 
 
@@ -171,7 +172,7 @@ def ssdd_teacher(tmp_path_factory):
 def test_single_step_distillation_reduces_student_teacher_gap(ssdd_teacher, tmp_path):
     cfg = ssdd_config("distill.batch_size=8", "distill.lr=3e-4", "distill.warmup_steps=10", "distill.max_steps=150",
                       "distill.log_every=1000", "distill.ckpt_every=1000", "distill.grid_every=1000",
-                      "distill.perceptual=none")
+                      "distill.perceptual=none", "distill.lambda_pix=0")  # teacher targets only
     d = build_distiller(cfg, ssdd_teacher, tmp_path / "d")
     assert isinstance(d, SSDDDistiller)
     ds = EmbeddedCrops(32, length=16, seed=123)  # crops and noise the distillation never sees

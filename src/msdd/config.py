@@ -139,12 +139,16 @@ class SSDDConfig:
     steps: int = 8
     shift: float = 2.0
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
+    # v: the network predicts the velocity n - x (SSDD); x: it predicts the image (plus x_lin with the
+    # linear path), trained with MSE on it, and the sampler uses the velocity (x_t - x_hat) / t
+    prediction: Literal["v", "x"] = "v"
     lpips_weight: float = 0.0
     repa_weight: float = 0.0
 
     def validate(self, prefix: str, image_size: int) -> None:
         _check_choice(self.latent_kind, f"{prefix}.latent_kind", ("tokens", "spatial"))
         _check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
+        _check_choice(self.prediction, f"{prefix}.prediction", ("v", "x"))
         for name in ("base_channels", "blocks_per_level", "mid_depth", "mid_heads", "mid_mlp_hidden",
                      "spatial_channels", "steps"):
             _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
@@ -196,12 +200,23 @@ class ModelConfig:
     # True for a distilled student: it decodes with one step (per stage) unless asked otherwise.
     one_step: bool = False
     # A linear path through the latent (msdd.models.linear), PCA-initialised at the start of training:
-    # z = P x + z_net, and the decoder refines x_lin = D z (msdd and plain families; SSDD has none and
-    # ignores it, like the other sections it does not use).
+    # z = P x + z_net, and the decoder refines x_lin = D z (every family with the token latent; SSDD's
+    # spatial latent has none and ignores it, like the other sections it does not use).
     linear_path: bool = False
+    # A small residual conv net on the linear image (msdd.models.linear.Refiner): x_lin + f(x_lin) at
+    # each stage's resolution, f starting at zero; the nonlinear decode of the linear code that the
+    # transformer then adds to. 0 channels: none. Needs the linear path (msdd and plain families).
+    refiner_width: int = 0
+    refiner_blocks: int = 4
 
     def validate(self, prefix: str = "model") -> None:
         _check_choice(self.family, f"{prefix}.family", FAMILIES)
+        _check(self.refiner_width >= 0, f"{prefix}.refiner_width", f"must be >= 0, got {self.refiner_width}")
+        _check(self.refiner_blocks >= 0, f"{prefix}.refiner_blocks", f"must be >= 0, got {self.refiner_blocks}")
+        _check(self.refiner_width == 0 or (self.uses_linear_path and self.family != "ssdd"),
+               f"{prefix}.refiner_width",
+               f"refines the linear image of the msdd and plain families: set {prefix}.linear_path=true "
+               f"(family {self.family}) or {prefix}.refiner_width=0")
         self.encoder.validate(f"{prefix}.encoder")
         self.decoder.validate(f"{prefix}.decoder")
         self.flow.validate(f"{prefix}.flow")
@@ -238,7 +253,7 @@ class ModelConfig:
 
     @property
     def uses_linear_path(self) -> bool:
-        return self.linear_path and self.family != "ssdd"
+        return self.linear_path and not self.spatial_latent
 
     @property
     def spatial_latent(self) -> bool:

@@ -56,7 +56,8 @@ class Tokenizer(nn.Module):
         windows = stage_windows(config.flow.num_stages, config.image_size, config.flow.gamma)
         self.decoder = (SSDDDecoder(config) if config.family == "ssdd"
                         else Decoder(config.decoder, *args, linear_path=lin, windows=windows,
-                                     prediction=config.flow.prediction if config.family == "msdd" else "v"))
+                                     prediction=config.flow.prediction if config.family == "msdd" else "v",
+                                     refiner=(config.refiner_width, config.refiner_blocks)))
         # Per-channel statistics of z over a dataset (`msdd latent-stats`), for downstream models.
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
@@ -256,7 +257,7 @@ class Tokenizer(nn.Module):
         from msdd.models.linear import init_linear_path
 
         if not self.config.uses_linear_path:
-            raise ValueError("this model has no linear path (model.linear_path=false, or the ssdd family)")
+            raise ValueError("this model has no linear path (model.linear_path=false, or an SSDD spatial latent)")
         init_linear_path(self.encoder.to_linear, self.decoder.from_linear, pca)
 
     def reconstruct(self, images, **decode_kwargs) -> torch.Tensor:

@@ -3,7 +3,8 @@
 Same time convention as the rest of the package: t = 1 is noise, t = 0 is data.
 
     x_t = (1 - t) x + t n        n ~ N(0, I), t logit-normal (sigmoid of N(0, 1)) or uniform
-    v   = n - x                  the network predicts v; the one-step estimate of x is x_t - t v
+    v   = n - x                  the network predicts v (MSE on v); the one-step estimate of x is x_t - t v
+                                 (or, with ssdd.prediction x, predicts x_hat: MSE on x_hat, v = (x_t - x_hat) / t)
     sampling: t_i = (1 - i/N)^shift for i = 0..N (shift > 1 spends more steps near the data), Euler
               steps x <- x + (t_{i+1} - t_i) v from pure noise; N = 1 is the one-step student's decode
 
@@ -79,13 +80,19 @@ def ssdd_loss(
     t4 = t.view(-1, 1, 1, 1)
     x_t = (1 - t4) * images + t4 * noise
     use_repa = repa is not None and repa_weight > 0
-    out = decoder(x_t, t, z, return_features=use_repa)
-    v, feats = out if use_repa else (out, None)
-    v = v.float()
-    l_fm = (v - (noise - images)).pow(2).mean()
-    loss, terms = l_fm, {"loss_fm": l_fm.detach()}
-    if perceptual is not None and lpips_weight > 0:
+    if getattr(decoder, "prediction", "v") == "x":  # MSE on the image estimate (x-space weighting)
+        out = decoder.end_estimate(x_t, t, z, return_features=use_repa)
+        x_hat, feats = out if use_repa else (out, None)
+        l_fm = (x_hat - images).pow(2).mean()
+        loss, terms = l_fm, {"loss_x": l_fm.detach()}
+    else:
+        out = decoder.network(x_t, t, z, return_features=use_repa)
+        v, feats = out if use_repa else (out, None)
+        v = v.float()
         x_hat = x_t - t4 * v  # one-step estimate of the image
+        l_fm = (v - (noise - images)).pow(2).mean()
+        loss, terms = l_fm, {"loss_fm": l_fm.detach()}
+    if perceptual is not None and lpips_weight > 0:
         l_lpips = perceptual(x_hat, images).mean()
         loss = loss + lpips_weight * l_lpips
         terms["loss_lpips"] = l_lpips.detach()

@@ -11,6 +11,9 @@ Options (model config): `linear_path` maps z linearly to an image x_lin = from_l
 msdd.models.linear), whose average-pooled copy at the stage resolution is a second input of every
 patch; prediction "x" makes the network output the clean stage end, x_end = x_lin + output (output
 starts at zero, so a fresh decoder reproduces x_lin), turned into the path's velocity for the sampler.
+`refiner` (model.refiner_width / refiner_blocks) passes the pooled x_lin through a small residual conv
+net (msdd.models.linear.Refiner, starting as the identity) before either use: a nonlinear decode of the
+linear code, computed once per pass at the stage's resolution.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
 from msdd.models.layers import JointBlock, RopeCache, TimestepEmbedder, modulate
-from msdd.models.linear import fp32_region
+from msdd.models.linear import Refiner, fp32_region
 
 
 class FinalLayer(nn.Module):
@@ -45,7 +48,7 @@ class FinalLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, image_size: int, latent_tokens: int, latent_dim: int,
                  linear_path: bool = False, prediction: str = "v",
-                 windows: tuple[StageWindow, ...] = ()) -> None:
+                 windows: tuple[StageWindow, ...] = (), refiner: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.cfg, self.image_size = cfg, image_size
         self.latent_tokens, self.latent_dim = latent_tokens, latent_dim
@@ -58,6 +61,7 @@ class Decoder(nn.Module):
         if linear_path:  # set by init_linear_path
             nn.init.zeros_(self.from_linear.weight)
             nn.init.zeros_(self.from_linear.bias)
+        self.refiner = Refiner(*refiner) if linear_path and refiner[0] > 0 else None
         self.patch_embed = nn.Linear((6 if linear_path else 3) * p * p, w)
         self.context_embed = nn.Linear(latent_dim, w)
         self.t_embed = TimestepEmbedder(w)
@@ -70,11 +74,13 @@ class Decoder(nn.Module):
         self.rope = RopeCache(image_size // p, latent_tokens, w // cfg.heads, cfg.context_pos)
 
     def linear_image(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
-        """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`; fp32."""
+        """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`, then refined there by the
+        refiner when there is one; fp32 (the refiner's residual runs under the caller's autocast)."""
         with fp32_region(z.device):
             x_lin = self.from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
-        factor = self.image_size // resolution
-        return F.avg_pool2d(x_lin, factor) if factor > 1 else x_lin
+            factor = self.image_size // resolution
+            x_lin = F.avg_pool2d(x_lin, factor) if factor > 1 else x_lin
+        return self.refiner(x_lin) if self.refiner is not None else x_lin
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy images x (B, 3, H, W) at model time tau (B,) given latents z (B, L, C)."""
@@ -86,15 +92,20 @@ class Decoder(nn.Module):
 
     def end_estimate(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """x-prediction: the clean image at the end of the stage of x (x_lin + network output)."""
-        out = self.network(x, tau, z)
-        return out.float() + self.linear_image(z, x.shape[-1]) if self.from_linear is not None else out
+        if self.from_linear is None:
+            return self.network(x, tau, z)
+        x_lin = self.linear_image(z, x.shape[-1])
+        return self.network(x, tau, z, x_lin).float() + x_lin
 
-    def network(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """The MMDiT itself: (B, 3, H, W) noisy image [+ x_lin at that resolution], tau, z -> (B, 3, H, W)."""
+    def network(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor,
+                x_lin: torch.Tensor | None = None) -> torch.Tensor:
+        """The MMDiT itself: (B, 3, H, W) noisy image [+ x_lin at that resolution, computed here unless
+        given], tau, z -> (B, 3, H, W)."""
         p = self.cfg.patch_size
         grid = x.shape[-1] // p
         if self.from_linear is not None:
-            x = torch.cat([x, self.linear_image(z, x.shape[-1]).to(x.dtype)], dim=1)
+            x_lin = self.linear_image(z, x.shape[-1]) if x_lin is None else x_lin
+            x = torch.cat([x, x_lin.to(x.dtype)], dim=1)
         h = self.patch_embed(rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))  # (B, grid^2, W)
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)
         c = self.t_embed(tau)  # (B, W)

@@ -17,6 +17,7 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -83,3 +84,26 @@ def fp32_region(device: torch.device):
     if device.type in ("cpu", "cuda", "xpu", "mps"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+class Refiner(nn.Module):
+    """x + f(x) for images (B, 3, H, W): a 3x3 conv to `width` channels, `blocks` residual blocks
+    (conv, GELU, conv), GELU and a 3x3 conv back to 3 channels that starts at zero (f = 0 at first).
+    Convolutions only, so one set of weights serves every stage's resolution."""
+
+    def __init__(self, width: int, blocks: int) -> None:
+        super().__init__()
+        self.inp = nn.Conv2d(3, width, 3, padding=1)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, width, 3, padding=1))
+            for _ in range(blocks)
+        )
+        self.out = nn.Conv2d(width, 3, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return x + self.out(F.gelu(h)).float()  # the residual in the autocast dtype, the sum in x's

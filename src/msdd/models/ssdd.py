@@ -7,12 +7,17 @@ v = noise - image (B, 3, R, R).
 
     latent map    m = z (spatial), or a learned linear map of the flattened tokens (L*C -> c*R/8*R/8)
     conditioning  cond = embed(t) + MLP(mean over positions of Linear(c -> width)(m))      (B, width)
-    input         concat[x_t, nearest-upsampled m]  (B, 3 + c, R, R) -> 3x3 conv
+    input         concat[x_t, (x_lin,) nearest-upsampled m]  (B, 3 (+ 3) + c, R, R) -> 3x3 conv
     down          per level: ResBlocks (GroupNorm, adaptive scale/shift from cond) + stride-2 conv
     bottleneck    transformer blocks over the (R / 2^(levels-1))^2 positions: self-attention with 2D
                   RoPE, SwiGLU MLP, adaLN from cond (one stream of the MMDiT block of layers.py)
     up            per level: ResBlocks on concat[h, skip] + nearest x2 + 3x3 conv
     output        GroupNorm, SiLU, 3x3 conv (zero-initialised: the first prediction is v = 0)
+
+Options (`model.linear_path` with the token latent, `model.ssdd.prediction`): with the linear path the
+decoder also sees x_lin = from_linear(z) (PCA-initialised, msdd.models.linear) as 3 input channels; with
+x-prediction the network's output is the image estimate x_hat (+ x_lin), the velocity the sampler uses
+is (x_t - x_hat) / t, and a fresh model with both decodes as the PCA code (the output starts at zero).
 
 REPA: when `repa_weight > 0` a small MLP (`repa_proj`) projects the bottleneck tokens after the first
 half of the transformer blocks to the DINOv2 feature width; the loss lives in `msdd.flow.ssdd`.
@@ -27,6 +32,7 @@ from torch import nn
 
 from msdd.config import SSDD_LATENT_FACTOR, ModelConfig, SSDDConfig
 from msdd.models.layers import RopeCache, Stream, TimestepEmbedder, apply_rope
+from msdd.models.linear import fp32_region
 
 REPA_DIM = 384  # DINOv2 ViT-S/14 feature width
 
@@ -127,13 +133,20 @@ class SSDDDecoder(nn.Module):
         super().__init__()
         s: SSDDConfig = config.ssdd
         self.config, self.image_size = config, config.image_size
+        self.prediction = s.prediction
         width = s.width
+        self.from_linear = None
+        if config.uses_linear_path:  # set by init_linear_path
+            self.from_linear = nn.Linear(config.latent_tokens * config.latent_dim, 3 * config.image_size ** 2)
+            nn.init.zeros_(self.from_linear.weight)
+            nn.init.zeros_(self.from_linear.bias)
         chans = [s.base_channels * m for m in s.channel_mults]
         self.latent_map = LatentMap(config)
         self.t_embed = TimestepEmbedder(width)
         self.pool = nn.Linear(s.spatial_channels, width)
         self.pool_mlp = nn.Sequential(nn.SiLU(), nn.Linear(width, width))
-        self.in_conv = nn.Conv2d(3 + s.spatial_channels, chans[0], 3, padding=1)
+        self.in_conv = nn.Conv2d((6 if self.from_linear is not None else 3) + s.spatial_channels, chans[0], 3,
+                                 padding=1)
 
         # down path; `skips` records the channels of every tensor pushed for the up path
         self.down = nn.ModuleList()
@@ -176,14 +189,37 @@ class SSDDDecoder(nn.Module):
         # measured on ssdd-tiny-64), and the layout cuDNN prefers for bf16
         self.to(memory_format=torch.channels_last)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, return_features: bool = False):
-        """Velocity (B, 3, R, R) for noisy images x at times t (B,) given latents z; with
-        `return_features`, also the REPA projection of the bottleneck tokens (B, grid^2, REPA_DIM)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Velocity (B, 3, R, R) for noisy images x at times t (B,) given latents z."""
+        if self.prediction == "v":
+            return self.network(x, t, z)
+        x_hat = self.end_estimate(x, t, z)
+        return (x.float() - x_hat) / t.float().clamp_min(1e-4).view(-1, 1, 1, 1)
+
+    def end_estimate(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, return_features: bool = False):
+        """x-prediction: the image estimate (fp32), network output + x_lin; with `return_features` also
+        the REPA features (see `network`)."""
+        out, feats = self.network(x, t, z, return_features=True) if return_features else (self.network(x, t, z), None)
+        x_hat = out.float() + (self.linear_image(z) if self.from_linear is not None else 0)
+        return (x_hat, feats) if return_features else x_hat
+
+    def linear_image(self, z: torch.Tensor) -> torch.Tensor:
+        """x_lin = from_linear(z) (B, 3, R, R) in fp32."""
+        with fp32_region(z.device):
+            return self.from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
+
+    def network(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor, return_features: bool = False):
+        """The U-Net's output (B, 3, R, R) for noisy images x at times t (B,) given latents z: the velocity
+        (prediction v) or the image minus x_lin (prediction x); with `return_features`, also the REPA
+        projection of the bottleneck tokens (B, grid^2, REPA_DIM)."""
         r = x.shape[-1]
         x = x.contiguous(memory_format=torch.channels_last)
         m = self.latent_map(z)  # (B, c, R/8, R/8)
         cond = self.t_embed(t) + self.pool_mlp(self.pool(rearrange(m, "b c h w -> b h w c")).mean(dim=(1, 2)))
-        h = self.in_conv(torch.cat([x.to(m.dtype), F.interpolate(m, size=(r, r), mode="nearest")], dim=1))
+        inputs = [x.to(m.dtype)]
+        if self.from_linear is not None:
+            inputs.append(self.linear_image(z).to(m.dtype).contiguous(memory_format=torch.channels_last))
+        h = self.in_conv(torch.cat([*inputs, F.interpolate(m, size=(r, r), mode="nearest")], dim=1))
         hs = [h]
         for level in self.down:
             for block in level:

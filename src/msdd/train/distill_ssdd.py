@@ -8,9 +8,11 @@ Per step, for real images x and latents z = E(x) (the teacher's encoder, frozen 
               x_s = n - v_student(n, t = 1, z), the sampler's own code with N = 1
     loss      MSE(x_s, teacher image) + distill.lambda_perc * LPIPS(x_s, teacher image)  (LPIPS when
               distill.perceptual = lpips and its weights file is available)
+              + distill.lambda_pix * MSE(x_s, x)  (the tie to the real image, as in the msdd distiller)
 
 No discriminator, no guidance. Of the distill section this uses lr, warmup_steps, max_steps,
-batch_size, grad_accum, lambda_perc, perceptual, ema_decay and the logging cadence; the teacher's
+batch_size, grad_accum, lambda_perc, lambda_pix, perceptual, ema_decay and the logging cadence (and
+train.linear_lr_scale for the linear path, 0: frozen); the teacher's
 steps are its own `model.ssdd.steps`. The student is saved as a normal model directory marked
 `one_step` (it decodes with one step by default; more steps warn once).
 """
@@ -61,7 +63,10 @@ class SSDDDistiller(TrainerBase):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}\n(distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set "
                                         f"distill.perceptual=none to distil without it)") from None
-        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas)
+        lin = self.student.decoder.from_linear
+        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas,
+                                  slow=lin.parameters() if lin is not None else (),
+                                  slow_scale=cfg.train.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
         self.teacher_hash = file_sha256(self.teacher_dir / "model.safetensors")
         self.eval_images = build_eval_images(cfg.data.eval_source, cfg.model.image_size, limit=8)[0]
@@ -116,6 +121,10 @@ class SSDDDistiller(TrainerBase):
                 l_perc = self.perceptual(x, target).mean()
                 loss = loss + dc.lambda_perc * l_perc
                 out["l_perc"] = l_perc.item()
+            if dc.lambda_pix > 0:  # the tie to the real image, as in the msdd distiller
+                l_pix = F.mse_loss(x, images.float())
+                loss = loss + dc.lambda_pix * l_pix
+                out["l_pix"] = l_pix.item()
         out["l_gen"] = loss.item()
         return loss, out
 

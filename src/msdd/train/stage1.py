@@ -41,12 +41,17 @@ def check_resume_config(stored: Config, requested: Config, where: Path, free=RES
 
 def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
     """Copy a trained model's weights (encoder, decoder, latent statistics) into `tok` to fine-tune it.
-    Returns the model config fields that differ (training settings such as the loss weighting may);
-    a model whose weights do not fit is an error naming those fields."""
+    Returns the model config fields that differ (training settings such as the loss weighting may, and a
+    refiner may be added: it starts as the identity); a model whose weights do not fit is an error naming
+    those fields."""
     src = Tokenizer.from_pretrained(source)
     differ = diff_fields(src.config, tok.config, "model")
+    state = src.state_dict()
+    if getattr(tok.decoder, "refiner", None) is not None and src.config.refiner_width == 0:
+        # a refiner added to a model trained without one starts as the identity (its own zero init)
+        state.update({f"decoder.refiner.{k}": v for k, v in tok.decoder.refiner.state_dict().items()})
     try:
-        tok.load_state_dict(src.state_dict())
+        tok.load_state_dict(state)
     except RuntimeError as e:
         lines = str(e).splitlines()
         detail = lines[1].strip() if len(lines) > 1 else lines[0]
