@@ -275,7 +275,9 @@ def cmd_fidelity(args) -> None:
     from msdd.eval.fidelity import Fidelity
 
     Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds,
-             total_steps=args.total_steps, quick=args.quick, device=args.device).run()
+             total_steps=args.total_steps, quick=args.quick, device=args.device,
+             ssdd_overrides=tuple(args.ssdd_overrides), train_steps=args.train_steps,
+             distill_steps=args.distill_steps).run()
 
 
 def cmd_fetch_weights(args) -> None:
@@ -409,6 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--minutes", type=float, default=120.0, help="total training budget (default 120)")
     p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
     p.add_argument("--total-steps", type=int, default=40, help="Euler steps every teacher shares (default 40)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="fixed stage-1 steps per job instead of sizing them from --minutes (same models on any machine)")
+    p.add_argument("--distill-steps", type=int, default=None, help="fixed distillation steps per student")
+    p.add_argument("--ssdd-set", dest="ssdd_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the SSDD preset (repeatable)")
     p.add_argument("--quick", action="store_true", help="a 32 px toy model and 1 seed: about a minute, same table")
     p.add_argument("--out", default="benchmarks/fidelity/latest", help="output folder")
     p.add_argument("--device", default="cpu")

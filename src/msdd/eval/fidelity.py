@@ -15,6 +15,11 @@ spread):
 
 The budget is split over the training jobs in proportion to their weight (teachers and plain autoencoder
 2, students 1); every job sizes its step count from a measured step time, so its LR schedule completes.
+With `train_steps` / `distill_steps` (`--train-steps`, `--distill-steps`) every stage-1 job trains that
+many steps and every student distils that many instead: equal training samples per job, the same
+models on any machine (and under load), the measured training time of each job in the results.
+Every family trains by the preset's recipe (with tiny-64: the PCA linear path, x-prediction, uniform
+times; the SSDD family takes the linear path and x-prediction of its own flow, `ssdd.prediction`).
 Results go to <out>/results.json and <out>/results.md with the exact command, machine, date and budget.
 """
 
@@ -34,7 +39,7 @@ import torch
 
 from msdd.config import Config, load_config
 from msdd.data import embedded_eval_set
-from msdd.demo import budgeted_config, budgeted_distill
+from msdd.demo import budgeted_config, budgeted_distill, fixed_steps
 from msdd.eval.evaluate import evaluate
 from msdd.eval.baselines import pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
@@ -78,10 +83,13 @@ def spread(values: list[float]) -> dict:
 class Fidelity:
     def __init__(self, out: str | Path, minutes: float, preset: str = "tiny-64", overrides=(), seeds: int = 2,
                  total_steps: int = 40, quick: bool = False, device: str = "cpu",
-                 ssdd_preset: str = "ssdd-tiny-64") -> None:
+                 ssdd_preset: str = "ssdd-tiny-64", ssdd_overrides=(), train_steps: int | None = None,
+                 distill_steps: int | None = None) -> None:
         self.out, self.minutes, self.device = Path(out), minutes, device
+        self.train_steps, self.distill_steps = train_steps, distill_steps
         self.base = load_config(preset, [*(QUICK_OVERRIDES if quick else ()), *overrides])
-        self.ssdd = load_config(ssdd_preset, list(QUICK_SSDD if quick else ()))
+        self.ssdd = load_config(ssdd_preset, [*(QUICK_SSDD if quick else ()), *ssdd_overrides])
+        self.train_seconds: dict[str, float] = {}
         if quick:  # the same table from a toy model in about a minute
             seeds, minutes = 1, min(minutes, 0.3)
         self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
@@ -95,16 +103,22 @@ class Fidelity:
     def train_teacher(self, cfg: Config, tag: str) -> Path:
         run = self.out / "runs" / tag
         if not (run / "model" / "config.json").exists():
-            cfg, _ = budgeted_config(cfg, 2 * self.unit, self.device)
-            Stage1Trainer(cfg, run, device=self.device).fit(progress=False)
+            if self.train_steps:
+                cfg = fixed_steps(cfg, stage1=self.train_steps)
+            else:
+                cfg, _ = budgeted_config(cfg, 2 * self.unit, self.device)
+            self.train_seconds[tag] = Stage1Trainer(cfg, run, device=self.device).fit(progress=False)["seconds"]
         return run / "model"
 
     def distill(self, cfg: Config, teacher: Path, tag: str, distill_cfg: float = 1.0) -> Path:
         run = self.out / "runs" / tag
         if not (run / "model" / "config.json").exists():
             cfg = replace(cfg, distill=replace(cfg.distill, cfg=distill_cfg))
-            cfg, _ = budgeted_distill(cfg, teacher, self.unit, self.device)
-            build_distiller(cfg, teacher, run, device=self.device).fit(progress=False)
+            if self.distill_steps:
+                cfg = fixed_steps(cfg, distill=self.distill_steps)
+            else:
+                cfg, _ = budgeted_distill(cfg, teacher, self.unit, self.device)
+            self.train_seconds[tag] = build_distiller(cfg, teacher, run, device=self.device).fit(progress=False)["seconds"]
         return run / "model"
 
     def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
@@ -179,7 +193,9 @@ class Fidelity:
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
                        f"{self.device}",
-            "budget_minutes": self.minutes, "wall_minutes": round(seconds / 60, 1), "seeds": self.seeds,
+            "budget_minutes": None if self.train_steps else self.minutes,
+            "train_steps": self.train_steps, "distill_steps": self.distill_steps,
+            "train_seconds": self.train_seconds, "wall_minutes": round(seconds / 60, 1), "seeds": self.seeds,
             "preset": self.base.name, "quick": self.quick, "total_steps": self.total_steps,
             "eval_set": f"{len(self.names)} held-out images at {self.base.model.image_size} px (chelsea, rocket, "
                         "flower: whole photos + 2x2 and 3x3 tiles)",
@@ -200,12 +216,17 @@ def _fmt(s: dict | None, digits: int) -> str:
 
 
 def goals(summary: list[dict]) -> list[dict]:
-    """The project's quality goals (issue 6), checked on the seed means of `summary`."""
+    """The project's quality goals (issues 6 and 12), checked on the seed means of `summary`."""
     by = {(s["experiment"], s["variant"]): s for s in summary}
     bicubic = next((s for s in summary if s["variant"].startswith("bicubic")), None)
     t4, t3 = by.get(("teacher", "4 stages")), by.get(("teacher", "3 stages"))
     t30, s4 = by.get(("teacher-steps", "4 stages, 30 steps/stage")), by.get(("student", "4 stages"))
+    pca = next((s for s in summary if s["variant"].startswith("PCA")), None)
     out = []
+    if s4 and pca:  # issue 12: beat the best linear code with the same float count
+        d = s4["psnr"]["mean"] - pca["psnr"]["mean"]
+        out.append({"goal": "4-stage student PSNR >= PCA + 1 dB (same float count)", "measured": f"{d:+.2f} dB",
+                    "met": d >= 1})
     if t4 and bicubic:
         d = t4["psnr"]["mean"] - bicubic["psnr"]["mean"]
         out.append({"goal": "4-stage teacher PSNR >= bicubic + 2 dB", "measured": f"{d:+.2f} dB", "met": d >= 2})
@@ -229,8 +250,9 @@ def render_markdown(r: dict) -> str:
         "",
         f"- command: `{r['command']}`" if r["command"] else "- command: (library call)",
         f"- machine: {r['machine']}; date: {r['date']}",
-        f"- budget: {r['budget_minutes']} min (wall {r['wall_minutes']} min); seeds: {r['seeds']} "
-        "(mean ± std over seeds)",
+        (f"- budget: {r['budget_minutes']} min" if r.get("budget_minutes") else
+         f"- budget: {r['train_steps']} stage-1 steps, {r['distill_steps']} distillation steps per job")
+        + f" (wall {r['wall_minutes']} min); seeds: {r['seeds']} (mean ± std over seeds)",
         f"- teachers share a total of {r['total_steps']} Euler steps; evaluation: {r['eval_set']}",
         f"- lambda_perc sweep: {r['lambda_perc_sweep']}",
         "",
