@@ -1,8 +1,11 @@
 """Faults that used to pass silently or late (issue 14): every checkpoint damaged, an unwritable run
-directory, finite losses with non-finite gradients, a training folder with no usable image.
+directory, finite losses with non-finite gradients, a training folder with no usable image, PIL images
+converted unlike files, path typos sent to the Hub, a NaN cfg or latent, config values that cannot run,
+an evaluation without images.
 
 Real files and real training runs with the tiny config; nothing under test is mocked (a gradient
-hook stands in for a layer whose backward overflows).
+hook stands in for a layer whose backward overflows; the Hub download is replaced so that no test
+reaches the network).
 """
 
 import re
@@ -234,3 +237,139 @@ def test_a_dry_epoch_is_not_final_while_a_left_out_image_is_usable(tmp_path):
     for _ in range(3):
         next(stream)
     assert stream.dry and Path(stream.example[0]).parent == root and stream.example[1]
+
+
+# ---------------------------------------------------------------- 6: PIL images given to encode
+
+
+def test_pil_images_are_converted_like_the_same_files(tmp_path):
+    """16-bit, float, transparent and EXIF-rotated images: `encode(PIL image)` used plain convert("RGB")
+    (white, black, the hidden colour, sideways); now it sees exactly what the file loader gives."""
+    from PIL import Image
+
+    from msdd.data import center_crop_arr, load_image, to_tensor
+    from msdd.tokenizer import Tokenizer
+
+    ramp = np.linspace(0.0, 1.0, 48 * 40).reshape(48, 40)  # 40 wide, 48 high: a rotation changes the crop
+    Image.fromarray((ramp * 65535).astype(np.uint16)).save(tmp_path / "deep.png")
+    Image.fromarray(ramp.astype(np.float32)).save(tmp_path / "float.tif")
+    rgba = np.zeros((48, 40, 4), np.uint8)
+    rgba[..., 3] = (ramp * 255).astype(np.uint8)  # black, fading in from fully transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees to show upright
+    Image.fromarray(np.ascontiguousarray(load_photo("coffee")[:48, :40])).save(tmp_path / "phone.jpg", exif=exif)
+
+    tok = Tokenizer(tiny_config().model)
+    files = [tmp_path / n for n in ("deep.png", "float.tif", "alpha.png", "phone.jpg")]
+    expected = torch.stack([to_tensor(center_crop_arr(load_image(f), 32)) for f in files])
+    for f, want in zip(files, expected):
+        with Image.open(f) as img:
+            assert torch.equal(tok.prepare_images(img)[0], want), f.name
+    assert expected[0].mean().item() == pytest.approx(0.0, abs=0.1)  # mid grey, not white
+    assert torch.equal(tok.encode([Image.open(f) for f in files]), tok.encode(expected))
+
+
+# ---------------------------------------------------------------- 7: a path typo is not a Hub repo id
+
+
+def test_a_missing_model_path_is_never_sent_to_the_hub(tmp_path, monkeypatch, capsys):
+    """The download function is replaced by one that records its calls and fails as offline: nothing in
+    this test may reach the network."""
+    import huggingface_hub
+
+    from msdd.hub import BUNDLED, resolve_model_dir
+
+    calls = []
+
+    def offline(repo_id, **kwargs):
+        calls.append(repo_id)
+        raise OSError("offline (HF_HUB_OFFLINE=1)")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for typo in ("runs/model", "./model", "~/msdd-nothere/model", "nothere/model.safetensors", "a/b/model", "model"):
+        with pytest.raises(FileNotFoundError) as e:
+            resolve_model_dir(typo)
+        assert f"model directory {Path(typo).expanduser()} does not exist" in str(e.value)
+        assert all(name in str(e.value) for name in BUNDLED)
+    assert main(["reconstruct", "x.png", "--model", "runs/model"]) == 2
+    assert "error: model directory runs/model does not exist" in capsys.readouterr().err
+    assert calls == []  # before: runs/model went to the Hub
+
+    # a name that can only be a repo id is tried on the Hub (no local match); the error names both readings
+    with pytest.raises(FileNotFoundError) as e:
+        resolve_model_dir("nothere/model")
+    assert calls == ["nothere/model"]
+    assert "'nothere/model' is not a local directory (nothere/model does not exist)" in str(e.value)
+    assert "could not be downloaded as a Hugging Face Hub repo id (OSError: offline" in str(e.value)
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *[a for o in TINY for a in ("--set", o)],
+                 "--init-from", "nothere/model"]) == 2
+    assert "is not a local directory" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- 8: guidance scale and latents of a decode
+
+
+def test_decode_refuses_a_bad_cfg_and_non_finite_latents(tmp_path, capsys):
+    from PIL import Image
+
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_config().model)
+    z = torch.zeros(1, 8, 4)
+    for cfg in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=rf"cfg must be a finite number >= 0 .*got {cfg}"):
+            tok.decode(z, cfg=cfg)
+    z[0, 0, 0], z[0, 1, 1] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"latents contain 1 NaN and 1 inf values \(of 32\)"):
+        tok.decode(z)
+    # finite in float64, inf in the float32 the decoder runs in: used to decode to NaN images
+    with pytest.raises(ValueError, match=r"latents hold values up to 1e\+39, beyond the float32 range"):
+        tok.decode(torch.full((1, 8, 4), 1e39, dtype=torch.float64))
+
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.ascontiguousarray(load_photo("coffee")[:64, :64])).save(photo)
+    assert main(["reconstruct", str(photo), "--cfg", "nan", "--out", str(tmp_path / "rec")]) == 2
+    assert "error: cfg must be a finite number >= 0" in capsys.readouterr().err
+    assert main(["eval", "--cfg", "-1", "--limit", "1", "--pca-source", "none", "--out", str(tmp_path / "e.json")]) == 2
+    assert "error: cfg must be a finite number >= 0 (1 = no guidance" in capsys.readouterr().err
+    assert not (tmp_path / "rec").exists() and not (tmp_path / "e.json").exists()
+
+
+# ---------------------------------------------------------------- 9: config values that validate but cannot run
+
+
+def test_config_values_that_cannot_run_are_config_errors(tmp_path, capsys):
+    bad = [f"{s}.{k}_every=0" for s in ("train", "distill") for k in ("log", "ckpt", "grid")]
+    bad += ["train.seed=-1", "model.image_size=0", "model.image_size=-64", "train.batch_size=0",
+            "distill.batch_size=-4"]
+    for override in bad:
+        field, value = override.split("=")
+        with pytest.raises(ValueError, match=rf"invalid config value for `{field}`: must be >= \d.*got {value}"):
+            tiny_config(override)
+    with pytest.raises(ValueError, match="`model.image_size`"):  # plain used to accept it
+        tiny_config("model.family=plain", "model.image_size=0")
+
+    assert _cli_train(tmp_path / "r", 0) == 2
+    assert "error: --max-steps 0: must be >= 1" in capsys.readouterr().err
+    assert main(["distill", "--teacher", "tiny-64-teacher", "--run-dir", str(tmp_path / "d"),
+                 "--max-steps", "-3"]) == 2
+    assert "error: --max-steps -3: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+# ---------------------------------------------------------------- 11: eval with no usable image
+
+
+def test_eval_with_no_usable_image_is_an_error(tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--limit", "0", "--pca-source", "none", "--out", str(out)]) == 2
+    assert "error: no usable image found in embedded with limit=0" in capsys.readouterr().err
+    bad = _unreadable_folder(tmp_path / "bad", 3)
+    with pytest.warns(UserWarning, match="skipping"):
+        assert main(["eval", "--data", str(bad), "--pca-source", "none", "--out", str(out)]) == 2
+    assert f"error: no usable image found in {bad}: all 3 files were skipped" in capsys.readouterr().err
+    assert not out.exists()  # before: a JSON of NaN metrics, exit 0

@@ -55,8 +55,12 @@ def _finish_training(trainer, summary: dict, what: str) -> int:
 
 
 def _load_training_config(args):
+    """The config of `msdd train` / `msdd distill`; a bad argument is a ValueError (`main` exits 2)."""
     from msdd.config import load_config
 
+    if args.max_steps is not None and args.max_steps < 1:  # 0 or below: no step, yet a "finished" model
+        raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
+                         "the config's max_steps")
     extra = [f"data.limit={args.limit}"] if args.limit is not None else []
     if getattr(args, "init_from", None):
         extra.append(f"train.init_from={args.init_from}")

@@ -211,6 +211,7 @@ class ModelConfig:
 
     def validate(self, prefix: str = "model") -> None:
         _check_choice(self.family, f"{prefix}.family", FAMILIES)
+        _check(self.image_size >= 1, f"{prefix}.image_size", f"must be >= 1 (pixels), got {self.image_size}")
         _check(self.refiner_width >= 0, f"{prefix}.refiner_width", f"must be >= 0, got {self.refiner_width}")
         _check(self.refiner_blocks >= 0, f"{prefix}.refiner_blocks", f"must be >= 0, got {self.refiner_blocks}")
         _check(self.refiner_width == 0 or (self.uses_linear_path and self.family != "ssdd"),
@@ -303,7 +304,7 @@ class TrainConfig:
     linear_lr_scale: float = 0.01
 
     def validate(self, prefix: str = "train") -> None:
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         _check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
@@ -314,7 +315,8 @@ class TrainConfig:
         _check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
         _check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
         for name in ("log_every", "ckpt_every", "grid_every", "keep_checkpoints", "pca_crops"):
-            _check(getattr(self, name) >= 1, f"{prefix}.{name}", "must be >= 1")
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        _check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
         _check(self.linear_lr_scale >= 0, f"{prefix}.linear_lr_scale", "must be >= 0 (0 freezes the linear path)")
 
 
@@ -348,11 +350,13 @@ class DistillConfig:
     def validate(self, prefix: str = "distill") -> None:
         _check(self.lr > 0 and self.disc_lr > 0, f"{prefix}.lr", "learning rates must be > 0")
         _check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
-        _check(self.batch_size >= 1, f"{prefix}.batch_size", "must be >= 1")
+        _check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         _check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
         for name in ("lambda_rec", "lambda_perc", "lambda_adv", "lambda_pix", "cfg"):
             _check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         _check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
+        for name in ("log_every", "ckpt_every", "grid_every"):  # steps between logs / checkpoints / grids
+            _check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         _check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))
         _check_choice(self.perceptual, f"{prefix}.perceptual", ("lpips", "none"))
 

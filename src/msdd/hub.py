@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -94,15 +95,26 @@ def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "
     return save_tokenizer(tok, destination, dtype=dtypes[dtype], **extra)
 
 
+def looks_like_path(text: str) -> bool:
+    """True for a model name that can only mean a local path, never a Hugging Face repo id ("owner/name"):
+    it starts with `.`, `/` or `~`, has more than one `/`, ends with a file extension, or its parent
+    directory exists here (`runs/model` when `runs/` exists)."""
+    p = Path(text).expanduser()
+    extension = re.search(r"\.[A-Za-z][A-Za-z0-9]*$", p.name)  # .safetensors, .pt, .h5; not "-v1.5" of a repo name
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or extension is not None
+            or (str(p.parent) != "." and p.parent.is_dir()))
+
+
 def resolve_model_dir(path: str | Path | None) -> Path:
-    """A local model directory for `path`: a folder, a Hugging Face repo id (downloaded), or the bundled one."""
+    """A local model directory for `path`: a folder, a Hugging Face repo id (downloaded only when no local
+    path of that name exists and it cannot be a path, see `looks_like_path`), or the bundled one."""
     if path is None or str(path) in BUNDLED:
         bundled = BUNDLED["tiny-64" if path is None else str(path)]
         if (bundled / CONFIG_NAME).exists():
             return bundled
         raise FileNotFoundError(f"the bundled model {bundled.name} is not installed; pass a model directory "
                                 "(e.g. runs/a/model) written by `msdd train` or `Tokenizer.save_pretrained`")
-    p = Path(path)
+    p = Path(path).expanduser()
     if p.is_dir():
         if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
             raise FileNotFoundError(f"{p} is not an msdd model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
@@ -110,15 +122,19 @@ def resolve_model_dir(path: str | Path | None) -> Path:
         return p
     if p.exists():
         raise ValueError(f"{p} is a file; pass the model directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
-    if str(path).count("/") == 1 and not str(path).startswith((".", "/")):
-        from huggingface_hub import snapshot_download
+    # a path typo (`runs/modle`) must be reported as one, not sent to the network as a repo id
+    local = (f"a model directory (e.g. runs/a/model, written by `msdd train` or `Tokenizer.save_pretrained`) "
+             f"or a bundled model name ({', '.join(BUNDLED)})")
+    if isinstance(path, Path) or str(path).count("/") != 1 or looks_like_path(str(path)):
+        raise FileNotFoundError(f"model directory {p} does not exist; pass {local}")
+    from huggingface_hub import snapshot_download
 
-        try:
-            return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
-        except Exception as e:  # offline, unknown repo, ...
-            raise FileNotFoundError(f"model {path!r} is neither a local directory nor downloadable from the "
-                                    f"Hugging Face Hub ({type(e).__name__}: {e})") from None
-    raise FileNotFoundError(f"model directory {p} does not exist")
+    try:
+        return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
+    except Exception as e:  # offline, unknown repo, ...
+        raise FileNotFoundError(f"model {path!r} is not a local directory ({p} does not exist) and could not be "
+                                f"downloaded as a Hugging Face Hub repo id ({type(e).__name__}: {e}); pass {local}, "
+                                "or a Hub repo id while online") from None
 
 
 def read_model_metadata(directory: Path) -> dict:

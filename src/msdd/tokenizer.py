@@ -94,7 +94,7 @@ class Tokenizer(nn.Module):
         """Any accepted image input -> float (B, 3, R, R) in [-1, 1] on the model's device."""
         from PIL import Image  # local: PIL is only needed for PIL inputs
 
-        from msdd.data.images import center_crop_arr, to_tensor
+        from msdd.data.images import center_crop_arr, pil_to_rgb, to_tensor
 
         r = self.config.image_size
         if isinstance(images, Image.Image):
@@ -102,7 +102,8 @@ class Tokenizer(nn.Module):
         if isinstance(images, (list, tuple)):
             if not all(isinstance(im, Image.Image) for im in images):
                 raise TypeError("a list of images must hold PIL images; stack tensors into (B, 3, H, W) instead")
-            images = torch.stack([to_tensor(center_crop_arr(np.asarray(im.convert("RGB")), r)) for im in images])
+            # the files' own conversion (EXIF rotation, 16-bit/float scaling, alpha on white), not convert("RGB")
+            images = torch.stack([to_tensor(center_crop_arr(pil_to_rgb(im), r)) for im in images])
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor):
@@ -137,9 +138,16 @@ class Tokenizer(nn.Module):
             z = z[None]
         if z.ndim != len(shape) + 1 or tuple(z.shape[1:]) != shape:
             raise ValueError(f"latents must have shape {want} {what} for this model, got {tuple(z.shape)}")
-        if not torch.isfinite(z).all():
-            raise ValueError("latents contain NaN or inf")
-        return z.float().to(self.device)
+        bad = ~torch.isfinite(z)
+        if bad.any():
+            raise ValueError(f"latents contain {int(z.isnan().sum())} NaN and {int((bad & ~z.isnan()).sum())} inf "
+                             f"values (of {z.numel()}); decode needs finite latents: check what produced them "
+                             "(NaN weights or inputs of the encoder, a bf16/fp16 overflow)")
+        z32 = z.float()  # the decoder runs in float32: float64 values beyond its range would become inf here
+        if not torch.isfinite(z32).all():
+            raise ValueError(f"latents hold values up to {z.abs().max().item():.3g}, beyond the float32 range "
+                             f"(max {torch.finfo(torch.float32).max:.3g}) the decoder runs in; they would become inf")
+        return z32.to(self.device)
 
     def resolve_steps(self, steps: int | Sequence[int] | None) -> tuple[int, ...]:
         if steps is None or self.config.family == "plain":  # plain: always one pass
@@ -158,6 +166,9 @@ class Tokenizer(nn.Module):
 
     def resolve_cfg(self, cfg: float | None) -> float:
         """The guidance scale of a decode: the model's by default; plain ignores it; ssdd has none."""
+        if cfg is not None and not (np.isfinite(float(cfg)) and float(cfg) >= 0):
+            raise ValueError(f"cfg must be a finite number >= 0 (1 = no guidance, the model's default is "
+                             f"{self.config.sampling.cfg:g}), got {cfg}")
         if self.config.family == "plain":
             return 1.0
         if self.config.family == "ssdd":

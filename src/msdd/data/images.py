@@ -1,9 +1,10 @@
 """Turn any image file into uint8 RGB, convert to and from model tensors, and crop the ADM way.
 
-Every image that reaches the model passes through `load_image`, so this is where the odd formats
-people actually have on disk (16-bit PNGs, CMYK JPEGs, phone photos with an EXIF rotation, PNGs with
-transparency) are made uniform. The crops follow ADM (guided-diffusion): shrink by exact 2x box
-filters while the image is large, which is fast and alias-free, then one bicubic resize.
+Every image that reaches the model passes through `pil_to_rgb` (files via `load_image`, PIL images
+given to `Tokenizer.encode` directly), so this is where the odd formats people actually have on disk
+(16-bit PNGs, CMYK JPEGs, phone photos with an EXIF rotation, PNGs with transparency) are made
+uniform. The crops follow ADM (guided-diffusion): shrink by exact 2x box filters while the image is
+large, which is fast and alias-free, then one bicubic resize.
 """
 
 import io
@@ -34,12 +35,18 @@ def load_image(path: str | Path | bytes, name: str | None = None) -> np.ndarray:
     try:
         with Image.open(fp) as img:
             img.load()  # decode every byte now: a truncated file must fail here, not later
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return pil_to_rgb(img)
     # PIL's decoders raise a zoo of types on malformed files (OSError, SyntaxError, struct.error,
     # DecompressionBombError, ...); any of them means this one file is unusable.
     except Exception as e:
         reason = f"{type(e).__name__}: {e}".replace(f" {fp!r}", "")  # PIL names a BytesIO by its repr
         raise BadImageError(name or ("<bytes>" if data else path), reason) from e
+
+
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """A PIL image -> uint8 (H, W, 3) RGB, upright: EXIF rotation applied, 16-bit and float data scaled by
+    their full range, transparency composited on white. `load_image` and `Tokenizer.encode` share it."""
+    return _to_rgb(ImageOps.exif_transpose(img))
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:

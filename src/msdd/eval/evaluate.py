@@ -117,16 +117,20 @@ def evaluate(
     floats as the latent, on the same images."""
     device = tok.device
     floats = math.prod(tok.config.latent_shape)
-    pca = pca_for_source(pca_source, tok.config.image_size, floats) if pca_source else None
-    steps = tok.resolve_steps(steps)
+    steps = tok.resolve_steps(steps)  # argument errors first, before any PCA fit or image decode
     cfg = tok.resolve_cfg(cfg)
+    if limit is not None and limit < 1:
+        raise ValueError(f"no usable image found in {source} with limit={limit}: the limit must be >= 1 (or left "
+                         "out for every image)")
     data = eval_images(source, tok.config.image_size, limit)
+    pca = pca_for_source(pca_source, tok.config.image_size, floats) if pca_source else None
     shard = range(dist_info.rank, len(data), dist_info.world_size)
     loader = DataLoader(_Indexed(data, shard), batch_size=batch_size, collate_fn=_collate_indexed)
 
     metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds", "bicubic_psnr",
                                                           "bicubic_ssim", "pca_psnr", "pca_ssim")}
     count = SumMetric().to(device)
+    count.update(0.0)  # a defined 0 when no image reaches the loop (checked below)
     fid, fid_skip = build_fid(inception_weights, device)
     lpips, lpips_skip = build_lpips(vgg_weights, device)
     skipped_files = 0
@@ -164,6 +168,10 @@ def evaluate(
             fid.update(to_u8(recon), real=False)
 
     total = int(count.compute().item())
+    if total == 0:  # every metric would be NaN
+        raise ValueError(f"no usable image found in {source}: all {len(data)} files were skipped as unreadable or "
+                         "too small (see the warnings above); re-save them as ordinary PNG/JPEG files or point --data "
+                         "at another folder")
     out_metrics = {"psnr": metrics["psnr"].compute().item(), "ssim": metrics["ssim"].compute().item()}
     skipped = {}
     warns = []
