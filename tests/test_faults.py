@@ -1,7 +1,8 @@
 """Faults that used to pass silently or late (issue 14): every checkpoint damaged, an unwritable run
 directory, finite losses with non-finite gradients, a training folder with no usable image, PIL images
 converted unlike files, path typos sent to the Hub, a NaN cfg or latent, config values that cannot run,
-an evaluation without images.
+an evaluation without images; reconstructions whose names collide, latent statistics written over the
+model in fp32, distillation resumed with changed train fields, damaged model folders and bad arguments.
 
 Real files and real training runs with the tiny config; nothing under test is mocked (a gradient
 hook stands in for a layer whose backward overflows; the Hub download is replaced so that no test
@@ -373,3 +374,193 @@ def test_eval_with_no_usable_image_is_an_error(tmp_path, capsys):
         assert main(["eval", "--data", str(bad), "--pca-source", "none", "--out", str(out)]) == 2
     assert f"error: no usable image found in {bad}: all 3 files were skipped" in capsys.readouterr().err
     assert not out.exists()  # before: a JSON of NaN metrics, exit 0
+
+
+# ---------------------------------------------------------------- 2: reconstruct outputs whose names collide
+
+
+def _photo(path: Path, y: int = 0, x: int = 0, name: str = "coffee") -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(load_photo(name)[y : y + 48, x : x + 48])).save(path)
+    return path
+
+
+def _tiny_model(path: Path) -> Path:
+    from msdd.tokenizer import Tokenizer
+
+    Tokenizer(tiny_config().model).save_pretrained(path)
+    return path
+
+
+def test_reconstruct_gives_every_input_its_own_output(tmp_path, capsys):
+    import csv
+
+    model = _tiny_model(tmp_path / "m")
+    a, b = _photo(tmp_path / "A/x.png"), _photo(tmp_path / "B/x.png", 100, 150)
+    folder = tmp_path / "photos"
+    _photo(folder / "good.png", name="astronaut"), _photo(folder / "good.jpg", name="china")
+    _photo(folder / "sub/good.png", 50, 50)
+    out = folder / "rec"  # inside an input folder: must not be read back on the next run
+    want = {"A/x.png": "A__x.png.png", "B/x.png": "B__x.png.png", "good.jpg": "good.jpg.png",
+            "good.png": "good.png.png", "sub/good": "sub__good.png"}
+    for _ in range(2):  # before: 3 files and 5 rows (x, x, good, good, sub/good); then the outputs read as inputs
+        assert main(["reconstruct", str(a), str(b), str(folder), "--model", str(model), "--out", str(out)]) == 0
+        rows = list(csv.DictReader(open(out / "metrics.csv")))
+        assert sorted(r["name"] for r in rows) == sorted(want)
+        assert sorted(p.name for p in (out / "reconstructions").iterdir()) == sorted(want.values())
+    assert "5 images reconstructed (0 skipped)" in capsys.readouterr().out
+    solo = _photo(tmp_path / "solo/only.png").parent  # --out the input folder itself: its outputs are not inputs
+    for _ in range(2):
+        assert main(["reconstruct", str(solo), "--model", str(model), "--out", str(solo)]) == 0
+        assert [r["name"] for r in csv.DictReader(open(solo / "metrics.csv"))] == ["only"]
+
+    from msdd.eval.reconstruct import unique_names
+
+    # names that differ only in letter case collide on some file systems; a file given twice gets -2
+    assert unique_names(["x", "x", "y"], [a, b, a]) == ["A/x.png", "B/x.png", "y"]
+    assert unique_names(["X", "x"], [tmp_path / "X.png", a]) == ["X.png", "A/x.png"]
+    assert unique_names(["x", "x"], [a, a]) == ["x.png", "x.png-2"]
+    assert unique_names(["a/b", "a__b"], [a, b]) == ["A/x.png", "B/x.png"]  # both would be a__b.png
+
+
+# ---------------------------------------------------------------- 10: latent-stats: where asked, in the stored dtype
+
+
+def test_latent_stats_writes_where_asked_in_the_stored_dtype(tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+
+    from msdd.hub import BUNDLED, export_tokenizer
+    from msdd.tokenizer import Tokenizer
+
+    def stored_dtype(model_dir):
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            return {f.get_slice(k).get_dtype() for k in f.keys()} - {"I64"}
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["latent-stats", "--model", "tiny-64", "--max-images", "4"]) == 2  # before: wrote ./tiny-64 in fp32
+    err = capsys.readouterr().err
+    assert "error: --model tiny-64 is a bundled model" in err and "pass --out DIR" in err
+    assert list(tmp_path.iterdir()) == []
+
+    out = tmp_path / "stats"
+    assert main(["latent-stats", "--model", "tiny-64", "--out", str(out), "--max-images", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out} " in printed and "weights stored as fp16" in printed
+    assert stored_dtype(out) == {"F16"} == stored_dtype(BUNDLED["tiny-64"])
+    assert (out / "model.safetensors").stat().st_size == (BUNDLED["tiny-64"] / "model.safetensors").stat().st_size
+    mean = torch.tensor(__import__("json").loads(printed.splitlines()[0])["mean"])
+    assert torch.allclose(Tokenizer.from_pretrained(out).latent_mean, mean, atol=2e-3)
+
+    # a model folder is updated in place and keeps its fp16 weights (before: rewritten in fp32)
+    half = export_tokenizer(_tiny_model(tmp_path / "m32"), tmp_path / "m16", "fp16")
+    size = (half / "model.safetensors").stat().st_size
+    assert main(["latent-stats", "--model", str(half), "--max-images", "4"]) == 0
+    assert f"wrote {half} " in capsys.readouterr().out
+    assert stored_dtype(half) == {"F16"} and (half / "model.safetensors").stat().st_size == size
+    assert Tokenizer.from_pretrained(half).metadata["weights_dtype"] == "fp16"
+
+
+# ---------------------------------------------------------------- 12: distillation resume with changed train.* fields
+
+
+def test_distill_resume_refuses_changed_train_fields_the_distillers_read():
+    import dataclasses
+    import json
+
+    from msdd.config import to_dict
+    from msdd.train import distill, distill_ssdd, loop
+    from msdd.train.distill import check_distill_resume
+
+    # what the distillers read, found in their code (and the shared loop's), not a hand list
+    source = "".join(Path(m.__file__).read_text() for m in (distill, distill_ssdd, loop))
+    read = set(re.findall(r"\bcfg\.train\.(\w+)", source)) - {"keep_checkpoints"}  # rotation only
+    assert {"seed", "bf16", "betas", "grad_clip", "linear_lr_scale", "min_lr_ratio"} <= read
+
+    def changed(v):
+        return (not v if isinstance(v, bool) else v + 1 if isinstance(v, int) else v / 2 + 0.1
+                if isinstance(v, float) else tuple(x / 2 for x in v))
+
+    cfg = tiny_config()
+    stored = json.dumps(to_dict(cfg))
+    for field in sorted(read):
+        train = dataclasses.replace(cfg.train, **{field: changed(getattr(cfg.train, field))})
+        new = dataclasses.replace(cfg, train=train)
+        with pytest.raises(ValueError, match=rf"cannot resume runs/d: .* 1 field\(s\):\n  train\.{field}: "):
+            check_distill_resume(stored, new, Path("runs/d"))  # before: accepted
+    both = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=5, bf16=not cfg.train.bf16))
+    with pytest.raises(ValueError, match=r"differs in 2 field\(s\):\n  train\.bf16: .*\n  train\.seed: 0 -> 5"):
+        check_distill_resume(stored, both, Path("runs/d"))
+    # stage-1 settings the distillers never read stay free
+    stage1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5, max_steps=7, batch_size=2,
+                                                                log_every=3, keep_checkpoints=9, init_from="x"))
+    check_distill_resume(stored, stage1, Path("runs/d"))
+
+
+# ---------------------------------------------------------------- 13: unclear errors
+
+
+def test_damaged_model_folders_and_bad_folder_arguments_are_clear_errors(tmp_path, capsys):
+    import json
+    import shutil
+
+    model = _tiny_model(tmp_path / "m")
+    photo = _photo(tmp_path / "p.png")
+    weights = (model / "model.safetensors").read_bytes()
+    meta = json.loads((model / "config.json").read_text())
+    cases = {
+        "truncated": ("model.safetensors", weights[: len(weights) // 2], "is damaged or not a safetensors file"),
+        "cut-header": ("model.safetensors", weights[:1000], "is damaged or not a safetensors file"),
+        "empty": ("model.safetensors", b"", r"is damaged or not a safetensors file \(0 bytes"),
+        "random": ("model.safetensors", np.random.default_rng(0).bytes(4096), "is damaged or not a safetensors"),
+        "not-json": ("config.json", b'{"format": "msdd-tokenizer",', "is not valid JSON"),
+        "list": ("config.json", b"[1, 2]", r"is not an msdd model config \(a JSON list"),
+        "no-model": ("config.json", json.dumps({k: v for k, v in meta.items() if k != "model"}).encode(),
+                     r"has no \"model\" section"),
+        "newer": ("config.json", json.dumps(meta | {"format_version": 2}).encode(),
+                  r"has format_version 2, newer than this msdd reads \(1\); upgrade msdd"),
+    }
+    capsys.readouterr()
+    for name, (file, data, message) in cases.items():
+        bad = tmp_path / name
+        shutil.copytree(model, bad)
+        (bad / file).write_bytes(data)
+        assert main(["reconstruct", str(photo), "--model", str(bad), "--out", str(tmp_path / "o")]) == 2, name
+        err = capsys.readouterr().err
+        assert re.search(rf"^error: {re.escape(str(bad / file))} {message}", err, re.M), (name, err)
+    assert not (tmp_path / "o").exists()
+
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    for argv, flag in [(["reconstruct", str(photo), "--model", str(model), "--out", str(afile)], "--out"),
+                       (["export", "--model", str(model), "--out", str(afile / "sub")], "--out"),
+                       (["latent-stats", "--model", str(model), "--out", str(afile)], "--out"),
+                       (["train", "--run-dir", str(afile), "--max-steps", "1"], "--run-dir"),
+                       (["distill", "--teacher", str(model), "--run-dir", str(afile), "--max-steps", "1"],
+                        "--run-dir")]:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {flag} {argv[argv.index(flag) + 1]} is an existing file, not a folder" in err
+    assert afile.read_text() == "not a folder"
+
+
+def test_decode_refuses_steps_that_are_not_whole_numbers():
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_config().model)  # 3 stages
+    z = torch.zeros(1, 8, 4)
+    for steps in (1.7, [1.9, 1, 1], True, [True, 1, 1], "2", 2.0):  # before: truncated, or a TypeError
+        with pytest.raises(ValueError, match=r"steps must be whole numbers >= 1 .*list of 3 ints"):
+            tok.decode(z, steps=steps)
+    assert tok.resolve_steps(2) == (2, 2, 2) and tok.resolve_steps([np.int64(1), 2, 3]) == (1, 2, 3)
+    assert tok.resolve_steps(torch.tensor([1, 1, 2])) == (1, 1, 2)
+
+
+def test_encode_refuses_an_empty_batch():
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_config().model)
+    for empty in (torch.zeros(0, 3, 32, 32), []):  # before: RuntimeError from min() / torch.stack
+        with pytest.raises(ValueError, match=r"(?i)empty|no image|0 images"):
+            tok.encode(empty)

@@ -37,6 +37,20 @@ def _parse_steps(text: str | None):
     return values[0] if len(values) == 1 else values
 
 
+def _folder_arg(path: str | Path, flag: str) -> Path:
+    """A folder argument (--out, --run-dir) checked before any work: a file in its place (or in place of one
+    of its parent folders) is an error naming the option, not an OSError traceback after loading a model."""
+    p = Path(path).expanduser()
+    for q in (p, *p.parents):
+        if q.exists():
+            if not q.is_dir():
+                what = "" if q == p else f" ({q} is a file)"
+                raise ValueError(f"{flag} {path} is an existing file, not a folder{what}; pass a folder "
+                                 "(it is created if missing)")
+            break
+    return p
+
+
 def _finish_training(trainer, summary: dict, what: str) -> int:
     """Print the summary (rank 0), end the process group; exit code 128 + signal when interrupted."""
     import signal
@@ -70,6 +84,7 @@ def _load_training_config(args):
 def cmd_train(args) -> int:
     from msdd.train.stage1 import Stage1Trainer
 
+    _folder_arg(args.run_dir, "--run-dir")
     trainer = Stage1Trainer(_load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume,
                             vgg_weights=args.vgg_weights, dinov2_weights=args.dinov2_weights)
     return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "model")
@@ -78,6 +93,7 @@ def cmd_train(args) -> int:
 def cmd_distill(args) -> int:
     from msdd.train.distill import build_distiller
 
+    _folder_arg(args.run_dir, "--run-dir")
     distiller = build_distiller(_load_training_config(args), args.teacher, args.run_dir, device=args.device,
                                 vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
                                 require_resume=args.resume)
@@ -90,8 +106,9 @@ def cmd_reconstruct(args) -> None:
     from msdd.tokenizer import Tokenizer
 
     steps = _parse_steps(args.steps)
+    _folder_arg(args.out, "--out")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
-    images, names, skipped = collect_inputs(args.inputs, tok.config.image_size)
+    images, names, skipped = collect_inputs(args.inputs, tok.config.image_size, exclude=[args.out])
     recon, decode_s = reconstruct_images(tok, images, steps, args.cfg, args.seed, args.batch_size, args.bf16)
     summary = write_reconstructions(args.out, names, images, recon)
     print(f"{summary['n']} images reconstructed ({len(skipped)} skipped) -> {args.out}: mean PSNR "
@@ -249,22 +266,37 @@ def _family_info(cfg, tok, n_enc: int, n_dec: int, passes: list[int], steps: tup
 
 
 def cmd_latent_stats(args) -> None:
+    import torch
+
     from msdd.data import build_train_dataset
+    from msdd.hub import BUNDLED, resolve_model_dir, save_tokenizer, stored_dtype
     from msdd.train.stage1 import compute_latent_stats
     from msdd.tokenizer import Tokenizer
 
-    tok = Tokenizer.from_pretrained(args.model, device=args.device)
+    local = args.model not in BUNDLED and Path(args.model).expanduser().is_dir()
+    if args.out is None and not local:
+        what = "a bundled model (part of the installed package)" if args.model in BUNDLED else "not a local directory"
+        raise ValueError(f"--model {args.model} is {what}, so it is not rewritten: pass --out DIR, the model "
+                         "directory to write with the new statistics")
+    out = _folder_arg(args.out if args.out is not None else args.model, "--out")
+    source = resolve_model_dir(args.model)
+    dtype = stored_dtype(source)  # kept: an fp16 model stays fp16, wherever it is written
+    tok = Tokenizer.from_pretrained(source, device=args.device)
     dataset = build_train_dataset(args.data, tok.config.image_size, seed=0)
     mean, std = compute_latent_stats(tok, dataset, max_images=args.max_images)
     tok.latent_mean.copy_(mean)
     tok.latent_std.copy_(std)
-    tok.save_pretrained(args.model, **{k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")})
+    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
+    save_tokenizer(tok, out, dtype=dtype, **extra)
     print(json.dumps({"mean": [round(v, 5) for v in mean.tolist()], "std": [round(v, 5) for v in std.tolist()]}))
+    stored = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    print(f"wrote {out} (latent statistics of {args.data}; weights stored as {stored}, as in {source})")
 
 
 def cmd_export(args) -> None:
     from msdd.hub import export_tokenizer
 
+    _folder_arg(args.out, "--out")
     out = export_tokenizer(args.model, args.out, args.dtype)
     print(f"wrote {out} ({args.dtype} weights)")
 
@@ -272,12 +304,14 @@ def cmd_export(args) -> None:
 def cmd_demo(args) -> None:
     from msdd.demo import run_demo
 
+    _folder_arg(args.out, "--out")
     run_demo(args.out, minutes=args.minutes, preset=args.preset, overrides=tuple(args.overrides), device=args.device)
 
 
 def cmd_fidelity(args) -> None:
     from msdd.eval.fidelity import Fidelity
 
+    _folder_arg(args.out, "--out")
     Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds,
              total_steps=args.total_steps, quick=args.quick, device=args.device,
              ssdd_overrides=tuple(args.ssdd_overrides), train_steps=args.train_steps,
@@ -388,8 +422,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "alternating rounds (runs the model: seconds per round at tiny-64, minutes at paper scale)")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("latent-stats", help="compute per-channel latent mean/std and store them in the model")
-    p.add_argument("--model", required=True)
+    p = sub.add_parser("latent-stats", help="compute per-channel latent mean/std and store them in the model",
+                       description="Writes the model with the new statistics to --out (default: back into a model "
+                                   "directory given as --model), its weights in the type they were stored in.")
+    p.add_argument("--model", required=True, help="model directory, bundled name or HF repo id")
+    p.add_argument("--out", default=None,
+                   help="model directory to write (required for a bundled name or repo id; default: --model itself)")
     p.add_argument("--data", default="embedded", help="'embedded' or a folder of images")
     p.add_argument("--max-images", type=int, default=2048)
     p.add_argument("--device", default="cpu")

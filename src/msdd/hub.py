@@ -138,10 +138,53 @@ def resolve_model_dir(path: str | Path | None) -> Path:
 
 
 def read_model_metadata(directory: Path) -> dict:
-    meta = json.loads((directory / CONFIG_NAME).read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory / CONFIG_NAME} is not an msdd model config (format {meta.get('format')!r})")
+    """The checked `config.json` of a model directory: an msdd config object with a `model` section, of a
+    format version this code reads. Anything else is a ValueError naming the file."""
+    path = directory / CONFIG_NAME
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore it from the original model, or save the model "
+                         "again with `Tokenizer.save_pretrained`") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        what = f"format {meta.get('format')!r}" if isinstance(meta, dict) else f"a JSON {type(meta).__name__}"
+        raise ValueError(f"{path} is not an msdd model config ({what}; expected an object with \"format\": "
+                         f"\"{FORMAT}\"); pass a directory written by `msdd train` or `Tokenizer.save_pretrained`")
+    version = meta.get("format_version", FORMAT_VERSION)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise ValueError(f"{path}: format_version must be an int >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} has format_version {version}, newer than this msdd reads ({FORMAT_VERSION}); "
+                         "upgrade msdd (pip install -U msdd) to load it")
+    if not isinstance(meta.get("model"), dict):
+        raise ValueError(f"{path} has no \"model\" section (the architecture) or it is not an object; restore "
+                         "it from the original model, or save the model again with `Tokenizer.save_pretrained`")
     return meta
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a damaged file (empty, truncated, not safetensors) is a ValueError
+    naming it."""
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError (header), OSError/RuntimeError (data cut short)
+        size = path.stat().st_size if path.exists() else 0
+        raise ValueError(f"{path} is damaged or not a safetensors file ({size} bytes; {type(e).__name__}: {e}); "
+                         "copy or download the model again") from None
+
+
+def stored_dtype(directory: str | Path) -> torch.dtype | None:
+    """The type the floating-point weights of a model directory are stored in (None: no float tensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+        for key in f.keys():
+            t = f.get_slice(key)
+            dtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
+                     "F64": torch.float64}.get(t.get_dtype())
+            if dtype is not None:
+                return dtype
+    return None
 
 
 def load_tokenizer(path: str | Path | None = None, device: str | torch.device = "cpu"):
@@ -150,11 +193,14 @@ def load_tokenizer(path: str | Path | None = None, device: str | torch.device = 
     directory = resolve_model_dir(path)
     meta = read_model_metadata(directory)
     tok = Tokenizer(model_config_from_dict(meta["model"]))
-    state = load_file(str(directory / WEIGHTS_NAME))
-    missing, unexpected = set(tok.state_dict()) - set(state), set(state) - set(tok.state_dict())
-    if missing or unexpected:
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not match its config: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
+    state = read_weights(directory / WEIGHTS_NAME)
+    own = tok.state_dict()
+    missing, unexpected = set(own) - set(state), set(state) - set(own)
+    wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(v.shape)})" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not match its {CONFIG_NAME}: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}, wrong shape {wrong[:5]}")
     tok.load_state_dict(state)
     tok.metadata = meta
     return tok.to(device).eval()

@@ -100,6 +100,8 @@ class Tokenizer(nn.Module):
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, (list, tuple)):
+            if not images:
+                raise ValueError("no images to encode: got an empty list; pass one or more images")
             if not all(isinstance(im, Image.Image) for im in images):
                 raise TypeError("a list of images must hold PIL images; stack tensors into (B, 3, H, W) instead")
             # the files' own conversion (EXIF rotation, 16-bit/float scaling, alpha on white), not convert("RGB")
@@ -115,6 +117,8 @@ class Tokenizer(nn.Module):
                 f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(images.shape)}; "
                 f"pass PIL images to centre-crop automatically, or crop/resize to {r}x{r} first"
             )
+        if images.shape[0] == 0:
+            raise ValueError(f"no images to encode: got an empty batch {tuple(images.shape)}; pass one or more images")
         if images.dtype == torch.uint8:
             images = images.float() / 127.5 - 1.0
         elif not images.is_floating_point():
@@ -150,10 +154,20 @@ class Tokenizer(nn.Module):
         return z32.to(self.device)
 
     def resolve_steps(self, steps: int | Sequence[int] | None) -> tuple[int, ...]:
+        """Euler steps per stage of a decode: the model's by default, else whole numbers checked (1.7, a
+        bool or a string is a ValueError, never truncated to an int)."""
         if steps is None or self.config.family == "plain":  # plain: always one pass
             return self.default_steps()
         s = 1 if self.config.family == "ssdd" else self.config.flow.num_stages
-        steps = (int(steps),) * s if isinstance(steps, int) else tuple(int(n) for n in steps)
+        if isinstance(steps, (torch.Tensor, np.ndarray)):
+            steps = steps.tolist()
+        many = isinstance(steps, Sequence) and not isinstance(steps, str)
+        values = list(steps) if many else [steps]
+        bad = [n for n in values if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer))]
+        if bad:
+            raise ValueError(f"steps must be whole numbers >= 1 (an int, or a list of {s} ints: one per stage), got "
+                             f"{steps!r}: {bad[0]!r} is a {type(bad[0]).__name__}; pass ints (they are never rounded)")
+        steps = tuple(int(n) for n in values) * (1 if many else s)
         if len(steps) != s or any(n < 1 for n in steps):
             if s == 1 and self.config.family == "ssdd":
                 raise ValueError(f"steps must be an int >= 1 for an SSDD model (a single flow), got {steps}")

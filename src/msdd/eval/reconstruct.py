@@ -1,10 +1,17 @@
-"""Reconstruct images with a tokenizer: batched encode + decode, files in, PNGs / grid / CSV out."""
+"""Reconstruct images with a tokenizer: batched encode + decode, files in, PNGs / grid / CSV out.
+
+Every input gets its own name (CSV row and PNG): its path relative to the folder it was found in (the file
+name for a file given directly), without the extension; names that several inputs share (`A/x.png B/x.png`,
+`good.png good.jpg`) are made unique from the part of the paths that tells them apart (`unique_names`).
+"""
 
 from __future__ import annotations
 
 import csv
+import os
 import time
 import warnings
+from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
@@ -40,17 +47,26 @@ def reconstruct_images(
     return torch.cat(outs), decode_s / max(1, len(images))
 
 
-def collect_inputs(inputs: Sequence[str | Path], resolution: int) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
+def collect_inputs(
+    inputs: Sequence[str | Path], resolution: int, exclude: Sequence[str | Path] = ()
+) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
     """Load files and folders (recursively), ADM centre crop to `resolution`.
 
     A bad or too-small file named explicitly is an error; inside a folder it is skipped with a warning.
-    Returns (images (N, 3, R, R), names, skipped (path, reason))."""
-    tensors, names, skipped = [], [], []
+    Output folders in `exclude` are not read when they lie inside an input folder (when one is the input
+    folder itself, its `reconstructions/` and `grid.png` are not), so a rerun does not take its own
+    reconstructions as inputs. Returns (images (N, 3, R, R), unique names (see `unique_names`), skipped
+    (path, reason))."""
+    excluded = [Path(e).expanduser().resolve() for e in exclude]
+    tensors, names, sources, skipped = [], [], [], []
     for item in inputs:
         p = Path(item)
         if not p.exists():
             raise FileNotFoundError(f"input {p} does not exist")
         files, explicit = ([p], True) if p.is_file() else (list_images(p), False)
+        if not explicit:
+            skip = _outputs_inside(p, excluded)
+            files = [f for f in files if not any(q == f.resolve() or q in f.resolve().parents for q in skip)]
         for f in files:
             try:
                 arr = load_image(f)
@@ -64,10 +80,58 @@ def collect_inputs(inputs: Sequence[str | Path], resolution: int) -> tuple[torch
                 skipped.append((str(f), e.reason))
                 continue
             tensors.append(to_tensor(center_crop_arr(arr, resolution)))
-            names.append(f.stem if explicit else str(f.relative_to(p).with_suffix("")))
+            names.append(f.stem if explicit else f.relative_to(p).with_suffix("").as_posix())
+            sources.append(f)
     if not tensors:
         raise ValueError(f"no usable image in {list(map(str, inputs))}")
-    return torch.stack(tensors), names, skipped
+    return torch.stack(tensors), unique_names(names, sources), skipped
+
+
+def _outputs_inside(folder: Path, out_dirs: Sequence[Path]) -> list[Path]:
+    """The paths `write_reconstructions` writes into `out_dirs` that lie inside the input `folder`."""
+    folder = folder.resolve()
+    inside = []
+    for out in out_dirs:
+        if folder in out.parents:
+            inside.append(out)
+        elif out == folder:
+            inside += [out / "reconstructions", out / "grid.png"]
+    return inside
+
+
+def _file_key(name: str) -> str:
+    """The output file a name is written to, as a case-insensitive file system sees it."""
+    return name.replace("/", "__").casefold()
+
+
+def unique_names(names: Sequence[str], sources: Sequence[str | Path]) -> list[str]:
+    """`names` made unique as output files (`/` -> `__`, any letter case), the same for the same inputs.
+
+    A name several sources share becomes, for each of them, the name with the source's extension
+    (`good.png`, `good.jpg`) or, if that still collides, the path relative to their common folder
+    (`A/x.png`, `B/x.png`); a name left shared (the same file given twice) gets `-2`, `-3`... in input order."""
+    out = list(names)
+    groups = defaultdict(list)
+    for i, name in enumerate(names):
+        groups[_file_key(name)].append(i)
+    for idx in (g for g in groups.values() if len(g) > 1):
+        with_ext = [names[i] + Path(sources[i]).suffix for i in idx]
+        if len({_file_key(n) for n in with_ext}) < len(idx):
+            paths = [Path(sources[i]).resolve() for i in idx]
+            common = Path(os.path.commonpath(paths))
+            if common not in paths:  # not all the same file
+                with_ext = [q.relative_to(common).as_posix() for q in paths]
+        for i, name in zip(idx, with_ext):
+            out[i] = name
+    seen = set()
+    for i, name in enumerate(out):
+        unique, k = name, 1
+        while _file_key(unique) in seen:
+            k += 1
+            unique = f"{name}-{k}"
+        seen.add(_file_key(unique))
+        out[i] = unique
+    return out
 
 
 def write_reconstructions(
@@ -75,6 +139,9 @@ def write_reconstructions(
 ) -> dict:
     """PNGs of the reconstructions, a grid real | reconstruction | |error| x 4 and metrics.csv."""
     out = Path(out_dir)
+    if len({_file_key(n) for n in names}) < len(names):
+        raise ValueError(f"reconstruction names must be unique as file names (`/` -> `__`, any letter case), got "
+                         f"{sorted(names)}; make them unique with msdd.eval.reconstruct.unique_names")
     (out / "reconstructions").mkdir(parents=True, exist_ok=True)
     psnr, ssim = psnr_per_image(recon, images), ssim_per_image(recon, images)
     for name, x in zip(names, to_uint8(recon)):
