@@ -109,7 +109,9 @@ def cmd_reconstruct(args) -> None:
     _folder_arg(args.out, "--out")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     images, names, skipped = collect_inputs(args.inputs, tok.config.image_size, exclude=[args.out])
-    recon, decode_s = reconstruct_images(tok, images, steps, args.cfg, args.seed, args.batch_size, args.bf16)
+    # each image's noise is seeded from --seed and its output name: independent of --batch-size and the other inputs
+    recon, decode_s = reconstruct_images(tok, images, steps, args.cfg, args.seed, args.batch_size, args.bf16,
+                                         keys=names)
     summary = write_reconstructions(args.out, names, images, recon)
     print(f"{summary['n']} images reconstructed ({len(skipped)} skipped) -> {args.out}: mean PSNR "
           f"{summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}, decode {decode_s:.3f} s/image")
@@ -388,7 +390,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("reconstruct", help="encode + decode images; writes PNGs, a grid and metrics.csv")
+    p = sub.add_parser("reconstruct", help="encode + decode images; writes PNGs, a grid and metrics.csv",
+                       description="Encode + decode images; writes PNGs, a grid and metrics.csv. Each image's decode "
+                                   "noise is seeded from --seed and its output name, so it does not depend on "
+                                   "--batch-size or on the other inputs.")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: bundled model)")
     p.add_argument("--out", default="reconstructions", help="output folder (default: reconstructions)")
