@@ -23,7 +23,7 @@ from msdd.hub import file_sha256
 from msdd.train.checkpoint import (
     CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint,
 )  # fmt: skip
-from msdd.train.loop import BatchStream, ResumableSampler
+from msdd.train.stream import BatchStream, ResumableSampler
 from msdd.train.stage1 import Stage1Trainer
 
 from conftest import TINY, tiny_config

@@ -25,7 +25,7 @@ from msdd.cli import _load_training_config, build_parser
 from msdd.data import TarShardDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
 from msdd.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
-from msdd.train.loop import BatchStream
+from msdd.train.stream import BatchStream
 from msdd.train.stage1 import Stage1Trainer
 
 from conftest import TINY, tiny_config

@@ -1,7 +1,7 @@
 """`msdd demo`: the whole path on the embedded photographs, on a CPU, reproducibly.
 
 1. stage 1: train the tiny preset on random crops of the embedded training photos for a fixed number
-   of steps (`DEMO_STAGE1_STEPS`; about 6 minutes on 2 cores);
+   of steps (`msdd.train.budget.DEMO_STAGE1_STEPS`; about 6 minutes on 2 cores);
 2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`; about 4.5 minutes);
 3. reconstruct the held-out photos (never seen in training) with teacher and student, timing both;
 4. compare with the baselines that keep as many floats as the latent: bicubic down/up and PCA fitted
@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from msdd.config import Config, config_from_json, load_config
+from msdd.config import config_from_json, load_config
 from msdd.data import embedded_eval_set
 from msdd.eval.grid import save_grid
 from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
@@ -30,39 +29,10 @@ from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ss
 from msdd.eval.reconstruct import reconstruct_images
 from msdd.hub import BUNDLED
 from msdd.tokenizer import Tokenizer
-from msdd.train.distill import Distiller, measure_distill_step_time
-from msdd.train.stage1 import Stage1Trainer, measure_step_time
+from msdd.train.budget import budgeted_config, budgeted_distill, fixed_steps
+from msdd.train.distill import Distiller
+from msdd.train.stage1 import Stage1Trainer
 
-
-DEMO_STAGE1_STEPS = 900
-DEMO_DISTILL_STEPS = 250
-
-
-def fixed_steps(cfg: Config, stage1: int = DEMO_STAGE1_STEPS, distill: int = DEMO_DISTILL_STEPS) -> Config:
-    """The demo's schedule: fixed step counts (warm-up, checkpoints and grids scaled to them)."""
-    train = replace(cfg.train, max_steps=stage1, warmup_steps=min(cfg.train.warmup_steps, stage1 // 10),
-                    ckpt_every=max(50, stage1 // 6), grid_every=max(50, stage1 // 4))
-    dist = replace(cfg.distill, max_steps=distill, warmup_steps=min(cfg.distill.warmup_steps, distill // 10),
-                   ckpt_every=max(50, distill // 5), grid_every=max(50, distill // 2))
-    return replace(cfg, train=train, distill=dist)
-
-
-def budgeted_config(cfg: Config, stage1_minutes: float, device: str) -> tuple[Config, float]:
-    """Fit train.max_steps (and warm-up) to a wall-time budget from a measured step time, so the LR
-    schedule completes within the budget."""
-    step_s = measure_step_time(cfg, device=device)
-    steps = max(10, int(stage1_minutes * 60 / step_s * 0.95))
-    train = replace(cfg.train, max_steps=steps, warmup_steps=min(cfg.train.warmup_steps, steps // 10),
-                    ckpt_every=max(50, steps // 10), grid_every=max(50, steps // 5))
-    return replace(cfg, train=train), step_s
-
-
-def budgeted_distill(cfg: Config, teacher: Path, minutes: float, device: str) -> tuple[Config, float]:
-    step_s = measure_distill_step_time(cfg, teacher, device=device)
-    steps = max(10, int(minutes * 60 / step_s * 0.95))
-    distill = replace(cfg.distill, max_steps=steps, warmup_steps=min(cfg.distill.warmup_steps, steps // 10),
-                      ckpt_every=max(50, steps // 10), grid_every=max(50, steps // 5))
-    return replace(cfg, distill=distill), step_s
 
 
 def _stop_if_interrupted(summary: dict, out: Path) -> dict:

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from msdd.config import model_config_from_dict, to_dict
+from msdd.io import atomic_save_safetensors, atomic_write_text
 
 FORMAT = "msdd-tokenizer"
 FORMAT_VERSION = 1
@@ -25,40 +25,6 @@ WEIGHTS_NAME = "model.safetensors"
 BUNDLED_DIR = Path(__file__).parent / "pretrained"
 BUNDLED = {"tiny-64": BUNDLED_DIR / "tiny-64-student", "tiny-64-student": BUNDLED_DIR / "tiny-64-student",
            "tiny-64-teacher": BUNDLED_DIR / "tiny-64-teacher"}
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def file_sha256(path: str | Path) -> str:

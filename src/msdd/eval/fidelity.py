@@ -39,7 +39,7 @@ import torch
 
 from msdd.config import Config, load_config
 from msdd.data import embedded_eval_set
-from msdd.demo import budgeted_config, budgeted_distill, fixed_steps
+from msdd.train.budget import budgeted_config, budgeted_distill, fixed_steps
 from msdd.eval.evaluate import evaluate
 from msdd.eval.baselines import pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image

@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from msdd.hub import _fsync_dir, atomic_save_safetensors, atomic_write_bytes, atomic_write_text, file_sha256
+from msdd.hub import file_sha256
+from msdd.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text, fsync_dir
 
 CKPT_SUBDIR = "checkpoints"
 MANIFEST = "manifest.json"
@@ -95,7 +96,7 @@ def save_checkpoint(
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     # Rotation counts only intact checkpoints (a size check: hashing every kept one at each save would cost
     # seconds), so damaged ones never take the place of a good one; the one just written always stays.
     ckpts = list_checkpoints(run_dir)

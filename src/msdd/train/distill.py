@@ -45,7 +45,9 @@ from msdd.flow.schedule import stage_of_tau
 from msdd.hub import file_sha256, resolve_model_dir
 from msdd.models.discriminator import build_discriminator, hinge_d_loss, hinge_g_loss
 from msdd.tokenizer import Tokenizer, autocast
-from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
+from msdd.train.ema import EMA
+from msdd.train.loop import TrainerBase
+from msdd.train.optim import cosine_schedule, make_optimizer
 
 MAX_ADAPTIVE_WEIGHT = 1e4
 

@@ -34,7 +34,9 @@ from msdd.flow.ssdd import sample_ssdd
 from msdd.hub import file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.distill import check_distill_resume, check_teacher
-from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
+from msdd.train.ema import EMA
+from msdd.train.loop import TrainerBase
+from msdd.train.optim import cosine_schedule, make_optimizer
 
 
 class SSDDDistiller(TrainerBase):

@@ -1,5 +1,7 @@
-"""Pieces shared by the stage-1 trainer and the stage-2 distiller: optimiser, LR schedule, EMA,
-resumable data order, RNG state capture, signals, logging, and the training loop itself.
+"""The training loop shared by the stage-1 trainer and the stage-2 distiller (`TrainerBase`): processes,
+micro-batches, resume, checkpoints and logging. The pieces it is built from live beside it: `optim.py`
+(optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state capture) and
+`signals.py` (SIGTERM / SIGINT).
 
 One optimiser step over a global batch of B images, with n processes (torchrun) and A = grad_accum:
 
@@ -26,22 +28,16 @@ the backward pass, which DDP would.
 
 from __future__ import annotations
 
-import copy
 import json
-import math
-import os
-import random
 import signal
-import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset, Sampler
+from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
 from msdd.config import to_dict
@@ -50,195 +46,9 @@ from msdd.dist import all_gather_object, all_reduce_sum, barrier, broadcast_obje
 from msdd.train.checkpoint import (
     CheckpointError, _step_dir, check_writable, latest_checkpoint, load_checkpoint, save_checkpoint,
 )  # fmt: skip
-
-
-def make_optimizer(params, lr: float, betas=(0.9, 0.95), weight_decay: float = 0.0, slow=(),
-                   slow_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW over the trainable `params`; those also in `slow` train at lr * slow_scale (0: frozen)."""
-    slow_ids = {id(p) for p in slow}
-    fast = [p for p in params if p.requires_grad and id(p) not in slow_ids]
-    slow = [p for p in slow if p.requires_grad]
-    if slow and slow_scale == 0:
-        for p in slow:
-            p.requires_grad_(False)
-        slow = []
-    groups = [{"params": fast}] + ([{"params": slow, "lr": lr * slow_scale}] if slow else [])
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
-
-
-def cosine_schedule(optimizer, warmup: int, total: int, min_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up to the base lr, then cosine decay to min_ratio x base at `total` steps."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-class EMA:
-    """Exponential moving average of a module's parameters (buffers are copied).
-
-    The decay ramps up as min(decay, (1 + n) / (10 + n)) so that short runs are not dominated by the
-    random initialisation."""
-
-    def __init__(self, model: nn.Module, decay: float) -> None:
-        self.decay = decay
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
-        self.updates = 0
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_params = dict(self.module.named_parameters())
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                ema_params[name].lerp_(p.detach(), 1 - d)
-        for (_, b_ema), (_, b) in zip(self.module.named_buffers(), model.named_buffers()):
-            b_ema.copy_(b)
-
-
-class ResumableSampler(Sampler[int]):
-    """A shuffled index order per epoch that can start mid-epoch and be split across processes.
-
-    Epoch e's order is a permutation drawn from (seed, e), cut into global batches of `batch`
-    indices (the rest of the epoch is dropped); rank k of n takes the k-th of the n equal contiguous
-    parts of every global batch. The position (indices already consumed by this rank) is all a
-    checkpoint needs to continue exactly. `batch` defaults to n (rank k takes every n-th index)."""
-
-    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1, batch: int | None = None) -> None:
-        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
-        self.batch = world_size if batch is None else batch
-        if self.batch % world_size:
-            raise ValueError(f"a global batch of {self.batch} cannot be split evenly over {world_size} processes")
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        perm = torch.randperm(self.size, generator=g)
-        steps, share = self.size // self.batch, self.batch // self.world_size
-        return perm[: steps * self.batch].view(steps, self.world_size, share)[:, self.rank].flatten().tolist()
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start :])
-
-    def dropped(self) -> list[int]:
-        """The indices epoch `epoch` leaves out on every process (the rest of its last global batch)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.size, generator=g)[self.size // self.batch * self.batch :].tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.size // self.batch * (self.batch // self.world_size) - self.start)
-
-
-def _ignore_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGINT / SIGTERM to the main process, which saves and shuts them down."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-class BatchStream:
-    """Endless batches over epochs with a resumable position: (epoch, batches taken this epoch).
-
-    Map-style datasets are ordered by `sampler`; an IterableDataset (tar shards) orders and splits
-    itself and is told the position through `set_epoch(epoch, batches_done, batch_size)`.
-
-    Batches are `collate_skip_bad` triples. `dry` becomes True once a whole pass over this process's data
-    (a full epoch, and for a map-style dataset also the images the epoch left out) gave not one usable
-    image, and False again at the next usable one; `example` is the last skipped (path, reason). A folder of
-    unreadable files would otherwise give empty batches forever: the loop stops when every process is dry."""
-
-    def __init__(self, dataset, batch_size: int, sampler: ResumableSampler | None, collate_fn,
-                 num_workers: int = 0) -> None:
-        self.dataset, self.batch_size, self.sampler = dataset, batch_size, sampler
-        self.collate_fn, self.num_workers = collate_fn, num_workers
-        self.epoch, self.batches_in_epoch = 0, 0
-        self.dry, self.example, self._dry_batches = False, None, 0  # _dry_batches: in a row, without an image
-        self._it = None
-        if sampler is not None and len(sampler) < batch_size:
-            raise ValueError(f"the training set has {sampler.size} images, fewer than one global batch of "
-                             f"{sampler.batch}; lower the batch size or add images")
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
-
-    def load_state(self, state: dict) -> None:
-        self.epoch, self.batches_in_epoch = int(state["epoch"]), int(state["batches_in_epoch"])
-        self._it = None
-
-    def _start_epoch(self) -> None:
-        if self.sampler is not None:
-            self.sampler.set_epoch(self.epoch, self.batches_in_epoch * self.batch_size)
-            if hasattr(self.dataset, "set_epoch"):
-                self.dataset.set_epoch(self.epoch)
-        else:
-            self.dataset.set_epoch(self.epoch, self.batches_in_epoch, self.batch_size)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler, drop_last=True,
-                            collate_fn=self.collate_fn, num_workers=self.num_workers,
-                            worker_init_fn=_ignore_signals if self.num_workers else None)
-        self._it = iter(loader)
-
-    def __next__(self):
-        while True:
-            if self._it is None:
-                self._start_epoch()
-            try:
-                batch = next(self._it)
-                self.batches_in_epoch += 1
-                if len(batch[0]):
-                    self.dry, self._dry_batches = False, 0
-                else:
-                    self._dry_batches += 1
-                    self.example = batch[2][0] if batch[2] else self.example
-                return batch
-            except StopIteration:
-                if self.batches_in_epoch == 0:  # would loop forever
-                    raise ValueError(f"the training data gives this process not one full batch of "
-                                     f"{self.batch_size} per epoch; add data or lower the batch size") from None
-                # a whole epoch without an image (a resumed one counts only once seen from its start)
-                if self._dry_batches >= self.batches_in_epoch and not self._dropped_usable():
-                    self.dry = True
-                self.epoch, self.batches_in_epoch, self._it = self.epoch + 1, 0, None
-
-    def _dropped_usable(self) -> bool:
-        """Whether an image the epoch left out (drop_last) is usable: a dataset whose few good images all fell
-        there is not yet known to be unusable."""
-        if self.sampler is None:
-            return False
-        return any(self.dataset[i][0] is not None for i in self.sampler.dropped())
-
-    def __iter__(self):
-        return self
-
-
-def rng_state() -> dict:
-    """Global RNG states in a form `torch.load(weights_only=True)` accepts (tensors and lists only)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    if torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+from msdd.train.rng import rng_state, set_rng_state
+from msdd.train.signals import StopSignals
+from msdd.train.stream import BatchStream, ResumableSampler
 
 
 class Throughput:
@@ -255,38 +65,6 @@ class Throughput:
         r = self.n / dt if dt > 0 else 0.0
         self.t0, self.n = time.perf_counter(), 0
         return r
-
-
-class StopSignals:
-    """While active, SIGTERM and SIGINT (pre-emption, Ctrl-C) only set `received`: the training loop
-    finishes its step, writes a checkpoint and returns. A second signal acts as it did before (by
-    default: ends the process at once). The previous handlers are restored on exit. Signals can only
-    be caught in the main thread; elsewhere this does nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __enter__(self) -> "StopSignals":
-        self.received, self._previous = 0, {}
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.received:
-            self._restore()
-            signal.raise_signal(signum)
-            return
-        self.received = signum
-        os.write(2, f"\n{signal.Signals(signum).name} received: finishing this step, then writing a checkpoint "
-                    f"(send it again to stop at once)\n".encode())
-
-    def _restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
-        self._previous = {}
-
-    def __exit__(self, *exc) -> None:
-        self._restore()
 
 
 def _weighted_means(outs: list[tuple[int, dict]]) -> dict:

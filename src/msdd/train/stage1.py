@@ -24,7 +24,9 @@ from msdd.config import Config, config_from_json, diff_fields
 from msdd.data import build_eval_images, build_train_dataset, collate_skip_bad
 from msdd.eval.grid import save_grid
 from msdd.tokenizer import Tokenizer, autocast
-from msdd.train.loop import EMA, TrainerBase, cosine_schedule, make_optimizer
+from msdd.train.ema import EMA
+from msdd.train.loop import TrainerBase
+from msdd.train.optim import cosine_schedule, make_optimizer
 
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",

@@ -1,0 +1,40 @@
+"""The stdout tables of a `msdd bench` report."""
+
+from __future__ import annotations
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def format_report(report: dict) -> str:
+    """The stdout tables of a report."""
+    source = report["model"] or f"preset {report['preset']}"
+    lines = [
+        f"msdd bench: {source}, {report['resolution']} px, batch {report['batch_size']}, {report['dtype']}, "
+        f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, {report['device']} "
+        f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
+        f"3x3 conv {report['conv_peak_gflops']:.1f}",
+        f"{'contender':<14} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "
+        f"{'% peak':>7} {'x student':>9}",
+    ]
+    for r in report["contenders"]:
+        if "error" in r:
+            lines.append(f"{r['name']:<14} {r['error']}")
+            continue
+        ms = f"{r['seconds_median'] * 1e3:.1f} [{r['seconds_min'] * 1e3:.1f}, {r['seconds_max'] * 1e3:.1f}]"
+        lines.append(f"{r['name']:<14} {r['img_per_s']:>9.3f} {ms:>30} {r['gflop_per_img']:>10.2f} "
+                     f"{r['achieved_gflops']:>9.1f} {100 * r['fraction_of_peak']:>6.1f}% "
+                     f"{_fmt(r.get('speed_vs_student'), '>9.3f')}")
+    table = report.get("resolution_table")
+    if table:
+        lines += ["", "decode cost against resolution (one stage more per doubling)",
+                  f"{'px':>5} {'stages':>6} {'student GFLOP/img':>18} {'student img/s':>14} "
+                  f"{'teacher GFLOP/img':>18} {'teacher img/s':>14} {'teacher/student time':>21}"]
+        for row in table:
+            st, te = row["student"], row["teacher"]
+            ratio = st["img_per_s"] / te["img_per_s"]
+            lines.append(f"{row['resolution']:>5} {row['num_stages']:>6} {st['gflop_per_img']:>18.2f} "
+                         f"{st['img_per_s']:>14.3f} {te['gflop_per_img']:>18.2f} {te['img_per_s']:>14.3f} "
+                         f"{ratio:>21.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,167 @@
+"""One benchmark run: the peaks, the contenders timed and summarised per row (img/s, GFLOP, fraction of
+peak, speed against the student), the optional resolution table, and the report with its machine and versions."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import platform
+import statistics
+from typing import Callable, Sequence
+
+import torch
+
+from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
+from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models, resolve_steps
+from msdd.eval.bench.peak import measure_conv_peak, measure_matmul_peak, peak_size
+from msdd.eval.bench.settings import DTYPES, BenchSettings
+from msdd.eval.bench.timing import log_stderr, time_contenders
+
+
+def summarize(c: Contender, seconds: list[float] | None, first_call: float | None, batch_size: int,
+              peak_gflops: float, compiled: bool = False) -> dict:
+    if c.error is not None:
+        return {"name": c.name, "error": c.error, **c.info}
+    median = statistics.median(seconds)
+    img_per_s = batch_size / median
+    gflop = c.flop_per_image / 1e9
+    achieved = gflop * img_per_s
+    row = {
+        "name": c.name, "img_per_s": img_per_s, "gflop_per_img": gflop, "achieved_gflops": achieved,
+        "fraction_of_peak": achieved / peak_gflops, "seconds_median": median, "seconds_min": min(seconds),
+        "seconds_max": max(seconds), "seconds": seconds, "first_call_seconds": first_call, **c.info,
+    }
+    if compiled:  # the first warm-up call compiled: what it took beyond a normal call
+        row["compile_seconds"] = max(0.0, first_call - median)
+    return row
+
+
+def measure(contenders: list[Contender], s: BenchSettings, peak_gflops: float, device: torch.device,
+            log: Callable[[str], None] = log_stderr) -> list[dict]:
+    runnable = {c.name: c.decode for c in contenders if c.decode is not None}
+    seconds, first = time_contenders(runnable, s.rounds, s.warmup, device, s.dtype == "bf16", log)
+    rows = [summarize(c, seconds.get(c.name), first.get(c.name), s.batch_size, peak_gflops, s.compile)
+            for c in contenders]
+    student = next((r for r in rows if r["name"] == "student" and "img_per_s" in r), None)
+    for r in rows:
+        if student and "img_per_s" in r:
+            r["speed_vs_student"] = r["img_per_s"] / student["img_per_s"]
+    return rows
+
+
+def resolution_table(teacher: FlowModel, student: FlowModel, resolutions: Sequence[int], steps: Sequence[int],
+                     cfg: float, s: BenchSettings, peak_gflops: float, device: torch.device,
+                     log: Callable[[str], None] = log_stderr) -> list[dict]:
+    """Decode cost against resolution: GFLOP per image and measured img/s of the student and the teacher
+    at each resolution, with one stage more per doubling (`at_resolution`); timed alternately as above."""
+    sampling = dataclasses.replace(teacher.config.sampling, steps=tuple(steps))
+    base = dataclasses.replace(teacher.config, sampling=sampling)  # the teacher's --steps, extended per stage
+    out = []
+    for r in resolutions:
+        t_cfg, s_cfg = at_resolution(base, r), at_resolution(student.config, r)
+        t_model = teacher.with_config(t_cfg)
+        s_model = student.with_config(s_cfg) if student is not teacher else t_model
+        log(f"resolution {r}: {t_cfg.flow.num_stages} stages {list(t_cfg.stage_resolutions)}, "
+            f"teacher steps {list(t_cfg.sampling.steps)}")
+        contenders = build_contenders(("student", "teacher"), t_model, s_model, t_cfg.sampling.steps, cfg,
+                                      s.batch_size, device, s.compile, weights=_weights(s))
+        student_row, teacher_row = measure(contenders, s, peak_gflops, device, log)
+        out.append({"resolution": r, "num_stages": t_cfg.flow.num_stages,
+                    "stage_resolutions": list(t_cfg.stage_resolutions), "student": student_row, "teacher": teacher_row})
+    return out
+
+
+def _sig(obj, digits: int = 6):
+    """Round every float in a JSON-able tree to `digits` significant digits."""
+    if isinstance(obj, float):
+        return float(f"{obj:.{digits}g}") if math.isfinite(obj) else obj
+    if isinstance(obj, dict):
+        return {k: _sig(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_sig(v, digits) for v in obj]
+    return obj
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_bench(s: BenchSettings, log: Callable[[str], None] = log_stderr) -> dict:
+    """Run the benchmark described by `s`; returns the report (what `msdd bench` writes as JSON)."""
+    previous_threads = torch.get_num_threads()
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    try:
+        return _run_bench(s, log)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _weights(s: BenchSettings) -> torch.dtype | None:
+    """bf16 runs keep the weights of every contender's matmuls and convolutions in bf16 (autocast would
+    otherwise cast them again on every call: 17% of a paper-256 student decode on the 2-core CPU)."""
+    return torch.bfloat16 if s.dtype == "bf16" else None
+
+
+def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
+    device = torch.device(s.device)
+    dtype = DTYPES[s.dtype]
+    teacher, student = load_models(s, device)
+    steps = resolve_steps(s.steps, teacher.config)
+    cfg = teacher.config.sampling.cfg if s.cfg is None else float(s.cfg)
+    for model in (teacher, student):  # a bad --resolutions fails before anything is timed
+        for r in s.resolutions:
+            at_resolution(model.config, r)
+    if cfg in (0.0, 1.0) and {"teacher", "teacher-nocfg"} <= set(s.contenders):
+        log(f"note: the teacher's cfg is {cfg:g} (a single pass per step), so `teacher` and `teacher-nocfg` are "
+            f"the same decode; pass --cfg 2 to time guided decoding")
+    peak_n = peak_size(dtype, device)
+    peak = measure_matmul_peak(dtype, None, device, n=peak_n, repeats=3 if s.quick else 5)
+    conv_peak = measure_conv_peak(dtype, None, device, repeats=3 if s.quick else 5)
+    log(f"matmul peak {peak:.1f} GFLOP/s ({peak_n}^3 {s.dtype}, {torch.get_num_threads()} threads), "
+        f"3x3 conv {conv_peak:.1f} GFLOP/s")
+
+    ssdd = None
+    if {"ssdd-student", "ssdd-teacher"} & set(s.contenders):
+        ssdd = ssdd_config(s.ssdd_preset, teacher.config.image_size)
+    contenders = build_contenders(s.contenders, teacher, student, steps, cfg, s.batch_size, device, s.compile,
+                                  ssdd, s.ssdd_steps, weights=_weights(s))
+    log(f"decoding {s.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
+    rows = measure(contenders, s, peak, device, log)
+    try:
+        import diffusers
+
+        diffusers_version = diffusers.__version__
+    except ImportError:
+        diffusers_version = None
+    report = {
+        "command": s.command(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "preset": None if s.model else s.preset, "overrides": list(s.overrides),
+        "model": s.model, "student": s.student,
+        "resolution": teacher.config.image_size, "num_stages": teacher.config.flow.num_stages,
+        "teacher_steps": list(steps), "teacher_cfg": cfg,
+        "ssdd_preset": (s.ssdd_preset or default_ssdd_preset(teacher.config.image_size)) if ssdd else None,
+        "batch_size": s.batch_size, "dtype": s.dtype,
+        "bf16": "weights of linear/conv layers stored in bf16, calls under bf16 autocast" if s.dtype == "bf16" else None,
+        "compile": s.compile, "threads": torch.get_num_threads(),
+        "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak, "peak_matmul_size": peak_n,
+        "conv_peak_gflops": conv_peak,
+        "warmup": s.warmup, "rounds": s.rounds,
+        "torch_version": torch.__version__, "diffusers_version": diffusers_version,
+        "python_version": platform.python_version(),
+        "contenders": rows,
+    }
+    if s.resolutions:
+        report["resolution_table"] = resolution_table(teacher, student, s.resolutions, steps, cfg, s, peak, device, log)
+    return _sig(report)

@@ -1,0 +1,112 @@
+"""The settings of one `msdd bench` run (`BenchSettings`, one field per CLI option), the contender names
+and what `--quick` sets."""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass
+
+import torch
+
+CONTENDERS = ("student", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
+              "ssdd-teacher")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
+QUICK = {"preset": "tiny-64", "batch_size": 2, "warmup": 1, "rounds": 2, "steps": 2}
+
+
+def parse_list(text: str | None, option: str, kind: type = str) -> tuple | None:
+    """'a,b,c' -> ('a', 'b', 'c') (or ints), with an error naming the option."""
+    if text is None:
+        return None
+    try:
+        values = tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"{option} {text!r}: expected a comma list of {kind.__name__}s") from None
+    if not values:
+        raise ValueError(f"{option} {text!r}: expected at least one value")
+    return values
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """One `msdd bench` run; each field is the CLI option of the same name.
+
+    steps: the teacher's Euler steps per stage (an int for every stage, a tuple with one entry per stage,
+    or None for the model's own schedule); cfg: the teacher's guidance scale (None: the model's).
+    model / student: trained model directories (default: random weights of `preset` + `overrides`).
+    """
+
+    preset: str = "tiny-64"
+    overrides: tuple[str, ...] = ()
+    model: str | None = None
+    student: str | None = None
+    dtype: str = "fp32"
+    compile: bool = False
+    batch_size: int = 4
+    resolution: int | None = None
+    steps: int | tuple[int, ...] | None = None
+    cfg: float | None = None
+    rounds: int = 5
+    warmup: int = 2
+    threads: int | None = None
+    contenders: tuple[str, ...] = CONTENDERS
+    resolutions: tuple[int, ...] = ()
+    device: str = "cpu"
+    quick: bool = False  # recorded in the command; also fewer repeats of the peak probes
+    ssdd_preset: str | None = None  # None: default_ssdd_preset(resolution)
+    ssdd_steps: int | None = None  # None: the SSDD preset's own steps
+
+    def __post_init__(self) -> None:
+        def check(cond: bool, option: str, msg: str) -> None:
+            if not cond:
+                raise ValueError(f"{option}: {msg}")
+
+        check(self.dtype in DTYPES, "--dtype", f"got {self.dtype!r}, expected one of {list(DTYPES)}")
+        check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
+        check(self.rounds >= 1, "--rounds", f"must be >= 1, got {self.rounds}")
+        check(self.warmup >= 0, "--warmup", f"must be >= 0, got {self.warmup}")
+        check(self.threads is None or self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
+        check(self.resolution is None or self.resolution >= 1, "--resolution", f"must be >= 1, got {self.resolution}")
+        check(all(r >= 1 for r in self.resolutions), "--resolutions", f"must be >= 1, got {list(self.resolutions)}")
+        check(self.cfg is None or self.cfg >= 0, "--cfg", f"must be >= 0, got {self.cfg}")
+        check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
+        steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
+        check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
+        unknown = [c for c in self.contenders if c not in CONTENDERS]
+        check(not unknown and len(self.contenders) > 0, "--contenders",
+              f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS)}")
+
+    def command(self) -> str:
+        """The `msdd bench` command line that repeats this run (what `--quick` set spelled out)."""
+        a = ["msdd", "bench"]
+        if self.model:
+            a += ["--model", self.model]
+        else:
+            a += ["--preset", self.preset] + [x for o in self.overrides for x in ("--set", o)]
+        if self.student:
+            a += ["--student", self.student]
+        if self.resolution:
+            a += ["--resolution", str(self.resolution)]
+        if self.steps is not None:
+            a += ["--steps", ",".join(map(str, (self.steps,) if isinstance(self.steps, int) else self.steps))]
+        if self.cfg is not None:
+            a += ["--cfg", f"{self.cfg:g}"]
+        a += ["--dtype", self.dtype, "--batch-size", str(self.batch_size), "--warmup", str(self.warmup),
+              "--rounds", str(self.rounds)]
+        if self.threads:
+            a += ["--threads", str(self.threads)]
+        if self.contenders != CONTENDERS:
+            a += ["--contenders", ",".join(self.contenders)]
+        if self.resolutions:
+            a += ["--resolutions", ",".join(map(str, self.resolutions))]
+        if self.ssdd_preset:
+            a += ["--ssdd-preset", self.ssdd_preset]
+        if self.ssdd_steps:
+            a += ["--ssdd-steps", str(self.ssdd_steps)]
+        if self.compile:
+            a += ["--compile"]
+        a += ["--device", self.device]
+        if self.quick:
+            a += ["--quick"]
+        return shlex.join(a)

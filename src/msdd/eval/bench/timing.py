@@ -1,0 +1,61 @@
+"""Timing the contenders side by side: warm-up rounds, then rounds in an order rotated by one place per round,
+the device synchronised around every call."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from msdd.tokenizer import autocast
+
+
+def log_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def rotated_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
+    """The run order of each round: round r starts r places further along, so over len(names) rounds
+    every contender runs once in every position."""
+    n = len(names)
+    return [[names[(r + i) % n] for i in range(n)] for r in range(rounds)]
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device,
+                    bf16: bool = False, log: Callable[[str], None] = log_stderr
+                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per call of every contender: `warmup` untimed rounds, then `rounds` timed rounds in rotated
+    order. Returns (seconds of each timed round per contender, seconds of each contender's first call)."""
+    sync = synchronizer(device)
+
+    def timed(fn: Callable[[], object]) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    names = list(decoders)
+    seconds: dict[str, list[float]] = {n: [] for n in names}
+    first: dict[str, float] = {}
+    with torch.inference_mode(), autocast(device, bf16):
+        for i, order in enumerate(rotated_orders(names, warmup)):
+            for name in order:
+                t = timed(decoders[name])
+                first.setdefault(name, t)
+            log(f"  warm-up {i + 1}/{warmup} done")
+        for i, order in enumerate(rotated_orders(names, rounds)):
+            for name in order:
+                t = timed(decoders[name])
+                first.setdefault(name, t)
+                seconds[name].append(t)
+            log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in order))
+    return seconds, first
