@@ -31,8 +31,8 @@ def test_info_preset(capsys):
     assert [s["resolution"] for s in info["stages"]] == [32, 64, 128, 256]
     assert [s["image_tokens"] for s in info["stages"]] == [16, 64, 256, 1024]
     assert 240 < info["params_decoder_M"] < 260
-    # 30 steps per stage with CFG (two passes per step) = 60 one-step decodes
-    assert info["decode"]["gflop_per_image"] == pytest.approx(60 * info["decode"]["one_step_gflop_per_image"], rel=1e-3)
+    assert info["decode"]["steps_per_stage"] == [30] * 4 and info["decode"]["cfg"] == 2.0
+    # the GFLOP numbers against a count of the real decode: tests/test_flops.py (tiny-64, runnable on a CPU)
 
 
 def test_info_step_time(capsys):
@@ -127,3 +127,104 @@ def test_demo_stops_when_a_stage_is_interrupted(tmp_path):
         _stop_if_interrupted({"interrupted": "SIGTERM"}, tmp_path)
     assert e.value.code == 143
     assert _stop_if_interrupted({"interrupted": None}, tmp_path) == {"interrupted": None}
+
+
+def test_export_fp16_copy_decodes_like_the_fp32_original(tmp_path, capsys):
+    """`msdd export` (fp16 by default): the copy's config says fp16 and names its source, its file holds
+    fp16 tensors (half the size), its weights are the original's rounded to fp16, and it encodes and
+    decodes held-out photos like the fp32 original (same noise)."""
+    import torch
+    from safetensors import safe_open
+
+    from msdd.data import embedded_eval_set
+    from msdd.eval.metrics import psnr_per_image
+    from msdd.hub import file_sha256
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")  # trained; stored as fp16, so made fp32 below
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 1e-3 * p.abs().mean())  # values fp16 cannot hold
+    src, out = tmp_path / "fp32", tmp_path / "fp16"
+    tok.save_pretrained(src)
+    capsys.readouterr()
+    assert main(["export", "--model", str(src), "--out", str(out)]) == 0
+    assert f"wrote {out} (fp16 weights)" in capsys.readouterr().out
+
+    meta, src_meta = (json.loads((d / "config.json").read_text()) for d in (out, src))
+    assert meta["weights_dtype"] == "fp16" and "weights_dtype" not in src_meta
+    assert meta["exported_from_sha256"] == file_sha256(src / "model.safetensors")
+    assert meta["model"] == src_meta["model"]
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    ratio = (out / "model.safetensors").stat().st_size / (src / "model.safetensors").stat().st_size
+    assert 0.45 < ratio < 0.55
+
+    half = Tokenizer.from_pretrained(out)
+    assert half.metadata["weights_dtype"] == "fp16"
+    for (name, a), (_, b) in zip(tok.state_dict().items(), half.state_dict().items()):
+        assert b.dtype == torch.float32 and torch.equal(b, a.half().float()), name
+    assert any(not torch.equal(a, b) for a, b in zip(tok.parameters(), half.parameters()))
+
+    x = embedded_eval_set(64)[0][:4]
+    z, z_half = tok.encode(x), half.encode(x)
+    assert (z_half - z).abs().max() < 0.01 * z.abs().max()
+    fp32, fp16 = tok.decode(z, steps=2, seed=1), half.decode(z, steps=2, seed=1)
+    other_noise = tok.decode(z, steps=2, seed=2)
+    assert (psnr_per_image(fp16, fp32) > 45).all(), psnr_per_image(fp16, fp32)
+    assert (fp16 - fp32).abs().mean() < 0.05 * (other_noise - fp32).abs().mean()
+
+
+def _hand_latent_stats(tok, folder, n):
+    """Per-channel mean and (population) std of the latents of the first n training crops of `folder`, the
+    images `msdd latent-stats` reads (seed 0), by hand in float64."""
+    import torch
+
+    from msdd.data import build_train_dataset
+
+    ds = build_train_dataset(str(folder), tok.config.image_size, seed=0)
+    images = torch.stack([ds[i][0] for i in range(n)])
+    with torch.no_grad():
+        z = tok.encoder(images).double().flatten(0, 1)  # (n * tokens, channels)
+    return z.mean(0), z.std(0, correction=0), z
+
+
+def test_latent_stats_are_the_mean_and_std_of_the_latents(tmp_path, photo_folder, capsys):
+    import torch
+
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")
+    model = tmp_path / "m"
+    tok.save_pretrained(model)  # an fp32 model directory, updated in place
+    capsys.readouterr()
+    assert main(["latent-stats", "--model", str(model), "--data", str(photo_folder), "--max-images", "6"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    mean, std, z = _hand_latent_stats(tok, photo_folder, 6)
+    assert z.shape == (6 * 32, 8) and (std > 1e-3).all()
+    torch.testing.assert_close(torch.tensor(printed["mean"], dtype=torch.float64), mean, rtol=0, atol=2e-5)
+    torch.testing.assert_close(torch.tensor(printed["std"], dtype=torch.float64), std, rtol=0, atol=2e-5)
+    stored = Tokenizer.from_pretrained(model)
+    torch.testing.assert_close(stored.latent_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stored.latent_std.double(), std, rtol=1e-5, atol=1e-6)
+    zn = stored.normalize_latents(z.float())  # the same latents, normalised: zero mean, unit std per channel
+    torch.testing.assert_close(zn.mean(0), torch.zeros(8), rtol=0, atol=1e-4)
+    torch.testing.assert_close(zn.std(0, correction=0), torch.ones(8), rtol=0, atol=1e-4)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug, reported: compute_latent_stats (msdd.train.stage1) stops only after the batch that reaches "
+    "max_images, so `latent-stats --max-images 4` averages the whole first batch (up to 64 images, here all 6)"))
+def test_latent_stats_use_at_most_max_images(tmp_path, photo_folder, capsys):
+    import torch
+
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")
+    tok.save_pretrained(tmp_path / "m")
+    capsys.readouterr()
+    assert main(["latent-stats", "--model", str(tmp_path / "m"), "--data", str(photo_folder), "--max-images", "4"]) == 0
+    printed = json.loads(capsys.readouterr().out.splitlines()[0])
+    mean, _, _ = _hand_latent_stats(tok, photo_folder, 4)
+    torch.testing.assert_close(torch.tensor(printed["mean"], dtype=torch.float64), mean, rtol=0, atol=2e-5)

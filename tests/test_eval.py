@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -58,32 +59,85 @@ def test_ssim_uses_data_range_one_not_two():
     assert inflated > ours + 0.02
 
 
-def test_fid_with_a_custom_feature_extractor():
+class RecordingFeatures(torch.nn.Module):
+    """A small fixed feature extractor for FrechetInceptionDistance that keeps every batch it is given."""
+
+    num_features = 4
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        torch.nn.init.normal_(self.conv.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(x.clone())
+        h = torch.tanh(self.conv(x.float() / 127.5 - 1))
+        return h.mean(dim=(2, 3)) + h.pow(2).mean(dim=(2, 3))  # (B, 4)
+
+
+def _frechet(a: np.ndarray, b: np.ndarray) -> float:
+    """The Frechet distance between Gaussians fitted to feature rows a and b (unbiased covariances)."""
+    from scipy import linalg
+
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b).real
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+
+
+def test_rfid_compares_the_uint8_crops_with_the_reconstructions(model_dir, monkeypatch):
+    """msdd's use of torchmetrics' FID: `evaluate` feeds the metric the centre-cropped originals as real
+    and the rounded reconstructions (the ones PSNR is computed on) as fake, uint8 in [0, 255], every batch
+    of the run, and reports Frechet distance of the features of all of them (checked by hand)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    class TinyFeatures(torch.nn.Module):
-        num_features = 8
+    import msdd.eval.evaluate as ev
+    from msdd.data import embedded_eval_set
 
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3)
-            torch.nn.init.normal_(self.conv.weight, std=0.1)
+    features, made = RecordingFeatures(), []
 
-        def forward(self, x):
-            return self.conv(x.float() / 255).mean(dim=(2, 3))
+    def fake_build_fid(weights, device):
+        made.append(weights)
+        return FrechetInceptionDistance(feature=features, reset_real_features=True), None
 
-    g = torch.Generator().manual_seed(0)
-    real = torch.randint(0, 200, (64, 3, 16, 16), generator=g, dtype=torch.uint8)
-    fid = FrechetInceptionDistance(feature=TinyFeatures())
-    fid.update(real, real=True)
-    fid.update(real, real=False)
-    same = fid.compute().item()
-    fid.reset()
-    fid.update(real, real=True)
-    fid.update((real.int() + 50).clamp(0, 255).to(torch.uint8), real=False)
-    shifted = fid.compute().item()
-    assert abs(same) < 1e-3
-    assert shifted > 100 * max(abs(same), 1e-6) and shifted > 1e-3
+    monkeypatch.setattr(ev, "build_fid", fake_build_fid)
+    tok = Tokenizer.from_pretrained(model_dir)
+    with pytest.warns(UserWarning, match="rFID on 10 images is not comparable"):
+        r = evaluate(tok, "embedded", limit=10, batch_size=4, inception_weights="w.pth", pca_source=None)
+    assert made == ["w.pth"] and "rfid" not in r["skipped_metrics"]
+
+    seen = features.seen  # torchmetrics calls the extractor once per update: real, fake, real, fake, ...
+    assert len(seen) == 2 * 3 and [len(x) for x in seen[::2]] == [4, 4, 2]
+    real, fake = torch.cat(seen[0::2]), torch.cat(seen[1::2])
+    assert real.dtype == fake.dtype == torch.uint8
+    crops = embedded_eval_set(32)[0][:10]  # the protocol's centre crops, in order
+    assert torch.equal(real, ((crops + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+    # the fake images are the reconstructions the reported PSNR is computed on
+    to_unit = lambda u8: u8.double() / 127.5 - 1  # noqa: E731
+    assert psnr_per_image(to_unit(fake), to_unit(real)).mean().item() == pytest.approx(r["metrics"]["psnr"], abs=1e-3)
+    assert not torch.equal(real, fake)
+
+    with torch.no_grad():
+        f_real, f_fake = features.forward(real).double().numpy(), features.forward(fake).double().numpy()
+    assert r["metrics"]["rfid"] == pytest.approx(_frechet(f_real, f_fake), rel=1e-3, abs=1e-6)
+    assert r["metrics"]["rfid"] > 1e-4  # the reconstructions differ from the crops
+
+
+def test_build_fid_refuses_pickles_and_names_what_is_missing(tmp_path, monkeypatch):
+    import argparse
+
+    from msdd.eval.evaluate import build_fid
+
+    path = tmp_path / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save({"net": argparse.Namespace(a=1)}, path)  # not a plain tensor state dict: torch-fidelity would
+    with pytest.raises(ValueError, match="not a plain tensor state dict"):  # unpickle (run) whatever it holds
+        build_fid(path, "cpu")
+    fid, reason = build_fid(tmp_path / "nope.pth", "cpu")
+    assert fid is None and "no such file" in reason and "--inception-weights" in reason
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # `import torch_fidelity` now fails
+    fid, reason = build_fid(path, "cpu")
+    assert fid is None and "pip install 'msdd[fid]'" in reason
 
 
 def test_bicubic_baseline_budget():
@@ -131,19 +185,76 @@ def test_eval_cli_writes_json_and_plot(model_dir, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
-def test_pareto_plot_with_rfid(tmp_path):
-    pts = [{"label": "a", "img_per_s": 1.0, "psnr": 20.0, "rfid": 3.0},
-           {"label": "b", "img_per_s": 30.0, "psnr": 19.0, "rfid": 4.0}]
-    assert plot_pareto(pts, tmp_path / "x.png").exists()
+def test_pareto_plot_draws_the_points_and_their_front(tmp_path, monkeypatch):
+    """The figure's content: one panel per metric, every point with a value plotted and labelled, and the
+    dashed Pareto front joining, fastest first, the points no faster point beats (higher PSNR, lower
+    rFID); the file is that figure (its pixel size)."""
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    import msdd.eval.plots as plots
+
+    figures = []
+    subplots = plt.subplots
+
+    def recording_subplots(*args, **kwargs):
+        fig, axes = subplots(*args, **kwargs)
+        figures.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(plots.plt, "subplots", recording_subplots)
+    pts = [{"label": "teacher", "img_per_s": 1.0, "psnr": 20.0, "rfid": 3.0},
+           {"label": "student", "img_per_s": 30.0, "psnr": 19.0, "rfid": 4.0},
+           {"label": "dominated", "img_per_s": 10.0, "psnr": 18.0, "rfid": 5.0},  # slower and worse than "student"
+           {"label": "no-rfid", "img_per_s": 3.0, "psnr": 19.5, "rfid": None}]
+    path = plot_pareto(pts, tmp_path / "x.png", title="t")
+
+    (fig,) = figures
+    psnr_ax, rfid_ax = fig.axes
+    assert "PSNR" in psnr_ax.get_ylabel() and "rFID" in rfid_ax.get_ylabel()
+    assert psnr_ax.get_xscale() == rfid_ax.get_xscale() == "log"
+
+    def scattered(ax):
+        return sorted(tuple(map(float, c.get_offsets()[0])) for c in ax.collections)
+
+    def labels(ax):
+        return sorted(t.get_text() for t in ax.texts)
+
+    def front(ax):
+        (line,) = ax.lines
+        assert line.get_linestyle() == "--"
+        return list(zip(map(float, line.get_xdata()), map(float, line.get_ydata())))
+
+    assert scattered(psnr_ax) == sorted((p["img_per_s"], p["psnr"]) for p in pts)
+    assert labels(psnr_ax) == sorted(p["label"] for p in pts)
+    assert scattered(rfid_ax) == sorted((p["img_per_s"], p["rfid"]) for p in pts if p["rfid"] is not None)
+    assert labels(rfid_ax) == ["dominated", "student", "teacher"]
+    assert front(psnr_ax) == [(30.0, 19.0), (3.0, 19.5), (1.0, 20.0)]
+    assert front(rfid_ax) == [(30.0, 4.0), (1.0, 3.0)]
+    assert Image.open(path).size == (round(5.5 * 2 * 120), round(4.2 * 120))
+
+    figures.clear()  # without any rFID: one panel
+    plot_pareto([{k: v for k, v in p.items() if k != "rfid"} for p in pts], tmp_path / "y.png")
+    assert len(figures[0].axes) == 1 and Image.open(tmp_path / "y.png").size == (round(5.5 * 120), round(4.2 * 120))
 
 
+def _free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it for a socket bound to port 0)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     base = ["-m", "msdd.cli", "eval", "--model", str(model_dir), "--limit", "7", "--batch-size", "3"]
     subprocess.run([sys.executable, *base, "--out", str(one)], check=True, env=env, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-                    *base, "--out", str(two)], check=True, env=env, capture_output=True)
+    port = str(_free_port())  # not a fixed port: two test runs on one machine must not collide
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                    "127.0.0.1", "--master_port", port, *base, "--out", str(two)], check=True, env=env,
+                   capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["protocol"]["processes"] == 2 and b["protocol"]["images"] == a["protocol"]["images"] == 7
     assert b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], abs=1e-4)

@@ -163,3 +163,62 @@ def test_noise_trace_of_a_chain():
         assert torch.allclose(o, w.t_end * n, atol=1e-4)
         assert n.var().item() == pytest.approx(1.0, abs=0.06)
     assert x.abs().max() < 1e-4
+
+
+class RecordingDecoder(torch.nn.Module):
+    """Wraps a decoder; records, at every call, the input x, its tau and the generator's state then."""
+
+    def __init__(self, decoder, generator):
+        super().__init__()
+        self.decoder, self.generator, self.calls = decoder, generator, []
+
+    def forward(self, x, tau, z):
+        self.calls.append((x.clone(), float(tau[0]), self.generator.get_state()))
+        return self.decoder(x, tau, z)
+
+    def null_like(self, z):
+        return self.decoder.null_like(z)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_sample_from_start_equals_continuing_the_full_chain(cfg):
+    """`start=(stage, r, x, noise)` continues a chain: restarting from the output of stage k (r = 0), or from
+    the state part-way through a stage (r = 1/2 of a 2-step stage, whose remaining step is then 1), with
+    the generator in the state the full chain had there, gives the full chain's final image, later stage
+    outputs and traced noises. All randomness is drawn from the generator between stages (renoising), so
+    its state at any decoder call of stage k is the state after stage k's renoise."""
+    tok = Tokenizer(tiny_config(stages=4).model).eval()  # 32 px, 4 stages: 4, 8, 16, 32
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)  # non-zero output so every step matters
+    windows, gamma, steps = tok.windows, tok.config.flow.gamma, [2, 2, 2, 2]
+    z = torch.randn(2, 8, 4)
+    g = torch.Generator().manual_seed(3)
+    rec = RecordingDecoder(tok.decoder, g)
+    with torch.no_grad():
+        x, stages, noises = sample(rec, z, windows, steps, cfg=cfg, gamma=gamma, generator=g, return_noise=True)
+        # the stage of each call, from its input resolution
+        stage_of = [next(w.index for w in windows if w.resolution == c[0].shape[-1]) for c in rec.calls]
+        assert stage_of == [0, 0, 1, 1, 2, 2, 3, 3]
+        for k in (0, 1, 2):
+            # (a) from the end of stage k (r = 0): the generator as the chain had it during stage k
+            g2 = torch.Generator().manual_seed(999)
+            g2.set_state(rec.calls[stage_of.index(k)][2])
+            x2, stages2, noises2 = sample(tok.decoder, z, windows, steps, cfg=cfg, gamma=gamma, generator=g2,
+                                          start=(k, 0.0, stages[k], noises[k]), return_noise=True)
+            torch.testing.assert_close(x2, x, rtol=0, atol=1e-6)
+            assert len(stages2) == len(windows) - k
+            for a, b in zip(stages2[1:] + noises2[1:], stages[k + 1:] + noises[k + 1:]):
+                torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+            # (b) part-way: the state at the second call of stage k, local time 1/2, one step left
+            x_mid, tau_mid, state = rec.calls[stage_of.index(k) + 1]
+            x_mid = x_mid[: len(z)]  # a guided pass sees the doubled batch [x, x]
+            assert tau_mid == pytest.approx(windows[k].tau_at(0.5))
+            g3 = torch.Generator().manual_seed(999)
+            g3.set_state(state)
+            rest = [1 if i == k else n for i, n in enumerate(steps)]
+            x3 = sample(tok.decoder, z, windows, rest, cfg=cfg, gamma=gamma, generator=g3,
+                        start=(k, 0.5, x_mid, noises[k]))
+            torch.testing.assert_close(x3, x, rtol=0, atol=1e-6)
+        # the generator state matters: restarting with a fresh one gives another image
+        other = sample(tok.decoder, z, windows, steps, cfg=cfg, gamma=gamma, generator=torch.Generator().manual_seed(3),
+                       start=(1, 0.0, stages[1], noises[1]))
+        assert (other - x).abs().max() > 1e-3

@@ -148,6 +148,7 @@ def test_spatial_latent_statistics_are_per_channel():
 # training and distillation
 
 
+@pytest.mark.slow
 def test_tiny_ssdd_overfits_a_few_images(photo_folder, tmp_path):
     cfg = ssdd_config(f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.log_every=1",
                       "train.ckpt_every=1000", "train.batch_size=6")
@@ -169,6 +170,7 @@ def ssdd_teacher(tmp_path_factory):
     return run / "model"
 
 
+@pytest.mark.slow
 def test_single_step_distillation_reduces_student_teacher_gap(ssdd_teacher, tmp_path):
     cfg = ssdd_config("distill.batch_size=8", "distill.lr=3e-4", "distill.warmup_steps=10", "distill.max_steps=150",
                       "distill.log_every=1000", "distill.ckpt_every=1000", "distill.grid_every=1000",
@@ -293,8 +295,7 @@ def test_presets_and_info(capsys):
     assert info["ssdd"]["base_channels"] == 96 and info["ssdd"]["mid_depth"] == 12
     assert info["ssdd"]["channel_mults"] == [1, 2, 3, 3] and info["ssdd"]["bottleneck_grid"] == 32
     assert 40 < info["params_decoder_M"] < 70
-    d = info["decode"]
-    assert d["gflop_per_image"] == pytest.approx(d["steps"] * d["one_step_gflop_per_image"], rel=1e-3)
+    # its GFLOP numbers against a count of the real decode: tests/test_flops.py (ssdd-tiny-64)
     assert main(["info", "--preset", "ssdd-tiny-64"]) == 0
     tiny = json.loads(capsys.readouterr().out)
     assert tiny["latent"] == [32, 8] and tiny["compression"] == 48
@@ -328,4 +329,4 @@ def test_bench_lists_the_ssdd_rows(tmp_path):
         assert r["img_per_s"] > 0 and r["family"] == "ssdd" and name in stdout.getvalue()
     n = load_config("ssdd-tiny-64").model.ssdd.steps
     assert rows["ssdd-student"]["passes_per_image"] == 1 and rows["ssdd-teacher"]["passes_per_image"] == n
-    assert rows["ssdd-teacher"]["gflop_per_img"] == pytest.approx(n * rows["ssdd-student"]["gflop_per_img"], rel=1e-4)
+    # gflop_per_img against a count of the timed decode: tests/test_flops.py::test_bench_ssdd_rows_count_what_they_time

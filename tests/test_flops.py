@@ -1,0 +1,128 @@
+"""FLOP counts (`msdd.eval.flops`, `msdd info`, the `msdd bench` rows) against an independent count:
+torch's FlopCounterMode around the real decode, run with SDPA forced onto its math kernel so that
+attention runs as plain batched matmuls the counter sees. The package instead counts one decoder pass
+per stage on zero inputs, maps the fused CPU attention kernel to the SDPA formula and multiplies by the
+steps and the guidance factor; neither its formula nor its custom mapping is used here."""
+
+import json
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from msdd.cli import main
+from msdd.config import load_config
+from msdd.eval.flops import decode_flops
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+
+def counted(fn, *args, **kwargs) -> int:
+    """FLOPs of actually running fn(*args, **kwargs), attention included through the math SDPA kernel."""
+    with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        fn(*args, **kwargs)
+    return counter.get_total_flops()
+
+
+class CountingDecoder(torch.nn.Module):
+    """Wraps a decoder; counts decoder passes per image (a guided step's doubled batch counts twice)."""
+
+    def __init__(self, decoder, batch: int):
+        super().__init__()
+        self.decoder, self.batch, self.passes = decoder, batch, 0.0
+
+    def forward(self, x, tau, z):
+        self.passes += x.shape[0] / self.batch
+        return self.decoder(x, tau, z)
+
+    def null_like(self, z):
+        return self.decoder.null_like(z)
+
+
+@pytest.mark.parametrize("steps, cfg", [((1, 1, 1), 1.0), ((2, 1, 3), 2.0), ((2, 2, 2), 0.0)])
+def test_decode_flops_equal_a_count_of_the_real_decode(steps, cfg):
+    # 32 px, 3 stages, linear path; frozen (FlopCounterMode's module tracker cannot hook the un-guided
+    # pass's null context, a parameter, under inference mode otherwise)
+    tok = Tokenizer(tiny_config().model).eval().requires_grad_(False)
+    z = torch.randn(2, 8, 4)
+    real = counted(tok.decode, z, steps=list(steps), cfg=cfg)
+    assert real > 0
+    assert decode_flops(tok, steps, cfg, batch=2) == real
+    assert decode_flops(tok, steps, cfg) * 2 == real
+
+
+def test_ssdd_decode_flops_equal_a_count_of_the_real_decode():
+    tok = Tokenizer(load_config("ssdd-tiny-64", ["model.image_size=32"]).model).eval()
+    z = torch.randn(1, *tok.config.latent_shape)
+    assert decode_flops(tok, (2,), 1.0) == counted(tok.decode, z, steps=2) > 0
+
+
+def test_info_gflops_equal_a_count_of_the_real_decode(capsys):
+    """`msdd info` on the tiny-64 preset (GFLOPs rounded to 3 decimals): the guided decode, the one-step
+    decode and every stage's pass, each against a count of running it."""
+    over = ["model.sampling.steps=[1,2,1,1]", "model.sampling.cfg=2.0"]
+    assert main(["info", "--preset", "tiny-64", *[a for o in over for a in ("--set", o)]]) == 0
+    info = json.loads(capsys.readouterr().out)
+    tok = Tokenizer(load_config("tiny-64", over).model).eval()
+    z = torch.randn(1, 32, 8)
+    gflop = lambda n: n / 1e9  # noqa: E731
+    assert info["decode"]["gflop_per_image"] == pytest.approx(gflop(counted(tok.decode, z)), abs=6e-4)
+    one_step = counted(tok.decode, z, steps=[1, 1, 1, 1], cfg=1.0)
+    assert info["decode"]["one_step_gflop_per_image"] == pytest.approx(gflop(one_step), abs=6e-4)
+    for stage, w in zip(info["stages"], tok.windows):
+        x = torch.zeros(1, 3, w.resolution, w.resolution)
+        assert stage["gflop_per_pass"] == pytest.approx(gflop(counted(tok.decoder, x, torch.zeros(1), z)), abs=6e-4)
+
+
+def test_ssdd_info_gflops_equal_a_count_of_the_real_decode(capsys):
+    assert main(["info", "--preset", "ssdd-tiny-64", "--set", "model.ssdd.steps=2"]) == 0
+    d = json.loads(capsys.readouterr().out)["decode"]
+    tok = Tokenizer(load_config("ssdd-tiny-64", ["model.ssdd.steps=2"]).model).eval()
+    z = torch.randn(1, *tok.config.latent_shape)
+    assert d["steps"] == 2
+    assert d["gflop_per_image"] == pytest.approx(counted(tok.decode, z) / 1e9, abs=6e-4)
+    assert d["one_step_gflop_per_image"] == pytest.approx(counted(tok.decode, z, steps=1) / 1e9, abs=6e-4)
+
+
+def test_bench_flow_rows_count_what_they_time(tmp_path):
+    """The student / teacher / teacher-nocfg rows of a trained model (--model): FLOPs and passes per image
+    of the row equal a count of its own timed decode call."""
+    from msdd.eval.bench.contenders import flow_contender
+    from msdd.eval.bench.models import FlowModel
+
+    Tokenizer(tiny_config().model).save_pretrained(tmp_path / "m")
+    model = FlowModel.load(str(tmp_path / "m"), torch.device("cpu"))
+    z = torch.randn(2, 8, 4)
+    for steps, cfg in [((1, 1, 1), 1.0), ((2, 2, 2), 2.0), ((2, 2, 2), 1.0), ((1, 3, 2), 1.5)]:
+        decoder = CountingDecoder(model.decoder, batch=2)
+        c = flow_contender("row", model, decoder, z, steps, cfg)
+        assert counted(c.decode) == 2 * c.flop_per_image, (steps, cfg)
+        assert c.info["passes_per_image"] == decoder.passes, (steps, cfg)
+
+
+def test_bench_ssdd_rows_count_what_they_time():
+    from msdd.eval.bench.contenders import ssdd_config, ssdd_contender
+
+    config = ssdd_config("ssdd-tiny-64", 32)
+    for steps in (1, 3):
+        c = ssdd_contender("ssdd", config, steps, 2, torch.device("cpu"))
+        assert counted(c.decode) == 2 * c.flop_per_image and c.info["passes_per_image"] == steps
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug, reported: msdd bench with random weights of a preset (FlowModel.random, the default `msdd bench`) "
+    "times a bare Decoder without the preset's linear path (v-prediction, no refiner), but counts the FLOPs "
+    "of Tokenizer(config)'s decoder, linear path included: 14.30 vs 12.61 MFLOP per image here, 1.885 vs "
+    "1.826 GFLOP for tiny-64 at 1 step/stage and cfg 2"))
+def test_bench_rows_of_a_random_preset_count_what_they_time():
+    from msdd.eval.bench.contenders import flow_contender
+    from msdd.eval.bench.models import FlowModel
+
+    config = tiny_config().model
+    assert config.uses_linear_path
+    model = FlowModel.random(config, torch.device("cpu"))
+    z = torch.randn(2, 8, 4)
+    c = flow_contender("student", model, model.decoder, z, (1, 1, 1), 2.0)
+    assert counted(c.decode) == 2 * c.flop_per_image
