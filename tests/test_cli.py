@@ -213,9 +213,6 @@ def test_latent_stats_are_the_mean_and_std_of_the_latents(tmp_path, photo_folder
     torch.testing.assert_close(zn.std(0, correction=0), torch.ones(8), rtol=0, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug, reported: compute_latent_stats (msdd.train.stage1) stops only after the batch that reaches "
-    "max_images, so `latent-stats --max-images 4` averages the whole first batch (up to 64 images, here all 6)"))
 def test_latent_stats_use_at_most_max_images(tmp_path, photo_folder, capsys):
     import torch
 

@@ -24,7 +24,9 @@ def test_fidelity_quick_writes_the_table(tmp_path):
     md = (out / "results.md").read_text()
     assert "| experiment | variant |" in md and "machine:" in md and "budget:" in md
     assert ("teacher-steps", "4 stages, 30 steps/stage") in variants
-    assert [g["goal"].split()[0] for g in r["goals"]] == ["4-stage", "student", "student", "4"]
+    assert [g["goal"].split()[:2] for g in r["goals"]] == [["4-stage", "student"], ["4-stage", "teacher"],
+                                                          ["student", "within"], ["student", "within"],
+                                                          ["4", "stages"]]
     assert "| goal | measured (seed means) | met |" in md
 
 
@@ -43,3 +45,12 @@ def test_goals_are_checked_against_the_numbers():
     summary[4] = _row("teacher-steps", "4 stages, 30 steps/stage", 28.6, 0.80, 120)
     summary[2] = _row("teacher", "3 stages", 28.0, 0.79, 40)
     assert [g["met"] for g in goals(summary)] == [True, False, True, True]
+
+
+def test_pca_goal_needs_one_db_over_the_linear_code():
+    from msdd.eval.fidelity import goals
+
+    summary = [_row("baseline", "PCA 256 components", 27.0, 0.73, 0), _row("student", "4 stages", 28.2, 0.79, 4)]
+    assert [(g["goal"].split()[4], g["met"]) for g in goals(summary)] == [("PCA", True)]  # +1.2 dB
+    summary[0] = _row("baseline", "PCA 256 components", 27.5, 0.73, 0)
+    assert [g["met"] for g in goals(summary)] == [False]  # +0.7 dB

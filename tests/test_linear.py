@@ -49,16 +49,21 @@ def test_velocity_from_true_end_is_the_path_velocity(stage):
     assert torch.allclose(velocity_from_end(x_r, x_end, w, r), target, atol=1e-4)
 
 
+def fresh_linear_tokenizer(*overrides: str):
+    """An untrained tiny tokenizer whose linear path is set from a PCA of 300 random 32 px images; returns
+    (tokenizer, the PCA, three images to decode)."""
+    cfg = tiny_config(*overrides).model
+    tok = Tokenizer(cfg)
+    data = torch.rand(300, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    pca = fit_pca(data, cfg.latent_tokens * cfg.latent_dim)
+    tok.init_linear_path(pca)
+    return tok, pca, data[:3] * 0.5
+
+
 def test_fresh_linear_path_tokenizer_is_the_pca_code():
     """With the linear path set from a PCA and nothing trained yet, encode + decode (any steps, x-prediction)
     reproduces the PCA reconstruction."""
-    cfg = tiny_config("model.linear_path=true", "model.flow.prediction=x").model
-    tok = Tokenizer(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
-    pca = fit_pca(data, cfg.latent_tokens * cfg.latent_dim)
-    tok.init_linear_path(pca)
-    x = data[:3] * 0.5
+    tok, pca, x = fresh_linear_tokenizer("model.linear_path=true", "model.flow.prediction=x")
     want = pca_reconstruct(pca, x).clamp(-1, 1)
     for steps in ([1, 1, 1], [3, 2, 2]):
         assert torch.allclose(tok.decode(tok.encode(x), steps=steps), want, atol=1e-4)
@@ -111,13 +116,7 @@ def test_fresh_ssdd_with_linear_path_and_x_prediction_is_the_pca_code():
     ssdd = ["model.family=ssdd", "model.ssdd.base_channels=8", "model.ssdd.channel_mults=[1,2]",
             "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2", "model.ssdd.mid_mlp_hidden=32",
             "model.ssdd.encoder_channels=[8,8,16,16]", "train.bf16=false", "model.linear_path=true"]
-    cfg = tiny_config(*ssdd, "model.ssdd.prediction=x").model
-    tok = Tokenizer(cfg)
-    g = torch.Generator().manual_seed(0)
-    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
-    pca = fit_pca(data, cfg.latent_tokens * cfg.latent_dim)
-    tok.init_linear_path(pca)
-    x = data[:3] * 0.5
+    tok, pca, x = fresh_linear_tokenizer(*ssdd, "model.ssdd.prediction=x")
     want = pca_reconstruct(pca, x).clamp(-1, 1)
     for steps in (1, 4):
         assert torch.allclose(tok.decode(tok.encode(x), steps=steps), want, atol=1e-4)
@@ -139,12 +138,7 @@ def test_refiner_starts_as_the_identity_trains_and_fine_tunes_a_model_without_on
     base = ("model.linear_path=true", "model.flow.prediction=x", "train.pca_crops=300", "train.linear_lr_scale=0",
             "model.flow.cfg_drop=0", "train.max_steps=3")
     cfg = tiny_config(*base, "model.refiner_width=8", "model.refiner_blocks=1")
-    tok = Tokenizer(cfg.model)
-    g = torch.Generator().manual_seed(0)
-    data = torch.rand(300, 3, 32, 32, generator=g) * 2 - 1
-    pca = fit_pca(data, cfg.model.latent_tokens * cfg.model.latent_dim)
-    tok.init_linear_path(pca)
-    x = data[:3] * 0.5
+    tok, pca, x = fresh_linear_tokenizer(*base, "model.refiner_width=8", "model.refiner_blocks=1")
     assert torch.allclose(tok.decode(tok.encode(x), steps=[1, 1, 1]), pca_reconstruct(pca, x).clamp(-1, 1), atol=1e-4)
 
     plain = Stage1Trainer(tiny_config(*base), tmp_path / "plain")

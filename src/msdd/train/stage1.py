@@ -199,14 +199,15 @@ class Stage1Trainer(TrainerBase):
 @torch.no_grad()
 def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_images: int = 512):
     """Per-channel mean and std of z over up to `max_images` images of `dataset`."""
-    total, total_sq, n = 0.0, 0.0, 0
+    total, total_sq, n, seen = 0.0, 0.0, 0, 0
     for images, _, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+        images = images[: max_images - seen]  # never more than max_images in all
         if len(images) == 0:
             continue
         z = tok.encoder(images.to(tok.device)).float()
         z = z.movedim(1, -1).flatten(0, -2) if tok.config.spatial_latent else z.flatten(0, 1)  # (B*positions, C)
-        total, total_sq, n = total + z.sum(0), total_sq + z.pow(2).sum(0), n + z.shape[0]
-        if n >= max_images * (z.shape[0] // len(images)):
+        total, total_sq, n, seen = total + z.sum(0), total_sq + z.pow(2).sum(0), n + z.shape[0], seen + len(images)
+        if seen >= max_images:
             break
     if n == 0:
         raise ValueError("no usable images to compute latent statistics from")
