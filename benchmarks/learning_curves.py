@@ -37,7 +37,7 @@ def score(recon: torch.Tensor, images: torch.Tensor) -> dict:
 @torch.no_grad()
 def measure(tok: Tokenizer, sets: dict) -> dict:
     schedules = {"one_step": None}
-    if tok.config.family == "msdd":
+    if tok.family.multi_scale:
         schedules = {"one_step": [1] * tok.config.flow.num_stages, "default": list(tok.config.sampling.steps)}
     out = {}
     for name, images in sets.items():

@@ -13,6 +13,7 @@ import sys
 from msdd import Tokenizer
 from msdd.data.embedded import embedded_eval_set
 from msdd.eval.stages import stage_fidelity
+from msdd.families import parse_steps
 
 
 def main() -> None:
@@ -23,20 +24,22 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also write the rows as JSON here")
     args = p.parse_args()
-    steps = None if args.steps is None else [int(s) for s in args.steps.split(",")]
-    steps = steps[0] if steps is not None and len(steps) == 1 else steps
+    try:
+        steps = parse_steps(args.steps)
+    except ValueError as e:
+        p.error(str(e))
     tok = Tokenizer.from_pretrained(args.model)
     images, _ = embedded_eval_set(tok.config.image_size)
-    rows = stage_fidelity(tok, images, steps=steps, cfg=args.cfg, seed=args.seed)
+    rows = stage_fidelity(tok, images, steps=steps, guidance=args.cfg, seed=args.seed)
     first = rows[0]["resolution"]
-    print(f"{args.model}: steps {list(tok.resolve_steps(steps))}, cfg {tok.resolve_cfg(args.cfg)}, {len(images)} held-out images")
+    print(f"{args.model}: steps {list(tok.resolve_steps(steps))}, cfg {tok.resolve_guidance(args.cfg)}, {len(images)} held-out images")
     print(f"| stage | resolution | noise left | PSNR (dB) | PSNR at {first} px |")
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['stage']} | {r['resolution']} | {r['noise_level']} | {r['psnr']:.2f} | {r['coarse_psnr']:.2f} |")
     if args.out:
         record = {"command": " ".join(["python"] + sys.argv), "model": args.model, "images": len(images),
-                  "steps": list(tok.resolve_steps(steps)), "cfg": tok.resolve_cfg(args.cfg), "seed": args.seed,
+                  "steps": list(tok.resolve_steps(steps)), "cfg": tok.resolve_guidance(args.cfg), "seed": args.seed,
                   "stages": rows}
         with open(args.out, "w") as f:
             json.dump(record, f, indent=2)

@@ -12,13 +12,12 @@ from PIL import Image
 
 from msdd.config import load_config
 
+TINY_PRESET = "tiny-test"  # a 32 px toy tiny-64 (configs/tiny-test.yaml), also `msdd fidelity --quick`'s
+# Short runs on top of it: 3 stages of 2 steps, a 200-step schedule with frequent logs and checkpoints, and
+# a small PCA fit for the linear path.
 TINY = [
-    "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
-    "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
-    "model.decoder.depth=2", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.mlp_hidden=64",
-    "model.flow.num_stages=3", "model.sampling.steps=[2,2,2]",
-    "train.batch_size=8", "train.warmup_steps=5", "train.max_steps=200", "train.log_every=5",
-    "train.ckpt_every=10", "train.grid_every=1000", "train.lr=1e-3", "train.pca_crops=300",
+    "model.flow.num_stages=3", "model.sampling.steps=[2,2,2]", "train.warmup_steps=5", "train.max_steps=200",
+    "train.log_every=5", "train.ckpt_every=10", "train.grid_every=1000", "train.pca_crops=300",
 ]
 
 
@@ -26,7 +25,12 @@ def tiny_config(*extra: str, stages: int | None = None):
     over = list(TINY)
     if stages is not None:
         over += [f"model.flow.num_stages={stages}", f"model.sampling.steps={[2] * stages}"]
-    return load_config("tiny-64", over + list(extra))
+    return load_config(TINY_PRESET, over + list(extra))
+
+
+def tiny_args(*extra: str) -> list[str]:
+    """The command-line arguments (`--preset`, `--set ...`) of `tiny_config(*extra)`."""
+    return ["--preset", TINY_PRESET, *[a for o in (*TINY, *extra) for a in ("--set", o)]]
 
 
 @pytest.fixture

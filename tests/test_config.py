@@ -52,3 +52,22 @@ def test_round_trip_keeps_overrides_and_a_changed_field_is_seen():
     d = to_dict(cfg)
     d["model"]["decoder"]["depth"] += 1
     assert from_dict(Config, d) != cfg
+
+
+def test_dataclasses_replace_revalidates_and_errors_name_the_full_field():
+    cfg = load_config("tiny-64")
+    with pytest.raises(ValueError, match=r"invalid config value for `model\.encoder\.depth`: must be >= 1, got 0"):
+        dataclasses.replace(cfg.model.encoder, depth=0)
+    with pytest.raises(ValueError, match=r"`model\.flow\.gamma`: must be in \(0, 1\), got 1\.5"):
+        dataclasses.replace(cfg.model.flow, gamma=1.5)
+    with pytest.raises(ValueError, match=r"`train\.lr`: must be > 0"):
+        dataclasses.replace(cfg.train, lr=0.0)
+    # checks across sections belong to the model section, which names the field to fix
+    with pytest.raises(ValueError, match=r"`model\.sampling\.steps`: needs one entry per stage \(3\), got \[10, 10"):
+        dataclasses.replace(cfg.model, flow=dataclasses.replace(cfg.model.flow, num_stages=3))
+    with pytest.raises(ValueError, match=r"`model\.encoder\.patch_size`: image_size 60 must be divisible"):
+        dataclasses.replace(cfg.model, image_size=60)
+    ssdd = load_config("ssdd-tiny-64").model
+    with pytest.raises(ValueError, match=r"`model\.ssdd\.channel_mults`: image_size 72 must be divisible by 8 .* 16"):
+        dataclasses.replace(ssdd, image_size=72, ssdd=dataclasses.replace(ssdd.ssdd, channel_mults=(1, 2, 4, 8, 8)))
+    assert dataclasses.replace(cfg.model, image_size=128).stage_resolutions == (16, 32, 64, 128)

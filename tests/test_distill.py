@@ -39,7 +39,7 @@ def test_student_pass_makes_one_call_per_stage_and_keeps_every_stage():
     tok = Tokenizer(tiny_config(stages=4, ).model)
     counting = CountingDecoder(tok.decoder)
     z = torch.randn(2, 8, 4)
-    x, stages, noises = student_pass(counting, z, tok.windows, 1 / 3, torch.Generator().manual_seed(0))
+    x, stages, noises = student_pass(counting, z, tok.windows, torch.Generator().manual_seed(0))
     assert counting.calls == 4
     assert [n.shape for n in noises] == [s.shape for s in stages]
     assert [s.shape[-1] for s in stages] == [4, 8, 16, 32] and x.shape == (2, 3, 32, 32)
@@ -67,7 +67,7 @@ def test_teacher_target_starts_in_the_stage_of_u(teacher_dir):
     z = torch.randn(2, 8, 4)
     for win in w:
         u = (win.tau_start + win.tau_end) / 2
-        s_u, outs, _ = teacher_targets(tok.decoder, x, z, w, u, 1, 1.0, 1 / 3, torch.Generator().manual_seed(0))
+        s_u, outs, _ = teacher_targets(tok.decoder, x, z, w, u, 1, 1.0, torch.Generator().manual_seed(0))
         assert s_u == win.index
         assert len(outs) == len(w) - s_u
         assert [o.shape[-1] for o in outs] == [v.resolution for v in w[s_u:]]
@@ -135,11 +135,11 @@ def test_distillation_reduces_student_teacher_gap(teacher_dir, tmp_path):
     d = Distiller(cfg, teacher_dir, tmp_path / "d")
     from msdd.data import embedded_eval_set
 
-    def signal(x, noise, win):  # a stage output less the unit noise its chain carries, e_s N_s
+    def without_noise(x, noise, win):  # a stage output less the unit noise its chain carries, e_s N_s
         return x.float() - win.t_end * noise.float()
 
     images = embedded_eval_set(32)[0][:12]  # held-out photos, never training crops
-    w, gamma, dc = d.teacher.windows, d.teacher.config.flow.gamma, cfg.distill
+    w, dc = d.teacher.windows, cfg.distill
     us = [0.1, 0.3, 0.5, 0.7, 0.9]
     assert {win.index for win in w} == {stage_of_tau(w, u) for u in us}  # every stage starts a target
 
@@ -149,11 +149,11 @@ def test_distillation_reduces_student_teacher_gap(teacher_dir, tmp_path):
             z = d.teacher.encoder(images)
             for k, u in enumerate(us):
                 g = torch.Generator().manual_seed(100 + k)
-                x, stages_s, noise_s = student_pass(student_decoder, z, w, gamma, g)
-                s_u, stages_t, noise_t = teacher_targets(d.teacher.decoder, x, z, w, u, dc.teacher_steps, dc.cfg,
-                                                         gamma, g)
-                total += sum(F.mse_loss(signal(stages_s[s], noise_s[s], w[s]), signal(t, n, w[s])).item()
-                             for s, t, n in zip(range(s_u, len(w)), stages_t, noise_t))
+                x, stages_s, noise_s = student_pass(student_decoder, z, w, g)
+                s_u, stages_t, noise_t = teacher_targets(d.teacher.decoder, x, z, w, u, dc.teacher_steps, dc.cfg, g)
+                total += sum(F.mse_loss(without_noise(stages_s[stage], noise_s[stage], w[stage]),
+                                        without_noise(t, n, w[stage])).item()
+                             for stage, t, n in zip(range(s_u, len(w)), stages_t, noise_t))
         return total
 
     before = gap(d.student.decoder)  # the student starts as the teacher's weights

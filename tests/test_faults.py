@@ -26,14 +26,13 @@ from msdd.train.checkpoint import (
 from msdd.train.stream import BatchStream, ResumableSampler
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import TINY, tiny_config
+from conftest import tiny_args, tiny_config
 
 SMALL = ["train.batch_size=4", "data.limit=16"]
 
 
 def _cli_train(run_dir, steps, *extra) -> int:
-    sets = [a for o in TINY + SMALL + list(extra) for a in ("--set", o)]
-    return main(["train", "--run-dir", str(run_dir), *sets, "--max-steps", str(steps)])
+    return main(["train", "--run-dir", str(run_dir), *tiny_args(*SMALL, *extra), "--max-steps", str(steps)])
 
 
 def _truncate(path: Path, size: int) -> None:
@@ -306,7 +305,7 @@ def test_a_missing_model_path_is_never_sent_to_the_hub(tmp_path, monkeypatch, ca
     assert calls == ["nothere/model"]
     assert "'nothere/model' is not a local directory (nothere/model does not exist)" in str(e.value)
     assert "could not be downloaded as a Hugging Face Hub repo id (OSError: offline" in str(e.value)
-    assert main(["train", "--run-dir", str(tmp_path / "run"), *[a for o in TINY for a in ("--set", o)],
+    assert main(["train", "--run-dir", str(tmp_path / "run"), *tiny_args(),
                  "--init-from", "nothere/model"]) == 2
     assert "is not a local directory" in capsys.readouterr().err
 
@@ -321,9 +320,9 @@ def test_decode_refuses_a_bad_cfg_and_non_finite_latents(tmp_path, capsys):
 
     tok = Tokenizer(tiny_config().model)
     z = torch.zeros(1, 8, 4)
-    for cfg in (float("nan"), float("inf"), -0.5):
-        with pytest.raises(ValueError, match=rf"cfg must be a finite number >= 0 .*got {cfg}"):
-            tok.decode(z, cfg=cfg)
+    for guidance in (float("nan"), float("inf"), -0.5):
+        with pytest.raises(ValueError, match=rf"guidance \(--cfg\) must be a finite number >= 0 .*got {guidance}"):
+            tok.decode(z, guidance=guidance)
     z[0, 0, 0], z[0, 1, 1] = float("nan"), float("-inf")
     with pytest.raises(ValueError, match=r"latents contain 1 NaN and 1 inf values \(of 32\)"):
         tok.decode(z)
@@ -334,9 +333,9 @@ def test_decode_refuses_a_bad_cfg_and_non_finite_latents(tmp_path, capsys):
     photo = tmp_path / "photo.png"
     Image.fromarray(np.ascontiguousarray(load_photo("coffee")[:64, :64])).save(photo)
     assert main(["reconstruct", str(photo), "--cfg", "nan", "--out", str(tmp_path / "rec")]) == 2
-    assert "error: cfg must be a finite number >= 0" in capsys.readouterr().err
+    assert "error: guidance (--cfg) must be a finite number >= 0" in capsys.readouterr().err
     assert main(["eval", "--cfg", "-1", "--limit", "1", "--pca-source", "none", "--out", str(tmp_path / "e.json")]) == 2
-    assert "error: cfg must be a finite number >= 0 (1 = no guidance" in capsys.readouterr().err
+    assert "error: guidance (--cfg) must be a finite number >= 0 (1 = no guidance" in capsys.readouterr().err
     assert not (tmp_path / "rec").exists() and not (tmp_path / "e.json").exists()
 
 
@@ -431,8 +430,8 @@ def test_reconstruct_gives_every_input_its_own_output(tmp_path, capsys):
 def test_latent_stats_writes_where_asked_in_the_stored_dtype(tmp_path, monkeypatch, capsys):
     from safetensors import safe_open
 
-    from msdd.hub import BUNDLED, export_tokenizer
-    from msdd.tokenizer import Tokenizer
+    from msdd.hub import BUNDLED
+    from msdd.tokenizer import Tokenizer, export_tokenizer
 
     def stored_dtype(model_dir):
         with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
@@ -469,12 +468,12 @@ def test_distill_resume_refuses_changed_train_fields_the_distillers_read():
     import dataclasses
     import json
 
-    from msdd.config import to_dict
-    from msdd.train import distill, distill_ssdd, loop
-    from msdd.train.distill import check_distill_resume
+    from msdd.config import config_from_json, to_dict
+    from msdd.train import distill, distill_ssdd, distiller, loop
+    from msdd.train.distiller import check_resume
 
     # what the distillers read, found in their code (and the shared loop's), not a hand list
-    source = "".join(Path(m.__file__).read_text() for m in (distill, distill_ssdd, loop))
+    source = "".join(Path(m.__file__).read_text() for m in (distill, distill_ssdd, distiller, loop))
     read = set(re.findall(r"\bcfg\.train\.(\w+)", source)) - {"keep_checkpoints"}  # rotation only
     assert {"seed", "bf16", "betas", "grad_clip", "linear_lr_scale", "min_lr_ratio"} <= read
 
@@ -483,19 +482,23 @@ def test_distill_resume_refuses_changed_train_fields_the_distillers_read():
                 if isinstance(v, float) else tuple(x / 2 for x in v))
 
     cfg = tiny_config()
-    stored = json.dumps(to_dict(cfg))
+    stored = config_from_json(json.dumps(to_dict(cfg)))  # as a checkpoint stores it
     for field in sorted(read):
         train = dataclasses.replace(cfg.train, **{field: changed(getattr(cfg.train, field))})
         new = dataclasses.replace(cfg, train=train)
         with pytest.raises(ValueError, match=rf"cannot resume runs/d: .* 1 field\(s\):\n  train\.{field}: "):
-            check_distill_resume(stored, new, Path("runs/d"))  # before: accepted
+            check_resume(stored, new, Path("runs/d"))  # before: accepted
     both = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=5, bf16=not cfg.train.bf16))
     with pytest.raises(ValueError, match=r"differs in 2 field\(s\):\n  train\.bf16: .*\n  train\.seed: 0 -> 5"):
-        check_distill_resume(stored, both, Path("runs/d"))
+        check_resume(stored, both, Path("runs/d"))
     # stage-1 settings the distillers never read stay free
     stage1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5, max_steps=7, batch_size=2,
                                                                 log_every=3, keep_checkpoints=9, init_from="x"))
-    check_distill_resume(stored, stage1, Path("runs/d"))
+    check_resume(stored, stage1, Path("runs/d"))
+    # so does the cadence of logs and checkpoints, the loader's workers and the run's name
+    cadence = dataclasses.replace(cfg, name="other", data=dataclasses.replace(cfg.data, num_workers=3),
+                                  distill=dataclasses.replace(cfg.distill, log_every=7, ckpt_every=7, grid_every=7))
+    check_resume(stored, cadence, Path("runs/d"))
 
 
 # ---------------------------------------------------------------- 13: unclear errors
@@ -619,3 +622,74 @@ def test_reconstruct_noise_is_seeded_per_image_not_per_batch(tmp_path):
     assert not torch.equal(x[0], draw(image_generators(1, ["m"]))[0])
     as_eval = torch.Generator().manual_seed(2 * 1_000_003 + 5)  # an index key: seeded as msdd eval seeds image 5
     assert torch.equal(draw(image_generators(2, [5]))[0], torch.randn(3, generator=as_eval))
+
+
+# ---------------------------------------------------------------- more unclear errors (issue 14, second probe)
+
+
+def test_integer_weights_are_refused_not_cast(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_model(tmp_path / "m")
+    weights = model / "model.safetensors"
+    save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, weights)  # before: rc 0, a model of 0s
+    assert main(["reconstruct", str(_photo(tmp_path / "p.png")), "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    assert re.search(rf"^error: {re.escape(str(weights))} holds integer tensors where the model has float weights",
+                     capsys.readouterr().err, re.M)
+
+
+def test_pretrained_files_that_are_pickles_are_refused(tmp_path, capsys):
+    import pickle
+    from fractions import Fraction
+
+    bad = tmp_path / "vgg16.pth"
+    bad.write_bytes(pickle.dumps({"features.0.weight": Fraction(1, 2)}))  # a pickle naming a Python class
+    argv = ["eval", "--model", str(_tiny_model(tmp_path / "m")), "--data", "embedded", "--limit", "1",
+            "--vgg-weights", str(bad), "--out", str(tmp_path / "e.json")]
+    assert main(argv) == 2  # before: rc 1 and torch's advice to retry with weights_only=False
+    err = capsys.readouterr().err
+    assert f"error: --vgg-weights {bad} is not a plain tensor state dict" in err and "weights_only=False" not in err
+
+
+def test_a_preset_file_that_is_not_a_mapping_is_a_clear_error(tmp_path, capsys):
+    for name, text, message in [("list.yaml", "- 1\n- 2\n", "holds a YAML list, not a mapping of config sections"),
+                                ("broken.yaml", "model: {a: [\n", "is not valid YAML")]:
+        path = tmp_path / name
+        path.write_text(text)
+        assert main(["train", "--preset", str(path), "--run-dir", str(tmp_path / "r"), "--max-steps", "1"]) == 2
+        assert f"error: {path} {message}" in capsys.readouterr().err  # before: AttributeError / YAMLError, rc 1
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_device_this_machine_lacks_is_a_usage_error(tmp_path, capsys):
+    argv = ["reconstruct", str(_photo(tmp_path / "p.png")), "--model", "tiny-64-student", "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--device", "tpu9"])  # before: RuntimeError traceback after loading the model
+    assert e.value.code == 2 and "unknown device 'tpu9'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--device", "cuda"])
+        assert e.value.code == 2 and "cuda: no cuda device is visible on this machine" in capsys.readouterr().err
+
+
+def test_gif_and_tiff_files_in_folders_are_read(tmp_path):
+    from PIL import Image
+
+    png = _photo(tmp_path / "src.png")
+    (tmp_path / "imgs").mkdir()
+    for suffix in ("gif", "tif", "TIFF"):
+        Image.open(png).save(tmp_path / f"imgs/a_{suffix}.{suffix}")
+    ds = ImageFolderDataset(tmp_path / "imgs", resolution=32, train=False)  # before: "no images found"
+    records = [ds[i] for i in range(len(ds))]
+    assert len(records) == 3 and all(image is not None and why is None for image, _, why in records)
+    gif = next(image for image, path, _ in records if path.endswith(".gif"))
+    assert (gif - records[0][0]).abs().mean() < 0.05  # the GIF's first frame is the photo (palette-rounded)
+
+
+def test_a_half_precision_tokenizer_says_how_to_run_it():
+    from msdd.tokenizer import Tokenizer
+
+    tok = Tokenizer(tiny_config().model).half()
+    for call in (lambda: tok.encode(torch.zeros(1, 3, 32, 32)), lambda: tok.decode(torch.zeros(1, 8, 4))):
+        with pytest.raises(ValueError, match=r"weights are torch.float16; .*tok.float\(\).*bf16=True"):
+            call()  # before: "Input type (float) and bias type (c10::Half) should be the same"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from msdd.flow.path import balanced_stages, block_noise, flow_loss, noisy_at, renoise, stage_ends
-from msdd.flow.sampler import sample
+from msdd.flow.sampler import sample_multiscale
 from msdd.flow.schedule import stage_windows
 from msdd.tokenizer import Tokenizer
 
@@ -36,10 +36,18 @@ def test_renoised_stage_start_has_isotropic_noise_of_std_t0(stage):
     prev, cur = w[stage - 1], w[stage]
     g = torch.Generator().manual_seed(0)
     noise_prev = torch.randn(3000, 1, prev.resolution, prev.resolution, generator=g)
-    x, _ = renoise(prev.t_end * noise_prev, cur, 1 / 3, g)  # signal 0: only the noise is left
+    x, _ = renoise(prev.t_end * noise_prev, cur, g)  # signal 0: only the noise is left
     blocks = x.view(3000, 1, cur.resolution // 2, 2, cur.resolution // 2, 2).permute(0, 2, 4, 3, 5, 1).reshape(-1, 4)
     cov = torch.cov(blocks.T)
     assert torch.allclose(cov, torch.eye(4) * cur.t_start**2, atol=0.02)
+
+
+def test_renoise_draws_block_noise_of_the_window_gamma():
+    cur = stage_windows(2, 16, 0.2)[1]
+    x = torch.zeros(2, 3, 8, 8)
+    _, bn = renoise(x, cur, torch.Generator().manual_seed(0))
+    assert torch.equal(bn, block_noise((2, 3, 16, 16), 0.2, torch.Generator().manual_seed(0), x))
+    assert not torch.equal(bn, block_noise((2, 3, 16, 16), 1 / 3, torch.Generator().manual_seed(0), x))
 
 
 def test_path_endpoints_and_velocity():
@@ -70,7 +78,8 @@ def test_oracle_velocity_sampler_lands_on_the_path_end():
         return v
 
     for steps in (1, 3, 7):
-        out = sample(oracle, torch.zeros(2, 4, 4), w, [steps], generator=torch.Generator().manual_seed(0))
+        g = torch.Generator().manual_seed(0)
+        out = sample_multiscale(oracle, torch.zeros(2, 4, 4), w, [steps], generator=g).image
         assert torch.allclose(out, x_end + 0 * noise, atol=1e-5)  # e = 0 at the last stage: clean image
 
 
@@ -140,7 +149,7 @@ def test_cfg_one_equals_conditional_pass_and_cfg_mixes():
 def test_sampler_rejects_wrong_step_lists():
     tok = Tokenizer(tiny_config().model)
     with pytest.raises(ValueError, match="one entry per stage"):
-        sample(tok.decoder, torch.zeros(1, 8, 4), tok.windows, [1, 1], generator=None)
+        sample_multiscale(tok.decoder, torch.zeros(1, 8, 4), tok.windows, [1, 1], generator=None)
     with pytest.raises(ValueError, match="steps must be"):
         tok.decode(torch.zeros(1, 8, 4), steps=[0, 1, 1])
 
@@ -157,8 +166,8 @@ def test_noise_trace_of_a_chain():
         return (w.t_start - w.t_end) / t * x  # x_r = t N and v = (t0 - e) N
 
     z = torch.zeros(64, 4, 4)
-    x, outs, noises = sample(exact_for_zero_content, z, windows, [3, 1, 2, 1], generator=torch.Generator().manual_seed(0),
-                             return_noise=True)
+    g = torch.Generator().manual_seed(0)
+    x, outs, noises = sample_multiscale(exact_for_zero_content, z, windows, [3, 1, 2, 1], generator=g)
     for w, o, n in zip(windows, outs, noises):
         assert torch.allclose(o, w.t_end * n, atol=1e-4)
         assert n.var().item() == pytest.approx(1.0, abs=0.06)
@@ -180,8 +189,8 @@ class RecordingDecoder(torch.nn.Module):
         return self.decoder.null_like(z)
 
 
-@pytest.mark.parametrize("cfg", [1.0, 2.0])
-def test_sample_from_start_equals_continuing_the_full_chain(cfg):
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_sample_from_start_equals_continuing_the_full_chain(guidance):
     """`start=(stage, r, x, noise)` continues a chain: restarting from the output of stage k (r = 0), or from
     the state part-way through a stage (r = 1/2 of a 2-step stage, whose remaining step is then 1), with
     the generator in the state the full chain had there, gives the full chain's final image, later stage
@@ -189,12 +198,12 @@ def test_sample_from_start_equals_continuing_the_full_chain(cfg):
     its state at any decoder call of stage k is the state after stage k's renoise."""
     tok = Tokenizer(tiny_config(stages=4).model).eval()  # 32 px, 4 stages: 4, 8, 16, 32
     torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)  # non-zero output so every step matters
-    windows, gamma, steps = tok.windows, tok.config.flow.gamma, [2, 2, 2, 2]
+    windows, steps = tok.windows, [2, 2, 2, 2]
     z = torch.randn(2, 8, 4)
     g = torch.Generator().manual_seed(3)
     rec = RecordingDecoder(tok.decoder, g)
     with torch.no_grad():
-        x, stages, noises = sample(rec, z, windows, steps, cfg=cfg, gamma=gamma, generator=g, return_noise=True)
+        x, stages, noises = sample_multiscale(rec, z, windows, steps, guidance=guidance, generator=g)
         # the stage of each call, from its input resolution
         stage_of = [next(w.index for w in windows if w.resolution == c[0].shape[-1]) for c in rec.calls]
         assert stage_of == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -202,8 +211,8 @@ def test_sample_from_start_equals_continuing_the_full_chain(cfg):
             # (a) from the end of stage k (r = 0): the generator as the chain had it during stage k
             g2 = torch.Generator().manual_seed(999)
             g2.set_state(rec.calls[stage_of.index(k)][2])
-            x2, stages2, noises2 = sample(tok.decoder, z, windows, steps, cfg=cfg, gamma=gamma, generator=g2,
-                                          start=(k, 0.0, stages[k], noises[k]), return_noise=True)
+            x2, stages2, noises2 = sample_multiscale(tok.decoder, z, windows, steps, guidance=guidance, generator=g2,
+                                                     start=(k, 0.0, stages[k], noises[k]))
             torch.testing.assert_close(x2, x, rtol=0, atol=1e-6)
             assert len(stages2) == len(windows) - k
             for a, b in zip(stages2[1:] + noises2[1:], stages[k + 1:] + noises[k + 1:]):
@@ -215,10 +224,10 @@ def test_sample_from_start_equals_continuing_the_full_chain(cfg):
             g3 = torch.Generator().manual_seed(999)
             g3.set_state(state)
             rest = [1 if i == k else n for i, n in enumerate(steps)]
-            x3 = sample(tok.decoder, z, windows, rest, cfg=cfg, gamma=gamma, generator=g3,
-                        start=(k, 0.5, x_mid, noises[k]))
+            x3 = sample_multiscale(tok.decoder, z, windows, rest, guidance=guidance, generator=g3,
+                                   start=(k, 0.5, x_mid, noises[k])).image
             torch.testing.assert_close(x3, x, rtol=0, atol=1e-6)
         # the generator state matters: restarting with a fresh one gives another image
-        other = sample(tok.decoder, z, windows, steps, cfg=cfg, gamma=gamma, generator=torch.Generator().manual_seed(3),
-                       start=(1, 0.0, stages[1], noises[1]))
+        other = sample_multiscale(tok.decoder, z, windows, steps, guidance=guidance,
+                                  generator=torch.Generator().manual_seed(3), start=(1, 0.0, stages[1], noises[1])).image
         assert (other - x).abs().max() > 1e-3

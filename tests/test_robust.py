@@ -21,14 +21,15 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from msdd.cli import _load_training_config, build_parser
+from msdd.cli import build_parser
+from msdd.cli.training import load_training_config
 from msdd.data import TarShardDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
 from msdd.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
 from msdd.train.stream import BatchStream
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import TINY, tiny_config
+from conftest import tiny_args, tiny_config
 
 TESTS = Path(__file__).parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
@@ -52,8 +53,7 @@ def _log(run_dir, drop=("img_per_s",)):
 
 
 def _train_cmd(run_dir, *extra):
-    sets = [a for o in TINY + list(extra) for a in ("--set", o)]
-    return [sys.executable, "-m", "msdd.cli", "train", "--run-dir", str(run_dir), *sets]
+    return [sys.executable, "-m", "msdd.cli", "train", "--run-dir", str(run_dir), *tiny_args(*extra)]
 
 
 # ---------------------------------------------------------------- several processes
@@ -341,4 +341,4 @@ def test_tar_shards_split_over_processes_skip_bad_samples_and_resume(tmp_path, p
 
 def test_limit_option_sets_data_limit():
     args = build_parser().parse_args(["train", "--run-dir", "x", "--limit", "50"])
-    assert _load_training_config(args).data.limit == 50
+    assert load_training_config(args).data.limit == 50

@@ -2,7 +2,7 @@
 
 import pytest
 
-from msdd.flow.schedule import stage_of_tau, stage_windows
+from msdd.flow.schedule import local_times, stage_of_tau, stage_windows
 
 
 def _close(a, b, tol=1.5e-3):
@@ -61,3 +61,10 @@ def test_stage_of_tau_matches_windows():
     assert stage_of_tau(w, 0.0) == 3
     with pytest.raises(ValueError, match="tau must be in"):
         stage_of_tau(w, 1.5)
+
+
+def test_windows_carry_gamma_and_the_stage_time_grid():
+    assert {x.gamma for x in stage_windows(3, 64, 0.2)} == {0.2}
+    assert {x.gamma for x in stage_windows(3, 64)} == {1 / 3}
+    assert local_times(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert local_times(2, 0.5) == [0.5, 0.25, 0.0]  # a chain started part-way through a stage

@@ -20,7 +20,7 @@ from msdd.train.distill import Distiller, build_distiller
 from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.stage1 import Stage1Trainer, compute_latent_stats
 
-from conftest import TINY, tiny_config
+from conftest import tiny_args, tiny_config
 
 # 32 px, U-Net 32 -> 16 px (8 / 16 channels), one transformer block of width 16 over 16 x 16 positions
 SSDD_TINY = [
@@ -89,7 +89,7 @@ def test_steps_cfg_and_one_step_student():
     with pytest.raises(ValueError, match="an int >= 1"):
         tok.resolve_steps([2, 2])
     with pytest.raises(ValueError, match="no classifier-free guidance"):
-        tok.decode(z, cfg=2.0)
+        tok.decode(z, guidance=2.0)
     with pytest.raises(ValueError, match=r"model\.sampling\.cfg"):
         ssdd_config("model.sampling.cfg=2")
     student = Tokenizer(replace(ssdd_config().model, one_step=True))
@@ -198,7 +198,7 @@ def test_single_step_distillation_reduces_student_teacher_gap(ssdd_teacher, tmp_
 
 
 def test_distill_cli_dispatches_on_the_teacher_family(ssdd_teacher, tmp_path, capsys):
-    args = [a for o in (*TINY, *SSDD_TINY, "distill.batch_size=4") for a in ("--set", o)]
+    args = tiny_args(*SSDD_TINY, "distill.batch_size=4")
     assert main(["distill", "--teacher", str(ssdd_teacher), "--run-dir", str(tmp_path / "d"), "--max-steps", "2",
                  *args]) == 0
     assert Tokenizer.from_pretrained(tmp_path / "d" / "model").config.one_step
@@ -220,7 +220,7 @@ def test_plain_family_trains_and_decodes_in_one_deterministic_pass(photo_folder,
     assert tok.default_steps() == (1,) and tok.resolve_steps([5, 5, 5]) == (1,)
     z = tok.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     a = tok.decode(z, seed=0)
-    assert torch.equal(a, tok.decode(z, seed=1, steps=5, cfg=3.0))  # no noise, one pass, no guidance
+    assert torch.equal(a, tok.decode(z, seed=1, steps=5, guidance=3.0))  # no noise, one pass, no guidance
     assert tok.passes_per_image(tok.default_steps(), 1.0) == 1
     with pytest.raises(ValueError, match="plain autoencoder"):
         build_distiller(cfg, tmp_path / "run" / "model", tmp_path / "d")
@@ -238,7 +238,7 @@ def test_missing_dinov2_weights_for_repa_names_file_and_option(tmp_path, monkeyp
     with pytest.raises(FileNotFoundError,
                        match=r"dinov2_vits14_pretrain\.pth.*--dinov2-weights[\s\S]*model\.ssdd\.repa_weight"):
         Stage1Trainer(ssdd_config("model.ssdd.repa_weight=0.5"), tmp_path / "r")
-    args = [a for o in (*TINY, *SSDD_TINY, "model.ssdd.repa_weight=0.5") for a in ("--set", o)]
+    args = tiny_args(*SSDD_TINY, "model.ssdd.repa_weight=0.5")
     assert main(["train", "--run-dir", str(tmp_path / "r2"), "--max-steps", "1", *args,
                  "--dinov2-weights", str(tmp_path / "nope.pth")]) == 2
     assert "--dinov2-weights" in capsys.readouterr().err

@@ -94,6 +94,18 @@ def test_one_step_model_defaults_to_one_step_and_warns_once(tmp_path):
     assert sum("distilled for one step" in str(x.message) for x in w) == 1
 
 
+def test_cfg_keyword_is_a_deprecated_name_of_guidance(tok):
+    z, images = torch.randn(1, 8, 4), torch.rand(1, 3, 32, 32) * 2 - 1
+    with pytest.warns(DeprecationWarning, match="guidance=") as caught:
+        assert torch.equal(tok.decode(z, steps=1, cfg=2.0), tok.decode(z, steps=1, guidance=2.0))
+        assert torch.equal(tok.reconstruct(images, steps=1, cfg=2.0), tok.reconstruct(images, steps=1, guidance=2.0))
+        with pytest.raises(ValueError, match=r"guidance \(--cfg\) must be .* got -1"):  # the value is passed on
+            tok.decode(z, cfg=-1.0)
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller
+    with pytest.raises(TypeError, match="once"):
+        tok.decode(z, guidance=2.0, cfg=2.0)
+
+
 def test_latent_normalisation_round_trip(tok):
     tok.latent_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0]))
     tok.latent_std.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))

@@ -1,8 +1,8 @@
 """`msdd demo`: the whole path on the embedded photographs, on a CPU, reproducibly.
 
 1. stage 1: train the tiny preset on random crops of the embedded training photos for a fixed number
-   of steps (`msdd.train.budget.DEMO_STAGE1_STEPS`; about 6 minutes on 2 cores);
-2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`; about 4.5 minutes);
+   of steps (`msdd.train.budget.DEMO_STAGE1_STEPS`);
+2. stage 2: distil it into a one-step-per-stage student (`DEMO_DISTILL_STEPS`);
 3. reconstruct the held-out photos (never seen in training) with teacher and student, timing both;
 4. compare with the baselines that keep as many floats as the latent: bicubic down/up and PCA fitted
    on training crops (msdd.eval.baselines), and with the shipped pretrained model of the same preset;
@@ -10,6 +10,7 @@
 
 Fixed step counts make two machines train the same model; `minutes` instead sizes both stages from
 a measured step time (70% stage 1, 30% stage 2), so that model depends on the machine's speed.
+The README gives the measured run time and results.
 """
 
 from __future__ import annotations
@@ -100,12 +101,12 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
     decoded = {}
     for name, tok in models:
         recon, decode_s = reconstruct_images(tok, images, seed=0)
-        passes = tok.passes_per_image(tok.default_steps(), tok.resolve_cfg(None))
+        passes = tok.passes_per_image(tok.default_steps(), tok.resolve_guidance(None))
         decoded[name] = recon
         decoded[name + "_row"] = {**quality(recon, images, names), "steps_per_stage": list(tok.default_steps()),
                                   "cfg": tok.config.sampling.cfg, "decoder_passes": passes,
                                   "decode_seconds_per_image": round(decode_s, 5)}
-    t, s = decoded["teacher_row"], decoded["student_row"]
+    teacher_row, student_row = decoded["teacher_row"], decoded["student_row"]
     results = {
         "preset": cfg.name,
         "device": device,
@@ -120,11 +121,13 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
                      "photo centre crops + 2x2 and 3x3 tiles, never seen in training",
                      "resolution": cfg.model.image_size},
         "latent": {"tokens": cfg.model.latent_tokens, "channels": cfg.model.latent_dim, "floats": floats},
-        "teacher": t,
-        "student": s,
-        "student_vs_teacher": {"psnr_diff_db": round(s["psnr"] - t["psnr"], 3),
-                               "pass_ratio": round(t["decoder_passes"] / s["decoder_passes"], 2),
-                               "speedup": round(t["decode_seconds_per_image"] / s["decode_seconds_per_image"], 2)},
+        "teacher": teacher_row,
+        "student": student_row,
+        "student_vs_teacher": {
+            "psnr_diff_db": round(student_row["psnr"] - teacher_row["psnr"], 3),
+            "pass_ratio": round(teacher_row["decoder_passes"] / student_row["decoder_passes"], 2),
+            "speedup": round(teacher_row["decode_seconds_per_image"] / student_row["decode_seconds_per_image"], 2),
+        },
         "bicubic": {**quality(bicubic, images, names), "side": bicubic_side(floats),
                     "floats": 3 * bicubic_side(floats) ** 2},
         "pca": {**quality(pca_recon, images, names), "components": floats, "floats": floats,

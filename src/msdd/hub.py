@@ -1,7 +1,8 @@
 """Saving and loading models: a directory with `config.json` + `model.safetensors` (the Hugging Face
 layout, so `huggingface_hub` can upload/download it unchanged). Files are written atomically
 (temporary name, fsync, rename) so an interrupted save never leaves a half-written model behind.
-No pickle anywhere: tensors go through safetensors, metadata through JSON.
+No pickle anywhere: tensors go through safetensors, metadata through JSON. This module reads and writes
+the files; `Tokenizer.from_pretrained` (msdd.tokenizer) builds the model from them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from msdd.config import model_config_from_dict, to_dict
+from msdd.config import to_dict
 from msdd.io import atomic_save_safetensors, atomic_write_text
 
 FORMAT = "msdd-tokenizer"
@@ -47,18 +48,6 @@ def save_tokenizer(tokenizer, directory: str | Path, dtype: torch.dtype | None =
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": to_dict(tokenizer.config), **extra_metadata}
     atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
     return directory
-
-
-def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "fp16") -> Path:
-    """Copy the model at `source` to `destination` with its weights stored as `dtype` (fp16 halves the file;
-    the metadata keeps the source's training record and names the source file's sha256)."""
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if dtype not in dtypes:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {list(dtypes)}")
-    tok = load_tokenizer(source)
-    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
-    extra.update(weights_dtype=dtype, exported_from_sha256=file_sha256(resolve_model_dir(source) / WEIGHTS_NAME))
-    return save_tokenizer(tok, destination, dtype=dtypes[dtype], **extra)
 
 
 def looks_like_path(text: str) -> bool:
@@ -153,20 +142,17 @@ def stored_dtype(directory: str | Path) -> torch.dtype | None:
     return None
 
 
-def load_tokenizer(path: str | Path | None = None, device: str | torch.device = "cpu"):
-    from msdd.tokenizer import Tokenizer
-
-    directory = resolve_model_dir(path)
-    meta = read_model_metadata(directory)
-    tok = Tokenizer(model_config_from_dict(meta["model"]))
-    state = read_weights(directory / WEIGHTS_NAME)
-    own = tok.state_dict()
+def check_weights(directory: Path, own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> None:
+    """Refuse weights `state` (read from `directory`) that do not fit the model its config builds (`own`)."""
     missing, unexpected = set(own) - set(state), set(state) - set(own)
     wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(v.shape)})" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
         raise ValueError(f"{directory / WEIGHTS_NAME} does not match its {CONFIG_NAME}: missing {sorted(missing)[:5]}, "
                          f"unexpected {sorted(unexpected)[:5]}, wrong shape {wrong[:5]}")
-    tok.load_state_dict(state)
-    tok.metadata = meta
-    return tok.to(device).eval()
+    not_float = [f"{k} ({state[k].dtype})" for k, v in own.items() if v.is_floating_point()
+                 and not state[k].is_floating_point()]
+    if not_float:  # load_state_dict would cast them to float silently: a model of rounded weights
+        raise ValueError(f"{directory / WEIGHTS_NAME} holds integer tensors where the model has float weights: "
+                         f"{not_float[:5]}{' ...' if len(not_float) > 5 else ''}; re-export the model in float16/32 "
+                         f"(msdd export)")

@@ -2,40 +2,41 @@
 
     tok = Tokenizer.from_pretrained("path/to/model")        # or Tokenizer(model_config)
     z = tok.encode(images)                                  # (B, 3, R, R) in [-1, 1] -> (B, L, C)
-    x = tok.decode(z, steps=[10, 10, 10, 10], cfg=1.0, generator=torch.Generator().manual_seed(0))
+    x = tok.decode(z, steps=[10, 10, 10, 10], guidance=1.0, generator=torch.Generator().manual_seed(0))
     tok.save_pretrained("out/model")
 
 `images` may also be uint8 tensors (B, 3, R, R), a PIL image or a list of PIL images (centre-cropped
 to the model resolution). A distilled student (`config.one_step`) decodes with one step per stage by
 default.
 
-`config.family` picks the encoder/decoder pair, the latent shape, the decode and the training loss:
-
-    msdd   token encoder + multi-scale MMDiT flow decoder (SPEC 3-6); z (B, L, C); steps per stage, cfg
-    ssdd   token encoder (z (B, L, C)) or f8 conv encoder (z (B, c, R/8, R/8)) + U-Net/transformer flow
-           decoder (SPEC 10, `msdd.models.ssdd`); `steps` is one int N (schedule (1 - i/N)^shift); no cfg
-    plain  token encoder + the msdd decoder network used once: x = decoder(zeros, tau = 0, z), a
-           deterministic autoencoder baseline; `steps` and `cfg` are ignored
+`config.family` picks the family object (`msdd.families`: msdd, ssdd, plain) that builds the encoder/decoder
+pair and owns the latent shape, the decode schedule, the decode and the training loss; `Tokenizer` holds
+the networks and the latent statistics and checks inputs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import warnings
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
-from msdd.config import ModelConfig
-from msdd.flow.path import flow_loss
-from msdd.flow.sampler import sample as multiscale_sample
-from msdd.flow.schedule import StageWindow, stage_windows
-from msdd.flow.ssdd import sample_ssdd, ssdd_loss
-from msdd.models.decoder import Decoder
-from msdd.models.encoder import Encoder
-from msdd.models.ssdd import SpatialEncoder, SSDDDecoder
+from msdd.config import ModelConfig, model_config_from_dict
+from msdd.families import family_of
+from msdd.flow.schedule import StageWindow
+from msdd.hub import (
+    WEIGHTS_NAME,
+    check_weights,
+    file_sha256,
+    read_model_metadata,
+    read_weights,
+    resolve_model_dir,
+    save_tokenizer,
+)
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -44,20 +45,27 @@ def autocast(device: torch.device | str, bf16: bool):
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def _renamed_guidance(guidance: float | None, cfg: float | None, stacklevel: int) -> float | None:
+    """`cfg=`, the old name of `guidance=` in `decode` / `reconstruct`: still accepted, with a warning
+    pointing `stacklevel` frames up (at the caller)."""
+    if cfg is None:
+        return guidance
+    if guidance is not None:
+        raise TypeError("pass the guidance scale once, as guidance= (cfg= is its deprecated name)")
+    warnings.warn("cfg= is deprecated: the guidance scale is now guidance= (the command line keeps --cfg)",
+                  DeprecationWarning, stacklevel=stacklevel)
+    return cfg
+
+
 class Tokenizer(nn.Module):
+    """The encoder and decoder that the config's family builds, with the latent statistics; decoding and
+    the training loss are the family's (`self.family`)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        config.validate()
         self.config = config
-        args = (config.image_size, config.latent_tokens, config.latent_dim)
-        lin = config.uses_linear_path
-        self.encoder = (SpatialEncoder(config) if config.spatial_latent
-                        else Encoder(config.encoder, *args, linear_path=lin))
-        windows = stage_windows(config.flow.num_stages, config.image_size, config.flow.gamma)
-        self.decoder = (SSDDDecoder(config) if config.family == "ssdd"
-                        else Decoder(config.decoder, *args, linear_path=lin, windows=windows,
-                                     prediction=config.flow.prediction if config.family == "msdd" else "v",
-                                     refiner=(config.refiner_width, config.refiner_blocks)))
+        self.family = family_of(config)
+        self.encoder, self.decoder = self.family.build()
         # Per-channel statistics of z over a dataset (`msdd latent-stats`), for downstream models.
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
@@ -67,8 +75,7 @@ class Tokenizer(nn.Module):
 
     @property
     def windows(self) -> tuple[StageWindow, ...]:
-        c = self.config
-        return stage_windows(c.flow.num_stages, c.image_size, c.flow.gamma)
+        return self.family.windows
 
     @property
     def device(self) -> torch.device:
@@ -76,24 +83,27 @@ class Tokenizer(nn.Module):
 
     def default_steps(self) -> tuple[int, ...]:
         """Euler steps per stage of a default decode; (N,) for ssdd, (1,) for plain (one pass)."""
-        c = self.config
-        if c.family == "plain":
-            return (1,)
-        if c.family == "ssdd":
-            return (1,) if c.one_step else (c.ssdd.steps,)
-        return (1,) * c.flow.num_stages if c.one_step else tuple(c.sampling.steps)
+        return self.family.default_steps()
 
-    def passes_per_image(self, steps: Sequence[int], cfg: float) -> int:
-        """Decoder forward passes per image of a decode (guidance other than 0 or 1 doubles them)."""
-        guided = self.config.family == "msdd" and cfg not in (0.0, 1.0)
-        return sum(steps) * (2 if guided else 1)
+    def passes_per_image(self, steps: Sequence[int], guidance: float) -> int:
+        """Decoder forward passes per image of a decode (msdd guidance other than 0 or 1 doubles them)."""
+        return self.family.passes_per_image(steps, guidance)
 
     # ------------------------------------------------------------------ input checks
+
+    def check_float32(self) -> None:
+        """msdd computes in float32 (bf16 only under autocast): weights cast with `.half()` / `.bfloat16()`
+        would meet float32 inputs and fail deep inside a layer."""
+        dtype = next(self.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"this Tokenizer's weights are {dtype}; msdd encodes and decodes in float32: call "
+                             f"tok.float(), and pass bf16=True to encode/decode for reduced-precision compute")
 
     def prepare_images(self, images) -> torch.Tensor:
         """Any accepted image input -> float (B, 3, R, R) in [-1, 1] on the model's device."""
         from PIL import Image  # local: PIL is only needed for PIL inputs
 
+        self.check_float32()
         from msdd.data.images import center_crop_arr, pil_to_rgb, to_tensor
 
         r = self.config.image_size
@@ -133,6 +143,7 @@ class Tokenizer(nn.Module):
         return images.float().to(self.device)
 
     def check_latents(self, z: torch.Tensor) -> torch.Tensor:
+        self.check_float32()
         shape = self.config.latent_shape
         want = f"(B, {', '.join(map(str, shape))})"
         what = "(channels, height, width)" if self.config.spatial_latent else "(tokens, channels)"
@@ -156,41 +167,16 @@ class Tokenizer(nn.Module):
     def resolve_steps(self, steps: int | Sequence[int] | None) -> tuple[int, ...]:
         """Euler steps per stage of a decode: the model's by default, else whole numbers checked (1.7, a
         bool or a string is a ValueError, never truncated to an int)."""
-        if steps is None or self.config.family == "plain":  # plain: always one pass
-            return self.default_steps()
-        s = 1 if self.config.family == "ssdd" else self.config.flow.num_stages
-        if isinstance(steps, (torch.Tensor, np.ndarray)):
-            steps = steps.tolist()
-        many = isinstance(steps, Sequence) and not isinstance(steps, str)
-        values = list(steps) if many else [steps]
-        bad = [n for n in values if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer))]
-        if bad:
-            raise ValueError(f"steps must be whole numbers >= 1 (an int, or a list of {s} ints: one per stage), got "
-                             f"{steps!r}: {bad[0]!r} is a {type(bad[0]).__name__}; pass ints (they are never rounded)")
-        steps = tuple(int(n) for n in values) * (1 if many else s)
-        if len(steps) != s or any(n < 1 for n in steps):
-            if s == 1 and self.config.family == "ssdd":
-                raise ValueError(f"steps must be an int >= 1 for an SSDD model (a single flow), got {steps}")
-            raise ValueError(f"steps must be an int >= 1 or a list of {s} ints >= 1 (one per stage), got {steps}")
+        steps = self.family.resolve_steps(steps)
         if self.config.one_step and any(n > 1 for n in steps) and not self._warned_steps:
             warnings.warn(f"this decoder was distilled for one step per stage; decoding with {list(steps)}",
                           stacklevel=3)
             self._warned_steps = True
         return steps
 
-    def resolve_cfg(self, cfg: float | None) -> float:
+    def resolve_guidance(self, guidance: float | None) -> float:
         """The guidance scale of a decode: the model's by default; plain ignores it; ssdd has none."""
-        if cfg is not None and not (np.isfinite(float(cfg)) and float(cfg) >= 0):
-            raise ValueError(f"cfg must be a finite number >= 0 (1 = no guidance, the model's default is "
-                             f"{self.config.sampling.cfg:g}), got {cfg}")
-        if self.config.family == "plain":
-            return 1.0
-        if self.config.family == "ssdd":
-            if cfg is not None and float(cfg) != 1.0:
-                raise ValueError(f"SSDD models have no classifier-free guidance (trained without a null latent); "
-                                 f"cfg must be 1, got {cfg}")
-            return 1.0
-        return self.config.sampling.cfg if cfg is None else float(cfg)
+        return self.family.resolve_guidance(guidance)
 
     # ------------------------------------------------------------------ API
 
@@ -207,74 +193,44 @@ class Tokenizer(nn.Module):
         self,
         z: torch.Tensor,
         steps: int | Sequence[int] | None = None,
-        cfg: float | None = None,
+        guidance: float | None = None,
         generator: torch.Generator | None = None,
         seed: int = 0,
         bf16: bool = False,
         return_stages: bool = False,
+        *,
+        cfg: float | None = None,
     ):
         """Latents (see `encode`) -> images (B, 3, R, R) in [-1, 1].
 
-        steps: Euler steps per stage (int or list; default: the model's own schedule); cfg: guidance
-        scale (default: the model's); generator: source of all noise (default: a CPU generator seeded
-        with `seed`, so the same call gives the same image). return_stages: also return the image at
-        the end of every stage (ssdd and plain: the final image only).
+        steps: Euler steps per stage (int or list; default: the model's own schedule); guidance: the
+        classifier-free guidance scale, the paper's cfg (default: the model's; `cfg=` is its deprecated
+        name); generator: source of all noise (default: a CPU generator seeded with `seed`, so the same
+        call gives the same image). return_stages: also return the image at the end of every stage (ssdd
+        and plain: the final image only).
         """
+        guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
-        cfg = self.resolve_cfg(cfg)
+        guidance = self.resolve_guidance(guidance)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         with autocast(z.device, bf16):
-            x, stages = self.sample(z, steps, cfg, generator)
+            x, stages = self.sample(z, steps, guidance, generator)
         x = x.clamp(-1, 1)
-        return (x, [s.clamp(-1, 1) for s in stages]) if return_stages else x
+        return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
 
-    def sample(self, z: torch.Tensor, steps: Sequence[int], cfg: float, generator) -> tuple[torch.Tensor, list]:
+    def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:
         """The decode of this model's family on checked latents, without clamping or `no_grad`.
         Returns (images, images at the end of every stage)."""
-        if self.config.family == "plain":
-            x = self.plain_decode(z)
-            return x, [x]
-        if self.config.family == "ssdd":
-            x = sample_ssdd(self.decoder, z, steps[0], self.config.ssdd.shift, generator=generator)
-            return x, [x]
-        return multiscale_sample(self.decoder, z, self.windows, steps, cfg=cfg, gamma=self.config.flow.gamma,
-                                 generator=generator, return_stages=True)
-
-    def plain_decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The plain family's one pass: the decoder on a zero image at tau = 0 (+ x_lin with a linear path)."""
-        r, b = self.config.image_size, z.shape[0]
-        return self.decoder.end_estimate(z.new_zeros(b, 3, r, r), z.new_zeros(b), z).float()
+        return self.family.sample(self.decoder, z, steps, guidance, generator)
 
     def training_loss(self, images: torch.Tensor, generator, perceptual: nn.Module | None = None,
                       repa: nn.Module | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Stage-1 loss of this model's family on images (B, 3, R, R) in [-1, 1] (encoder and decoder
         trained jointly). Returns (loss, {name: detached value}) for logging."""
-        c = self.config
         z = self.encoder(images)
-        if c.family == "ssdd":
-            s = c.ssdd
-            return ssdd_loss(self.decoder, images, z, t_sampling=s.t_sampling, perceptual=perceptual,
-                             lpips_weight=s.lpips_weight, repa=repa, repa_weight=s.repa_weight, generator=generator)
-        if c.family == "plain":
-            x = self.plain_decode(z)
-            loss = (x - images).pow(2).mean()
-            terms = {"loss_mse": loss.detach()}
-            if perceptual is not None and c.flow.lpips_weight > 0:
-                l_lpips = perceptual(x, images).mean()
-                loss = loss + c.flow.lpips_weight * l_lpips
-                terms["loss_lpips"] = l_lpips.detach()
-            return loss, terms
-        fc = c.flow
-        loss, per_stage = flow_loss(
-            self.decoder, images, z, self.windows,
-            t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
-            prediction=fc.prediction,
-            cfg_drop=fc.cfg_drop, null_context=self.decoder.null_context,
-            perceptual=perceptual, perceptual_weight=fc.lpips_weight, generator=generator,
-        )
-        return loss, {f"loss_stage{s}": v for s, v in per_stage.items()}
+        return self.family.loss(self.decoder, images, z, generator, perceptual=perceptual, repa=repa)
 
     def init_linear_path(self, pca) -> None:
         """Start the linear path (config.linear_path) as the PCA code `pca` (msdd.models.linear.fit_pca
@@ -286,6 +242,10 @@ class Tokenizer(nn.Module):
         init_linear_path(self.encoder.to_linear, self.decoder.from_linear, pca)
 
     def reconstruct(self, images, **decode_kwargs) -> torch.Tensor:
+        """`decode(encode(images))`; `decode_kwargs` are `decode`'s (`bf16` applies to both)."""
+        if "cfg" in decode_kwargs:
+            decode_kwargs["guidance"] = _renamed_guidance(decode_kwargs.pop("guidance", None), decode_kwargs.pop("cfg"),
+                                                          stacklevel=3)
         return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
 
     def _per_channel(self, stat: torch.Tensor) -> torch.Tensor:
@@ -297,15 +257,32 @@ class Tokenizer(nn.Module):
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         return z * self._per_channel(self.latent_std) + self._per_channel(self.latent_mean)
 
-    # ------------------------------------------------------------------ I/O (see msdd.hub)
+    # ------------------------------------------------------------------ I/O (files: msdd.hub)
 
     def save_pretrained(self, directory, **extra_metadata) -> None:
-        from msdd.hub import save_tokenizer
-
         save_tokenizer(self, directory, **extra_metadata)
 
     @classmethod
     def from_pretrained(cls, path=None, device: str | torch.device = "cpu") -> "Tokenizer":
-        from msdd.hub import load_tokenizer
+        """The model at `path`: a model directory, a bundled name (default: the bundled student) or a
+        Hugging Face repo id (see `msdd.hub.resolve_model_dir`)."""
+        directory = resolve_model_dir(path)
+        meta = read_model_metadata(directory)
+        tok = cls(model_config_from_dict(meta["model"]))
+        state = read_weights(directory / WEIGHTS_NAME)
+        check_weights(directory, tok.state_dict(), state)
+        tok.load_state_dict(state)
+        tok.metadata = meta
+        return tok.to(device).eval()
 
-        return load_tokenizer(path, device=device)
+
+def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "fp16") -> Path:
+    """Copy the model at `source` to `destination` with its weights stored as `dtype` (fp16 halves the file;
+    the metadata keeps the source's training record and names the source file's sha256)."""
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if dtype not in dtypes:
+        raise ValueError(f"--dtype {dtype!r}: expected one of {list(dtypes)}")
+    tok = Tokenizer.from_pretrained(source)
+    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
+    extra.update(weights_dtype=dtype, exported_from_sha256=file_sha256(resolve_model_dir(source) / WEIGHTS_NAME))
+    return save_tokenizer(tok, destination, dtype=dtypes[dtype], **extra)

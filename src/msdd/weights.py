@@ -93,3 +93,24 @@ def fetch_weights(name: str) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(spec.url, str(dest), progress=True)
     return dest
+
+
+def load_tensor_file(path: str | os.PathLike, name: str) -> dict[str, torch.Tensor]:
+    """The state dict in pretrained file `name` (PRETRAINED) at `path`: a .safetensors file, or a torch
+    file holding tensors only (weights_only=True). Anything else (pickled code, a damaged file) is a
+    ValueError naming the file and the option, never loaded with weights_only=False."""
+    spec = PRETRAINED[name]
+    try:
+        if str(path).endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError from a damaged zip, SafetensorError
+        raise ValueError(f"{spec.option} {path} is not a plain tensor state dict ({type(e).__name__}); refusing to "
+                         f"load it: give {spec.filename} ({spec.url}) or its .safetensors conversion") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{spec.option} {path} holds a {type(state).__name__}, not a state dict of tensors: "
+                         f"give {spec.filename} ({spec.url})")
+    return state

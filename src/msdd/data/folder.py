@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from msdd.data.images import BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF: the first frame
 
 Record = tuple[torch.Tensor | None, str, str | None]  # (image (3, R, R) or None, path, why skipped)
 

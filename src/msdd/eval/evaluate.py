@@ -29,7 +29,7 @@ from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
-from msdd.weights import resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights
 
 PUBLISHED_FID_IMAGES = 50_000
 
@@ -46,10 +46,7 @@ def build_fid(weights: str | Path | None, device) -> tuple[object | None, str | 
     except ImportError:
         return None, "rFID needs torch-fidelity: pip install 'msdd[fid]'"
     # torch-fidelity unpickles the file without weights_only; we first prove it holds only tensors.
-    try:
-        torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a plain tensor state dict ({type(e).__name__}); refusing to load it") from None
+    load_tensor_file(path, "inception")
     fid = FrechetInceptionDistance(feature=2048, reset_real_features=True, feature_extractor_weights_path=str(path))
     return fid.to(device), None
 
@@ -101,7 +98,7 @@ def evaluate(
     source: str,
     *,
     steps: int | Sequence[int] | None = None,
-    cfg: float | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     bf16: bool = False,
     batch_size: int = 32,
@@ -118,7 +115,7 @@ def evaluate(
     device = tok.device
     floats = math.prod(tok.config.latent_shape)
     steps = tok.resolve_steps(steps)  # argument errors first, before any PCA fit or image decode
-    cfg = tok.resolve_cfg(cfg)
+    guidance = tok.resolve_guidance(guidance)
     if limit is not None and limit < 1:
         raise ValueError(f"no usable image found in {source} with limit={limit}: the limit must be >= 1 (or left "
                          "out for every image)")
@@ -145,7 +142,7 @@ def evaluate(
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        recon = tok.decode(z, steps=steps, cfg=cfg, generator=g, bf16=bf16)
+        recon = tok.decode(z, steps=steps, guidance=guidance, generator=g, bf16=bf16)
         if device.type == "cuda":
             torch.cuda.synchronize()
         metrics["decode_seconds"].update(torch.tensor((time.perf_counter() - t0) / len(images)), weight=len(images))
@@ -211,8 +208,8 @@ def evaluate(
             "reference": "the same centre-cropped originals, as uint8",
             "reconstructions": "rounded to uint8",
             "steps_per_stage": list(steps),
-            "cfg": cfg,
-            "decoder_passes_per_image": tok.passes_per_image(steps, cfg),
+            "cfg": guidance,
+            "decoder_passes_per_image": tok.passes_per_image(steps, guidance),
             "dtype": "bf16" if bf16 else "fp32",
             "seed": seed,
             "batch_size": batch_size,

@@ -47,25 +47,23 @@ from msdd.tokenizer import Tokenizer
 from msdd.train.distill import build_distiller
 from msdd.train.stage1 import Stage1Trainer
 
-# --quick: a tiny model at 32 px so that the whole pipeline runs in about a minute.
-QUICK_OVERRIDES = (
-    "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
-    "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
-    "model.decoder.depth=2", "model.decoder.width=32", "model.decoder.heads=2", "model.decoder.mlp_hidden=64",
-    "train.batch_size=8", "distill.batch_size=4",
-)
-QUICK_SSDD = (
-    "model.image_size=32", "model.latent_tokens=8", "model.latent_dim=4",
-    "model.encoder.depth=1", "model.encoder.width=32", "model.encoder.heads=2", "model.encoder.mlp_hidden=64",
-    "model.ssdd.base_channels=8", "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2", "model.ssdd.mid_mlp_hidden=32",
-    "train.batch_size=8", "distill.batch_size=4",
-)
+# --quick: the 32 px toy versions of the default presets, so that the whole pipeline runs in about a minute.
+QUICK_PRESETS = {"tiny-64": "tiny-test", "ssdd-tiny-64": "ssdd-tiny-test"}
+
+
+def quick_preset(name: str) -> str:
+    """The toy preset that --quick trains in place of `name`."""
+    if name not in QUICK_PRESETS:
+        raise ValueError(f"--quick trains the 32 px toy versions of {' and '.join(QUICK_PRESETS)} "
+                         f"({', '.join(QUICK_PRESETS.values())}), not of {name!r}: leave out --preset, or drop "
+                         f"--quick and shrink the model with --set")
+    return QUICK_PRESETS[name]
 
 
 def split_steps(total: int, stages: int) -> tuple[int, ...]:
     """`total` Euler steps over `stages` stages, the remainder going to the coarse stages (cheap)."""
     base, extra = divmod(total, stages)
-    return tuple(base + (1 if s < extra else 0) for s in range(stages))
+    return tuple(base + (1 if stage < extra else 0) for stage in range(stages))
 
 
 def teacher_config(base: Config, stages: int, total_steps: int, seed: int) -> Config:
@@ -87,11 +85,12 @@ class Fidelity:
                  distill_steps: int | None = None) -> None:
         self.out, self.minutes, self.device = Path(out), minutes, device
         self.train_steps, self.distill_steps = train_steps, distill_steps
-        self.base = load_config(preset, [*(QUICK_OVERRIDES if quick else ()), *overrides])
-        self.ssdd = load_config(ssdd_preset, [*(QUICK_SSDD if quick else ()), *ssdd_overrides])
-        self.train_seconds: dict[str, float] = {}
-        if quick:  # the same table from a toy model in about a minute
+        if quick:  # the same table from toy models in about a minute
+            preset, ssdd_preset = quick_preset(preset), quick_preset(ssdd_preset)
             seeds, minutes = 1, min(minutes, 0.3)
+        self.base = load_config(preset, overrides)
+        self.ssdd = load_config(ssdd_preset, ssdd_overrides)
+        self.train_seconds: dict[str, float] = {}
         self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
         self.images, self.names = embedded_eval_set(self.base.model.image_size)
         self.rows: list[dict] = []  # one per (experiment, variant, seed)
@@ -100,25 +99,26 @@ class Fidelity:
 
     # ------------------------------------------------------------------ jobs
 
-    def train_teacher(self, cfg: Config, tag: str) -> Path:
+    def train_teacher(self, config: Config, tag: str) -> Path:
         run = self.out / "runs" / tag
         if not (run / "model" / "config.json").exists():
             if self.train_steps:
-                cfg = fixed_steps(cfg, stage1=self.train_steps)
+                config = fixed_steps(config, stage1=self.train_steps)
             else:
-                cfg, _ = budgeted_config(cfg, 2 * self.unit, self.device)
-            self.train_seconds[tag] = Stage1Trainer(cfg, run, device=self.device).fit(progress=False)["seconds"]
+                config, _ = budgeted_config(config, 2 * self.unit, self.device)
+            self.train_seconds[tag] = Stage1Trainer(config, run, device=self.device).fit(progress=False)["seconds"]
         return run / "model"
 
-    def distill(self, cfg: Config, teacher: Path, tag: str, distill_cfg: float = 1.0) -> Path:
+    def distill(self, config: Config, teacher: Path, tag: str, guidance: float = 1.0) -> Path:
         run = self.out / "runs" / tag
         if not (run / "model" / "config.json").exists():
-            cfg = replace(cfg, distill=replace(cfg.distill, cfg=distill_cfg))
+            config = replace(config, distill=replace(config.distill, cfg=guidance))
             if self.distill_steps:
-                cfg = fixed_steps(cfg, distill=self.distill_steps)
+                config = fixed_steps(config, distill=self.distill_steps)
             else:
-                cfg, _ = budgeted_distill(cfg, teacher, self.unit, self.device)
-            self.train_seconds[tag] = build_distiller(cfg, teacher, run, device=self.device).fit(progress=False)["seconds"]
+                config, _ = budgeted_distill(config, teacher, self.unit, self.device)
+            distiller = build_distiller(config, teacher, run, device=self.device)
+            self.train_seconds[tag] = distiller.fit(progress=False)["seconds"]
         return run / "model"
 
     def measure(self, model: Path, experiment: str, variant: str, seed: int, **decode) -> dict:
@@ -151,17 +151,17 @@ class Fidelity:
                           "passes": 0, "steps": [], "cfg": None})
         for seed in range(self.seeds):
             for stages in (1, 3, 4):
-                cfg = teacher_config(self.base, stages, self.total_steps, seed)
+                config = teacher_config(self.base, stages, self.total_steps, seed)
                 name = "single-scale" if stages == 1 else f"{stages} stages"
-                teacher = self.train_teacher(cfg, f"teacher-s{stages}-seed{seed}")
+                teacher = self.train_teacher(config, f"teacher-s{stages}-seed{seed}")
                 self.measure(teacher, "teacher", name, seed)
-                student = self.distill(cfg, teacher, f"student-s{stages}-seed{seed}")
+                student = self.distill(config, teacher, f"student-s{stages}-seed{seed}")
                 self.measure(student, "student", name, seed)
                 if stages == 4:  # the same teacher at 30 steps per stage: 30x the student's passes
                     self.measure(teacher, "teacher-steps", "4 stages, 30 steps/stage", seed, steps=30)
                     for g in (1.5, 2.0, 3.0):
-                        self.measure(teacher, "teacher-cfg", f"4 stages, cfg {g:g}", seed, cfg=g)
-                    student2 = self.distill(cfg, teacher, f"student-s4-cfg2-seed{seed}", distill_cfg=2.0)
+                        self.measure(teacher, "teacher-cfg", f"4 stages, cfg {g:g}", seed, guidance=g)
+                    student2 = self.distill(config, teacher, f"student-s4-cfg2-seed{seed}", guidance=2.0)
                     self.measure(student2, "student-cfg", "4 stages, distill cfg 2", seed)
             plain = replace(self.base, model=replace(self.base.model, family="plain"),
                             train=replace(self.base.train, seed=seed))
@@ -209,19 +209,20 @@ class Fidelity:
         return result
 
 
-def _fmt(s: dict | None, digits: int) -> str:
-    if s is None:
+def _fmt(stat: dict | None, digits: int) -> str:
+    if stat is None:
         return "-"
-    return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}" if len(s["values"]) > 1 else f"{s['mean']:.{digits}f}"
+    mean = f"{stat['mean']:.{digits}f}"
+    return f"{mean} ± {stat['std']:.{digits}f}" if len(stat["values"]) > 1 else mean
 
 
 def goals(summary: list[dict]) -> list[dict]:
     """The project's quality goals (issues 6 and 12), checked on the seed means of `summary`."""
-    by = {(s["experiment"], s["variant"]): s for s in summary}
-    bicubic = next((s for s in summary if s["variant"].startswith("bicubic")), None)
+    by = {(row["experiment"], row["variant"]): row for row in summary}
+    bicubic = next((row for row in summary if row["variant"].startswith("bicubic")), None)
     t4, t3 = by.get(("teacher", "4 stages")), by.get(("teacher", "3 stages"))
     t30, s4 = by.get(("teacher-steps", "4 stages, 30 steps/stage")), by.get(("student", "4 stages"))
-    pca = next((s for s in summary if s["variant"].startswith("PCA")), None)
+    pca = next((row for row in summary if row["variant"].startswith("PCA")), None)
     out = []
     if s4 and pca:  # issue 12: beat the best linear code with the same float count
         d = s4["psnr"]["mean"] - pca["psnr"]["mean"]
@@ -259,13 +260,13 @@ def render_markdown(r: dict) -> str:
         "| experiment | variant | steps/stage | cfg | passes/img | PSNR (dB) | SSIM | decode ms/img |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for s in r["summary"]:
-        ms = None if s["decode_s_per_img"] is None else {**s["decode_s_per_img"],
-                                                         "mean": s["decode_s_per_img"]["mean"] * 1000,
-                                                         "std": s["decode_s_per_img"]["std"] * 1000}
-        lines.append(f"| {s['experiment']} | {s['variant']} | {s['steps'] or '-'} | "
-                     f"{'-' if s['cfg'] is None else s['cfg']} | {s['passes']} | {_fmt(s['psnr'], 2)} | "
-                     f"{_fmt(s['ssim'], 3)} | {_fmt(ms, 1)} |")
+    for row in r["summary"]:
+        ms = None if row["decode_s_per_img"] is None else {**row["decode_s_per_img"],
+                                                           "mean": row["decode_s_per_img"]["mean"] * 1000,
+                                                           "std": row["decode_s_per_img"]["std"] * 1000}
+        lines.append(f"| {row['experiment']} | {row['variant']} | {row['steps'] or '-'} | "
+                     f"{'-' if row['cfg'] is None else row['cfg']} | {row['passes']} | {_fmt(row['psnr'], 2)} | "
+                     f"{_fmt(row['ssim'], 3)} | {_fmt(ms, 1)} |")
     if r.get("goals"):
         lines += ["", "| goal | measured (seed means) | met |", "|---|---|---|"]
         lines += [f"| {g['goal']} | {g['measured']} | {'yes' if g['met'] else 'no'} |" for g in r["goals"]]

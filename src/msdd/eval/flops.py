@@ -30,26 +30,14 @@ def count_flops(fn: Callable, *args, **kwargs) -> int:
 
 
 def decoder_pass_flops(tok, batch: int = 1) -> list[int]:
-    """FLOPs of one decoder forward pass at each stage (list over stages), for `batch` images. The ssdd
-    and plain families have one stage, at full resolution."""
-    c = tok.config
-    device = next(tok.parameters()).device
-    z = torch.zeros(batch, *c.latent_shape, device=device)
-    if c.family != "msdd":
-        x = torch.zeros(batch, 3, c.image_size, c.image_size, device=device)
-        return [count_flops(tok.decoder, x, torch.zeros(batch, device=device), z)]
-    out = []
-    for w in tok.windows:
-        x = torch.zeros(batch, 3, w.resolution, w.resolution, device=device)
-        out.append(count_flops(tok.decoder, x, torch.zeros(batch, device=device), z))
-    return out
+    """FLOPs of one decoder forward pass at each stage (list over stages), for `batch` images (the ssdd
+    and plain families have one stage, at full resolution)."""
+    return tok.family.pass_flops(tok.decoder, batch)
 
 
-def decode_flops(tok, steps, cfg: float, batch: int = 1) -> int:
-    """FLOPs of a full decode with `steps` per stage; guidance other than 0 or 1 doubles every pass
-    (msdd only: the other families have no guidance)."""
-    factor = 2 if tok.config.family == "msdd" and cfg not in (0.0, 1.0) else 1
-    return sum(n * f for n, f in zip(steps, decoder_pass_flops(tok, batch))) * factor
+def decode_flops(tok, steps, guidance: float, batch: int = 1) -> int:
+    """FLOPs of a full decode with `steps` per stage and guidance scale `guidance` (the family's passes per step)."""
+    return tok.family.decode_flops(tok.decoder, steps, guidance, batch)
 
 
 def encoder_flops(tok, batch: int = 1) -> int:

@@ -55,7 +55,7 @@ def reconstruct_images(
     tok: Tokenizer,
     images: torch.Tensor,
     steps: int | Sequence[int] | None = None,
-    cfg: float | None = None,
+    guidance: float | None = None,
     seed: int = 0,
     batch_size: int = 32,
     bf16: bool = False,
@@ -81,7 +81,7 @@ def reconstruct_images(
         z = tok.encode(images[i : i + batch_size], bf16=bf16)
         generators = image_generators(seed, keys[i : i + batch_size])
         t0 = time.perf_counter()
-        x = tok.decode(z, steps=steps, cfg=cfg, generator=generators, bf16=bf16)
+        x = tok.decode(z, steps=steps, guidance=guidance, generator=generators, bf16=bf16)
         decode_s += time.perf_counter() - t0
         outs.append(quantize(x.cpu()))
     return torch.cat(outs), decode_s / max(1, len(images))

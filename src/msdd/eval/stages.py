@@ -17,7 +17,7 @@ import torch
 
 from msdd.eval.metrics import psnr_per_image
 from msdd.flow.path import downsample
-from msdd.flow.sampler import sample
+from msdd.flow.sampler import sample_multiscale
 from msdd.tokenizer import Tokenizer
 
 
@@ -26,7 +26,7 @@ def stage_fidelity(
     tok: Tokenizer,
     images: torch.Tensor,
     steps: int | Sequence[int] | None = None,
-    cfg: float | None = None,
+    guidance: float | None = None,
     seed: int = 0,
 ) -> list[dict]:
     """Per-stage fidelity of decoding `images` (N, 3, R, R) in [-1, 1] with a multi-scale model.
@@ -35,23 +35,22 @@ def stage_fidelity(
     the stage resolution) and coarse_psnr (both averaged down to the first stage's resolution); PSNR
     means over the images, in dB on [0, 1]. The last stage has e = 0, so its psnr is the decode's PSNR.
     """
-    if tok.config.family != "msdd":
+    if not tok.family.multi_scale:
         raise ValueError(f"stage_fidelity needs a multi-scale (msdd) model, got family {tok.config.family!r}")
-    steps, cfg = tok.resolve_steps(steps), tok.resolve_cfg(cfg)
+    steps, guidance = tok.resolve_steps(steps), tok.resolve_guidance(guidance)
     x = tok.prepare_images(images)
     z = tok.encode(x)
     generator = torch.Generator().manual_seed(seed)
-    _, outputs, noises = sample(tok.decoder, z, tok.windows, steps, cfg=cfg, gamma=tok.config.flow.gamma,
-                                generator=generator, return_noise=True)
+    _, outputs, noises = sample_multiscale(tok.decoder, z, tok.windows, steps, guidance=guidance, generator=generator)
     first = tok.windows[0].resolution
     rows = []
     for w, out, noise in zip(tok.windows, outputs, noises):
-        signal = ((out.float() - w.t_end * noise) / (1 - w.t_end)).clamp(-1, 1)  # estimate of x at this stage
+        estimate = ((out.float() - w.t_end * noise) / (1 - w.t_end)).clamp(-1, 1)  # estimate of x at this stage
         truth = downsample(x, int(math.log2(x.shape[-1] // w.resolution)))
         to_first = int(math.log2(w.resolution // first))
         rows.append({
             "stage": w.index, "resolution": w.resolution, "noise_level": round(w.t_end, 4),
-            "psnr": psnr_per_image(signal, truth).mean().item(),
-            "coarse_psnr": psnr_per_image(downsample(signal, to_first), downsample(truth, to_first)).mean().item(),
+            "psnr": psnr_per_image(estimate, truth).mean().item(),
+            "coarse_psnr": psnr_per_image(downsample(estimate, to_first), downsample(truth, to_first)).mean().item(),
         })
     return rows

@@ -55,8 +55,8 @@ def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator
     beta^2 = alpha^2 sigma^2 / gamma, makes the total noise isotropic with std alpha k sigma = t0,
     exactly the iid noise of the training pairs. (Noise with +gamma 11^T, as SPEC 6 words it, leaves
     the start noise 50% correlated within blocks; a model trained on iid noise then treats the
-    correlated part as image content and the decode degrades stage after stage: we measured
-    ~11 dB instead of ~22 dB on the embedded held-out photos.)
+    correlated part as image content and the decode degrades stage after stage; the README's
+    "Block noise sign" has the measured effect.)
     Drawn as sqrt(1 + gamma) (n - m) + sqrt(1 - 3 gamma) m, with m the 2x2 block mean of iid n
     (needs gamma <= 1/3; gamma = 1/3 gives zero-mean blocks).
     """
@@ -67,11 +67,11 @@ def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator
     return math.sqrt(1.0 + gamma) * (n - m) + math.sqrt(max(0.0, 1.0 - 3.0 * gamma)) * m
 
 
-def renoise(x: torch.Tensor, window: StageWindow, gamma: float, generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Enter `window`'s stage: nearest x2 upsample, then x <- alpha x + beta * bn with 2x2 block noise bn.
-    Returns (the new x, bn)."""
+def renoise(x: torch.Tensor, window: StageWindow, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Enter `window`'s stage: nearest x2 upsample, then x <- alpha x + beta * bn with 2x2 block noise bn
+    of the window's gamma. Returns (the new x, bn)."""
     x = upsample_nearest(x)
-    bn = block_noise(tuple(x.shape), gamma, generator, x)
+    bn = block_noise(tuple(x.shape), window.gamma, generator, x)
     return window.alpha * x + window.beta * bn, bn
 
 

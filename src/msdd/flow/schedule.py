@@ -1,4 +1,5 @@
-"""Stage windows of the multi-scale flow (SPEC 5), computed from gamma and the number of stages.
+"""Stage windows of the multi-scale flow (SPEC 5), computed from gamma and the number of stages, and the
+per-stage time grid of the sampler.
 
 Time convention (stated once for the whole package): t = 1 is pure noise, t = 0 is data.
 
@@ -35,6 +36,7 @@ class StageWindow:
     tau_end: float
     alpha: float  # renoise signal coefficient on entry (1.0 for stage 0: no renoise)
     beta: float  # renoise noise coefficient on entry (0.0 for stage 0)
+    gamma: float  # block-noise parameter of the renoise (the same for every window of a schedule)
 
     def t_at(self, r: float) -> float:
         return self.t_end + r * (self.t_start - self.t_end)
@@ -83,10 +85,16 @@ def stage_windows(num_stages: int, image_size: int, gamma: float = 1.0 / 3.0) ->
                 tau_end=tau_end,
                 alpha=alphas[s],
                 beta=betas[s],
+                gamma=gamma,
             )
         )
         tau = tau_end
     return tuple(windows)
+
+
+def local_times(steps: int, r_start: float = 1.0) -> list[float]:
+    """The Euler grid of one stage: steps + 1 linearly spaced local times from r_start down to 0."""
+    return [r_start * (1 - i / steps) for i in range(steps + 1)]
 
 
 def stage_of_tau(windows: tuple[StageWindow, ...], tau: float) -> int:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from msdd.weights import resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights
 
 DINO_LEVELS = (2, 5, 8, 11)  # transformer blocks whose tokens are used (plus the patch embedding)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,12 +75,7 @@ class DinoDiscriminator(nn.Module):
                               "distill.discriminator=patch)") from None
         path = resolve_weights("dino_vits16", weights_path)
         vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=False)
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path, "dino_vits16")
         state = {k: v for k, v in state.items() if not k.startswith("head")}
         missing, unexpected = vit.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -1,9 +1,11 @@
-"""Building blocks shared by the encoder and the decoder: RoPE, joint (MMDiT) attention, SwiGLU, adaLN.
+"""Building blocks shared by the encoder and the decoders: RoPE, attention, MMDiT joint block, SwiGLU, adaLN.
 
 An MMDiT block keeps two token streams with separate weights (image tokens and context/register
 tokens); their queries, keys and values are concatenated and go through ONE attention, so every token
 attends to both streams. In the decoder each stream is modulated (adaLN: shift, scale, gate) by the
 timestep embedding; the encoder uses the same block without modulation.
+`attention` (RoPE + scaled dot-product attention) is the one attention of every transformer block here
+and in the SSDD bottleneck.
 """
 
 from __future__ import annotations
@@ -77,6 +79,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotate (B, heads, N, D) by per-token angles; dims i and i + D/2 form a rotated pair."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """RoPE on queries and keys, then scaled dot-product attention: q, k, v (B, heads, N, D) -> (B, N, heads * D)."""
+    cos, sin = rope
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    out = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
+    return rearrange(out, "b h n d -> b n (h d)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,10 +196,7 @@ class JointBlock(nn.Module):
         q = torch.cat([qx, qc], dim=2)  # (B, heads, N + L, head_dim)
         k = torch.cat([kx, kc], dim=2)
         v = torch.cat([vx, vc], dim=2)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
-        out = rearrange(out, "b h n d -> b n (h d)")
+        out = attention(q, k, v, rope)  # (B, N + L, W)
         x = None if self.img.pre_only else self.img.post(x, out[:, :n], mx)
         ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out[:, n:], mc)
         return x, ctx

@@ -15,7 +15,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from msdd.weights import resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights
 
 _VGG_CUTS = (4, 9, 16, 23, 30)  # feature indices after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _CHANNELS = (64, 128, 256, 512, 512)
@@ -28,7 +28,7 @@ class LPIPS(nn.Module):
 
         path = resolve_weights("vgg16", vgg_weights)
         vgg = torchvision.models.vgg16(weights=None)
-        vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        vgg.load_state_dict(load_tensor_file(path, "vgg16"))
         self.features = vgg.features[: _VGG_CUTS[-1]]
         lin_path = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "vgg.pth"
         lin = torch.load(lin_path, map_location="cpu", weights_only=True)

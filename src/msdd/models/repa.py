@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from msdd.models.discriminator import IMAGENET_MEAN, IMAGENET_STD
-from msdd.weights import resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights
 
 DINOV2_INPUT = 224  # 16 x 16 patches of 14 px
 
@@ -29,12 +29,7 @@ class DinoV2Features(nn.Module):
             raise ImportError("the REPA loss needs timm: pip install 'msdd[dino]' (or set model.ssdd.repa_weight=0)") from None
         path = resolve_weights("dinov2_vits14", weights_path)
         vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
-        if str(path).endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_tensor_file(path, "dinov2_vits14")
         state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("head")}
         missing, unexpected = vit.load_state_dict(state, strict=False)
         if missing or unexpected:

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import SSDD_LATENT_FACTOR, ModelConfig, SSDDConfig
-from msdd.models.layers import RopeCache, Stream, TimestepEmbedder, apply_rope
+from msdd.models.layers import RopeCache, Stream, TimestepEmbedder, attention
 from msdd.models.linear import fp32_region
 
 REPA_DIM = 384  # DINOv2 ViT-S/14 feature width
@@ -101,10 +101,7 @@ class SelfAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         q, k, v, mods = self.stream.pre(x, cond)  # each (B, heads, N, head_dim)
-        cos, sin = rope
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
-        return self.stream.post(x, rearrange(out, "b h n d -> b n (h d)"), mods)
+        return self.stream.post(x, attention(q, k, v, rope), mods)
 
 
 class LatentMap(nn.Module):
@@ -113,9 +110,9 @@ class LatentMap(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        s = config.ssdd
+        ssdd = config.ssdd
         self.side = config.image_size // SSDD_LATENT_FACTOR
-        self.channels = s.spatial_channels
+        self.channels = ssdd.spatial_channels
         self.proj = None
         if not config.spatial_latent:
             n_in = config.latent_tokens * config.latent_dim
@@ -131,21 +128,21 @@ class LatentMap(nn.Module):
 class SSDDDecoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        s: SSDDConfig = config.ssdd
+        ssdd: SSDDConfig = config.ssdd
         self.config, self.image_size = config, config.image_size
-        self.prediction = s.prediction
-        width = s.width
+        self.prediction = ssdd.prediction
+        width = ssdd.width
         self.from_linear = None
         if config.uses_linear_path:  # set by init_linear_path
             self.from_linear = nn.Linear(config.latent_tokens * config.latent_dim, 3 * config.image_size ** 2)
             nn.init.zeros_(self.from_linear.weight)
             nn.init.zeros_(self.from_linear.bias)
-        chans = [s.base_channels * m for m in s.channel_mults]
+        chans = [ssdd.base_channels * m for m in ssdd.channel_mults]
         self.latent_map = LatentMap(config)
         self.t_embed = TimestepEmbedder(width)
-        self.pool = nn.Linear(s.spatial_channels, width)
+        self.pool = nn.Linear(ssdd.spatial_channels, width)
         self.pool_mlp = nn.Sequential(nn.SiLU(), nn.Linear(width, width))
-        self.in_conv = nn.Conv2d((6 if self.from_linear is not None else 3) + s.spatial_channels, chans[0], 3,
+        self.in_conv = nn.Conv2d((6 if self.from_linear is not None else 3) + ssdd.spatial_channels, chans[0], 3,
                                  padding=1)
 
         # down path; `skips` records the channels of every tensor pushed for the up path
@@ -153,7 +150,7 @@ class SSDDDecoder(nn.Module):
         skips, c = [chans[0]], chans[0]
         for i, ch in enumerate(chans):
             level = nn.ModuleList()
-            for _ in range(s.blocks_per_level):
+            for _ in range(ssdd.blocks_per_level):
                 level.append(ResBlock(c, ch, width))
                 c = ch
                 skips.append(c)
@@ -163,18 +160,19 @@ class SSDDDecoder(nn.Module):
             self.down.append(level)
 
         # the bottleneck's channels are the transformer width (c == width): its tokens are the residual stream
-        self.mid = nn.ModuleList(SelfAttentionBlock(width, s.mid_heads, s.mid_mlp_hidden) for _ in range(s.mid_depth))
+        self.mid = nn.ModuleList(SelfAttentionBlock(width, ssdd.mid_heads, ssdd.mid_mlp_hidden)
+                                 for _ in range(ssdd.mid_depth))
         self.mid_grid = config.image_size // 2 ** (len(chans) - 1)
-        self.rope = RopeCache(self.mid_grid, 0, width // s.mid_heads, "none")
-        self.repa_after = max(1, s.mid_depth // 2)  # REPA aligns the tokens after this many blocks
+        self.rope = RopeCache(self.mid_grid, 0, width // ssdd.mid_heads, "none")
+        self.repa_after = max(1, ssdd.mid_depth // 2)  # REPA aligns the tokens after this many blocks
         self.repa_proj = None
-        if s.repa_weight > 0:
+        if ssdd.repa_weight > 0:
             self.repa_proj = nn.Sequential(nn.Linear(width, 2 * width), nn.SiLU(), nn.Linear(2 * width, REPA_DIM))
 
         self.up = nn.ModuleList()
         for i in reversed(range(len(chans))):
             level = nn.ModuleList()
-            for _ in range(s.blocks_per_level + 1):
+            for _ in range(ssdd.blocks_per_level + 1):
                 level.append(ResBlock(c + skips.pop(), chans[i], width))
                 c = chans[i]
             if i > 0:
@@ -252,19 +250,19 @@ class SpatialEncoder(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        s = config.ssdd
-        chans = list(s.encoder_channels)
+        ssdd = config.ssdd
+        chans = list(ssdd.encoder_channels)
         self.in_conv = nn.Conv2d(3, chans[0], 3, padding=1)
         layers, c = [], chans[0]
         for i, ch in enumerate(chans):
-            for _ in range(s.blocks_per_level):
+            for _ in range(ssdd.blocks_per_level):
                 layers.append(ResBlock(c, ch))
                 c = ch
             if i < len(chans) - 1:
                 layers.append(Downsample(c))
         self.blocks = nn.Sequential(*layers)
         self.out_norm = nn.GroupNorm(norm_groups(c), c, eps=1e-6)
-        self.out_conv = nn.Conv2d(c, s.spatial_channels, 3, padding=1)
+        self.out_conv = nn.Conv2d(c, ssdd.spatial_channels, 3, padding=1)
         self.to(memory_format=torch.channels_last)  # as SSDDDecoder
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

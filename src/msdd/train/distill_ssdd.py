@@ -19,90 +19,27 @@ steps are its own `model.ssdd.steps`. The student is saved as a normal model dir
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from msdd.config import Config, to_dict
-from msdd.data import build_eval_images
-from msdd.dist import setup
-from msdd.eval.grid import save_grid
 from msdd.flow.path import randn
 from msdd.flow.ssdd import sample_ssdd
-from msdd.hub import file_sha256, resolve_model_dir
-from msdd.tokenizer import Tokenizer, autocast
-from msdd.train.distill import check_distill_resume, check_teacher
-from msdd.train.ema import EMA
-from msdd.train.loop import TrainerBase
-from msdd.train.optim import cosine_schedule, make_optimizer
+from msdd.tokenizer import autocast
+from msdd.train.distiller import DistillerBase
 
 
-class SSDDDistiller(TrainerBase):
-    desc, section, best_metric = "distill", "distill", "l_mse"
+class SSDDDistiller(DistillerBase):
+    """The SSDD teacher's distiller (module docstring): its step and grid; the rest is the base's."""
 
-    def __init__(self, cfg: Config, teacher: str | Path, run_dir: str | Path, device: str | torch.device = "cpu",
-                 vgg_weights=None, require_resume: bool = False) -> None:
-        dc = cfg.distill
-        device = setup(device)[1]  # this process's device, before the teacher is loaded onto it
-        self.teacher_dir = resolve_model_dir(teacher)  # a folder, a bundled name or a Hub repo id
-        self.teacher = Tokenizer.from_pretrained(teacher, device=device).requires_grad_(False).eval()
-        check_teacher(self.teacher, teacher, "ssdd")
-        cfg = replace(cfg, model=self.teacher.config)  # the run's model section is the teacher's architecture
-        super().__init__(cfg, run_dir, device, cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
-        self.student = Tokenizer(replace(self.teacher.config, one_step=True)).to(self.device)
-        self.student.load_state_dict(self.teacher.state_dict())  # the teacher's (EMA) weights
-        self.student.encoder.requires_grad_(False)  # shared and frozen
-        self.ema = EMA(self.student, dc.ema_decay)
-        self.perceptual = None
-        if dc.perceptual == "lpips" and dc.lambda_perc > 0:
-            from msdd.models.perceptual import LPIPS
-
-            try:
-                self.perceptual = LPIPS(vgg_weights).to(self.device)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n(distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set "
-                                        f"distill.perceptual=none to distil without it)") from None
-        lin = self.student.decoder.from_linear
-        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas,
-                                  slow=lin.parameters() if lin is not None else (),
-                                  slow_scale=cfg.train.linear_lr_scale)
-        self.sched = cosine_schedule(self.opt, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
-        self.teacher_hash = file_sha256(self.teacher_dir / "model.safetensors")
-        self.eval_images = build_eval_images(cfg.data.eval_source, cfg.model.image_size, limit=8)[0]
-        self._resume(require_resume, lambda js, path: check_distill_resume(js, self.cfg, path))
-
-    # ------------------------------------------------------------------ TrainerBase hooks
-
-    def weights(self) -> dict:
-        return {"student": self.student.state_dict(), "ema": self.ema.module.state_dict()}
-
-    def load_weights(self, w: dict) -> None:
-        self.student.load_state_dict(w["student"])
-        self.ema.module.load_state_dict(w["ema"])
-
-    def optim_state(self) -> dict:
-        return {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                "ema_updates": self.ema.updates, "teacher_sha256": self.teacher_hash}
-
-    def load_optim_state(self, state: dict) -> None:
-        if state["teacher_sha256"] != self.teacher_hash:
-            raise ValueError(f"cannot resume {self.run_dir}: it was distilled from a different teacher (sha256 "
-                             f"{state['teacher_sha256'][:12]}..., now {self.teacher_hash[:12]}...)")
-        self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        self.ema.updates = int(state["ema_updates"])
-
-    def trained_parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.student.decoder.parameters() if p.requires_grad]
+    best_metric, family = "l_mse", "ssdd"
 
     @torch.no_grad()
     def teacher_images(self, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The teacher's N-step decode of z from `noise`, clamped to [-1, 1] (what its `decode` returns)."""
-        s = self.teacher.config.ssdd
-        return sample_ssdd(self.teacher.decoder, z, s.steps, s.shift, noise=noise).clamp(-1, 1)
+        ssdd = self.teacher.config.ssdd
+        return sample_ssdd(self.teacher.decoder, z, ssdd.steps, ssdd.shift, noise=noise).clamp(-1, 1)
 
     def student_images(self, decoder, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """One Euler step from `noise` (differentiable)."""
@@ -130,13 +67,6 @@ class SSDDDistiller(TrainerBase):
         out["l_gen"] = loss.item()
         return loss, out
 
-    def optimizer_step(self) -> dict:
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.student.decoder.parameters(), self.cfg.train.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.ema.update(self.student)
-        return {"grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0]}
-
     @torch.no_grad()
     def save_grid(self) -> Path:
         """real | teacher (N steps) | student (1 step, EMA) | |student - real| x 4."""
@@ -146,11 +76,4 @@ class SSDDDistiller(TrainerBase):
             z = self.teacher.encoder(images).float()
             teacher = self.teacher_images(z, noise)
             student = self.student_images(self.ema.module.decoder, z, noise).clamp(-1, 1)
-        err = ((student - images).abs() * 4 - 1).clamp(-1, 1)
-        return save_grid([images, teacher, student, err], self.run_dir / "grids" / f"step_{self.step:08d}.png")
-
-    def finalize(self) -> Path:
-        """The EMA student to <run>/model: a normal model directory marked one_step."""
-        self.ema.module.save_pretrained(self.run_dir / "model", stage=2, steps_trained=self.step,
-                                        teacher_sha256=self.teacher_hash, distill=to_dict(self.cfg.distill))
-        return self.run_dir / "model"
+        return self.write_grid(images, teacher, student)  # the error of the clamped student

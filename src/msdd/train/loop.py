@@ -111,17 +111,17 @@ class TrainerBase:
 
     def __init__(self, cfg, run_dir, device, seed: int) -> None:
         self.dist, self.device = setup(device)
-        self.settings = s = getattr(cfg, self.section)
+        self.settings = settings = getattr(cfg, self.section)
         rank, world = self.dist.rank, self.dist.world_size
-        if s.batch_size % (world * s.grad_accum):
-            raise ValueError(f"{self.section}.batch_size={s.batch_size} (the global batch) must be divisible by "
-                             f"processes x {self.section}.grad_accum = {world} x {s.grad_accum}")
-        self.micro = s.batch_size // (world * s.grad_accum)
+        if settings.batch_size % (world * settings.grad_accum):
+            raise ValueError(f"{self.section}.batch_size={settings.batch_size} (the global batch) must be divisible by "
+                             f"processes x {self.section}.grad_accum = {world} x {settings.grad_accum}")
+        self.micro = settings.batch_size // (world * settings.grad_accum)
         self.cfg, self.run_dir, self.seed = cfg, Path(run_dir), seed
         self._on_main(lambda: check_writable(self.run_dir))  # creates it
         dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit, rank, world)
         sampler = None if isinstance(dataset, IterableDataset) else \
-            ResumableSampler(len(dataset), seed, rank, world, s.batch_size)
+            ResumableSampler(len(dataset), seed, rank, world, settings.batch_size)
         self.stream = BatchStream(dataset, self.micro, sampler, collate_skip_bad, cfg.data.num_workers)
         self.skips = SkipCounter()  # this process's skipped files, with examples
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
@@ -277,8 +277,8 @@ class TrainerBase:
         """Train until `max_steps` (default: the config's) or `minutes` of wall time, then save a
         checkpoint, a grid and the final model (`finalize`). SIGTERM / SIGINT stop early: a checkpoint
         is written and the summary says `interrupted` (no final model). Returns a summary."""
-        s, main = self.settings, self.dist.is_main
-        max_steps = s.max_steps if max_steps is None else max_steps
+        settings, main = self.settings, self.dist.is_main
+        max_steps = settings.max_steps if max_steps is None else max_steps
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         bar = tqdm(total=max_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
                    unit="step", dynamic_ncols=True)
@@ -287,7 +287,7 @@ class TrainerBase:
         with StopSignals() as signals:
             while self.step < max_steps and stop is None:
                 batches, skipped = [], 0
-                for _ in range(s.grad_accum):
+                for _ in range(settings.grad_accum):
                     images, n_skipped, items = next(self.stream)
                     self.skips.update(n_skipped, items)
                     batches.append(images)
@@ -322,14 +322,14 @@ class TrainerBase:
                 meter.add(info["images"])
                 bar.update(1)
                 last = out = {**out, "skipped_images": self.skipped_images}
-                if self.step % s.log_every == 0:
+                if self.step % settings.log_every == 0:
                     out["img_per_s"] = meter.rate()
                     if main:
                         self.log(out)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['img_per_s']:.1f}")
-                if self.step % s.grid_every == 0 and main:
+                if self.step % settings.grid_every == 0 and main:
                     self.save_grid()
-                if self.step % s.ckpt_every == 0:
+                if self.step % settings.ckpt_every == 0:
                     self.save()
             bar.close()
             if self._saved_step != self.step:

@@ -18,7 +18,7 @@ class StopSignals:
     def __enter__(self) -> "StopSignals":
         self.received, self._previous = 0, {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
         return self
 
     def _handle(self, signum, frame) -> None:
@@ -31,8 +31,8 @@ class StopSignals:
                     f"(send it again to stop at once)\n".encode())
 
     def _restore(self) -> None:
-        for s, handler in self._previous.items():
-            signal.signal(s, signal.SIG_DFL if handler is None else handler)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         self._previous = {}
 
     def __exit__(self, *exc) -> None:

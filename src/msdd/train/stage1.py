@@ -80,8 +80,7 @@ class Stage1Trainer(TrainerBase):
                                   slow=self.linear_parameters(), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         self.perceptual, self.repa = perceptual, repa
-        lpips_field, lpips_weight = (("model.ssdd.lpips_weight", mc.ssdd.lpips_weight) if mc.family == "ssdd"
-                                     else ("model.flow.lpips_weight", mc.flow.lpips_weight))
+        lpips_field, lpips_weight = self.tok.family.lpips_setting
         if lpips_weight > 0 and perceptual is None:
             from msdd.models.perceptual import LPIPS
 
@@ -90,13 +89,14 @@ class Stage1Trainer(TrainerBase):
             except FileNotFoundError as e:
                 raise FileNotFoundError(f"{e}\n({lpips_field}={lpips_weight}; set it to 0 to "
                                         f"train without LPIPS)") from None
-        if mc.family == "ssdd" and mc.ssdd.repa_weight > 0 and repa is None:
+        repa_field, repa_weight = self.tok.family.repa_setting
+        if repa_weight > 0 and repa is None:
             from msdd.models.repa import DinoV2Features
 
             try:
                 self.repa = DinoV2Features(dinov2_weights).to(self.device)
             except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n(model.ssdd.repa_weight={mc.ssdd.repa_weight}; set it to 0 to "
+                raise FileNotFoundError(f"{e}\n({repa_field}={repa_weight}; set it to 0 to "
                                         f"train without REPA)") from None
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
         # stage 2 settings do not affect stage 1; a resumed run continues from its checkpoint, not init_from
@@ -180,7 +180,7 @@ class Stage1Trainer(TrainerBase):
         tok, images = self.ema.module, self.eval_images.to(self.device)
         with autocast(self.device, self.cfg.train.bf16):
             z = tok.encoder(images).float()
-            _, stages = tok.sample(z, tok.default_steps(), tok.resolve_cfg(None),
+            _, stages = tok.sample(z, tok.default_steps(), tok.resolve_guidance(None),
                                    torch.Generator(self.device).manual_seed(0))
         return save_grid([images, *stages], self.run_dir / "grids" / f"step_{self.step:08d}.png")
 

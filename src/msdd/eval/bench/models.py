@@ -1,20 +1,20 @@
-"""The decoders under test: a flow decoder with the config it decodes with (random weights of a preset or a
-trained model; encoders are never built), the configs derived from it (other resolutions, the single-scale
-ablation), and `Contender`, one timed decode with its FLOPs."""
+"""The decoders under test: a decoder with the config it decodes with, built by the config's family (random
+weights of a preset or a trained model; encoders are never built), the configs derived from it (other
+resolutions, the single-scale ablation), and `Contender`, one timed decode with its FLOPs."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
 
 from msdd.config import ModelConfig, load_config
 from msdd.eval.bench.settings import BenchSettings
-from msdd.models.decoder import Decoder
+from msdd.families import Family, family_of
 from msdd.tokenizer import Tokenizer
 
 
@@ -23,29 +23,37 @@ class FlowModel:
     config: ModelConfig
     decoder: nn.Module
 
+    @property
+    def family(self) -> Family:
+        return family_of(self.config)
+
     @classmethod
     def random(cls, config: ModelConfig, device: torch.device) -> "FlowModel":
+        """Random weights of the decoder that `Tokenizer(config)` holds (linear path and refiner included)."""
         with torch.device(device):
-            decoder = Decoder(config.decoder, config.image_size, config.latent_tokens, config.latent_dim)
+            decoder = family_of(config).build_decoder()
         return cls(config, decoder.eval())
 
     @classmethod
     def load(cls, path: str, device: torch.device) -> "FlowModel":
         tok = Tokenizer.from_pretrained(path, device=device)
-        if tok.config.family != "msdd":
+        if not tok.family.multi_scale:
             raise ValueError(f"{path} is a {tok.config.family!r} model; --model / --student take multi-scale (msdd) "
                              f"models (the ssdd-* rows are built from --ssdd-preset)")
         return cls(tok.config, tok.decoder)
 
     def with_config(self, config: ModelConfig) -> "FlowModel":
-        """The same weights (shared, not copied) under another config of the same architecture; the
-        decoder does not depend on the number of stages, only on the resolution (RoPE grid)."""
-        config.validate()
-        if config.image_size == self.config.image_size:
-            return FlowModel(config, self.decoder)
-        with torch.device("meta"):
-            decoder = Decoder(config.decoder, config.image_size, config.latent_tokens, config.latent_dim)
-        decoder.load_state_dict(self.decoder.state_dict(), assign=True)
+        """The same weights (the parameter objects, shared, not copied) in the decoder that `config`'s family
+        builds for another resolution (RoPE grid) or number of stages (x-prediction's windows). Weights whose
+        shape follows the resolution (the linear path's map to R x R pixels) start as a fresh decoder's."""
+        family, own = family_of(config), self.decoder.state_dict(keep_vars=True)
+        with torch.device("meta"):  # shapes only, unless some weights cannot be shared
+            decoder = family.build_decoder()
+        fresh = {k for k, v in decoder.state_dict().items() if k not in own or own[k].shape != v.shape}
+        if fresh:
+            with torch.device(next(self.decoder.parameters()).device):
+                decoder = family.build_decoder()
+        decoder.load_state_dict({k: v for k, v in own.items() if k not in fresh}, strict=not fresh, assign=True)
         return FlowModel(config, decoder.eval())
 
 
@@ -65,45 +73,33 @@ def at_resolution(config: ModelConfig, resolution: int) -> ModelConfig:
     new = dataclasses.replace(config, image_size=resolution,
                               flow=dataclasses.replace(config.flow, num_stages=stages),
                               sampling=dataclasses.replace(config.sampling, steps=steps))
-    new.validate()
     return new
 
 
-def single_scale_config(config: ModelConfig, total_steps: int, cfg: float) -> ModelConfig:
+def single_scale_config(config: ModelConfig, total_steps: int, guidance: float) -> ModelConfig:
     """The same architecture with one stage at full resolution and `total_steps` Euler steps."""
     new = dataclasses.replace(config, flow=dataclasses.replace(config.flow, num_stages=1),
-                              sampling=dataclasses.replace(config.sampling, steps=(total_steps,), cfg=cfg))
-    new.validate()
+                              sampling=dataclasses.replace(config.sampling, steps=(total_steps,), cfg=guidance))
     return new
 
 
-def load_models(s: BenchSettings, device: torch.device) -> tuple[FlowModel, FlowModel]:
+def load_models(settings: BenchSettings, device: torch.device) -> tuple[FlowModel, FlowModel]:
     """(teacher, student): --model (or random weights of the preset) and --student (or the same model)."""
-    if s.model:
-        teacher = FlowModel.load(s.model, device)
+    if settings.model:
+        teacher = FlowModel.load(settings.model, device)
     else:
-        teacher = FlowModel.random(load_config(s.preset, list(s.overrides)).model, device)
-    student = FlowModel.load(s.student, device) if s.student else teacher
+        teacher = FlowModel.random(load_config(settings.preset, list(settings.overrides)).model, device)
+    student = FlowModel.load(settings.student, device) if settings.student else teacher
     if student.config.image_size != teacher.config.image_size:
         raise ValueError(f"--student is a {student.config.image_size} px model but the teacher is "
                          f"{teacher.config.image_size} px; both must decode the same resolution")
-    if s.resolution and s.resolution != teacher.config.image_size:
-        teacher = teacher.with_config(dataclasses.replace(teacher.config, image_size=s.resolution))
-        if s.student:
-            student = student.with_config(dataclasses.replace(student.config, image_size=s.resolution))
+    if settings.resolution and settings.resolution != teacher.config.image_size:
+        teacher = teacher.with_config(dataclasses.replace(teacher.config, image_size=settings.resolution))
+        if settings.student:
+            student = student.with_config(dataclasses.replace(student.config, image_size=settings.resolution))
         else:
             student = teacher
     return teacher, student
-
-
-def resolve_steps(steps: int | Sequence[int] | None, config: ModelConfig) -> tuple[int, ...]:
-    n = config.flow.num_stages
-    if steps is None:
-        return tuple(config.sampling.steps)
-    steps = (int(steps),) * n if isinstance(steps, int) else tuple(int(v) for v in steps)
-    if len(steps) != n:
-        raise ValueError(f"--steps needs one int or {n} comma-separated ints (one per stage), got {list(steps)}")
-    return steps
 
 
 @dataclass
@@ -117,9 +113,11 @@ class Contender:
 
 def cast_weights(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
     """Store the weights of the linear and convolution layers of `module` in `dtype`, in place (bf16
-    inference: autocast then has no weight to cast on every call; norms and buffers stay fp32)."""
+    inference: autocast then has no weight to cast on every call; norms and buffers stay fp32, and so does
+    a decoder's linear path map `from_linear`, which runs outside autocast, in fp32, as in a real decode)."""
     if dtype is not None:
+        fp32 = getattr(module, "from_linear", None)
         for m in module.modules():
-            if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
+            if m is not fp32 and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
                 m.to(dtype)
     return module

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import torch
 
 from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
-from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models, resolve_steps
+from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models
 from msdd.eval.bench.peak import measure_conv_peak, measure_matmul_peak, peak_size
 from msdd.eval.bench.settings import DTYPES, BenchSettings
 from msdd.eval.bench.timing import log_stderr, time_contenders
@@ -37,12 +37,13 @@ def summarize(c: Contender, seconds: list[float] | None, first_call: float | Non
     return row
 
 
-def measure(contenders: list[Contender], s: BenchSettings, peak_gflops: float, device: torch.device,
+def measure(contenders: list[Contender], settings: BenchSettings, peak_gflops: float, device: torch.device,
             log: Callable[[str], None] = log_stderr) -> list[dict]:
     runnable = {c.name: c.decode for c in contenders if c.decode is not None}
-    seconds, first = time_contenders(runnable, s.rounds, s.warmup, device, s.dtype == "bf16", log)
-    rows = [summarize(c, seconds.get(c.name), first.get(c.name), s.batch_size, peak_gflops, s.compile)
-            for c in contenders]
+    seconds, first = time_contenders(runnable, settings.rounds, settings.warmup, device, settings.dtype == "bf16",
+                                     log)
+    rows = [summarize(c, seconds.get(c.name), first.get(c.name), settings.batch_size, peak_gflops,
+                      settings.compile) for c in contenders]
     student = next((r for r in rows if r["name"] == "student" and "img_per_s" in r), None)
     for r in rows:
         if student and "img_per_s" in r:
@@ -51,7 +52,7 @@ def measure(contenders: list[Contender], s: BenchSettings, peak_gflops: float, d
 
 
 def resolution_table(teacher: FlowModel, student: FlowModel, resolutions: Sequence[int], steps: Sequence[int],
-                     cfg: float, s: BenchSettings, peak_gflops: float, device: torch.device,
+                     guidance: float, settings: BenchSettings, peak_gflops: float, device: torch.device,
                      log: Callable[[str], None] = log_stderr) -> list[dict]:
     """Decode cost against resolution: GFLOP per image and measured img/s of the student and the teacher
     at each resolution, with one stage more per doubling (`at_resolution`); timed alternately as above."""
@@ -64,9 +65,9 @@ def resolution_table(teacher: FlowModel, student: FlowModel, resolutions: Sequen
         s_model = student.with_config(s_cfg) if student is not teacher else t_model
         log(f"resolution {r}: {t_cfg.flow.num_stages} stages {list(t_cfg.stage_resolutions)}, "
             f"teacher steps {list(t_cfg.sampling.steps)}")
-        contenders = build_contenders(("student", "teacher"), t_model, s_model, t_cfg.sampling.steps, cfg,
-                                      s.batch_size, device, s.compile, weights=_weights(s))
-        student_row, teacher_row = measure(contenders, s, peak_gflops, device, log)
+        contenders = build_contenders(("student", "teacher"), t_model, s_model, t_cfg.sampling.steps, guidance,
+                                      settings.batch_size, device, settings.compile, weights=_weights(settings))
+        student_row, teacher_row = measure(contenders, settings, peak_gflops, device, log)
         out.append({"resolution": r, "num_stages": t_cfg.flow.num_stages,
                     "stage_resolutions": list(t_cfg.stage_resolutions), "student": student_row, "teacher": teacher_row})
     return out
@@ -96,48 +97,52 @@ def _machine(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
-def run_bench(s: BenchSettings, log: Callable[[str], None] = log_stderr) -> dict:
-    """Run the benchmark described by `s`; returns the report (what `msdd bench` writes as JSON)."""
+def run_bench(settings: BenchSettings, log: Callable[[str], None] = log_stderr) -> dict:
+    """Run the benchmark described by `settings`; returns the report (what `msdd bench` writes as JSON)."""
     previous_threads = torch.get_num_threads()
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
     try:
-        return _run_bench(s, log)
+        return _run_bench(settings, log)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _weights(s: BenchSettings) -> torch.dtype | None:
+def _weights(settings: BenchSettings) -> torch.dtype | None:
     """bf16 runs keep the weights of every contender's matmuls and convolutions in bf16 (autocast would
     otherwise cast them again on every call: 17% of a paper-256 student decode on the 2-core CPU)."""
-    return torch.bfloat16 if s.dtype == "bf16" else None
+    return torch.bfloat16 if settings.dtype == "bf16" else None
 
 
-def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
-    device = torch.device(s.device)
-    dtype = DTYPES[s.dtype]
-    teacher, student = load_models(s, device)
-    steps = resolve_steps(s.steps, teacher.config)
-    cfg = teacher.config.sampling.cfg if s.cfg is None else float(s.cfg)
+def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
+    device = torch.device(settings.device)
+    dtype = DTYPES[settings.dtype]
+    teacher, student = load_models(settings, device)
+    try:  # the teacher's steps: --steps, else the model's schedule (a one-step student's too)
+        asked = teacher.config.sampling.steps if settings.steps is None else settings.steps
+        steps = teacher.family.resolve_steps(asked)
+    except ValueError as e:
+        raise ValueError(f"--steps: {e}") from None
+    guidance = teacher.config.sampling.cfg if settings.guidance is None else float(settings.guidance)
     for model in (teacher, student):  # a bad --resolutions fails before anything is timed
-        for r in s.resolutions:
+        for r in settings.resolutions:
             at_resolution(model.config, r)
-    if cfg in (0.0, 1.0) and {"teacher", "teacher-nocfg"} <= set(s.contenders):
-        log(f"note: the teacher's cfg is {cfg:g} (a single pass per step), so `teacher` and `teacher-nocfg` are "
+    if guidance in (0.0, 1.0) and {"teacher", "teacher-nocfg"} <= set(settings.contenders):
+        log(f"note: the teacher's cfg is {guidance:g} (a single pass per step), so `teacher` and `teacher-nocfg` are "
             f"the same decode; pass --cfg 2 to time guided decoding")
     peak_n = peak_size(dtype, device)
-    peak = measure_matmul_peak(dtype, None, device, n=peak_n, repeats=3 if s.quick else 5)
-    conv_peak = measure_conv_peak(dtype, None, device, repeats=3 if s.quick else 5)
-    log(f"matmul peak {peak:.1f} GFLOP/s ({peak_n}^3 {s.dtype}, {torch.get_num_threads()} threads), "
+    peak = measure_matmul_peak(dtype, None, device, n=peak_n, repeats=3 if settings.quick else 5)
+    conv_peak = measure_conv_peak(dtype, None, device, repeats=3 if settings.quick else 5)
+    log(f"matmul peak {peak:.1f} GFLOP/s ({peak_n}^3 {settings.dtype}, {torch.get_num_threads()} threads), "
         f"3x3 conv {conv_peak:.1f} GFLOP/s")
 
     ssdd = None
-    if {"ssdd-student", "ssdd-teacher"} & set(s.contenders):
-        ssdd = ssdd_config(s.ssdd_preset, teacher.config.image_size)
-    contenders = build_contenders(s.contenders, teacher, student, steps, cfg, s.batch_size, device, s.compile,
-                                  ssdd, s.ssdd_steps, weights=_weights(s))
-    log(f"decoding {s.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
-    rows = measure(contenders, s, peak, device, log)
+    if {"ssdd-student", "ssdd-teacher"} & set(settings.contenders):
+        ssdd = ssdd_config(settings.ssdd_preset, teacher.config.image_size)
+    contenders = build_contenders(settings.contenders, teacher, student, steps, guidance, settings.batch_size,
+                                  device, settings.compile, ssdd, settings.ssdd_steps, weights=_weights(settings))
+    log(f"decoding {settings.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
+    rows = measure(contenders, settings, peak, device, log)
     try:
         import diffusers
 
@@ -145,23 +150,25 @@ def _run_bench(s: BenchSettings, log: Callable[[str], None]) -> dict:
     except ImportError:
         diffusers_version = None
     report = {
-        "command": s.command(),
+        "command": settings.command(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "preset": None if s.model else s.preset, "overrides": list(s.overrides),
-        "model": s.model, "student": s.student,
+        "preset": None if settings.model else settings.preset, "overrides": list(settings.overrides),
+        "model": settings.model, "student": settings.student,
         "resolution": teacher.config.image_size, "num_stages": teacher.config.flow.num_stages,
-        "teacher_steps": list(steps), "teacher_cfg": cfg,
-        "ssdd_preset": (s.ssdd_preset or default_ssdd_preset(teacher.config.image_size)) if ssdd else None,
-        "batch_size": s.batch_size, "dtype": s.dtype,
-        "bf16": "weights of linear/conv layers stored in bf16, calls under bf16 autocast" if s.dtype == "bf16" else None,
-        "compile": s.compile, "threads": torch.get_num_threads(),
+        "teacher_steps": list(steps), "teacher_cfg": guidance,
+        "ssdd_preset": (settings.ssdd_preset or default_ssdd_preset(teacher.config.image_size)) if ssdd else None,
+        "batch_size": settings.batch_size, "dtype": settings.dtype,
+        "bf16": ("weights of linear/conv layers stored in bf16, calls under bf16 autocast"
+                 if settings.dtype == "bf16" else None),
+        "compile": settings.compile, "threads": torch.get_num_threads(),
         "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak, "peak_matmul_size": peak_n,
         "conv_peak_gflops": conv_peak,
-        "warmup": s.warmup, "rounds": s.rounds,
+        "warmup": settings.warmup, "rounds": settings.rounds,
         "torch_version": torch.__version__, "diffusers_version": diffusers_version,
         "python_version": platform.python_version(),
         "contenders": rows,
     }
-    if s.resolutions:
-        report["resolution_table"] = resolution_table(teacher, student, s.resolutions, steps, cfg, s, peak, device, log)
+    if settings.resolutions:
+        report["resolution_table"] = resolution_table(teacher, student, settings.resolutions, steps, guidance,
+                                                      settings, peak, device, log)
     return _sig(report)

@@ -30,10 +30,10 @@ def parse_list(text: str | None, option: str, kind: type = str) -> tuple | None:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """One `msdd bench` run; each field is the CLI option of the same name.
+    """One `msdd bench` run; each field is the CLI option of the same name (`guidance`: `--cfg`).
 
     steps: the teacher's Euler steps per stage (an int for every stage, a tuple with one entry per stage,
-    or None for the model's own schedule); cfg: the teacher's guidance scale (None: the model's).
+    or None for the model's own schedule); guidance (`--cfg`): the teacher's guidance scale (None: the model's).
     model / student: trained model directories (default: random weights of `preset` + `overrides`).
     """
 
@@ -46,7 +46,7 @@ class BenchSettings:
     batch_size: int = 4
     resolution: int | None = None
     steps: int | tuple[int, ...] | None = None
-    cfg: float | None = None
+    guidance: float | None = None  # --cfg
     rounds: int = 5
     warmup: int = 2
     threads: int | None = None
@@ -69,7 +69,7 @@ class BenchSettings:
         check(self.threads is None or self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
         check(self.resolution is None or self.resolution >= 1, "--resolution", f"must be >= 1, got {self.resolution}")
         check(all(r >= 1 for r in self.resolutions), "--resolutions", f"must be >= 1, got {list(self.resolutions)}")
-        check(self.cfg is None or self.cfg >= 0, "--cfg", f"must be >= 0, got {self.cfg}")
+        check(self.guidance is None or self.guidance >= 0, "--cfg", f"must be >= 0, got {self.guidance}")
         check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
         steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
@@ -90,8 +90,8 @@ class BenchSettings:
             a += ["--resolution", str(self.resolution)]
         if self.steps is not None:
             a += ["--steps", ",".join(map(str, (self.steps,) if isinstance(self.steps, int) else self.steps))]
-        if self.cfg is not None:
-            a += ["--cfg", f"{self.cfg:g}"]
+        if self.guidance is not None:
+            a += ["--cfg", f"{self.guidance:g}"]
         a += ["--dtype", self.dtype, "--batch-size", str(self.batch_size), "--warmup", str(self.warmup),
               "--rounds", str(self.rounds)]
         if self.threads:

@@ -1,0 +1,33 @@
+"""`msdd` command line. Run `msdd <command> --help` for the options of each command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from msdd.cli import decoding, models, training
+
+# (sub-parser builder) in the order `msdd --help` lists the commands
+COMMANDS = (training.add_train, training.add_distill, decoding.add_reconstruct, decoding.add_eval, models.add_info,
+            models.add_latent_stats, models.add_export, training.add_demo, training.add_fidelity,
+            models.add_fetch_weights, decoding.add_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="msdd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,145 @@
+"""`msdd info`, `latent-stats`, `export` and `fetch-weights`: the commands that inspect, rewrite or fetch
+model files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from msdd.cli.common import add_config_args, device_arg, folder_arg
+
+
+def cmd_info(args) -> None:
+    import torch
+
+    from msdd.config import load_config
+    from msdd.eval.flops import decoder_pass_flops, encoder_flops
+    from msdd.tokenizer import Tokenizer
+
+    if args.step_time < 0:
+        raise ValueError(f"msdd info: --step-time takes a number of rounds >= 1, got {args.step_time}")
+    if args.model and args.step_time:
+        raise ValueError("msdd info: --step-time measures a preset's training step; pass --preset/--set, not --model")
+    if args.model:
+        tok = Tokenizer.from_pretrained(args.model)
+        cfg = tok.config
+    else:
+        full = load_config(args.preset, args.overrides)
+        cfg = full.model
+        with torch.device("meta"):  # shapes only: counting parameters and FLOPs costs no compute
+            tok = Tokenizer(cfg)
+    n_enc = sum(p.numel() for p in tok.encoder.parameters())
+    n_dec = sum(p.numel() for p in tok.decoder.parameters())
+    head = {
+        "image_size": cfg.image_size, "latent": list(cfg.latent_shape),
+        "compression": cfg.compression, "one_step": cfg.one_step,
+        "params_encoder_M": round(n_enc / 1e6, 3), "params_decoder_M": round(n_dec / 1e6, 3),
+        "encoder_gflop_per_image": round(encoder_flops(tok) / 1e9, 3),
+    }
+    info = tok.family.info(head, decoder_pass_flops(tok))
+    if args.step_time:
+        info["train_step"] = _step_times(full, args.step_time)
+    print(json.dumps(info, indent=2))
+
+
+def _step_times(cfg, rounds: int) -> dict:
+    """Stage-1 training step time of `cfg` in fp32 and with bf16 autocast, measured side by side:
+    `rounds` alternating rounds of 5 timed steps each, median over rounds."""
+    import statistics
+    from dataclasses import replace
+
+    from msdd.train.stage1 import measure_step_time
+
+    times: dict[str, list[float]] = {"fp32": [], "bf16": []}
+    for _ in range(rounds):
+        for name, bf16 in (("fp32", False), ("bf16", True)):
+            times[name].append(measure_step_time(replace(cfg, train=replace(cfg.train, bf16=bf16))))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {
+        "batch_size": cfg.train.batch_size, "rounds": rounds,
+        **{f"{name}_s_per_step": round(m, 4) for name, m in med.items()},
+        **{f"{name}_steps_per_s": round(1 / m, 3) for name, m in med.items()},
+        "bf16_speedup": round(med["fp32"] / med["bf16"], 3),
+    }
+
+
+def cmd_latent_stats(args) -> None:
+    import torch
+
+    from msdd.data import build_train_dataset
+    from msdd.hub import BUNDLED, resolve_model_dir, save_tokenizer, stored_dtype
+    from msdd.train.stage1 import compute_latent_stats
+    from msdd.tokenizer import Tokenizer
+
+    local = args.model not in BUNDLED and Path(args.model).expanduser().is_dir()
+    if args.out is None and not local:
+        what = "a bundled model (part of the installed package)" if args.model in BUNDLED else "not a local directory"
+        raise ValueError(f"--model {args.model} is {what}, so it is not rewritten: pass --out DIR, the model "
+                         "directory to write with the new statistics")
+    out = folder_arg(args.out if args.out is not None else args.model, "--out")
+    source = resolve_model_dir(args.model)
+    dtype = stored_dtype(source)  # kept: an fp16 model stays fp16, wherever it is written
+    tok = Tokenizer.from_pretrained(source, device=args.device)
+    dataset = build_train_dataset(args.data, tok.config.image_size, seed=0)
+    mean, std = compute_latent_stats(tok, dataset, max_images=args.max_images)
+    tok.latent_mean.copy_(mean)
+    tok.latent_std.copy_(std)
+    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
+    save_tokenizer(tok, out, dtype=dtype, **extra)
+    print(json.dumps({"mean": [round(v, 5) for v in mean.tolist()], "std": [round(v, 5) for v in std.tolist()]}))
+    stored = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+    print(f"wrote {out} (latent statistics of {args.data}; weights stored as {stored}, as in {source})")
+
+
+def cmd_export(args) -> None:
+    from msdd.tokenizer import export_tokenizer
+
+    folder_arg(args.out, "--out")
+    out = export_tokenizer(args.model, args.out, args.dtype)
+    print(f"wrote {out} ({args.dtype} weights)")
+
+
+def cmd_fetch_weights(args) -> None:
+    from msdd.weights import fetch_weights
+
+    for name in args.names:
+        print(f"{name}: {fetch_weights(name)}")
+
+
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="parameter counts, tokens per stage, FLOPs per decode")
+    add_config_args(p)
+    p.add_argument("--model", default=None, help="a model directory instead of a preset")
+    p.add_argument("--step-time", type=int, default=0, metavar="ROUNDS",
+                   help="also measure a training step of the preset in fp32 and bf16, side by side, over ROUNDS "
+                        "alternating rounds (runs the model: seconds per round at tiny-64, minutes at paper scale)")
+    p.set_defaults(func=cmd_info)
+
+
+def add_latent_stats(sub) -> None:
+    p = sub.add_parser("latent-stats", help="compute per-channel latent mean/std and store them in the model",
+                       description="Writes the model with the new statistics to --out (default: back into a model "
+                                   "directory given as --model), its weights in the type they were stored in.")
+    p.add_argument("--model", required=True, help="model directory, bundled name or HF repo id")
+    p.add_argument("--out", default=None,
+                   help="model directory to write (required for a bundled name or repo id; default: --model itself)")
+    p.add_argument("--data", default="embedded", help="'embedded' or a folder of images")
+    p.add_argument("--max-images", type=int, default=2048)
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.set_defaults(func=cmd_latent_stats)
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size)")
+    p.add_argument("--model", required=True, help="model directory to copy")
+    p.add_argument("--out", required=True, help="new model directory")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
+    p.set_defaults(func=cmd_export)
+
+
+def add_fetch_weights(sub) -> None:
+    from msdd.weights import PRETRAINED
+
+    p = sub.add_parser("fetch-weights", help="download pretrained files into the torch hub cache (online)")
+    p.add_argument("names", nargs="+", choices=sorted(PRETRAINED))
+    p.set_defaults(func=cmd_fetch_weights)

@@ -1,0 +1,142 @@
+"""`msdd train`, `distill`, `demo` and `fidelity`: the commands that train models."""
+
+from __future__ import annotations
+
+import json
+
+from msdd.cli.common import add_config_args, device_arg, folder_arg
+
+
+def _finish_training(trainer, summary: dict, what: str) -> int:
+    """Print the summary (rank 0), end the process group; exit code 128 + signal when interrupted."""
+    import signal
+
+    from msdd.dist import cleanup
+
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary["last"]}, indent=2))
+        if not summary["interrupted"]:
+            print(f"{what} written to {trainer.run_dir / 'model'}")
+    cleanup()
+    stop = summary["interrupted"]
+    if not stop:
+        return 0
+    return 128 + signal.Signals[stop] if stop in signal.Signals.__members__ else 1
+
+
+def load_training_config(args):
+    """The config of `msdd train` / `msdd distill`; a bad argument is a ValueError (`main` exits 2)."""
+    from msdd.config import load_config
+
+    if args.max_steps is not None and args.max_steps < 1:  # 0 or below: no step, yet a "finished" model
+        raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
+                         "the config's max_steps")
+    extra = [f"data.limit={args.limit}"] if args.limit is not None else []
+    if getattr(args, "init_from", None):
+        extra.append(f"train.init_from={args.init_from}")
+    return load_config(args.preset, [*args.overrides, *extra])
+
+
+def cmd_train(args) -> int:
+    from msdd.train.stage1 import Stage1Trainer
+
+    folder_arg(args.run_dir, "--run-dir")
+    trainer = Stage1Trainer(load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume,
+                            vgg_weights=args.vgg_weights, dinov2_weights=args.dinov2_weights)
+    return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "model")
+
+
+def cmd_distill(args) -> int:
+    from msdd.train.distill import build_distiller
+
+    folder_arg(args.run_dir, "--run-dir")
+    distiller = build_distiller(load_training_config(args), args.teacher, args.run_dir, device=args.device,
+                                vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
+                                require_resume=args.resume)
+    summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
+    return _finish_training(distiller, summary, "one-step student")
+
+
+def cmd_demo(args) -> None:
+    from msdd.demo import run_demo
+
+    folder_arg(args.out, "--out")
+    run_demo(args.out, minutes=args.minutes, preset=args.preset, overrides=tuple(args.overrides), device=args.device)
+
+
+def cmd_fidelity(args) -> None:
+    from msdd.eval.fidelity import Fidelity
+
+    folder_arg(args.out, "--out")
+    Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds,
+             total_steps=args.total_steps, quick=args.quick, device=args.device,
+             ssdd_overrides=tuple(args.ssdd_overrides), train_steps=args.train_steps,
+             distill_steps=args.distill_steps).run()
+
+
+def add_train(sub) -> None:
+    p = sub.add_parser("train", help="stage 1: train encoder + multi-scale flow decoder",
+                       description="Stage 1. Also runs under torchrun / srun: train.batch_size is the global batch, "
+                                   "split over the processes and train.grad_accum micro-batches. SIGTERM / SIGINT "
+                                   "write a checkpoint and exit; the same command continues the run.")
+    add_config_args(p)
+    p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--init-from", default=None, metavar="MODEL",
+                   help="fine-tune: start from this trained model (directory, bundled name such as tiny-64-teacher, "
+                        "or HF repo id) instead of random weights (train.init_from)")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for the LPIPS loss (vgg16-397923af.pth)")
+    p.add_argument("--dinov2-weights", default=None,
+                   help="DINOv2 ViT-S/14 weights file for the REPA loss of SSDD models (dinov2_vits14_pretrain.pth)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.set_defaults(func=cmd_train)
+
+
+def add_distill(sub) -> None:
+    p = sub.add_parser("distill", help="stage 2: distil a stage-1 model into a one-step-per-stage student",
+                       description="Stage 2. Runs under torchrun / srun like `msdd train` (distill.batch_size is "
+                                   "global, distill.grad_accum micro-batches). An msdd teacher is distilled into a "
+                                   "one-step-per-stage student (discriminator, SPEC 7); an SSDD teacher into a "
+                                   "single-step student without GAN (SPEC 10).")
+    add_config_args(p)
+    p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
+    p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: distill.max_steps)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
+    p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
+    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.set_defaults(func=cmd_distill)
+
+
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train the tiny preset on the embedded photos, evaluate, write a report")
+    add_config_args(p)
+    p.add_argument("--minutes", type=float, default=None,
+                   help="size both stages to this wall-time budget from a measured step time instead of the fixed "
+                        "step counts (the model then depends on the machine's speed)")
+    p.add_argument("--out", default="msdd-demo", help="output folder (default: msdd-demo)")
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.set_defaults(func=cmd_demo)
+
+
+def add_fidelity(sub) -> None:
+    p = sub.add_parser("fidelity", help="the paper's Tables 2-3 / Figure 4 in miniature on the embedded photos")
+    add_config_args(p)
+    p.add_argument("--minutes", type=float, default=120.0, help="total training budget (default 120)")
+    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
+    p.add_argument("--total-steps", type=int, default=40, help="Euler steps every teacher shares (default 40)")
+    p.add_argument("--train-steps", type=int, default=None,
+                   help="fixed stage-1 steps per job instead of sizing them from --minutes (same models on any machine)")
+    p.add_argument("--distill-steps", type=int, default=None, help="fixed distillation steps per student")
+    p.add_argument("--ssdd-set", dest="ssdd_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the SSDD preset (repeatable)")
+    p.add_argument("--quick", action="store_true", help="a 32 px toy model and 1 seed: about a minute, same table")
+    p.add_argument("--out", default="benchmarks/fidelity/latest", help="output folder")
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.set_defaults(func=cmd_fidelity)

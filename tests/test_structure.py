@@ -1,0 +1,128 @@
+"""Rules of the source layout (issue 13): small modules, no import cycle, model families dispatched in one place.
+
+`python tests/test_structure.py` prints the line counts over 300 and any import cycle."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+PACKAGE = SRC / "msdd"
+MAX_LINES = 400
+
+
+def module_files() -> dict[str, Path]:
+    """Dotted module name -> file, for every module of the msdd package (a package is its `__init__`)."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(SRC).with_suffix("").parts
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imported(name: str, node: ast.ImportFrom | ast.Import, modules: dict[str, Path]) -> set[str]:
+    """The msdd modules an import statement in module `name` names (at module level or inside a function)."""
+    if isinstance(node, ast.Import):
+        return {a.name for a in node.names if a.name in modules}
+    if node.level:  # relative: from the package of `name`
+        package = name if modules[name].name == "__init__.py" else name.rpartition(".")[0]
+        base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1])
+        source = f"{base}.{node.module}" if node.module else base
+    else:
+        source = node.module or ""
+    found = set()
+    for alias in node.names:
+        sub = f"{source}.{alias.name}"
+        if sub in modules:  # `from msdd.eval import metrics`: the submodule itself
+            found.add(sub)
+        elif source in modules:
+            found.add(source)
+    return found
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Module -> the msdd modules it imports explicitly (parent packages that Python runs first are not edges)."""
+    modules = module_files()
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                edges |= _imported(name, node, modules)
+        graph[name] = edges - {name}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted: every cycle lies in one."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    cycles = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return cycles
+
+
+def line_counts() -> dict[str, int]:
+    return {str(p.relative_to(SRC.parent)): len(p.read_text().splitlines()) for p in module_files().values()}
+
+
+def test_import_graph_sees_the_package():
+    graph = import_graph()
+    assert "msdd.tokenizer" in graph["msdd"] and "msdd.families" in graph["msdd.tokenizer"]
+    assert "msdd.config" in graph["msdd.families.base"]
+
+
+def test_cycle_finder_finds_a_cycle():
+    assert import_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert import_cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycle():
+    assert import_cycles(import_graph()) == []
+
+
+def test_no_module_over_the_line_limit():
+    assert {p: n for p, n in line_counts().items() if n > MAX_LINES} == {}
+
+
+def test_family_dispatch_only_in_the_family_modules():
+    """`family == "..."` is asked of the family object, not tested elsewhere (config/ validates the name)."""
+    allowed = {*(PACKAGE / "config").glob("*.py"), *(PACKAGE / "families").glob("*.py")}
+    hits = [f"{p.relative_to(SRC)}:{i}" for p in module_files().values() if p not in allowed
+            for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"family\s*==", line)]
+    assert hits == []
+
+
+if __name__ == "__main__":
+    for path, n in sorted(line_counts().items(), key=lambda kv: -kv[1]):
+        if n > 300:
+            print(f"{n:5d} {path}")
+    print("import cycles:", import_cycles(import_graph()) or "none")
