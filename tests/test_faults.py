@@ -693,3 +693,10 @@ def test_a_half_precision_tokenizer_says_how_to_run_it():
     for call in (lambda: tok.encode(torch.zeros(1, 3, 32, 32)), lambda: tok.decode(torch.zeros(1, 8, 4))):
         with pytest.raises(ValueError, match=r"weights are torch.float16; .*tok.float\(\).*bf16=True"):
             call()  # before: "Input type (float) and bias type (c10::Half) should be the same"
+
+
+def test_a_shard_pattern_that_matches_no_file_is_a_config_error(tmp_path, capsys):
+    pattern = str(tmp_path / "train-{000..002}.tar")
+    argv = ["train", "--run-dir", str(tmp_path / "r"), *tiny_args(*SMALL, f"data.source={pattern}"), "--max-steps", "1"]
+    assert main(argv) == 2  # before: the brace pattern expanded to three names and training tried to read them
+    assert f"data.source='{pattern}': 3 of its 3 shard file(s) do not exist" in capsys.readouterr().err

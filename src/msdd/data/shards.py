@@ -28,6 +28,7 @@ import math
 import random
 import tarfile
 import zlib
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -63,6 +64,11 @@ class TarShardDataset(IterableDataset):
             self.shards = expand_shards(source)
         except ImportError:
             raise ImportError("tar shards need the webdataset package: pip install 'msdd[webdataset]'") from None
+        missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+        if missing:  # before: a training run that skips unreadable shards for ever, or dies at the first batch
+            raise ValueError(f"data.source={source!r}: {len(missing)} of its {len(self.shards)} shard file(s) do not "
+                             f"exist (first: {missing[0]}); check the path and the brace pattern, e.g. "
+                             f"/data/train-{{000000..000099}}.tar")
         if len(self.shards) < world_size:
             raise ValueError(f"data.source={source!r} has {len(self.shards)} shard(s), fewer than the {world_size} "
                              f"processes; every process needs at least one shard: write more, smaller shards")
