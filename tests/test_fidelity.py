@@ -7,7 +7,8 @@ from msdd.cli import main
 
 def test_fidelity_quick_writes_the_table(tmp_path):
     out = tmp_path / "fid"
-    assert main(["fidelity", "--quick", "--out", str(out), "--total-steps", "6"]) == 0
+    assert main(["fidelity", "--quick", "--out", str(out), "--total-steps", "6", "--set", "train.pca_crops=500",
+                 "--ssdd-set", "train.pca_crops=500"]) == 0  # PCA fits of 10,000 crops took 90 of 128 s
     r = json.loads((out / "results.json").read_text())
     assert r["quick"] and r["seeds"] == 1 and r["budget_minutes"] <= 0.3
     variants = {(s["experiment"], s["variant"]) for s in r["summary"]}
