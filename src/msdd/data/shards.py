@@ -65,7 +65,7 @@ class TarShardDataset(IterableDataset):
         except ImportError:
             raise ImportError("tar shards need the webdataset package: pip install 'msdd[webdataset]'") from None
         missing = [s for s in self.shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
-        if missing:  # before: a training run that skips unreadable shards for ever, or dies at the first batch
+        if missing:  # checked here, before any training work
             raise ValueError(f"data.source={source!r}: {len(missing)} of its {len(self.shards)} shard file(s) do not "
                              f"exist (first: {missing[0]}); check the path and the brace pattern, e.g. "
                              f"/data/train-{{000000..000099}}.tar")
