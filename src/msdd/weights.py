@@ -114,3 +114,12 @@ def load_tensor_file(path: str | os.PathLike, name: str) -> dict[str, torch.Tens
         raise ValueError(f"{spec.option} {path} holds a {type(state).__name__}, not a state dict of tensors: "
                          f"give {spec.filename} ({spec.url})")
     return state
+
+
+def build_loss_network(build, device, turn_off: str) -> torch.nn.Module:
+    """`build()` (a network that reads a pretrained file) on `device`. A missing file raises the
+    loader's FileNotFoundError with `turn_off` added: the setting that trains without this loss."""
+    try:
+        return build().to(device)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}\n({turn_off})") from None

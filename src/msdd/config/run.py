@@ -11,25 +11,43 @@ from msdd.config.model import ModelConfig, check, check_choice
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    section: ClassVar[str] = "train"
+class StepsConfig:
+    """What both training stages have: optimiser steps, batch, EMA and how often to log, save and draw."""
 
+    section: ClassVar[str] = ""
+
+    lr: float = 1e-4
     batch_size: int = 32  # global: split over processes (torchrun) and grad_accum micro-batches
     grad_accum: int = 1
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.0
     warmup_steps: int = 100
     max_steps: int = 10_000
+    ema_decay: float = 0.999
+    log_every: int = 10  # steps between log lines, checkpoints, grids
+    ckpt_every: int = 500
+    grid_every: int = 500
+
+    def __post_init__(self) -> None:
+        prefix = self.section
+        check(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        for name in ("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "grid_every"):
+            check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
+        check(0 <= self.warmup_steps, f"{prefix}.warmup_steps", "must be >= 0")
+        check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class TrainConfig(StepsConfig):
+    """Stage 1: the tokenizer trained from scratch (or from `init_from`)."""
+
+    section: ClassVar[str] = "train"
+
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    ema_decay: float = 0.999
     bf16: bool = False
     seed: int = 0
-    log_every: int = 10
-    ckpt_every: int = 500
     keep_checkpoints: int = 3
-    grid_every: int = 500
     init_from: str = ""  # stage 1 only: start from a trained model (directory, bundled name or HF repo id)
     # model.linear_path: training crops the PCA that initialises it is fitted on, and the learning rate
     # of its two linear maps relative to `lr` (Adam moves every weight by about lr per step; PCA weights
@@ -38,35 +56,28 @@ class TrainConfig:
     linear_lr_scale: float = 0.01
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         prefix = self.section
-        check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
-        check(self.lr > 0, f"{prefix}.lr", "must be > 0")
         check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
                f"needs two values in [0, 1), got {self.betas}")
-        check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
-        check(0 <= self.warmup_steps, f"{prefix}.warmup_steps", "must be >= 0")
         check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
-        check(0 <= self.ema_decay < 1, f"{prefix}.ema_decay", "must be in [0, 1)")
-        for name in ("log_every", "ckpt_every", "grid_every", "keep_checkpoints", "pca_crops"):
+        for name in ("keep_checkpoints", "pca_crops"):
             check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
         check(self.linear_lr_scale >= 0, f"{prefix}.linear_lr_scale", "must be >= 0 (0 freezes the linear path)")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
+class DistillConfig(StepsConfig):
     """Stage 2 (SPEC 7). Defaults are the paper's best setting."""
 
     section: ClassVar[str] = "distill"
 
-    lr: float = 1e-4
-    disc_lr: float = 5e-5
-    max_steps: int = 2_000
-    warmup_steps: int = 50
     batch_size: int = 16  # global, as train.batch_size
-    grad_accum: int = 1
+    warmup_steps: int = 50
+    max_steps: int = 2_000
+    disc_lr: float = 5e-5
     lambda_rec: float = 2.5
     lambda_perc: float = 0.5
     lambda_adv: float = 1.0
@@ -79,22 +90,14 @@ class DistillConfig:
     teacher_steps: int = 1
     discriminator: Literal["dino", "patch"] = "dino"
     perceptual: Literal["lpips", "none"] = "lpips"
-    ema_decay: float = 0.999
-    log_every: int = 10
-    ckpt_every: int = 500
-    grid_every: int = 500
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         prefix = self.section
-        check(self.lr > 0 and self.disc_lr > 0, f"{prefix}.lr", "learning rates must be > 0")
-        check(self.max_steps >= 1, f"{prefix}.max_steps", "must be >= 1")
-        check(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
-        check(self.grad_accum >= 1, f"{prefix}.grad_accum", "must be >= 1")
+        check(self.disc_lr > 0, f"{prefix}.disc_lr", "must be > 0")
         for name in ("lambda_rec", "lambda_perc", "lambda_adv", "lambda_pix", "cfg"):
             check(getattr(self, name) >= 0, f"{prefix}.{name}", "must be >= 0")
         check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
-        for name in ("log_every", "ckpt_every", "grid_every"):  # steps between logs / checkpoints / grids
-            check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))
         check_choice(self.perceptual, f"{prefix}.perceptual", ("lpips", "none"))
 

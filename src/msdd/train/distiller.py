@@ -23,6 +23,7 @@ from msdd.tokenizer import Tokenizer
 from msdd.train.ema import EMA
 from msdd.train.loop import TrainerBase
 from msdd.train.optim import cosine_schedule, make_optimizer
+from msdd.weights import build_loss_network
 
 # The config a distillation computes with: these sections and fields. The other train.* fields configure
 # stage 1 only (tests/test_faults.py finds every train field the distillers' code reads and checks that
@@ -96,11 +97,10 @@ class DistillerBase(TrainerBase):
         if dc.perceptual == "lpips" and dc.lambda_perc > 0:
             from msdd.models.perceptual import LPIPS
 
-            try:
-                self.perceptual = LPIPS(vgg_weights).to(self.device)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n(distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set "
-                                        f"distill.perceptual=none to distil without it)") from None
+            self.perceptual = build_loss_network(
+                lambda: LPIPS(vgg_weights), self.device,
+                f"distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set distill.perceptual=none "
+                "to distil without it")
         lin = self.student.decoder.from_linear
         self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas,
                                   slow=lin.parameters() if lin is not None else (),

@@ -27,6 +27,7 @@ from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.ema import EMA
 from msdd.train.loop import TrainerBase
 from msdd.train.optim import cosine_schedule, make_optimizer
+from msdd.weights import build_loss_network
 
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
@@ -84,20 +85,14 @@ class Stage1Trainer(TrainerBase):
         if lpips_weight > 0 and perceptual is None:
             from msdd.models.perceptual import LPIPS
 
-            try:
-                self.perceptual = LPIPS(vgg_weights).to(self.device)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n({lpips_field}={lpips_weight}; set it to 0 to "
-                                        f"train without LPIPS)") from None
+            self.perceptual = build_loss_network(lambda: LPIPS(vgg_weights), self.device,
+                                                 f"{lpips_field}={lpips_weight}; set it to 0 to train without LPIPS")
         repa_field, repa_weight = self.tok.family.repa_setting
         if repa_weight > 0 and repa is None:
             from msdd.models.repa import DinoV2Features
 
-            try:
-                self.repa = DinoV2Features(dinov2_weights).to(self.device)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{e}\n({repa_field}={repa_weight}; set it to 0 to "
-                                        f"train without REPA)") from None
+            self.repa = build_loss_network(lambda: DinoV2Features(dinov2_weights), self.device,
+                                           f"{repa_field}={repa_weight}; set it to 0 to train without REPA")
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
         # stage 2 settings do not affect stage 1; a resumed run continues from its checkpoint, not init_from
         free = RESUME_FREE_FIELDS + ("distill.", "train.init_from")
