@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from msdd.config import to_dict
-from msdd.io import atomic_save_safetensors, atomic_write_text
+from msdd.config import model_config_from_dict, to_dict
+from msdd.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
 
 FORMAT = "msdd-tokenizer"
 FORMAT_VERSION = 1
@@ -156,3 +157,68 @@ def check_weights(directory: Path, own: dict[str, torch.Tensor], state: dict[str
         raise ValueError(f"{directory / WEIGHTS_NAME} holds integer tensors where the model has float weights: "
                          f"{not_float[:5]}{' ...' if len(not_float) > 5 else ''}; re-export the model in float16/32 "
                          f"(msdd export)")
+
+
+def model_card(meta: dict, evaluation: dict | None = None, repo_id: str = "") -> str:
+    """A Hugging Face model card (README.md) from a model's `config.json` metadata and, when given, the
+    JSON `msdd eval` wrote for it."""
+    m = model_config_from_dict(meta["model"])
+    family, r = m.family, m.image_size
+    stage = {1: "stage 1 (the multi-step teacher)", 2: "stage 2 (the distilled one-step-per-stage student)"}
+    floats = math.prod(m.latent_shape)
+    shape = "(B, " + ", ".join(map(str, m.latent_shape)) + ")"
+    lines = ["---", "library_name: msdd", "tags:", "- image-tokenizer", "- diffusion-decoder", f"- {family}",
+             "pipeline_tag: image-to-image", "---", "", f"# {repo_id or 'msdd tokenizer'}", "",
+             f"An msdd image tokenizer, family `{family}`, {stage.get(meta.get('stage'), 'a trained model')}: "
+             f"{r} x {r} px RGB images <-> latents {shape} ({floats} floats, {3 * r * r / floats:.0f}x fewer "
+             "numbers than the image).", "", "```python", "from msdd import Tokenizer", "",
+             f"tok = Tokenizer.from_pretrained({repo_id!r})" if repo_id else "tok = Tokenizer.from_pretrained(PATH)",
+             f"z = tok.encode(images)      # (B, 3, {r}, {r}) in [-1, 1]", "x = tok.decode(z)", "```", "",
+             "## Training record", ""]
+    record = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model") and not isinstance(v, dict)}
+    lines += [f"- {k}: {v}" for k, v in record.items()] or ["- (none stored)"]
+    if evaluation:
+        met, proto = evaluation.get("metrics", {}), evaluation.get("protocol", {})
+        lines += ["", "## Evaluation", "", f"Protocol: {json.dumps(proto, sort_keys=True)}", "",
+                  "| decoder | floats | PSNR (dB) | SSIM |", "|---|---|---|---|",
+                  f"| this model | {floats} | {met.get('psnr', float('nan')):.2f} | {met.get('ssim', float('nan')):.4f} |"]
+        lines += [f"| {b.get('method', k)} | {b.get('floats', '')} | {b['psnr']:.2f} | {b['ssim']:.4f} |"
+                  for k, b in evaluation.get("baselines", {}).items()]
+        lines += [f"\n{k}: {met[k]:.4f}" for k in ("lpips", "rfid") if k in met]
+    lines += ["", f"Files: `{CONFIG_NAME}` (architecture and training record), `{WEIGHTS_NAME}` (safetensors; no "
+              "pickle). Written by `msdd push`.", ""]
+    return "\n".join(lines)
+
+
+def stage_for_hub(directory: str | Path, out: str | Path, repo_id: str = "", evaluation: dict | None = None) -> Path:
+    """The folder `push_model` uploads: the model's two files and a generated README.md, in `out`."""
+    src, out = Path(directory), Path(out)
+    meta = read_model_metadata(src)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        atomic_write_bytes(out / name, (src / name).read_bytes())
+    atomic_write_text(out / "README.md", model_card(meta, evaluation, repo_id))
+    return out
+
+
+def push_model(directory: str | Path, repo_id: str, private: bool = False, token: str | None = None,
+               evaluation: dict | None = None, commit_message: str = "Upload msdd tokenizer") -> str:
+    """Upload a model directory to the Hugging Face Hub repo `repo_id` (created if absent) with a generated
+    model card; returns the commit URL. Refuses clearly when offline (HF_HUB_OFFLINE)."""
+    import tempfile
+
+    from huggingface_hub import HfApi, constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise ValueError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it (and log in with "
+                         "`huggingface-cli login` or pass a token) to upload")
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = stage_for_hub(directory, tmp, repo_id, evaluation)
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            info = api.upload_folder(repo_id=repo_id, folder_path=str(staged), commit_message=commit_message)
+        except Exception as e:  # no network, no token, no write access, ...
+            raise ValueError(f"upload to the Hub repo {repo_id!r} failed ({type(e).__name__}: {e}); check the "
+                             "network and log in with `huggingface-cli login` or pass a token") from None
+    return str(getattr(info, "commit_url", info))

@@ -101,12 +101,24 @@ class Tokenizer(nn.Module):
 
     def prepare_images(self, images) -> torch.Tensor:
         """Any accepted image input -> float (B, 3, R, R) in [-1, 1] on the model's device."""
+        r = self.config.image_size
+        images = self._as_batch(images, crop=True)
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
+            raise ValueError(
+                f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(images.shape)}; "
+                f"pass PIL images to centre-crop automatically, crop/resize to {r}x{r} first, or call "
+                f"reconstruct(), which tiles images of any size"
+            )
+        return self._checked_values(images)
+
+    def _as_batch(self, images, crop: bool):
+        """PIL image(s), array or tensor -> a tensor (B, 3, H, W) as given (PIL: float in [-1, 1], centre-
+        cropped to R when `crop`), or a list of (1, 3, H, W) tensors for PIL images kept at their sizes."""
         from PIL import Image  # local: PIL is only needed for PIL inputs
 
         self.check_float32()
         from msdd.data.images import center_crop_arr, pil_to_rgb, to_tensor
 
-        r = self.config.image_size
         if isinstance(images, Image.Image):
             images = [images]
         if isinstance(images, (list, tuple)):
@@ -115,18 +127,18 @@ class Tokenizer(nn.Module):
             if not all(isinstance(im, Image.Image) for im in images):
                 raise TypeError("a list of images must hold PIL images; stack tensors into (B, 3, H, W) instead")
             # the files' own conversion (EXIF rotation, 16-bit/float scaling, alpha on white), not convert("RGB")
-            images = torch.stack([to_tensor(center_crop_arr(pil_to_rgb(im), r)) for im in images])
+            arrays = [pil_to_rgb(im) for im in images]
+            if not crop:
+                return [to_tensor(a)[None] for a in arrays]
+            images = torch.stack([to_tensor(center_crop_arr(a, self.config.image_size)) for a in arrays])
         if isinstance(images, np.ndarray):
             images = torch.from_numpy(images)
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images must be a tensor, numpy array or PIL image(s), got {type(images).__name__}")
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
-            raise ValueError(
-                f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(images.shape)}; "
-                f"pass PIL images to centre-crop automatically, or crop/resize to {r}x{r} first"
-            )
+        return images[None] if images.ndim == 3 else images
+
+    def _checked_values(self, images: torch.Tensor) -> torch.Tensor:
+        """A (B, 3, H, W) batch: uint8 in [0, 255] or float in [-1, 1] -> float32 in [-1, 1] on the device."""
         if images.shape[0] == 0:
             raise ValueError(f"no images to encode: got an empty batch {tuple(images.shape)}; pass one or more images")
         if images.dtype == torch.uint8:
@@ -241,12 +253,39 @@ class Tokenizer(nn.Module):
             raise ValueError("this model has no linear path (model.linear_path=false, or an SSDD spatial latent)")
         init_linear_path(self.encoder.to_linear, self.decoder.from_linear, pca)
 
-    def reconstruct(self, images, **decode_kwargs) -> torch.Tensor:
-        """`decode(encode(images))`; `decode_kwargs` are `decode`'s (`bf16` applies to both)."""
+    def reconstruct(self, images, tile_overlap: int | None = None, **decode_kwargs):
+        """`decode(encode(images))`; `decode_kwargs` are `decode`'s (`bf16` applies to both).
+
+        Images of the model's size R go through as one batch (PIL images are centre-cropped to R, as in
+        `encode`). A tensor or array (B, 3, H, W) of another size, or any input when `tile_overlap` is
+        given, is reconstructed at its own size from overlapping R x R tiles (`msdd.tiles`; overlap
+        default R // 4; a side shorter than R is padded by reflection and cropped back): a tensor in gives
+        a tensor (B, 3, H, W), a list of PIL images gives a list of (3, H, W) tensors."""
         if "cfg" in decode_kwargs:
             decode_kwargs["guidance"] = _renamed_guidance(decode_kwargs.pop("guidance", None), decode_kwargs.pop("cfg"),
                                                           stacklevel=3)
-        return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
+        tiled = self._images_to_tile(images, tile_overlap)
+        if tiled is None:
+            return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
+        from msdd.tiles import reconstruct_tiled
+
+        seed = decode_kwargs.pop("seed", 0)
+        if decode_kwargs.pop("generator", None) is not None:
+            raise ValueError("a tiled reconstruction seeds every tile from `seed`; pass seed=, not generator=")
+        out = [reconstruct_tiled(self, x, tile_overlap, key=i, seed=seed, **decode_kwargs) for i, x in enumerate(tiled)]
+        return torch.stack(out).to(self.device) if isinstance(images, (torch.Tensor, np.ndarray)) else out
+
+    def _images_to_tile(self, images, tile_overlap: int | None) -> list[torch.Tensor] | None:
+        """The images as (3, H, W) tensors in [-1, 1] when `reconstruct` tiles them, else None."""
+        r = self.config.image_size
+        batch = self._as_batch(images, crop=tile_overlap is None)
+        if isinstance(batch, list):
+            return [self._checked_values(x)[0].cpu() for x in batch]
+        if tile_overlap is None and batch.shape[-2:] == (r, r):
+            return None
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(batch.shape)}")
+        return list(self._checked_values(batch).cpu())
 
     def _per_channel(self, stat: torch.Tensor) -> torch.Tensor:
         return stat.view(-1, 1, 1) if self.config.spatial_latent else stat  # channels first for a spatial latent
@@ -261,6 +300,19 @@ class Tokenizer(nn.Module):
 
     def save_pretrained(self, directory, **extra_metadata) -> None:
         save_tokenizer(self, directory, **extra_metadata)
+
+    def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
+                    evaluation: dict | None = None) -> str:
+        """Upload this model (config.json, model.safetensors, a model card from its metadata and the
+        `msdd eval` JSON `evaluation` when given) to the Hugging Face Hub; returns the commit URL."""
+        import tempfile
+
+        from msdd.hub import push_model
+
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **{k: v for k, v in getattr(self, "metadata", {}).items()
+                                         if k not in ("format", "format_version", "model")})
+            return push_model(tmp, repo_id, private=private, token=token, evaluation=evaluation)
 
     @classmethod
     def from_pretrained(cls, path=None, device: str | torch.device = "cpu") -> "Tokenizer":

@@ -10,7 +10,7 @@ from msdd.cli import decoding, models, training
 # (sub-parser builder) in the order `msdd --help` lists the commands
 COMMANDS = (training.add_train, training.add_distill, decoding.add_reconstruct, decoding.add_eval, models.add_info,
             models.add_latent_stats, models.add_export, training.add_demo, training.add_fidelity,
-            models.add_fetch_weights, decoding.add_bench)
+            models.add_fetch_weights, models.add_push, decoding.add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,19 +9,25 @@ from msdd.cli.common import add_config_args, add_decode_args, device_arg, folder
 
 
 def cmd_reconstruct(args) -> None:
-    from msdd.eval.reconstruct import collect_inputs, reconstruct_images, write_reconstructions
+    from msdd.eval.reconstruct_files import list_inputs, reconstruct_files
     from msdd.tokenizer import Tokenizer
 
     steps = steps_arg(args.steps)
     folder_arg(args.out, "--out")
+    if args.workers < 0:
+        raise ValueError(f"--workers must be >= 0, got {args.workers}")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
-    images, names, skipped = collect_inputs(args.inputs, tok.config.image_size, exclude=[args.out])
+    r = tok.config.image_size
+    if args.tile_overlap is not None and not 0 <= args.tile_overlap < r:
+        raise ValueError(f"--tile-overlap must be in [0, {r - 1}] for this {r} px model, got {args.tile_overlap}")
+    files, names, explicit = list_inputs(args.inputs, exclude=[args.out])
     # each image's noise is seeded from --seed and its output name: independent of --batch-size and the other inputs
-    recon, decode_s = reconstruct_images(tok, images, steps, args.guidance, args.seed, args.batch_size, args.bf16,
-                                         keys=names)
-    summary = write_reconstructions(args.out, names, images, recon)
-    print(f"{summary['n']} images reconstructed ({len(skipped)} skipped) -> {args.out}: mean PSNR "
-          f"{summary['psnr']:.2f} dB, SSIM {summary['ssim']:.4f}, decode {decode_s:.3f} s/image")
+    s = reconstruct_files(tok, files, names, explicit, args.out, size=args.size, tile_overlap=args.tile_overlap,
+                          steps=steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
+                          bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers)
+    reused = f", {s['reused']} kept from an earlier run" if s["reused"] else ""
+    print(f"{s['n']} images reconstructed ({len(s['skipped'])} skipped{reused}) -> {args.out}: mean PSNR "
+          f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, decode {s['decode_s']:.3f} s/image")
 
 
 def _print_eval(r: dict) -> None:
@@ -112,6 +118,20 @@ def add_reconstruct(sub) -> None:
     p.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: bundled model)")
     p.add_argument("--out", default="reconstructions", help="output folder (default: reconstructions)")
     p.add_argument("--device", default="cpu", type=device_arg)
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--keep-size", dest="size", action="store_const", const="keep",
+                      help="every output has its input's size: overlapping tiles at the model's resolution, "
+                           "blended (sides shorter than the model padded by reflection). Default for files "
+                           "larger than the model")
+    size.add_argument("--crop", dest="size", action="store_const", const="crop",
+                      help="centre-crop every file to the model's resolution (shorter side resized to it)")
+    p.set_defaults(size="auto")
+    p.add_argument("--tile-overlap", type=int, default=None,
+                   help="pixels neighbouring tiles share (default: a quarter of the model's resolution)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="keep reconstructions an earlier run wrote to --out (scored again, not decoded): "
+                        "a stopped run continues where it stopped")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading the files (default 0)")
     add_decode_args(p)
     p.set_defaults(func=cmd_reconstruct)
 

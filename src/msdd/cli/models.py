@@ -1,5 +1,5 @@
-"""`msdd info`, `latent-stats`, `export` and `fetch-weights`: the commands that inspect, rewrite or fetch
-model files."""
+"""`msdd info`, `latent-stats`, `export`, `push` and `fetch-weights`: the commands that inspect, rewrite,
+upload or fetch model files."""
 
 from __future__ import annotations
 
@@ -99,6 +99,26 @@ def cmd_export(args) -> None:
     print(f"wrote {out} ({args.dtype} weights)")
 
 
+def cmd_push(args) -> None:
+    from msdd.hub import push_model, resolve_model_dir, stage_for_hub
+
+    directory = resolve_model_dir(args.model)
+    evaluation = None
+    if args.eval_json:
+        try:
+            evaluation = json.loads(Path(args.eval_json).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--eval-json {args.eval_json}: not a readable JSON file ({e}); pass the file "
+                             "`msdd eval --out` wrote") from None
+    elif (directory / "eval.json").is_file():
+        evaluation = json.loads((directory / "eval.json").read_text())
+    if args.stage_only:
+        folder_arg(args.stage_only, "--stage-only")
+        print(f"wrote {stage_for_hub(directory, args.stage_only, args.repo, evaluation)} (nothing uploaded)")
+        return
+    print(f"pushed {directory} to {args.repo}: {push_model(directory, args.repo, args.private, args.token, evaluation)}")
+
+
 def cmd_fetch_weights(args) -> None:
     from msdd.weights import fetch_weights
 
@@ -135,6 +155,21 @@ def add_export(sub) -> None:
     p.add_argument("--out", required=True, help="new model directory")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
     p.set_defaults(func=cmd_export)
+
+
+def add_push(sub) -> None:
+    p = sub.add_parser("push", help="upload a model to the Hugging Face Hub with a generated model card (online)",
+                       description="Uploads config.json, model.safetensors and a README.md model card made from the "
+                                   "model's metadata and its evaluation (--eval-json, or eval.json in the model "
+                                   "directory). The repo is created if absent.")
+    p.add_argument("model", help="model directory or bundled name")
+    p.add_argument("repo", help="Hub repo id, owner/name")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--token", default=None, help="Hub token (default: the one `huggingface-cli login` stored)")
+    p.add_argument("--eval-json", default=None, help="the JSON `msdd eval --out` wrote for this model")
+    p.add_argument("--stage-only", default=None, metavar="DIR",
+                   help="write the folder that would be uploaded to DIR and upload nothing (to review the card)")
+    p.set_defaults(func=cmd_push)
 
 
 def add_fetch_weights(sub) -> None:

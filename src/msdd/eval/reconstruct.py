@@ -1,4 +1,5 @@
-"""Reconstruct images with a tokenizer: batched encode + decode, files in, PNGs / grid / CSV out.
+"""Reconstruct images with a tokenizer: batched encode + decode with per-image noise, and unique output
+names (files in, PNGs / grid / CSV out: `msdd.eval.reconstruct_files`).
 
 Every input gets its own name (CSV row and PNG): its path relative to the folder it was found in (the file
 name for a file given directly), without the extension; names that several inputs share (`A/x.png B/x.png`,
@@ -15,39 +16,17 @@ results are bit-identical whatever the other inputs.
 
 from __future__ import annotations
 
-import csv
-import hashlib
 import os
 import time
-import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
 
 import torch
-from PIL import Image
 
-from msdd.data import BadImageError, center_crop_arr, list_images, load_image, to_tensor, to_uint8
-from msdd.eval.grid import save_grid
-from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
+from msdd.eval.metrics import quantize
+from msdd.seeding import image_generators
 from msdd.tokenizer import Tokenizer
-
-
-def image_generators(seed: int, keys: Sequence[int | str]) -> list[torch.Generator]:
-    """One CPU generator per image, seeded from `seed` and the image's own key (the decode noise of one
-    image then never depends on its batch or its neighbours; `Tokenizer.decode` takes the list).
-
-    An int key (an index) is seeded as `msdd eval` seeds image i: `seed * 1_000_003 + i`. A str key (the
-    output name `msdd reconstruct` gives the image) is seeded with the first 63 bits of
-    sha256(f"{seed}:{key}"): stable across runs, processes and machines (unlike Python's `hash`)."""
-    out = []
-    for key in keys:
-        if isinstance(key, str):
-            value = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1
-        else:
-            value = seed * 1_000_003 + int(key)
-        out.append(torch.Generator().manual_seed(value))
-    return out
 
 
 @torch.no_grad()
@@ -87,58 +66,6 @@ def reconstruct_images(
     return torch.cat(outs), decode_s / max(1, len(images))
 
 
-def collect_inputs(
-    inputs: Sequence[str | Path], resolution: int, exclude: Sequence[str | Path] = ()
-) -> tuple[torch.Tensor, list[str], list[tuple[str, str]]]:
-    """Load files and folders (recursively), ADM centre crop to `resolution`.
-
-    A bad or too-small file named explicitly is an error; inside a folder it is skipped with a warning.
-    Output folders in `exclude` are not read when they lie inside an input folder (when one is the input
-    folder itself, its `reconstructions/` and `grid.png` are not), so a rerun does not take its own
-    reconstructions as inputs. Returns (images (N, 3, R, R), unique names (see `unique_names`), skipped
-    (path, reason))."""
-    excluded = [Path(e).expanduser().resolve() for e in exclude]
-    tensors, names, sources, skipped = [], [], [], []
-    for item in inputs:
-        p = Path(item)
-        if not p.exists():
-            raise FileNotFoundError(f"input {p} does not exist")
-        files, explicit = ([p], True) if p.is_file() else (list_images(p), False)
-        if not explicit:
-            skip = _outputs_inside(p, excluded)
-            files = [f for f in files if not any(q == f.resolve() or q in f.resolve().parents for q in skip)]
-        for f in files:
-            try:
-                arr = load_image(f)
-                if min(arr.shape[:2]) < resolution:
-                    raise BadImageError(f, f"{arr.shape[1]}x{arr.shape[0]} px is smaller than the model resolution "
-                                           f"{resolution}; upscale it to at least {resolution} px on the shorter side")
-            except BadImageError as e:
-                if explicit:
-                    raise
-                warnings.warn(f"skipping {f}: {e.reason}")
-                skipped.append((str(f), e.reason))
-                continue
-            tensors.append(to_tensor(center_crop_arr(arr, resolution)))
-            names.append(f.stem if explicit else f.relative_to(p).with_suffix("").as_posix())
-            sources.append(f)
-    if not tensors:
-        raise ValueError(f"no usable image in {list(map(str, inputs))}")
-    return torch.stack(tensors), unique_names(names, sources), skipped
-
-
-def _outputs_inside(folder: Path, out_dirs: Sequence[Path]) -> list[Path]:
-    """The paths `write_reconstructions` writes into `out_dirs` that lie inside the input `folder`."""
-    folder = folder.resolve()
-    inside = []
-    for out in out_dirs:
-        if folder in out.parents:
-            inside.append(out)
-        elif out == folder:
-            inside += [out / "reconstructions", out / "grid.png"]
-    return inside
-
-
 def _file_key(name: str) -> str:
     """The output file a name is written to, as a case-insensitive file system sees it."""
     return name.replace("/", "__").casefold()
@@ -172,26 +99,3 @@ def unique_names(names: Sequence[str], sources: Sequence[str | Path]) -> list[st
         seen.add(_file_key(unique))
         out[i] = unique
     return out
-
-
-def write_reconstructions(
-    out_dir: str | Path, names: list[str], images: torch.Tensor, recon: torch.Tensor, max_grid_rows: int = 16
-) -> dict:
-    """PNGs of the reconstructions, a grid real | reconstruction | |error| x 4 and metrics.csv."""
-    out = Path(out_dir)
-    if len({_file_key(n) for n in names}) < len(names):
-        raise ValueError(f"reconstruction names must be unique as file names (`/` -> `__`, any letter case), got "
-                         f"{sorted(names)}; make them unique with msdd.eval.reconstruct.unique_names")
-    (out / "reconstructions").mkdir(parents=True, exist_ok=True)
-    psnr, ssim = psnr_per_image(recon, images), ssim_per_image(recon, images)
-    for name, x in zip(names, to_uint8(recon)):
-        path = out / "reconstructions" / f"{name.replace('/', '__')}.png"
-        Image.fromarray(x.permute(1, 2, 0).numpy()).save(path)
-    err = ((recon - images).abs() * 4 - 1).clamp(-1, 1)  # |error| on the [0, 1] scale, magnified 4x, as an image
-    save_grid([images[:max_grid_rows], recon[:max_grid_rows], err[:max_grid_rows]], out / "grid.png")
-    with open(out / "metrics.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["name", "psnr_db", "ssim"])
-        for name, p, s in zip(names, psnr.tolist(), ssim.tolist()):
-            w.writerow([name, f"{p:.3f}", f"{s:.4f}"])
-    return {"psnr": psnr.mean().item(), "ssim": ssim.mean().item(), "n": len(names)}

@@ -1,0 +1,29 @@
+"""Per-image noise: a generator per image, seeded from a run seed and a key of that image alone, so an
+image's decode does not depend on its batch or its neighbours."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Sequence
+
+import torch
+
+
+def image_generators(seed: int, keys: Sequence[int | str]) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from `seed` and the image's own key (the decode noise of one
+    image then never depends on its batch or its neighbours; `Tokenizer.decode` takes the list).
+
+    An int key (an index) is seeded as `msdd eval` seeds image i: `seed * 1_000_003 + i`. A str key (the
+    output name `msdd reconstruct` gives the image) is seeded with the first 63 bits of
+    sha256(f"{seed}:{key}"): stable across runs, processes and machines (unlike Python's `hash`)."""
+    out = []
+    for key in keys:
+        if isinstance(key, str):
+            value = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1
+        else:
+            value = seed * 1_000_003 + int(key)
+        out.append(torch.Generator().manual_seed(value))
+    return out
+
+
+__all__ = ["image_generators"]

@@ -1,0 +1,65 @@
+"""The Hugging Face Hub: loading by repo id from the standard cache offline, and `msdd push` (issue 17)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import torch
+
+from msdd.cli import main
+from msdd.hub import BUNDLED
+from msdd.tokenizer import Tokenizer
+
+REV = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_repo_id_resolves_from_a_real_hub_cache_offline(tmp_path):
+    """A real huggingface_hub cache layout (models--owner--name/snapshots/REV, refs/main) under HF_HUB_CACHE:
+    with HF_HUB_OFFLINE=1 the repo id loads from it, and an uncached repo id fails with a clear error."""
+    repo = tmp_path / "hub" / "models--someone--tiny-64"
+    snap = repo / "snapshots" / REV
+    snap.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (snap / name).write_bytes((BUNDLED["tiny-64-student"] / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(REV)
+    script = textwrap.dedent("""
+        import torch
+        from msdd.cli import main
+        from msdd.tokenizer import Tokenizer
+        hub, bundled = Tokenizer.from_pretrained("someone/tiny-64"), Tokenizer.from_pretrained("tiny-64-student")
+        assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), bundled.state_dict().values()))
+        assert main(["info", "--model", "someone/missing"]) == 2
+    """)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "'someone/missing' is not a local directory" in r.stderr and "could not be downloaded" in r.stderr
+
+
+def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypatch):
+    model = BUNDLED["tiny-64-student"]
+    evaluation = {"metrics": {"psnr": 27.8, "ssim": 0.72}, "protocol": {"images": 42},
+                  "baselines": {"pca": {"method": "PCA-256", "floats": 256, "psnr": 27.91, "ssim": 0.735}}}
+    (tmp_path / "eval.json").write_text(json.dumps(evaluation))
+    staged = tmp_path / "staged"
+    assert main(["push", str(model), "me/tiny", "--eval-json", str(tmp_path / "eval.json"),
+                 "--stage-only", str(staged)]) == 0
+    assert sorted(p.name for p in staged.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    card = (staged / "README.md").read_text()
+    assert "library_name: msdd" in card and "Tokenizer.from_pretrained('me/tiny')" in card
+    assert "latents (B, 32, 8) (256 floats, 48x" in card and "| this model | 256 | 27.80 | 0.7200 |" in card
+    assert "| PCA-256 | 256 | 27.91 | 0.7350 |" in card and "steps_trained: 900" in card
+    a, b = Tokenizer.from_pretrained(staged), Tokenizer.from_pretrained(model)  # what is uploaded loads as the model
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    (tmp_path / "bad.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(["push", str(model), "me/tiny", "--eval-json", str(tmp_path / "bad.json"), "--stage-only",
+                 str(tmp_path / "s2")]) == 2
+    assert "--eval-json" in capsys.readouterr().err
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["push", str(model), "me/tiny"]) == 2
+    assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err

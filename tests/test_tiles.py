@@ -1,0 +1,96 @@
+"""Images of any size: tiles, blending, `Tokenizer.reconstruct` at the input's size, `msdd reconstruct
+--keep-size / --crop / --skip-existing` (issue 17)."""
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_config
+from msdd.cli import main
+from msdd.data import load_photo
+from msdd.tiles import ramp_weights, seam_mask, tile_starts
+from msdd.tokenizer import Tokenizer
+
+
+def test_tiles_cover_with_the_overlap_and_weights_sum_to_one():
+    assert tile_starts(150, 64, 16) == [0, 43, 86]  # 3 tiles: stride 43 <= 64 - 16, the last ends at 150
+    assert tile_starts(64, 64, 16) == [0] and tile_starts(112, 64, 16) == [0, 48]
+    with pytest.raises(ValueError, match="tile_overlap"):
+        tile_starts(100, 64, 64)
+    for length, overlap in [(150, 16), (250, 8), (113, 0), (1000, 31)]:
+        starts = tile_starts(length, 64, overlap)
+        assert starts[0] == 0 and starts[-1] + 64 == length
+        assert all(a + 64 - b >= overlap for a, b in zip(starts, starts[1:]))
+        total = torch.zeros(length)
+        for s, w in zip(starts, ramp_weights(starts, 64)):
+            total[s:s + 64] += w
+        assert torch.allclose(total, torch.ones(length)), (length, overlap)  # a partition of unity
+    assert seam_mask(150, 64, 64, 16)[:, 0].tolist() == [43 <= y < 64 or 86 <= y < 107 for y in range(150)]
+
+
+@pytest.fixture(scope="module")
+def student():
+    return Tokenizer.from_pretrained("tiny-64-student")
+
+
+def test_any_size_comes_back_at_its_size_without_seams(student):
+    photo = torch.from_numpy(np.ascontiguousarray(load_photo("astronaut")[100:250, 50:300])).permute(2, 0, 1)
+    out = student.reconstruct(photo[None])  # uint8 (1, 3, 150, 250): not the model's 64 x 64
+    assert out.shape == (1, 3, 150, 250)
+    real = photo.float() / 127.5 - 1
+    assert 10 * torch.log10(4 / (out[0] - real).pow(2).mean()) > 20  # the photo, not noise
+    # every tile decoded on its own generator: the number decoded together does not matter
+    assert (student.reconstruct(photo[None], batch_size=5) - out).abs().max() <= 2 / 255
+    # a constant image: the overlap bands are no worse than the tile interiors (no visible seam)
+    flat = torch.full((1, 3, 150, 250), 0.3)
+    err = (student.reconstruct(flat)[0] - flat[0]).abs().mean(0)
+    band = seam_mask(150, 250, 64, 16)
+    assert err[band].mean() <= err[~band].mean() + 1 / 255
+    # a side shorter than the model: padded by reflection, cropped back; PIL images keep their sizes
+    assert student.reconstruct(torch.zeros(2, 3, 40, 100), tile_overlap=8).shape == (2, 3, 40, 100)
+    pils = [Image.fromarray(load_photo("coffee")[:70, :90]), Image.fromarray(load_photo("coffee")[:64, :64])]
+    assert [tuple(x.shape) for x in student.reconstruct(pils, tile_overlap=16)] == [(3, 70, 90), (3, 64, 64)]
+    assert student.reconstruct(pils[1:]).shape == (1, 3, 64, 64)  # without tile_overlap: centre crop, as before
+    with pytest.raises(ValueError, match="float images must be in"):
+        student.reconstruct(torch.full((1, 3, 80, 80), 2.0))
+
+
+def _write(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(arr)).save(path)
+    return path
+
+
+def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
+    model = tmp_path / "m"
+    Tokenizer(tiny_config().model).save_pretrained(model)  # 32 px
+    photos = tmp_path / "photos"
+    china = load_photo("china")
+    _write(photos / "wide.png", china[:40, :70]), _write(photos / "square.png", china[100:132, 100:132])
+    _write(photos / "tall.png", china[:90, :50])
+    out = tmp_path / "rec"
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out)]) == 0
+    sizes = {p.name: Image.open(p).size for p in (out / "reconstructions").iterdir()}
+    assert sizes == {"wide.png": (70, 40), "square.png": (32, 32), "tall.png": (50, 90)}
+    first = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert set(first) == {"wide", "square", "tall"} and (out / "grid.png").exists()
+    crop = tmp_path / "crop"
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(crop), "--crop"]) == 0
+    assert {Image.open(p).size for p in (crop / "reconstructions").iterdir()} == {(32, 32)}
+    # a stopped run: one output missing, one truncated mid-write; --skip-existing redoes those two only
+    (out / "reconstructions" / "wide.png").unlink()
+    tall = (out / "reconstructions" / "tall.png").read_bytes()
+    (out / "reconstructions" / "tall.png").write_bytes(tall[: len(tall) // 2])
+    kept = (out / "reconstructions" / "square.png").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 0
+    assert "3 images reconstructed (0 skipped, 1 kept from an earlier run)" in capsys.readouterr().out
+    assert (out / "reconstructions" / "square.png").stat().st_mtime_ns == kept
+    assert (out / "reconstructions" / "tall.png").read_bytes() == tall  # decoded again, the same image
+    again = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert again == first  # the kept PNG scores as it did when it was written
+    assert main(["reconstruct", str(photos), "--model", str(model), "--tile-overlap", "32"]) == 2
+    assert "--tile-overlap must be in [0, 31]" in capsys.readouterr().err
