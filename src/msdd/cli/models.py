@@ -95,6 +95,13 @@ def cmd_export(args) -> None:
     from msdd.tokenizer import export_tokenizer
 
     folder_arg(args.out, "--out")
+    if args.format == "diffusers":
+        try:
+            from msdd.integrations.diffusers import export_diffusers
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        print(f"wrote {export_diffusers(args.model, args.out)} (diffusers layout, AutoencoderMSDD, fp32 weights)")
+        return
     out = export_tokenizer(args.model, args.out, args.dtype)
     print(f"wrote {out} ({args.dtype} weights)")
 
@@ -150,10 +157,13 @@ def add_latent_stats(sub) -> None:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size)")
-    p.add_argument("--model", required=True, help="model directory to copy")
+    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size), or in diffusers' layout")
+    p.add_argument("--model", required=True, help="model directory or bundled name to copy")
     p.add_argument("--out", required=True, help="new model directory")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
+    p.add_argument("--format", default="msdd", choices=["msdd", "diffusers"],
+                   help="msdd: config.json + model.safetensors (default); diffusers: a folder for "
+                        "msdd.integrations.diffusers.AutoencoderMSDD.from_pretrained (needs msdd[diffusers])")
     p.set_defaults(func=cmd_export)
 
 

@@ -1,0 +1,1 @@
+"""Bridges to other libraries, each an optional extra imported only on use (`msdd.integrations.diffusers`)."""
