@@ -95,6 +95,15 @@ def cmd_export(args) -> None:
     from msdd.tokenizer import export_tokenizer
 
     folder_arg(args.out, "--out")
+    if args.format == "onnx":
+        try:
+            from msdd.integrations.onnx import export_onnx
+        except ImportError as e:
+            raise ValueError(str(e)) from None
+        out = export_onnx(args.model, args.out)
+        print(f"wrote {out}: encoder.onnx, decoder.onnx (the whole decode at the model's default schedule, its noise "
+              f"as inputs; msdd.integrations.onnx.OnnxTokenizer runs them), onnx.json")
+        return
     if args.format == "diffusers":
         try:
             from msdd.integrations.diffusers import export_diffusers
@@ -157,13 +166,15 @@ def add_latent_stats(sub) -> None:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size), or in diffusers' layout")
+    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size), "
+                                      "or in diffusers' layout")
     p.add_argument("--model", required=True, help="model directory or bundled name to copy")
     p.add_argument("--out", required=True, help="new model directory")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
-    p.add_argument("--format", default="msdd", choices=["msdd", "diffusers"],
+    p.add_argument("--format", default="msdd", choices=["msdd", "diffusers", "onnx"],
                    help="msdd: config.json + model.safetensors (default); diffusers: a folder for "
-                        "msdd.integrations.diffusers.AutoencoderMSDD.from_pretrained (needs msdd[diffusers])")
+                        "msdd.integrations.diffusers.AutoencoderMSDD.from_pretrained (needs msdd[diffusers]); onnx: "
+                        "encoder.onnx + decoder.onnx for onnxruntime (needs msdd[onnx])")
     p.set_defaults(func=cmd_export)
 
 

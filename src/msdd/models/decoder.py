@@ -86,7 +86,7 @@ class Decoder(nn.Module):
         """Velocity for noisy images x (B, 3, H, W) at model time tau (B,) given latents z (B, L, C)."""
         if self.prediction == "v":
             return self.network(x, tau, z)
-        win = self.windows[x.shape[-1]]
+        win = self.windows[int(x.shape[-1])]  # int: a constant when traced (ONNX export)
         r = (tau.float() - win.tau_end) / (win.tau_start - win.tau_end)
         return velocity_from_end(x.float(), self.end_estimate(x, tau, z).float(), win, r)
 
@@ -94,7 +94,7 @@ class Decoder(nn.Module):
         """x-prediction: the clean image at the end of the stage of x (x_lin + network output)."""
         if self.from_linear is None:
             return self.network(x, tau, z)
-        x_lin = self.linear_image(z, x.shape[-1])
+        x_lin = self.linear_image(z, int(x.shape[-1]))
         return self.network(x, tau, z, x_lin).float() + x_lin
 
     def network(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor,
@@ -102,9 +102,9 @@ class Decoder(nn.Module):
         """The MMDiT itself: (B, 3, H, W) noisy image [+ x_lin at that resolution, computed here unless
         given], tau, z -> (B, 3, H, W)."""
         p = self.cfg.patch_size
-        grid = x.shape[-1] // p
+        grid = int(x.shape[-1]) // p
         if self.from_linear is not None:
-            x_lin = self.linear_image(z, x.shape[-1]) if x_lin is None else x_lin
+            x_lin = self.linear_image(z, int(x.shape[-1])) if x_lin is None else x_lin
             x = torch.cat([x, x_lin.to(x.dtype)], dim=1)
         h = self.patch_embed(rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))  # (B, grid^2, W)
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)

@@ -75,6 +75,39 @@ def _in_bf16(fn: Callable[[], object], device: torch.device) -> Callable[[], obj
     return run
 
 
+def onnx_contender(name: str, student: FlowModel, batch_size: int) -> Contender:
+    """The student's one-step-per-stage decode exported to ONNX (msdd.integrations.onnx, float32 weights)
+    and run by onnxruntime on the CPU, its noise drawn as the PyTorch rows draw it."""
+    import tempfile
+
+    try:
+        import onnxruntime as ort
+
+        from msdd.integrations.onnx import draw_noise, export_decoder
+    except ImportError as e:
+        raise ValueError(f'--contenders onnx-student needs onnxruntime and onnx: pip install "msdd[onnx]" ({e})') from None
+    family, windows = student.family, student.family.windows
+    one_step = (1,) * family.num_step_entries
+    decoder = copy.deepcopy(student.decoder).float().cpu().eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        names = export_decoder(decoder, windows, student.config.latent_shape, one_step, 1.0, f"{tmp}/decoder.onnx")
+        session = ort.InferenceSession(f"{tmp}/decoder.onnx", providers=["CPUExecutionProvider"])
+    z = _latents(student.config, batch_size, torch.device("cpu")).numpy()
+    generator = torch.Generator()
+
+    def decode():
+        generator.manual_seed(0)
+        noise = [n.numpy() for n in draw_noise(windows, batch_size, generator)]
+        return torch.from_numpy(session.run(None, dict(zip(names, [z, *noise])))[0])
+
+    with torch.device("meta"):
+        shape_only = family.build_decoder()
+    info = {"steps": list(one_step), "cfg": 1.0, "num_stages": len(one_step), "dtype": "fp32", "runtime": "onnxruntime",
+            "passes_per_image": family.passes_per_image(one_step, 1.0),
+            "params_M": sum(p.numel() for p in decoder.parameters()) / 1e6}
+    return Contender(name, decode, family.decode_flops(shape_only, one_step, 1.0), info)
+
+
 def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowModel, steps: Sequence[int],
                      guidance: float, batch_size: int, device: torch.device, compile: bool = False,
                      ssdd: ModelConfig | None = None, ssdd_steps: int | None = None,
@@ -103,6 +136,8 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))
             c = flow_contender(name, half, dec(half), _latents(student.config, batch_size, device), one_step, 1.0)
             out.append(dataclasses.replace(c, decode=_in_bf16(c.decode, device), info={**c.info, "dtype": "bf16"}))
+        elif name == "onnx-student":  # the same student decode as an ONNX graph under onnxruntime (fp32)
+            out.append(onnx_contender(name, student, batch_size))
         elif name == "teacher":
             out.append(flow_contender(name, teacher, dec(teacher), z, steps, guidance))
         elif name == "teacher-nocfg":

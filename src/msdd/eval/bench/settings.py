@@ -10,6 +10,7 @@ import torch
 
 CONTENDERS = ("student", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
               "ssdd-teacher")
+OPTIONAL_CONTENDERS = ("onnx-student",)  # named in --contenders only (onnxruntime is an optional extra)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
 QUICK = {"preset": "tiny-64", "batch_size": 2, "warmup": 1, "rounds": 2, "steps": 2}
@@ -73,9 +74,9 @@ class BenchSettings:
         check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
         steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
-        unknown = [c for c in self.contenders if c not in CONTENDERS]
+        unknown = [c for c in self.contenders if c not in CONTENDERS + OPTIONAL_CONTENDERS]
         check(not unknown and len(self.contenders) > 0, "--contenders",
-              f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS)}")
+              f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS + OPTIONAL_CONTENDERS)}")
 
     def command(self) -> str:
         """The `msdd bench` command line that repeats this run (what `--quick` set spelled out)."""

@@ -1,0 +1,51 @@
+"""ONNX export of the encoder and the whole student decode, run with onnxruntime (issue 16, item 4)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from msdd.cli import main  # noqa: E402
+from msdd.data import embedded_eval_set  # noqa: E402
+from msdd.integrations.onnx import OnnxTokenizer  # noqa: E402
+from msdd.tokenizer import Tokenizer  # noqa: E402
+
+
+def test_onnx_student_matches_pytorch_on_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "onnx"
+    assert main(["export", "--model", "tiny-64-student", "--out", str(out), "--format", "onnx"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["decoder.onnx", "encoder.onnx", "onnx.json"]
+    info = json.loads((out / "onnx.json").read_text())
+    assert info["steps"] == [1, 1, 1, 1] and info["decoder_inputs"] == ["z", "x0", "bn1", "bn2", "bn3"]
+    tok, ort_tok = Tokenizer.from_pretrained("tiny-64-student"), OnnxTokenizer(out)
+    images = embedded_eval_set(64)[0][:3]  # batch 3: the graphs were traced at batch 2 (dynamic batch)
+    z = tok.encode(images)
+    assert (ort_tok.encode(images) - z).abs().max() < 1e-4
+    for seed in (0, 5):  # the same seed draws the same noise: the same image (measured: 7e-7 max abs)
+        want = tok.decode(z, generator=torch.Generator().manual_seed(seed))
+        got = ort_tok.decode(z, generator=torch.Generator().manual_seed(seed))
+        assert got.shape == want.shape and (got - want).abs().max() < 1e-4, seed
+    other = ort_tok.decode(z, seed=1)
+    assert (other - want).abs().max() > 1e-2  # the noise inputs matter, so the check above can fail
+
+
+def test_onnx_refusals_and_the_bench_row(tmp_path, capsys):
+    from msdd.config import load_config
+
+    ssdd = tmp_path / "ssdd"
+    Tokenizer(load_config("ssdd-tiny-test").model).save_pretrained(ssdd)
+    assert main(["export", "--model", str(ssdd), "--out", str(tmp_path / "o"), "--format", "onnx"]) == 2
+    assert "multi-scale (msdd family)" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="msdd export --format onnx"):
+        OnnxTokenizer(tmp_path)
+
+    from msdd.eval.bench.contenders import build_contenders
+    from msdd.eval.bench.models import FlowModel
+
+    student = FlowModel.random(load_config("tiny-test").model, torch.device("cpu"))
+    eager, onnx_row = build_contenders(["student", "onnx-student"], student, student, (1,), 1.0, 2, torch.device("cpu"))
+    assert onnx_row.flop_per_image == eager.flop_per_image and onnx_row.info["runtime"] == "onnxruntime"
+    assert (onnx_row.decode() - eager.decode()).abs().max() < 1e-4  # the same decode, the same noise
