@@ -68,6 +68,14 @@ def test_quick_report_has_every_contender(quick):
         assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / report["machine_peak_gflops"], rel=1e-3)
         assert name in stdout
     assert rows["student"]["speed_vs_student"] == 1.0
+    # encode, and encode + decode (the reference code's convention): FLOPs of the real encoder, added
+    from msdd.config import load_config
+    from msdd.eval.flops import encoder_flops
+    from msdd.tokenizer import Tokenizer
+
+    enc = encoder_flops(Tokenizer(load_config("tiny-64").model)) / 1e9
+    assert rows["encoder"]["gflop_per_img"] == pytest.approx(enc, rel=1e-4)  # the report rounds
+    assert rows["student+encoder"]["gflop_per_img"] == pytest.approx(rows["student"]["gflop_per_img"] + enc, rel=1e-4)
 
 
 def test_quick_flop_ratios(quick):

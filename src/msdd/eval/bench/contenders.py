@@ -75,6 +75,40 @@ def _in_bf16(fn: Callable[[], object], device: torch.device) -> Callable[[], obj
     return run
 
 
+def encoder_contenders(names: Sequence[str], student: FlowModel, decoder: nn.Module, batch_size: int,
+                       device: torch.device, weights: torch.dtype | None) -> list[Contender]:
+    """"encoder": encoding a batch of images; "student+encoder": encoding then decoding it with the
+    student (one step per stage), the convention of the paper's reference code (it times both)."""
+    from msdd.eval.flops import count_flops
+
+    family, r = student.family, student.config.image_size
+    encoder = student.encoder
+    if encoder is None:
+        with torch.device(device):
+            encoder = family.build_encoder().eval()
+    cast_weights(encoder, weights)
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(batch_size, 3, r, r, generator=g) * 2 - 1).to(device)
+    with torch.device("meta"):
+        enc_flops = count_flops(family.build_encoder(), torch.zeros(1, 3, r, r))
+        dec_flops = family.decode_flops(family.build_decoder(), (1,) * family.num_step_entries, 1.0)
+    one_step = (1,) * family.num_step_entries
+    generator = torch.Generator(device=device)
+
+    def encode():
+        return encoder(images)
+
+    def encode_decode():
+        generator.manual_seed(0)
+        return family.sample(decoder, encoder(images), one_step, 1.0, generator)[0]
+
+    params = sum(p.numel() for p in encoder.parameters()) / 1e6
+    rows = {"encoder": Contender("encoder", encode, enc_flops, {"encoder_params_M": params}),
+            "student+encoder": Contender("student+encoder", encode_decode, enc_flops + dec_flops,
+                                         {"steps": list(one_step), "cfg": 1.0, "encoder_params_M": params})}
+    return [rows[n] for n in names]
+
+
 def onnx_contender(name: str, student: FlowModel, batch_size: int) -> Contender:
     """The student's one-step-per-stage decode exported to ONNX (msdd.integrations.onnx, float32 weights)
     and run by onnxruntime on the CPU, its noise drawn as the PyTorch rows draw it."""
@@ -136,6 +170,8 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))
             c = flow_contender(name, half, dec(half), _latents(student.config, batch_size, device), one_step, 1.0)
             out.append(dataclasses.replace(c, decode=_in_bf16(c.decode, device), info={**c.info, "dtype": "bf16"}))
+        elif name in ("encoder", "student+encoder"):
+            out += encoder_contenders([name], student, dec(student), batch_size, device, weights)
         elif name == "onnx-student":  # the same student decode as an ONNX graph under onnxruntime (fp32)
             out.append(onnx_contender(name, student, batch_size))
         elif name == "teacher":

@@ -22,6 +22,7 @@ from msdd.tokenizer import Tokenizer
 class FlowModel:
     config: ModelConfig
     decoder: nn.Module
+    encoder: nn.Module | None = None  # a loaded model's encoder (random weights otherwise, built when needed)
 
     @property
     def family(self) -> Family:
@@ -40,7 +41,7 @@ class FlowModel:
         if not tok.family.multi_scale:
             raise ValueError(f"{path} is a {tok.config.family!r} model; --model / --student take multi-scale (msdd) "
                              f"models (the ssdd-* rows are built from --ssdd-preset)")
-        return cls(tok.config, tok.decoder)
+        return cls(tok.config, tok.decoder, tok.encoder)
 
     def with_config(self, config: ModelConfig) -> "FlowModel":
         """The same weights (the parameter objects, shared, not copied) in the decoder that `config`'s family

@@ -15,15 +15,15 @@ def format_report(report: dict) -> str:
         f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, {report['device']} "
         f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
         f"3x3 conv {report['conv_peak_gflops']:.1f}",
-        f"{'contender':<14} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "
+        f"{'contender':<16} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "
         f"{'% peak':>7} {'x student':>9}",
     ]
     for r in report["contenders"]:
         if "error" in r:
-            lines.append(f"{r['name']:<14} {r['error']}")
+            lines.append(f"{r['name']:<16} {r['error']}")
             continue
         ms = f"{r['seconds_median'] * 1e3:.1f} [{r['seconds_min'] * 1e3:.1f}, {r['seconds_max'] * 1e3:.1f}]"
-        lines.append(f"{r['name']:<14} {r['img_per_s']:>9.3f} {ms:>30} {r['gflop_per_img']:>10.2f} "
+        lines.append(f"{r['name']:<16} {r['img_per_s']:>9.3f} {ms:>30} {r['gflop_per_img']:>10.2f} "
                      f"{r['achieved_gflops']:>9.1f} {100 * r['fraction_of_peak']:>6.1f}% "
                      f"{_fmt(r.get('speed_vs_student'), '>9.3f')}")
     table = report.get("resolution_table")

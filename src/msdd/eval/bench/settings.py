@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 CONTENDERS = ("student", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
-              "ssdd-teacher")
+              "ssdd-teacher", "encoder", "student+encoder")
 OPTIONAL_CONTENDERS = ("onnx-student",)  # named in --contenders only (onnxruntime is an optional extra)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
