@@ -37,9 +37,28 @@ def cmd_info(args) -> None:
         "encoder_gflop_per_image": round(encoder_flops(tok) / 1e9, 3),
     }
     info = tok.family.info(head, decoder_pass_flops(tok))
+    if not args.model:
+        info["recipe"] = _recipe(full)
     if args.step_time:
         info["train_step"] = _step_times(full, args.step_time)
     print(json.dumps(info, indent=2))
+
+
+def _recipe(cfg) -> dict:
+    """The training recipe a preset runs, in the terms the paper and its reference code use (issue 15), to
+    check before paying for GPUs."""
+    f, t, d = cfg.model.flow, cfg.train, cfg.distill
+    return {
+        "stage1": {"loss_weighting": f.loss_weighting, "sigmoid_bias": f.sigmoid_bias, "loss_reduction": f.loss_reduction,
+                   "t_sampling": f.t_sampling, "prediction": f.prediction, "lpips_weight": f.lpips_weight,
+                   "cfg_drop": f.cfg_drop, "batch_size": t.batch_size, "lr": t.lr, "warmup_steps": t.warmup_steps,
+                   "max_steps": t.max_steps, "min_lr_ratio": t.min_lr_ratio, "ema_decay": t.ema_decay,
+                   "grad_clip": t.grad_clip, "bf16": t.bf16},
+        "stage2": {"batch_size": d.batch_size, "lr": d.lr, "disc_lr": d.disc_lr, "max_steps": d.max_steps,
+                   "ema_decay": d.ema_decay, "discriminator": d.discriminator, "perceptual": d.perceptual,
+                   "lambda_rec": d.lambda_rec, "lambda_perc": d.lambda_perc, "lambda_adv": d.lambda_adv,
+                   "lambda_pix": d.lambda_pix, "adaptive_adv": d.adaptive_adv, "teacher_cfg": d.cfg},
+    }
 
 
 def _step_times(cfg, rounds: int) -> dict:

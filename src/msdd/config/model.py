@@ -71,10 +71,15 @@ class FlowConfig:
     num_stages: int = 4
     gamma: float = 1.0 / 3.0
     t_sampling: Literal["logit_normal", "uniform"] = "logit_normal"
-    # none | sigmoid (sigmoid(bias - logSNR(t))) | stage (1 / (1 - e_s)^2: the image content of every
-    # stage's end weighs the same, instead of 1/16 for the first stage of four)
-    loss_weighting: Literal["none", "sigmoid", "stage"] = "none"
+    # none | sigmoid (sigmoid(bias - logSNR(t)) on the global time t) | stage (1 / (1 - e_s)^2: the
+    # image content of every stage's end weighs the same, instead of 1/16 for the first stage of four) |
+    # sigmoid_local (the paper's reference code: -1/2 dlogSNR/dr exp(bias) sigmoid(logSNR(r) - bias) on
+    # each stage's LOCAL time r, the same curve in every stage; bias -3 there: mean 0.22 under logit-normal r)
+    loss_weighting: Literal["none", "sigmoid", "stage", "sigmoid_local"] = "none"
     sigmoid_bias: float = 0.0
+    # stage_sum: the sum over stages of each stage's mean loss (about num_stages x a sample mean);
+    # sample_mean: the mean over the batch's samples (the reference code's scale)
+    loss_reduction: Literal["stage_sum", "sample_mean"] = "stage_sum"
     lpips_weight: float = 0.0
     cfg_drop: float = 0.1
     # What the network predicts: "v" the velocity x_start_n - x_end_n (SPEC 5), or "x" the clean stage
@@ -88,7 +93,8 @@ class FlowConfig:
         check(self.num_stages >= 1, f"{prefix}.num_stages", f"must be >= 1, got {self.num_stages}")
         check(0.0 < self.gamma < 1.0, f"{prefix}.gamma", f"must be in (0, 1), got {self.gamma}")
         check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
-        check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid", "stage"))
+        check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid", "stage", "sigmoid_local"))
+        check_choice(self.loss_reduction, f"{prefix}.loss_reduction", ("stage_sum", "sample_mean"))
         check(self.lpips_weight >= 0.0, f"{prefix}.lpips_weight", "must be >= 0")
         check(0.0 <= self.cfg_drop < 1.0, f"{prefix}.cfg_drop", f"must be in [0, 1), got {self.cfg_drop}")
 

@@ -50,6 +50,7 @@ class MSDDFamily(Family):
         loss, per_stage = flow_loss(
             decoder, images, z, self.windows,
             t_sampling=fc.t_sampling, loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
+            loss_reduction=fc.loss_reduction,
             prediction=fc.prediction,
             cfg_drop=fc.cfg_drop, null_context=decoder.null_context,
             perceptual=perceptual, perceptual_weight=fc.lpips_weight, generator=generator,

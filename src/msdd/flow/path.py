@@ -131,6 +131,13 @@ def sigmoid_weight(t: torch.Tensor, bias: float) -> torch.Tensor:
     return torch.sigmoid(bias - 2 * torch.log((1 - t) / t))
 
 
+def local_sigmoid_weight(r: torch.Tensor, bias: float) -> torch.Tensor:
+    """The reference code's weighting on a stage's local time r: -1/2 dlogSNR/dr * exp(bias) *
+    sigmoid(logSNR(r) - bias), logSNR(r) = 2 log((1 - r) / r), so -1/2 dlogSNR/dr = 1 / (r (1 - r))."""
+    r = r.clamp(1e-5, 1 - 1e-5)
+    return math.exp(bias) * torch.sigmoid(2 * torch.log((1 - r) / r) - bias) / (r * (1 - r))
+
+
 def flow_loss(
     decoder: Callable,
     images: torch.Tensor,
@@ -140,6 +147,7 @@ def flow_loss(
     t_sampling: str = "logit_normal",
     loss_weighting: str = "none",
     sigmoid_bias: float = 0.0,
+    loss_reduction: str = "stage_sum",
     prediction: str = "v",
     cfg_drop: float = 0.0,
     null_context: torch.Tensor | None = None,
@@ -150,7 +158,8 @@ def flow_loss(
     """Stage-1 loss for a batch of images (B, 3, R, R) with latents z (B, L, C).
 
     Each sample trains one stage (balanced, shuffled assignment); the loss is the sum over stages of
-    the mean squared velocity error of that stage's samples (prediction "x": the mean squared error of
+    the mean squared velocity error of that stage's samples (loss_reduction "sample_mean": the mean over
+    all samples instead) (prediction "x": the mean squared error of
     `decoder.end_estimate`, the predicted clean stage end, against x_end; no loss weighting), plus,
     when `perceptual` is given, its weighted value between the one-step estimate of the last stage's
     end and x_end_n.
@@ -183,6 +192,8 @@ def flow_loss(
             err = (v - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
             if loss_weighting == "sigmoid":
                 err = err * sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), sigmoid_bias)
+            elif loss_weighting == "sigmoid_local":
+                err = err * local_sigmoid_weight(r, sigmoid_bias)
             elif loss_weighting == "stage":
                 # v carries the stage-end image scaled by (1 - e_s): weigh every stage's content equally
                 err = err / (1 - w.t_end) ** 2
@@ -192,5 +203,5 @@ def flow_loss(
             x_hat = x_r - r.view(-1, 1, 1, 1) * v
             loss = loss + perceptual_weight * perceptual(x_hat, end_n).mean()
         per_stage[w.index] = loss.detach()
-        total = total + loss
+        total = total + (loss * idx.numel() / b if loss_reduction == "sample_mean" else loss)
     return total, per_stage

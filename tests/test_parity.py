@@ -1,0 +1,69 @@
+"""The paper's reference recipe as config options (issue 15): the stage-1 loss weighting on local time
+(D1) and the loss scale (D14)."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from msdd.config import load_config
+from msdd.flow.path import local_sigmoid_weight, sigmoid_weight
+from msdd.flow.schedule import stage_windows
+from msdd.tokenizer import Tokenizer
+
+
+def test_local_sigmoid_weight_by_hand_and_equal_across_stages():
+    # -1/2 dlogSNR/dr exp(-3) sigmoid(logSNR(r) + 3), logSNR(r) = 2 log((1 - r) / r), by hand:
+    # r = 0.5: logSNR 0, 4 * e^-3 * sigmoid(3) = 4 * 0.0497871 * 0.9525741 = 0.1897035
+    # r = 0.1: logSNR 2 ln 9 = 4.394449, e^-3 * sigmoid(7.394449) / 0.09 = 0.5528498
+    # r = 0.9: logSNR -4.394449, e^-3 * sigmoid(-1.394449) / 0.09 = 0.1099179
+    got = local_sigmoid_weight(torch.tensor([0.5, 0.1, 0.9]), -3.0)
+    assert got.tolist() == pytest.approx([0.1897035, 0.5528498, 0.1099179], rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    r = torch.sigmoid(torch.randn(400_000, generator=g))  # logit-normal local times, as paper-256 samples
+    windows = stage_windows(4, 256)
+    local = [local_sigmoid_weight(r, -3.0).mean().item() for _ in windows]  # a function of r alone
+    assert all(m == pytest.approx(0.22, abs=0.01) for m in local)
+    # the global-time weighting (msdd's earlier paper-256 default) on the same r: each stage its own mean
+    glob = [sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), 0.0).mean().item() for w in windows]
+    assert glob[0] > 10 * glob[-1] and glob == sorted(glob, reverse=True)
+
+
+@pytest.mark.parametrize("batch", [8, 6])
+def test_loss_scale_sample_mean_against_stage_sum(batch):
+    cfg = tiny_config("model.flow.prediction=v", "model.flow.cfg_drop=0.0")
+    images = torch.rand(batch, 3, cfg.model.image_size, cfg.model.image_size) * 2 - 1
+    losses = {}
+    for reduction in ("stage_sum", "sample_mean"):
+        model = dataclasses.replace(cfg.model, flow=dataclasses.replace(cfg.model.flow, loss_reduction=reduction))
+        torch.manual_seed(0)
+        tok = Tokenizer(model)
+        losses[reduction] = tok.training_loss(images, torch.Generator().manual_seed(1))
+    (sum_loss, terms), (mean_loss, mean_terms) = losses["stage_sum"], losses["sample_mean"]
+    stages = [terms[f"loss_stage{s}"] for s in range(cfg.model.flow.num_stages)]
+    assert terms == mean_terms  # the same draws, the same per-stage means
+    counts = torch.bincount(torch.arange(batch) % len(stages), minlength=len(stages))  # balanced assignment
+    assert sum_loss.item() == pytest.approx(sum(stages).item(), rel=1e-6)
+    assert mean_loss.item() == pytest.approx(sum(n * s for n, s in zip(counts, stages)).item() / batch, rel=1e-6)
+    if batch % len(stages) == 0:
+        assert sum_loss.item() == pytest.approx(len(stages) * mean_loss.item(), rel=1e-6)
+
+
+def test_paper_presets_take_the_reference_loss():
+    for preset in ("paper-256", "paper-512", "paper-256-s3"):
+        f = load_config(preset).model.flow
+        assert (f.loss_weighting, f.sigmoid_bias, f.loss_reduction) == ("sigmoid_local", -3.0, "sample_mean"), preset
+    f = load_config("tiny-64").model.flow  # the small-scale recipe keeps what issue 12 measured
+    assert (f.loss_weighting, f.loss_reduction) == ("none", "stage_sum")
+
+
+def test_info_prints_the_effective_recipe(capsys):
+    import json
+
+    from msdd.cli import main
+
+    assert main(["info", "--preset", "paper-256"]) == 0
+    recipe = json.loads(capsys.readouterr().out)["recipe"]
+    assert recipe["stage1"]["loss_weighting"] == "sigmoid_local" and recipe["stage1"]["loss_reduction"] == "sample_mean"
+    assert recipe["stage1"]["ema_decay"] == 0.9999 and recipe["stage2"]["discriminator"] == "dino"
