@@ -67,3 +67,20 @@ def test_info_prints_the_effective_recipe(capsys):
     recipe = json.loads(capsys.readouterr().out)["recipe"]
     assert recipe["stage1"]["loss_weighting"] == "sigmoid_local" and recipe["stage1"]["loss_reduction"] == "sample_mean"
     assert recipe["stage1"]["ema_decay"] == 0.9999 and recipe["stage2"]["discriminator"] == "dino"
+
+
+def test_time_embedding_scale():
+    """D8: the decoder's sinusoidal time embedding sees time_scale * tau (the reference: tau itself)."""
+    import math
+
+    from msdd.models.layers import TimestepEmbedder
+
+    tau = torch.tensor([0.5])
+    for scale in (1.0, 1000.0):
+        emb = TimestepEmbedder(8, freq_dim=4, time_scale=scale)
+        args = [0.5 * scale * 1.0, 0.5 * scale * 0.01]  # frequencies exp(-ln(10^4) * [0, 1] / 2) = 1, 0.01
+        by_hand = torch.tensor([[math.cos(args[0]), math.cos(args[1]), math.sin(args[0]), math.sin(args[1])]])
+        assert torch.allclose(emb(tau), emb.mlp(by_hand), atol=1e-6), scale
+    assert load_config("paper-256").model.decoder.time_scale == 1.0
+    assert load_config("paper-512").model.decoder.time_scale == 1.0
+    assert load_config("tiny-64").model.decoder.time_scale == 1000.0  # the shipped models' setting

@@ -61,6 +61,14 @@ class DecoderConfig(TransformerConfig):
 
     section: ClassVar[str] = "model.decoder"
 
+    # the sinusoidal time embedding sees time_scale * tau (tau in [0, 1]): 1000 spreads tau over its
+    # frequencies (DiT's convention); the paper's reference code feeds tau itself (1.0, issue 15 D8)
+    time_scale: float = 1000.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check(self.time_scale > 0, f"{self.section}.time_scale", f"must be > 0, got {self.time_scale}")
+
 
 @dataclass(frozen=True)
 class FlowConfig:

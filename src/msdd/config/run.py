@@ -90,6 +90,15 @@ class DistillConfig(StepsConfig):
     teacher_steps: int = 1
     discriminator: Literal["dino", "patch"] = "dino"
     perceptual: Literal["lpips", "none"] = "lpips"
+    # the reference code's stage-2 optimiser (issue 15, D12): lr and disc_lr scaled by batch_size /
+    # lr_reference_batch when > 0 (there: 256), and the discriminator's gradient norm clipped when > 0
+    lr_reference_batch: int = 0
+    disc_grad_clip: float = 0.0
+
+    @property
+    def lr_batch_factor(self) -> float:
+        """What `lr` and `disc_lr` are multiplied by: batch_size / lr_reference_batch, or 1."""
+        return self.batch_size / self.lr_reference_batch if self.lr_reference_batch else 1.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -100,6 +109,8 @@ class DistillConfig(StepsConfig):
         check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
         check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))
         check_choice(self.perceptual, f"{prefix}.perceptual", ("lpips", "none"))
+        check(self.lr_reference_batch >= 0, f"{prefix}.lr_reference_batch", "must be >= 0 (0: no batch scaling)")
+        check(self.disc_grad_clip >= 0, f"{prefix}.disc_grad_clip", "must be >= 0 (0: no clipping)")
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ class Decoder(nn.Module):
         self.refiner = Refiner(*refiner) if linear_path and refiner[0] > 0 else None
         self.patch_embed = nn.Linear((6 if linear_path else 3) * p * p, w)
         self.context_embed = nn.Linear(latent_dim, w)
-        self.t_embed = TimestepEmbedder(w)
+        self.t_embed = TimestepEmbedder(w, time_scale=cfg.time_scale)
         self.null_context = nn.Parameter(torch.randn(1, latent_tokens, latent_dim))
         self.blocks = nn.ModuleList(
             JointBlock(w, cfg.heads, cfg.mlp_hidden, modulated=True, ctx_pre_only=(i == cfg.depth - 1))

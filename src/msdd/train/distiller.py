@@ -102,12 +102,12 @@ class DistillerBase(TrainerBase):
                 f"distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set distill.perceptual=none "
                 "to distil without it")
         lin = self.student.decoder.from_linear
-        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr, cfg.train.betas,
+        self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr * dc.lr_batch_factor, cfg.train.betas,
                                   slow=lin.parameters() if lin is not None else (),
                                   slow_scale=cfg.train.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
         if self.disc is not None:
-            self.opt_d = make_optimizer(self.disc_params, dc.disc_lr, cfg.train.betas)
+            self.opt_d = make_optimizer(self.disc_params, dc.disc_lr * dc.lr_batch_factor, cfg.train.betas)
             self.sched_d = cosine_schedule(self.opt_d, dc.warmup_steps, dc.max_steps, cfg.train.min_lr_ratio)
         self.teacher_hash = file_sha256(self.teacher_dir / "model.safetensors")
         self.eval_images = build_eval_images(cfg.data.eval_source, cfg.model.image_size, limit=8)[0]
@@ -157,10 +157,14 @@ class DistillerBase(TrainerBase):
         self.opt.step()
         self.sched.step()
         self.ema.update(self.student)
+        logs = {"grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0]}
         if self.disc is not None:
+            if self.cfg.distill.disc_grad_clip > 0:
+                logs["disc_grad_norm"] = torch.nn.utils.clip_grad_norm_(self.disc_params,
+                                                                        self.cfg.distill.disc_grad_clip).item()
             self.opt_d.step()
             self.sched_d.step()
-        return {"grad_norm": grad_norm.item(), "lr": self.sched.get_last_lr()[0]}
+        return logs
 
     def write_grid(self, images: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> Path:
         """real | teacher | student | |student - real| x 4 (the error of `student` as given), clamped to [-1, 1]."""
