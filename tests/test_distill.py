@@ -219,3 +219,18 @@ def test_reference_optimiser_options(teacher_dir, tmp_path):
     assert out["disc_grad_norm"] > 0.001 and clipped.item() == pytest.approx(0.001, rel=1e-3)
     plain = Distiller(base, teacher_dir, tmp_path / "p")
     assert plain.opt.param_groups[0]["initial_lr"] == pytest.approx(base.distill.lr)
+
+
+def test_adaptive_weight_against_the_reference_term(teacher_dir, tmp_path):
+    """Issue 15 D6: `adaptive_of=reference` balances against L_rec (here no pixel or LPIPS term), ours
+    against lambda_rec * L_rec / (1 + u): the two weights differ by exactly lambda_rec / (1 + u)."""
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    logs = {}
+    for mode in ("total", "reference"):
+        d = Distiller(tiny_config("distill.batch_size=4", "distill.lambda_pix=0", "distill.perceptual=none",
+                                  f"distill.adaptive_of={mode}"), teacher_dir, tmp_path / mode)
+        logs[mode] = d.micro_step(images, torch.Generator().manual_seed(3))[1]
+    total, ref = logs["total"], logs["reference"]
+    assert total["u"] == ref["u"] and total["l_rec"] == ref["l_rec"] and ref["lambda_adv"] > 0
+    lam_rec = tiny_config().distill.lambda_rec
+    assert total["lambda_adv"] / ref["lambda_adv"] == pytest.approx(lam_rec / (1 + total["u"]), rel=1e-3)  # fp32 grads

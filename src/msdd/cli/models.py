@@ -59,7 +59,8 @@ def _recipe(cfg) -> dict:
                    "max_steps": d.max_steps,
                    "ema_decay": d.ema_decay, "discriminator": d.discriminator, "perceptual": d.perceptual,
                    "lambda_rec": d.lambda_rec, "lambda_perc": d.lambda_perc, "lambda_adv": d.lambda_adv,
-                   "lambda_pix": d.lambda_pix, "adaptive_adv": d.adaptive_adv, "teacher_cfg": d.cfg},
+                   "lambda_pix": d.lambda_pix, "adaptive_adv": d.adaptive_adv, "adaptive_of": d.adaptive_of,
+                   "teacher_cfg": d.cfg},
     }
 
 

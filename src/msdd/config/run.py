@@ -85,6 +85,9 @@ class DistillConfig(StepsConfig):
     # LPIPS): ties the student to the real image when no VGG16 file is available for LPIPS.
     lambda_pix: float = 0.0
     adaptive_adv: bool = True
+    # what the adaptive weight balances L_adv against: "total" (the whole non-adversarial term) or
+    # "reference" (L_rec + lambda_perc L_perc, unweighted, as the reference code: issue 15 D6)
+    adaptive_of: Literal["total", "reference"] = "total"
     adv_start_step: int = 0
     cfg: float = 1.0  # the teacher's guidance scale (`guidance` in the API); this name is stored in model files
     teacher_steps: int = 1
@@ -109,6 +112,7 @@ class DistillConfig(StepsConfig):
         check(self.teacher_steps >= 1, f"{prefix}.teacher_steps", "must be >= 1")
         check_choice(self.discriminator, f"{prefix}.discriminator", ("dino", "patch"))
         check_choice(self.perceptual, f"{prefix}.perceptual", ("lpips", "none"))
+        check_choice(self.adaptive_of, f"{prefix}.adaptive_of", ("total", "reference"))
         check(self.lr_reference_batch >= 0, f"{prefix}.lr_reference_batch", "must be >= 0 (0: no batch scaling)")
         check(self.disc_grad_clip >= 0, f"{prefix}.disc_grad_clip", "must be >= 0 (0: no clipping)")
 

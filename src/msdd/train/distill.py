@@ -19,7 +19,9 @@ Per step, for real images x and latents z = E(x) (the frozen, shared encoder):
               L_adv  = hinge generator loss of the discriminator on student_final
               total  = lambda_adv' L_adv + lambda_rec (L_rec / (1 + u) + lambda_perc L_perc + lambda_pix L_pix)
               lambda_adv' = lambda_adv * |grad L_nonadv| / |grad L_adv| at the decoder's last layer,
-              clamped to [0, 1e4] (adaptive weight), 0 before distill.adv_start_step
+              clamped to [0, 1e4] (adaptive weight), 0 before distill.adv_start_step; with
+              distill.adaptive_of=reference the numerator is that of L_rec + lambda_perc L_perc
+              (+ lambda_pix L_pix), without lambda_rec and 1 / (1 + u), as the reference code
     discriminator  hinge loss (fp32) on x vs the detached student image, its own AdamW and schedule
 
 The student is saved as a normal msdd model marked `one_step` (decodes with one step per stage).
@@ -129,13 +131,20 @@ class Distiller(DistillerBase):
             if self.perceptual is not None:
                 l_perc = self.perceptual(x_student, images).mean()
                 non_adv = non_adv + dc.lambda_perc * l_perc
+            # the adaptive weight balances the adversarial gradient against this term ("total"), or against
+            # L_rec + lambda_perc L_perc (+ lambda_pix L_pix) unweighted, as the reference code ("reference")
+            balance = None
+            if dc.adaptive_of == "reference":
+                balance = l_rec + sum(lam_ * term for lam_, term in ((dc.lambda_pix, l_pix), (dc.lambda_perc, l_perc))
+                                      if term is not None)
             non_adv = dc.lambda_rec * non_adv
             use_adv = dc.lambda_adv > 0 and self.step >= dc.adv_start_step
             fake_logits = self.disc(x_student) if use_adv else None
         l_adv = hinge_g_loss(fake_logits) if use_adv else torch.zeros((), device=self.device)
         lam = torch.zeros((), device=self.device)
         if use_adv:
-            lam = (adaptive_weight(non_adv, l_adv, self.student.decoder.final.linear.weight) * dc.lambda_adv
+            lam = (adaptive_weight(non_adv if balance is None else balance, l_adv,
+                                   self.student.decoder.final.linear.weight) * dc.lambda_adv
                    if dc.adaptive_adv else torch.tensor(dc.lambda_adv, device=self.device))
         loss = non_adv + lam * l_adv
         for p in self.disc_params:  # the heads train; a frozen DINO ViT stays frozen
