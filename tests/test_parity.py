@@ -84,3 +84,25 @@ def test_time_embedding_scale():
     assert load_config("paper-256").model.decoder.time_scale == 1.0
     assert load_config("paper-512").model.decoder.time_scale == 1.0
     assert load_config("tiny-64").model.decoder.time_scale == 1000.0  # the shipped models' setting
+
+
+def test_cross_rope_base_on_both_axes():
+    """D9: context token i sits at (row = grid, column = i); "cross" scales the base by L / grid on the
+    column axis only, "cross_both" on both (the reference)."""
+    import math
+
+    from msdd.models.layers import rope_angles
+
+    grid, full, L, head_dim = 4, 8, 16, 16  # 4 pairs per axis; base' = 10^4 * 16 / 4 = 4 * 10^4
+    quarter = head_dim // 4
+    cross = rope_angles(grid, full, L, head_dim, "cross")[grid * grid:]
+    both = rope_angles(grid, full, L, head_dim, "cross_both")[grid * grid:]
+    i, j = 5, 1  # context token 5, second frequency of each axis
+    assert cross[i, j].item() == pytest.approx(grid * 10000.0 ** (-j / quarter))
+    assert both[i, j].item() == pytest.approx(grid * 40000.0 ** (-j / quarter))
+    assert cross[i, quarter + j].item() == both[i, quarter + j].item() == pytest.approx(i * 40000.0 ** (-j / quarter))
+    assert torch.equal(rope_angles(grid, full, L, head_dim, "cross")[:grid * grid],
+                       rope_angles(grid, full, L, head_dim, "cross_both")[:grid * grid])  # image tokens unchanged
+    assert math.isclose(both[i, 0].item(), cross[i, 0].item())  # frequency 0 has no base
+    assert load_config("paper-256").model.decoder.context_pos == "cross_both"
+    assert load_config("tiny-64").model.decoder.context_pos == "cross"

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-POS_SCHEMES = ("none", "1d", "cross")
+POS_SCHEMES = ("none", "1d", "cross", "cross_both")
 FAMILIES = ("msdd", "ssdd", "plain")
 SSDD_LATENT_FACTOR = 8  # the SSDD latent map (spatial latent, or the token latent mapped) is at 1/8 resolution
 
@@ -33,8 +33,9 @@ class TransformerConfig:
     heads: int = 4
     mlp_hidden: int = 344
     patch_size: int = 4
-    # Positions of the second (context / register) stream: none, 1d RoPE, or cross-RoPE (SPEC 4).
-    context_pos: Literal["none", "1d", "cross"] = "cross"
+    # Positions of the second (context / register) stream: none, 1d RoPE, or cross-RoPE (SPEC 4) with
+    # the base scaled on the column axis ("cross") or on both axes ("cross_both", the reference code: D9).
+    context_pos: Literal["none", "1d", "cross", "cross_both"] = "cross"
 
     def __post_init__(self) -> None:
         prefix = self.section

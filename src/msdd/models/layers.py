@@ -35,7 +35,8 @@ def rope_angles(
     Image tokens use 2D RoPE (half of the rotated pairs for rows, half for columns, base 10000) on the
     positions of the centred `grid` x `grid` crop of the `full_grid` x `full_grid` final-stage grid.
     Context tokens: "none" -> no rotation; "1d" -> token index over all pairs; "cross" -> the position
-    (row = grid, column = i) with base 10000 * L / grid on the column axis (SPEC 4).
+    (row = grid, column = i) with base 10000 * L / grid on the column axis (SPEC 4); "cross_both" -> the
+    same position with that base on both axes (the paper's reference code).
     Returns float64 angles of shape (grid*grid + num_context, head_dim // 2).
     """
     half = head_dim // 2  # rotated pairs
@@ -50,12 +51,13 @@ def rope_angles(
         ctx = torch.zeros(num_context, half, dtype=torch.float64)
     elif context_pos == "1d":
         ctx = _angles(idx, half, 10000.0)
-    elif context_pos == "cross":
+    elif context_pos in ("cross", "cross_both"):
         row = torch.full((num_context,), float(grid), dtype=torch.float64)
         col_base = 10000.0 * num_context / grid
-        ctx = torch.cat([_angles(row, quarter, 10000.0), _angles(idx, quarter, col_base)], dim=-1)
+        row_base = col_base if context_pos == "cross_both" else 10000.0
+        ctx = torch.cat([_angles(row, quarter, row_base), _angles(idx, quarter, col_base)], dim=-1)
     else:
-        raise ValueError(f"unknown context_pos {context_pos!r}; expected one of ['none', '1d', 'cross']")
+        raise ValueError(f"unknown context_pos {context_pos!r}; expected one of ['none', '1d', 'cross', 'cross_both']")
     return torch.cat([img, ctx], dim=0)
 
 
