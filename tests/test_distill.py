@@ -234,3 +234,18 @@ def test_adaptive_weight_against_the_reference_term(teacher_dir, tmp_path):
     assert total["u"] == ref["u"] and total["l_rec"] == ref["l_rec"] and ref["lambda_adv"] > 0
     lam_rec = tiny_config().distill.lambda_rec
     assert total["lambda_adv"] / ref["lambda_adv"] == pytest.approx(lam_rec / (1 + total["u"]), rel=1e-3)  # fp32 grads
+
+
+def test_student_sees_the_null_context(teacher_dir, tmp_path, monkeypatch):
+    """Issue 15 D11: with student_cfg_drop the student's (and teacher's) latents pass through drop_context."""
+    import msdd.train.distill as distill_module
+
+    seen = []
+    real = distill_module.drop_context
+    monkeypatch.setattr(distill_module, "drop_context", lambda *a: seen.append(a[2]) or real(*a))
+    d = Distiller(tiny_config("distill.batch_size=4", "distill.student_cfg_drop=0.5"), teacher_dir, tmp_path / "d")
+    d.micro_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
+    assert seen == [0.5]
+    d = Distiller(tiny_config("distill.batch_size=4"), teacher_dir, tmp_path / "e")
+    d.micro_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
+    assert seen == [0.5]  # off by default

@@ -106,3 +106,18 @@ def test_cross_rope_base_on_both_axes():
     assert math.isclose(both[i, 0].item(), cross[i, 0].item())  # frequency 0 has no base
     assert load_config("paper-256").model.decoder.context_pos == "cross_both"
     assert load_config("tiny-64").model.decoder.context_pos == "cross"
+
+
+def test_context_drop_rate():
+    """D11 (and stage 1's cfg_drop): each latent is replaced by the null context with probability `rate`,
+    measured over many samples (3 sigma of a binomial; a wrong rate or a per-batch drop fails)."""
+    from msdd.flow.path import drop_context
+
+    n, rate = 20_000, 0.1
+    z, null = torch.ones(n, 2, 3), torch.zeros(1, 2, 3)
+    out = drop_context(z, null, rate, torch.Generator().manual_seed(0))
+    dropped = (out == 0).all(dim=(1, 2))
+    assert ((out == 0) | (out == 1)).all() and (dropped | (out == 1).all(dim=(1, 2))).all()  # whole latents
+    sigma = (n * rate * (1 - rate)) ** 0.5
+    assert abs(dropped.sum().item() - n * rate) < 3 * sigma
+    assert load_config("paper-256").distill.student_cfg_drop == 0.1 and load_config("tiny-64").distill.student_cfg_drop == 0

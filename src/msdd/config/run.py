@@ -97,6 +97,9 @@ class DistillConfig(StepsConfig):
     # lr_reference_batch when > 0 (there: 256), and the discriminator's gradient norm clipped when > 0
     lr_reference_batch: int = 0
     disc_grad_clip: float = 0.0
+    # the share of student passes decoded from the null context (the teacher's targets too), so that the
+    # student keeps an unconditional mode for guidance (the reference code: 0.1, issue 15 D11)
+    student_cfg_drop: float = 0.0
 
     @property
     def lr_batch_factor(self) -> float:
@@ -115,6 +118,7 @@ class DistillConfig(StepsConfig):
         check_choice(self.adaptive_of, f"{prefix}.adaptive_of", ("total", "reference"))
         check(self.lr_reference_batch >= 0, f"{prefix}.lr_reference_batch", "must be >= 0 (0: no batch scaling)")
         check(self.disc_grad_clip >= 0, f"{prefix}.disc_grad_clip", "must be >= 0 (0: no clipping)")
+        check(0 <= self.student_cfg_drop < 1, f"{prefix}.student_cfg_drop", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)

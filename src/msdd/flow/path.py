@@ -131,6 +131,13 @@ def sigmoid_weight(t: torch.Tensor, bias: float) -> torch.Tensor:
     return torch.sigmoid(bias - 2 * torch.log((1 - t) / t))
 
 
+def drop_context(z: torch.Tensor, null_context: torch.Tensor, rate: float, generator) -> torch.Tensor:
+    """z (B, L, C) with each sample's latent replaced by the null context with probability `rate` (the
+    unconditional passes classifier-free guidance needs)."""
+    drop = torch.rand((z.shape[0],), generator=generator, device=generator.device if generator else "cpu") < rate
+    return torch.where(drop.to(z.device).view(-1, 1, 1), null_context.expand_as(z), z)
+
+
 def local_sigmoid_weight(r: torch.Tensor, bias: float) -> torch.Tensor:
     """The reference code's weighting on a stage's local time r: -1/2 dlogSNR/dr * exp(bias) *
     sigmoid(logSNR(r) - bias), logSNR(r) = 2 log((1 - r) / r), so -1/2 dlogSNR/dr = 1 / (r (1 - r))."""
@@ -169,8 +176,7 @@ def flow_loss(
     if cfg_drop > 0:
         if null_context is None:
             raise ValueError("cfg_drop > 0 needs the decoder's null context")
-        drop = torch.rand((b,), generator=generator, device=generator.device if generator else "cpu") < cfg_drop
-        z = torch.where(drop.to(z.device).view(-1, 1, 1), null_context.expand_as(z), z)
+        z = drop_context(z, null_context, cfg_drop, generator)
     assign = balanced_stages(b, len(windows), generator).to(images.device)
     total = images.new_zeros(())
     per_stage: dict[int, torch.Tensor] = {}

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from msdd.config import Config, ModelConfig
-from msdd.flow.path import noisy_at, randn, stage_ends
+from msdd.flow.path import drop_context, noisy_at, randn, stage_ends
 from msdd.flow.sampler import SampleResult, sample_multiscale
 from msdd.flow.schedule import stage_of_tau
 from msdd.models.discriminator import hinge_d_loss, hinge_g_loss
@@ -112,6 +112,8 @@ class Distiller(DistillerBase):
         self.student.decoder.train()
         with torch.no_grad(), autocast(self.device, bf16):
             z = self.teacher.encoder(images).float()
+        if dc.student_cfg_drop > 0:  # null context for a share of the passes, the teacher's targets too
+            z = drop_context(z, self.student.decoder.null_context.detach(), dc.student_cfg_drop, generator)
         u = torch.rand((), generator=generator, device=generator.device).item()
         self.disc.requires_grad_(False)
         with autocast(self.device, bf16):
