@@ -121,3 +121,18 @@ def test_context_drop_rate():
     sigma = (n * rate * (1 - rate)) ** 0.5
     assert abs(dropped.sum().item() - n * rate) < 3 * sigma
     assert load_config("paper-256").distill.student_cfg_drop == 0.1 and load_config("tiny-64").distill.student_cfg_drop == 0
+
+
+def test_reference_initialisation():
+    """D10: init=reference gives PyTorch's default init to the adaLN and final layers (adaLN-zero
+    otherwise) and encoder registers of std 1 (0.02 otherwise)."""
+    for init, zero, reg_std in (("zero", True, 0.02), ("reference", False, 1.0)):
+        cfg = load_config("tiny-64", ["model.linear_path=false", "model.flow.prediction=v",
+                                      f"model.encoder.init={init}", f"model.decoder.init={init}"]).model
+        torch.manual_seed(0)
+        tok = Tokenizer(cfg)
+        adaln = [m.weight for n, m in tok.decoder.named_modules() if n.endswith("adaln")]
+        assert len(adaln) == cfg.decoder.depth * 2 + 1  # two streams per block + the final layer
+        assert all(bool((w == 0).all()) == zero for w in adaln + [tok.decoder.final.linear.weight]), init
+        assert tok.encoder.registers.std().item() == pytest.approx(reg_std, rel=0.1), init
+    assert load_config("paper-256").model.decoder.init == "reference" == load_config("paper-256").model.encoder.init

@@ -36,10 +36,14 @@ class TransformerConfig:
     # Positions of the second (context / register) stream: none, 1d RoPE, or cross-RoPE (SPEC 4) with
     # the base scaled on the column axis ("cross") or on both axes ("cross_both", the reference code: D9).
     context_pos: Literal["none", "1d", "cross", "cross_both"] = "cross"
+    # zero: adaLN-zero blocks, a zero final layer, encoder registers of std 0.02; reference: PyTorch's
+    # default init and registers of std 1, as the paper's reference code (issue 15 D10)
+    init: Literal["zero", "reference"] = "zero"
 
     def __post_init__(self) -> None:
         prefix = self.section
         check_choice(self.context_pos, f"{prefix}.context_pos", POS_SCHEMES)
+        check_choice(self.init, f"{prefix}.init", ("zero", "reference"))
         for name in ("depth", "width", "heads", "mlp_hidden", "patch_size"):
             check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
         check(self.width % self.heads == 0, f"{prefix}.heads",

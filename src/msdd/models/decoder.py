@@ -72,6 +72,10 @@ class Decoder(nn.Module):
         )
         self.final = FinalLayer(w, 3 * p * p)
         self.rope = RopeCache(image_size // p, latent_tokens, w // cfg.heads, cfg.context_pos)
+        if cfg.init == "reference":  # PyTorch's default init, not adaLN-zero and a zero final layer (D10)
+            for name, m in self.named_modules():
+                if name.endswith("adaln") or name == "final.linear":
+                    m.reset_parameters()
 
     def linear_image(self, z: torch.Tensor, resolution: int) -> torch.Tensor:
         """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`, then refined there by the

@@ -27,7 +27,8 @@ class Encoder(nn.Module):
         w, p = cfg.width, cfg.patch_size
         self.grid = image_size // p
         self.patch_embed = nn.Conv2d(3, w, kernel_size=p, stride=p)
-        self.registers = nn.Parameter(torch.randn(1, latent_tokens, w) * 0.02)
+        # registers: std 0.02 (ViT's convention) or 1 (model.encoder.init=reference, the reference code)
+        self.registers = nn.Parameter(torch.randn(1, latent_tokens, w) * (1.0 if cfg.init == "reference" else 0.02))
         self.blocks = nn.ModuleList(
             JointBlock(w, cfg.heads, cfg.mlp_hidden, modulated=False, img_pre_only=(i == cfg.depth - 1))
             for i in range(cfg.depth)
