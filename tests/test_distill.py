@@ -249,3 +249,34 @@ def test_student_sees_the_null_context(teacher_dir, tmp_path, monkeypatch):
     d = Distiller(tiny_config("distill.batch_size=4"), teacher_dir, tmp_path / "e")
     d.micro_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.Generator().manual_seed(0))
     assert seen == [0.5]  # off by default
+
+
+def test_reference_dino_heads(tmp_path):
+    """Issue 15 D7: the reference code's heads, 384 wide: 5 x (384 x 384 + 384 (1x1 in) + 768 (BatchNorm)
+    + 384 x 384 x 9 + 384 (kernel-9 residual) + 385 (1x1 out)) = 7,382,405 trainable parameters (ours: 986,245);
+    the CLS token is added to every patch token; training-mode inputs are randomly cropped."""
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0)
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(vit.state_dict(), path)
+    ref, small = build_discriminator("dino", path, reference_heads=True), build_discriminator("dino", path)
+    count = lambda d: sum(p.numel() for p in d.heads.parameters())  # noqa: E731
+    assert count(ref) == 7_382_405 and count(small) == 986_245
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        f_ref, f_small = ref.features(x), small.features(x)
+        h = ref.vit._pos_embed(ref.vit.patch_embed(torch.nn.functional.interpolate(
+            ((x + 1) / 2 - ref.mean) / ref.std, size=(224, 224), mode="bilinear", align_corners=False, antialias=True)))
+        assert torch.allclose(f_ref[0] - f_small[0], h[:, :1].expand_as(f_ref[0]), atol=1e-5)
+        torch.manual_seed(0)
+        ref.train()
+        train_logits = ref(x)
+        ref.eval()
+        assert train_logits.shape == ref(x).shape == (2, 5 * 196)
+    from msdd.models.discriminator import random_crops
+
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.rand(64, 3, 32, 32)
+    assert torch.equal(random_crops(imgs, 0.0, g), imgs)
+    changed = (random_crops(imgs, 0.5, g) != imgs).flatten(1).any(1)
+    assert changed.shape == (64,) and 16 <= changed.sum().item() <= 48  # about half the images

@@ -100,6 +100,9 @@ class DistillConfig(StepsConfig):
     # the share of student passes decoded from the null context (the teacher's targets too), so that the
     # student keeps an unconditional mode for guidance (the reference code: 0.1, issue 15 D11)
     student_cfg_drop: float = 0.0
+    # the DINO discriminator's heads: "small" (128 wide, GroupNorm: 0.99M) or "reference" (the reference
+    # code's: 384 wide, BatchNorm, residual / sqrt(2), CLS token added, random crops: 7.38M; D7)
+    disc_heads: Literal["small", "reference"] = "small"
 
     @property
     def lr_batch_factor(self) -> float:
@@ -119,6 +122,7 @@ class DistillConfig(StepsConfig):
         check(self.lr_reference_batch >= 0, f"{prefix}.lr_reference_batch", "must be >= 0 (0: no batch scaling)")
         check(self.disc_grad_clip >= 0, f"{prefix}.disc_grad_clip", "must be >= 0 (0: no clipping)")
         check(0 <= self.student_cfg_drop < 1, f"{prefix}.student_cfg_drop", "must be in [0, 1)")
+        check_choice(self.disc_heads, f"{prefix}.disc_heads", ("small", "reference"))
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,8 @@ class DistillerBase(TrainerBase):
         self.ema = EMA(self.student, dc.ema_decay)
         self.disc, self.disc_params = None, []
         if self.adversarial:
-            self.disc = build_discriminator(dc.discriminator, dino_weights).to(self.device)
+            self.disc = build_discriminator(dc.discriminator, dino_weights,
+                                            reference_heads=dc.disc_heads == "reference").to(self.device)
             self.disc_params = [p for p in self.disc.parameters() if p.requires_grad]  # the heads, not a frozen ViT
         self.perceptual = None
         if dc.perceptual == "lpips" and dc.lambda_perc > 0:
