@@ -67,6 +67,9 @@ def test_info_prints_the_effective_recipe(capsys):
     recipe = json.loads(capsys.readouterr().out)["recipe"]
     assert recipe["stage1"]["loss_weighting"] == "sigmoid_local" and recipe["stage1"]["loss_reduction"] == "sample_mean"
     assert recipe["stage1"]["ema_decay"] == 0.9999 and recipe["stage2"]["discriminator"] == "dino"
+    assert recipe["stage2"]["lr"] == pytest.approx(1e-4 * 128 / 256) and recipe["stage2"]["disc_heads"] == "reference"
+    assert recipe["networks"] == {"init": ["reference", "reference"], "context_pos": ["cross_both", "cross_both"],
+                                  "time_scale": 1.0}
 
 
 def test_time_embedding_scale():

@@ -49,6 +49,9 @@ def _recipe(cfg) -> dict:
     check before paying for GPUs."""
     f, t, d = cfg.model.flow, cfg.train, cfg.distill
     return {
+        "networks": {"init": [cfg.model.encoder.init, cfg.model.decoder.init],
+                     "context_pos": [cfg.model.encoder.context_pos, cfg.model.decoder.context_pos],
+                     "time_scale": cfg.model.decoder.time_scale},
         "stage1": {"loss_weighting": f.loss_weighting, "sigmoid_bias": f.sigmoid_bias, "loss_reduction": f.loss_reduction,
                    "t_sampling": f.t_sampling, "prediction": f.prediction, "lpips_weight": f.lpips_weight,
                    "cfg_drop": f.cfg_drop, "batch_size": t.batch_size, "lr": t.lr, "warmup_steps": t.warmup_steps,
@@ -57,7 +60,8 @@ def _recipe(cfg) -> dict:
         "stage2": {"batch_size": d.batch_size, "lr": d.lr * d.lr_batch_factor, "disc_lr": d.disc_lr * d.lr_batch_factor,
                    "lr_reference_batch": d.lr_reference_batch, "disc_grad_clip": d.disc_grad_clip,
                    "max_steps": d.max_steps,
-                   "ema_decay": d.ema_decay, "discriminator": d.discriminator, "perceptual": d.perceptual,
+                   "ema_decay": d.ema_decay, "discriminator": d.discriminator, "disc_heads": d.disc_heads,
+                   "student_cfg_drop": d.student_cfg_drop, "perceptual": d.perceptual,
                    "lambda_rec": d.lambda_rec, "lambda_perc": d.lambda_perc, "lambda_adv": d.lambda_adv,
                    "lambda_pix": d.lambda_pix, "adaptive_adv": d.adaptive_adv, "adaptive_of": d.adaptive_of,
                    "teacher_cfg": d.cfg},
