@@ -310,7 +310,7 @@ class Tokenizer(nn.Module):
         from msdd.hub import push_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, **{k: v for k, v in getattr(self, "metadata", {}).items()
+            self.save_pretrained(tmp, **{k: v for k, v in (getattr(self, "metadata", None) or {}).items()
                                          if k not in ("format", "format_version", "model")})
             return push_model(tmp, repo_id, private=private, token=token, evaluation=evaluation)
 

@@ -17,6 +17,7 @@ same seed gives the PyTorch decode's image (up to float rounding). onnxruntime, 
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -87,7 +88,7 @@ def export_onnx(model, out_dir: str | Path, steps: int | Sequence[int] | None = 
     tok = model if isinstance(model, Tokenizer) else Tokenizer.from_pretrained(model)
     if not tok.family.multi_scale:
         raise ValueError(f"ONNX export covers multi-scale (msdd family) models; this one is {tok.config.family!r}")
-    tok = tok.float().eval().cpu()
+    tok = (copy.deepcopy(tok) if tok is model else tok).float().eval().cpu()  # the caller's model stays as it is
     steps, guidance = tok.resolve_steps(steps), tok.resolve_guidance(guidance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
