@@ -1,0 +1,83 @@
+"""Where a student decode spends its time (issue 16, item 1): torch.profiler over one-step-per-stage decodes
+of random paper-256 weights, CPU self time grouped into linear, attention, norms, modulation/elementwise,
+noise and copies.
+
+    python benchmarks/profile_student.py --preset paper-256 --batch-size 1 --dtype fp32 \
+        --out benchmarks/results/profile/paper-256-fp32-b1.json
+"""
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from msdd.config import load_config
+from msdd.families import family_of
+
+GROUPS = [  # (group, substrings of aten op names), first match wins
+    ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),
+    ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("norms", ("layer_norm", "group_norm", "native_layer_norm")),
+    ("noise", ("randn", "normal_", "uniform_")),
+    ("copies / layout", ("copy_", "clone", "contiguous", "cat", "_to_copy", "permute", "reshape", "view",
+                         "expand", "transpose", "stack", "unsqueeze", "slice", "select", "as_strided")),
+    ("modulation / RoPE / elementwise", ("mul", "add", "sub", "silu", "gelu", "neg", "sigmoid", "exp", "cos",
+                                         "sin", "div", "pow", "mean", "clamp", "where", "tanh", "sum")),
+]
+
+
+def group_of(name: str) -> str:
+    for group, keys in GROUPS:
+        if any(k in name for k in keys):
+            return group
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="paper-256")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    cfg = load_config(a.preset).model
+    family = family_of(cfg)
+    torch.manual_seed(0)
+    decoder = family.build_decoder().eval()
+    z = torch.randn(a.batch_size, *cfg.latent_shape)
+    steps = (1,) * family.num_step_entries
+
+    def decode():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=a.dtype == "bf16"):
+            family.sample(decoder, z, steps, 1.0, torch.Generator().manual_seed(0))
+
+    decode()  # warm-up
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(a.rounds):
+            decode()
+    ops = defaultdict(float)
+    for e in prof.key_averages():
+        ops[e.key] += e.self_cpu_time_total / 1e6 / a.rounds
+    total = sum(ops.values())
+    groups = defaultdict(float)
+    for name, s in ops.items():
+        groups[group_of(name)] += s
+    result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "seconds_per_decode": round(total, 3),
+              "groups": {g: {"seconds": round(s, 3), "share": round(s / total, 4)}
+                         for g, s in sorted(groups.items(), key=lambda kv: -kv[1])},
+              "top_ops": [{"op": n, "seconds": round(s, 4), "share": round(s / total, 4)}
+                          for n, s in sorted(ops.items(), key=lambda kv: -kv[1])[:15]]}
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+    for g, v in result["groups"].items():
+        print(f"{g:34s} {v['seconds']:8.3f} s  {100 * v['share']:5.1f}%")
+    print(f"total self CPU time per decode: {total:.3f} s")
+
+
+if __name__ == "__main__":
+    main()
