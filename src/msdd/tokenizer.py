@@ -264,25 +264,27 @@ class Tokenizer(nn.Module):
         if "cfg" in decode_kwargs:
             decode_kwargs["guidance"] = _renamed_guidance(decode_kwargs.pop("guidance", None), decode_kwargs.pop("cfg"),
                                                           stacklevel=3)
-        tiled = self._images_to_tile(images, tile_overlap)
-        if tiled is None:
-            return self.decode(self.encode(images, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
+        prepared = self._reconstruct_input(images, tile_overlap)
+        if isinstance(prepared, torch.Tensor):  # one batch at the model's size
+            return self.decode(self.encode(prepared, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
         from msdd.tiles import reconstruct_tiled
 
         seed = decode_kwargs.pop("seed", 0)
         if decode_kwargs.pop("generator", None) is not None:
             raise ValueError("a tiled reconstruction seeds every tile from `seed`; pass seed=, not generator=")
-        out = [reconstruct_tiled(self, x, tile_overlap, key=i, seed=seed, **decode_kwargs) for i, x in enumerate(tiled)]
+        out = [reconstruct_tiled(self, x, tile_overlap, key=i, seed=seed, **decode_kwargs)
+               for i, x in enumerate(prepared)]
         return torch.stack(out).to(self.device) if isinstance(images, (torch.Tensor, np.ndarray)) else out
 
-    def _images_to_tile(self, images, tile_overlap: int | None) -> list[torch.Tensor] | None:
-        """The images as (3, H, W) tensors in [-1, 1] when `reconstruct` tiles them, else None."""
+    def _reconstruct_input(self, images, tile_overlap: int | None) -> torch.Tensor | list[torch.Tensor]:
+        """What `reconstruct` decodes: a checked batch (B, 3, R, R), or the images to tile as a list of
+        (3, H, W) tensors in [-1, 1] (each input converted once)."""
         r = self.config.image_size
         batch = self._as_batch(images, crop=tile_overlap is None)
         if isinstance(batch, list):
             return [self._checked_values(x)[0].cpu() for x in batch]
         if tile_overlap is None and batch.shape[-2:] == (r, r):
-            return None
+            return self.prepare_images(batch)
         if batch.ndim != 4 or batch.shape[1] != 3:
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(batch.shape)}")
         return list(self._checked_values(batch).cpu())

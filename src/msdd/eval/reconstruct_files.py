@@ -32,27 +32,30 @@ from msdd.tiles import reconstruct_tiled
 SIZES = ("auto", "keep", "crop")
 
 
-def list_inputs(inputs: Sequence[str | Path], exclude: Sequence[str | Path] = ()) -> tuple[list[Path], list[str], list[bool]]:
+def list_inputs(inputs: Sequence[str | Path],
+                exclude: Sequence[str | Path] = ()) -> tuple[list[Path], list[str], list[bool]]:
     """Files and folders (searched recursively) -> (files, unique output names, given explicitly).
 
     Output folders in `exclude` are not read when they lie inside an input folder (when one is the input
     folder itself, its `reconstructions/` and `grid.png` are not), so a rerun does not take its own
     reconstructions as inputs."""
     excluded = [Path(e).expanduser().resolve() for e in exclude]
-    files, names, explicit = [], [], []
+    found: list[tuple[Path, str, bool]] = []  # (file, name, given explicitly)
     for item in inputs:
         p = Path(item)
         if not p.exists():
             raise FileNotFoundError(f"input {p} does not exist")
         if p.is_file():
-            files.append(p), names.append(p.stem), explicit.append(True)
+            found.append((p, p.stem, True))
             continue
         skip = _outputs_inside(p, excluded)
         for f in list_images(p):
-            if not any(q == f.resolve() or q in f.resolve().parents for q in skip):
-                files.append(f), names.append(f.relative_to(p).with_suffix("").as_posix()), explicit.append(False)
-    if not files:
+            resolved = f.resolve()
+            if not any(q == resolved or q in resolved.parents for q in skip):
+                found.append((f, f.relative_to(p).with_suffix("").as_posix(), False))
+    if not found:
         raise ValueError(f"no usable image in {list(map(str, inputs))}")
+    files, names, explicit = (list(column) for column in zip(*found))
     return files, unique_names(names, files), explicit
 
 
@@ -145,7 +148,8 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
             idx = [i for i, _ in pending]
             images = torch.stack([x for _, x in pending])
             t0 = time.perf_counter()
-            recon, _ = reconstruct_images(tok, images, steps, guidance, seed, len(idx), bf16, keys=[names[i] for i in idx])
+            recon, _ = reconstruct_images(tok, images, steps, guidance, seed, len(idx), bf16,
+                                          keys=[names[i] for i in idx])
             decode_s += time.perf_counter() - t0
             for i, x, y in zip(idx, images, recon):
                 finish(i, x, y, True)

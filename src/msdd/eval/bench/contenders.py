@@ -120,26 +120,22 @@ def onnx_contender(name: str, student: FlowModel, batch_size: int) -> Contender:
         from msdd.integrations.onnx import draw_noise, export_decoder
     except ImportError as e:
         raise ValueError(f'--contenders onnx-student needs onnxruntime and onnx: pip install "msdd[onnx]" ({e})') from None
-    family, windows = student.family, student.family.windows
-    one_step = (1,) * family.num_step_entries
+    windows = student.family.windows
+    one_step = (1,) * student.family.num_step_entries
     decoder = copy.deepcopy(student.decoder).float().cpu().eval()
     with tempfile.TemporaryDirectory() as tmp:
         names = export_decoder(decoder, windows, student.config.latent_shape, one_step, 1.0, f"{tmp}/decoder.onnx")
         session = ort.InferenceSession(f"{tmp}/decoder.onnx", providers=["CPUExecutionProvider"])
-    z = _latents(student.config, batch_size, torch.device("cpu")).numpy()
+    z = _latents(student.config, batch_size, torch.device("cpu"))
     generator = torch.Generator()
 
     def decode():
         generator.manual_seed(0)
         noise = [n.numpy() for n in draw_noise(windows, batch_size, generator)]
-        return torch.from_numpy(session.run(None, dict(zip(names, [z, *noise])))[0])
+        return torch.from_numpy(session.run(None, dict(zip(names, [z.numpy(), *noise])))[0])
 
-    with torch.device("meta"):
-        shape_only = family.build_decoder()
-    info = {"steps": list(one_step), "cfg": 1.0, "num_stages": len(one_step), "dtype": "fp32", "runtime": "onnxruntime",
-            "passes_per_image": family.passes_per_image(one_step, 1.0),
-            "params_M": sum(p.numel() for p in decoder.parameters()) / 1e6}
-    return Contender(name, decode, family.decode_flops(shape_only, one_step, 1.0), info)
+    c = flow_contender(name, student, decoder, z, one_step, 1.0)  # FLOPs and info of the same decode
+    return dataclasses.replace(c, decode=decode, info={**c.info, "dtype": "fp32", "runtime": "onnxruntime"})
 
 
 def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowModel, steps: Sequence[int],
