@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from msdd.cli import decoding, models, training
+from msdd.cli import decoding, generation, models, training
 
 # (sub-parser builder) in the order `msdd --help` lists the commands
 COMMANDS = (training.add_train, training.add_distill, decoding.add_reconstruct, decoding.add_eval, models.add_info,
             models.add_latent_stats, models.add_export, training.add_demo, training.add_fidelity,
-            models.add_fetch_weights, models.add_push, decoding.add_bench)
+            models.add_fetch_weights, models.add_push, decoding.add_bench, generation.add_gen_train,
+            generation.add_generate)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,7 +100,8 @@ class TrainerBase:
     `trained_parameters()` (whose gradients are reduced over processes), `micro_step(images, generator)
     -> (loss, metrics)` (the forward pass of one micro-batch; `loss` is backpropagated),
     `optimizer_step() -> metrics` (clip, step, schedule, EMA), `weights()`, `load_weights(w)`,
-    `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`; `synced_buffers()` if needed.
+    `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`; `synced_buffers()` and
+    `train_dataset()` if needed.
     `section` names the config section with batch_size, grad_accum, log_every, ckpt_every, grid_every
     and max_steps; checkpoints are ranked by the mean of `best_metric` since the previous one.
     Only rank 0 writes files (logs, checkpoints, grids, the final model); the run directory must be
@@ -119,7 +120,7 @@ class TrainerBase:
         self.micro = settings.batch_size // (world * settings.grad_accum)
         self.cfg, self.run_dir, self.seed = cfg, Path(run_dir), seed
         self._on_main(lambda: check_writable(self.run_dir))  # creates it
-        dataset = build_train_dataset(cfg.data.source, cfg.model.image_size, seed, cfg.data.limit, rank, world)
+        dataset = self.train_dataset(rank, world)
         sampler = None if isinstance(dataset, IterableDataset) else \
             ResumableSampler(len(dataset), seed, rank, world, settings.batch_size)
         self.stream = BatchStream(dataset, self.micro, sampler, collate_skip_bad, cfg.data.num_workers)
@@ -129,6 +130,12 @@ class TrainerBase:
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
         self._config_json = json.dumps(to_dict(cfg), indent=2)
         self._writer, self._purge_step = None, None
+
+    def train_dataset(self, rank: int, world: int):
+        """The records `(tensor or None, name, reason)` the data stream batches: the images of data.source; a
+        trainer on other tensors overrides it (the latent generator: indices of its encoded latents)."""
+        cfg = self.cfg
+        return build_train_dataset(cfg.data.source, cfg.model.image_size, self.seed, cfg.data.limit, rank, world)
 
     def _on_main(self, fn):
         """fn() on rank 0 only; its result on every process, or its CheckpointError raised on every process

@@ -1,0 +1,103 @@
+"""`msdd gen-train` and `msdd generate`: the latent generator (`msdd.generator`) trained on a tokenizer's
+latents, and images sampled from it."""
+
+from __future__ import annotations
+
+import argparse
+
+from msdd.cli.common import device_arg, folder_arg
+from msdd.cli.training import _finish_training
+
+
+def cmd_gen_train(args) -> int:
+    from msdd.generator.config import load_gen_config
+    from msdd.generator.train import GeneratorTrainer
+
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
+                         "the config's train.max_steps")
+    folder_arg(args.run_dir, "--run-dir")
+    trainer = GeneratorTrainer(load_gen_config(args.preset, args.overrides), args.tokenizer, args.run_dir,
+                               device=args.device, require_resume=args.resume)
+    return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "generator")
+
+
+def cmd_generate(args) -> int:
+    import warnings
+
+    import torch
+
+    from msdd.generator.files import load_generator, write_samples
+    from msdd.generator.flow import check_sampling, generate_images
+    from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
+    from msdd.seeding import image_generators
+    from msdd.tokenizer import Tokenizer
+
+    out = folder_arg(args.out, "--out")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    model, meta = load_generator(args.generator, device=args.device)
+    check_sampling(model, args.n, args.steps, args.guidance, args.class_label)
+    tok = Tokenizer.from_pretrained(args.tokenizer, device=args.device)
+    trained_on = meta.get("tokenizer_sha256")
+    if trained_on and file_sha256(resolve_model_dir(args.tokenizer) / WEIGHTS_NAME) != trained_on:
+        warnings.warn(f"--tokenizer {args.tokenizer} is not the tokenizer this generator was trained on "
+                      f"({meta.get('tokenizer')}): its weights differ, so its latent space may too")
+    batches = [range(i, min(i + args.batch_size, args.n)) for i in range(0, args.n, args.batch_size)]
+    images = torch.cat([generate_images(model, tok, len(b), args.steps, args.guidance, args.class_label,
+                                        image_generators(args.seed, b))  # sample i: its own noise, any batch
+                        for b in batches])
+    grid = write_samples(images, out)
+    print(f"{args.n} samples ({args.steps} steps, cfg {args.guidance:g}, seed {args.seed}) written to "
+          f"{out / 'images'}; grid {grid}")
+    return 0
+
+
+def add_gen_train(sub) -> None:
+    from msdd.generator.config import PRESETS
+
+    p = sub.add_parser("gen-train", help="train a latent generator (DiT/SiT flow matching) on a tokenizer's latents",
+                       description="Encodes the training images once with the tokenizer, then trains the generator on "
+                                   "their normalised latents with the shared loop (checkpoints, resume, TensorBoard). "
+                                   "The final EMA generator is written to <run-dir>/model.")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL",
+                   help="the tokenizer whose latents to learn (directory, bundled name such as tiny-64, or HF repo id)")
+    p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
+    p.add_argument("--preset", default="gen-tiny", choices=list(PRESETS), help="generator preset (default: gen-tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set generator.depth=6 --set train.lr=1e-4 --set data.source=DIR "
+                        "(a key without a section is a generator field; repeatable)")
+    p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
+    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
+    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.set_defaults(func=cmd_gen_train)
+
+
+def _class_label(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a class index (an int)") from None
+
+
+def add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="sample images: a trained generator's latents, decoded by its tokenizer",
+                       description="Samples latents with Euler steps (classifier-free guidance for a class-conditional "
+                                   "generator), decodes them with the tokenizer and writes OUT/images/NNNNN.png and "
+                                   "OUT/grid.png. The same seed gives the same images.")
+    p.add_argument("--generator", required=True, metavar="DIR", help="a generator directory (<run>/model of gen-train)")
+    p.add_argument("--tokenizer", required=True, metavar="MODEL", help="the tokenizer the generator was trained on")
+    p.add_argument("--n", type=int, default=16, help="number of samples (default 16)")
+    p.add_argument("--out", required=True, help="output folder (created if missing)")
+    p.add_argument("--steps", type=int, default=50, help="Euler steps of the generator (default 50)")
+    p.add_argument("--cfg", dest="guidance", metavar="CFG", type=float, default=1.0,
+                   help="classifier-free guidance scale (default 1: none; needs a class-conditional generator)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of all sampling and decoding noise (default 0); sample i depends on the seed and i only")
+    p.add_argument("--class-label", type=_class_label, default=None, metavar="K",
+                   help="class of every sample (a class-conditional generator; default: a random class each)")
+    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--device", default="cpu", type=device_arg)
+    p.set_defaults(func=cmd_generate)
