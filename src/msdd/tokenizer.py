@@ -28,6 +28,7 @@ from torch import nn
 from msdd.config import ModelConfig, model_config_from_dict
 from msdd.families import family_of
 from msdd.flow.schedule import StageWindow
+from msdd.models.precision import Bf16Copies
 from msdd.hub import (
     WEIGHTS_NAME,
     check_weights,
@@ -70,6 +71,7 @@ class Tokenizer(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
         self._warned_steps = False
+        self._bf16 = Bf16Copies()  # bf16-weight copies of the encoder and decoder for bf16=True calls
 
     # ------------------------------------------------------------------ properties
 
@@ -198,7 +200,7 @@ class Tokenizer(nn.Module):
         `normalize_latents`)."""
         x = self.prepare_images(images)
         with autocast(x.device, bf16):
-            return self.encoder(x).float()
+            return self.inference_module(self.encoder, bf16)(x).float()
 
     @torch.no_grad()
     def decode(
@@ -228,9 +230,16 @@ class Tokenizer(nn.Module):
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         with autocast(z.device, bf16):
-            x, stages = self.sample(z, steps, guidance, generator)
+            x, stages = self.family.sample(self.inference_module(self.decoder, bf16), z, steps, guidance, generator)
         x = x.clamp(-1, 1)
         return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
+
+    def inference_module(self, module: nn.Module, bf16: bool) -> nn.Module:
+        """`module` (the encoder or the decoder) for a call without gradients; with bf16, a copy of it with
+        its matmul weights stored in bf16 (`msdd.models.precision`): the same results under autocast
+        without casting every weight on every call. The copy is kept (half the module's float32 size)
+        and rebuilt when the weights change."""
+        return self._bf16.of(module) if bf16 else module
 
     def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:
         """The decode of this model's family on checked latents, without clamping or `no_grad`.

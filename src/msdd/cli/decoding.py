@@ -97,7 +97,8 @@ def cmd_bench(args) -> None:
         "steps": steps_arg(args.steps), "guidance": args.guidance, "rounds": args.rounds, "warmup": args.warmup,
         "threads": args.threads, "contenders": parse_list(args.contenders, "--contenders"),
         "resolutions": parse_list(args.resolutions, "--resolutions", int), "device": args.device, "quick": args.quick,
-        "ssdd_preset": args.ssdd_preset, "ssdd_steps": args.ssdd_steps,
+        "ssdd_preset": args.ssdd_preset, "ssdd_steps": args.ssdd_steps, "pipeline": args.pipeline or None,
+        "gen_preset": args.gen_preset, "gen_steps": args.gen_steps, "gen_cfg": args.gen_cfg,
     }
     given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items() if v is not None}
     settings = BenchSettings(**({**QUICK, **given} if args.quick else given))
@@ -185,6 +186,15 @@ def add_bench(sub) -> None:
     p.add_argument("--resolutions", type=str, default=None,
                    help="also time student and teacher at these resolutions, one stage more per doubling, "
                         "e.g. 64,128,256")
+    p.add_argument("--pipeline", action="store_true",
+                   help="end-to-end generation: each row samples latents with its own latent generator (random "
+                        "weights of --gen-preset over its latent shape), then decodes them; reports the decoder's "
+                        "share of the time (default rows: student,teacher,ssdd-student,sd-vae)")
+    p.add_argument("--gen-preset", default=None, help="generator preset of --pipeline (default: gen-xl from 256 px, "
+                                                      "else gen-tiny)")
+    p.add_argument("--gen-steps", type=int, default=None, help="generator Euler steps of --pipeline (default 50)")
+    p.add_argument("--gen-cfg", type=float, default=None,
+                   help="generator guidance of --pipeline, one doubled batch (default 1.5; 1 for an unconditional preset)")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run: batch 2, 1 warm-up, 2 rounds, 2 teacher steps per stage")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")

@@ -14,6 +14,10 @@ starts at zero, so a fresh decoder reproduces x_lin), turned into the path's vel
 `refiner` (model.refiner_width / refiner_blocks) passes the pooled x_lin through a small residual conv
 net (msdd.models.linear.Refiner, starting as the identity) before either use: a nonlinear decode of the
 linear code, computed once per pass at the stage's resolution.
+
+Modulation depends on tau only, and a sampler's call gives the whole batch one tau (the one-step student
+sees one per stage): `ModulationCache` keeps the adaLN vectors of every block per tau, so a decode skips
+its 2 x depth + 1 matrix-vector products of adaLN weights (a third of the parameters) after the first.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import nn
 from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
-from msdd.models.layers import JointBlock, RopeCache, TimestepEmbedder, modulate
+from msdd.models.layers import JointBlock, Linear, RopeCache, TimestepEmbedder, modulate, optimised
 from msdd.models.linear import Refiner, fp32_region
 
 
@@ -34,15 +38,62 @@ class FinalLayer(nn.Module):
     def __init__(self, width: int, out_dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.adaln = nn.Linear(width, 2 * width)
-        self.linear = nn.Linear(width, out_dim)
+        self.adaln = Linear(width, 2 * width)
+        self.linear = Linear(width, out_dim)
         for layer in (self.adaln, self.linear):  # zero output at init: the first prediction is v = 0
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.adaln(F.silu(c)).chunk(2, dim=-1)
+    def modulation(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.adaln(F.silu(c)).chunk(2, dim=-1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, mods: tuple | None = None) -> torch.Tensor:
+        shift, scale = mods or self.modulation(c)
         return self.linear(modulate(self.norm(x), shift, scale))
+
+
+class ModulationCache:
+    """The decoder's modulation vectors per model time, for batches that share one time.
+
+    Used only where reading tau's value is free and nothing needs gradients: CPU tensors, outside
+    autograd and tracing, on the optimised path (msdd.models.layers.unoptimised). On a GPU the adaLN
+    products take microseconds, and reading tau would synchronise the device. An entry is keyed by the
+    time, the autocast dtype and the storage and version counter of every weight it depends on, so an
+    optimiser or EMA step, `load_state_dict` or `.to()` never returns stale vectors; the decoder also
+    clears the cache on `load_state_dict` and `.to()`.
+    """
+
+    max_entries = 1024  # a 4-stage teacher at 30 steps per stage uses 120
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple, object] = {}
+
+    def key(self, tau: torch.Tensor, params: list[nn.Parameter]) -> tuple | None:
+        """The cache key of times tau (B,), or None when the vectors must be computed."""
+        if (not optimised() or tau.device.type != "cpu" or torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling() or any(p.is_inference() for p in params)):
+            return None
+        times = tau.tolist()
+        if any(t != times[0] for t in times):
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+        return times[0], dtype, tuple((p.data_ptr(), p._version) for p in params)
+
+    def get(self, key: tuple | None, compute):
+        if key is None:
+            return compute()
+        if key not in self.entries:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = compute()
+        return self.entries[key]
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+def _clear_modulation_cache(decoder: "Decoder", _incompatible_keys) -> None:
+    decoder.mod_cache.clear()
 
 
 class Decoder(nn.Module):
@@ -62,8 +113,8 @@ class Decoder(nn.Module):
             nn.init.zeros_(self.from_linear.weight)
             nn.init.zeros_(self.from_linear.bias)
         self.refiner = Refiner(*refiner) if linear_path and refiner[0] > 0 else None
-        self.patch_embed = nn.Linear((6 if linear_path else 3) * p * p, w)
-        self.context_embed = nn.Linear(latent_dim, w)
+        self.patch_embed = Linear((6 if linear_path else 3) * p * p, w)
+        self.context_embed = Linear(latent_dim, w)
         self.t_embed = TimestepEmbedder(w, time_scale=cfg.time_scale)
         self.null_context = nn.Parameter(torch.randn(1, latent_tokens, latent_dim))
         self.blocks = nn.ModuleList(
@@ -72,6 +123,8 @@ class Decoder(nn.Module):
         )
         self.final = FinalLayer(w, 3 * p * p)
         self.rope = RopeCache(image_size // p, latent_tokens, w // cfg.heads, cfg.context_pos)
+        self.mod_cache = ModulationCache()
+        self.register_load_state_dict_post_hook(_clear_modulation_cache)
         if cfg.init == "reference":  # PyTorch's default init, not adaLN-zero and a zero final layer (D10)
             for name, m in self.named_modules():
                 if name.endswith("adaln") or name == "final.linear":
@@ -112,12 +165,28 @@ class Decoder(nn.Module):
             x = torch.cat([x, x_lin.to(x.dtype)], dim=1)
         h = self.patch_embed(rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))  # (B, grid^2, W)
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)
-        c = self.t_embed(tau)  # (B, W)
+        block_mods, final_mods = self.modulations(tau)
         rope = self.rope(grid, x.device)
-        for block in self.blocks:
-            h, ctx = block(h, ctx, c, rope)
-        out = self.final(h, c)  # (B, grid^2, p*p*3)
+        for block, mods in zip(self.blocks, block_mods):
+            h, ctx = block(h, ctx, None, rope, mods)
+        out = self.final(h, None, final_mods)  # (B, grid^2, p*p*3)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=p, q=p)
+
+    def modulations(self, tau: torch.Tensor) -> tuple[list[tuple], tuple]:
+        """Every block's (image, context) modulation vectors and the final layer's (shift, scale) at times
+        tau (B,): each (B, W), or (1, W) from the cache when the batch shares one time."""
+        params = [p for name, p in self.named_parameters() if name.startswith("t_embed") or "adaln" in name]
+        key = self.mod_cache.key(tau, params)
+
+        def compute():
+            c = self.t_embed(tau if key is None else tau[:1])  # (B, W) or (1, W)
+            return [(b.img.modulation(c), b.ctx.modulation(c)) for b in self.blocks], self.final.modulation(c)
+
+        return self.mod_cache.get(key, compute)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(): the cached vectors are stale
+        self.mod_cache.clear()
+        return super()._apply(fn, *args, **kwargs)
 
     def null_like(self, z: torch.Tensor) -> torch.Tensor:
         return self.null_context.expand(z.shape[0], -1, -1).to(z.dtype)

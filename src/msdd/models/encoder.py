@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import EncoderConfig
-from msdd.models.layers import JointBlock, RopeCache
+from msdd.models.layers import JointBlock, Linear, RopeCache
 from msdd.models.linear import fp32_region
 
 
@@ -34,7 +34,7 @@ class Encoder(nn.Module):
             for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(w, eps=1e-6)
-        self.to_latent = nn.Linear(w, latent_dim)
+        self.to_latent = Linear(w, latent_dim)
         self.rope = RopeCache(self.grid, latent_tokens, w // cfg.heads, cfg.context_pos)
         self.to_linear = None
         if linear_path:

@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from msdd.config import ModelConfig, load_config
-from msdd.eval.bench.models import Contender, FlowModel, cast_weights, single_scale_config
+from msdd.eval.bench.models import Contender, FlowModel, compile_module, single_scale_config
 from msdd.eval.bench.sdvae import sd_vae_contender
 from msdd.eval.bench.settings import CONTENDERS
+from msdd.models.layers import unoptimised
+from msdd.models.precision import cast_weights
 
 
 def _latents(config: ModelConfig, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -31,16 +33,20 @@ def flow_contender(name: str, model: FlowModel, decoder: nn.Module, z: torch.Ten
     steps = tuple(int(n) for n in steps)
     generator = torch.Generator(device=z.device)
 
-    def decode():
+    def decode_latents(latents: torch.Tensor):
         generator.manual_seed(seed)
-        return family.sample(decoder, z, steps, guidance, generator)[0]
+        return family.sample(decoder, latents, steps, guidance, generator)[0]
+
+    def decode():
+        return decode_latents(z)
 
     with torch.device("meta"):  # shapes only
         shape_only = family.build_decoder()
     info = {"steps": list(steps), "cfg": guidance, "num_stages": len(steps),
             "passes_per_image": family.passes_per_image(steps, guidance),
             "params_M": sum(p.numel() for p in model.decoder.parameters()) / 1e6}
-    return Contender(name, decode, family.decode_flops(shape_only, steps, guidance), info)
+    return Contender(name, decode, family.decode_flops(shape_only, steps, guidance), info,
+                     decode_latents=decode_latents, latent_shape=tuple(model.config.latent_shape))
 
 
 def default_ssdd_preset(resolution: int) -> str:
@@ -62,7 +68,7 @@ def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, 
     """An SSDD decoder (random weights) decoding a fixed latent batch with `steps` Euler steps."""
     model = FlowModel.random(config, device)
     cast_weights(model.decoder, weights)
-    run = torch.compile(model.decoder) if compile else model.decoder
+    run = compile_module(model.decoder, device) if compile else model.decoder
     c = flow_contender(name, model, run, _latents(config, batch_size, device), (steps,), 1.0, seed)
     return dataclasses.replace(c, info={**c.info, "family": config.family, "latent": list(config.latent_shape)})
 
@@ -70,6 +76,14 @@ def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, 
 def _in_bf16(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
+def _unoptimised(fn: Callable[[], object]) -> Callable[[], object]:
+    def run():
+        with unoptimised():
             return fn()
 
     return run
@@ -135,7 +149,8 @@ def onnx_contender(name: str, student: FlowModel, batch_size: int) -> Contender:
         return torch.from_numpy(session.run(None, dict(zip(names, [z.numpy(), *noise])))[0])
 
     c = flow_contender(name, student, decoder, z, one_step, 1.0)  # FLOPs and info of the same decode
-    return dataclasses.replace(c, decode=decode, info={**c.info, "dtype": "fp32", "runtime": "onnxruntime"})
+    return dataclasses.replace(c, decode=decode, info={**c.info, "dtype": "fp32", "runtime": "onnxruntime"},
+                               decode_latents=None)
 
 
 def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowModel, steps: Sequence[int],
@@ -151,7 +166,7 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
         if not compile:
             return model.decoder
         if id(model.decoder) not in compiled:
-            compiled[id(model.decoder)] = torch.compile(model.decoder)
+            compiled[id(model.decoder)] = compile_module(model.decoder, device)
         return compiled[id(model.decoder)]
 
     z = _latents(teacher.config, batch_size, device)
@@ -161,6 +176,11 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             one_step = (1,) * student.family.num_step_entries
             out.append(flow_contender(name, student, dec(student), _latents(student.config, batch_size, device),
                                       one_step, 1.0))
+        elif name == "student-eager":  # the reference path (unfused ops, no cached modulation), uncompiled
+            one_step = (1,) * student.family.num_step_entries
+            c = flow_contender(name, student, student.decoder, _latents(student.config, batch_size, device),
+                               one_step, 1.0)
+            out.append(dataclasses.replace(c, decode=_unoptimised(c.decode), info={**c.info, "path": "reference"}))
         elif name == "student-bf16":  # the student again in bf16: the bf16/fp32 ratio in one run
             one_step = (1,) * student.family.num_step_entries
             half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -110,15 +111,27 @@ class Contender:
     flop_per_image: int | None = None
     info: dict = field(default_factory=dict)  # steps, cfg, passes per image...: copied into the report
     error: str | None = None
+    decode_latents: Callable[[torch.Tensor], object] | None = None  # the same decode of other latents
+    latent_shape: tuple[int, ...] | None = None  # of one image's latent (what decode_latents takes, per image)
 
 
-def cast_weights(module: nn.Module, dtype: torch.dtype | None) -> nn.Module:
-    """Store the weights of the linear and convolution layers of `module` in `dtype`, in place (bf16
-    inference: autocast then has no weight to cast on every call; norms and buffers stay fp32, and so does
-    a decoder's linear path map `from_linear`, which runs outside autocast, in fp32, as in a real decode)."""
-    if dtype is not None:
-        fp32 = getattr(module, "from_linear", None)
-        for m in module.modules():
-            if m is not fp32 and isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)):
-                m.to(dtype)
-    return module
+def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
+    """`torch.compile(module)`, or `module` itself with a warning where inductor has no compiler for
+    `device` (a C++ compiler on the CPU, triton on CUDA)."""
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # inductor's own check: no g++ / clang++ (or $CXX) that works
+            warnings.warn(f"--compile skipped, decoding uncompiled: {e}. Install a C++ compiler "
+                          f"(e.g. apt install g++) to compile on the CPU", stacklevel=2)
+            return module
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            warnings.warn("--compile skipped, decoding uncompiled: triton is not installed (pip install triton)",
+                          stacklevel=2)
+            return module
+    return torch.compile(module)

@@ -16,7 +16,7 @@ def format_report(report: dict) -> str:
         f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
         f"3x3 conv {report['conv_peak_gflops']:.1f}",
         f"{'contender':<16} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "
-        f"{'% peak':>7} {'x student':>9}",
+        f"{'% peak':>7} {'x student':>9} {'peak MiB':>9}",
     ]
     for r in report["contenders"]:
         if "error" in r:
@@ -25,7 +25,18 @@ def format_report(report: dict) -> str:
         ms = f"{r['seconds_median'] * 1e3:.1f} [{r['seconds_min'] * 1e3:.1f}, {r['seconds_max'] * 1e3:.1f}]"
         lines.append(f"{r['name']:<16} {r['img_per_s']:>9.3f} {ms:>30} {r['gflop_per_img']:>10.2f} "
                      f"{r['achieved_gflops']:>9.1f} {100 * r['fraction_of_peak']:>6.1f}% "
-                     f"{_fmt(r.get('speed_vs_student'), '>9.3f')}")
+                     f"{_fmt(r.get('speed_vs_student'), '>9.3f')} {_fmt(r.get('peak_memory_mib'), '>9.1f')}")
+    if report.get("pipeline"):
+        gen = report["pipeline"]
+        lines += ["", f"end to end: {gen['preset']} generator ({gen['steps']} steps, cfg {gen['guidance']:g}) + decoder, "
+                      f"per batch",
+                  f"{'contender':<16} {'tokens':>6} {'generator s':>12} {'decoder s':>10} {'decoder share':>14} "
+                  f"{'GFLOP gen + dec':>18}"]
+        for r in report["contenders"]:
+            if "decoder_share" in r:
+                flops = f"{r['generator_gflop_per_img']:.0f} + {r['decoder_gflop_per_img']:.0f}"
+                lines.append(f"{r['name']:<16} {r['generator_tokens']:>6} {r['generator_seconds_median']:>12.3f} "
+                             f"{r['decoder_seconds_median']:>10.3f} {100 * r['decoder_share']:>13.1f}% {flops:>18}")
     table = report.get("resolution_table")
     if table:
         lines += ["", "decode cost against resolution (one stage more per doubling)",

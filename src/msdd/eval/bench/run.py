@@ -14,13 +14,14 @@ import torch
 
 from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
 from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models
+from msdd.eval.bench.pipeline import GeneratorSettings, decoder_shares, default_gen_preset, pipeline_contender
 from msdd.eval.bench.peak import measure_conv_peak, measure_matmul_peak, peak_size
 from msdd.eval.bench.settings import DTYPES, BenchSettings
 from msdd.eval.bench.timing import log_stderr, time_contenders
 
 
 def summarize(c: Contender, seconds: list[float] | None, first_call: float | None, batch_size: int,
-              peak_gflops: float, compiled: bool = False) -> dict:
+              peak_gflops: float, compiled: bool = False, peak_memory_mib: float | None = None) -> dict:
     if c.error is not None:
         return {"name": c.name, "error": c.error, **c.info}
     median = statistics.median(seconds)
@@ -30,7 +31,8 @@ def summarize(c: Contender, seconds: list[float] | None, first_call: float | Non
     row = {
         "name": c.name, "img_per_s": img_per_s, "gflop_per_img": gflop, "achieved_gflops": achieved,
         "fraction_of_peak": achieved / peak_gflops, "seconds_median": median, "seconds_min": min(seconds),
-        "seconds_max": max(seconds), "seconds": seconds, "first_call_seconds": first_call, **c.info,
+        "seconds_max": max(seconds), "seconds": seconds, "first_call_seconds": first_call,
+        "peak_memory_mib": peak_memory_mib, **c.info,
     }
     if compiled:  # the first warm-up call compiled: what it took beyond a normal call
         row["compile_seconds"] = max(0.0, first_call - median)
@@ -40,10 +42,10 @@ def summarize(c: Contender, seconds: list[float] | None, first_call: float | Non
 def measure(contenders: list[Contender], settings: BenchSettings, peak_gflops: float, device: torch.device,
             log: Callable[[str], None] = log_stderr) -> list[dict]:
     runnable = {c.name: c.decode for c in contenders if c.decode is not None}
-    seconds, first = time_contenders(runnable, settings.rounds, settings.warmup, device, settings.dtype == "bf16",
-                                     log)
+    seconds, first, memory = time_contenders(runnable, settings.rounds, settings.warmup, device,
+                                             settings.dtype == "bf16", log)
     rows = [summarize(c, seconds.get(c.name), first.get(c.name), settings.batch_size, peak_gflops,
-                      settings.compile) for c in contenders]
+                      settings.compile, memory.get(c.name)) for c in contenders]
     student = next((r for r in rows if r["name"] == "student" and "img_per_s" in r), None)
     for r in rows:
         if student and "img_per_s" in r:
@@ -141,8 +143,16 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         ssdd = ssdd_config(settings.ssdd_preset, teacher.config.image_size)
     contenders = build_contenders(settings.contenders, teacher, student, steps, guidance, settings.batch_size,
                                   device, settings.compile, ssdd, settings.ssdd_steps, weights=_weights(settings))
+    gen = None
+    if settings.pipeline:
+        gen = GeneratorSettings.of(settings.gen_preset or default_gen_preset(teacher.config.image_size),
+                                   settings.gen_steps, settings.gen_cfg)
+        contenders = [pipeline_contender(c, gen, settings.batch_size, device, _weights(settings)) for c in contenders]
+        log(f"each row: {gen.preset} generator, {gen.steps} steps, cfg {gen.guidance:g}, then its decoder")
     log(f"decoding {settings.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
     rows = measure(contenders, settings, peak, device, log)
+    if gen is not None:
+        rows = [decoder_shares(r, settings.rounds) for r in rows]
     try:
         import diffusers
 
@@ -166,6 +176,7 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         "warmup": settings.warmup, "rounds": settings.rounds,
         "torch_version": torch.__version__, "diffusers_version": diffusers_version,
         "python_version": platform.python_version(),
+        "pipeline": dataclasses.asdict(gen) if gen else None,
         "contenders": rows,
     }
     if settings.resolutions:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from msdd.eval.bench.models import Contender, cast_weights
+from msdd.eval.bench.models import Contender, compile_module
 from msdd.eval.flops import count_flops
+from msdd.models.precision import cast_weights
 
 NO_DIFFUSERS = "diffusers not installed: pip install 'msdd[bench]'"
 # Stable Diffusion v1 VAE (the f8c4 `AutoencoderKL`); sample_size is set to the benchmark resolution.
@@ -30,15 +31,19 @@ def sd_vae_contender(resolution: int, batch_size: int, device: torch.device, com
     with torch.device(device):
         vae = cast_weights(AutoencoderKL(**SD_VAE_CONFIG, sample_size=resolution).eval(), weights)
     if compile:
-        vae.decoder = torch.compile(vae.decoder)
+        vae.decoder = compile_module(vae.decoder, device)
     g = torch.Generator().manual_seed(0)
     z = torch.randn(batch_size, 4, h, h, generator=g).to(device)  # (B, 4, R/8, R/8)
 
+    def decode_latents(latents: torch.Tensor):
+        return vae.decode(latents).sample
+
     def decode():
-        return vae.decode(z).sample
+        return decode_latents(z)
 
     with torch.device("meta"):  # shapes only
         shape_only = AutoencoderKL(**SD_VAE_CONFIG, sample_size=resolution)
     flops = count_flops(lambda x: shape_only.decode(x).sample, torch.zeros(1, 4, h, h, device="meta"))
     params = sum(p.numel() for m in (shape_only.post_quant_conv, shape_only.decoder) for p in m.parameters())
-    return Contender("sd-vae", decode, flops, {"latent": [4, h, h], "passes_per_image": 1, "params_M": params / 1e6})
+    return Contender("sd-vae", decode, flops, {"latent": [4, h, h], "passes_per_image": 1, "params_M": params / 1e6},
+                     decode_latents=decode_latents, latent_shape=(4, h, h))

@@ -8,9 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-CONTENDERS = ("student", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
+CONTENDERS = ("student", "student-eager", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
               "ssdd-teacher", "encoder", "student+encoder")
 OPTIONAL_CONTENDERS = ("onnx-student",)  # named in --contenders only (onnxruntime is an optional extra)
+# --pipeline: the rows timed after a latent generator (default), and every row that can be (a PyTorch decode
+# of given latents in the run's dtype)
+PIPELINE_ROWS = ("student", "teacher", "ssdd-student", "sd-vae")
+PIPELINE_CAPABLE = ("student", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student", "ssdd-teacher")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
 QUICK = {"preset": "tiny-64", "batch_size": 2, "warmup": 1, "rounds": 2, "steps": 2}
@@ -57,6 +61,10 @@ class BenchSettings:
     quick: bool = False  # recorded in the command; also fewer repeats of the peak probes
     ssdd_preset: str | None = None  # None: default_ssdd_preset(resolution)
     ssdd_steps: int | None = None  # None: the SSDD preset's own steps
+    pipeline: bool = False  # generator + decoder per row (msdd.eval.bench.pipeline)
+    gen_preset: str | None = None  # None: gen-xl from 256 px, else gen-tiny
+    gen_steps: int = 50
+    gen_cfg: float = 1.5
 
     def __post_init__(self) -> None:
         def check(cond: bool, option: str, msg: str) -> None:
@@ -74,6 +82,15 @@ class BenchSettings:
         check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
         steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
+        check(self.gen_steps >= 1, "--gen-steps", f"must be >= 1, got {self.gen_steps}")
+        check(self.gen_cfg >= 0, "--gen-cfg", f"must be >= 0, got {self.gen_cfg}")
+        if self.pipeline:
+            if self.contenders == CONTENDERS:
+                object.__setattr__(self, "contenders", PIPELINE_ROWS)
+            bad = [c for c in self.contenders if c not in PIPELINE_CAPABLE]
+            check(not bad, "--contenders", f"{bad} cannot follow a generator in --pipeline; choose from "
+                                           f"{list(PIPELINE_CAPABLE)} (default {','.join(PIPELINE_ROWS)})")
+            check(not self.resolutions, "--resolutions", "is not available with --pipeline")
         unknown = [c for c in self.contenders if c not in CONTENDERS + OPTIONAL_CONTENDERS]
         check(not unknown and len(self.contenders) > 0, "--contenders",
               f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS + OPTIONAL_CONTENDERS)}")
@@ -105,6 +122,9 @@ class BenchSettings:
             a += ["--ssdd-preset", self.ssdd_preset]
         if self.ssdd_steps:
             a += ["--ssdd-steps", str(self.ssdd_steps)]
+        if self.pipeline:
+            a += ["--pipeline", "--gen-steps", str(self.gen_steps), "--gen-cfg", f"{self.gen_cfg:g}"]
+            a += ["--gen-preset", self.gen_preset] if self.gen_preset else []
         if self.compile:
             a += ["--compile"]
         a += ["--device", self.device]

@@ -9,6 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from msdd.eval.bench.memory import call_with_peak_memory
 from msdd.tokenizer import autocast
 
 
@@ -31,9 +32,10 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device,
                     bf16: bool = False, log: Callable[[str], None] = log_stderr
-                    ) -> tuple[dict[str, list[float]], dict[str, float]]:
+                    ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
     """Seconds per call of every contender: `warmup` untimed rounds, then `rounds` timed rounds in rotated
-    order. Returns (seconds of each timed round per contender, seconds of each contender's first call)."""
+    order. Returns (seconds of each timed round per contender, seconds of each contender's first call,
+    peak MiB of each contender's call in the last round beyond the memory in use before it)."""
     sync = synchronizer(device)
 
     def timed(fn: Callable[[], object]) -> float:
@@ -46,6 +48,7 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
     names = list(decoders)
     seconds: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}
+    memory: dict[str, float | None] = {}
     with torch.inference_mode(), autocast(device, bf16):
         for i, order in enumerate(rotated_orders(names, warmup)):
             for name in order:
@@ -54,8 +57,11 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
             log(f"  warm-up {i + 1}/{warmup} done")
         for i, order in enumerate(rotated_orders(names, rounds)):
             for name in order:
-                t = timed(decoders[name])
+                if i == rounds - 1:  # the memory probe stays outside the timed region
+                    t, memory[name] = call_with_peak_memory(lambda: timed(decoders[name]), device)
+                else:
+                    t = timed(decoders[name])
                 first.setdefault(name, t)
                 seconds[name].append(t)
             log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in order))
-    return seconds, first
+    return seconds, first, memory

@@ -1,0 +1,140 @@
+"""The inference speed-ups against the reference path: fused elementwise ops and cached modulation
+(`msdd.models.layers.unoptimised` switches both off), bf16 weight copies for `bf16=True`, the bench's
+compile fallback and its memory probe."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from msdd.models.layers import unoptimised
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+
+@pytest.fixture
+def tok():
+    """A tiny tokenizer with every weight random (adaLN-zero would make the blocks the identity)."""
+    tok = Tokenizer(tiny_config().model).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+    return tok
+
+
+def _latents(tok, n=2):
+    return torch.randn(n, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("steps, guidance", [((1, 1, 1), 1.0), ((2, 2, 2), 2.0)])
+def test_optimised_path_equals_reference_path(tok, steps, guidance):
+    z = _latents(tok)
+    fast = tok.decode(z, steps=steps, guidance=guidance)
+    again = tok.decode(z, steps=steps, guidance=guidance)  # from the cache
+    with unoptimised():
+        ref = tok.decode(z, steps=steps, guidance=guidance)
+    assert len(tok.decoder.mod_cache.entries) == sum(steps)  # one entry per distinct time
+    assert torch.equal(fast, again)
+    assert (fast - ref).abs().max() <= 1e-5
+    # bf16 (autocast): the fused ops round differently from the unfused ones (the product of a gated
+    # residual is not rounded to bf16 before the addition); images in [-1, 1]
+    fast16 = tok.decode(z, steps=steps, guidance=guidance, bf16=True)
+    with unoptimised():
+        ref16 = tok.decode(z, steps=steps, guidance=guidance, bf16=True)
+    assert (fast16 - ref16).abs().max() <= 0.02
+    assert (fast16 - ref).abs().max() <= 0.05
+
+
+def test_modulation_cache_follows_the_weights(tok):
+    z = _latents(tok)
+    before = tok.decode(z, steps=(1, 1, 1))
+    other = Tokenizer(tok.config).eval()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.normal_(0, 0.05)
+    expected = other.decode(z, steps=(1, 1, 1))
+    tok.load_state_dict(other.state_dict())  # copies into the same tensors
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1)), expected)
+    # an in-place update (an optimiser or EMA step) of one adaLN weight, with the cache left as it was
+    with torch.no_grad():
+        tok.decoder.blocks[0].img.adaln.weight.mul_(3.0)
+    with unoptimised():
+        expected = tok.decode(z, steps=(1, 1, 1))
+    assert (tok.decode(z, steps=(1, 1, 1)) - expected).abs().max() <= 1e-5
+    assert not torch.equal(expected, before)
+
+
+def test_no_cache_under_autograd(tok):
+    z = _latents(tok)
+    x = torch.randn(2, 3, 8, 8)
+    v = tok.decoder(x, torch.full((2,), 0.5), z)  # a training pass: gradients flow into the adaLN weights
+    v.square().mean().backward()
+    assert tok.decoder.blocks[0].img.adaln.weight.grad.abs().sum() > 0
+    assert not tok.decoder.mod_cache.entries
+
+
+def test_bf16_weight_copy(tok):
+    z = _latents(tok)
+    keys = set(tok.state_dict())
+    fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    copy = tok._bf16.of(tok.decoder)
+    assert copy.blocks[0].img.qkv.weight.dtype == torch.bfloat16
+    assert copy.blocks[0].img.norm1.weight is None or copy.blocks[0].img.norm1.weight.dtype == torch.float32
+    assert tok.decoder.blocks[0].img.qkv.weight.dtype == torch.float32  # the model itself is untouched
+    assert set(tok.state_dict()) == keys and tok._bf16.of(tok.decoder) is copy  # kept, outside the state dict
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casting fp32 weights per call
+        g = torch.Generator().manual_seed(0)
+        slow = tok.family.sample(tok.decoder, z, (1, 1, 1), 1.0, g)[0].clamp(-1, 1)
+    assert (fast - slow).abs().max() <= 1e-6
+    with torch.no_grad():
+        tok.decoder.blocks[0].img.qkv.weight.add_(0.1)
+    assert tok._bf16.of(tok.decoder) is not copy  # rebuilt from the changed weights
+    assert not torch.equal(tok.decode(z, steps=(1, 1, 1), bf16=True), fast)
+    assert tok.encode(torch.zeros(1, 3, 32, 32), bf16=True).dtype == torch.float32
+
+
+def test_compile_is_skipped_without_a_compiler(monkeypatch):
+    from torch._inductor import config as inductor_config
+
+    from msdd.eval.bench.models import compile_module
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler++"))
+    module = torch.nn.Linear(2, 2)
+    with pytest.warns(UserWarning, match="--compile skipped"):
+        assert compile_module(module, torch.device("cpu")) is module
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_memory_probe():
+    from msdd.eval.bench.memory import call_with_peak_memory
+
+    def allocate():
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched
+        return float(x.sum())
+
+    _, big = call_with_peak_memory(allocate, torch.device("cpu"))
+    _, small = call_with_peak_memory(lambda: 1 + 1, torch.device("cpu"))
+    assert 60 <= big <= 100 and small < 8
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, again = call_with_peak_memory(allocate, torch.device("cpu"))  # freed memory is not "in use before"
+    assert 60 <= again <= 100
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_linear_equals_nn_linear(bias):
+    from msdd.models.layers import Linear
+
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        fast = layer(x)
+        with unoptimised():
+            ref = layer(x)
+    assert (fast - ref).abs().max() <= 1e-5
+    y = layer(x)  # under autograd: nn.Linear's own forward, gradients flow
+    y.sum().backward()
+    assert layer.weight.grad is not None and torch.equal(y.detach(), ref)
