@@ -44,7 +44,7 @@ def optimised() -> bool:
     return _OPTIMISED
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Linear):
@@ -54,7 +54,7 @@ class Linear(nn.Linear):
     autocast, bf16 weights, CUDA, tracing for ONNX or compile, the reference path) is nn.Linear's forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_OPTIMISED and _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32
+        if (_OPTIMISED and ONEDNN_LINEAR and x.device.type == "cpu" and x.dtype == torch.float32
                 and self.weight.dtype == torch.float32 and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cpu") and not torch.jit.is_tracing()
                 and not torch.compiler.is_compiling()):
