@@ -4,9 +4,13 @@ noise and copies.
 
     python benchmarks/profile_student.py --preset paper-256 --batch-size 1 --dtype fp32 \
         --out benchmarks/results/profile/paper-256-fp32-b1.json
+
+The optimised path by default (bf16: weights stored in bf16, as `Tokenizer.decode(bf16=True)`);
+`--reference`: the reference path, bf16 as autocast over float32 weights.
 """
 
 import argparse
+import contextlib
 import json
 import sys
 from collections import defaultdict
@@ -16,9 +20,11 @@ from torch.profiler import ProfilerActivity, profile
 
 from msdd.config import load_config
 from msdd.families import family_of
+from msdd.models.layers import unoptimised
+from msdd.models.precision import cast_weights
 
 GROUPS = [  # (group, substrings of aten op names), first match wins
-    ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),
+    ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),  # linear: oneDNN's _linear_pointwise
     ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
     ("norms", ("layer_norm", "group_norm", "native_layer_norm")),
     ("noise", ("randn", "normal_", "uniform_")),
@@ -42,17 +48,23 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reference", action="store_true",
+                    help="profile the reference path (msdd.models.layers.unoptimised) and, for bf16, autocast over "
+                         "float32 weights (what decode(bf16=True) ran before it kept bf16 weights)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     cfg = load_config(a.preset).model
     family = family_of(cfg)
     torch.manual_seed(0)
     decoder = family.build_decoder().eval()
+    if a.dtype == "bf16" and not a.reference:  # as Tokenizer.decode(bf16=True): weights stored in bf16
+        cast_weights(decoder, torch.bfloat16)
     z = torch.randn(a.batch_size, *cfg.latent_shape)
     steps = (1,) * family.num_step_entries
 
     def decode():
-        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=a.dtype == "bf16"):
+        with (torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=a.dtype == "bf16"),
+              unoptimised() if a.reference else contextlib.nullcontext()):
             family.sample(decoder, z, steps, 1.0, torch.Generator().manual_seed(0))
 
     decode()  # warm-up

@@ -184,6 +184,30 @@ def test_gen_train_then_generate(tmp_path, capsys):
     first = np.asarray(Image.open(pngs[0]))
     assert main([*generate, "--n", "5", "--out", str(tmp_path / "again")]) == 0  # same seed, other batches
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "again" / "images" / "00000.png")))
+    # --metrics offline: latent FD against crops of the embedded photos; FID skipped for want of Inception
+    capsys.readouterr()
+    missing = tmp_path / "no-inception.pth"
+    assert main([*generate, "--n", "6", "--out", str(tmp_path / "m"), "--metrics", "--inception-weights",
+                 str(missing)]) == 0
+    metrics = json.loads((tmp_path / "m" / "metrics.json").read_text())
+    assert metrics["samples"] == metrics["data_images"] == 6 and metrics["latent_dims"] == 32 * 8
+    assert metrics["latent_fd"] > 0 and metrics["latent_fd_gaussian_baseline"] > 0
+    assert "fid" not in metrics and str(missing) in metrics["fid_skipped"]
+    assert "latent FD" in capsys.readouterr().out
+
+
+def test_frechet_distance_against_torchmetrics():
+    from torchmetrics.image.fid import _compute_fid
+
+    from msdd.generator.quality import frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(500, 6, generator=g) @ torch.randn(6, 6, generator=g)
+    b = torch.randn(400, 6, generator=g) * 2 + 1
+    ours = frechet_distance(a, b)
+    ref = _compute_fid(a.double().mean(0), torch.cov(a.double().T), b.double().mean(0), torch.cov(b.double().T))
+    assert ours == pytest.approx(float(ref), rel=1e-6) and ours > 1
+    assert frechet_distance(a, a) == pytest.approx(0, abs=1e-6)
 
 
 @pytest.mark.parametrize("extra, match", [

@@ -44,12 +44,28 @@ def cmd_generate(args) -> int:
         warnings.warn(f"--tokenizer {args.tokenizer} is not the tokenizer this generator was trained on "
                       f"({meta.get('tokenizer')}): its weights differ, so its latent space may too")
     batches = [range(i, min(i + args.batch_size, args.n)) for i in range(0, args.n, args.batch_size)]
-    images = torch.cat([generate_images(model, tok, len(b), args.steps, args.guidance, args.class_label,
-                                        image_generators(args.seed, b))  # sample i: its own noise, any batch
-                        for b in batches])
+    pairs = [generate_images(model, tok, len(b), args.steps, args.guidance, args.class_label,
+                             image_generators(args.seed, b), return_latents=True)  # sample i: its own noise
+             for b in batches]
+    images, latents = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
     grid = write_samples(images, out)
     print(f"{args.n} samples ({args.steps} steps, cfg {args.guidance:g}, seed {args.seed}) written to "
           f"{out / 'images'}; grid {grid}")
+    if args.metrics:
+        import json
+
+        from msdd.generator.quality import data_images, sample_metrics
+
+        data = data_images(args.data, args.n, tok.config.image_size, args.seed + 1)
+        metrics = sample_metrics(images, latents, tok, data, torch.Generator().manual_seed(args.seed),
+                                 args.inception_weights)
+        metrics = {"generator": str(args.generator), "tokenizer": str(args.tokenizer), "steps": args.steps,
+                   "cfg": args.guidance, "seed": args.seed, "data": args.data, **metrics}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        fid = f"FID {metrics['fid']:.2f}" if "fid" in metrics else f"FID skipped ({metrics['fid_skipped']})"
+        print(f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}) "
+              f"over {metrics['latent_dims']} dims; {fid}; {metrics['samples']} samples against "
+              f"{metrics['data_images']} images of {args.data}; {out / 'metrics.json'}")
     return 0
 
 
@@ -99,5 +115,11 @@ def add_generate(sub) -> None:
     p.add_argument("--class-label", type=_class_label, default=None, metavar="K",
                    help="class of every sample (a class-conditional generator; default: a random class each)")
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--metrics", action="store_true",
+                   help="also compare the samples with --n data images: latent FD (the Frechet distance of normalised "
+                        "latents, beside N(0, I) latents) and FID when the Inception file is found; OUT/metrics.json")
+    p.add_argument("--data", default="embedded", help="data images of --metrics (default: crops of the embedded photos)")
+    p.add_argument("--inception-weights", default=None,
+                   help="Inception file for FID (weights-inception-2015-12-05-6726825d.pth; default: the torch cache)")
     p.add_argument("--device", default="cpu", type=device_arg)
     p.set_defaults(func=cmd_generate)

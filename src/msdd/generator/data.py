@@ -44,7 +44,7 @@ def class_names_of(folder: str | Path, num_classes: int) -> list[str]:
     return names
 
 
-def _image_records(data: GenDataConfig, resolution: int, seed: int) -> Dataset:
+def image_records(data: GenDataConfig, resolution: int, seed: int) -> Dataset:
     """Training records `(image or None, name, reason)` of `data.source`: at most `data.images` of them."""
     if is_shard_source(data.source):
         raise ValueError(f"data.source={data.source!r}: gen-train encodes 'embedded', 'embedded+FOLDER' or a folder "
@@ -67,7 +67,7 @@ def encode_latents(tokenizer, data: GenDataConfig, seed: int, num_classes: int =
                          "data.source to a folder with one subfolder per class, or generator.num_classes=0")
     classes = class_names_of(data.source, num_classes) if num_classes else []
     index = {name: i for i, name in enumerate(classes)}
-    dataset = _image_records(data, tokenizer.config.image_size, seed)
+    dataset = image_records(data, tokenizer.config.image_size, seed)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=data.num_workers)
     skips, latents, labels = SkipCounter(), [], []
     for records in loader:

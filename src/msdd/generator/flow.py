@@ -101,14 +101,16 @@ def sample_latents(model: LatentDiT, n: int, steps: int, guidance: float = 1.0, 
 @torch.no_grad()
 def generate_images(model: LatentDiT, tokenizer, n: int, steps: int, guidance: float = 1.0, class_labels=None,
                     generator: torch.Generator | list[torch.Generator] | None = None,
-                    decode_steps=None) -> torch.Tensor:
+                    decode_steps=None, return_latents: bool = False):
     """Images (n, 3, R, R) in [-1, 1]: `sample_latents`, `tokenizer.denormalize_latents`, then
-    `tokenizer.decode` (its default schedule, or `decode_steps`) with its noise from the same generator(s)."""
+    `tokenizer.decode` (its default schedule, or `decode_steps`) with its noise from the same generator(s).
+    With `return_latents`: (images, the normalised latents they were decoded from)."""
     if model.latent_shape != tuple(tokenizer.config.latent_shape):
         raise ValueError(f"--tokenizer: its latents have shape {tuple(tokenizer.config.latent_shape)}, the generator "
                          f"was trained on {model.latent_shape}; pass the tokenizer the generator was trained with")
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     z = sample_latents(model, n, steps, guidance, class_labels, generator)
-    return tokenizer.decode(tokenizer.denormalize_latents(z.to(tokenizer.device)), steps=decode_steps,
-                            generator=generator)
+    images = tokenizer.decode(tokenizer.denormalize_latents(z.to(tokenizer.device)), steps=decode_steps,
+                              generator=generator)
+    return (images, z) if return_latents else images

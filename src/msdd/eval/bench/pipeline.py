@@ -40,15 +40,20 @@ class GeneratorSettings:
 
 
 def pipeline_contender(decoder: Contender, gen: GeneratorSettings, batch_size: int, device: torch.device,
-                       weights: torch.dtype | None = None, seed: int = 0) -> Contender:
+                       weights: torch.dtype | None = None, seed: int = 0,
+                       built: dict[tuple, torch.nn.Module] | None = None) -> Contender:
     """`decoder` preceded by a random generator of `gen.preset` over its latent; `decoder` must have
-    `decode_latents` (every PyTorch row does)."""
+    `decode_latents` (every PyTorch row does). `built`: generators already made, by latent shape (rows with
+    the same latent share one; a gen-xl generator holds 675M parameters)."""
     if decoder.decode is None or decoder.decode_latents is None:
         return dataclasses.replace(decoder, decode=None,
                                    error=decoder.error or "this row cannot decode generated latents")
     config, guidance = load_gen_config(gen.preset).generator, gen.guidance
-    with torch.device(device):
-        model = cast_weights(build_generator(config, decoder.latent_shape).eval(), weights)
+    built = {} if built is None else built
+    if decoder.latent_shape not in built:
+        with torch.device(device):
+            built[decoder.latent_shape] = cast_weights(build_generator(config, decoder.latent_shape).eval(), weights)
+    model = built[decoder.latent_shape]
     generator = torch.Generator(device=device)
     sync = synchronizer(device)
     generator_seconds: list[float] = []

@@ -149,7 +149,9 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     if settings.pipeline:
         gen = GeneratorSettings.of(settings.gen_preset or default_gen_preset(teacher.config.image_size),
                                    settings.gen_steps, settings.gen_cfg)
-        contenders = [pipeline_contender(c, gen, settings.batch_size, device, _weights(settings)) for c in contenders]
+        built: dict = {}  # one generator per latent shape
+        contenders = [pipeline_contender(c, gen, settings.batch_size, device, _weights(settings), built=built)
+                      for c in contenders]
         log(f"each row: {gen.preset} generator, {gen.steps} steps, cfg {gen.guidance:g}, then its decoder")
     log(f"decoding {settings.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
     rows = measure(contenders, settings, peak, device, log)
