@@ -176,9 +176,11 @@ def add_bench(sub) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--contenders", type=str, default=None,
-                   help="comma list, a subset of student,student-bf16,teacher,teacher-nocfg,single-scale,sd-vae,"
-                        "ssdd-student,ssdd-teacher (default: all; student-bf16 is the student under bf16 "
-                        "autocast whatever --dtype says, for the bf16/fp32 ratio in one run)")
+                   help="comma list, a subset of student,student-eager,student-bf16,teacher,teacher-nocfg,"
+                        "single-scale,sd-vae,ssdd-student,ssdd-teacher,encoder,student+encoder, and onnx-student "
+                        "(default: all but onnx-student; student-eager is the student on the reference path, "
+                        "student-bf16 the student under bf16 autocast whatever --dtype says, for the speed-up and "
+                        "the bf16/fp32 ratio in one run)")
     p.add_argument("--ssdd-preset", default=None,
                    help="SSDD preset (or YAML) of the ssdd-* rows, random weights at the benchmark resolution "
                         "(default: ssdd-m-256 from 256 px up, else ssdd-tiny-64)")

@@ -56,16 +56,20 @@ def cmd_generate(args) -> int:
 
         from msdd.generator.quality import data_images, sample_metrics
 
-        data = data_images(args.data, args.n, tok.config.image_size, args.seed + 1)
-        metrics = sample_metrics(images, latents, tok, data, torch.Generator().manual_seed(args.seed),
-                                 args.inception_weights)
+        data = data_images(args.data, 2 * args.n, tok.config.image_size, args.seed + 1)
+        if len(data) < 2:
+            raise ValueError(f"--data {args.data}: --metrics needs at least 2 usable images, found {len(data)}")
+        half = len(data) // 2
+        metrics = sample_metrics(images, latents, tok, data[:half], data[half:2 * half],
+                                 torch.Generator().manual_seed(args.seed), args.inception_weights)
         metrics = {"generator": str(args.generator), "tokenizer": str(args.tokenizer), "steps": args.steps,
                    "cfg": args.guidance, "seed": args.seed, "data": args.data, **metrics}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         fid = f"FID {metrics['fid']:.2f}" if "fid" in metrics else f"FID skipped ({metrics['fid_skipped']})"
-        print(f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}) "
-              f"over {metrics['latent_dims']} dims; {fid}; {metrics['samples']} samples against "
-              f"{metrics['data_images']} images of {args.data}; {out / 'metrics.json'}")
+        print(f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}, "
+              f"other data images: {metrics['latent_fd_data_floor']:.2f}) over {metrics['latent_dims']} dims; "
+              f"{fid}; {metrics['samples']} samples against {metrics['data_images']} images of {args.data}; "
+              f"{out / 'metrics.json'}")
     return 0
 
 
@@ -117,7 +121,8 @@ def add_generate(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
     p.add_argument("--metrics", action="store_true",
                    help="also compare the samples with --n data images: latent FD (the Frechet distance of normalised "
-                        "latents, beside N(0, I) latents) and FID when the Inception file is found; OUT/metrics.json")
+                        "latents, beside N(0, I) latents and --n other data images) and FID when the Inception file "
+                        "is found; OUT/metrics.json")
     p.add_argument("--data", default="embedded", help="data images of --metrics (default: crops of the embedded photos)")
     p.add_argument("--inception-weights", default=None,
                    help="Inception file for FID (weights-inception-2015-12-05-6726825d.pth; default: the torch cache)")

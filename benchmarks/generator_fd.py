@@ -1,0 +1,25 @@
+"""Latent FD of trained generators at a larger sample count than `msdd generate --metrics` (latents only,
+no decoding): N data crops against N other crops (the floor), N(0, I) latents, and N samples (50 Euler steps)
+of each generator, in the shipped tiny-64 tokenizer's normalised latent space.
+
+    python benchmarks/generator_fd.py 2048 runs/gen/model [more generator dirs]
+"""
+
+import sys
+
+import torch
+
+from msdd.generator import load_generator, sample_latents
+from msdd.generator.quality import data_images, frechet_distance, normalised_latents
+from msdd.tokenizer import Tokenizer
+
+n = int(sys.argv[1])
+tok = Tokenizer.from_pretrained("tiny-64")
+x = data_images("embedded", 2 * n, 64, 1)
+with torch.no_grad():
+    a, b = normalised_latents(tok, x[:n]), normalised_latents(tok, x[n:])
+print("n", n, "data floor", round(frechet_distance(a, b), 2), "noise", round(frechet_distance(torch.randn(n, 32, 8), a), 2))
+for d in sys.argv[2:]:
+    g, _ = load_generator(d, "cpu")
+    z = torch.cat([sample_latents(g, 512, 50, generator=torch.Generator().manual_seed(i)) for i in range(n // 512)])
+    print(d, round(frechet_distance(z, a), 2))
