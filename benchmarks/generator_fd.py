@@ -18,7 +18,8 @@ tok = Tokenizer.from_pretrained("tiny-64")
 x = data_images("embedded", 2 * n, 64, 1)
 with torch.no_grad():
     a, b = normalised_latents(tok, x[:n]), normalised_latents(tok, x[n:])
-print("n", n, "data floor", round(frechet_distance(a, b), 2), "noise", round(frechet_distance(torch.randn(n, 32, 8), a), 2))
+noise = torch.randn(n, 32, 8)
+print("n", n, "data floor", round(frechet_distance(a, b), 2), "noise", round(frechet_distance(noise, a), 2))
 for d in sys.argv[2:]:
     g, _ = load_generator(d, "cpu")
     z = torch.cat([sample_latents(g, 512, 50, generator=torch.Generator().manual_seed(i)) for i in range(n // 512)])

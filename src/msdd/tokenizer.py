@@ -28,7 +28,6 @@ from torch import nn
 from msdd.config import ModelConfig, model_config_from_dict
 from msdd.families import family_of
 from msdd.flow.schedule import StageWindow
-from msdd.models.precision import Bf16Copies
 from msdd.hub import (
     WEIGHTS_NAME,
     check_weights,
@@ -38,6 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
+from msdd.models.precision import Bf16Copies
 
 
 def autocast(device: torch.device | str, bf16: bool):

@@ -196,7 +196,8 @@ def add_bench(sub) -> None:
                                                       "else gen-tiny)")
     p.add_argument("--gen-steps", type=int, default=None, help="generator Euler steps of --pipeline (default 50)")
     p.add_argument("--gen-cfg", type=float, default=None,
-                   help="generator guidance of --pipeline, one doubled batch (default 1.5; 1 for an unconditional preset)")
+                   help="generator guidance of --pipeline, one doubled batch (default 1.5; 1 for an unconditional "
+                        "preset)")
     p.add_argument("--quick", action="store_true",
                    help="seconds-long smoke run: batch 2, 1 warm-up, 2 rounds, 2 teacher steps per stage")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")

@@ -123,7 +123,8 @@ def add_generate(sub) -> None:
                    help="also compare the samples with --n data images: latent FD (the Frechet distance of normalised "
                         "latents, beside N(0, I) latents and --n other data images) and FID when the Inception file "
                         "is found; OUT/metrics.json")
-    p.add_argument("--data", default="embedded", help="data images of --metrics (default: crops of the embedded photos)")
+    p.add_argument("--data", default="embedded",
+                   help="data images of --metrics (default: crops of the embedded photos)")
     p.add_argument("--inception-weights", default=None,
                    help="Inception file for FID (weights-inception-2015-12-05-6726825d.pth; default: the torch cache)")
     p.add_argument("--device", default="cpu", type=device_arg)

@@ -23,6 +23,7 @@ from msdd.eval.bench.timing import synchronizer
 from msdd.generator import build_generator, generator_flops, load_gen_config, sample_latents, sampling_flops
 from msdd.models.precision import cast_weights
 
+
 def default_gen_preset(resolution: int) -> str:
     return "gen-xl" if resolution >= 256 else "gen-tiny"
 
@@ -70,7 +71,8 @@ def pipeline_contender(decoder: Contender, gen: GeneratorSettings, batch_size: i
         shape_only = build_generator(config, decoder.latent_shape)
     per_pass, gen_flops = generator_flops(shape_only), sampling_flops(shape_only, gen.steps, guidance)
     info = {**decoder.info, "generator": gen.preset, "generator_steps": gen.steps, "generator_cfg": guidance,
-            "generator_tokens": shape_only.num_tokens, "generator_params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+            "generator_tokens": shape_only.num_tokens,
+            "generator_params_M": sum(p.numel() for p in model.parameters()) / 1e6,
             "generator_gflop_per_pass": per_pass / 1e9, "generator_gflop_per_img": gen_flops / 1e9,
             "decoder_gflop_per_img": decoder.flop_per_image / 1e9}
     info["generator_seconds"] = generator_seconds  # filled as it runs; read by `decoder_shares`

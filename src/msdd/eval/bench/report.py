@@ -28,8 +28,8 @@ def format_report(report: dict) -> str:
                      f"{_fmt(r.get('speed_vs_student'), '>9.3f')} {_fmt(r.get('peak_memory_mib'), '>9.1f')}")
     if report.get("pipeline"):
         gen = report["pipeline"]
-        lines += ["", f"end to end: {gen['preset']} generator ({gen['steps']} steps, cfg {gen['guidance']:g}) + decoder, "
-                      f"per batch",
+        lines += ["", f"end to end: {gen['preset']} generator ({gen['steps']} steps, cfg {gen['guidance']:g}) "
+                      f"+ decoder, per batch",
                   f"{'contender':<16} {'tokens':>6} {'generator s':>12} {'decoder s':>10} {'decoder share':>14} "
                   f"{'GFLOP gen + dec':>18}"]
         for r in report["contenders"]:

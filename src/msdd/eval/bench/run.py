@@ -14,8 +14,8 @@ import torch
 
 from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
 from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models
-from msdd.eval.bench.pipeline import GeneratorSettings, decoder_shares, default_gen_preset, pipeline_contender
 from msdd.eval.bench.peak import matmul_peaks, measure_conv_peak, peak_size
+from msdd.eval.bench.pipeline import GeneratorSettings, decoder_shares, default_gen_preset, pipeline_contender
 from msdd.eval.bench.settings import DTYPES, BenchSettings
 from msdd.eval.bench.timing import log_stderr, time_contenders
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-CONTENDERS = ("student", "student-eager", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student",
-              "ssdd-teacher", "encoder", "student+encoder")
+CONTENDERS = ("student", "student-eager", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae",
+              "ssdd-student", "ssdd-teacher", "encoder", "student+encoder")
 OPTIONAL_CONTENDERS = ("onnx-student",)  # named in --contenders only (onnxruntime is an optional extra)
 # --pipeline: the rows timed after a latent generator (default), and every row that can be (a PyTorch decode
 # of given latents in the run's dtype)
