@@ -44,7 +44,8 @@ def _yaml_tree(text: str, where: str) -> dict:
     return tree
 
 
-def _set_path(tree: dict, dotted: str, value: Any) -> None:
+def set_path(tree: dict, dotted: str, value: Any) -> None:
+    """tree[a][b][c] = value for dotted "a.b.c", creating sections on the way."""
     keys = dotted.split(".")
     node = tree
     for k in keys[:-1]:
@@ -54,17 +55,20 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-def parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str, sections: set[str] | None = None, default: str = "model",
+                   example: str = "model.decoder.depth=4") -> tuple[str, Any]:
+    """`KEY=VALUE` -> (dotted key, YAML value); a key whose first part is not one of `sections` (default: the
+    run config's) belongs to the `default` section."""
     if "=" not in text:
-        raise ValueError(f"invalid override {text!r}: expected KEY=VALUE, e.g. model.decoder.depth=4")
+        raise ValueError(f"invalid override {text!r}: expected KEY=VALUE, e.g. {example}")
     key, raw = text.split("=", 1)
     key = key.strip()
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ValueError(f"invalid override {text!r}: value is not valid YAML ({e})") from None
-    if key.split(".")[0] not in {f.name for f in fields(Config)}:
-        key = f"model.{key}"  # `decoder.depth=4` means `model.decoder.depth=4`
+    if key.split(".")[0] not in (sections or {f.name for f in fields(Config)}):
+        key = f"{default}.{key}"  # `decoder.depth=4` means `model.decoder.depth=4`
     return key, value
 
 
@@ -90,7 +94,7 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
     tree.setdefault("name", preset)
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(tree, key, value)
+        set_path(tree, key, value)
     return from_dict(Config, tree)
 
 

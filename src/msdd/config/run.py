@@ -36,8 +36,9 @@ class StepsConfig:
 
 
 @dataclass(frozen=True)
-class TrainConfig(StepsConfig):
-    """Stage 1: the tokenizer trained from scratch (or from `init_from`)."""
+class OptimConfig(StepsConfig):
+    """A `train` section: AdamW betas and weight decay, the cosine schedule's floor, gradient clipping,
+    bf16 autocast, the seed and how many checkpoints to keep (stage 1 and the latent generator)."""
 
     section: ClassVar[str] = "train"
 
@@ -48,6 +49,22 @@ class TrainConfig(StepsConfig):
     bf16: bool = False
     seed: int = 0
     keep_checkpoints: int = 3
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        prefix = self.section
+        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
+              f"needs two values in [0, 1), got {self.betas}")
+        check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
+        check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
+        check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class TrainConfig(OptimConfig):
+    """Stage 1: the tokenizer trained from scratch (or from `init_from`)."""
+
     init_from: str = ""  # stage 1 only: start from a trained model (directory, bundled name or HF repo id)
     # model.linear_path: training crops the PCA that initialises it is fitted on, and the learning rate
     # of its two linear maps relative to `lr` (Adam moves every weight by about lr per step; PCA weights
@@ -58,13 +75,7 @@ class TrainConfig(StepsConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         prefix = self.section
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
-               f"needs two values in [0, 1), got {self.betas}")
-        check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
-        check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
-        for name in ("keep_checkpoints", "pca_crops"):
-            check(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be >= 1, got {getattr(self, name)}")
-        check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
+        check(self.pca_crops >= 1, f"{prefix}.pca_crops", f"must be >= 1, got {self.pca_crops}")
         check(self.linear_lr_scale >= 0, f"{prefix}.linear_lr_scale", "must be >= 0 (0 freezes the linear path)")
 
 

@@ -15,11 +15,10 @@ import copy
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-import yaml
-
 from msdd.config.dicts import from_dict
 from msdd.config.model import check
-from msdd.config.run import StepsConfig
+from msdd.config.presets import parse_override, set_path
+from msdd.config.run import OptimConfig
 
 
 @dataclass(frozen=True)
@@ -52,31 +51,17 @@ class GeneratorConfig:
 
 
 @dataclass(frozen=True)
-class GenTrainConfig(StepsConfig):
+class GenTrainConfig(OptimConfig):
     """Optimisation (AdamW, warm-up then cosine to min_lr_ratio; 1.0 keeps the lr constant, as DiT), EMA,
     cadence, and `label_dropout`: the share of class labels replaced by the null class (CFG)."""
 
-    section: ClassVar[str] = "train"
-
     betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
     min_lr_ratio: float = 1.0
-    grad_clip: float = 1.0
-    bf16: bool = False
-    seed: int = 0
-    keep_checkpoints: int = 3
     label_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        prefix = self.section
-        check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"{prefix}.betas",
-              f"needs two values in [0, 1), got {self.betas}")
-        check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
-        check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
-        check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
-        check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", "must be >= 1")
-        check(0 <= self.label_dropout < 1, f"{prefix}.label_dropout", "must be in [0, 1)")
+        check(0 <= self.label_dropout < 1, f"{self.section}.label_dropout", "must be in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -124,31 +109,12 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def _set(tree: dict, text: str) -> None:
-    """Apply one `KEY=VALUE` override (YAML value; a key outside the sections means `generator.KEY`)."""
-    if "=" not in text:
-        raise ValueError(f"invalid override {text!r}: expected KEY=VALUE, e.g. generator.depth=6")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    try:
-        value = yaml.safe_load(raw) if raw else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"invalid override {text!r}: value is not valid YAML ({e})") from None
-    keys = key.split(".")
-    if keys[0] not in {f.name for f in fields(GenRunConfig)}:
-        keys = ["generator", *keys]
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"invalid override `{key}`: `{k}` is not a section")
-    node[keys[-1]] = value
-
-
 def load_gen_config(preset: str = "gen-tiny", overrides: list[str] | tuple[str, ...] = ()) -> GenRunConfig:
     """A validated `GenRunConfig` from a preset name and `KEY=VALUE` overrides."""
     if preset not in PRESETS:
         raise ValueError(f"--preset {preset!r}: unknown generator preset; choose from {list(PRESETS)}")
     tree = {"name": preset, **copy.deepcopy(PRESETS[preset])}
-    for text in overrides:
-        _set(tree, text)
+    sections = {f.name for f in fields(GenRunConfig)}
+    for text in overrides:  # a key outside the sections means `generator.KEY`
+        set_path(tree, *parse_override(text, sections, "generator", "generator.depth=6"))
     return from_dict(GenRunConfig, tree)
