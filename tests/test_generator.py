@@ -85,6 +85,22 @@ def test_both_latent_shapes(shape, tokens):
         GeneratorConfig(width=32, heads=3)
 
 
+@pytest.mark.parametrize("shape", [(32, 8), (4, 8, 8)])
+def test_knows_absolute_positions(shape):
+    """RoPE sees only relative positions: a latent whose tokens are all equal would give every token the same
+    velocity, yet a tokenizer's tokens differ in their statistics by index. The learnt position embedding
+    gives the same token different velocities at different places; without it they are all equal."""
+    model = randomised(build_generator(TINY_GEN, shape))
+    with torch.no_grad():
+        model.pos_embed.normal_(std=0.5)
+        token = torch.randn(1, 1, model.to_tokens(torch.zeros(1, *shape)).shape[-1])
+        x = model.from_tokens(token.expand(2, model.num_tokens, -1).contiguous())  # one token everywhere
+        spread = lambda: (model.to_tokens(model(x, torch.full((2,), 0.5))).std(dim=1)).min()  # noqa: E731
+        assert spread() > 1e-3
+        model.pos_embed.zero_()
+        assert spread() < 1e-5
+
+
 def test_flops_per_forward_and_per_sampling():
     model = build_generator(TINY_GEN.__class__(**{**TINY_GEN.__dict__, "num_classes": 10}), (4, 8, 8))
     one = generator_flops(model)
