@@ -95,9 +95,9 @@ class GenRunConfig:
 PRESETS: dict[str, dict] = {
     "gen-tiny": {
         "generator": {"width": 128, "depth": 4, "heads": 4, "mlp_hidden": 344, "patch_size": 2},
-        "train": {"lr": 1e-3, "batch_size": 32, "warmup_steps": 100, "max_steps": 2000, "min_lr_ratio": 0.1,
+        "train": {"lr": 1e-3, "batch_size": 64, "warmup_steps": 100, "max_steps": 3000, "min_lr_ratio": 0.1,
                   "ema_decay": 0.999, "log_every": 20, "ckpt_every": 500, "grid_every": 1000},
-        "data": {"source": "embedded", "images": 2048, "flip": True},
+        "data": {"source": "embedded", "images": 8192, "flip": True},
     },
     "gen-xl": {
         "generator": {"width": 1152, "depth": 28, "heads": 16, "mlp_hidden": 3072, "patch_size": 2,
