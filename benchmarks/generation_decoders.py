@@ -21,9 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from msdd.eval.evaluate import build_fid
 from msdd.generator import load_generator, sample_latents
-from msdd.generator.quality import data_images, frechet_distance, normalised_latents
+from msdd.generator.quality import data_images, fid_against, frechet_distance, normalised_latents
 from msdd.tokenizer import Tokenizer
 
 
@@ -35,17 +34,6 @@ def decode(tok: Tokenizer, z: torch.Tensor, seed: int) -> tuple[torch.Tensor, fl
     start = time.perf_counter()
     images = torch.cat([tok.decode(tok.denormalize_latents(z[i:i + 128]), seed=seed + i) for i in range(0, len(z), 128)])
     return images.clamp(-1, 1), (time.perf_counter() - start) / len(z)
-
-
-def fid_of(images, data, inception_weights):
-    fid, reason = build_fid(inception_weights, images.device)
-    if fid is None:
-        return f"skipped: {reason}"
-    to_u8 = lambda x: ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
-    for i in range(0, len(data), 64):
-        fid.update(to_u8(data[i:i + 64]), real=True)
-        fid.update(to_u8(images[i:i + 64]), real=False)
-    return float(fid.compute())
 
 
 def main() -> None:
@@ -72,7 +60,7 @@ def main() -> None:
             rows[name] = {"thumbnail_fd": frechet_distance(thumbnails(images), thumbnails(data)),
                           "reencoded_latent_fd": frechet_distance(normalised_latents(student, images),
                                                                   normalised_latents(student, data)),
-                          "fid": fid_of(images, data, args.inception_weights), "seconds_per_image": seconds}
+                          "fid": fid_against(images, data, args.inception_weights), "seconds_per_image": seconds}
         mse = (decoded["student"] - decoded["teacher"]).square().flatten(1).mean(1)
         psnr = (10 * torch.log10(4 / mse)).mean().item()  # images in [-1, 1]: peak-to-peak 2
     out = {"command": "python benchmarks/generation_decoders.py " + args.generator + f" {n}", "samples": n,

@@ -51,22 +51,29 @@ def sample_metrics(samples: torch.Tensor, latents: torch.Tensor, tokenizer, data
     """FID (or the reason it is skipped) and latent FD of decoded `samples` (n, 3, R, R) with their normalised
     `latents` (n, ...) against data images `data` (m, 3, R, R); `other_data`, as many other data images, gives
     the floor; `generator` draws the N(0, I) baseline."""
-    from msdd.eval.evaluate import build_fid
-
     data_latents = normalised_latents(tokenizer, data)
     noise = torch.randn(latents.shape, generator=generator)
     out = {"samples": len(samples), "data_images": len(data), "latent_dims": latents[0].numel(),
            "latent_fd": frechet_distance(latents.cpu(), data_latents),
            "latent_fd_gaussian_baseline": frechet_distance(noise, data_latents),
            "latent_fd_data_floor": frechet_distance(normalised_latents(tokenizer, other_data), data_latents)}
+    fid = fid_against(samples, data, inception_weights)
+    out["fid" if isinstance(fid, float) else "fid_skipped"] = fid
+    return out
+
+
+@torch.no_grad()
+def fid_against(samples: torch.Tensor, data: torch.Tensor, inception_weights=None) -> float | str:
+    """FID of images `samples` against images `data` (both (n, 3, R, R) in [-1, 1]) with torchmetrics' FID on
+    the pretrained Inception file, or the reason it is skipped (a str) when that file does not resolve."""
+    from msdd.eval.evaluate import build_fid
+
     fid, reason = build_fid(inception_weights, samples.device)
     if fid is None:
-        out["fid_skipped"] = reason
-        return out
+        return reason
     to_u8 = lambda x: ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     for i in range(0, len(data), 64):
         fid.update(to_u8(data[i:i + 64].to(samples.device)), real=True)
     for i in range(0, len(samples), 64):
         fid.update(to_u8(samples[i:i + 64]), real=False)
-    out["fid"] = float(fid.compute())
-    return out
+    return float(fid.compute())
