@@ -32,7 +32,8 @@ def thumbnails(images: torch.Tensor) -> torch.Tensor:
 
 def decode(tok: Tokenizer, z: torch.Tensor, seed: int) -> tuple[torch.Tensor, float]:
     start = time.perf_counter()
-    images = torch.cat([tok.decode(tok.denormalize_latents(z[i:i + 128]), seed=seed + i) for i in range(0, len(z), 128)])
+    images = torch.cat([tok.decode(tok.denormalize_latents(z[i:i + 128]), seed=seed + i)
+                        for i in range(0, len(z), 128)])
     return images.clamp(-1, 1), (time.perf_counter() - start) / len(z)
 
 
@@ -55,7 +56,7 @@ def main() -> None:
         rows, decoded = {}, {}
         for name, tok, latents in (("data (floor)", None, None), ("student", student, z), ("teacher", teacher, z),
                                    ("student, N(0, I) latents", student, torch.randn(z.shape))):
-            images, seconds = (other, 0.0) if tok is None else decode(tok, latents, seed=10_000)
+            images, seconds = (other, None) if tok is None else decode(tok, latents, seed=10_000)
             decoded[name] = images
             rows[name] = {"thumbnail_fd": frechet_distance(thumbnails(images), thumbnails(data)),
                           "reencoded_latent_fd": frechet_distance(normalised_latents(student, images),
