@@ -110,6 +110,14 @@ def test_contenders_subset_and_resolution_table(tmp_path):
     assert "decode cost against resolution" in stdout
 
 
+def test_int8_row_in_fp32_and_bf16_runs(tmp_path):
+    for dtype in ("fp32", "bf16"):
+        report, _ = _bench(tmp_path, "--contenders", "student,student-int8", "--dtype", dtype)
+        student, int8 = report["contenders"]
+        assert int8["name"] == "student-int8" and int8["dtype"] == "int8 matmuls, fp32 elsewhere"
+        assert int8["gflop_per_img"] == student["gflop_per_img"] and int8["img_per_s"] > 0
+
+
 def test_sd_vae_row_without_diffusers(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ImportError
     report, stdout = _bench(tmp_path, "--contenders", "student,sd-vae")

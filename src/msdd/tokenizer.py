@@ -37,7 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.models.precision import Bf16Copies
+from msdd.models.precision import WeightCopies
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -71,7 +71,7 @@ class Tokenizer(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(config.latent_channels))
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
         self._warned_steps = False
-        self._bf16 = Bf16Copies()  # bf16-weight copies of the encoder and decoder for bf16=True calls
+        self._copies = WeightCopies()  # bf16 / int8 copies of the encoder and decoder for bf16= / int8= calls
 
     # ------------------------------------------------------------------ properties
 
@@ -214,6 +214,7 @@ class Tokenizer(nn.Module):
         return_stages: bool = False,
         *,
         cfg: float | None = None,
+        int8: bool = False,
     ):
         """Latents (see `encode`) -> images (B, 3, R, R) in [-1, 1].
 
@@ -221,7 +222,8 @@ class Tokenizer(nn.Module):
         classifier-free guidance scale, the paper's cfg (default: the model's; `cfg=` is its deprecated
         name); generator: source of all noise (default: a CPU generator seeded with `seed`, so the same
         call gives the same image). return_stages: also return the image at the end of every stage (ssdd
-        and plain: the final image only).
+        and plain: the final image only). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls
+        in int8 (`msdd.models.precision.quantise_int8`), the rest float32.
         """
         guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
         z = self.check_latents(z)
@@ -229,8 +231,12 @@ class Tokenizer(nn.Module):
         guidance = self.resolve_guidance(guidance)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
+        if int8 and (bf16 or z.device.type != "cpu"):
+            raise ValueError("decode(int8=True) runs on the CPU in float32 around its int8 matmuls: pass bf16=False "
+                             f"and a CPU model (this one is on {z.device}), or drop int8")
+        decoder = self._copies.of(self.decoder, "int8") if int8 else self.inference_module(self.decoder, bf16)
         with autocast(z.device, bf16):
-            x, stages = self.family.sample(self.inference_module(self.decoder, bf16), z, steps, guidance, generator)
+            x, stages = self.family.sample(decoder, z, steps, guidance, generator)
         x = x.clamp(-1, 1)
         return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
 
@@ -239,7 +245,7 @@ class Tokenizer(nn.Module):
         its matmul weights stored in bf16 (`msdd.models.precision`): the same results under autocast
         without casting every weight on every call. The copy is kept (half the module's float32 size)
         and rebuilt when the weights change."""
-        return self._bf16.of(module) if bf16 else module
+        return self._copies.of(module, "bf16") if bf16 else module
 
     def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:
         """The decode of this model's family on checked latents, without clamping or `no_grad`.

@@ -177,8 +177,9 @@ def add_bench(sub) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--contenders", type=str, default=None,
                    help="comma list, a subset of student,student-eager,student-bf16,teacher,teacher-nocfg,"
-                        "single-scale,sd-vae,ssdd-student,ssdd-teacher,encoder,student+encoder, and onnx-student "
-                        "(default: all but onnx-student; student-eager is the student on the reference path, "
+                        "single-scale,sd-vae,ssdd-student,ssdd-teacher,encoder,student+encoder, onnx-student and "
+                        "student-int8 (default: all but onnx-student and student-int8, the student with its "
+                        "matmuls in int8, CPU only; student-eager is the student on the reference path, "
                         "student-bf16 the student under bf16 autocast whatever --dtype says, for the speed-up and "
                         "the bf16/fp32 ratio in one run)")
     p.add_argument("--ssdd-preset", default=None,

@@ -14,9 +14,9 @@ from torch import nn
 from msdd.config import ModelConfig, load_config
 from msdd.eval.bench.models import Contender, FlowModel, compile_module, single_scale_config
 from msdd.eval.bench.sdvae import sd_vae_contender
-from msdd.eval.bench.settings import CONTENDERS
+from msdd.eval.bench.settings import CONTENDERS, OPTIONAL_CONTENDERS
 from msdd.models.layers import unoptimised
-from msdd.models.precision import cast_weights
+from msdd.models.precision import cast_weights, quantise_int8
 
 
 def _latents(config: ModelConfig, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -76,6 +76,14 @@ def ssdd_contender(name: str, config: ModelConfig, steps: int, batch_size: int, 
 def _in_bf16(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     def run():
         with torch.autocast(device.type, dtype=torch.bfloat16):
+            return fn()
+
+    return run
+
+
+def _without_autocast(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    def run():
+        with torch.autocast(device.type, enabled=False):
             return fn()
 
     return run
@@ -186,6 +194,14 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))
             c = flow_contender(name, half, dec(half), _latents(student.config, batch_size, device), one_step, 1.0)
             out.append(dataclasses.replace(c, decode=_in_bf16(c.decode, device), info={**c.info, "dtype": "bf16"}))
+        elif name == "student-int8":  # the streams' matmuls in int8 (dynamic, per channel), the rest fp32
+            if device.type != "cpu":
+                raise ValueError(f"--contenders student-int8 runs on the CPU only (this run: {device}); drop it")
+            one_step = (1,) * student.family.num_step_entries
+            int8 = quantise_int8(cast_weights(copy.deepcopy(student.decoder), torch.float32))
+            c = flow_contender(name, student, int8, _latents(student.config, batch_size, device), one_step, 1.0)
+            out.append(dataclasses.replace(c, decode=_without_autocast(c.decode, device),
+                                           info={**c.info, "dtype": "int8 matmuls, fp32 elsewhere"}))
         elif name in ("encoder", "student+encoder"):
             out += encoder_contenders([name], student, dec(student), batch_size, device, weights)
         elif name == "onnx-student":  # the same student decode as an ONNX graph under onnxruntime (fp32)
@@ -204,5 +220,5 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             n = 1 if name == "ssdd-student" else (ssdd_steps or ssdd.ssdd.steps)
             out.append(ssdd_contender(name, ssdd, n, batch_size, device, compile, weights=weights))
         else:
-            raise ValueError(f"unknown contender {name!r}; expected one of {list(CONTENDERS)}")
+            raise ValueError(f"unknown contender {name!r}; expected one of {list(CONTENDERS + OPTIONAL_CONTENDERS)}")
     return out

@@ -10,7 +10,8 @@ import torch
 
 CONTENDERS = ("student", "student-eager", "student-bf16", "teacher", "teacher-nocfg", "single-scale", "sd-vae",
               "ssdd-student", "ssdd-teacher", "encoder", "student+encoder")
-OPTIONAL_CONTENDERS = ("onnx-student",)  # named in --contenders only (onnxruntime is an optional extra)
+# named in --contenders only: onnxruntime is an optional extra; int8 matmuls run on CPUs only
+OPTIONAL_CONTENDERS = ("onnx-student", "student-int8")
 # --pipeline: the rows timed after a latent generator (default), and every row that can be (a PyTorch decode
 # of given latents in the run's dtype)
 PIPELINE_ROWS = ("student", "teacher", "ssdd-student", "sd-vae")
