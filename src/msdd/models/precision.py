@@ -46,9 +46,10 @@ def weights_key(module: nn.Module, versions: bool = True) -> tuple:
 
 
 def int8_engine() -> str | None:
-    """The quantised-kernel engine for int8 linear layers on this machine, None if there is none."""
+    """The engine of the int8 linear layers on this machine (x86 / fbgemm: per-channel weights, VNNI where the
+    CPU has it), None if there is none."""
     engines = torch.backends.quantized.supported_engines
-    return next((e for e in ("x86", "fbgemm", "qnnpack") if e in engines), None)
+    return next((e for e in ("x86", "fbgemm") if e in engines), None)
 
 
 def quantise_int8(module: nn.Module) -> nn.Module:
@@ -56,8 +57,8 @@ def quantise_int8(module: nn.Module) -> nn.Module:
     docstring); CPU only."""
     engine = int8_engine()
     if engine is None:
-        raise ValueError("int8 decoding needs PyTorch's quantised CPU kernels (fbgemm/x86 or qnnpack), which this "
-                         "PyTorch build lacks; decode in float32 or with bf16=True")
+        raise ValueError("int8 decoding needs PyTorch's x86 quantised kernels (fbgemm), which this PyTorch build "
+                         "or CPU lacks; decode in float32 or with bf16=True")
     from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
