@@ -185,6 +185,16 @@ def test_eval_cli_writes_json_and_plot(model_dir, tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
+def test_eval_cli_int8(model_dir, tmp_path, capsys):
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(model_dir), "--limit", "2", "--int8", "--pca-source", "none",
+                 "--out", str(out)]) == 0
+    int8 = json.loads(out.read_text())  # one run: one result
+    assert int8["protocol"]["dtype"] == "fp32, decoder matmuls int8" and int8["metrics"]["psnr"] > 0
+    assert main(["eval", "--model", str(model_dir), "--limit", "2", "--int8", "--bf16", "--out", str(out)]) == 2
+    assert "int8" in capsys.readouterr().err
+
+
 def test_pareto_plot_draws_the_points_and_their_front(tmp_path, monkeypatch):
     """The figure's content: one panel per metric, every point with a value plotted and labelled, and the
     dashed Pareto front joining, fastest first, the points no faster point beats (higher PSNR, lower

@@ -101,6 +101,7 @@ def evaluate(
     guidance: float | None = None,
     seed: int = 0,
     bf16: bool = False,
+    int8: bool = False,
     batch_size: int = 32,
     limit: int | None = None,
     inception_weights: str | Path | None = None,
@@ -111,7 +112,7 @@ def evaluate(
 ) -> dict:
     """Metrics of `tok` on `source`, with the protocol; beside them (`baselines`) the PSNR/SSIM of
     bicubic down/up and of PCA (fitted on training crops of `pca_source`, None to skip) with as many
-    floats as the latent, on the same images."""
+    floats as the latent, on the same images. `int8`: decode with int8 matmuls (`Tokenizer.decode(int8=True)`)."""
     device = tok.device
     floats = math.prod(tok.config.latent_shape)
     steps = tok.resolve_steps(steps)  # argument errors first, before any PCA fit or image decode
@@ -142,7 +143,7 @@ def evaluate(
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        recon = tok.decode(z, steps=steps, guidance=guidance, generator=g, bf16=bf16)
+        recon = tok.decode(z, steps=steps, guidance=guidance, generator=g, bf16=bf16, int8=int8)
         if device.type == "cuda":
             torch.cuda.synchronize()
         metrics["decode_seconds"].update(torch.tensor((time.perf_counter() - t0) / len(images)), weight=len(images))
@@ -210,7 +211,7 @@ def evaluate(
             "steps_per_stage": list(steps),
             "cfg": guidance,
             "decoder_passes_per_image": tok.passes_per_image(steps, guidance),
-            "dtype": "bf16" if bf16 else "fp32",
+            "dtype": "bf16" if bf16 else "fp32, decoder matmuls int8" if int8 else "fp32",
             "seed": seed,
             "batch_size": batch_size,
             "processes": dist_info.world_size,
