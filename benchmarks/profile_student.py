@@ -7,6 +7,11 @@ noise and copies.
 
 The optimised path by default (bf16: weights stored in bf16, as `Tokenizer.decode(bf16=True)`);
 `--reference`: the reference path, bf16 as autocast over float32 weights.
+
+`--bound` also measures, in the same process, the machine's matmul peak for the dtype and the decode's FLOPs
+per op, and writes the rates of the linear layers and of attention as fractions of that peak, and the best
+fraction of the peak a decode could reach with its linear layers as fast as they run here: attention at
+the full matmul peak and every other op free (what the issue-16 targets of 90% / 85% of the peak need).
 """
 
 import argparse
@@ -21,6 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 from msdd.config import load_config
 from msdd.families import family_of
 from msdd.models.layers import unoptimised
+from msdd.eval.bench.peak import measure_matmul_peak
+from msdd.eval.flops import flop_counter
 from msdd.models.precision import cast_weights
 
 GROUPS = [  # (group, substrings of aten op names), first match wins
@@ -51,6 +58,8 @@ def main() -> None:
     ap.add_argument("--reference", action="store_true",
                     help="profile the reference path (msdd.models.layers.unoptimised) and, for bf16, autocast over "
                          "float32 weights (what decode(bf16=True) ran before it kept bf16 weights)")
+    ap.add_argument("--bound", action="store_true",
+                    help="also the matmul peak, the FLOPs per op group and the best reachable fraction of the peak")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     cfg = load_config(a.preset).model
@@ -84,11 +93,35 @@ def main() -> None:
                          for g, s in sorted(groups.items(), key=lambda kv: -kv[1])},
               "top_ops": [{"op": n, "seconds": round(s, 4), "share": round(s / total, 4)}
                           for n, s in sorted(ops.items(), key=lambda kv: -kv[1])[:15]]}
+    if a.bound:
+        result["bound"] = efficiency_bound(decode, groups, total, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     for g, v in result["groups"].items():
         print(f"{g:34s} {v['seconds']:8.3f} s  {100 * v['share']:5.1f}%")
     print(f"total self CPU time per decode: {total:.3f} s")
+    for k, v in result.get("bound", {}).items():
+        print(f"{k:48s} {v}")
+
+
+def efficiency_bound(decode, groups: dict[str, float], total: float, dtype: torch.dtype) -> dict:
+    """Fractions of the matmul peak (measured now): of the whole decode, of its linear layers and attention
+    alone, and the best a decode could reach with the linear layers at their rate here, attention at the
+    peak and every other op taking no time."""
+    with unoptimised(), flop_counter() as counter:  # oneDNN's linear kernel has no FLOP formula: count nn.Linear
+        decode()
+    per_op = counter.get_flop_counts()["Global"]
+    flops = sum(per_op.values())
+    attention = sum(n for op, n in per_op.items() if group_of(str(op)) == "attention (SDPA)")
+    linear = flops - attention
+    peak = measure_matmul_peak(dtype) * 1e9
+    t_linear, t_attention = groups["linear (matmul)"], groups["attention (SDPA)"]
+    return {"matmul_peak_gflops": round(peak / 1e9, 1), "gflop_per_decode": round(flops / 1e9, 1),
+            "attention_flop_share": round(attention / flops, 4),
+            "decode_fraction_of_peak": round(flops / total / peak, 4),
+            "linear_fraction_of_peak": round(linear / t_linear / peak, 4),
+            "attention_fraction_of_peak": round(attention / t_attention / peak, 4),
+            "best_fraction_with_these_linear_layers": round(flops / (t_linear + attention / peak) / peak, 4)}
 
 
 if __name__ == "__main__":

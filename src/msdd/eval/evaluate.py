@@ -26,7 +26,8 @@ from torchmetrics import MeanMetric, SumMetric
 from msdd.data import ImageFolderDataset, embedded_eval_set
 from msdd.dist import DistInfo
 from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
+from msdd.eval.metrics import (bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image,
+                               to_uint8)
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import load_tensor_file, resolve_weights
@@ -161,9 +162,8 @@ def evaluate(
             with autocast(device, bf16):
                 metrics["lpips"].update(lpips(recon, ref).float())
         if fid is not None:
-            to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
-            fid.update(to_u8(ref), real=True)
-            fid.update(to_u8(recon), real=False)
+            fid.update(to_uint8(ref), real=True)
+            fid.update(to_uint8(recon), real=False)
 
     total = int(count.compute().item())
     if total == 0:  # every metric would be NaN

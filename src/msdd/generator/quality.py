@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
+from msdd.eval.metrics import to_uint8
 from msdd.generator.config import GenDataConfig
 from msdd.generator.data import image_records
 
@@ -71,9 +72,8 @@ def fid_against(samples: torch.Tensor, data: torch.Tensor, inception_weights=Non
     fid, reason = build_fid(inception_weights, samples.device)
     if fid is None:
         return reason
-    to_u8 = lambda x: ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     for i in range(0, len(data), 64):
-        fid.update(to_u8(data[i:i + 64].to(samples.device)), real=True)
+        fid.update(to_uint8(data[i:i + 64].to(samples.device)), real=True)
     for i in range(0, len(samples), 64):
-        fid.update(to_u8(samples[i:i + 64]), real=False)
+        fid.update(to_uint8(samples[i:i + 64]), real=False)
     return float(fid.compute())
