@@ -122,6 +122,13 @@ def test_int8_decode_keeps_the_shipped_students_fidelity():
     assert quantised == streams and len(streams) >= 4 * len(tok.decoder.blocks)  # qkv, proj, 2 MLP matmuls
     assert not torch.equal(fp32, int8)
     assert abs(psnr(int8) - psnr(fp32)) < 0.1
+    # the round trip with the encoder's streams in int8 too (`reconstruct` passes int8 to both)
+    both = tok.reconstruct(x, int8=True)
+    encoder_streams = [n for n, m in tok.encoder.named_modules() if n.rsplit(".", 1)[-1] in INT8_LAYERS]
+    quantised = [n for n, m in tok._copies.of(tok.encoder, "int8").named_modules() if isinstance(m, Int8Linear)]
+    assert quantised == encoder_streams and encoder_streams
+    assert not torch.equal(both, int8)
+    assert abs(psnr(both) - psnr(fp32)) < 0.1
 
 
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")
@@ -139,6 +146,8 @@ def test_int8_copy_follows_the_weights(tok):
     assert not torch.equal(tok.decode(z, steps=(1, 1, 1), int8=True), first)
     with pytest.raises(ValueError, match="int8"):
         tok.decode(z, int8=True, bf16=True)
+    with pytest.raises(ValueError, match="int8"):
+        tok.encode(torch.zeros(1, 3, 32, 32), int8=True, bf16=True)
 
 
 def test_compile_is_skipped_without_a_compiler(monkeypatch):

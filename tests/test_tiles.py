@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import tiny_config
 from msdd.cli import main
 from msdd.data import load_photo
+from msdd.models.precision import int8_engine
 from msdd.tiles import ramp_weights, seam_mask, tile_starts
 from msdd.tokenizer import Tokenizer
 
@@ -94,3 +95,19 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     assert again == first  # the kept PNG scores as it did when it was written
     assert main(["reconstruct", str(photos), "--model", str(model), "--tile-overlap", "32"]) == 2
     assert "--tile-overlap must be in [0, 31]" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")
+def test_reconstruct_cli_int8(tmp_path, capsys):
+    model = tmp_path / "m"
+    Tokenizer(tiny_config().model).save_pretrained(model)  # 32 px
+    photos = tmp_path / "photos"
+    china = load_photo("china")
+    _write(photos / "wide.png", china[:40, :70]), _write(photos / "square.png", china[100:132, 100:132])
+    out = tmp_path / "rec"
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--int8"]) == 0
+    assert {p.name: Image.open(p).size for p in (out / "reconstructions").iterdir()} == {
+        "wide.png": (70, 40), "square.png": (32, 32)}  # the tiled path and the batched one
+    capsys.readouterr()
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--int8", "--bf16"]) == 2
+    assert "int8" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from msdd.models.precision import encode_kwargs
 from msdd.seeding import image_generators
 
 
@@ -57,7 +58,7 @@ def reconstruct_tiled(tok, image: torch.Tensor, overlap: int | None = None, key:
     """One image (3, H, W) in [-1, 1], any H and W, reconstructed at its own size by `tok` in tiles.
 
     overlap: pixels shared by neighbouring tiles (default R // 4); decode_kwargs: `Tokenizer.decode`'s
-    (steps, guidance, bf16)."""
+    (steps, guidance, bf16, int8; the last two apply to the encoder too)."""
     r = tok.config.image_size
     overlap = r // 4 if overlap is None else overlap
     h, w = image.shape[1:]
@@ -68,11 +69,11 @@ def reconstruct_tiled(tok, image: torch.Tensor, overlap: int | None = None, key:
     gens = image_generators(seed, [f"{key}#tile{k}" for k in range(len(places))])
     out = torch.zeros_like(padded)
     total = torch.zeros(padded.shape[1:])
-    bf16 = decode_kwargs.get("bf16", False)
+    precision = encode_kwargs(decode_kwargs)
     for b in range(0, len(places), batch_size):
         chunk = places[b:b + batch_size]
         tiles = torch.stack([padded[:, ys[i]:ys[i] + r, xs[j]:xs[j] + r] for i, j in chunk])
-        z = tok.encode(tiles.to(tok.device), bf16=bf16)
+        z = tok.encode(tiles.to(tok.device), **precision)
         x = tok.decode(z, generator=gens[b:b + batch_size], **decode_kwargs).float().cpu()
         for (i, j), t in zip(chunk, x):
             wt = wy[i][:, None] * wx[j][None, :]

@@ -37,7 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.models.precision import WeightCopies
+from msdd.models.precision import WeightCopies, encode_kwargs
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -195,12 +195,13 @@ class Tokenizer(nn.Module):
     # ------------------------------------------------------------------ API
 
     @torch.no_grad()
-    def encode(self, images, bf16: bool = False) -> torch.Tensor:
+    def encode(self, images, bf16: bool = False, *, int8: bool = False) -> torch.Tensor:
         """Images -> latents z (B, L, C), or (B, c, R/8, R/8) for a spatial latent (raw; see
-        `normalize_latents`)."""
+        `normalize_latents`). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls in int8, as in
+        `decode`."""
         x = self.prepare_images(images)
         with autocast(x.device, bf16):
-            return self.inference_module(self.encoder, bf16)(x).float()
+            return self.inference_module(self.encoder, bf16, int8, x.device)(x).float()
 
     @torch.no_grad()
     def decode(
@@ -231,20 +232,24 @@ class Tokenizer(nn.Module):
         guidance = self.resolve_guidance(guidance)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
-        if int8 and (bf16 or z.device.type != "cpu"):
-            raise ValueError("decode(int8=True) runs on the CPU in float32 around its int8 matmuls: pass bf16=False "
-                             f"and a CPU model (this one is on {z.device}), or drop int8")
-        decoder = self._copies.of(self.decoder, "int8") if int8 else self.inference_module(self.decoder, bf16)
+        decoder = self.inference_module(self.decoder, bf16, int8, z.device)
         with autocast(z.device, bf16):
             x, stages = self.family.sample(decoder, z, steps, guidance, generator)
         x = x.clamp(-1, 1)
         return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
 
-    def inference_module(self, module: nn.Module, bf16: bool) -> nn.Module:
+    def inference_module(self, module: nn.Module, bf16: bool, int8: bool = False,
+                         device: torch.device | None = None) -> nn.Module:
         """`module` (the encoder or the decoder) for a call without gradients; with bf16, a copy of it with
         its matmul weights stored in bf16 (`msdd.models.precision`): the same results under autocast
-        without casting every weight on every call. The copy is kept (half the module's float32 size)
-        and rebuilt when the weights change."""
+        without casting every weight on every call (half the module's float32 size); with int8 (CPU), a
+        copy with the transformer streams' matmuls in int8. Copies are kept and rebuilt when the weights
+        change."""
+        if int8:
+            if bf16 or (device is not None and device.type != "cpu"):
+                raise ValueError("int8=True runs on the CPU in float32 around its int8 matmuls: pass bf16=False "
+                                 f"and a CPU model (this one is on {device}), or drop int8")
+            return self._copies.of(module, "int8")
         return self._copies.of(module, "bf16") if bf16 else module
 
     def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:
@@ -269,7 +274,7 @@ class Tokenizer(nn.Module):
         init_linear_path(self.encoder.to_linear, self.decoder.from_linear, pca)
 
     def reconstruct(self, images, tile_overlap: int | None = None, **decode_kwargs):
-        """`decode(encode(images))`; `decode_kwargs` are `decode`'s (`bf16` applies to both).
+        """`decode(encode(images))`; `decode_kwargs` are `decode`'s (`bf16` and `int8` apply to both).
 
         Images of the model's size R go through as one batch (PIL images are centre-cropped to R, as in
         `encode`). A tensor or array (B, 3, H, W) of another size, or any input when `tile_overlap` is
@@ -281,7 +286,7 @@ class Tokenizer(nn.Module):
                                                           stacklevel=3)
         prepared = self._reconstruct_input(images, tile_overlap)
         if isinstance(prepared, torch.Tensor):  # one batch at the model's size
-            return self.decode(self.encode(prepared, bf16=decode_kwargs.get("bf16", False)), **decode_kwargs)
+            return self.decode(self.encode(prepared, **encode_kwargs(decode_kwargs)), **decode_kwargs)
         from msdd.tiles import reconstruct_tiled
 
         seed = decode_kwargs.pop("seed", 0)

@@ -24,7 +24,7 @@ def cmd_reconstruct(args) -> None:
     # each image's noise is seeded from --seed and its output name: independent of --batch-size and the other inputs
     s = reconstruct_files(tok, files, names, explicit, args.out, size=args.size, tile_overlap=args.tile_overlap,
                           steps=steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                          bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers)
+                          bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers, int8=args.int8)
     reused = f", {s['reused']} kept from an earlier run" if s["reused"] else ""
     print(f"{s['n']} images reconstructed ({len(s['skipped'])} skipped{reused}) -> {args.out}: mean PSNR "
           f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, decode {s['decode_s']:.3f} s/image")
@@ -133,6 +133,8 @@ def add_reconstruct(sub) -> None:
                    help="keep reconstructions an earlier run wrote to --out (scored again, not decoded): "
                         "a stopped run continues where it stopped")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading the files (default 0)")
+    p.add_argument("--int8", action="store_true",
+                   help="encode and decode with int8 matmuls in the transformer streams (CPU; not with --bf16)")
     add_decode_args(p)
     p.set_defaults(func=cmd_reconstruct)
 

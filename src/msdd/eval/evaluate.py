@@ -23,11 +23,10 @@ import torch
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric, SumMetric
 
-from msdd.data import ImageFolderDataset, embedded_eval_set
+from msdd.data import ImageFolderDataset, embedded_eval_set, to_uint8
 from msdd.dist import DistInfo
 from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
-from msdd.eval.metrics import (bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image,
-                               to_uint8)
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import load_tensor_file, resolve_weights

@@ -22,11 +22,6 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
     return torch.round(to_unit(x) * 255) / 127.5 - 1
 
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] as uint8 values in [0, 255] (what FID's Inception network takes)."""
-    return torch.round(to_unit(x) * 255).to(torch.uint8)
-
-
 def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) PSNR in dB of images in [-1, 1], computed on [0, 1] with data_range 1."""
     return peak_signal_noise_ratio(to_unit(pred), to_unit(target), data_range=1.0, reduction="none", dim=(1, 2, 3))

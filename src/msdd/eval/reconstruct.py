@@ -39,6 +39,7 @@ def reconstruct_images(
     batch_size: int = 32,
     bf16: bool = False,
     keys: Sequence[int | str] | None = None,
+    int8: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """Encode + decode images (N, 3, R, R) in [-1, 1] in batches of `batch_size`.
 
@@ -57,10 +58,10 @@ def reconstruct_images(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outs, decode_s = [], 0.0
     for i in range(0, len(images), batch_size):
-        z = tok.encode(images[i : i + batch_size], bf16=bf16)
+        z = tok.encode(images[i : i + batch_size], bf16=bf16, int8=int8)
         generators = image_generators(seed, keys[i : i + batch_size])
         t0 = time.perf_counter()
-        x = tok.decode(z, steps=steps, guidance=guidance, generator=generators, bf16=bf16)
+        x = tok.decode(z, steps=steps, guidance=guidance, generator=generators, bf16=bf16, int8=int8)
         decode_s += time.perf_counter() - t0
         outs.append(quantize(x.cpu()))
     return torch.cat(outs), decode_s / max(1, len(images))

@@ -113,7 +113,7 @@ def _read_png(path: Path, shape: torch.Size) -> torch.Tensor | None:
 def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit: Sequence[bool], out_dir: str | Path,
                       size: str = "auto", tile_overlap: int | None = None, steps=None, guidance: float | None = None,
                       seed: int = 0, batch_size: int = 32, bf16: bool = False, skip_existing: bool = False,
-                      workers: int = 0, grid_rows: int = 16) -> dict:
+                      workers: int = 0, grid_rows: int = 16, int8: bool = False) -> dict:
     """Reconstruct `files` into `out_dir` (see the module docstring). A bad file given explicitly raises
     BadImageError; one found in a folder is skipped with a warning and counted. Every image's noise is
     seeded from `seed` and its name (`image_generators`; tiles from name and tile index). Returns
@@ -149,7 +149,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
             images = torch.stack([x for _, x in pending])
             t0 = time.perf_counter()
             recon, _ = reconstruct_images(tok, images, steps, guidance, seed, len(idx), bf16,
-                                          keys=[names[i] for i in idx])
+                                          keys=[names[i] for i in idx], int8=int8)
             decode_s += time.perf_counter() - t0
             for i, x, y in zip(idx, images, recon):
                 finish(i, x, y, True)
@@ -175,7 +175,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
             else:
                 t0 = time.perf_counter()
                 y = quantize(reconstruct_tiled(tok, x, tile_overlap, key=names[i], seed=seed, batch_size=batch_size,
-                                               steps=steps, guidance=guidance, bf16=bf16))
+                                               steps=steps, guidance=guidance, bf16=bf16, int8=int8))
                 decode_s += time.perf_counter() - t0
                 finish(i, x, y, True)
         flush()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader
 
-from msdd.eval.metrics import to_uint8
+from msdd.data import to_uint8
 from msdd.generator.config import GenDataConfig
 from msdd.generator.data import image_records
 

@@ -77,6 +77,11 @@ def quantise_int8(module: nn.Module) -> nn.Module:
     return module
 
 
+def encode_kwargs(decode_kwargs: dict) -> dict:
+    """The precision options of a `decode` call that its `encode` takes too (bf16, int8)."""
+    return {k: decode_kwargs[k] for k in ("bf16", "int8") if k in decode_kwargs}
+
+
 class WeightCopies:
     """A reduced-precision copy of each module asked for, per kind: "bf16" (`cast_weights`) or "int8"
     (`quantise_int8`), kept until the module's weights change. Holds the copies outside the module tree:
