@@ -4,6 +4,7 @@ compile fallback and its memory probe."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -81,12 +82,12 @@ def test_bf16_weight_copy(tok, monkeypatch):
     z = _latents(tok)
     keys = set(tok.state_dict())
     fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    copy = tok._copies.of(tok.decoder, "bf16")
-    assert copy.blocks[0].img.qkv.weight.dtype == torch.bfloat16
-    assert copy.blocks[0].img.norm1.weight is None or copy.blocks[0].img.norm1.weight.dtype == torch.float32
+    half = tok._copies.of(tok.decoder, "bf16")
+    assert half.blocks[0].img.qkv.weight.dtype == torch.bfloat16
+    assert half.blocks[0].img.norm1.weight is None or half.blocks[0].img.norm1.weight.dtype == torch.float32
     assert tok.decoder.blocks[0].img.qkv.weight.dtype == torch.float32  # the model itself is untouched
     assert set(tok.state_dict()) == keys  # the copy is kept outside the state dict
-    assert tok._copies.of(tok.decoder, "bf16") is copy
+    assert tok._copies.of(tok.decoder, "bf16") is half
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # autocast casting fp32 weights per call
         g = torch.Generator().manual_seed(0)
         slow = tok.family.sample(tok.decoder, z, (1, 1, 1), 1.0, g)[0].clamp(-1, 1)
@@ -99,7 +100,7 @@ def test_bf16_weight_copy(tok, monkeypatch):
     monkeypatch.undo()
     with torch.no_grad():
         tok.decoder.blocks[0].img.qkv.weight.add_(0.1)
-    assert tok._copies.of(tok.decoder, "bf16") is not copy  # rebuilt from the changed weights
+    assert tok._copies.of(tok.decoder, "bf16") is not half  # rebuilt from the changed weights
     assert not torch.equal(tok.decode(z, steps=(1, 1, 1), bf16=True), fast)
     assert tok.encode(torch.zeros(1, 3, 32, 32), bf16=True).dtype == torch.float32
 
@@ -220,6 +221,4 @@ def test_bf16_linear_packs_its_weight_once_per_version():
     assert (fast2.float() - ref2.float()).abs().max() <= 1e-2 * ref2.float().abs().max()
     assert not torch.allclose(fast2.float(), fast.float())
     assert set(layer.state_dict()) == {"weight", "bias"}  # the packed weight is not state
-    import copy
-
     assert copy.deepcopy(layer)._packed is None and layer._packed is not None  # oneDNN's tensor can't be copied

@@ -16,6 +16,8 @@ def cmd_reconstruct(args) -> None:
     folder_arg(args.out, "--out")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.int8 and args.bf16:
+        raise ValueError("--int8 runs in float32 around its int8 matmuls: drop --bf16 or --int8")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     r = tok.config.image_size
     if args.tile_overlap is not None and not 0 <= args.tile_overlap < r:

@@ -89,7 +89,7 @@ class Linear(nn.Linear):
         w = self.weight
         storage = w.untyped_storage()
         key = (storage.data_ptr(), w.storage_offset(), tuple(w.shape), 0 if w.is_inference() else w._version)
-        if self._packed is None or self._packed[0].data_ptr() != key[0] or self._packed[1] != key:
+        if self._packed is None or self._packed[1] != key:
             self._packed = (storage, key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
         return self._packed[2]
 
