@@ -65,13 +65,20 @@ def _write(path, arr):
     return path
 
 
-def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
+def _model_and_photos(tmp_path, tall: bool = True):
+    """A random 32 px tiny model and a folder of crops of a photo: wider than the model, its size, taller."""
     model = tmp_path / "m"
-    Tokenizer(tiny_config().model).save_pretrained(model)  # 32 px
+    Tokenizer(tiny_config().model).save_pretrained(model)
     photos = tmp_path / "photos"
     china = load_photo("china")
     _write(photos / "wide.png", china[:40, :70]), _write(photos / "square.png", china[100:132, 100:132])
-    _write(photos / "tall.png", china[:90, :50])
+    if tall:
+        _write(photos / "tall.png", china[:90, :50])
+    return model, photos
+
+
+def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
+    model, photos = _model_and_photos(tmp_path)
     out = tmp_path / "rec"
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out)]) == 0
     sizes = {p.name: Image.open(p).size for p in (out / "reconstructions").iterdir()}
@@ -99,11 +106,7 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
 
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")
 def test_reconstruct_cli_int8(tmp_path, capsys):
-    model = tmp_path / "m"
-    Tokenizer(tiny_config().model).save_pretrained(model)  # 32 px
-    photos = tmp_path / "photos"
-    china = load_photo("china")
-    _write(photos / "wide.png", china[:40, :70]), _write(photos / "square.png", china[100:132, 100:132])
+    model, photos = _model_and_photos(tmp_path, tall=False)
     out = tmp_path / "rec"
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--int8"]) == 0
     assert {p.name: Image.open(p).size for p in (out / "reconstructions").iterdir()} == {
