@@ -32,7 +32,7 @@ from msdd.models.precision import cast_weights
 
 GROUPS = [  # (group, substrings of aten op names), first match wins
     ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),  # linear: oneDNN's _linear_pointwise
-    ("attention (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "attention_bf16")),
     ("norms", ("layer_norm", "group_norm", "native_layer_norm")),
     ("noise", ("randn", "normal_", "uniform_")),
     ("copies / layout", ("copy_", "clone", "contiguous", "cat", "_to_copy", "permute", "reshape", "view",
@@ -112,10 +112,10 @@ def efficiency_bound(decode, groups: dict[str, float], total: float, dtype: torc
         decode()
     per_op = counter.get_flop_counts()["Global"]
     flops = sum(per_op.values())
-    attention = sum(n for op, n in per_op.items() if group_of(str(op)) == "attention (SDPA)")
+    attention = sum(n for op, n in per_op.items() if group_of(str(op)) == "attention")
     linear = flops - attention
     peak = measure_matmul_peak(dtype) * 1e9
-    t_linear, t_attention = groups["linear (matmul)"], groups["attention (SDPA)"]
+    t_linear, t_attention = groups["linear (matmul)"], groups["attention"]
     return {"matmul_peak_gflops": round(peak / 1e9, 1), "gflop_per_decode": round(flops / 1e9, 1),
             "attention_flop_share": round(attention / flops, 4),
             "decode_fraction_of_peak": round(flops / total / peak, 4),

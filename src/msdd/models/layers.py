@@ -10,7 +10,8 @@ and in the SSDD bottleneck.
 Inference speed-ups (oneDNN linear layers and fused elementwise ops here, cached modulation in
 msdd.models.decoder) are exact rewrites of the reference path; `unoptimised()` switches them off, so that
 a benchmark measures them against that path in one run (`msdd bench`'s `student-eager` row) and the
-tests compare the two.
+tests compare the two. bf16 CPU attention runs the fused kernel of msdd.models.fused_attention on that path:
+the flash kernel's precision, not its exact rounding (bf16 images within 0.02 of the flash kernel's).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from msdd.models import fused_attention
 
 # ---------------------------------------------------------------------------------------------
 # the switch between the optimised and the reference path
@@ -184,8 +187,10 @@ def attention(
 ) -> torch.Tensor:
     """RoPE on queries and keys, then scaled dot-product attention: q, k, v (B, heads, N, D) -> (B, N, heads * D)."""
     cos, sin = rope
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    out = F.scaled_dot_product_attention(q, k, v.to(q.dtype))
+    q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.to(q.dtype)
+    if _fast_cpu_inference(q) and (out := fused_attention.attention(q, k, v)) is not None:
+        return out  # bf16 on the CPU: the fused kernel, already (B, N, heads * D)
+    out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")
 
 

@@ -1,0 +1,83 @@
+"""A fused bf16 attention kernel for CPU inference, built on first use.
+
+PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX
+(benchmarks/README.md): attention was the whole gap between a bf16 paper-256 decode and the machine's peak.
+`kernels/attention_bf16.cpp` computes the same attention with the same precision (bf16 products summed in float32,
+float32 softmax, bf16 probabilities) on AVX512-BF16 dot products, 1.3-3.4x faster than the flash kernel at the
+decoder's 37-1152 tokens. It is built with `torch.utils.cpp_extension` the first time a bf16 CPU decode needs
+it (about 15 s; cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source
+changes) and used by `msdd.models.layers.attention` on the optimised path only (the `student-eager` row of
+`msdd bench` keeps the flash kernel). Where the CPU lacks AVX512-BF16, the head dimension is not a multiple of
+32, or the build fails (no C++ compiler or ninja: one warning says so), attention stays on
+`F.scaled_dot_product_attention`. `MSDD_FUSED_ATTENTION=0` switches the kernel off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "attention_bf16.cpp"
+ENV = "MSDD_FUSED_ATTENTION"
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+def cpu_supported() -> bool:
+    """The CPU runs AVX512-BF16 (read from /proc/cpuinfo: Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+@functools.cache
+def kernel():
+    """The compiled op `torch.ops.msdd_kernels.attention_bf16`, or None where it cannot run here."""
+    if not (enabled() and cpu_supported()):
+        return None
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="msdd_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: attention stays on PyTorch's kernel
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"msdd: the fused bf16 attention kernel ({SOURCE.name}) could not be built ({reason}); bf16 "
+                      f"CPU decodes use PyTorch's attention instead. Install a C++ compiler and ninja, or set "
+                      f"{ENV}=0 to skip the build.", RuntimeWarning, stacklevel=2)
+        return None
+    finally:
+        cpp_logger.setLevel(level)
+    return torch.ops.msdd_kernels.attention_bf16
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel computes this attention: bf16 CPU tensors of one shape (B, heads, N, D), D a multiple of 32."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v as (B, N, heads * D) from the fused kernel, or None where it does not apply."""
+    if not applies(q, k, v):
+        return None
+    op = kernel()
+    return None if op is None else op(q, k, v)

@@ -1,0 +1,98 @@
+"""The fused bf16 attention kernel (msdd.models.fused_attention): the flash kernel's precision, used by bf16 CPU
+decodes on the optimised path only, and a clear fallback where it cannot be built."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from msdd.models import fused_attention
+from msdd.models.layers import unoptimised
+from msdd.tokenizer import Tokenizer
+
+from conftest import tiny_config
+
+needs_kernel = pytest.mark.skipif(
+    not (fused_attention.cpu_supported() and fused_attention.kernel() is not None),
+    reason="the fused kernel needs an x86 CPU with AVX512-BF16 and a C++ compiler with ninja")
+
+
+def _qkv(b, h, n, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(b, h, n, d, generator=g) * s).bfloat16() for s in (1.5, 1.5, 1.0)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("n", [1, 7, 37, 70, 200])
+@pytest.mark.parametrize("d", [32, 64])
+def test_fused_attention_has_the_flash_kernels_precision(n, d):
+    q, k, v = _qkv(2, 3, n, d)
+    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(2, n, 3 * d)
+    flash = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, n, 3 * d).float()
+    fused = fused_attention.attention(q, k, v)
+    assert fused.shape == (2, n, 3 * d) and fused.dtype == torch.bfloat16
+    err, flash_err = (fused.float() - exact).abs(), (flash - exact).abs()
+    assert err.max() <= 0.02  # bf16 rounding of outputs of magnitude < 2
+    assert err.mean() <= 1.25 * flash_err.mean() + 1e-4
+    # strided views (keys and values read through a transpose) give the same result
+    kt, vt = k.transpose(2, 3).contiguous().transpose(2, 3), v.transpose(2, 3).contiguous().transpose(2, 3)
+    assert torch.equal(fused_attention.attention(q, kt, vt), fused)
+
+
+def test_fused_attention_applies_only_to_what_it_computes():
+    q, k, v = _qkv(1, 2, 10, 32)
+    assert fused_attention.applies(q, k, v)
+    assert not fused_attention.applies(q.float(), k.float(), v.float())  # float32 stays on PyTorch's kernels
+    q16, k16, v16 = _qkv(1, 2, 10, 16)
+    assert not fused_attention.applies(q16, k16, v16)  # head dim not a multiple of 32
+    assert fused_attention.attention(q16, k16, v16) is None
+
+
+@needs_kernel
+def test_bf16_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatch):
+    # width 64 with 2 heads: head dim 32, the smallest the kernel takes (the shipped tiny-64 has 32 too)
+    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
+    with torch.no_grad():  # every weight random: adaLN-zero would make the blocks the identity
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+    z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
+    calls = []
+    real = fused_attention.attention
+
+    def counted(q, k, v):
+        out = real(q, k, v)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused_attention, "attention", counted)
+    fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    assert calls and all(calls)
+    n_calls = len(calls)
+    with unoptimised():
+        eager = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    assert len(calls) == n_calls  # the eager path (msdd bench's student-eager) keeps PyTorch's kernel
+    monkeypatch.setattr(fused_attention, "attention", lambda q, k, v: None)
+    flash = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    assert 0 < (fast - flash).abs().max() <= 0.02  # the same attention, rounded differently
+    assert (fast - eager).abs().max() <= 0.02
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(fused_attention, "cpu_supported", lambda: True)
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    fused_attention.kernel.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*Ninja is required.*MSDD_FUSED_ATTENTION=0"):
+            assert fused_attention.kernel() is None
+        assert fused_attention.attention(*_qkv(1, 1, 4, 32)) is None
+        monkeypatch.setenv("MSDD_FUSED_ATTENTION", "0")
+        fused_attention.kernel.cache_clear()
+        assert fused_attention.kernel() is None  # switched off: no build, no warning
+    finally:
+        fused_attention.kernel.cache_clear()
