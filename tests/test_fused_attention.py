@@ -1,5 +1,5 @@
-"""The fused bf16 attention kernel (msdd.models.fused_attention): the flash kernel's precision, used by bf16 CPU
-decodes on the optimised path only, and a clear fallback where it cannot be built."""
+"""The fused attention kernel (msdd.models.fused_attention): the flash kernel's precision in bf16 and float32, used
+by CPU decodes on the optimised path only, and a clear fallback where it cannot be built."""
 
 from __future__ import annotations
 
@@ -18,9 +18,14 @@ needs_kernel = pytest.mark.skipif(
     reason="the fused kernel needs an x86 CPU with AVX512-BF16 and a C++ compiler with ninja")
 
 
-def _qkv(b, h, n, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(b, h, n, d, generator=g) * s).bfloat16() for s in (1.5, 1.5, 1.0)]
+def _qkv(b, h, n, d, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    return [(torch.randn(b, h, n, d, generator=g) * s).to(dtype) for s in (1.5, 1.5, 1.0)]
+
+
+def _sdpa(q, k, v):
+    b, h, n, d = q.shape
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, h * d)
 
 
 @needs_kernel
@@ -28,11 +33,10 @@ def _qkv(b, h, n, d, seed=0):
 @pytest.mark.parametrize("d", [32, 64])
 def test_fused_attention_has_the_flash_kernels_precision(n, d):
     q, k, v = _qkv(2, 3, n, d)
-    exact = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).transpose(1, 2).reshape(2, n, 3 * d)
-    flash = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, n, 3 * d).float()
+    exact, flash = _sdpa(q.double(), k.double(), v.double()), _sdpa(q, k, v).double()
     fused = fused_attention.attention(q, k, v)
     assert fused.shape == (2, n, 3 * d) and fused.dtype == torch.bfloat16
-    err, flash_err = (fused.float() - exact).abs(), (flash - exact).abs()
+    err, flash_err = (fused.double() - exact).abs(), (flash - exact).abs()
     assert err.max() <= 0.02  # bf16 rounding of outputs of magnitude < 2
     assert err.mean() <= 1.25 * flash_err.mean() + 1e-4
     # strided views (keys and values read through a transpose) give the same result
@@ -40,17 +44,29 @@ def test_fused_attention_has_the_flash_kernels_precision(n, d):
     assert torch.equal(fused_attention.attention(q, kt, vt), fused)
 
 
+@needs_kernel
+@pytest.mark.parametrize("n", [128, 203])
+@pytest.mark.parametrize("d", [32, 64])
+def test_fused_attention_in_float32_is_float32_attention(n, d):
+    q, k, v = _qkv(2, 3, n, d, torch.float32)
+    fused = fused_attention.attention(q, k, v)
+    assert fused.shape == (2, n, 3 * d) and fused.dtype == torch.float32
+    assert (fused.double() - _sdpa(q.double(), k.double(), v.double())).abs().max() <= 1e-5
+
+
 def test_fused_attention_applies_only_to_what_it_computes():
     q, k, v = _qkv(1, 2, 10, 32)
     assert fused_attention.applies(q, k, v)
-    assert not fused_attention.applies(q.float(), k.float(), v.float())  # float32 stays on PyTorch's kernels
+    assert not fused_attention.applies(q.float(), k.float(), v.float())  # float32 under 128 tokens: PyTorch's
+    assert fused_attention.applies(*_qkv(1, 2, 128, 32, torch.float32))
+    assert not fused_attention.applies(q.half(), k.half(), v.half())
     q16, k16, v16 = _qkv(1, 2, 10, 16)
     assert not fused_attention.applies(q16, k16, v16)  # head dim not a multiple of 32
     assert fused_attention.attention(q16, k16, v16) is None
 
 
 @needs_kernel
-def test_bf16_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatch):
+def test_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatch):
     # width 64 with 2 heads: head dim 32, the smallest the kernel takes (the shipped tiny-64 has 32 too)
     tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
     with torch.no_grad():  # every weight random: adaLN-zero would make the blocks the identity
@@ -76,6 +92,14 @@ def test_bf16_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatc
     flash = tok.decode(z, steps=(1, 1, 1), bf16=True)
     assert 0 < (fast - flash).abs().max() <= 0.02  # the same attention, rounded differently
     assert (fast - eager).abs().max() <= 0.02
+    # float32 (the tiny model's attention has fewer tokens than the kernel's float32 threshold: lowered here)
+    monkeypatch.setattr(fused_attention, "attention", counted)
+    monkeypatch.setattr(fused_attention, "MIN_TOKENS_FP32", 0)
+    calls.clear()
+    fast = tok.decode(z, steps=(1, 1, 1))
+    assert calls and all(calls)
+    with unoptimised():
+        assert (fast - tok.decode(z, steps=(1, 1, 1))).abs().max() <= 1e-5
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):

@@ -1,14 +1,15 @@
-"""A fused bf16 attention kernel for CPU inference, built on first use.
+"""A fused attention kernel for CPU inference, built on first use.
 
-PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX
-(benchmarks/README.md): attention was the whole gap between a bf16 paper-256 decode and the machine's peak.
-`kernels/attention_bf16.cpp` computes the same attention with the same precision (bf16 products summed in float32,
-float32 softmax, bf16 probabilities) on AVX512-BF16 dot products, 1.3-3.4x faster than the flash kernel at the
-decoder's 37-1152 tokens. It is built with `torch.utils.cpp_extension` the first time a bf16 CPU decode needs
-it (about 15 s; cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source
-changes) and used by `msdd.models.layers.attention` on the optimised path only (the `student-eager` row of
-`msdd bench` keeps the flash kernel). Where the CPU lacks AVX512-BF16, the head dimension is not a multiple of
-32, or the build fails (no C++ compiler or ninja: one warning says so), attention stays on
+PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX and
+float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
+and the machine's peak. `kernels/attention.cpp` computes the same attention with the same precision (bf16: bf16
+products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512: 2.4-2.6x
+the flash kernel in bf16 and 1.1-1.3x in float32 at the paper decoder's 144-1152 tokens, 12 heads of 64. It is
+built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached in
+`TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
+`msdd.models.layers.attention` on the optimised path only (the `student-eager` row of `msdd bench` keeps the
+flash kernel). Where the CPU lacks AVX512-BF16, the head dimension is not a multiple of 32, float32 attention has
+fewer than 128 tokens, or the build fails (no C++ compiler or ninja: one warning says so), attention stays on
 `F.scaled_dot_product_attention`. `MSDD_FUSED_ATTENTION=0` switches the kernel off.
 """
 
@@ -23,8 +24,10 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("kernels") / "attention_bf16.cpp"
+SOURCE = Path(__file__).with_name("kernels") / "attention.cpp"
 ENV = "MSDD_FUSED_ATTENTION"
+DTYPES = (torch.bfloat16, torch.float32)
+MIN_TOKENS_FP32 = 128  # float32 below: 0.95x the flash kernel at 37 tokens (1.1x at 144, 1.3x at 384-1152)
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
 
@@ -47,7 +50,7 @@ def enabled() -> bool:
 
 @functools.cache
 def kernel():
-    """The compiled op `torch.ops.msdd_kernels.attention_bf16`, or None where it cannot run here."""
+    """The compiled op `torch.ops.msdd_kernels.attention`, or None where it cannot run here."""
     if not (enabled() and cpu_supported()):
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
@@ -56,23 +59,25 @@ def kernel():
     try:
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="msdd_attention_bf16", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        cpp_extension.load(name="msdd_attention", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                            extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: attention stays on PyTorch's kernel
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(f"msdd: the fused bf16 attention kernel ({SOURCE.name}) could not be built ({reason}); bf16 "
-                      f"CPU decodes use PyTorch's attention instead. Install a C++ compiler and ninja, or set "
+        warnings.warn(f"msdd: the fused attention kernel ({SOURCE.name}) could not be built ({reason}); CPU "
+                      f"decodes use PyTorch's attention instead. Install a C++ compiler and ninja, or set "
                       f"{ENV}=0 to skip the build.", RuntimeWarning, stacklevel=2)
         return None
     finally:
         cpp_logger.setLevel(level)
-    return torch.ops.msdd_kernels.attention_bf16
+    return torch.ops.msdd_kernels.attention
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel computes this attention: bf16 CPU tensors of one shape (B, heads, N, D), D a multiple of 32."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.dim() == 4
-            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0)
+    """The kernel computes this attention, and faster than PyTorch's: CPU tensors of one shape (B, heads, N, D)
+    and one dtype, bf16 or float32 (float32 from 128 tokens on), D a multiple of 32."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0
+            and (q.dtype == torch.bfloat16 or q.shape[2] >= MIN_TOKENS_FP32))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
