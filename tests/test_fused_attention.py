@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from msdd.models import fused_attention
-from msdd.models.layers import unoptimised
+from msdd.models.layers import RopeCache, apply_rope, unoptimised
 from msdd.tokenizer import Tokenizer
 
 from conftest import tiny_config
@@ -54,6 +54,20 @@ def test_fused_attention_in_float32_is_float32_attention(n, d):
     assert (fused.double() - _sdpa(q.double(), k.double(), v.double())).abs().max() <= 1e-5
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fused_attention_applies_rope_first(dtype):
+    # a 12 x 12 image grid and 16 context tokens: 160 tokens, head dim 64, as in a paper decoder's stage
+    rope = RopeCache(full_grid=24, num_context=16, head_dim=64, context_pos="cross_both")(12, torch.device("cpu"))
+    q, k, v = _qkv(2, 3, 160, 64, dtype)
+    fused = fused_attention.attention(q, k, v, rope)
+    q64, k64 = (apply_rope(x.double(), *(t.double() for t in rope)) for x in (q, k))
+    exact = _sdpa(q64, k64, v.double())
+    err = (fused.double() - exact).abs().max()
+    assert err <= (1e-5 if dtype == torch.float32 else 0.02)
+    assert (fused.double() - _sdpa(q.double(), k.double(), v.double())).abs().max() > 100 * err  # RoPE did act
+
+
 def test_fused_attention_applies_only_to_what_it_computes():
     q, k, v = _qkv(1, 2, 10, 32)
     assert fused_attention.applies(q, k, v)
@@ -76,8 +90,8 @@ def test_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatch):
     calls = []
     real = fused_attention.attention
 
-    def counted(q, k, v):
-        out = real(q, k, v)
+    def counted(q, k, v, rope=None):
+        out = real(q, k, v, rope)
         calls.append(out is not None)
         return out
 
@@ -88,7 +102,7 @@ def test_decode_runs_the_fused_kernel_on_the_optimised_path_only(monkeypatch):
     with unoptimised():
         eager = tok.decode(z, steps=(1, 1, 1), bf16=True)
     assert len(calls) == n_calls  # the eager path (msdd bench's student-eager) keeps PyTorch's kernel
-    monkeypatch.setattr(fused_attention, "attention", lambda q, k, v: None)
+    monkeypatch.setattr(fused_attention, "attention", lambda *args: None)
     flash = tok.decode(z, steps=(1, 1, 1), bf16=True)
     assert 0 < (fast - flash).abs().max() <= 0.02  # the same attention, rounded differently
     assert (fast - eager).abs().max() <= 0.02

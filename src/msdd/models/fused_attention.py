@@ -80,9 +80,14 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
             and (q.dtype == torch.bfloat16 or q.shape[2] >= MIN_TOKENS_FP32))
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(D)) v as (B, N, heads * D) from the fused kernel, or None where it does not apply."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v as (B, N, heads * D) from the fused kernel, with RoPE on q and k first where
+    `rope` (cos, sin, each (N, D), as msdd.models.layers.apply_rope takes them) is given; None where the kernel
+    does not apply."""
     if not applies(q, k, v):
         return None
     op = kernel()
-    return None if op is None else op(q, k, v)
+    if op is None:
+        return None
+    return op(q, k, v) if rope is None else op(q, k, v, *rope)

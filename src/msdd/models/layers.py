@@ -187,9 +187,10 @@ def attention(
 ) -> torch.Tensor:
     """RoPE on queries and keys, then scaled dot-product attention: q, k, v (B, heads, N, D) -> (B, N, heads * D)."""
     cos, sin = rope
-    q, k, v = apply_rope(q, cos, sin), apply_rope(k, cos, sin), v.to(q.dtype)
-    if _fast_cpu_inference(q) and (out := fused_attention.attention(q, k, v)) is not None:
-        return out  # the fused CPU kernel: already (B, N, heads * D)
+    v = v.to(q.dtype)
+    if _fast_cpu_inference(q) and (out := fused_attention.attention(q, k, v, rope)) is not None:
+        return out  # the fused CPU kernel, RoPE included: already (B, N, heads * D)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")
 

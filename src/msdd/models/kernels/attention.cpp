@@ -1,15 +1,16 @@
 // Fused attention for x86 CPUs with AVX-512 (msdd.models.fused_attention builds and loads it).
 //
 // softmax(q k^T / sqrt(D)) v for q, k, v (B, heads, N, D) of one dtype, bf16 or float32, D a multiple of 32, no
-// mask; the result is (B, N, heads * D), the layout the attention's output projection reads. Work is split over
-// (batch x head, block of 12 queries): the block's scores against all N keys are computed at once (float32,
-// 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash kernel, then the
-// weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16 products summed in
-// float32 (vdpbf16ps: two products per float32 lane), float32 softmax, bf16 probabilities, bf16 output; float32
-// is float32 throughout (vfmadd231ps). Both products read 32-bit words: a bf16 word is a pair of consecutive
-// elements along the summed dimension, a float32 word one element. k is re-laid out in panels of 64 keys x D
-// words, v in words along the keys; both are padded with zeros to a multiple of 64 keys (padded keys get
-// probability 0).
+// mask, with RoPE on q and k first where cos and sin (N, D) are given (msdd.models.layers.apply_rope, computed
+// in float32 here and rounded once). The result is (B, N, heads * D), the layout the output projection reads.
+// Work is split over (batch x head, block of 12 queries): the block's scores against all N keys are computed at
+// once (float32, 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash
+// kernel, then the weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16
+// products summed in float32 (vdpbf16ps: two products per float32 lane), float32 softmax, bf16 probabilities,
+// bf16 output; float32 is float32 throughout (vfmadd231ps). Both products read 32-bit words: a bf16 word is a
+// pair of consecutive elements along the summed dimension, a float32 word one element. k is re-laid out in
+// panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64 keys
+// (padded keys get probability 0).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -18,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 namespace {
@@ -34,6 +36,10 @@ struct Bf16 {
   static void store16(Elem* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
   }
+  static __m512 load16(const Elem* p) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  }
 };
 
 struct Float {
@@ -48,15 +54,38 @@ struct Float {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
   }
   static void store16(Elem* p, __m512 x) { _mm512_storeu_ps(p, x); }
+  static __m512 load16(const Elem* p) { return _mm512_loadu_ps(p); }
 };
 
-// K (N, W words) -> panels of 64 keys: [Npad / 64][W][64], zero past N.
-void pack_keys(const uint32_t* k, uint32_t* out, int64_t n, int64_t npad, int64_t words) {
+// RoPE of one row of D elements (rotate-half layout: element i pairs with i + D/2), computed in float32:
+// out[i] = x[i] cos[i] - x[i + D/2] sin[i], out[i + D/2] = x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2]
+template <class T>
+inline void rope_row(const typename T::Elem* x, const float* cos, const float* sin, typename T::Elem* out,
+                     int64_t d) {
+  const int64_t half = d / 2;
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512 x1 = T::load16(x + i), x2 = T::load16(x + half + i);
+    T::store16(out + i, _mm512_fnmadd_ps(x2, _mm512_loadu_ps(sin + i), _mm512_mul_ps(x1, _mm512_loadu_ps(cos + i))));
+    T::store16(out + half + i, _mm512_fmadd_ps(x1, _mm512_loadu_ps(sin + half + i),
+                                               _mm512_mul_ps(x2, _mm512_loadu_ps(cos + half + i))));
+  }
+}
+
+// K (N, D) -> panels of 64 keys: [Npad / 64][W words][64], zero past N; RoPE applied first where cos is given
+template <class T>
+void pack_keys(const typename T::Elem* k, const float* cos, const float* sin, uint32_t* out, int64_t n,
+               int64_t npad, int64_t d) {
+  const int64_t words = d / T::kPerWord;
+  std::vector<uint32_t> rotated(words);
   for (int64_t panel = 0; panel < npad / kPanel; ++panel) {
     uint32_t* dst = out + panel * words * kPanel;
     for (int64_t c = 0; c < kPanel; ++c) {
       const int64_t key = panel * kPanel + c;
-      const uint32_t* row = k + key * words;
+      const uint32_t* row = reinterpret_cast<const uint32_t*>(k + key * d);
+      if (key < n && cos != nullptr) {
+        rope_row<T>(k + key * d, cos + key * d, sin + key * d, reinterpret_cast<typename T::Elem*>(rotated.data()), d);
+        row = rotated.data();
+      }
       for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = key < n ? row[w] : 0;
     }
   }
@@ -170,7 +199,8 @@ inline void value_tile(const uint32_t* prob, int64_t lda, const uint32_t* vp, in
 }
 
 template <class T>
-at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* cos,
+                          const float* sin) {
   using Elem = typename T::Elem;
   const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), words = D / T::kPerWord;
   const int64_t npad = (N + kPanel - 1) / kPanel * kPanel, blocks = (N + kRows - 1) / kRows;
@@ -179,14 +209,14 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   at::Tensor vp = at::empty({B * H, vwords * D}, q.options().dtype(at::kInt));
   at::Tensor out = at::empty({B, N, H * D}, q.options());
   const auto* qd = reinterpret_cast<const uint32_t*>(q.data_ptr());
-  const auto* kd = reinterpret_cast<const uint32_t*>(k.data_ptr());
+  const auto* kd = reinterpret_cast<const Elem*>(k.data_ptr());
   const auto* vd = reinterpret_cast<const Elem*>(v.data_ptr());
   auto* kpd = reinterpret_cast<uint32_t*>(kp.data_ptr());
   auto* vpd = reinterpret_cast<uint32_t*>(vp.data_ptr());
   auto* od = reinterpret_cast<Elem*>(out.data_ptr());
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
-      pack_keys(kd + bh * N * words, kpd + bh * npad * words, N, npad, words);
+      pack_keys<T>(kd + bh * N * D, cos, sin, kpd + bh * npad * words, N, npad, D);
       pack_values<T>(vd + bh * N * D, vpd + bh * vwords * D, N, npad, D);
     }
   });
@@ -200,6 +230,11 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t bh = task / blocks, r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
       const uint32_t* qh = qd + (bh * N + r0) * words;
       for (int64_t i = 0; i < kRows * words; ++i) qb[i] = i < rows * words ? qh[i] : 0;
+      if (cos != nullptr) {
+        auto* qe = reinterpret_cast<Elem*>(qb.data());
+        for (int64_t r = 0; r < rows; ++r)
+          rope_row<T>(qe + r * D, cos + (r0 + r) * D, sin + (r0 + r) * D, qe + r * D, D);
+      }
       const uint32_t* kh = kpd + bh * npad * words;
       for (int64_t t = 0; t < kRows; t += kTile)
         for (int64_t panel = 0; panel < npad / kPanel; ++panel)
@@ -226,18 +261,31 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
   return out;
 }
 
-at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in) {
+at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                     const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.device().is_cpu(), "msdd attention: q, k, v must be (B, heads, N, D) on the CPU");
   const auto dtype = q_in.scalar_type();
   TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && k_in.scalar_type() == dtype &&
               v_in.scalar_type() == dtype, "msdd attention: q, k, v must be all bf16 or all float32");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
-  TORCH_CHECK(q.size(3) % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+  const int64_t N = q.size(2), D = q.size(3);
+  TORCH_CHECK(D % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
               "msdd attention: q, k, v must have one shape, with D a multiple of 32");
-  return dtype == at::kBFloat16 ? attention_impl<Bf16>(q, k, v) : attention_impl<Float>(q, k, v);
+  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), "msdd attention: give both cos and sin, or neither");
+  at::Tensor cos, sin;
+  if (cos_in.has_value()) {
+    cos = cos_in->to(at::kFloat).contiguous();
+    sin = sin_in->to(at::kFloat).contiguous();
+    TORCH_CHECK(cos.numel() == N * D && sin.numel() == N * D, "msdd attention: cos and sin must be (N, D)");
+  }
+  const float* c = cos.defined() ? cos.data_ptr<float>() : nullptr;
+  const float* s = sin.defined() ? sin.data_ptr<float>() : nullptr;
+  return dtype == at::kBFloat16 ? attention_impl<Bf16>(q, k, v, c, s) : attention_impl<Float>(q, k, v, c, s);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(msdd_kernels, m) { m.def("attention(Tensor q, Tensor k, Tensor v) -> Tensor"); }
+TORCH_LIBRARY(msdd_kernels, m) {
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? cos=None, Tensor? sin=None) -> Tensor");
+}
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) { m.impl("attention", attention); }
