@@ -10,8 +10,8 @@ and in the SSDD bottleneck.
 Inference speed-ups (oneDNN linear layers and fused elementwise ops here, cached modulation in
 msdd.models.decoder) are exact rewrites of the reference path; `unoptimised()` switches them off, so that
 a benchmark measures them against that path in one run (`msdd bench`'s `student-eager` row) and the
-tests compare the two. CPU attention runs the fused kernel of msdd.models.fused_attention on that path: the
-flash kernel's precision, not its exact rounding (float32 within 1e-5, bf16 images within 0.02).
+tests compare the two. CPU attention and SwiGLU's gate run the fused kernels of msdd.models.cpu_kernels on that
+path: the same precision, not the same rounding (float32 within 1e-5, bf16 images within 0.02).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from msdd.models import fused_attention
+from msdd.models import cpu_kernels
 
 # ---------------------------------------------------------------------------------------------
 # the switch between the optimised and the reference path
@@ -188,7 +188,7 @@ def attention(
     """RoPE on queries and keys, then scaled dot-product attention: q, k, v (B, heads, N, D) -> (B, N, heads * D)."""
     cos, sin = rope
     v = v.to(q.dtype)
-    if _fast_cpu_inference(q) and (out := fused_attention.attention(q, k, v, rope)) is not None:
+    if _fast_cpu_inference(q) and (out := cpu_kernels.attention(q, k, v, rope)) is not None:
         return out  # the fused CPU kernel, RoPE included: already (B, N, heads * D)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     out = F.scaled_dot_product_attention(q, k, v)
@@ -206,7 +206,10 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
+        h = self.w12(x)
+        if _fast_cpu_inference(h) and (gated := cpu_kernels.swiglu(h)) is not None:
+            return self.w3(gated)  # silu(a) * b in one pass
+        a, b = h.chunk(2, dim=-1)
         return self.w3(F.silu(a) * b)
 
 

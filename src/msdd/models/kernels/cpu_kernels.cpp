@@ -1,8 +1,10 @@
-// Fused attention for x86 CPUs with AVX-512 (msdd.models.fused_attention builds and loads it).
+// Fused CPU kernels for x86 CPUs with AVX-512 (msdd.models.cpu_kernels builds and loads them as
+// torch.ops.msdd_kernels): attention with RoPE, and SwiGLU's gate.
 //
-// softmax(q k^T / sqrt(D)) v for q, k, v (B, heads, N, D) of one dtype, bf16 or float32, D a multiple of 32, no
-// mask, with RoPE on q and k first where cos and sin (N, D) are given (msdd.models.layers.apply_rope, computed
-// in float32 here and rounded once). The result is (B, N, heads * D), the layout the output projection reads.
+// attention: softmax(q k^T / sqrt(D)) v for q, k, v (B, heads, N, D) of one dtype, bf16 or float32, D a
+// multiple of 32, no mask, with RoPE on q and k first where cos and sin (N, D) are given
+// (msdd.models.layers.apply_rope, computed in float32 here and rounded once). The result is (B, N, heads * D),
+// the layout the output projection reads.
 // Work is split over (batch x head, block of 12 queries): the block's scores against all N keys are computed at
 // once (float32, 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash
 // kernel, then the weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16
@@ -131,9 +133,10 @@ inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words, flo
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * lds + 16 * c, acc[r][c]);
 }
 
-// 2^x for x <= 0: degree-6 polynomial on the fraction in [-1/2, 1/2] (relative error < 2e-7), exact scaling
-inline __m512 exp2_neg(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));
+// 2^x, x clamped to [-126, 126]: degree-6 polynomial on the fraction in [-1/2, 1/2] (relative error < 2e-7),
+// exact scaling by the integer part
+inline __m512 exp2v(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-126.0f)), _mm512_set1_ps(126.0f));
   const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, i);
   __m512 p = _mm512_set1_ps(1.5403530e-4f);
@@ -161,7 +164,7 @@ inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int6
     const __mmask16 valid = c + 16 <= n ? static_cast<__mmask16>(0xffff)
                           : c < n       ? tail
                                         : static_cast<__mmask16>(0);
-    __m512 e = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul, shift));
+    __m512 e = exp2v(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul, shift));
     e = _mm512_maskz_mov_ps(valid, e);
     sum = _mm512_add_ps(sum, e);
     T::store16(prob + c, e);
@@ -283,9 +286,47 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return dtype == at::kBFloat16 ? attention_impl<Bf16>(q, k, v, c, s) : attention_impl<Float>(q, k, v, c, s);
 }
 
+// swiglu: (..., 2H) [a, b] -> (..., H) silu(a) * b = a b / (1 + exp(-a)), in float32, rounded once
+template <class T>
+void swiglu_impl(const typename T::Elem* in, typename T::Elem* out, int64_t rows, int64_t h) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    const __m512 one = _mm512_set1_ps(1.0f), minus_log2e = _mm512_set1_ps(-1.4426950408889634f);
+    for (int64_t r = begin; r < end; ++r) {
+      const typename T::Elem* a = in + r * 2 * h;
+      for (int64_t c = 0; c < h; c += 16) {
+        const __m512 x = T::load16(a + c);
+        const __m512 sig = _mm512_div_ps(x, _mm512_add_ps(one, exp2v(_mm512_mul_ps(x, minus_log2e))));
+        T::store16(out + r * h + c, _mm512_mul_ps(sig, T::load16(a + h + c)));
+      }
+    }
+  });
+}
+
+at::Tensor swiglu(const at::Tensor& h_in) {
+  const auto dtype = h_in.scalar_type();
+  TORCH_CHECK(h_in.device().is_cpu() && (dtype == at::kBFloat16 || dtype == at::kFloat),
+              "msdd swiglu: the input must be a bf16 or float32 CPU tensor");
+  TORCH_CHECK(h_in.dim() >= 1 && h_in.size(-1) % 32 == 0, "msdd swiglu: the last dimension must be a multiple of 32");
+  const at::Tensor h = h_in.contiguous();
+  const int64_t hidden = h.size(-1) / 2, rows = h.numel() / std::max<int64_t>(1, 2 * hidden);
+  std::vector<int64_t> sizes = h.sizes().vec();
+  sizes.back() = hidden;
+  at::Tensor out = at::empty(sizes, h.options());
+  if (dtype == at::kBFloat16)
+    swiglu_impl<Bf16>(reinterpret_cast<const uint16_t*>(h.data_ptr()), reinterpret_cast<uint16_t*>(out.data_ptr()),
+                      rows, hidden);
+  else
+    swiglu_impl<Float>(h.data_ptr<float>(), out.data_ptr<float>(), rows, hidden);
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(msdd_kernels, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? cos=None, Tensor? sin=None) -> Tensor");
+  m.def("swiglu(Tensor h) -> Tensor");
 }
-TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) { m.impl("attention", attention); }
+TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
+  m.impl("attention", attention);
+  m.impl("swiglu", swiglu);
+}

@@ -1,0 +1,114 @@
+"""Fused CPU kernels for inference, built on first use: attention (with RoPE) and SwiGLU's gate.
+
+PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX and
+float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
+and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
+products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
+queries and keys included: 2.4-3.4x the flash kernel in bf16 and 1.3-1.9x in float32 at the paper decoder's
+144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). It also computes SwiGLU's silu(a) * b in one
+pass over the first linear layer's output (2-3x PyTorch's two ops).
+
+The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
+in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
+`msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
+Where the CPU lacks AVX512-BF16, a shape does not fit (head dimension or hidden width not a multiple of 32;
+float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning says so), those
+layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.cpp"
+ENV = "MSDD_CPU_KERNELS"
+DTYPES = (torch.bfloat16, torch.float32)
+MIN_TOKENS_FP32 = 128  # float32 attention below: 0.95-1.9x the flash kernel at 37 tokens, run to run
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+
+
+def cpu_supported() -> bool:
+    """The CPU runs AVX512-BF16 (read from /proc/cpuinfo: Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((set(line.split(":", 1)[1].split()) for line in lines if line.startswith("flags")), set())
+    return all(flag in flags for flag in CPU_FLAGS)
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
+
+
+@functools.cache
+def library():
+    """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `swiglu`), or None where they cannot run here."""
+    if not (enabled() and cpu_supported()):
+        return None
+    cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
+    level = cpp_logger.level
+    cpp_logger.setLevel(logging.ERROR)
+    try:
+        _ninja_on_path()
+        from torch.utils import cpp_extension
+
+        cpp_extension.load(name="msdd_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+    except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's ops instead
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        warnings.warn(f"msdd: the fused CPU kernels ({SOURCE.name}) could not be built ({reason}); CPU decodes "
+                      f"use PyTorch's attention instead. Install a C++ compiler and ninja, or set {ENV}=0 to skip "
+                      f"the build.", RuntimeWarning, stacklevel=2)
+        return None
+    finally:
+        cpp_logger.setLevel(level)
+    return torch.ops.msdd_kernels
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs `ninja` from PATH: add the pip package's binary (a dependency of msdd) when
+    the environment's bin directory is not on PATH (a virtual environment used without activating it)."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """The kernel computes this attention, and faster than PyTorch's: CPU tensors of one shape (B, heads, N, D)
+    and one dtype, bf16 or float32 (float32 from 128 tokens on), D a multiple of 32."""
+    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and q.dim() == 4
+            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0
+            and (q.dtype == torch.bfloat16 or q.shape[2] >= MIN_TOKENS_FP32))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(D)) v as (B, N, heads * D) from the fused kernel, with RoPE on q and k first where
+    `rope` (cos, sin, each (N, D), as msdd.models.layers.apply_rope takes them) is given; None where the kernel
+    does not apply."""
+    if not attention_applies(q, k, v) or (ops := library()) is None:
+        return None
+    return ops.attention(q, k, v) if rope is None else ops.attention(q, k, v, *rope)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor | None:
+    """silu(a) * b for h = [a, b] along the last dimension (..., 2 * hidden), computed in float32 and rounded once;
+    None where the kernel does not apply (not a bf16 or float32 CPU tensor, hidden not a multiple of 16)."""
+    if not (h.device.type == "cpu" and h.dtype in DTYPES and h.shape[-1] % 32 == 0) or (ops := library()) is None:
+        return None
+    return ops.swiglu(h)
