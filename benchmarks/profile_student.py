@@ -38,7 +38,7 @@ GROUPS = [  # (group, substrings of aten op names), first match wins
     ("copies / layout", ("copy_", "clone", "contiguous", "cat", "_to_copy", "permute", "reshape", "view",
                          "expand", "transpose", "stack", "unsqueeze", "slice", "select", "as_strided")),
     ("modulation / RoPE / elementwise", ("mul", "add", "sub", "silu", "gelu", "neg", "sigmoid", "exp", "cos",
-                                         "sin", "div", "pow", "mean", "clamp", "where", "tanh", "sum")),
+                                         "sin", "div", "pow", "mean", "clamp", "where", "tanh", "sum", "swiglu")),
 ]
 
 

@@ -24,7 +24,7 @@ def test_onnx_student_matches_pytorch_on_the_shipped_model(tmp_path, capsys):
     images = embedded_eval_set(64)[0][:3]  # batch 3: the graphs were traced at batch 2 (dynamic batch)
     z = tok.encode(images)
     assert (ort_tok.encode(images) - z).abs().max() < 1e-4
-    for seed in (0, 5):  # the same seed draws the same noise: the same image (measured: 7e-7 max abs)
+    for seed in (0, 5):  # the same seed draws the same noise: the same image (measured: 9e-7 max abs)
         want = tok.decode(z, generator=torch.Generator().manual_seed(seed))
         got = ort_tok.decode(z, generator=torch.Generator().manual_seed(seed))
         assert got.shape == want.shape and (got - want).abs().max() < 1e-4, seed
