@@ -4,7 +4,7 @@ PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 mat
 float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
 and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
 products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
-queries and keys included: 2.4-3.4x the flash kernel in bf16 and 1.3-1.9x in float32 at the paper decoder's
+queries and keys included: 2.4-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
 144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). It also computes SwiGLU's silu(a) * b in one
 pass over the first linear layer's output (2-3x PyTorch's two ops).
 
@@ -69,7 +69,7 @@ def library():
     except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's ops instead
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"msdd: the fused CPU kernels ({SOURCE.name}) could not be built ({reason}); CPU decodes "
-                      f"use PyTorch's attention instead. Install a C++ compiler and ninja, or set {ENV}=0 to skip "
+                      f"use PyTorch's ops instead. Install a C++ compiler and ninja, or set {ENV}=0 to skip "
                       f"the build.", RuntimeWarning, stacklevel=2)
         return None
     finally:
