@@ -4,8 +4,8 @@
 
 Per dtype (bf16, float32) and sequence length (the paper-256 decoder's stages have 144, 192, 384 and 1152
 tokens; 37 is a small one), 12 heads of 64, batch 1: the median of `--repeats` calls of each kernel,
-interleaved, their GFLOP/s (4 N^2 D per head), the ratio, and each one's max abs error against float64
-attention; the matmul peak of each dtype measured in the same process beside them (the machine's speed moves
+interleaved in rotated order (`msdd bench`'s timing), their GFLOP/s (4 N^2 D per head), the ratio, and each
+one's max abs error against float64 attention; the matmul peak of each dtype measured in the same process beside them (the machine's speed moves
 5-10% from one run to the next, so compare the two kernels within a run).
 """
 
@@ -13,12 +13,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 from msdd.eval.bench.peak import measure_matmul_peak
+from msdd.eval.bench.timing import time_contenders
 from msdd.models import cpu_kernels
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -47,15 +47,9 @@ def main() -> None:
             q, k, v = [(torch.randn(1, a.heads, n, a.head_dim, generator=g) * 1.5).to(dtype) for _ in range(3)]
             exact = sdpa(q.double(), k.double(), v.double())
             kernels = {"flash": lambda: sdpa(q, k, v), "fused": lambda: cpu_kernels.library().attention(q, k, v)}
-            times = {kname: [] for kname in kernels}
+            times, _, _ = time_contenders(kernels, rounds=a.repeats, warmup=1, device=torch.device("cpu"),
+                                          log=lambda msg: None)
             with torch.inference_mode():
-                for kname, fn in kernels.items():
-                    fn()  # warm-up
-                for _ in range(a.repeats):
-                    for kname, fn in kernels.items():
-                        t = time.perf_counter()
-                        fn()
-                        times[kname].append(time.perf_counter() - t)
                 errors = {kname: (fn().double() - exact).abs().max().item() for kname, fn in kernels.items()}
             gflop = 4 * n * n * a.head_dim * a.heads / 1e9
             med = {kname: statistics.median(ts) for kname, ts in times.items()}

@@ -4,7 +4,7 @@ PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 mat
 float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
 and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
 products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
-queries and keys included: 2.4-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
+queries and keys included: 2.3-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
 144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). It also computes SwiGLU's silu(a) * b in one
 pass over the first linear layer's output (2-3x PyTorch's two ops).
 

@@ -186,11 +186,10 @@ def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
     """RoPE on queries and keys, then scaled dot-product attention: q, k, v (B, heads, N, D) -> (B, N, heads * D)."""
-    cos, sin = rope
     v = v.to(q.dtype)
     if _fast_cpu_inference(q) and (out := cpu_kernels.attention(q, k, v, rope)) is not None:
         return out  # the fused CPU kernel, RoPE included: already (B, N, heads * D)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")
 
