@@ -38,7 +38,7 @@ def test_resume_continues_exactly(tmp_path):
     first = Stage1Trainer(cfg, tmp_path / "b")
     before = first.fit(max_steps=7, progress=False)
     resumed = Stage1Trainer(cfg, tmp_path / "b", require_resume=True)
-    assert resumed.step == 7 and resumed.train_seconds == pytest.approx(before["seconds"], abs=0.5)
+    assert resumed.step == 7 and resumed.train_seconds == before["seconds"]  # the time the checkpoint holds
     after = resumed.fit(max_steps=12, progress=False)
     assert after["seconds"] == pytest.approx(resumed.train_seconds)  # training time summed over both runs
     assert after["seconds"] > before["seconds"] and after["seconds_this_run"] < after["seconds"]

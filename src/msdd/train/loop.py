@@ -128,6 +128,7 @@ class TrainerBase:
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
         self.train_seconds, self._fit_t0 = 0.0, None  # wall time of fit() calls, kept across resumes
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
+        self._saved_seconds = 0.0  # the training time the newest checkpoint holds
         self._config_json = json.dumps(to_dict(cfg), indent=2)
         self._writer, self._purge_step = None, None
 
@@ -179,7 +180,7 @@ class TrainerBase:
             path = save_checkpoint(self.run_dir, self.step, self.weights(), state, self._config_json,
                                    keep=self.cfg.train.keep_checkpoints, loss=loss)
         barrier()
-        self._saved_step, self._since_saved = self.step, []
+        self._saved_step, self._saved_seconds, self._since_saved = self.step, state["train_seconds"], []
         return path
 
     def _resume(self, require: bool, check_config, fresh=None) -> None:
@@ -206,7 +207,7 @@ class TrainerBase:
             set_rng_state(state["rng"][self.dist.rank])
             self.step, self._saved_step = int(state["step"]), int(state["step"])
             self.skipped_steps, self.skipped_images = int(state["skipped_steps"]), int(state["skipped_images"])
-            self.train_seconds = float(state.get("train_seconds", 0.0))
+            self.train_seconds = self._saved_seconds = float(state.get("train_seconds", 0.0))
             self._purge_step = self.step + 1  # TensorBoard drops events logged after the checkpoint
             if self.dist.is_main:
                 log = self.run_dir / "log.jsonl"
@@ -342,7 +343,9 @@ class TrainerBase:
             if self._saved_step != self.step:
                 self.save()
         skips = SkipCounter.combined(all_gather_object(self.skips))
-        self.train_seconds, self._fit_t0 = self._elapsed(), None
+        # the training time the final checkpoint holds (not the few ms of writing it after): a resumed run
+        # continues from exactly this figure
+        self.train_seconds, self._fit_t0 = self._saved_seconds, None
         summary = {"steps": self.step, "seconds": self.train_seconds, "seconds_this_run": time.monotonic() - t_start,
                    "last": last,
                    "skipped_images": self.skipped_images, "skipped_examples": skips.examples,
