@@ -33,7 +33,7 @@ from msdd.models.precision import cast_weights
 GROUPS = [  # (group, substrings of aten op names), first match wins
     ("linear (matmul)", ("addmm", "aten::mm", "bmm", "matmul", "linear")),  # linear: oneDNN's _linear_pointwise
     ("attention", ("scaled_dot_product", "attention")),  # SDPA kernels and msdd_kernels::attention
-    ("norms", ("layer_norm", "group_norm", "native_layer_norm")),
+    ("norms", ("layer_norm", "group_norm", "native_layer_norm", "adaln")),  # adaln: with modulation (and residual)
     ("noise", ("randn", "normal_", "uniform_")),
     ("copies / layout", ("copy_", "clone", "contiguous", "cat", "_to_copy", "permute", "reshape", "view",
                          "expand", "transpose", "stack", "unsqueeze", "slice", "select", "as_strided")),

@@ -1,6 +1,6 @@
 """The fused CPU kernels (msdd.models.cpu_kernels): attention with the flash kernel's precision in bf16 and
-float32, SwiGLU's gate, both used by CPU decodes on the optimised path only, and a clear fallback where they cannot
-be built."""
+float32 (alone and an MMDiT block's joint attention), adaLN, SwiGLU's gate, all used by CPU decodes on the
+optimised path only, and a clear fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -83,6 +83,68 @@ def test_swiglu_kernel_is_silu_times_gate(dtype):
     assert cpu_kernels.swiglu(h[..., :80]) is None  # hidden 40: not a multiple of 16
 
 
+def _layer_norm64(x, w=None, b=None, eps=1e-6):
+    return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(), None if b is None else b.double(),
+                        eps)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n0,n1", [(16, 128), (5, 130)])
+def test_joint_attention_is_the_blocks_attention(dtype, n0, n1):
+    # two streams' qkv projections (B, N_s, 3 W), 3 heads of 64: per-stream q / k LayerNorm, RoPE over the joint
+    # sequence (an 8 x 8 image grid padded with context tokens, as in a decoder stage), one attention
+    g = torch.Generator().manual_seed(0)
+    heads, d = 3, 64
+    qkv0, qkv1 = ((torch.randn(2, n, 3 * heads * d, generator=g) * 1.5).to(dtype) for n in (n0, n1))
+    norms = [torch.randn(d, generator=g) * s + m for _ in range(2) for s, m in ((0.3, 1.0), (0.2, 0.0))] * 2
+    rope = tuple(t[: n0 + n1] for t in RopeCache(16, n1 + 64, d, "cross_both")(8, torch.device("cpu")))
+    out0, out1 = torch.ops.msdd_kernels.joint_attention(qkv0, qkv1, heads, norms, 1e-6, *rope)
+    assert out0.shape == (2, n0, heads * d) and out1.shape == (2, n1, heads * d) and out0.dtype == dtype
+
+    def split(qkv, i):  # (B, N, 3 W) -> q, k, v (B, heads, N, D) in float64, q and k normalised
+        q, k, v = qkv.double().unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4)
+        return _layer_norm64(q, *norms[4 * i:4 * i + 2]), _layer_norm64(k, *norms[4 * i + 2:4 * i + 4]), v
+
+    (q0, k0, v0), (q1, k1, v1) = split(qkv0, 0), split(qkv1, 1)
+    cos, sin = (t.double() for t in rope)
+    q, k = (apply_rope(torch.cat(pair, dim=2), cos, sin) for pair in ((q0, q1), (k0, k1)))
+    exact = _sdpa(q, k, torch.cat([v0, v1], dim=2))
+    err = (torch.cat([out0, out1], dim=1).double() - exact).abs().max()
+    assert err <= (1e-5 if dtype == torch.float32 else 0.03)
+    # without norms or RoPE it is plain attention over the concatenated streams
+    plain = torch.ops.msdd_kernels.joint_attention(qkv0, qkv1, heads, [], 1e-6)
+    qkv = torch.cat([qkv0, qkv1], dim=1).unflatten(-1, (3, heads, d)).permute(2, 0, 3, 1, 4)
+    assert torch.equal(torch.cat(plain, dim=1), cpu_kernels.attention(*qkv.unbind(0)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("mod_rows", [1, 2])
+def test_adaln_kernels_are_layer_norm_and_modulation(dtype, mod_rows):
+    g = torch.Generator().manual_seed(0)
+    x, y = ((torch.randn(2, 7, 96, generator=g) * 2 + 0.5).to(dtype) for _ in range(2))
+    shift, scale, gate = (torch.randn(mod_rows, 96, generator=g).to(dtype) for _ in range(3))
+    tol = 1e-5 if dtype == torch.float32 else 2 ** -7  # float32 sums; bf16: one rounding of values below 4
+
+    def modulated(v):  # float64 reference
+        return _layer_norm64(v) * (1 + scale.double()[:, None]) + shift.double()[:, None]
+
+    out = cpu_kernels.adaln(x, shift, scale, 1e-6)
+    assert out.dtype == dtype and ((out.double() - modulated(x)).abs() <= tol * (1 + modulated(x).abs())).all()
+    res, out = cpu_kernels.gated_adaln(x, gate, y, shift, scale, 1e-6)
+    exact_res = x.double() + gate.double()[:, None] * y.double()
+    assert res.dtype == out.dtype == dtype
+    assert ((res.double() - exact_res).abs() <= tol * (1 + exact_res.abs())).all()
+    assert ((out.double() - modulated(res)).abs() <= tol * (1 + modulated(res).abs())).all()  # of the stored residual
+    # the dtypes PyTorch's ops give: bf16 x with float32 modulation -> float32
+    if dtype == torch.bfloat16:
+        assert cpu_kernels.adaln(x, shift.float(), scale.float(), 1e-6).dtype == torch.float32
+        res, out = cpu_kernels.gated_adaln(x, gate, y, shift.float(), scale, 1e-6)
+        assert res.dtype == torch.bfloat16 and out.dtype == torch.float32
+    assert cpu_kernels.adaln(x[..., :40], shift[:, :40], scale[:, :40], 1e-6) is None  # W not a multiple of 16
+
+
 def test_attention_applies_only_to_what_it_computes():
     q, k, v = _qkv(1, 2, 10, 32)
     assert cpu_kernels.attention_applies(q, k, v)
@@ -94,6 +156,21 @@ def test_attention_applies_only_to_what_it_computes():
     assert cpu_kernels.attention(q16, k16, v16) is None
 
 
+KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu")
+
+
+def _count_kernel_calls(monkeypatch) -> dict[str, list[bool]]:
+    """Wrap every kernel entry point of msdd.models.cpu_kernels; each call appends whether the kernel ran."""
+    calls = {name: [] for name in KERNELS}
+    for name in KERNELS:
+        def counted(*args, _name=name, _real=getattr(cpu_kernels, name)):
+            out = _real(*args)
+            calls[_name].append(out is not None)
+            return out
+        monkeypatch.setattr(cpu_kernels, name, counted)
+    return calls
+
+
 @needs_kernel
 def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
     # width 64 with 2 heads: head dim 32, the smallest the kernel takes (the shipped tiny-64 has 32 too)
@@ -102,40 +179,24 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
         for p in tok.parameters():
             p.normal_(0, 0.05)
     z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
-    calls = []
-    real = cpu_kernels.attention
-
-    def counted(q, k, v, rope=None):
-        out = real(q, k, v, rope)
-        calls.append(out is not None)
-        return out
-
-    gates = []
-    real_swiglu = cpu_kernels.swiglu
-
-    def counted_swiglu(h):
-        gates.append(h.shape)
-        return real_swiglu(h)
-
-    monkeypatch.setattr(cpu_kernels, "attention", counted)
-    monkeypatch.setattr(cpu_kernels, "swiglu", counted_swiglu)
+    calls = _count_kernel_calls(monkeypatch)
     fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    assert calls and all(calls) and gates
-    n_calls, n_gates = len(calls), len(gates)
+    for name in ("joint_attention", "adaln", "gated_adaln", "swiglu"):  # the decoder's blocks and final layer
+        assert calls[name] and all(calls[name]), name
+    counts = {name: len(c) for name, c in calls.items()}
     with unoptimised():
         eager = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    assert (len(calls), len(gates)) == (n_calls, n_gates)  # the eager path (student-eager) keeps PyTorch's ops
-    monkeypatch.setattr(cpu_kernels, "attention", lambda *args: None)
-    flash = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    assert 0 < (fast - flash).abs().max() <= 0.02  # the same attention, rounded differently
-    assert (fast - eager).abs().max() <= 0.02
-    # float32 (the tiny model's attention has fewer tokens than the kernel's float32 threshold: lowered here;
-    # the SwiGLU kernel runs as well)
-    monkeypatch.setattr(cpu_kernels, "attention", counted)
+    assert {name: len(c) for name, c in calls.items()} == counts  # the eager path (student-eager) keeps PyTorch's ops
+    assert (fast - eager).abs().max() <= 0.02  # the same arithmetic, rounded differently
+    monkeypatch.setattr(cpu_kernels, "joint_attention", lambda *args: None)
+    flash = tok.decode(z, steps=(1, 1, 1), bf16=True)  # PyTorch's attention ops, the other kernels still on
+    assert 0 < (fast - flash).abs().max() <= 0.02
+    # float32 (the tiny model's attention has fewer tokens than the kernel's float32 threshold: lowered here)
+    monkeypatch.undo()
+    calls = _count_kernel_calls(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
-    calls.clear()
     fast = tok.decode(z, steps=(1, 1, 1))
-    assert calls and all(calls)
+    assert calls["joint_attention"] and all(calls["joint_attention"]) and all(calls["gated_adaln"])
     with unoptimised():
         assert (fast - tok.decode(z, steps=(1, 1, 1))).abs().max() <= 1e-5
 

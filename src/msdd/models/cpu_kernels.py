@@ -1,12 +1,15 @@
-"""Fused CPU kernels for inference, built on first use: attention (with RoPE) and SwiGLU's gate.
+"""Fused CPU kernels for inference, built on first use: attention (with RoPE), adaLN and SwiGLU's gate.
 
 PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX and
 float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
 and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
 products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
 queries and keys included: 2.3-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
-144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). It also computes SwiGLU's silu(a) * b in one
-pass over the first linear layer's output (2-3x PyTorch's two ops).
+144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). An MMDiT block's joint attention reads its two
+streams' qkv projections in place, with their q_norm and k_norm applied while packing, and writes each stream's
+output: no split, concatenation, normalisation or slicing ops around it. adaLN computes LayerNorm and modulation (and
+the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the first linear layer's output.
+All of them compute in float32 and round once.
 
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
@@ -54,7 +57,8 @@ def enabled() -> bool:
 
 @functools.cache
 def library():
-    """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `swiglu`), or None where they cannot run here."""
+    """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `joint_attention`, `adaln`, `gated_adaln`,
+    `swiglu`), or None where they cannot run here."""
     if not (enabled() and cpu_supported()):
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
@@ -104,6 +108,42 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if not attention_applies(q, k, v) or (ops := library()) is None:
         return None
     return ops.attention(q, k, v) if rope is None else ops.attention(q, k, v, *rope)
+
+
+def joint_attention(qkv0: torch.Tensor, qkv1: torch.Tensor, heads: int, norms: list[torch.Tensor], eps: float,
+                    rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """An MMDiT block's joint attention from its streams' qkv outputs qkv0 (B, N0, 3 W) and qkv1 (B, N1, 3 W): q and k
+    of each stream LayerNormed per head (`norms`: q weight, q bias, k weight, k bias of stream 0, then of stream 1;
+    `eps` theirs), RoPE (cos, sin (N0 + N1, D)) on the joint sequence, attention, each stream's output (B, N_s, W);
+    None where the kernel does not apply (as `attention_applies`)."""
+    d, n = qkv0.shape[-1] // (3 * heads), qkv0.shape[1] + qkv1.shape[1]
+    if not (qkv0.device.type == "cpu" and qkv0.dtype == qkv1.dtype and qkv0.dtype in DTYPES and d % 32 == 0
+            and d <= 256 and (qkv0.dtype == torch.bfloat16 or n >= MIN_TOKENS_FP32)) or (ops := library()) is None:
+        return None
+    return ops.joint_attention(qkv0, qkv1, heads, norms, eps, *rope)
+
+
+def _adaln_applies(x: torch.Tensor, *mods: torch.Tensor) -> bool:
+    return (x.device.type == "cpu" and x.dim() == 3 and x.dtype in DTYPES and x.shape[-1] % 16 == 0
+            and all(m.dtype in DTYPES and m.dim() == 2 and m.shape[0] in (1, x.shape[0]) for m in mods))
+
+
+def adaln(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """LayerNorm(x) (no affine weights) * (1 + scale) + shift for x (B, N, W), shift and scale (1 or B, W), in the
+    dtype PyTorch's ops give; None where the kernel does not apply (W not a multiple of 16, not bf16 / float32)."""
+    if not _adaln_applies(x, shift, scale) or (ops := library()) is None:
+        return None
+    return ops.adaln(x, shift, scale, eps)
+
+
+def gated_adaln(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                eps: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gated residual x' = x + gate * y and `adaln(x', shift, scale)`, both in the dtypes PyTorch's ops give;
+    None where the kernel does not apply."""
+    if not (_adaln_applies(x, gate, shift, scale) and y.shape == x.shape and y.dtype in DTYPES) or (
+            ops := library()) is None:
+        return None
+    return ops.gated_adaln(x, gate, y, shift, scale, eps)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor | None:

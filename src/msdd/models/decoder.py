@@ -30,7 +30,7 @@ from torch import nn
 from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
-from msdd.models.layers import JointBlock, Linear, RopeCache, TimestepEmbedder, modulate, optimised
+from msdd.models.layers import JointBlock, Linear, RopeCache, TimestepEmbedder, adaln, optimised
 from msdd.models.linear import Refiner, fp32_region
 
 
@@ -49,7 +49,7 @@ class FinalLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, mods: tuple | None = None) -> torch.Tensor:
         shift, scale = mods or self.modulation(c)
-        return self.linear(modulate(self.norm(x), shift, scale))
+        return self.linear(adaln(self.norm, x, shift, scale))
 
 
 class ModulationCache:

@@ -10,8 +10,9 @@ and in the SSDD bottleneck.
 Inference speed-ups (oneDNN linear layers and fused elementwise ops here, cached modulation in
 msdd.models.decoder) are exact rewrites of the reference path; `unoptimised()` switches them off, so that
 a benchmark measures them against that path in one run (`msdd bench`'s `student-eager` row) and the
-tests compare the two. CPU attention and SwiGLU's gate run the fused kernels of msdd.models.cpu_kernels on that
-path: the same precision, not the same rounding (float32 within 1e-5, bf16 images within 0.02).
+tests compare the two. On that path CPU attention (an MMDiT block's with its q / k norms, straight from the two
+qkv projections), adaLN (with the gated residual before it) and SwiGLU's gate run the fused kernels of
+msdd.models.cpu_kernels: the same precision, not the same rounding (float32 within 1e-5, bf16 images within 0.02).
 """
 
 from __future__ import annotations
@@ -235,6 +236,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+def adaln(norm: nn.LayerNorm, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """modulate(norm(x), shift, scale) for a LayerNorm without weights: one pass of the fused kernel on the
+    optimised CPU path."""
+    if (_fast_cpu_inference(x) and norm.weight is None
+            and (out := cpu_kernels.adaln(x, shift, scale, norm.eps)) is not None):
+        return out
+    return modulate(norm(x), shift, scale)
+
+
 def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """The gated residual x + gate * y, x and y (B, N, W), gate (B, W) or (1, W)."""
     if _OPTIMISED:
@@ -276,16 +286,26 @@ class Stream(nn.Module):
         """The adaLN vectors (shift, scale[, gate, shift, scale, gate]) for conditioning c (B, W), each (B, W)."""
         return self.adaln(F.silu(c)).chunk(2 if self.pre_only else 6, dim=-1)
 
-    def pre(self, x: torch.Tensor, c: torch.Tensor | None, mods: tuple[torch.Tensor, ...] | None = None):
-        """(B, N, W) -> q, k, v each (B, heads, N, head_dim), plus the modulation vectors (`mods` when
-        given, else computed from c)."""
+    def pre_qkv(self, x: torch.Tensor, c: torch.Tensor | None, mods: tuple[torch.Tensor, ...] | None = None):
+        """(B, N, W) -> the qkv projection (B, N, 3 W), plus the modulation vectors (`mods` when given, else
+        computed from c)."""
         if self.modulated and mods is None:
             mods = self.modulation(c)
-        h = self.norm1(x)
-        if mods is not None:
-            h = modulate(h, mods[0], mods[1])
-        q, k, v = rearrange(self.qkv(h), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        return self.q_norm(q), self.k_norm(k), v, mods
+        h = self.norm1(x) if mods is None else adaln(self.norm1, x, mods[0], mods[1])
+        return self.qkv(h), mods
+
+    def split_heads(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The qkv projection (B, N, 3 W) -> q, k, v each (B, heads, N, head_dim), q and k normalised."""
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def qk_norms(self) -> list[torch.Tensor]:
+        return [self.q_norm.weight, self.q_norm.bias, self.k_norm.weight, self.k_norm.bias]
+
+    def pre(self, x: torch.Tensor, c: torch.Tensor | None, mods: tuple[torch.Tensor, ...] | None = None):
+        """(B, N, W) -> q, k, v each (B, heads, N, head_dim), plus the modulation vectors."""
+        qkv, mods = self.pre_qkv(x, c, mods)
+        return (*self.split_heads(qkv), mods)
 
     def post(self, x: torch.Tensor, attn: torch.Tensor, mods) -> torch.Tensor:
         """Residual attention output and MLP; attn is (B, N, W)."""
@@ -293,8 +313,30 @@ class Stream(nn.Module):
             x = x + self.proj(attn)
             return x + self.mlp(self.norm2(x))
         _, _, gate_a, shift_m, scale_m, gate_m = mods
-        x = gated_add(x, gate_a, self.proj(attn))
-        return gated_add(x, gate_m, self.mlp(modulate(self.norm2(x), shift_m, scale_m)))
+        y = self.proj(attn)
+        if _fast_cpu_inference(x) and (fused := cpu_kernels.gated_adaln(x, gate_a, y, shift_m, scale_m,
+                                                                         self.norm2.eps)) is not None:
+            x, h = fused  # the gated residual, then the MLP's adaLN, in one pass
+        else:
+            x = gated_add(x, gate_a, y)
+            h = modulate(self.norm2(x), shift_m, scale_m)
+        return gated_add(x, gate_m, self.mlp(h))
+
+
+def joint_attention(qkv_x: torch.Tensor, qkv_c: torch.Tensor, img: Stream, ctx: Stream,
+                    rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One attention over both streams from their qkv projections (B, N, 3 W) and (B, L, 3 W): q and k normalised
+    per stream, RoPE over [image tokens, context tokens]; returns each stream's output, (B, N, W) and (B, L, W)."""
+    if _fast_cpu_inference(qkv_x) and (out := cpu_kernels.joint_attention(
+            qkv_x, qkv_c, img.heads, img.qk_norms() + ctx.qk_norms(), img.q_norm.eps, rope)) is not None:
+        return out  # the fused kernel reads both projections in place
+    (qx, kx, vx), (qc, kc, vc) = img.split_heads(qkv_x), ctx.split_heads(qkv_c)
+    q = torch.cat([qx, qc], dim=2)  # (B, heads, N + L, head_dim)
+    k = torch.cat([kx, kc], dim=2)
+    v = torch.cat([vx, vc], dim=2)
+    out = attention(q, k, v, rope)  # (B, N + L, W)
+    n = qkv_x.shape[1]
+    return out[:, :n], out[:, n:]
 
 
 class JointBlock(nn.Module):
@@ -314,14 +356,10 @@ class JointBlock(nn.Module):
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # x: (B, N, W) image tokens, ctx: (B, L, W) context tokens, c: (B, W) conditioning or None;
         # mods: the two streams' modulation vectors (image, context), computed from c when not given
-        n = x.shape[1]
         mx, mc = mods or (None, None)
-        qx, kx, vx, mx = self.img.pre(x, c, mx)
-        qc, kc, vc, mc = self.ctx.pre(ctx, c, mc)
-        q = torch.cat([qx, qc], dim=2)  # (B, heads, N + L, head_dim)
-        k = torch.cat([kx, kc], dim=2)
-        v = torch.cat([vx, vc], dim=2)
-        out = attention(q, k, v, rope)  # (B, N + L, W)
-        x = None if self.img.pre_only else self.img.post(x, out[:, :n], mx)
-        ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out[:, n:], mc)
+        qkv_x, mx = self.img.pre_qkv(x, c, mx)
+        qkv_c, mc = self.ctx.pre_qkv(ctx, c, mc)
+        out_x, out_c = joint_attention(qkv_x, qkv_c, self.img, self.ctx, rope)
+        x = None if self.img.pre_only else self.img.post(x, out_x, mx)
+        ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out_c, mc)
         return x, ctx

@@ -1,5 +1,7 @@
 // Fused CPU kernels for x86 CPUs with AVX-512 (msdd.models.cpu_kernels builds and loads them as
-// torch.ops.msdd_kernels): attention with RoPE, and SwiGLU's gate.
+// torch.ops.msdd_kernels): attention with RoPE (alone, or an MMDiT block's joint attention straight from its two
+// streams' qkv projections, q_norm and k_norm included), adaLN (LayerNorm and modulation, with the gated residual
+// before it) and SwiGLU's gate.
 //
 // attention: softmax(q k^T / sqrt(D)) v for q, k, v (B, heads, N, D) of one dtype, bf16 or float32, D a
 // multiple of 32, no mask, with RoPE on q and k first where cos and sin (N, D) are given
@@ -13,6 +15,9 @@
 // pair of consecutive elements along the summed dimension, a float32 word one element. k is re-laid out in
 // panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64 keys
 // (padded keys get probability 0).
+// joint_attention reads q, k and v in place from the (B, N_s, 3 W) outputs of the two streams' qkv layers, applies
+// each stream's q_norm / k_norm and RoPE while packing (float32, rounded once), and writes each stream's output
+// (B, N_s, W): no split, concatenation, normalisation or slicing ops around it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -21,7 +26,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -59,51 +67,106 @@ struct Float {
   static __m512 load16(const Elem* p) { return _mm512_loadu_ps(p); }
 };
 
-// RoPE of one row of D elements (rotate-half layout: element i pairs with i + D/2), computed in float32:
+constexpr int64_t kMaxHeadDim = 256;
+
+// One row of q or k, D elements, computed in float32 and rounded once: LayerNorm over the row first where w is
+// given (weight w, bias b), then RoPE where cos is given (rotate-half layout: element i pairs with i + D/2):
 // out[i] = x[i] cos[i] - x[i + D/2] sin[i], out[i + D/2] = x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2]
 template <class T>
-inline void rope_row(const typename T::Elem* x, const float* cos, const float* sin, typename T::Elem* out,
-                     int64_t d) {
+inline void prep_row(const typename T::Elem* x, const float* w, const float* b, float eps, const float* cos,
+                     const float* sin, typename T::Elem* out, int64_t d) {
+  float buf[kMaxHeadDim];
+  for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(buf + i, T::load16(x + i));
+  if (w != nullptr) {
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(buf + i));
+    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(d));
+    __m512 sq = _mm512_setzero_ps();
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf + i), mean);
+      sq = _mm512_fmadd_ps(c, c, sq);
+    }
+    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(d) + eps));
+    for (int64_t i = 0; i < d; i += 16) {
+      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + i), mean), rstd);
+      _mm512_storeu_ps(buf + i, _mm512_fmadd_ps(c, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
+    }
+  }
+  if (cos == nullptr) {
+    for (int64_t i = 0; i < d; i += 16) T::store16(out + i, _mm512_loadu_ps(buf + i));
+    return;
+  }
   const int64_t half = d / 2;
   for (int64_t i = 0; i < half; i += 16) {
-    const __m512 x1 = T::load16(x + i), x2 = T::load16(x + half + i);
+    const __m512 x1 = _mm512_loadu_ps(buf + i), x2 = _mm512_loadu_ps(buf + half + i);
     T::store16(out + i, _mm512_fnmadd_ps(x2, _mm512_loadu_ps(sin + i), _mm512_mul_ps(x1, _mm512_loadu_ps(cos + i))));
     T::store16(out + half + i, _mm512_fmadd_ps(x1, _mm512_loadu_ps(sin + half + i),
                                                _mm512_mul_ps(x2, _mm512_loadu_ps(cos + half + i))));
   }
 }
 
-// K (N, D) -> panels of 64 keys: [Npad / 64][W words][64], zero past N; RoPE applied first where cos is given
+// Where the rows of q, k or v live: token t of the joint sequence is in stream 0 when t < n0, else in stream 1 (at
+// t - n0), row (b, h, t) at base[s] + b * batch[s] + h * head[s] + t' * token[s]; a LayerNorm over the row per
+// stream (q and k of an MMDiT block: its q_norm and k_norm), or none.
 template <class T>
-void pack_keys(const typename T::Elem* k, const float* cos, const float* sin, uint32_t* out, int64_t n,
-               int64_t npad, int64_t d) {
-  const int64_t words = d / T::kPerWord;
-  std::vector<uint32_t> rotated(words);
-  for (int64_t panel = 0; panel < npad / kPanel; ++panel) {
-    uint32_t* dst = out + panel * words * kPanel;
-    for (int64_t c = 0; c < kPanel; ++c) {
-      const int64_t key = panel * kPanel + c;
-      const uint32_t* row = reinterpret_cast<const uint32_t*>(k + key * d);
-      if (key < n && cos != nullptr) {
-        rope_row<T>(k + key * d, cos + key * d, sin + key * d, reinterpret_cast<typename T::Elem*>(rotated.data()), d);
-        row = rotated.data();
-      }
-      for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = key < n ? row[w] : 0;
-    }
+struct Rows {
+  const typename T::Elem* base[2] = {nullptr, nullptr};
+  int64_t batch[2] = {0, 0}, head[2] = {0, 0}, token[2] = {0, 0};
+  const float* ln_w[2] = {nullptr, nullptr};
+  const float* ln_b[2] = {nullptr, nullptr};
+  int64_t n0 = 0;
+  int stream(int64_t t) const { return t < n0 ? 0 : 1; }
+  const typename T::Elem* row(int64_t b, int64_t h, int64_t t) const {
+    const int s = stream(t);
+    return base[s] + b * batch[s] + h * head[s] + (s == 0 ? t : t - n0) * token[s];
   }
-}
+};
 
-// V (N, D) -> [Npad / kPerWord][D] words along the keys, zero past N.
+// One panel of 64 tokens of batch element b, every head: keys into kp's panels [B H][Npad / 64][W words][64], values
+// into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k LayerNormed and
+// rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all heads of a
+// token together, so that their rows are read in order (head by head they would be read at a stride of 3 W: 2 ms
+// more of a 1152-token bf16 attention); from (B, heads, N, D) head by head.
 template <class T>
-void pack_values(const typename T::Elem* v, uint32_t* out, int64_t n, int64_t npad, int64_t d) {
-  for (int64_t j = 0; j < npad / T::kPerWord; ++j) {
-    for (int64_t e = 0; e < d; ++e) {
-      uint32_t word = 0;
-      for (int64_t i = 0; i < T::kPerWord; ++i) {
-        const int64_t key = j * T::kPerWord + i;
-        if (key < n) word |= T::bits(v[key * d + e]) << (16 * i);
+void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t panel, int64_t n,
+                int64_t npad, int64_t d, float eps, const float* cos, const float* sin, uint32_t* kp, uint32_t* vp,
+                typename T::Elem* qp) {
+  const int64_t words = d / T::kPerWord, vwords = npad / T::kPerWord;
+  uint32_t prepared[kMaxHeadDim];
+  auto* prep = reinterpret_cast<typename T::Elem*>(prepared);
+  auto pack_key = [&](int64_t c, int64_t h) {
+    const int64_t key = panel * kPanel + c, bh = b * H + h;
+    uint32_t* dst = kp + bh * npad * words + panel * words * kPanel;
+    if (key >= n) {
+      for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = 0;
+      return;
+    }
+    const float* cs = cos == nullptr ? nullptr : cos + key * d;
+    const float* sn = sin == nullptr ? nullptr : sin + key * d;
+    const int sk = k.stream(key), sq = q.stream(key);
+    prep_row<T>(k.row(b, h, key), k.ln_w[sk], k.ln_b[sk], eps, cs, sn, prep, d);
+    for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = prepared[w];
+    prep_row<T>(q.row(b, h, key), q.ln_w[sq], q.ln_b[sq], eps, cs, sn, qp + (bh * n + key) * d, d);
+  };
+  if (k.token[0] > k.head[0]) {  // rows of one token hold every head (qkv projections): token by token
+    for (int64_t c = 0; c < kPanel; ++c)
+      for (int64_t h = 0; h < H; ++h) pack_key(c, h);
+  } else {  // (B, heads, N, D): head by head
+    for (int64_t h = 0; h < H; ++h)
+      for (int64_t c = 0; c < kPanel; ++c) pack_key(c, h);
+  }
+  for (int64_t j = panel * kPanel / T::kPerWord; j < (panel + 1) * kPanel / T::kPerWord; ++j) {
+    for (int64_t h = 0; h < H; ++h) {
+      const typename T::Elem* src[T::kPerWord];
+      for (int64_t i = 0; i < T::kPerWord; ++i)
+        src[i] = j * T::kPerWord + i < n ? v.row(b, h, j * T::kPerWord + i) : nullptr;
+      uint32_t* out = vp + (b * H + h) * vwords * d + j * d;
+      for (int64_t e = 0; e < d; ++e) {
+        uint32_t word = 0;
+        for (int64_t i = 0; i < T::kPerWord; ++i)
+          if (src[i] != nullptr) word |= T::bits(src[i][e]) << (16 * i);
+        out[e] = word;
       }
-      out[j * d + e] = word;
     }
   }
 }
@@ -172,10 +235,11 @@ inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int6
   return _mm512_reduce_add_ps(sum);
 }
 
-// out rows (r0 .. r0 + 6) columns (dc .. dc + 16 C) = inv[r] * sum_j prob[r] . v over `words` words of keys
+// out[r][dc .. dc + 16 C) = inv[r] * sum_j prob[r] . v over `words` words of keys, for the 6 rows of a tile
+// (out: one pointer per output row, `rows` of them)
 template <class T, int C>
 inline void value_tile(const uint32_t* prob, int64_t lda, const uint32_t* vp, int64_t d, int64_t words,
-                       const float* inv, int rows, typename T::Elem* out, int64_t ldo) {
+                       const float* inv, int rows, typename T::Elem* const* out, int64_t dc) {
   __m512 acc[kTile][C];
 #pragma GCC unroll 6
   for (int r = 0; r < kTile; ++r)
@@ -197,31 +261,28 @@ inline void value_tile(const uint32_t* prob, int64_t lda, const uint32_t* vp, in
     if (r >= rows) break;
     const __m512 w = _mm512_set1_ps(inv[r]);
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) T::store16(out + r * ldo + 16 * c, _mm512_mul_ps(acc[r][c], w));
+    for (int c = 0; c < C; ++c) T::store16(out[r] + dc + 16 * c, _mm512_mul_ps(acc[r][c], w));
   }
 }
 
+// softmax(q k^T / sqrt(D)) v over the joint sequence of N tokens for B x H heads; q and k LayerNormed and rotated
+// first where their rows and cos say so. Output row (b, t) of head h: out0 + ((b * n0 + t) * H + h) * D for t < n0,
+// else out1 + ((b * (N - n0) + t - n0) * H + h) * D: each stream's (B, tokens, H * D).
 template <class T>
-at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const float* cos,
-                          const float* sin) {
+void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t B, int64_t H, int64_t N,
+                    int64_t D, float eps, const float* cos, const float* sin, typename T::Elem* out0,
+                    typename T::Elem* out1) {
   using Elem = typename T::Elem;
-  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3), words = D / T::kPerWord;
+  const int64_t words = D / T::kPerWord, n0 = q.n0, n1 = N - n0;
   const int64_t npad = (N + kPanel - 1) / kPanel * kPanel, blocks = (N + kRows - 1) / kRows;
   const int64_t vwords = npad / T::kPerWord;  // words along the keys, per value column
-  at::Tensor kp = at::empty({B * H, npad * words}, q.options().dtype(at::kInt));
-  at::Tensor vp = at::empty({B * H, vwords * D}, q.options().dtype(at::kInt));
-  at::Tensor out = at::empty({B, N, H * D}, q.options());
-  const auto* qd = reinterpret_cast<const uint32_t*>(q.data_ptr());
-  const auto* kd = reinterpret_cast<const Elem*>(k.data_ptr());
-  const auto* vd = reinterpret_cast<const Elem*>(v.data_ptr());
-  auto* kpd = reinterpret_cast<uint32_t*>(kp.data_ptr());
-  auto* vpd = reinterpret_cast<uint32_t*>(vp.data_ptr());
-  auto* od = reinterpret_cast<Elem*>(out.data_ptr());
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bh = begin; bh < end; ++bh) {
-      pack_keys<T>(kd + bh * N * D, cos, sin, kpd + bh * npad * words, N, npad, D);
-      pack_values<T>(vd + bh * N * D, vpd + bh * vwords * D, N, npad, D);
-    }
+  // every word of the three is written below (zeros past N): no initialisation
+  std::unique_ptr<uint32_t[]> kp(new uint32_t[B * H * npad * words]), vp(new uint32_t[B * H * vwords * D]);
+  std::unique_ptr<Elem[]> qp(new Elem[B * H * N * D]);
+  const int64_t panels = npad / kPanel;
+  at::parallel_for(0, B * panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task)
+      pack_panel<T>(q, k, v, task / panels, H, task % panels, N, npad, D, eps, cos, sin, kp.get(), vp.get(), qp.get());
   });
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -229,16 +290,17 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
     std::vector<Elem> prob(kRows * npad);
     std::vector<uint32_t> qb(kRows * words);
     float inv[kRows];
+    Elem* rows_out[kRows];
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
-      const uint32_t* qh = qd + (bh * N + r0) * words;
-      for (int64_t i = 0; i < kRows * words; ++i) qb[i] = i < rows * words ? qh[i] : 0;
-      if (cos != nullptr) {
-        auto* qe = reinterpret_cast<Elem*>(qb.data());
-        for (int64_t r = 0; r < rows; ++r)
-          rope_row<T>(qe + r * D, cos + (r0 + r) * D, sin + (r0 + r) * D, qe + r * D, D);
+      const int64_t bh = task / blocks, b = bh / H, h = bh % H;
+      const int64_t r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
+      std::memcpy(qb.data(), qp.get() + (bh * N + r0) * D, rows * D * sizeof(Elem));
+      std::fill(qb.begin() + rows * words, qb.end(), 0u);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = r0 + r;
+        rows_out[r] = t < n0 ? out0 + ((b * n0 + t) * H + h) * D : out1 + ((b * n1 + t - n0) * H + h) * D;
       }
-      const uint32_t* kh = kpd + bh * npad * words;
+      const uint32_t* kh = kp.get() + bh * npad * words;
       for (int64_t t = 0; t < kRows; t += kTile)
         for (int64_t panel = 0; panel < npad / kPanel; ++panel)
           score_tile<T>(qb.data() + t * words, kh + panel * words * kPanel, words,
@@ -246,21 +308,56 @@ at::Tensor attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Te
       for (int64_t r = 0; r < kRows; ++r)
         inv[r] = 1.0f / softmax_row<T>(s.data() + r * npad, prob.data() + r * npad, N, npad, scale_log2);
       const auto* pw = reinterpret_cast<const uint32_t*>(prob.data());
-      const uint32_t* vh = vpd + bh * vwords * D;
-      const int64_t b = bh / H, h = bh % H;
+      const uint32_t* vh = vp.get() + bh * vwords * D;
       for (int64_t rr = 0; rr < rows; rr += kTile) {
         const int n_rows = static_cast<int>(std::min<int64_t>(kTile, rows - rr));
-        Elem* o = od + ((b * N + r0 + rr) * H + h) * D;
         const uint32_t* p = pw + rr * vwords;
         for (int64_t dc = 0; dc < D; dc += 64) {
           if (D - dc >= 64)
-            value_tile<T, 4>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, o + dc, H * D);
+            value_tile<T, 4>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, rows_out + rr, dc);
           else
-            value_tile<T, 2>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, o + dc, H * D);
+            value_tile<T, 2>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, rows_out + rr, dc);
         }
       }
     }
   });
+}
+
+void check_dtype(at::ScalarType dtype, const char* op) {
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat, "msdd ", op, ": inputs must be bf16 or float32");
+}
+
+// cos and sin as float32 (N, D), or undefined
+std::pair<at::Tensor, at::Tensor> rope_tables(const std::optional<at::Tensor>& cos_in,
+                                              const std::optional<at::Tensor>& sin_in, int64_t N, int64_t D) {
+  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), "msdd attention: give both cos and sin, or neither");
+  if (!cos_in.has_value()) return {};
+  at::Tensor cos = cos_in->to(at::kFloat).contiguous(), sin = sin_in->to(at::kFloat).contiguous();
+  TORCH_CHECK(cos.numel() == N * D && sin.numel() == N * D, "msdd attention: cos and sin must be (N, D)");
+  return {cos, sin};
+}
+
+template <class T>
+void run_attention(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t B, int64_t H, int64_t N, int64_t D,
+                   double eps, const at::Tensor& cos, const at::Tensor& sin, at::Tensor& out0, at::Tensor& out1) {
+  attention_impl<T>(q, k, v, B, H, N, D, static_cast<float>(eps), cos.defined() ? cos.data_ptr<float>() : nullptr,
+                    sin.defined() ? sin.data_ptr<float>() : nullptr, reinterpret_cast<typename T::Elem*>(out0.data_ptr()),
+                    out1.defined() ? reinterpret_cast<typename T::Elem*>(out1.data_ptr()) : nullptr);
+}
+
+// q, k, v (B, heads, N, D), one dtype, no normalisation -> (B, N, heads * D)
+template <class T>
+at::Tensor attention_typed(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& cos,
+                           const at::Tensor& sin) {
+  const int64_t B = q.size(0), H = q.size(1), N = q.size(2), D = q.size(3);
+  Rows<T> rows[3];
+  const at::Tensor* src[3] = {&q, &k, &v};
+  for (int i = 0; i < 3; ++i) {
+    rows[i].base[0] = reinterpret_cast<const typename T::Elem*>(src[i]->data_ptr());
+    rows[i].batch[0] = H * N * D, rows[i].head[0] = N * D, rows[i].token[0] = D, rows[i].n0 = N;
+  }
+  at::Tensor out = at::empty({B, N, H * D}, q.options()), none;
+  run_attention<T>(rows[0], rows[1], rows[2], B, H, N, D, 0.0, cos, sin, out, none);
   return out;
 }
 
@@ -268,22 +365,187 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
                      const std::optional<at::Tensor>& cos_in, const std::optional<at::Tensor>& sin_in) {
   TORCH_CHECK(q_in.dim() == 4 && q_in.device().is_cpu(), "msdd attention: q, k, v must be (B, heads, N, D) on the CPU");
   const auto dtype = q_in.scalar_type();
-  TORCH_CHECK((dtype == at::kBFloat16 || dtype == at::kFloat) && k_in.scalar_type() == dtype &&
-              v_in.scalar_type() == dtype, "msdd attention: q, k, v must be all bf16 or all float32");
+  check_dtype(dtype, "attention");
+  TORCH_CHECK(k_in.scalar_type() == dtype && v_in.scalar_type() == dtype,
+              "msdd attention: q, k, v must be all bf16 or all float32");
   const at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
   const int64_t N = q.size(2), D = q.size(3);
-  TORCH_CHECK(D % 32 == 0 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
-              "msdd attention: q, k, v must have one shape, with D a multiple of 32");
-  TORCH_CHECK(cos_in.has_value() == sin_in.has_value(), "msdd attention: give both cos and sin, or neither");
-  at::Tensor cos, sin;
-  if (cos_in.has_value()) {
-    cos = cos_in->to(at::kFloat).contiguous();
-    sin = sin_in->to(at::kFloat).contiguous();
-    TORCH_CHECK(cos.numel() == N * D && sin.numel() == N * D, "msdd attention: cos and sin must be (N, D)");
+  TORCH_CHECK(D % 32 == 0 && D <= kMaxHeadDim && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "msdd attention: q, k, v must have one shape, with D a multiple of 32 up to 256");
+  const auto [cos, sin] = rope_tables(cos_in, sin_in, N, D);
+  return dtype == at::kBFloat16 ? attention_typed<Bf16>(q, k, v, cos, sin) : attention_typed<Float>(q, k, v, cos, sin);
+}
+
+// An MMDiT block's joint attention from its two streams' qkv projections, qkv0 (B, N0, 3 W) and qkv1 (B, N1, 3 W)
+// (last dimension [q | k | v], each heads x D): q and k LayerNormed per head with the stream's q_norm and k_norm
+// (norms: empty, or the 8 float32 tensors (D,) q0 weight, q0 bias, k0 weight, k0 bias, q1 ..., k1 ...), RoPE on the
+// joint sequence [stream 0, stream 1], attention, and each stream's output (B, N_s, W).
+template <class T>
+std::tuple<at::Tensor, at::Tensor> joint_attention_typed(const at::Tensor& qkv0, const at::Tensor& qkv1, int64_t H,
+                                                         const std::vector<at::Tensor>& norms, double eps,
+                                                         const at::Tensor& cos, const at::Tensor& sin) {
+  const int64_t B = qkv0.size(0), n0 = qkv0.size(1), n1 = qkv1.size(1), W = qkv0.size(2) / 3, D = W / H;
+  const at::Tensor* src[2] = {&qkv0, &qkv1};
+  Rows<T> rows[3];
+  for (int part = 0; part < 3; ++part)
+    for (int st = 0; st < 2; ++st) {
+      Rows<T>& r = rows[part];
+      r.base[st] = reinterpret_cast<const typename T::Elem*>(src[st]->data_ptr()) + part * W;
+      r.batch[st] = src[st]->size(1) * 3 * W, r.head[st] = D, r.token[st] = 3 * W, r.n0 = n0;
+      if (part < 2 && !norms.empty()) {
+        r.ln_w[st] = norms[4 * st + 2 * part].data_ptr<float>();
+        r.ln_b[st] = norms[4 * st + 2 * part + 1].data_ptr<float>();
+      }
+    }
+  at::Tensor out0 = at::empty({B, n0, W}, qkv0.options()), out1 = at::empty({B, n1, W}, qkv0.options());
+  run_attention<T>(rows[0], rows[1], rows[2], B, H, n0 + n1, D, eps, cos, sin, out0, out1);
+  return {out0, out1};
+}
+
+std::tuple<at::Tensor, at::Tensor> joint_attention(const at::Tensor& qkv0_in, const at::Tensor& qkv1_in,
+                                                   int64_t heads, at::TensorList norms_in, double eps,
+                                                   const std::optional<at::Tensor>& cos_in,
+                                                   const std::optional<at::Tensor>& sin_in) {
+  const auto dtype = qkv0_in.scalar_type();
+  check_dtype(dtype, "joint_attention");
+  TORCH_CHECK(qkv0_in.device().is_cpu() && qkv1_in.device().is_cpu() && qkv1_in.scalar_type() == dtype &&
+              qkv0_in.dim() == 3 && qkv1_in.dim() == 3 && qkv0_in.size(0) == qkv1_in.size(0) &&
+              qkv0_in.size(2) == qkv1_in.size(2) && heads > 0 && qkv0_in.size(2) % (3 * heads) == 0,
+              "msdd joint_attention: qkv0 and qkv1 must be CPU tensors (B, N_s, 3 W) of one dtype, W divisible by heads");
+  const at::Tensor qkv0 = qkv0_in.contiguous(), qkv1 = qkv1_in.contiguous();
+  const int64_t W = qkv0.size(2) / 3, D = W / heads, N = qkv0.size(1) + qkv1.size(1);
+  TORCH_CHECK(D % 32 == 0 && D <= kMaxHeadDim, "msdd joint_attention: the head dim must be a multiple of 32 up to 256");
+  TORCH_CHECK(norms_in.empty() || norms_in.size() == 8, "msdd joint_attention: give 8 norm tensors or none");
+  std::vector<at::Tensor> norms;
+  for (const at::Tensor& t : norms_in) {
+    norms.push_back(t.to(at::kFloat).contiguous());
+    TORCH_CHECK(norms.back().numel() == D, "msdd joint_attention: every norm weight and bias must be (head dim,)");
   }
-  const float* c = cos.defined() ? cos.data_ptr<float>() : nullptr;
-  const float* s = sin.defined() ? sin.data_ptr<float>() : nullptr;
-  return dtype == at::kBFloat16 ? attention_impl<Bf16>(q, k, v, c, s) : attention_impl<Float>(q, k, v, c, s);
+  const auto [cos, sin] = rope_tables(cos_in, sin_in, N, D);
+  return dtype == at::kBFloat16 ? joint_attention_typed<Bf16>(qkv0, qkv1, heads, norms, eps, cos, sin)
+                                : joint_attention_typed<Float>(qkv0, qkv1, heads, norms, eps, cos, sin);
+}
+
+// adaLN: out = LayerNorm(x) * (1 + scale) + shift over rows of W (no affine weights), with the gated residual
+// x' = x + gate * y first where y is given (stored in res, in res's dtype, and normalised as stored). x, y, res and
+// out are each bf16 or float32 (the flags); shift, scale and gate float32 (Bm, W), Bm = 1 (shared) or B (row r of
+// x (B, n, W) reads row r / n). Everything is computed in float32 and rounded once.
+inline __m512 load_any(const void* p, bool bf16, int64_t i) {
+  return bf16 ? Bf16::load16(static_cast<const uint16_t*>(p) + i) : _mm512_loadu_ps(static_cast<const float*>(p) + i);
+}
+
+inline void store_any(void* p, bool bf16, int64_t i, __m512 x) {
+  if (bf16)
+    Bf16::store16(static_cast<uint16_t*>(p) + i, x);
+  else
+    _mm512_storeu_ps(static_cast<float*>(p) + i, x);
+}
+
+struct AdalnArgs {
+  const void* x;
+  bool x16;
+  const void* y = nullptr;  // with gate and res: the gated residual first
+  bool y16 = false;
+  const float* gate = nullptr;
+  void* res = nullptr;
+  bool res16 = false;
+  const float* shift;
+  const float* scale;
+  void* out;
+  bool out16;
+  int64_t rows, n, w;
+  bool per_batch;  // modulation rows per batch element, else one shared row
+  float eps;
+};
+
+void adaln_impl(const AdalnArgs& a) {
+  at::parallel_for(0, a.rows, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(a.w);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t m = a.per_batch ? (r / a.n) * a.w : 0, o = r * a.w;
+      __m512 sum = _mm512_setzero_ps();
+      for (int64_t i = 0; i < a.w; i += 16) {
+        __m512 v = load_any(a.x, a.x16, o + i);
+        if (a.y != nullptr) {
+          v = _mm512_fmadd_ps(_mm512_loadu_ps(a.gate + m + i), load_any(a.y, a.y16, o + i), v);
+          store_any(a.res, a.res16, o + i, v);
+          if (a.res16) v = load_any(a.res, true, o + i);  // normalise the residual as stored
+        }
+        _mm512_storeu_ps(buf.data() + i, v);
+        sum = _mm512_add_ps(sum, v);
+      }
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(a.w));
+      __m512 sq = _mm512_setzero_ps();
+      for (int64_t i = 0; i < a.w; i += 16) {
+        const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf.data() + i), mean);
+        sq = _mm512_fmadd_ps(c, c, sq);
+      }
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(a.w) + a.eps));
+      for (int64_t i = 0; i < a.w; i += 16) {
+        const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + i), mean), rstd);
+        const __m512 mul = _mm512_add_ps(one, _mm512_loadu_ps(a.scale + m + i));
+        store_any(a.out, a.out16, o + i, _mm512_fmadd_ps(c, mul, _mm512_loadu_ps(a.shift + m + i)));
+      }
+    }
+  });
+}
+
+// a modulation vector (Bm, W) as float32, Bm = 1 or B
+at::Tensor mod_rows(const at::Tensor& t, int64_t B, int64_t W) {
+  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == W,
+              "msdd adaln: shift, scale and gate must be (1, W) or (B, W) CPU tensors");
+  return t.to(at::kFloat).contiguous();
+}
+
+AdalnArgs adaln_args(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.size(2) % 16 == 0,
+              "msdd adaln: x must be a CPU tensor (B, N, W), W a multiple of 16");
+  check_dtype(x.scalar_type(), "adaln");
+  AdalnArgs a;
+  a.x = x.data_ptr(), a.x16 = x.scalar_type() == at::kBFloat16;
+  a.rows = x.size(0) * x.size(1), a.n = x.size(1), a.w = x.size(2), a.eps = static_cast<float>(eps);
+  a.per_batch = shift.size(0) > 1;
+  TORCH_CHECK(scale.size(0) == shift.size(0), "msdd adaln: shift and scale must have the same rows");
+  return a;
+}
+
+// LayerNorm(x) * (1 + scale) + shift, in the dtype the unfused ops give: x's promoted with shift's and scale's
+at::Tensor adaln(const at::Tensor& x_in, const at::Tensor& shift_in, const at::Tensor& scale_in, double eps) {
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor shift = mod_rows(shift_in, x.size(0), x.size(2)), scale = mod_rows(scale_in, x.size(0), x.size(2));
+  AdalnArgs a = adaln_args(x, shift, scale, eps);
+  const auto out_dtype = at::promote_types(x.scalar_type(), at::promote_types(shift_in.scalar_type(), scale_in.scalar_type()));
+  check_dtype(out_dtype, "adaln");
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  a.shift = shift.data_ptr<float>(), a.scale = scale.data_ptr<float>();
+  a.out = out.data_ptr(), a.out16 = out_dtype == at::kBFloat16;
+  adaln_impl(a);
+  return out;
+}
+
+// the gated residual x' = x + gate * y and adaln(x', shift, scale), each in the dtype the unfused ops give
+std::tuple<at::Tensor, at::Tensor> gated_adaln(const at::Tensor& x_in, const at::Tensor& gate_in, const at::Tensor& y_in,
+                                               const at::Tensor& shift_in, const at::Tensor& scale_in, double eps) {
+  const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  TORCH_CHECK(y.sizes() == x.sizes() && y.device().is_cpu(), "msdd gated_adaln: x and y must have one shape");
+  check_dtype(y.scalar_type(), "gated_adaln");
+  const int64_t B = x.size(0), W = x.size(2);
+  const at::Tensor gate = mod_rows(gate_in, B, W), shift = mod_rows(shift_in, B, W), scale = mod_rows(scale_in, B, W);
+  TORCH_CHECK(gate.size(0) == shift.size(0), "msdd gated_adaln: gate, shift and scale must have the same rows");
+  AdalnArgs a = adaln_args(x, shift, scale, eps);
+  const auto res_dtype = at::promote_types(x.scalar_type(), at::promote_types(gate_in.scalar_type(), y.scalar_type()));
+  const auto out_dtype = at::promote_types(res_dtype, at::promote_types(shift_in.scalar_type(), scale_in.scalar_type()));
+  check_dtype(res_dtype, "gated_adaln");
+  check_dtype(out_dtype, "gated_adaln");
+  at::Tensor res = at::empty(x.sizes(), x.options().dtype(res_dtype));
+  at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  a.y = y.data_ptr(), a.y16 = y.scalar_type() == at::kBFloat16, a.gate = gate.data_ptr<float>();
+  a.res = res.data_ptr(), a.res16 = res_dtype == at::kBFloat16;
+  a.shift = shift.data_ptr<float>(), a.scale = scale.data_ptr<float>();
+  a.out = out.data_ptr(), a.out16 = out_dtype == at::kBFloat16;
+  adaln_impl(a);
+  return {res, out};
 }
 
 // swiglu: (..., 2H) [a, b] -> (..., H) silu(a) * b = a b / (1 + exp(-a)), in float32, rounded once
@@ -324,9 +586,16 @@ at::Tensor swiglu(const at::Tensor& h_in) {
 
 TORCH_LIBRARY(msdd_kernels, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor? cos=None, Tensor? sin=None) -> Tensor");
+  m.def("joint_attention(Tensor qkv0, Tensor qkv1, int heads, Tensor[] norms, float eps, Tensor? cos=None, "
+        "Tensor? sin=None) -> (Tensor, Tensor)");
+  m.def("adaln(Tensor x, Tensor shift, Tensor scale, float eps) -> Tensor");
+  m.def("gated_adaln(Tensor x, Tensor gate, Tensor y, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor h) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("attention", attention);
+  m.impl("joint_attention", joint_attention);
+  m.impl("adaln", adaln);
+  m.impl("gated_adaln", gated_adaln);
   m.impl("swiglu", swiglu);
 }
