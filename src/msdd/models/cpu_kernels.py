@@ -4,12 +4,12 @@ PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 mat
 float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
 and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
 products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
-queries and keys included: 2.3-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
-144-1152 tokens, 12 heads of 64 (`benchmarks/attention_kernels.py`). An MMDiT block's joint attention reads its two
-streams' qkv projections in place, with their q_norm and k_norm applied while packing, and writes each stream's
-output: no split, concatenation, normalisation or slicing ops around it. adaLN computes LayerNorm and modulation (and
-the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the first linear layer's output.
-All of them compute in float32 and round once.
+queries and keys included: 1.9-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
+144-1152 tokens over four runs, 12 heads of 64 (`benchmarks/attention_kernels.py`). An MMDiT block's joint
+attention reads its two streams' qkv projections in place, with their q_norm and k_norm applied while packing, and
+writes each stream's output: no split, concatenation, normalisation or slicing ops around it. adaLN computes
+LayerNorm and modulation (and the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the
+first linear layer's output. All of them compute in float32 and round once.
 
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
