@@ -195,30 +195,37 @@ def test_onednn_linear_equals_nn_linear(bias):
     assert layer.weight.grad is not None and torch.equal(y.detach(), ref)
 
 
-def test_bf16_linear_packs_its_weight_once_per_version():
-    from msdd.models.layers import BF16_PACKING, Linear
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_packs_its_weight_once_per_version(dtype):
+    from msdd.models import layers
+    from msdd.models.layers import Linear
 
-    if not BF16_PACKING:
-        pytest.skip("oneDNN bf16 linear kernels are not available on this CPU")
-    layer = Linear(24, 40).bfloat16()
+    if not (layers.BF16_PACKING if dtype == torch.bfloat16 else layers.FP32_PACKING):
+        pytest.skip(f"oneDNN {dtype} linear kernels on packed weights are not available on this CPU")
+    layer = Linear(24, 40).to(dtype)
     x = torch.randn(2, 7, 24)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
 
     def both():
-        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             fast = layer(x)
             with unoptimised():
-                return fast, layer(x)  # F.linear under autocast
+                return fast, layer(x)  # F.linear (under autocast for bf16)
 
+    if dtype == torch.float32:  # a vector (one row, as the modulation's) keeps the weight as it is
+        with torch.inference_mode():
+            layer(x[:1, :1])
+        assert layer._packed is None
     fast, ref = both()
-    assert layer._packed is not None and fast.dtype == ref.dtype == torch.bfloat16
-    assert (fast.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max()
+    assert layer._packed is not None and fast.dtype == ref.dtype == dtype
+    assert (fast.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
     packed = layer.packed_weight()
     assert layer.packed_weight() is packed  # kept while the weight is unchanged
     with torch.no_grad():
         layer.weight.mul_(-2.0)  # an in-place update: the packed copy is rebuilt
     fast2, ref2 = both()
     assert layer.packed_weight() is not packed
-    assert (fast2.float() - ref2.float()).abs().max() <= 1e-2 * ref2.float().abs().max()
+    assert (fast2.float() - ref2.float()).abs().max() <= tol * ref2.float().abs().max()
     assert not torch.allclose(fast2.float(), fast.float())
     assert set(layer.state_dict()) == {"weight", "bias"}  # the packed weight is not state
     assert copy.deepcopy(layer)._packed is None and layer._packed is not None  # oneDNN's tensor can't be copied

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from msdd.eval.bench.timing import synchronizer
-from msdd.models.layers import BF16_PACKING, ONEDNN_LINEAR
+from msdd.models.layers import BF16_PACKING, FP32_PACKING, ONEDNN_LINEAR
 
 
 def peak_size(dtype: torch.dtype, device: torch.device) -> int:
@@ -51,7 +51,7 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
     """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that
     the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
     (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
-    development machine), in bf16 also with the weight pre-packed as that layer packs it. n defaults to 2048
+    development machine), also with the weight pre-packed as that layer packs it (bf16, float32). n defaults to 2048
     (fp32) / 4096 (bf16) on CPU, twice that on CUDA."""
     device = torch.device(device)
     n = n or peak_size(dtype, device)
@@ -61,7 +61,7 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
     kernels = {"torch.mm": lambda: torch.mm(a, b)}
     if device.type == "cpu" and ONEDNN_LINEAR:
         kernels["onednn linear"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
-        if dtype == torch.bfloat16 and BF16_PACKING:
+        if BF16_PACKING if dtype == torch.bfloat16 else (dtype == torch.float32 and FP32_PACKING):
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             kernels["onednn linear, packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none",
                                                                                           [], "")
