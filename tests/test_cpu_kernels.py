@@ -154,6 +154,7 @@ def test_attention_applies_only_to_what_it_computes():
     q16, k16, v16 = _qkv(1, 2, 10, 16)
     assert not cpu_kernels.attention_applies(q16, k16, v16)  # head dim not a multiple of 32
     assert cpu_kernels.attention(q16, k16, v16) is None
+    assert not cpu_kernels.attention_applies(*_qkv(1, 2, 10, 288))  # head dim above the kernels' 256
 
 
 KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu")

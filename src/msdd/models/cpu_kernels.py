@@ -14,9 +14,9 @@ first linear layer's output. All of them compute in float32 and round once.
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
-Where the CPU lacks AVX512-BF16, a shape does not fit (head dimension or hidden width not a multiple of 32;
-float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning says so), those
-layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
+Where the CPU lacks AVX512-BF16, a shape does not fit (head dimension or hidden width not a multiple of 32, head
+dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning
+says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import torch
 SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.cpp"
 ENV = "MSDD_CPU_KERNELS"
 DTYPES = (torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256  # the kernels' row buffers (kMaxHeadDim)
 MIN_TOKENS_FP32 = 128  # float32 attention below: 0.95-1.9x the flash kernel at 37 tokens, run to run
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
@@ -94,9 +95,9 @@ def _ninja_on_path() -> None:
 
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """The kernel computes this attention, and faster than PyTorch's: CPU tensors of one shape (B, heads, N, D)
-    and one dtype, bf16 or float32 (float32 from 128 tokens on), D a multiple of 32."""
+    and one dtype, bf16 or float32 (float32 from 128 tokens on), D a multiple of 32 up to 256."""
     return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and q.dim() == 4
-            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0
+            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0 and q.shape[-1] <= MAX_HEAD_DIM
             and (q.dtype == torch.bfloat16 or q.shape[2] >= MIN_TOKENS_FP32))
 
 
@@ -117,8 +118,9 @@ def joint_attention(qkv0: torch.Tensor, qkv1: torch.Tensor, heads: int, norms: l
     `eps` theirs), RoPE (cos, sin (N0 + N1, D)) on the joint sequence, attention, each stream's output (B, N_s, W);
     None where the kernel does not apply (as `attention_applies`)."""
     d, n = qkv0.shape[-1] // (3 * heads), qkv0.shape[1] + qkv1.shape[1]
-    if not (qkv0.device.type == "cpu" and qkv0.dtype == qkv1.dtype and qkv0.dtype in DTYPES and d % 32 == 0
-            and d <= 256 and (qkv0.dtype == torch.bfloat16 or n >= MIN_TOKENS_FP32)) or (ops := library()) is None:
+    applies = (qkv0.device.type == "cpu" and qkv0.dtype == qkv1.dtype and qkv0.dtype in DTYPES and d % 32 == 0
+               and d <= MAX_HEAD_DIM and (qkv0.dtype == torch.bfloat16 or n >= MIN_TOKENS_FP32))
+    if not applies or (ops := library()) is None:
         return None
     return ops.joint_attention(qkv0, qkv1, heads, norms, eps, *rope)
 
