@@ -93,12 +93,18 @@ def _ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def _attention_fits(device: torch.device, dtype: torch.dtype, head_dim: int, tokens: int) -> bool:
+    """The kernels compute an attention of these, and faster than PyTorch's: on the CPU, bf16 or float32 (float32
+    from 128 tokens on), head dim a multiple of 32 up to 256."""
+    return (device.type == "cpu" and dtype in DTYPES and head_dim % 32 == 0 and head_dim <= MAX_HEAD_DIM
+            and (dtype == torch.bfloat16 or tokens >= MIN_TOKENS_FP32))
+
+
 def attention_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """The kernel computes this attention, and faster than PyTorch's: CPU tensors of one shape (B, heads, N, D)
-    and one dtype, bf16 or float32 (float32 from 128 tokens on), D a multiple of 32 up to 256."""
-    return (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES and q.dim() == 4
-            and q.shape == k.shape == v.shape and q.shape[-1] % 32 == 0 and q.shape[-1] <= MAX_HEAD_DIM
-            and (q.dtype == torch.bfloat16 or q.shape[2] >= MIN_TOKENS_FP32))
+    """The kernel computes this attention, and faster than PyTorch's: tensors of one shape (B, heads, N, D) and one
+    dtype that `_attention_fits`."""
+    return (q.dim() == 4 and q.dtype == k.dtype == v.dtype and q.shape == k.shape == v.shape
+            and _attention_fits(q.device, q.dtype, q.shape[-1], q.shape[2]))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -116,10 +122,9 @@ def joint_attention(qkv0: torch.Tensor, qkv1: torch.Tensor, heads: int, norms: l
     """An MMDiT block's joint attention from its streams' qkv outputs qkv0 (B, N0, 3 W) and qkv1 (B, N1, 3 W): q and k
     of each stream LayerNormed per head (`norms`: q weight, q bias, k weight, k bias of stream 0, then of stream 1;
     `eps` theirs), RoPE (cos, sin (N0 + N1, D)) on the joint sequence, attention, each stream's output (B, N_s, W);
-    None where the kernel does not apply (as `attention_applies`)."""
-    d, n = qkv0.shape[-1] // (3 * heads), qkv0.shape[1] + qkv1.shape[1]
-    applies = (qkv0.device.type == "cpu" and qkv0.dtype == qkv1.dtype and qkv0.dtype in DTYPES and d % 32 == 0
-               and d <= MAX_HEAD_DIM and (qkv0.dtype == torch.bfloat16 or n >= MIN_TOKENS_FP32))
+    None where the kernel does not apply (`_attention_fits`)."""
+    applies = qkv0.dtype == qkv1.dtype and _attention_fits(qkv0.device, qkv0.dtype, qkv0.shape[-1] // (3 * heads),
+                                                           qkv0.shape[1] + qkv1.shape[1])
     if not applies or (ops := library()) is None:
         return None
     return ops.joint_attention(qkv0, qkv1, heads, norms, eps, *rope)
