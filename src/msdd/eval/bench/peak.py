@@ -15,9 +15,14 @@ from msdd.eval.bench.timing import synchronizer
 from msdd.models.layers import BF16_PACKING, FP32_PACKING, ONEDNN_LINEAR
 
 
-def peak_size(dtype: torch.dtype, device: torch.device) -> int:
+def peak_sizes(dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
+    """The square products the probe times: n / 2 and n, n = 2048 (fp32) / 4096 (bf16) on CPU, twice that on
+    CUDA. Both sizes, because neither is the fastest everywhere: on the 2-core AMD EPYC, oneDNN's packed bf16 kernel
+    ran 4096^3 at 429-431 GFLOP/s and 2048^3 at 452-454, the rate the decoders' own shapes reach (1024 x 768 x
+    4096: 448-451), so a 4096-only probe put a bf16 decode 6% closer to the peak than it is."""
     n = 2048 if dtype == torch.float32 else 4096
-    return n * 2 if device.type == "cuda" else n
+    n = n * 2 if device.type == "cuda" else n
+    return n // 2, n
 
 
 @contextlib.contextmanager
@@ -51,10 +56,12 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
     """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that
     the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
     (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
-    development machine), also with the weight pre-packed as that layer packs it (bf16, float32). n defaults to 2048
-    (fp32) / 4096 (bf16) on CPU, twice that on CUDA."""
+    development machine), also with the weight pre-packed as that layer packs it (bf16, float32). Without n, each
+    kernel's best over the sizes of `peak_sizes`."""
     device = torch.device(device)
-    n = n or peak_size(dtype, device)
+    if n is None:
+        by_size = [matmul_peaks(dtype, threads, device, size, repeats) for size in peak_sizes(dtype, device)]
+        return {name: max(peaks[name] for peaks in by_size) for name in by_size[0]}
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
     b = torch.randn(n, n, generator=g).to(device, dtype)

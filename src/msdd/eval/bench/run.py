@@ -14,7 +14,7 @@ import torch
 
 from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
 from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models
-from msdd.eval.bench.peak import matmul_peaks, measure_conv_peak, peak_size
+from msdd.eval.bench.peak import matmul_peaks, measure_conv_peak, peak_sizes
 from msdd.eval.bench.pipeline import GeneratorSettings, decoder_shares, default_gen_preset, pipeline_contender
 from msdd.eval.bench.settings import DTYPES, BenchSettings
 from msdd.eval.bench.timing import log_stderr, time_contenders
@@ -132,11 +132,11 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     if guidance in (0.0, 1.0) and {"teacher", "teacher-nocfg"} <= set(settings.contenders):
         log(f"note: the teacher's cfg is {guidance:g} (a single pass per step), so `teacher` and `teacher-nocfg` are "
             f"the same decode; pass --cfg 2 to time guided decoding")
-    peak_n = peak_size(dtype, device)
-    kernel_peaks = matmul_peaks(dtype, None, device, n=peak_n, repeats=3 if settings.quick else 5)
+    kernel_peaks = matmul_peaks(dtype, None, device, repeats=3 if settings.quick else 5)
     peak = max(kernel_peaks.values())
     conv_peak = measure_conv_peak(dtype, None, device, repeats=3 if settings.quick else 5)
-    log(f"matmul peak {peak:.1f} GFLOP/s ({peak_n}^3 {settings.dtype}, {torch.get_num_threads()} threads; "
+    log(f"matmul peak {peak:.1f} GFLOP/s (best of {' and '.join(f'{n}^3' for n in peak_sizes(dtype, device))} "
+        f"{settings.dtype}, {torch.get_num_threads()} threads; "
         + ", ".join(f"{k} {v:.1f}" for k, v in kernel_peaks.items()) + "), "
         f"3x3 conv {conv_peak:.1f} GFLOP/s")
 
@@ -175,7 +175,8 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         "bf16": ("weights of linear/conv layers stored in bf16, calls under bf16 autocast"
                  if settings.dtype == "bf16" else None),
         "compile": settings.compile, "threads": torch.get_num_threads(),
-        "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak, "peak_matmul_size": peak_n,
+        "device": str(device), "machine": _machine(device), "machine_peak_gflops": peak,
+        "peak_matmul_sizes": list(peak_sizes(dtype, device)),
         "matmul_peak_by_kernel": kernel_peaks,
         "conv_peak_gflops": conv_peak,
         "warmup": settings.warmup, "rounds": settings.rounds,
