@@ -41,7 +41,14 @@ constexpr int64_t kPanel = 64;  // keys per score tile (four vectors of 16)
 struct Bf16 {
   using Elem = uint16_t;
   static constexpr int64_t kPerWord = 2;
-  static uint32_t bits(Elem x) { return x; }
+  // 16 words of values e .. e + 16 of two rows: row 0 in the low halves, row 1 in the high (a null row: zeros)
+  static __m512i words16(const Elem* const* rows, int64_t e) {
+    auto wide = [&](int i) {
+      return _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[i] + e)));
+    };
+    const __m512i lo = rows[0] == nullptr ? _mm512_setzero_si512() : wide(0);
+    return rows[1] == nullptr ? lo : _mm512_or_si512(lo, _mm512_slli_epi32(wide(1), 16));
+  }
   static __m512 dot(__m512 acc, __m512i a, __m512i b) { return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)b); }
   static void store16(Elem* p, __m512 x) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(x));
@@ -55,10 +62,8 @@ struct Bf16 {
 struct Float {
   using Elem = float;
   static constexpr int64_t kPerWord = 1;
-  static uint32_t bits(Elem x) {
-    uint32_t u;
-    std::memcpy(&u, &x, sizeof u);
-    return u;
+  static __m512i words16(const Elem* const* rows, int64_t e) {
+    return rows[0] == nullptr ? _mm512_setzero_si512() : _mm512_castps_si512(_mm512_loadu_ps(rows[0] + e));
   }
   static __m512 dot(__m512 acc, __m512i a, __m512i b) {
     return _mm512_fmadd_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b), acc);
@@ -122,15 +127,15 @@ struct Rows {
   }
 };
 
-// One panel of 64 tokens of batch element b, every head: keys into kp's panels [B H][Npad / 64][W words][64], values
+// One panel of 64 tokens of batch element b, heads h0 .. h1: keys into kp's panels [B H][Npad / 64][W words][64], values
 // into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k LayerNormed and
 // rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all heads of a
 // token together, so that their rows are read in order (head by head they would be read at a stride of 3 W: 2 ms
 // more of a 1152-token bf16 attention); from (B, heads, N, D) head by head.
 template <class T>
-void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t panel, int64_t n,
-                int64_t npad, int64_t d, float eps, const float* cos, const float* sin, uint32_t* kp, uint32_t* vp,
-                typename T::Elem* qp) {
+void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t h0, int64_t h1,
+                int64_t panel, int64_t n, int64_t npad, int64_t d, float eps, const float* cos, const float* sin,
+                uint32_t* kp, uint32_t* vp, typename T::Elem* qp) {
   const int64_t words = d / T::kPerWord, vwords = npad / T::kPerWord;
   uint32_t prepared[kMaxHeadDim];
   auto* prep = reinterpret_cast<typename T::Elem*>(prepared);
@@ -150,23 +155,18 @@ void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b,
   };
   if (k.token[0] > k.head[0]) {  // rows of one token hold every head (qkv projections): token by token
     for (int64_t c = 0; c < kPanel; ++c)
-      for (int64_t h = 0; h < H; ++h) pack_key(c, h);
+      for (int64_t h = h0; h < h1; ++h) pack_key(c, h);
   } else {  // (B, heads, N, D): head by head
-    for (int64_t h = 0; h < H; ++h)
+    for (int64_t h = h0; h < h1; ++h)
       for (int64_t c = 0; c < kPanel; ++c) pack_key(c, h);
   }
   for (int64_t j = panel * kPanel / T::kPerWord; j < (panel + 1) * kPanel / T::kPerWord; ++j) {
-    for (int64_t h = 0; h < H; ++h) {
-      const typename T::Elem* src[T::kPerWord];
+    for (int64_t h = h0; h < h1; ++h) {
+      const typename T::Elem* src[2] = {nullptr, nullptr};
       for (int64_t i = 0; i < T::kPerWord; ++i)
         src[i] = j * T::kPerWord + i < n ? v.row(b, h, j * T::kPerWord + i) : nullptr;
       uint32_t* out = vp + (b * H + h) * vwords * d + j * d;
-      for (int64_t e = 0; e < d; ++e) {
-        uint32_t word = 0;
-        for (int64_t i = 0; i < T::kPerWord; ++i)
-          if (src[i] != nullptr) word |= T::bits(src[i][e]) << (16 * i);
-        out[e] = word;
-      }
+      for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(out + e, T::words16(src, e));
     }
   }
 }
@@ -276,13 +276,22 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
   const int64_t words = D / T::kPerWord, n0 = q.n0, n1 = N - n0;
   const int64_t npad = (N + kPanel - 1) / kPanel * kPanel, blocks = (N + kRows - 1) / kRows;
   const int64_t vwords = npad / T::kPerWord;  // words along the keys, per value column
+  // the probabilities the value products read: keys up to N rounded up to a word (zeros past N), written up to N
+  // rounded up to a vector
+  const int64_t kwords = (N + T::kPerWord - 1) / T::kPerWord, nvec = (N + 15) / 16 * 16;
   // every word of the three is written below (zeros past N): no initialisation
   std::unique_ptr<uint32_t[]> kp(new uint32_t[B * H * npad * words]), vp(new uint32_t[B * H * vwords * D]);
   std::unique_ptr<Elem[]> qp(new Elem[B * H * N * D]);
+  // packing tasks: a panel of a batch element for a group of heads, at least 4 tasks per thread where the heads allow
   const int64_t panels = npad / kPanel;
-  at::parallel_for(0, B * panels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task)
-      pack_panel<T>(q, k, v, task / panels, H, task % panels, N, npad, D, eps, cos, sin, kp.get(), vp.get(), qp.get());
+  const int64_t groups = std::min(H, (4 * at::get_num_threads() + B * panels - 1) / (B * panels));
+  const int64_t group_heads = (H + groups - 1) / groups, group_count = (H + group_heads - 1) / group_heads;
+  at::parallel_for(0, B * panels * group_count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bp = task / group_count, h0 = task % group_count * group_heads;
+      pack_panel<T>(q, k, v, bp / panels, H, h0, std::min(H, h0 + group_heads), bp % panels, N, npad, D, eps, cos, sin,
+                    kp.get(), vp.get(), qp.get());
+    }
   });
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
   at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
@@ -306,7 +315,7 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
           score_tile<T>(qb.data() + t * words, kh + panel * words * kPanel, words,
                         s.data() + t * npad + panel * kPanel, npad);
       for (int64_t r = 0; r < kRows; ++r)
-        inv[r] = 1.0f / softmax_row<T>(s.data() + r * npad, prob.data() + r * npad, N, npad, scale_log2);
+        inv[r] = 1.0f / softmax_row<T>(s.data() + r * npad, prob.data() + r * npad, N, nvec, scale_log2);
       const auto* pw = reinterpret_cast<const uint32_t*>(prob.data());
       const uint32_t* vh = vp.get() + bh * vwords * D;
       for (int64_t rr = 0; rr < rows; rr += kTile) {
@@ -314,9 +323,9 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
         const uint32_t* p = pw + rr * vwords;
         for (int64_t dc = 0; dc < D; dc += 64) {
           if (D - dc >= 64)
-            value_tile<T, 4>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, rows_out + rr, dc);
+            value_tile<T, 4>(p, vwords, vh + dc, D, kwords, inv + rr, n_rows, rows_out + rr, dc);
           else
-            value_tile<T, 2>(p, vwords, vh + dc, D, vwords, inv + rr, n_rows, rows_out + rr, dc);
+            value_tile<T, 2>(p, vwords, vh + dc, D, kwords, inv + rr, n_rows, rows_out + rr, dc);
         }
       }
     }
