@@ -12,12 +12,20 @@ The optimised path by default (bf16: weights stored in bf16, as `Tokenizer.decod
 per op, and writes the rates of the linear layers and of attention as fractions of that peak, and the best
 fraction of the peak a decode could reach with its linear layers as fast as they run here: attention at
 the full matmul peak and every other op free (what the issue-16 targets of 90% / 85% of the peak need).
+
+`--wall` times the decode by the wall clock instead of the profiler (whose per-op times misattribute oneDNN's
+linear kernels here: a 1024-row MLP layer showed 255 GFLOP/s in the profiler and 449 by the clock): every `Linear`
+call and every joint attention call between `time.perf_counter` reads, grouped per stage (image tokens) into the
+image stream's and the context stream's linear layers and attention, each with its GFLOP/s, and the rest of each
+decode (norms, modulation, SwiGLU's gate, noise, Python) as what the clock saw outside them. CPU only.
 """
 
 import argparse
 import contextlib
 import json
+import statistics
 import sys
+import time
 from collections import defaultdict
 
 import torch
@@ -25,6 +33,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from msdd.config import load_config
 from msdd.families import family_of
+from msdd.models import layers
 from msdd.models.layers import unoptimised
 from msdd.eval.bench.peak import measure_matmul_peak
 from msdd.eval.flops import flop_counter
@@ -60,6 +69,8 @@ def main() -> None:
                          "float32 weights (what decode(bf16=True) ran before it kept bf16 weights)")
     ap.add_argument("--bound", action="store_true",
                     help="also the matmul peak, the FLOPs per op group and the best reachable fraction of the peak")
+    ap.add_argument("--wall", action="store_true",
+                    help="wall-clock times of the linear layers and attention per stage instead of the profiler's")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
     cfg = load_config(a.preset).model
@@ -77,6 +88,14 @@ def main() -> None:
             family.sample(decoder, z, steps, 1.0, torch.Generator().manual_seed(0))
 
     decode()  # warm-up
+    if a.wall:
+        result = wall_breakdown(decoder, decode, a.rounds)
+        peak = measure_matmul_peak(torch.bfloat16 if a.dtype == "bf16" else torch.float32)  # right after
+        result = with_peak(result, peak)
+        result["command"] = "python " + " ".join(sys.argv)
+        with open(a.out, "w") as f:
+            json.dump(result, f, indent=2)
+        return
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a.rounds):
             decode()
@@ -102,6 +121,88 @@ def main() -> None:
     print(f"total self CPU time per decode: {total:.3f} s")
     for k, v in result.get("bound", {}).items():
         print(f"{k:48s} {v}")
+
+
+def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
+    """Seconds and GFLOP/s per decode, by the clock, of each stage's linear layers (image and context stream) and
+    joint attention, and of the rest; the decode's own time without the timing hooks."""
+    plain = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        decode()
+        plain.append(time.perf_counter() - t)
+    seconds, flops = defaultdict(float), defaultdict(float)
+    starts: dict[int, float] = {}
+    stage = [0]  # the image tokens of the stage running, from its image stream's last linear layer
+
+    def before(module, args):
+        starts[id(module)] = time.perf_counter()
+
+    def after(name):
+        def hook(module, args, out):
+            x = args[0]
+            rows = x.numel() // x.shape[-1]
+            stream = "context" if ".ctx." in name else "image" if ".img." in name else "other"
+            if stream == "image" and x.dim() == 3:  # a block's image stream: the stage is its token count
+                stage[0] = x.shape[-2]
+            key = (stage[0], stream, "linear")
+            seconds[key] += time.perf_counter() - starts.pop(id(module))
+            flops[key] += 2 * rows * module.in_features * module.out_features
+        return hook
+
+    handles = []
+    for name, module in decoder.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            handles += [module.register_forward_pre_hook(before), module.register_forward_hook(after(name))]
+    attention = layers.joint_attention
+
+    def timed_attention(qkv_x, qkv_c, img, ctx, rope):
+        t = time.perf_counter()
+        out = attention(qkv_x, qkv_c, img, ctx, rope)
+        key = (qkv_x.shape[1], "joint", "attention")
+        seconds[key] += time.perf_counter() - t
+        n, d = qkv_x.shape[1] + qkv_c.shape[1], qkv_x.shape[-1] // 3
+        flops[key] += 4 * qkv_x.shape[0] * n * n * d
+        return out
+
+    layers.joint_attention = timed_attention
+    hooked = []
+    try:
+        for _ in range(rounds):
+            t = time.perf_counter()
+            decode()
+            hooked.append(time.perf_counter() - t)
+    finally:
+        layers.joint_attention = attention
+        for h in handles:
+            h.remove()
+    total = statistics.median(hooked)
+    rows = [{"tokens": k[0], "stream": k[1], "kind": k[2], "seconds": s / rounds, "gflop": flops[k] / rounds / 1e9,
+             "gflops": flops[k] / s / 1e9} for k, s in sorted(seconds.items())]
+    return {"seconds_per_decode": statistics.median(plain), "seconds_per_decode_hooked": total,
+            "gflop_per_decode": sum(flops.values()) / rounds / 1e9, "rows": rows,
+            "rest_seconds": total - sum(seconds.values()) / rounds}
+
+
+def with_peak(result: dict, peak: float) -> dict:
+    """The breakdown's rates as fractions of the matmul peak (GFLOP/s), rounded, printed."""
+    # the decode's FLOPs are those of the timed ops (norms, gates and modulation add < 1%)
+    decode_s = result["seconds_per_decode"]
+    result = {"matmul_peak_gflops": round(peak, 1), **result,
+              "decode_fraction_of_peak": round(result["gflop_per_decode"] / decode_s / peak, 4),
+              "rows": [{**r, "seconds": round(r["seconds"], 4), "gflop": round(r["gflop"], 3),
+                        "gflops": round(r["gflops"], 1), "fraction_of_peak": round(r["gflops"] / peak, 4)}
+                       for r in result["rows"]]}
+    for key in ("seconds_per_decode", "seconds_per_decode_hooked", "gflop_per_decode", "rest_seconds"):
+        result[key] = round(result[key], 4)
+    for r in result["rows"]:
+        print(f"{r['tokens']:5d} tokens  {r['stream']:8s} {r['kind']:9s} {1e3 * r['seconds']:8.1f} ms "
+              f"{r['gflops']:7.1f} GFLOP/s {100 * r['fraction_of_peak']:5.1f}% of the peak")
+    print(f"rest (norms, modulation, gates, noise, Python): {1e3 * result['rest_seconds']:.1f} ms; decode "
+          f"{1e3 * decode_s:.1f} ms ({1e3 * result['seconds_per_decode_hooked']:.1f} ms with the hooks), "
+          f"{100 * result['decode_fraction_of_peak']:.1f}% "
+          f"of the matmul peak {peak:.1f} GFLOP/s")
+    return result
 
 
 def efficiency_bound(decode, groups: dict[str, float], total: float, dtype: torch.dtype) -> dict:
