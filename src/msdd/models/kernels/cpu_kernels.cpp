@@ -127,9 +127,9 @@ struct Rows {
   }
 };
 
-// One panel of 64 tokens of batch element b, heads h0 .. h1: keys into kp's panels [B H][Npad / 64][W words][64], values
-// into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k LayerNormed and
-// rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all heads of a
+// One panel of 64 tokens of batch element b, heads h0 .. h1: keys into kp's panels [B H][Npad / 64][W words][64],
+// values into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k LayerNormed
+// and rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all heads of a
 // token together, so that their rows are read in order (head by head they would be read at a stride of 3 W: 2 ms
 // more of a 1152-token bf16 attention); from (B, heads, N, D) head by head.
 template <class T>
@@ -212,9 +212,10 @@ inline __m512 exp2v(__m512 x) {
   return _mm512_scalef_ps(p, i);
 }
 
-// one row: probabilities exp(scale * (s - max)) (zero past n), returns their float32 sum
+// one row: probabilities exp(scale * (s - max)) for the n scores, zeros from n to end (a multiple of 16); returns
+// their float32 sum
 template <class T>
-inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int64_t npad, float scale_log2) {
+inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int64_t end, float scale_log2) {
   __m512 mx = _mm512_set1_ps(-INFINITY);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
@@ -223,7 +224,7 @@ inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int6
   const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale_log2);
   const __m512 mul = _mm512_set1_ps(scale_log2);
   __m512 sum = _mm512_setzero_ps();
-  for (c = 0; c < npad; c += 16) {
+  for (c = 0; c < end; c += 16) {
     const __mmask16 valid = c + 16 <= n ? static_cast<__mmask16>(0xffff)
                           : c < n       ? tail
                                         : static_cast<__mmask16>(0);
