@@ -7,14 +7,14 @@
 // multiple of 32, no mask, with RoPE on q and k first where cos and sin (N, D) are given
 // (msdd.models.layers.apply_rope, computed in float32 here and rounded once). The result is (B, N, heads * D),
 // the layout the output projection reads.
-// Work is split over (batch x head, block of 12 queries): the block's scores against all N keys are computed at
-// once (float32, 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash
-// kernel, then the weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16
-// products summed in float32 (vdpbf16ps: two products per float32 lane), float32 softmax, bf16 probabilities,
-// bf16 output; float32 is float32 throughout (vfmadd231ps). Both products read 32-bit words: a bf16 word is a
-// pair of consecutive elements along the summed dimension, a float32 word one element. k is re-laid out in
-// panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64 keys
-// (padded keys get probability 0).
+// Work is split over (batch x head, block of 12 queries): the block's scores against all N keys are computed at once
+// (float32, 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash kernel, then
+// the weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16 products summed in float32
+// (vdpbf16ps: two products per float32 lane), float32 softmax (its exponential to 7.5e-5, below the bf16 rounding that
+// follows), bf16 probabilities, bf16 output; float32 is float32 throughout (vfmadd231ps). Both products read 32-bit
+// words: a bf16 word is a pair of consecutive elements along the summed dimension, a float32 word one element. k is
+// re-laid out in panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64
+// keys (padded keys get probability 0).
 // joint_attention reads q, k and v in place from the (B, N_s, 3 W) outputs of the two streams' qkv layers, applies
 // each stream's q_norm / k_norm and RoPE while packing (float32, rounded once), and writes each stream's output
 // (B, N_s, W): no split, concatenation, normalisation or slicing ops around it.
@@ -212,6 +212,27 @@ inline __m512 exp2v(__m512 x) {
   return _mm512_scalef_ps(p, i);
 }
 
+// 2^x for a softmax's x <= 0, for probabilities rounded to bf16: degree-3 polynomial on the fraction in [-1/2, 1/2]
+// (relative error < 7.5e-5, 26 times below a bf16 rounding's 2^-9), exact scaling by the integer part, which takes
+// any x below -149 to zero without a clamp. Three multiply-adds fewer than exp2v: 7% less time for a 1152-token
+// bf16 attention
+inline __m512 exp2v_bf16(__m512 x) {
+  const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, i);
+  __m512 p = _mm512_set1_ps(5.51716123e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.42611172e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93261001e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.99928071e-1f));
+  return _mm512_scalef_ps(p, i);
+}
+
+// the unnormalised probabilities 2^x of 16 scores: float32's exp2v, or bf16's shorter polynomial
+template <class T>
+inline __m512 prob16(__m512 x) {
+  if constexpr (T::kPerWord == 2) return exp2v_bf16(x);
+  else return exp2v(x);
+}
+
 // one row: probabilities exp(scale * (s - max)) for the n scores, zeros from n to end (a multiple of 16); returns
 // their float32 sum
 template <class T>
@@ -219,20 +240,25 @@ inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int6
   __m512 mx = _mm512_set1_ps(-INFINITY);
   int64_t c = 0;
   for (; c + 16 <= n; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
+  const int64_t full = c;
   const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1u);
   if (c < n) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + c));
   const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale_log2);
   const __m512 mul = _mm512_set1_ps(scale_log2);
   __m512 sum = _mm512_setzero_ps();
-  for (c = 0; c < end; c += 16) {
-    const __mmask16 valid = c + 16 <= n ? static_cast<__mmask16>(0xffff)
-                          : c < n       ? tail
-                                        : static_cast<__mmask16>(0);
-    __m512 e = exp2v(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul, shift));
-    e = _mm512_maskz_mov_ps(valid, e);
+  for (c = 0; c < full; c += 16) {  // whole vectors without masks, then the tail and the zeros
+    const __m512 e = prob16<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul, shift));
     sum = _mm512_add_ps(sum, e);
     T::store16(prob + c, e);
   }
+  if (c < n) {
+    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + c), mul, shift);
+    const __m512 e = _mm512_maskz_mov_ps(tail, prob16<T>(x));
+    sum = _mm512_add_ps(sum, e);
+    T::store16(prob + c, e);
+    c += 16;
+  }
+  for (; c < end; c += 16) T::store16(prob + c, _mm512_setzero_ps());
   return _mm512_reduce_add_ps(sum);
 }
 
