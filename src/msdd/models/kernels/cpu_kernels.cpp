@@ -464,8 +464,9 @@ std::tuple<at::Tensor, at::Tensor> joint_attention(const at::Tensor& qkv0_in, co
 
 // adaLN: out = LayerNorm(x) * (1 + scale) + shift over rows of W (no affine weights), with the gated residual
 // x' = x + gate * y first where y is given (stored in res, in res's dtype, and normalised as stored). x, y, res and
-// out are each bf16 or float32 (the flags); shift, scale and gate float32 (Bm, W), Bm = 1 (shared) or B (row r of
-// x (B, n, W) reads row r / n). Everything is computed in float32 and rounded once.
+// out are each bf16 or float32 (the flags); shift, scale and gate float32 (Bm, W) (the kernel's copies of the
+// tensors, mod_rows), Bm = 1 (shared) or B (row r of x (B, n, W) reads row r / n). Everything is computed in float32
+// and rounded once.
 inline __m512 load_any(const void* p, bool bf16, int64_t i) {
   return bf16 ? Bf16::load16(static_cast<const uint16_t*>(p) + i) : _mm512_loadu_ps(static_cast<const float*>(p) + i);
 }
@@ -527,11 +528,24 @@ void adaln_impl(const AdalnArgs& a) {
   });
 }
 
-// a modulation vector (Bm, W) as float32, Bm = 1 or B
-at::Tensor mod_rows(const at::Tensor& t, int64_t B, int64_t W) {
-  TORCH_CHECK(t.device().is_cpu() && t.dim() == 2 && (t.size(0) == 1 || t.size(0) == B) && t.size(1) == W,
-              "msdd adaln: shift, scale and gate must be (1, W) or (B, W) CPU tensors");
-  return t.to(at::kFloat).contiguous();
+// a modulation vector (Bm, W), Bm = 1 or B, bf16 or float32, as float32 values (bf16 widened exactly) in a buffer of
+// the kernel's own: a decode's modulation is cached in bf16, and a conversion op per vector took 4 ms of a decode
+std::vector<float> mod_rows(const at::Tensor& t_in, int64_t B, int64_t W) {
+  TORCH_CHECK(t_in.device().is_cpu() && t_in.dim() == 2 && (t_in.size(0) == 1 || t_in.size(0) == B) &&
+              t_in.size(1) == W, "msdd adaln: shift, scale and gate must be (1, W) or (B, W) CPU tensors");
+  check_dtype(t_in.scalar_type(), "adaln");
+  const at::Tensor t = t_in.contiguous();
+  std::vector<float> out(t.numel());
+  if (t.scalar_type() == at::kFloat) {
+    std::memcpy(out.data(), t.data_ptr<float>(), out.size() * sizeof(float));
+  } else {
+    const auto* bits = reinterpret_cast<const uint16_t*>(t.data_ptr());
+    for (size_t i = 0; i < out.size(); ++i) {
+      const uint32_t word = static_cast<uint32_t>(bits[i]) << 16;
+      std::memcpy(&out[i], &word, sizeof(float));
+    }
+  }
+  return out;
 }
 
 AdalnArgs adaln_args(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
@@ -549,12 +563,14 @@ AdalnArgs adaln_args(const at::Tensor& x, const at::Tensor& shift, const at::Ten
 // LayerNorm(x) * (1 + scale) + shift, in the dtype the unfused ops give: x's promoted with shift's and scale's
 at::Tensor adaln(const at::Tensor& x_in, const at::Tensor& shift_in, const at::Tensor& scale_in, double eps) {
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor shift = mod_rows(shift_in, x.size(0), x.size(2)), scale = mod_rows(scale_in, x.size(0), x.size(2));
-  AdalnArgs a = adaln_args(x, shift, scale, eps);
+  TORCH_CHECK(x.dim() == 3, "msdd adaln: x must be a CPU tensor (B, N, W), W a multiple of 16");
+  const int64_t B = x.size(0), W = x.size(2);
+  const std::vector<float> shift = mod_rows(shift_in, B, W), scale = mod_rows(scale_in, B, W);
+  AdalnArgs a = adaln_args(x, shift_in, scale_in, eps);
   const auto out_dtype = at::promote_types(x.scalar_type(), at::promote_types(shift_in.scalar_type(), scale_in.scalar_type()));
   check_dtype(out_dtype, "adaln");
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
-  a.shift = shift.data_ptr<float>(), a.scale = scale.data_ptr<float>();
+  a.shift = shift.data(), a.scale = scale.data();
   a.out = out.data_ptr(), a.out16 = out_dtype == at::kBFloat16;
   adaln_impl(a);
   return out;
@@ -566,19 +582,21 @@ std::tuple<at::Tensor, at::Tensor> gated_adaln(const at::Tensor& x_in, const at:
   const at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   TORCH_CHECK(y.sizes() == x.sizes() && y.device().is_cpu(), "msdd gated_adaln: x and y must have one shape");
   check_dtype(y.scalar_type(), "gated_adaln");
+  TORCH_CHECK(x.dim() == 3, "msdd adaln: x must be a CPU tensor (B, N, W), W a multiple of 16");
   const int64_t B = x.size(0), W = x.size(2);
-  const at::Tensor gate = mod_rows(gate_in, B, W), shift = mod_rows(shift_in, B, W), scale = mod_rows(scale_in, B, W);
-  TORCH_CHECK(gate.size(0) == shift.size(0), "msdd gated_adaln: gate, shift and scale must have the same rows");
-  AdalnArgs a = adaln_args(x, shift, scale, eps);
+  const std::vector<float> gate = mod_rows(gate_in, B, W), shift = mod_rows(shift_in, B, W),
+                           scale = mod_rows(scale_in, B, W);
+  TORCH_CHECK(gate_in.size(0) == shift_in.size(0), "msdd gated_adaln: gate, shift and scale must have the same rows");
+  AdalnArgs a = adaln_args(x, shift_in, scale_in, eps);
   const auto res_dtype = at::promote_types(x.scalar_type(), at::promote_types(gate_in.scalar_type(), y.scalar_type()));
   const auto out_dtype = at::promote_types(res_dtype, at::promote_types(shift_in.scalar_type(), scale_in.scalar_type()));
   check_dtype(res_dtype, "gated_adaln");
   check_dtype(out_dtype, "gated_adaln");
   at::Tensor res = at::empty(x.sizes(), x.options().dtype(res_dtype));
   at::Tensor out = at::empty(x.sizes(), x.options().dtype(out_dtype));
-  a.y = y.data_ptr(), a.y16 = y.scalar_type() == at::kBFloat16, a.gate = gate.data_ptr<float>();
+  a.y = y.data_ptr(), a.y16 = y.scalar_type() == at::kBFloat16, a.gate = gate.data();
   a.res = res.data_ptr(), a.res16 = res_dtype == at::kBFloat16;
-  a.shift = shift.data_ptr<float>(), a.scale = scale.data_ptr<float>();
+  a.shift = shift.data(), a.scale = scale.data();
   a.out = out.data_ptr(), a.out16 = out_dtype == at::kBFloat16;
   adaln_impl(a);
   return {res, out};
