@@ -74,45 +74,93 @@ struct Float {
 
 constexpr int64_t kMaxHeadDim = 256;
 
-// One row of q or k, D elements, computed in float32 and rounded once: LayerNorm over the row first where w is
-// given (weight w, bias b), then RoPE where cos is given (rotate-half layout: element i pairs with i + D/2):
+// R rows of q or k, D = 16 V elements each, computed in float32 in registers, phase by phase over the rows (their
+// dependency chains, two reductions and a square root long, overlap): LayerNorm over a row first where its w is given
+// (weight w, bias b), then RoPE where cos is given (rotate-half layout: element i pairs with i + D/2):
 // out[i] = x[i] cos[i] - x[i + D/2] sin[i], out[i + D/2] = x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2]
-template <class T>
-inline void prep_row(const typename T::Elem* x, const float* w, const float* b, float eps, const float* cos,
-                     const float* sin, typename T::Elem* out, int64_t d) {
-  float buf[kMaxHeadDim];
-  for (int64_t i = 0; i < d; i += 16) _mm512_storeu_ps(buf + i, T::load16(x + i));
-  if (w != nullptr) {
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) sum = _mm512_add_ps(sum, _mm512_loadu_ps(buf + i));
-    const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(d));
+template <class T, int V, int R>
+inline void prep_rows(const typename T::Elem* const (&x)[R], const float* const (&w)[R], const float* const (&b)[R],
+                      float eps, const float* cos, const float* sin, __m512 (&r)[R][V]) {
+  constexpr float d = 16.0f * V;
+  __m512 mean[R], rstd[R];
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) {
+#pragma GCC unroll 16
+    for (int i = 0; i < V; ++i) r[j][i] = T::load16(x[j] + 16 * i);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) {
+    if (w[j] == nullptr) continue;
+    __m512 sum = r[j][0];
+#pragma GCC unroll 16
+    for (int i = 1; i < V; ++i) sum = _mm512_add_ps(sum, r[j][i]);
+    mean[j] = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / d);
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) {
+    if (w[j] == nullptr) continue;
     __m512 sq = _mm512_setzero_ps();
-    for (int64_t i = 0; i < d; i += 16) {
-      const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf + i), mean);
+#pragma GCC unroll 16
+    for (int i = 0; i < V; ++i) {
+      const __m512 c = _mm512_sub_ps(r[j][i], mean[j]);
       sq = _mm512_fmadd_ps(c, c, sq);
     }
-    const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(d) + eps));
-    for (int64_t i = 0; i < d; i += 16) {
-      const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf + i), mean), rstd);
-      _mm512_storeu_ps(buf + i, _mm512_fmadd_ps(c, _mm512_loadu_ps(w + i), _mm512_loadu_ps(b + i)));
+    rstd[j] = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / d + eps));
+  }
+#pragma GCC unroll 4
+  for (int j = 0; j < R; ++j) {
+    if (w[j] == nullptr) continue;
+#pragma GCC unroll 16
+    for (int i = 0; i < V; ++i)
+      r[j][i] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_sub_ps(r[j][i], mean[j]), rstd[j]),
+                                _mm512_loadu_ps(w[j] + 16 * i), _mm512_loadu_ps(b[j] + 16 * i));
+  }
+  if (cos == nullptr) return;
+  constexpr int half = V / 2;
+#pragma GCC unroll 8
+  for (int i = 0; i < half; ++i) {
+    const __m512 c1 = _mm512_loadu_ps(cos + 16 * i), s1 = _mm512_loadu_ps(sin + 16 * i);
+    const __m512 c2 = _mm512_loadu_ps(cos + 16 * (i + half)), s2 = _mm512_loadu_ps(sin + 16 * (i + half));
+#pragma GCC unroll 4
+    for (int j = 0; j < R; ++j) {
+      const __m512 x1 = r[j][i], x2 = r[j][i + half];
+      r[j][i] = _mm512_fnmadd_ps(x2, s1, _mm512_mul_ps(x1, c1));
+      r[j][i + half] = _mm512_fmadd_ps(x1, s2, _mm512_mul_ps(x2, c2));
     }
-  }
-  if (cos == nullptr) {
-    for (int64_t i = 0; i < d; i += 16) T::store16(out + i, _mm512_loadu_ps(buf + i));
-    return;
-  }
-  const int64_t half = d / 2;
-  for (int64_t i = 0; i < half; i += 16) {
-    const __m512 x1 = _mm512_loadu_ps(buf + i), x2 = _mm512_loadu_ps(buf + half + i);
-    T::store16(out + i, _mm512_fnmadd_ps(x2, _mm512_loadu_ps(sin + i), _mm512_mul_ps(x1, _mm512_loadu_ps(cos + i))));
-    T::store16(out + half + i, _mm512_fmadd_ps(x1, _mm512_loadu_ps(sin + half + i),
-                                               _mm512_mul_ps(x2, _mm512_loadu_ps(cos + half + i))));
   }
 }
 
-// Where the rows of q, k or v live: token t of the joint sequence is in stream 0 when t < n0, else in stream 1 (at
-// t - n0), row (b, h, t) at base[s] + b * batch[s] + h * head[s] + t' * token[s]; a LayerNorm over the row per
-// stream (q and k of an MMDiT block: its q_norm and k_norm), or none.
+// 16 rows of 16 32-bit words, transposed in registers: t[j] lane i = row i's word j
+inline void transpose16(__m512i (&t)[16]) {
+  __m512i u[16];
+#pragma GCC unroll 8
+  for (int i = 0; i < 16; i += 2) {  // per 128-bit lane l: rows i, i + 1 at words 4l, 4l + 1 | 4l + 2, 4l + 3
+    u[i] = _mm512_unpacklo_epi32(t[i], t[i + 1]);
+    u[i + 1] = _mm512_unpackhi_epi32(t[i], t[i + 1]);
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 16; i += 4) {  // t[i + m], lane l: rows i .. i + 3 at word 4l + m
+    t[i] = _mm512_unpacklo_epi64(u[i], u[i + 2]);
+    t[i + 1] = _mm512_unpackhi_epi64(u[i], u[i + 2]);
+    t[i + 2] = _mm512_unpacklo_epi64(u[i + 1], u[i + 3]);
+    t[i + 3] = _mm512_unpackhi_epi64(u[i + 1], u[i + 3]);
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {  // word 4l + m: lane l of t[m], t[4 + m], t[8 + m], t[12 + m]
+    u[m] = _mm512_shuffle_i32x4(t[m], t[4 + m], 0x88);       // lanes 0, 2 of each
+    u[4 + m] = _mm512_shuffle_i32x4(t[m], t[4 + m], 0xDD);   // lanes 1, 3
+    u[8 + m] = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0x88);
+    u[12 + m] = _mm512_shuffle_i32x4(t[8 + m], t[12 + m], 0xDD);
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < 4; ++m) {
+    t[m] = _mm512_shuffle_i32x4(u[m], u[8 + m], 0x88);
+    t[8 + m] = _mm512_shuffle_i32x4(u[m], u[8 + m], 0xDD);
+    t[4 + m] = _mm512_shuffle_i32x4(u[4 + m], u[12 + m], 0x88);
+    t[12 + m] = _mm512_shuffle_i32x4(u[4 + m], u[12 + m], 0xDD);
+  }
+}
+
 template <class T>
 struct Rows {
   const typename T::Elem* base[2] = {nullptr, nullptr};
@@ -127,47 +175,84 @@ struct Rows {
   }
 };
 
-// One panel of 64 tokens of batch element b, heads h0 .. h1: keys into kp's panels [B H][Npad / 64][W words][64],
-// values into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k LayerNormed
-// and rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all heads of a
-// token together, so that their rows are read in order (head by head they would be read at a stride of 3 W: 2 ms
-// more of a 1152-token bf16 attention); from (B, heads, N, D) head by head.
-template <class T>
+// One panel of 64 tokens of batch element b, heads h0 .. h1, D = 16 V: keys into kp's panels [B H][Npad / 64][D
+// words][64], values into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k
+// LayerNormed and rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all
+// heads of a token together, so that their rows are read in order (head by head they would be read at a stride of
+// 3 W: 2 ms more of a 1152-token bf16 attention); from (B, heads, N, D) head by head. Keys go through a buffer of 16
+// tokens per head and into the panel 16 x 16 words at a time, transposed in registers (a word at a time they took 25%
+// of the packing in float32).
+template <class T, int V>
 void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t h0, int64_t h1,
-                int64_t panel, int64_t n, int64_t npad, int64_t d, float eps, const float* cos, const float* sin,
-                uint32_t* kp, uint32_t* vp, typename T::Elem* qp) {
-  const int64_t words = d / T::kPerWord, vwords = npad / T::kPerWord;
-  uint32_t prepared[kMaxHeadDim];
-  auto* prep = reinterpret_cast<typename T::Elem*>(prepared);
-  auto pack_key = [&](int64_t c, int64_t h) {
-    const int64_t key = panel * kPanel + c, bh = b * H + h;
-    uint32_t* dst = kp + bh * npad * words + panel * words * kPanel;
-    if (key >= n) {
-      for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = 0;
-      return;
+                int64_t panel, int64_t n, int64_t npad, float eps, const float* cos, const float* sin, uint32_t* kp,
+                uint32_t* vp, typename T::Elem* qp) {
+  using Elem = typename T::Elem;
+  constexpr int64_t d = 16 * V, words = d / T::kPerWord;
+  const int64_t vwords = npad / T::kPerWord;
+  std::unique_ptr<uint32_t[]> kbuf(new uint32_t[(h1 - h0) * 16 * words]);  // [head][token][words]
+  for (int64_t g = 0; g < kPanel; g += 16) {
+    auto prep = [&](int64_t c, int64_t h) {
+      const int64_t key = panel * kPanel + g + c;
+      uint32_t* krow = kbuf.get() + ((h - h0) * 16 + c) * words;
+      if (key >= n) {
+        std::memset(krow, 0, words * sizeof(uint32_t));
+        return;
+      }
+      const float* cs = cos == nullptr ? nullptr : cos + key * d;
+      const float* sn = sin == nullptr ? nullptr : sin + key * d;
+      const int sk = k.stream(key), sq = q.stream(key);
+      __m512 r[2][V];  // the key's row and the query's
+      prep_rows<T, V, 2>({k.row(b, h, key), q.row(b, h, key)}, {k.ln_w[sk], q.ln_w[sq]}, {k.ln_b[sk], q.ln_b[sq]}, eps,
+                         cs, sn, r);
+      Elem* qrow = qp + ((b * H + h) * n + key) * d;
+#pragma GCC unroll 16
+      for (int i = 0; i < V; ++i) {
+        T::store16(reinterpret_cast<Elem*>(krow) + 16 * i, r[0][i]);
+        T::store16(qrow + 16 * i, r[1][i]);
+      }
+    };
+    if (k.token[0] > k.head[0]) {  // rows of one token hold every head (qkv projections): token by token
+      for (int64_t c = 0; c < 16; ++c)
+        for (int64_t h = h0; h < h1; ++h) prep(c, h);
+    } else {  // (B, heads, N, D): head by head
+      for (int64_t h = h0; h < h1; ++h)
+        for (int64_t c = 0; c < 16; ++c) prep(c, h);
     }
-    const float* cs = cos == nullptr ? nullptr : cos + key * d;
-    const float* sn = sin == nullptr ? nullptr : sin + key * d;
-    const int sk = k.stream(key), sq = q.stream(key);
-    prep_row<T>(k.row(b, h, key), k.ln_w[sk], k.ln_b[sk], eps, cs, sn, prep, d);
-    for (int64_t w = 0; w < words; ++w) dst[w * kPanel + c] = prepared[w];
-    prep_row<T>(q.row(b, h, key), q.ln_w[sq], q.ln_b[sq], eps, cs, sn, qp + (bh * n + key) * d, d);
-  };
-  if (k.token[0] > k.head[0]) {  // rows of one token hold every head (qkv projections): token by token
-    for (int64_t c = 0; c < kPanel; ++c)
-      for (int64_t h = h0; h < h1; ++h) pack_key(c, h);
-  } else {  // (B, heads, N, D): head by head
-    for (int64_t h = h0; h < h1; ++h)
-      for (int64_t c = 0; c < kPanel; ++c) pack_key(c, h);
+    for (int64_t h = h0; h < h1; ++h) {
+      uint32_t* dst = kp + (b * H + h) * npad * words + panel * words * kPanel + g;
+      const uint32_t* src = kbuf.get() + (h - h0) * 16 * words;
+      for (int64_t wb = 0; wb < words; wb += 16) {
+        __m512i t[16];
+#pragma GCC unroll 16
+        for (int c = 0; c < 16; ++c) t[c] = _mm512_loadu_si512(src + c * words + wb);
+        transpose16(t);
+#pragma GCC unroll 16
+        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (wb + j) * kPanel, t[j]);
+      }
+    }
   }
   for (int64_t j = panel * kPanel / T::kPerWord; j < (panel + 1) * kPanel / T::kPerWord; ++j) {
     for (int64_t h = h0; h < h1; ++h) {
-      const typename T::Elem* src[2] = {nullptr, nullptr};
+      const Elem* src[2] = {nullptr, nullptr};
       for (int64_t i = 0; i < T::kPerWord; ++i)
         src[i] = j * T::kPerWord + i < n ? v.row(b, h, j * T::kPerWord + i) : nullptr;
       uint32_t* out = vp + (b * H + h) * vwords * d + j * d;
       for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(out + e, T::words16(src, e));
     }
+  }
+}
+
+// pack_panel for the head dim d (a multiple of 32 up to 256: V = d / 16 even, 2 .. 16)
+template <class T, int V = 2>
+void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t h0,
+                  int64_t h1, int64_t panel, int64_t n, int64_t npad, float eps, const float* cos, const float* sin,
+                  uint32_t* kp, uint32_t* vp, typename T::Elem* qp) {
+  if constexpr (V > kMaxHeadDim / 16) {
+    TORCH_CHECK(false, "msdd attention: head dim ", d, " is not a multiple of 32 up to ", kMaxHeadDim);
+  } else if (d == 16 * V) {
+    pack_panel<T, V>(q, k, v, b, H, h0, h1, panel, n, npad, eps, cos, sin, kp, vp, qp);
+  } else {
+    pack_panel_d<T, V + 2>(d, q, k, v, b, H, h0, h1, panel, n, npad, eps, cos, sin, kp, vp, qp);
   }
 }
 
@@ -316,8 +401,8 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
   at::parallel_for(0, B * panels * group_count, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bp = task / group_count, h0 = task % group_count * group_heads;
-      pack_panel<T>(q, k, v, bp / panels, H, h0, std::min(H, h0 + group_heads), bp % panels, N, npad, D, eps, cos, sin,
-                    kp.get(), vp.get(), qp.get());
+      pack_panel_d<T>(D, q, k, v, bp / panels, H, h0, std::min(H, h0 + group_heads), bp % panels, N, npad, eps, cos,
+                      sin, kp.get(), vp.get(), qp.get());
     }
   });
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
