@@ -1,6 +1,6 @@
 """The fused CPU kernels (msdd.models.cpu_kernels): attention with the flash kernel's precision in bf16 and
-float32 (alone and an MMDiT block's joint attention), adaLN, SwiGLU's gate, all used by CPU decodes on the
-optimised path only, and a clear fallback where they cannot be built."""
+float32 (alone and an MMDiT block's joint attention), adaLN, SwiGLU's gate, linear layers (with the gate fused), all
+used by CPU decodes on the optimised path only, and a clear fallback where they cannot be built."""
 
 from __future__ import annotations
 
@@ -83,6 +83,67 @@ def test_swiglu_kernel_is_silu_times_gate(dtype):
     assert cpu_kernels.swiglu(h[..., :80]) is None  # hidden 40: not a multiple of 16
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 6, 13])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_linear_kernel_is_the_layer_in_float32_sums(dtype, rows, swiglu):
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 96, generator=g).to(dtype)  # every row count: whole tiles of 6 rows, and the rest
+    w, b = (torch.randn(256, 96, generator=g) * 0.2).to(dtype), torch.randn(256, generator=g).to(dtype)
+    exact = x.double() @ w.double().t() + b.double()
+    if swiglu:
+        a, gate = exact.chunk(2, dim=-1)
+        exact = F.silu(a) * gate
+    packed = cpu_kernels.pack_linear(w, b, swiglu)
+    out = cpu_kernels.linear(x, *packed, swiglu)
+    assert out.shape == exact.shape and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # float32 sums; one bf16 rounding
+    assert ((out.double() - exact).abs() <= tol * exact.abs() + tol * exact.abs().max()).all()
+    no_bias = cpu_kernels.linear(x, *cpu_kernels.pack_linear(w, None, swiglu), swiglu)
+    exact = x.double() @ w.double().t()
+    if swiglu:
+        a, gate = exact.chunk(2, dim=-1)
+        exact = F.silu(a) * gate
+    assert ((no_bias.double() - exact).abs() <= tol * exact.abs() + tol * exact.abs().max()).all()
+    assert cpu_kernels.pack_linear(w[:192], b[:192], swiglu=True) is None  # N not a multiple of 128
+    assert cpu_kernels.pack_linear(w[:200], b[:200]) is None  # N not a multiple of 64
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_layer_packs_for_the_kernel_once_per_version(dtype):
+    import copy
+
+    from msdd.models.layers import Linear, SwiGLU
+
+    layer = Linear(64, 128).to(dtype)
+    x = torch.randn(2, 7, 64)
+
+    def both(module):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            fast = module(x)
+            with unoptimised():
+                return fast, module(x)  # F.linear (under autocast for bf16)
+
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6
+    fast, ref = both(layer)
+    assert layer._panels is not None and layer._panels[1] is not None and fast.dtype == ref.dtype == dtype
+    assert (fast.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    packed = layer._panels
+    both(layer)
+    assert layer._panels is packed  # kept while the weight and bias are unchanged
+    with torch.no_grad():
+        layer.bias.add_(1.0)  # an in-place update of the bias alone: repacked
+    fast2, ref2 = both(layer)
+    assert layer._panels is not packed and (fast2.float() - ref2.float()).abs().max() <= tol * ref2.float().abs().max()
+    assert not torch.allclose(fast2.float(), fast.float())
+    assert set(layer.state_dict()) == {"weight", "bias"} and copy.deepcopy(layer)._panels is None
+    mlp = SwiGLU(64, 64).to(dtype)  # the gate computed with the first layer
+    fast, ref = both(mlp)
+    assert mlp.w12._panels[0][0] is True and (fast.float() - ref.float()).abs().max() <= 2 * tol * ref.float().abs().max()
+
+
 def _layer_norm64(x, w=None, b=None, eps=1e-6):
     return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(), None if b is None else b.double(),
                         eps)
@@ -157,7 +218,7 @@ def test_attention_applies_only_to_what_it_computes():
     assert not cpu_kernels.attention_applies(*_qkv(1, 2, 10, 288))  # head dim above the kernels' 256
 
 
-KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu")
+KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu", "linear")
 
 
 def _count_kernel_calls(monkeypatch) -> dict[str, list[bool]]:
@@ -182,8 +243,9 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
     z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
     calls = _count_kernel_calls(monkeypatch)
     fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    for name in ("joint_attention", "adaln", "gated_adaln", "swiglu"):  # the decoder's blocks and final layer
+    for name in ("joint_attention", "adaln", "gated_adaln", "linear"):  # the decoder's blocks and final layer
         assert calls[name] and all(calls[name]), name
+    assert not calls["swiglu"]  # every MLP's gate ran with its first layer in the linear kernel
     counts = {name: len(c) for name, c in calls.items()}
     with unoptimised():
         eager = tok.decode(z, steps=(1, 1, 1), bf16=True)

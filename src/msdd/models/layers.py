@@ -67,45 +67,78 @@ def _bf16_compute(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16
 
 
+def _version_key(t: torch.Tensor | None) -> tuple | None:
+    """What identifies a tensor's values: its storage (the object, held by the key, so that no new tensor can take
+    its address), offset, shape, dtype and in-place version (inference tensors have none: they cannot change in
+    place)."""
+    if t is None:
+        return None
+    storage = t.untyped_storage()
+    return (storage, storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype,
+            0 if t.is_inference() else t._version)
+
+
 class Linear(nn.Linear):
-    """nn.Linear whose CPU inference runs oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`, the one
-    inductor uses on CPUs) instead of the BLAS matmul behind `F.linear` (a paper-256 student decode took 13-15% less
-    time on the 2-core AMD EPYC), on a copy of the weight pre-packed in oneDNN's blocked layout, made once per weight
-    version: bf16 weights (the copies of `msdd.models.precision`) always (12-19% less time in a paper-256 decode's
-    linear layers), float32 weights for inputs of more than one row (0-7% faster at 128-1024 rows, 30-40% at 16; the
-    same values as the unpacked kernel; vectors, such as the modulation's, keep the weight as it is). The packed
-    copies hold as much memory as the weights they copy.
+    """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version:
+    on token sequences (3-D inputs) msdd's own linear kernel (`msdd.models.cpu_kernels.linear`, the attention's
+    products; bf16 or float32, output features a multiple of 64), which also computes a SwiGLU MLP's gate with its
+    first layer (`panel_forward(x, swiglu=True)`); elsewhere oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`,
+    the one inductor uses on CPUs; 13-15% faster than the BLAS matmul behind `F.linear` on the 2-core AMD EPYC) on the
+    weight pre-packed in oneDNN's blocked layout: bf16 weights (the copies of `msdd.models.precision`) always, float32
+    weights for inputs of more than one row (vectors, such as the modulation's, keep the weight as it is). A packed copy
+    holds as much memory as the weight it copies.
     Everything else (gradients, float32 weights under autocast, CUDA, tracing for ONNX or compile, the reference
     path) is nn.Linear's forward."""
 
-    _packed: tuple[torch.UntypedStorage, tuple, torch.Tensor] | None = None  # (storage, its key, packed weight)
+    _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's _version_key, oneDNN's packed weight)
+    _panels: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # (key, msdd's packed weight and bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if ONEDNN_LINEAR and _fast_cpu_inference(x):  # a call costs ~25 us of Python at batch 1: no needless ops
-            w, bias = self.weight, self.bias
-            if x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
-                packed = FP32_PACKING and x.numel() > x.shape[-1]  # a matrix, not a vector
-                return _onednn_linear(x, self.packed_weight() if packed else w, bias, "none", [], "")
-            if w.dtype == torch.bfloat16 and BF16_PACKING and _bf16_compute(x):
-                if bias is not None and bias.dtype != torch.bfloat16:
-                    bias = bias.to(torch.bfloat16)
-                return _onednn_linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16), self.packed_weight(),
-                                      bias, "none", [], "")
+        if _fast_cpu_inference(x):  # a call costs ~25 us of Python at batch 1: no needless ops
+            if x.dim() >= 3 and (out := self.panel_forward(x)) is not None:
+                return out
+            if ONEDNN_LINEAR:
+                w, bias = self.weight, self.bias
+                if x.dtype == torch.float32 and w.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+                    packed = FP32_PACKING and x.numel() > x.shape[-1]  # a matrix, not a vector
+                    return _onednn_linear(x, self.packed_weight() if packed else w, bias, "none", [], "")
+                if w.dtype == torch.bfloat16 and BF16_PACKING and _bf16_compute(x):
+                    if bias is not None and bias.dtype != torch.bfloat16:
+                        bias = bias.to(torch.bfloat16)
+                    return _onednn_linear(x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16),
+                                          self.packed_weight(), bias, "none", [], "")
         return super().forward(x)
 
-    def packed_weight(self) -> torch.Tensor:
-        """The weight (bf16 or float32) in oneDNN's layout, repacked when the weight is replaced or changed in place. The
-        cache holds the packed weight's source storage, so that no new weight can take its address."""
+    def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
+        """The layer (with `swiglu`: a SwiGLU MLP's gate silu(a) * b of this first layer's output [a | b]) by msdd's
+        linear kernel, in the dtype `forward` computes in; None where the kernel does not apply. Only on the optimised
+        CPU inference path (the caller checks)."""
         w = self.weight
-        storage = w.untyped_storage()
-        key = (storage.data_ptr(), w.storage_offset(), tuple(w.shape), 0 if w.is_inference() else w._version)
-        if self._packed is None or self._packed[1] != key:
-            self._packed = (storage, key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), None))
-        return self._packed[2]
+        if w.dtype == torch.bfloat16:
+            if not _bf16_compute(x):
+                return None
+            x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
+        elif w.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
+            return None
+        key = (swiglu, _version_key(w), _version_key(self.bias))
+        if self._panels is None or self._panels[0] != key:
+            bias = None if self.bias is None else self.bias.detach()
+            self._panels = (key, cpu_kernels.pack_linear(w.detach(), bias, swiglu))
+        if self._panels[1] is None:  # the kernel does not apply: not built here, or the shape does not fit
+            return None
+        return cpu_kernels.linear(x, *self._panels[1], swiglu)
 
-    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) drop the packed weight: oneDNN's can't be copied
+    def packed_weight(self) -> torch.Tensor:
+        """The weight (bf16 or float32) in oneDNN's layout, repacked when the weight is replaced or changed in place."""
+        key = _version_key(self.weight)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
+        return self._packed[1]
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) drop the packed weights: oneDNN's can't be copied
         state = dict(super().__getstate__())  # a copy: object's own is the live __dict__
         state.pop("_packed", None)
+        state.pop("_panels", None)
         return state
 
 
@@ -213,6 +246,9 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (_fast_cpu_inference(x) and x.dim() >= 3 and isinstance(self.w12, Linear)  # not an int8 copy's layer
+                and (gated := self.w12.panel_forward(x, swiglu=True)) is not None):
+            return self.w3(gated)  # the gate computed with the first layer's products
         h = self.w12(x)
         if _fast_cpu_inference(h) and (gated := cpu_kernels.swiglu(h)) is not None:
             return self.w3(gated)  # silu(a) * b in one pass
