@@ -7,12 +7,10 @@ timestep embedding; the encoder uses the same block without modulation.
 `attention` (RoPE + scaled dot-product attention) is the one attention of every transformer block here
 and in the SSDD bottleneck.
 
-Inference speed-ups (oneDNN linear layers and fused elementwise ops here, cached modulation in
-msdd.models.decoder) are exact rewrites of the reference path; `unoptimised()` switches them off, so that
-a benchmark measures them against that path in one run (`msdd bench`'s `student-eager` row) and the
-tests compare the two. On that path CPU attention (an MMDiT block's with its q / k norms, straight from the two
-qkv projections), adaLN (with the gated residual before it) and SwiGLU's gate run the fused kernels of
-msdd.models.cpu_kernels: the same precision, not the same rounding (float32 within 1e-5, bf16 images within 0.02).
+Inference speed-ups (here: CPU linear layers, attention with its q / k norms straight from the qkv projections,
+adaLN with the gated residual before it and SwiGLU's gate on msdd.models.cpu_kernels or oneDNN; cached modulation in
+msdd.models.decoder) compute what the reference path does to its precision, not its rounding (float32 within 1e-5,
+bf16 images within 0.02); `unoptimised()` switches them off (`msdd bench`'s `student-eager` row, the tests).
 """
 
 from __future__ import annotations
@@ -68,9 +66,8 @@ def _bf16_compute(x: torch.Tensor) -> bool:
 
 
 def _version_key(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's values: its storage (the object, held by the key, so that no new tensor can take
-    its address), offset, shape, dtype and in-place version (inference tensors have none: they cannot change in
-    place)."""
+    """What identifies a tensor's values: its storage (held by the key: no new tensor can take its address), offset,
+    shape, dtype and in-place version (none for inference tensors: they cannot change in place)."""
     if t is None:
         return None
     storage = t.untyped_storage()
@@ -79,16 +76,13 @@ def _version_key(t: torch.Tensor | None) -> tuple | None:
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version:
-    on token sequences (3-D inputs) msdd's own linear kernel (`msdd.models.cpu_kernels.linear`, the attention's
-    products; bf16 or float32, output features a multiple of 64), which also computes a SwiGLU MLP's gate with its
-    first layer (`panel_forward(x, swiglu=True)`); elsewhere oneDNN's linear kernel (`torch.ops.mkldnn._linear_pointwise`,
-    the one inductor uses on CPUs; 13-15% faster than the BLAS matmul behind `F.linear` on the 2-core AMD EPYC) on the
-    weight pre-packed in oneDNN's blocked layout: bf16 weights (the copies of `msdd.models.precision`) always, float32
-    weights for inputs of more than one row (vectors, such as the modulation's, keep the weight as it is). A packed copy
-    holds as much memory as the weight it copies.
-    Everything else (gradients, float32 weights under autocast, CUDA, tracing for ONNX or compile, the reference
-    path) is nn.Linear's forward."""
+    """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version (as
+    much memory as the weight): on token sequences (3-D inputs) msdd's linear kernel (`cpu_kernels.linear`: bf16 or
+    float32, output features a multiple of 64; with a SwiGLU MLP's gate: `panel_forward(x, swiglu=True)`); elsewhere
+    oneDNN's (`torch.ops.mkldnn._linear_pointwise`, 13-15% faster than `F.linear`'s BLAS on the 2-core AMD EPYC) on the
+    weight in oneDNN's blocked layout: bf16 weights always, float32 ones for inputs of more than one row (vectors, such
+    as the modulation's, keep the weight as it is). Everything else (gradients, float32 weights under autocast, CUDA,
+    tracing for ONNX or compile, the reference path) is nn.Linear's forward."""
 
     _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's _version_key, oneDNN's packed weight)
     _panels: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # (key, msdd's packed weight and bias)
@@ -110,9 +104,8 @@ class Linear(nn.Linear):
         return super().forward(x)
 
     def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
-        """The layer (with `swiglu`: a SwiGLU MLP's gate silu(a) * b of this first layer's output [a | b]) by msdd's
-        linear kernel, in the dtype `forward` computes in; None where the kernel does not apply. Only on the optimised
-        CPU inference path (the caller checks)."""
+        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]) by msdd's linear kernel in the dtype
+        `forward` computes in; None where that does not apply. On the optimised CPU path only (the caller checks)."""
         w = self.weight
         if w.dtype == torch.bfloat16:
             if not _bf16_compute(x):
@@ -137,9 +130,7 @@ class Linear(nn.Linear):
 
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) drop the packed weights: oneDNN's can't be copied
         state = dict(super().__getstate__())  # a copy: object's own is the live __dict__
-        state.pop("_packed", None)
-        state.pop("_panels", None)
-        return state
+        return {k: v for k, v in state.items() if k not in ("_packed", "_panels")}
 
 
 def _packing_works(dtype: torch.dtype) -> bool:
