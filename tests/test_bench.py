@@ -56,6 +56,9 @@ def test_quick_report_has_every_contender(quick):
     assert all(k in report for k in TOP_LEVEL)
     assert report["preset"] == "tiny-64" and report["batch_size"] == 2 and report["threads"] == 1
     assert report["teacher_steps"] == [2, 2, 2, 2] and report["machine_peak_gflops"] > 0
+    # probed before and after the timed rounds; the % is against the higher
+    before, after = report["machine_peak_gflops_before"], report["machine_peak_gflops_after"]
+    assert report["machine_peak_gflops"] == max(before, after) > 0
     assert report["conv_peak_gflops"] > 0
     assert report["command"].startswith("msdd bench --preset tiny-64")
     rows = {r["name"]: r for r in report["contenders"]}

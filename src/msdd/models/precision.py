@@ -86,8 +86,8 @@ class WeightCopies:
     """A reduced-precision copy of each module asked for, per kind: "bf16" (`cast_weights`) or "int8"
     (`quantise_int8`), kept until the module's weights change. Holds the copies outside the module tree:
     they are not parameters of their owner and do not appear in its state_dict. A bf16 copy costs half the
-    module's float32 size, and as much again once its linear layers have packed their weights for oneDNN
-    (`msdd.models.layers.Linear.packed_weight`, on CPUs with bf16 kernels); an int8 one about a quarter of
+    module's float32 size, and as much again once its linear layers have packed their weights for their CPU kernels
+    (`msdd.models.layers.Linear`: msdd's or oneDNN's); an int8 one about a quarter of
     its stream weights plus its other weights."""
 
     MAKERS = {"bf16": lambda m: cast_weights(m, torch.bfloat16), "int8": quantise_int8}
