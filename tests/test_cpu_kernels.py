@@ -106,6 +106,7 @@ def test_linear_kernel_is_the_layer_in_float32_sums(dtype, rows, swiglu):
         a, gate = exact.chunk(2, dim=-1)
         exact = F.silu(a) * gate
     assert ((no_bias.double() - exact).abs() <= tol * exact.abs() + tol * exact.abs().max()).all()
+    assert cpu_kernels.linear(x[:, :0], *packed, swiglu).shape == (2, 0, exact.shape[-1])  # no rows
     assert cpu_kernels.pack_linear(w[:192], b[:192], swiglu=True) is None  # N not a multiple of 128
     assert cpu_kernels.pack_linear(w[:200], b[:200]) is None  # N not a multiple of 64
 

@@ -845,6 +845,7 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = swiglu ? N / 2 : N;
   at::Tensor out = at::empty(sizes, x.options());
+  if (M == 0) return out;
   const float* b = bias.data_ptr<float>();
   const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
   if (dtype == at::kBFloat16) {
