@@ -790,7 +790,8 @@ void linear_impl(const typename T::Elem* x, int64_t M, int64_t K, const uint32_t
       for (int c = 0; c < 4; ++c) bv[c] = _mm512_loadu_ps(bias + p * kPanel + 16 * c);
       typename T::Elem* o = out + p * cols;
       int64_t r = r0;
-      for (; r + kTile <= r1; r += kTile) linear_tile<T, kTile, kSwiglu>(xw + r * words, words, bp, bv, o + r * ldo, ldo);
+      for (; r + kTile <= r1; r += kTile)
+        linear_tile<T, kTile, kSwiglu>(xw + r * words, words, bp, bv, o + r * ldo, ldo);
       if (r < r1) linear_rows<T, kSwiglu>(r1 - r, xw + r * words, words, bp, bv, o + r * ldo, ldo);
     }
   });
