@@ -146,6 +146,74 @@ def test_linear_layer_packs_for_the_kernel_once_per_version(dtype):
     assert (fast.float() - ref.float()).abs().max() <= 2 * tol * ref.float().abs().max()
 
 
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 6, 13])
+@pytest.mark.parametrize("swiglu", [False, True])
+def test_int8_linear_kernel_is_its_reference(dtype, rows, swiglu):
+    """msdd's int8 layer: the VNNI kernel equals the same arithmetic in PyTorch ops (per-row quantised inputs,
+    int8 weights per output feature, exact integer sums scaled back in float32), and both are close to the float
+    layer (int8's rounding: under 2% of the outputs' range here)."""
+    from msdd.models.precision import Int8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    layer = torch.nn.Linear(100, 256)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(256, 100, generator=g) * 0.2)
+        layer.weight[3] = 0  # a feature of zeros: scale 0
+    x = torch.randn(2, rows, 100, generator=g).to(dtype)  # K = 100: whole vectors of 16 inputs, then 4
+    x[0, 0] = 0  # a row of zeros
+    q = Int8Linear(layer)
+    assert q.weight.dtype == torch.int8 and q.weight.abs().max() == 127 and q.scale[3] == 0
+    with torch.inference_mode():
+        ref = q.reference(x).double()  # same arithmetic in PyTorch ops: float32 sums of the integer products
+        float_out = layer(x.float()).double()
+        out = q.panel_forward(x, swiglu) if swiglu else q(x)
+    if swiglu:
+        a, gate = ref.chunk(2, dim=-1)
+        ref = F.silu(a) * gate
+        a, gate = float_out.chunk(2, dim=-1)
+        float_out = F.silu(a) * gate
+    assert out.shape == ref.shape and out.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # float32 rounding; one bf16 rounding
+    assert ((out.double() - ref).abs() <= tol * ref.abs() + tol * ref.abs().max()).all()
+    assert (out.double() - float_out).abs().max() < 0.02 * float_out.abs().max()
+    with torch.inference_mode():
+        assert q(x[:, :0]).shape == (2, 0, 256)  # no rows
+        assert Int8Linear(torch.nn.Linear(100, 200)).panel_forward(x) is None  # N not a multiple of 64
+    assert q.panel_forward(x) is None  # gradients on: the reference path
+
+
+@needs_kernel
+def test_int8_decode_runs_msdds_int8_kernel_in_float32_and_bf16():
+    from msdd.models.precision import Int8Linear
+
+    tok = Tokenizer(tiny_config().model)
+    z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(0))
+    fp32 = tok.decode(z, steps=(1, 1, 1))
+    calls = []
+    real = Int8Linear.panel_forward
+
+    def counted(self, x, swiglu=False):
+        out = real(self, x, swiglu)
+        calls.append((swiglu, x.dtype, out is not None))
+        return out
+
+    Int8Linear.panel_forward = counted
+    try:
+        int8 = tok.decode(z, steps=(1, 1, 1), int8=True)
+        int8_bf16 = tok.decode(z, steps=(1, 1, 1), int8=True, bf16=True)
+    finally:
+        Int8Linear.panel_forward = real
+    # the tiny decoder's MLP first layers fit the kernel (with the gate), its other layers take the reference path
+    assert {(swiglu, dtype) for swiglu, dtype, ran in calls if ran} == {(True, torch.float32), (True, torch.bfloat16)}
+    copy = tok._copies.of(tok.decoder, "int8-bf16")
+    assert copy.blocks[0].img.norm1 is not None and copy.patch_embed.weight.dtype == torch.bfloat16
+    assert isinstance(copy.blocks[0].img.mlp.w12, Int8Linear)
+    for out in (int8, int8_bf16):
+        assert out.dtype == torch.float32 and (out - fp32).abs().max() < 0.1
+
+
 def _layer_norm64(x, w=None, b=None, eps=1e-6):
     return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(), None if b is None else b.double(),
                         eps)

@@ -37,7 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.models.precision import WeightCopies, encode_kwargs
+from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
 def autocast(device: torch.device | str, bf16: bool):
@@ -224,7 +224,8 @@ class Tokenizer(nn.Module):
         name); generator: source of all noise (default: a CPU generator seeded with `seed`, so the same
         call gives the same image). return_stages: also return the image at the end of every stage (ssdd
         and plain: the final image only). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls
-        in int8 (`msdd.models.precision.quantise_int8`), the rest float32.
+        in int8 (`msdd.models.precision.quantise_int8`), the rest float32 (bf16 with bf16=True, where msdd's
+        CPU kernels run).
         """
         guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
         z = self.check_latents(z)
@@ -243,13 +244,15 @@ class Tokenizer(nn.Module):
         """`module` (the encoder or the decoder) for a call without gradients; with bf16, a copy of it with
         its matmul weights stored in bf16 (`msdd.models.precision`): the same results under autocast
         without casting every weight on every call (half the module's float32 size); with int8 (CPU), a
-        copy with the transformer streams' matmuls in int8. Copies are kept and rebuilt when the weights
-        change."""
+        copy with the transformer streams' matmuls in int8 (and with bf16 too, its other weights in bf16). Copies
+        are kept and rebuilt when the weights change."""
         if int8:
-            if bf16 or (device is not None and device.type != "cpu"):
-                raise ValueError("int8=True runs on the CPU in float32 around its int8 matmuls: pass bf16=False "
-                                 f"and a CPU model (this one is on {device}), or drop int8")
-            return self._copies.of(module, "int8")
+            if device is not None and device.type != "cpu":
+                raise ValueError(f"int8=True runs on the CPU: pass a CPU model (this one is on {device}), or drop int8")
+            if bf16 and not msdd_int8():
+                raise ValueError("int8=True with bf16=True needs msdd's CPU kernels (AVX512-BF16 and VNNI, a C++ "
+                                 "compiler); PyTorch's int8 layers used here run in float32: pass bf16=False")
+            return self._copies.of(module, "int8-bf16" if bf16 else "int8")
         return self._copies.of(module, "bf16") if bf16 else module
 
     def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:

@@ -16,8 +16,6 @@ def cmd_reconstruct(args) -> None:
     folder_arg(args.out, "--out")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
-    if args.int8 and args.bf16:
-        raise ValueError("--int8 runs in float32 around its int8 matmuls: drop --bf16 or --int8")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     r = tok.config.image_size
     if args.tile_overlap is not None and not 0 <= args.tile_overlap < r:
@@ -136,7 +134,8 @@ def add_reconstruct(sub) -> None:
                         "a stopped run continues where it stopped")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading the files (default 0)")
     p.add_argument("--int8", action="store_true",
-                   help="encode and decode with int8 matmuls in the transformer streams (CPU; not with --bf16)")
+                   help="encode and decode with int8 matmuls in the transformer streams (CPU; with --bf16 "
+                        "where msdd's CPU kernels run)")
     add_decode_args(p)
     p.set_defaults(func=cmd_reconstruct)
 
@@ -157,7 +156,8 @@ def add_eval(sub) -> None:
     p.add_argument("--inception-weights", default=None, help="Inception file for rFID (weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--int8", action="store_true",
-                   help="decode with int8 matmuls in the decoder's transformer streams (CPU; not with --bf16)")
+                   help="decode with int8 matmuls in the decoder's transformer streams (CPU; with --bf16 "
+                        "where msdd's CPU kernels run)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     add_decode_args(p)
     p.set_defaults(func=cmd_eval)

@@ -210,7 +210,7 @@ def evaluate(
             "steps_per_stage": list(steps),
             "cfg": guidance,
             "decoder_passes_per_image": tok.passes_per_image(steps, guidance),
-            "dtype": "bf16" if bf16 else "fp32, decoder matmuls int8" if int8 else "fp32",
+            "dtype": ("bf16" if bf16 else "fp32") + (", decoder matmuls int8" if int8 else ""),
             "seed": seed,
             "batch_size": batch_size,
             "processes": dist_info.world_size,

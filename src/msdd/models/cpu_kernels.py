@@ -39,12 +39,12 @@ ENV = "MSDD_CPU_KERNELS"
 DTYPES = (torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # the kernels' row buffers (kMaxHeadDim)
 MIN_TOKENS_FP32 = 128  # float32 attention below: 0.95-1.9x the flash kernel at 37 tokens, run to run
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16")
-CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
+CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
 
 
 def cpu_supported() -> bool:
-    """The CPU runs AVX512-BF16 (read from /proc/cpuinfo: Linux only)."""
+    """The CPU runs AVX512-BF16 and AVX512-VNNI (read from /proc/cpuinfo: Linux only)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
@@ -62,7 +62,7 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `joint_attention`, `adaln`, `gated_adaln`,
-    `swiglu`, `pack_linear`, `linear`), or None where they cannot run here."""
+    `swiglu`, `pack_linear`, `linear`, `linear_int8`), or None where they cannot run here."""
     if not (enabled() and cpu_supported()):
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
@@ -176,6 +176,29 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, swiglu: bo
     """x (..., K) through a layer packed by `pack_linear` (bf16 x for a bf16 weight, float32 for float32): (..., N), or
     the SwiGLU gate silu(a) * b (..., N / 2) with `swiglu`, in x's dtype."""
     return library().linear(x, packed, bias, swiglu)
+
+
+def pack_linear_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """An int8 weight (N, K) with its scales (N,) (the layer's weight ~ weight * scale[:, None]) and bias in
+    `linear_int8`'s layout: (packed weight, scales, compensations, bias), the last three in the panels' feature
+    order; None where the kernel does not apply (N a multiple of 64, 128 with `swiglu`; K of 4)."""
+    n, k = weight.shape
+    if (weight.dtype != torch.int8 or weight.device.type != "cpu" or n % (128 if swiglu else 64) or k % 4
+            or (ops := library()) is None):
+        return None
+    packed, bias = ops.pack_linear(weight, bias, swiglu)
+    order = torch.arange(n).view(2, n // 64, 32).transpose(0, 1).reshape(-1) if swiglu else torch.arange(n)
+    comp = (128 * weight.sum(1, dtype=torch.int32))[order].contiguous()
+    return packed, scale.float()[order].contiguous(), comp, bias
+
+
+def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, comp: torch.Tensor, bias: torch.Tensor,
+                swiglu: bool = False) -> torch.Tensor:
+    """x (..., K), bf16 or float32, through an int8 layer packed by `pack_linear_int8`: x quantised per row to int8
+    (symmetric, round(x * 127 / max |x_r|)), exact int32 sums (AVX512-VNNI), scaled back in float32 and rounded once
+    to x's dtype: (..., N), or the SwiGLU gate (..., N / 2) with `swiglu`."""
+    return library().linear_int8(x, packed, scale, comp, bias, swiglu)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor | None:

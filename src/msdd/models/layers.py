@@ -237,7 +237,7 @@ class SwiGLU(nn.Module):
         self.w3 = Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (_fast_cpu_inference(x) and x.dim() >= 3 and isinstance(self.w12, Linear)  # not an int8 copy's layer
+        if (_fast_cpu_inference(x) and x.dim() >= 3 and hasattr(self.w12, "panel_forward")  # not torch.ao's int8 layer
                 and (gated := self.w12.panel_forward(x, swiglu=True)) is not None):
             return self.w3(gated)  # the gate computed with the first layer's products
         h = self.w12(x)

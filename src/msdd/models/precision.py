@@ -6,10 +6,12 @@ on every call: 16-17% of a paper-256 student decode on the CPU (benchmarks/READM
 linear path's maps `to_linear` and `from_linear`, which run in float32 outside autocast). The result of a call
 under autocast is the same: autocast rounds a float32 weight to the same bf16 values.
 `quantise_int8` replaces the matmuls of the transformer streams (queries/keys/values, output projection,
-SwiGLU MLP) by dynamically quantised int8 linear layers (PyTorch's `torch.ao` dynamic quantisation: weights
-int8 per output channel, activations quantised per call, int32 accumulation; fbgemm / x86 VNNI kernels, CPU
-only); the rest stays float32. On the shipped tiny-64 student it costs 0.03 dB of PSNR; a paper-256 student
-decode runs 1.76x faster than in float32 on the 2-core EPYC (benchmarks/README.md, `student-int8`).
+SwiGLU MLP) by int8 linear layers: weights int8 per output channel, activations quantised per call, int32 sums.
+Where msdd's CPU kernels run (AVX512-BF16 and VNNI), `Int8Linear`: activations per token (row), symmetric, the
+VNNI kernel `cpu_kernels.linear_int8` (1.85x msdd's bf16 kernel at the decoder's shapes on the 2-core EPYC), bf16
+or float32 around it (`decode(int8=True, bf16=True)` / `int8=True`); elsewhere PyTorch's `torch.ao` dynamic
+quantisation (per-tensor activations, fbgemm), float32 around it. On the shipped tiny-64 student either costs
+0.03 dB of PSNR or less (benchmarks/README.md).
 `WeightCopies` keeps such a copy per module and kind for `Tokenizer.encode/decode(bf16=True)` and
 `decode(int8=True)`, rebuilt when the float32 weights change (an optimiser step, `load_state_dict`, `.to()`).
 """
@@ -21,6 +23,9 @@ import warnings
 
 import torch
 from torch import nn
+
+from msdd.models import cpu_kernels
+from msdd.models.layers import _fast_cpu_inference
 
 
 FP32_LAYERS = ("to_linear", "from_linear")  # the linear path's maps (msdd.models.linear.fp32_region)
@@ -52,28 +57,86 @@ def int8_engine() -> str | None:
     return next((e for e in ("x86", "fbgemm") if e in engines), None)
 
 
+class Int8Linear(nn.Module):
+    """A linear layer in int8 (module docstring): `weight` int8 (N, K) with `scale` (N,) (the float weight is about
+    weight * scale[:, None]), `bias` float32 or None. Inputs (..., K) are quantised per row: q = round(x * 127 /
+    max |x_r|). The CPU kernel computes the exact int32 sums q . weight, times scale_c max |x_r| / 127, plus the bias,
+    in float32 rounded once to x's dtype (bf16 or float32), and with `panel_forward(x, swiglu=True)` a SwiGLU MLP's
+    gate from its first layer's outputs; `reference` is the same arithmetic in PyTorch ops (gradients, other devices
+    and dtypes, shapes the kernel does not take: N a multiple of 64, K of 4)."""
+
+    def __init__(self, layer: nn.Linear) -> None:
+        super().__init__()
+        w = layer.weight.detach().float()
+        scale = w.abs().amax(1) / 127
+        self.register_buffer("weight", torch.round(w / torch.where(scale > 0, scale, 1)[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.detach().float())
+        self.in_features, self.out_features = layer.in_features, layer.out_features
+        self._panels: dict[bool, tuple | None] = {}  # swiglu -> the kernel's packed weight, or None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.panel_forward(x)
+        return self.reference(x) if out is None else out
+
+    def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
+        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]) by the kernel; None where it does not
+        apply (also
+        outside the optimised CPU path, `msdd.models.layers.unoptimised`)."""
+        if not (_fast_cpu_inference(x) and x.dtype in cpu_kernels.DTYPES):
+            return None
+        if swiglu not in self._panels:
+            self._panels[swiglu] = cpu_kernels.pack_linear_int8(self.weight, self.scale, self.bias, swiglu)
+        packed = self._panels[swiglu]
+        return None if packed is None else cpu_kernels.linear_int8(x, *packed, swiglu)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        amax = xf.abs().amax(-1, keepdim=True)
+        q = torch.round(xf * torch.where(amax > 0, 127 / amax, 0))
+        out = (q @ self.weight.float().T) * (self.scale * (amax / 127))
+        return (out if self.bias is None else out + self.bias).to(x.dtype)
+
+    def _apply(self, fn, *args, **kwargs):  # .to(): the packed copies follow the buffers again
+        self._panels = {}
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        return {k: v if k != "_panels" else {} for k, v in super().__getstate__().items()}
+
+
+def msdd_int8() -> bool:
+    """quantise_int8 makes msdd's `Int8Linear` layers (its CPU kernels run here), not torch.ao's."""
+    return cpu_kernels.library() is not None
+
+
 def quantise_int8(module: nn.Module) -> nn.Module:
-    """Replace, in place, every linear layer named in `INT8_LAYERS` by a dynamically quantised int8 one (module
-    docstring); CPU only."""
+    """Replace, in place, every linear layer named in `INT8_LAYERS` by an int8 one (module docstring); CPU only."""
+    msdd = msdd_int8()
     engine = int8_engine()
-    if engine is None:
-        raise ValueError("int8 decoding needs PyTorch's x86 quantised kernels (fbgemm), which this PyTorch build "
-                         "or CPU lacks; decode in float32 or with bf16=True")
-    from torch.ao.nn.quantized.dynamic import Linear as Int8Linear
+    if not msdd and engine is None:
+        raise ValueError("int8 decoding needs msdd's CPU kernels (AVX512-BF16 and VNNI, a C++ compiler) or "
+                         "PyTorch's x86 quantised kernels (fbgemm), and neither runs here; decode in float32 or "
+                         "with bf16=True")
+    from torch.ao.nn.quantized.dynamic import Linear as AoInt8Linear
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    torch.backends.quantized.engine = engine
+    if not msdd:
+        torch.backends.quantized.engine = engine
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
             if name in INT8_LAYERS and isinstance(child, nn.Linear):
                 if child.weight.device.type != "cpu":
                     raise ValueError(f"int8 decoding runs on the CPU only; the module is on {child.weight.device}")
+                if msdd:
+                    setattr(parent, name, Int8Linear(child))
+                    continue
                 plain = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
                 plain.load_state_dict({k: v.float() for k, v in child.state_dict().items()})
                 plain.qconfig = per_channel_dynamic_qconfig
                 with warnings.catch_warnings():  # torch.ao's notice that eager quantisation is moving to torchao
                     warnings.simplefilter("ignore")
-                    setattr(parent, name, Int8Linear.from_float(plain))
+                    setattr(parent, name, AoInt8Linear.from_float(plain))
     return module
 
 
@@ -83,14 +146,15 @@ def encode_kwargs(decode_kwargs: dict) -> dict:
 
 
 class WeightCopies:
-    """A reduced-precision copy of each module asked for, per kind: "bf16" (`cast_weights`) or "int8"
-    (`quantise_int8`), kept until the module's weights change. Holds the copies outside the module tree:
-    they are not parameters of their owner and do not appear in its state_dict. A bf16 copy costs half the
-    module's float32 size, and as much again once its linear layers have packed their weights for their CPU kernels
-    (`msdd.models.layers.Linear`: msdd's or oneDNN's); an int8 one about a quarter of
-    its stream weights plus its other weights."""
+    """A reduced-precision copy of each module asked for, per kind: "bf16" (`cast_weights`), "int8"
+    (`quantise_int8`) or "int8-bf16" (both: int8 streams, the other weights bf16), kept until the module's weights
+    change. Holds the copies outside the module tree: they are not parameters of their owner and do not appear in its
+    state_dict. A bf16 copy costs half the module's float32 size, and as much again once its linear layers have packed
+    their weights for their CPU kernels (`msdd.models.layers.Linear`: msdd's or oneDNN's); an int8 one about a quarter
+    of its stream weights (half with msdd's packed copy) plus its other weights."""
 
-    MAKERS = {"bf16": lambda m: cast_weights(m, torch.bfloat16), "int8": quantise_int8}
+    MAKERS = {"bf16": lambda m: cast_weights(m, torch.bfloat16), "int8": quantise_int8,
+              "int8-bf16": lambda m: cast_weights(quantise_int8(m), torch.bfloat16)}
 
     def __init__(self) -> None:
         self.copies: dict[tuple[int, str], tuple[tuple, nn.Module]] = {}

@@ -16,7 +16,7 @@ from msdd.eval.bench.models import Contender, FlowModel, compile_module, single_
 from msdd.eval.bench.sdvae import sd_vae_contender
 from msdd.eval.bench.settings import CONTENDERS, OPTIONAL_CONTENDERS
 from msdd.models.layers import unoptimised
-from msdd.models.precision import cast_weights, quantise_int8
+from msdd.models.precision import cast_weights, msdd_int8, quantise_int8
 
 
 def _latents(config: ModelConfig, batch_size: int, device: torch.device) -> torch.Tensor:
@@ -194,14 +194,17 @@ def build_contenders(names: Sequence[str], teacher: FlowModel, student: FlowMode
             half = FlowModel(student.config, cast_weights(copy.deepcopy(student.decoder), torch.bfloat16))
             c = flow_contender(name, half, dec(half), _latents(student.config, batch_size, device), one_step, 1.0)
             out.append(dataclasses.replace(c, decode=_in_bf16(c.decode, device), info={**c.info, "dtype": "bf16"}))
-        elif name == "student-int8":  # the streams' matmuls in int8 (dynamic, per channel), the rest fp32
+        elif name == "student-int8":  # the streams' matmuls in int8, the rest in the run's dtype (msdd's kernels)
             if device.type != "cpu":
                 raise ValueError(f"--contenders student-int8 runs on the CPU only (this run: {device}); drop it")
             one_step = (1,) * student.family.num_step_entries
             int8 = quantise_int8(cast_weights(copy.deepcopy(student.decoder), torch.float32))
-            c = flow_contender(name, student, int8, _latents(student.config, batch_size, device), one_step, 1.0)
-            out.append(dataclasses.replace(c, decode=_without_autocast(c.decode, device),
-                                           info={**c.info, "dtype": "int8 matmuls, fp32 elsewhere"}))
+            rest = "bf16" if weights == torch.bfloat16 and msdd_int8() else "fp32"  # torch.ao's layers: fp32
+            c = flow_contender(name, student, cast_weights(int8, weights if rest == "bf16" else None),
+                               _latents(student.config, batch_size, device), one_step, 1.0)
+            decode = c.decode if rest == "bf16" else _without_autocast(c.decode, device)
+            info = {**c.info, "dtype": f"int8 matmuls, {rest} elsewhere"}
+            out.append(dataclasses.replace(c, decode=decode, info=info))
         elif name in ("encoder", "student+encoder"):
             out += encoder_contenders([name], student, dec(student), batch_size, device, weights)
         elif name == "onnx-student":  # the same student decode as an ONNX graph under onnxruntime (fp32)

@@ -40,6 +40,7 @@ constexpr int64_t kPanel = 64;  // keys per score tile (four vectors of 16)
 
 struct Bf16 {
   using Elem = uint16_t;
+  using Acc = __m512;
   static constexpr int64_t kPerWord = 2;
   // 16 words of values e .. e + 16 of two rows: row 0 in the low halves, row 1 in the high (a null row: zeros)
   static __m512i words16(const Elem* const* rows, int64_t e) {
@@ -57,10 +58,15 @@ struct Bf16 {
     const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
   }
+  static __m512 load16_masked(const Elem* p, __mmask16 m) {  // zeros outside m
+    const __m256i x = _mm256_maskz_loadu_epi16(m, p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+  }
 };
 
 struct Float {
   using Elem = float;
+  using Acc = __m512;
   static constexpr int64_t kPerWord = 1;
   static __m512i words16(const Elem* const* rows, int64_t e) {
     return rows[0] == nullptr ? _mm512_setzero_si512() : _mm512_castps_si512(_mm512_loadu_ps(rows[0] + e));
@@ -70,6 +76,19 @@ struct Float {
   }
   static void store16(Elem* p, __m512 x) { _mm512_storeu_ps(p, x); }
   static __m512 load16(const Elem* p) { return _mm512_loadu_ps(p); }
+  static __m512 load16_masked(const Elem* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+
+// int8 products (linear layers only): u8 activations by s8 weights, four of each per 32-bit word, exact int32 sums
+// (vpdpbusd) carried in the float32 registers' bits
+struct Int8 {
+  using Acc = __m512i;
+  static constexpr int64_t kPerWord = 4;
+  // in place by inline assembly: GCC's intrinsic copied every accumulator and stored it to the stack at each step
+  static __m512i dot(__m512i acc, __m512i a, __m512i b) {
+    asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(b));
+    return acc;
+  }
 };
 
 constexpr int64_t kMaxHeadDim = 256;
@@ -259,11 +278,11 @@ void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& 
 // acc[r][c] = sum over `words` words w of a[r * lda + w] . bp[w * 64 + 16 c .. + 16): R rows of a (queries, or a linear
 // layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums
 template <class T, int R>
-inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t words, __m512 (&acc)[R][4]) {
+inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t words, typename T::Acc (&acc)[R][4]) {
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    for (int c = 0; c < 4; ++c) acc[r][c] = typename T::Acc{};  // zeros
   for (int64_t w = 0; w < words; ++w) {
     __m512i b[4];
 #pragma GCC unroll 4
@@ -738,76 +757,111 @@ at::Tensor swiglu(const at::Tensor& h_in) {
 
 // Linear layers: out (M, N) = x (M, K) W^T + bias, or with `swiglu` (W the first layer of a SwiGLU MLP, N = 2 H of
 // [a | b]) out (M, H) = silu(x a^T + bias_a) * (x b^T + bias_b), in float32 sums rounded once, on a weight packed by
-// pack_linear: [N / 64][K words][64] 32-bit words (bf16: a word is a pair of consecutive elements along K), panel p
-// holding output features 64 p .. 64 p + 63, or with `swiglu` a's features 32 p .. 32 p + 31 then b's same ones.
+// pack_linear: [N / 64][K words][64] 32-bit words (bf16: a word is a pair of consecutive elements along K, int8 four),
+// panel p holding output features 64 p .. 64 p + 63, or with `swiglu` a's features 32 p .. 32 p + 31 then b's same
+// ones.
 // The products are the attention's (dot_tile: 6 rows x 64 features per register tile); tasks are (panel, block of
 // rows), a thread's consecutive tasks sharing the panel, which stays in its L2. oneDNN's packed kernel ran the
 // decoder's shapes at the same rate or 1-4% slower; the SwiGLU gate here saves a pass over (M, 2 H) and the op.
-template <class T, int R, bool kSwiglu>
-inline void linear_tile(const uint32_t* x, int64_t words, const uint32_t* bp, const __m512 (&bias)[4],
-                        typename T::Elem* out, int64_t ldo) {
-  __m512 acc[R][4];
+// int8 (linear_int8): x quantised per row, symmetric (q = round(x * 127 / max |x_r|), stored as q + 128), the weight
+// per output feature (s8, its scale s_c); the exact int32 sums less 128 times the weight's column sums, times
+// s_c max |x_r| / 127, plus the bias.
+struct LinearArgs {
+  const float* bias;       // (N,) in the panels' feature order
+  const float* scale;      // int8: the weight's scales (N,), same order
+  const int32_t* comp;     // int8: 128 x the column sums of the int8 weight (N,), same order
+  const float* row_scale;  // int8: max |x_r| / 127 of every row (M,)
+};
+
+// a tile's float32 outputs from its sums: + bias for bf16 and float32 products. The epilogues read their vectors
+// from memory (L1): held in registers, they made the compiler spill the tile's accumulators
+struct FloatSums {
+  const float* bias;
+  FloatSums(const LinearArgs& a, int64_t p) : bias(a.bias + p * kPanel) {}
+  __m512 operator()(__m512 acc, int c, int64_t) const { return _mm512_add_ps(acc, _mm512_loadu_ps(bias + 16 * c)); }
+};
+
+// int8 products: (sums - comp) s_c max |x_r| / 127 + bias
+struct Int8Sums {
+  const float *bias, *scale, *row_scale;
+  const int32_t* comp;
+  Int8Sums(const LinearArgs& a, int64_t p)
+      : bias(a.bias + p * kPanel), scale(a.scale + p * kPanel), row_scale(a.row_scale), comp(a.comp + p * kPanel) {}
+  __m512 operator()(__m512i acc, int c, int64_t row) const {
+    const __m512i sums = _mm512_sub_epi32(acc, _mm512_loadu_si512(comp + 16 * c));
+    const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * c), _mm512_set1_ps(row_scale[row]));
+    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, _mm512_loadu_ps(bias + 16 * c));
+  }
+};
+
+// R rows from `row` on of x's words against panel bp, into out (elements of O: bf16 or float32)
+template <class T, class O, class S, int R, bool kSwiglu>
+inline void linear_tile(const uint32_t* x, int64_t words, const uint32_t* bp, const S& sums, int64_t row,
+                        typename O::Elem* out, int64_t ldo) {
+  typename T::Acc acc[R][4];
   dot_tile<T, R>(x, words, bp, words, acc);
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r) {
     if constexpr (kSwiglu) {
 #pragma GCC unroll 2
       for (int c = 0; c < 2; ++c)
-        T::store16(out + r * ldo + 16 * c, silu_mul<T>(_mm512_add_ps(acc[r][c], bias[c]),
-                                                       _mm512_add_ps(acc[r][c + 2], bias[c + 2])));
+        O::store16(out + r * ldo + 16 * c,
+                   silu_mul<O>(sums(acc[r][c], c, row + r), sums(acc[r][c + 2], c + 2, row + r)));
     } else {
 #pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) T::store16(out + r * ldo + 16 * c, _mm512_add_ps(acc[r][c], bias[c]));
+      for (int c = 0; c < 4; ++c) O::store16(out + r * ldo + 16 * c, sums(acc[r][c], c, row + r));
     }
   }
 }
 
-template <class T, bool kSwiglu, int R = kTile>
-inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const uint32_t* bp, const __m512 (&bias)[4],
-                        typename T::Elem* out, int64_t ldo) {  // the last rows % 6 of a block
+template <class T, class O, class S, bool kSwiglu, int R = kTile>
+inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const uint32_t* bp, const S& sums, int64_t row,
+                        typename O::Elem* out, int64_t ldo) {  // the last rows % 6 of a block
   if constexpr (R > 0) {
-    if (rows == R) return linear_tile<T, R, kSwiglu>(x, words, bp, bias, out, ldo);
-    linear_rows<T, kSwiglu, R - 1>(rows, x, words, bp, bias, out, ldo);
+    if (rows == R) return linear_tile<T, O, S, R, kSwiglu>(x, words, bp, sums, row, out, ldo);
+    linear_rows<T, O, S, kSwiglu, R - 1>(rows, x, words, bp, sums, row, out, ldo);
   }
 }
 
-template <class T, bool kSwiglu>
-void linear_impl(const typename T::Elem* x, int64_t M, int64_t K, const uint32_t* wp, const float* bias, int64_t N,
-                 typename T::Elem* out) {
-  const int64_t words = K / T::kPerWord, panels = N / kPanel, cols = kSwiglu ? kPanel / 2 : kPanel;
+// x: M rows of `words` words (T's products), out: O's elements
+template <class T, class O, class S, bool kSwiglu>
+void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t N,
+                 typename O::Elem* out) {
+  const int64_t panels = N / kPanel, cols = kSwiglu ? kPanel / 2 : kPanel;
   const int64_t ldo = kSwiglu ? N / 2 : N;
   // blocks of rows where the panels alone leave a thread idle (at least 4 tasks per thread)
   const int64_t want = 4 * at::get_num_threads();
   const int64_t blocks = std::min((M + kTile - 1) / kTile, std::max<int64_t>(1, (want + panels - 1) / panels));
   const int64_t block_rows = ((M + blocks - 1) / blocks + kTile - 1) / kTile * kTile;
-  const auto* xw = reinterpret_cast<const uint32_t*>(x);
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = task % blocks * block_rows, r1 = std::min(M, r0 + block_rows);
       const uint32_t* bp = wp + p * words * kPanel;
-      __m512 bv[4];
-#pragma GCC unroll 4
-      for (int c = 0; c < 4; ++c) bv[c] = _mm512_loadu_ps(bias + p * kPanel + 16 * c);
-      typename T::Elem* o = out + p * cols;
+      const S sums(args, p);
+      typename O::Elem* o = out + p * cols;
       int64_t r = r0;
       for (; r + kTile <= r1; r += kTile)
-        linear_tile<T, kTile, kSwiglu>(xw + r * words, words, bp, bv, o + r * ldo, ldo);
-      if (r < r1) linear_rows<T, kSwiglu>(r1 - r, xw + r * words, words, bp, bv, o + r * ldo, ldo);
+        linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
+      if (r < r1) linear_rows<T, O, S, kSwiglu>(r1 - r, xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
     }
   });
 }
 
-// A linear layer's weight (N, K), bf16 or float32, N a multiple of 64 (with swiglu, of 128), K of 2, packed for
-// linear() (int32 [N / 64, K words, 64]), and its bias (N,) reordered the same way as float32 (zeros without one)
+// A linear layer's weight (N, K), bf16, float32 or int8, N a multiple of 64 (with swiglu, of 128), K of 2 (int8: of 4),
+// packed for linear() or linear_int8() (int32 [N / 64, K words, 64]), and its bias (N,) reordered the same way as
+// float32 (zeros without one)
 std::tuple<at::Tensor, at::Tensor> pack_linear(const at::Tensor& w_in, const std::optional<at::Tensor>& bias_in,
                                                bool swiglu) {
   const auto dtype = w_in.scalar_type();
-  check_dtype(dtype, "pack_linear");
+  TORCH_CHECK(dtype == at::kBFloat16 || dtype == at::kFloat || dtype == at::kChar,
+              "msdd pack_linear: the weight must be bf16, float32 or int8");
+  const int64_t per_word = 4 / w_in.element_size();
   TORCH_CHECK(w_in.dim() == 2 && w_in.device().is_cpu() && w_in.size(0) % (swiglu ? 2 * kPanel : kPanel) == 0 &&
-              w_in.size(1) % 2 == 0, "msdd pack_linear: the weight must be a CPU (N, K) tensor, N a multiple of ",
-              swiglu ? 2 * kPanel : kPanel, " and K of 2");
+              w_in.size(1) % per_word == 0,
+              "msdd pack_linear: the weight must be a CPU (N, K) tensor, N a multiple of ",
+              swiglu ? 2 * kPanel : kPanel, " and K of ", per_word);
   const at::Tensor w = w_in.contiguous();
-  const int64_t N = w.size(0), K = w.size(1), per_word = dtype == at::kBFloat16 ? 2 : 1, words = K / per_word;
+  const int64_t N = w.size(0), K = w.size(1), words = K / per_word;
   auto feature = [&](int64_t p, int64_t c) {  // the weight row of panel p's column c
     return swiglu ? (c < kPanel / 2 ? p * kPanel / 2 + c : N / 2 + p * kPanel / 2 + c - kPanel / 2) : p * kPanel + c;
   };
@@ -847,15 +901,81 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   sizes.back() = swiglu ? N / 2 : N;
   at::Tensor out = at::empty(sizes, x.options());
   if (M == 0) return out;
-  const float* b = bias.data_ptr<float>();
+  const LinearArgs args{bias.data_ptr<float>(), nullptr, nullptr, nullptr};
   const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
+  const auto* xw = reinterpret_cast<const uint32_t*>(x.data_ptr());
+  const int64_t words = K / per_word;
   if (dtype == at::kBFloat16) {
-    const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
     auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-    swiglu ? linear_impl<Bf16, true>(xp, M, K, wp, b, N, op) : linear_impl<Bf16, false>(xp, M, K, wp, b, N, op);
+    swiglu ? linear_impl<Bf16, Bf16, FloatSums, true>(xw, M, words, wp, args, N, op)
+           : linear_impl<Bf16, Bf16, FloatSums, false>(xw, M, words, wp, args, N, op);
   } else {
-    swiglu ? linear_impl<Float, true>(x.data_ptr<float>(), M, K, wp, b, N, out.data_ptr<float>())
-           : linear_impl<Float, false>(x.data_ptr<float>(), M, K, wp, b, N, out.data_ptr<float>());
+    swiglu ? linear_impl<Float, Float, FloatSums, true>(xw, M, words, wp, args, N, out.data_ptr<float>())
+           : linear_impl<Float, Float, FloatSums, false>(xw, M, words, wp, args, N, out.data_ptr<float>());
+  }
+  return out;
+}
+
+// rows of x (M, K), K a multiple of 4, as u8 words for Int8's products: q + 128 with q = round(x * 127 / max |x_r|)
+// (to nearest, ties to even), and the rows' scales max |x_r| / 127 (a row of zeros: q = 0, scale 0)
+template <class O>
+void quantise_rows(const typename O::Elem* x, int64_t M, int64_t K, uint8_t* q, float* row_scale) {
+  at::parallel_for(0, M, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const typename O::Elem* row = x + r * K;
+      const int64_t full = K / 16 * 16;
+      const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1u);
+      __m512 mx = _mm512_setzero_ps();
+      for (int64_t k = 0; k < full; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(O::load16(row + k)));
+      if (tail) mx = _mm512_max_ps(mx, _mm512_abs_ps(O::load16_masked(row + full, tail)));
+      const float amax = _mm512_reduce_max_ps(mx);
+      row_scale[r] = amax / 127.0f;
+      const __m512 inv = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+      const __m512i offset = _mm512_set1_epi32(128);
+      auto quantise = [&](__m512 x) { return _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(x, inv)), offset); };
+      for (int64_t k = 0; k < full; k += 16)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(q + r * K + k), _mm512_cvtepi32_epi8(quantise(O::load16(row + k))));
+      if (tail) _mm512_mask_cvtepi32_storeu_epi8(q + r * K + full, tail, quantise(O::load16_masked(row + full, tail)));
+    }
+  });
+}
+
+// x (..., K) bf16 or float32 -> (..., N), or (..., N / 2) with swiglu, in x's dtype, through an int8 weight packed by
+// pack_linear with its scales (N,), compensations comp (N,) int32 = 128 x the int8 weight's column sums, and bias (N,),
+// all three float32 / int32 in the panels' feature order
+at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
+                       const at::Tensor& comp, const at::Tensor& bias, bool swiglu) {
+  const auto dtype = x_in.scalar_type();
+  check_dtype(dtype, "linear_int8");
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && packed.dim() == 3 && packed.scalar_type() == at::kInt &&
+              packed.size(2) == kPanel && x_in.size(-1) == packed.size(1) * 4,
+              "msdd linear_int8: x (..., K) must be a CPU tensor matching the packed int8 weight (N / 64, K / 4, 64)");
+  const int64_t N = packed.size(0) * kPanel, K = x_in.size(-1);
+  for (const at::Tensor* t : {&scale, &bias})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
+                "msdd linear_int8: scale and bias must be float32 (N,) in the panels' order");
+  TORCH_CHECK(comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == N,
+              "msdd linear_int8: comp must be int32 (N,) in the panels' order");
+  const at::Tensor x = x_in.contiguous(), pw = packed.contiguous();
+  const int64_t M = x.numel() / K;
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = swiglu ? N / 2 : N;
+  at::Tensor out = at::empty(sizes, x.options());
+  if (M == 0) return out;
+  std::unique_ptr<uint8_t[]> q(new uint8_t[M * K]);
+  std::vector<float> row_scale(M);
+  const LinearArgs args{bias.data_ptr<float>(), scale.data_ptr<float>(), comp.data_ptr<int32_t>(), row_scale.data()};
+  const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
+  const auto* xw = reinterpret_cast<const uint32_t*>(q.get());
+  if (dtype == at::kBFloat16) {
+    quantise_rows<Bf16>(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, q.get(), row_scale.data());
+    auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+    swiglu ? linear_impl<Int8, Bf16, Int8Sums, true>(xw, M, K / 4, wp, args, N, op)
+           : linear_impl<Int8, Bf16, Int8Sums, false>(xw, M, K / 4, wp, args, N, op);
+  } else {
+    quantise_rows<Float>(x.data_ptr<float>(), M, K, q.get(), row_scale.data());
+    swiglu ? linear_impl<Int8, Float, Int8Sums, true>(xw, M, K / 4, wp, args, N, out.data_ptr<float>())
+           : linear_impl<Int8, Float, Int8Sums, false>(xw, M, K / 4, wp, args, N, out.data_ptr<float>());
   }
   return out;
 }
@@ -871,6 +991,7 @@ TORCH_LIBRARY(msdd_kernels, m) {
   m.def("swiglu(Tensor h) -> Tensor");
   m.def("pack_linear(Tensor w, Tensor? bias, bool swiglu) -> (Tensor, Tensor)");
   m.def("linear(Tensor x, Tensor packed, Tensor bias, bool swiglu) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor scale, Tensor comp, Tensor bias, bool swiglu) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("attention", attention);
@@ -880,4 +1001,5 @@ TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("swiglu", swiglu);
   m.impl("pack_linear", pack_linear);
   m.impl("linear", linear);
+  m.impl("linear_int8", linear_int8);
 }
