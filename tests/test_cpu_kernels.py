@@ -16,7 +16,7 @@ from conftest import tiny_config
 
 needs_kernel = pytest.mark.skipif(
     not (cpu_kernels.cpu_supported() and cpu_kernels.library() is not None),
-    reason="the fused kernels need an x86 CPU with AVX512-BF16 and a C++ compiler with ninja")
+    reason="the fused kernels need an x86 CPU with AVX512-BF16 and VNNI and a C++ compiler with ninja")
 
 
 def _qkv(b, h, n, d, dtype=torch.bfloat16):

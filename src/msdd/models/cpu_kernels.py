@@ -1,4 +1,4 @@
-"""Fused CPU kernels for inference, built on first use: attention (with RoPE), adaLN and SwiGLU's gate.
+"""Fused CPU kernels for inference, built on first use: attention (with RoPE), adaLN, SwiGLU's gate, linear layers.
 
 PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX and
 float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
@@ -11,14 +11,15 @@ writes each stream's output: no split, concatenation, normalisation or slicing o
 LayerNorm and modulation (and the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the
 first linear layer's output. Linear layers on token sequences run the attention's products too (`pack_linear` once
 per weight, then `linear`: 3-28% faster than oneDNN's packed kernel at the decoder's shapes, weights cold as in a
-decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer is an MLP's first. All of
-them compute in float32 and round once.
+decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer is an MLP's first;
+`linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; 1.85x the bf16 kernel,
+`msdd.models.precision.Int8Linear`). All of them compute in float32 and round once.
 
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
-Where the CPU lacks AVX512-BF16, a shape does not fit (head dimension or hidden width not a multiple of 32, head
-dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning
+Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
+of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning
 says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
 """
 

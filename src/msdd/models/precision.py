@@ -81,8 +81,7 @@ class Int8Linear(nn.Module):
 
     def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
         """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]) by the kernel; None where it does not
-        apply (also
-        outside the optimised CPU path, `msdd.models.layers.unoptimised`)."""
+        apply (also outside the optimised CPU path, `msdd.models.layers.unoptimised`)."""
         if not (_fast_cpu_inference(x) and x.dtype in cpu_kernels.DTYPES):
             return None
         if swiglu not in self._panels:

@@ -1,7 +1,7 @@
-// Fused CPU kernels for x86 CPUs with AVX-512 (msdd.models.cpu_kernels builds and loads them as
+// Fused CPU kernels for x86 CPUs with AVX-512 BF16 and VNNI (msdd.models.cpu_kernels builds and loads them as
 // torch.ops.msdd_kernels): attention with RoPE (alone, or an MMDiT block's joint attention straight from its two
 // streams' qkv projections, q_norm and k_norm included), adaLN (LayerNorm and modulation, with the gated residual
-// before it) and SwiGLU's gate.
+// before it), SwiGLU's gate, and linear layers in bf16, float32 and int8.
 //
 // attention: softmax(q k^T / sqrt(D)) v for q, k, v (B, heads, N, D) of one dtype, bf16 or float32, D a
 // multiple of 32, no mask, with RoPE on q and k first where cos and sin (N, D) are given
