@@ -19,8 +19,8 @@ The library is built with `torch.utils.cpp_extension` the first time a CPU decod
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
-of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja: one warning
-says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
+of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja:
+one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
 """
 
 from __future__ import annotations

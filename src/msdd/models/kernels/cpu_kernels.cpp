@@ -80,7 +80,7 @@ struct Float {
 };
 
 // int8 products (linear layers only): u8 activations by s8 weights, four of each per 32-bit word, exact int32 sums
-// (vpdpbusd) carried in the float32 registers' bits
+// (vpdpbusd)
 struct Int8 {
   using Acc = __m512i;
   static constexpr int64_t kPerWord = 4;
@@ -276,7 +276,7 @@ void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& 
 }
 
 // acc[r][c] = sum over `words` words w of a[r * lda + w] . bp[w * 64 + 16 c .. + 16): R rows of a (queries, or a linear
-// layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums
+// layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums (int32 for Int8)
 template <class T, int R>
 inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t words, typename T::Acc (&acc)[R][4]) {
 #pragma GCC unroll 6
