@@ -96,6 +96,9 @@ class Int8Linear(nn.Module):
         out = (q @ self.weight.float().T) * (self.scale * (amax / 127))
         return (out if self.bias is None else out + self.bias).to(x.dtype)
 
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+
     def _apply(self, fn, *args, **kwargs):  # .to(): the packed copies follow the buffers again
         self._panels = {}
         return super()._apply(fn, *args, **kwargs)
