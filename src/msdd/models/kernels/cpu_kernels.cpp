@@ -883,23 +883,38 @@ std::tuple<at::Tensor, at::Tensor> pack_linear(const at::Tensor& w_in, const std
   return {packed, bias};
 }
 
+// What linear and linear_int8 share: x (..., K), bf16 or float32, checked against a weight packed with `per_word`
+// elements per 32-bit word; x contiguous, its M rows, and the output (..., N), or (..., N / 2) with swiglu, in x's
+// dtype
+struct LinearCall {
+  at::Tensor x, packed, out;
+  int64_t M, N, K;
+};
+
+LinearCall linear_call(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t per_word, bool swiglu,
+                       const char* op) {
+  check_dtype(x_in.scalar_type(), op);
+  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && packed_in.dim() == 3 &&
+              packed_in.scalar_type() == at::kInt && packed_in.size(2) == kPanel &&
+              x_in.size(-1) == packed_in.size(1) * per_word,
+              "msdd ", op, ": x (..., K) must be a CPU tensor matching the packed weight (N / 64, K / ", per_word,
+              ", 64)");
+  LinearCall c{x_in.contiguous(), packed_in.contiguous(), {}, 0, packed_in.size(0) * kPanel, x_in.size(-1)};
+  c.M = c.x.numel() / c.K;
+  std::vector<int64_t> sizes = c.x.sizes().vec();
+  sizes.back() = swiglu ? c.N / 2 : c.N;
+  c.out = at::empty(sizes, c.x.options());
+  return c;
+}
+
 // x (..., K) -> (..., N), or (..., N / 2) with swiglu, in x's dtype (bf16 or float32, the dtype the weight was packed
 // from), on a weight and bias from pack_linear
 at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& bias, bool swiglu) {
   const auto dtype = x_in.scalar_type();
-  check_dtype(dtype, "linear");
   const int64_t per_word = dtype == at::kBFloat16 ? 2 : 1;
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && packed.dim() == 3 && packed.scalar_type() == at::kInt &&
-              packed.size(2) == kPanel && x_in.size(-1) == packed.size(1) * per_word,
-              "msdd linear: x (..., K) must be a CPU tensor matching the packed weight (N / 64, K words, 64)");
-  const int64_t N = packed.size(0) * kPanel, K = x_in.size(-1);
+  const auto [x, pw, out, M, N, K] = linear_call(x_in, packed, per_word, swiglu, "linear");
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
               "msdd linear: the bias must be pack_linear's float32 (N,)");
-  const at::Tensor x = x_in.contiguous(), pw = packed.contiguous();
-  const int64_t M = x.numel() / K;
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = swiglu ? N / 2 : N;
-  at::Tensor out = at::empty(sizes, x.options());
   if (M == 0) return out;
   const LinearArgs args{bias.data_ptr<float>(), nullptr, nullptr, nullptr};
   const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
@@ -946,21 +961,12 @@ void quantise_rows(const typename O::Elem* x, int64_t M, int64_t K, uint8_t* q, 
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
                        const at::Tensor& comp, const at::Tensor& bias, bool swiglu) {
   const auto dtype = x_in.scalar_type();
-  check_dtype(dtype, "linear_int8");
-  TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && packed.dim() == 3 && packed.scalar_type() == at::kInt &&
-              packed.size(2) == kPanel && x_in.size(-1) == packed.size(1) * 4,
-              "msdd linear_int8: x (..., K) must be a CPU tensor matching the packed int8 weight (N / 64, K / 4, 64)");
-  const int64_t N = packed.size(0) * kPanel, K = x_in.size(-1);
+  const auto [x, pw, out, M, N, K] = linear_call(x_in, packed, 4, swiglu, "linear_int8");
   for (const at::Tensor* t : {&scale, &bias})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
                 "msdd linear_int8: scale and bias must be float32 (N,) in the panels' order");
   TORCH_CHECK(comp.scalar_type() == at::kInt && comp.is_contiguous() && comp.numel() == N,
               "msdd linear_int8: comp must be int32 (N,) in the panels' order");
-  const at::Tensor x = x_in.contiguous(), pw = packed.contiguous();
-  const int64_t M = x.numel() / K;
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = swiglu ? N / 2 : N;
-  at::Tensor out = at::empty(sizes, x.options());
   if (M == 0) return out;
   std::unique_ptr<uint8_t[]> q(new uint8_t[M * K]);
   std::vector<float> row_scale(M);
