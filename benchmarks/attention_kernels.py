@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from msdd.eval.bench.peak import measure_matmul_peak
 from msdd.eval.bench.timing import time_contenders
 from msdd.models import cpu_kernels
-from msdd.models.layers import RopeCache, Stream, joint_attention
+from msdd.models.layers import Stream, joint_attention
+from msdd.models.rope import RopeCache
 
 CONTEXT = 128  # context tokens of the paper decoder (its latent's 128 tokens)
 

@@ -15,10 +15,10 @@ the full matmul peak and every other op free (what the issue-16 targets of 90% /
 
 `--wall` times the decode by the wall clock instead of the profiler (whose per-op times misattribute oneDNN's
 linear kernels here: a 1024-row MLP layer showed 255 GFLOP/s in the profiler and 449 by the clock): every `Linear`
-call (an MLP's first layer with its SwiGLU gate where msdd's linear kernel computes both) and every joint attention
-call between `time.perf_counter` reads, grouped per stage (image tokens) into the
-image stream's and the context stream's linear layers and attention, each with its GFLOP/s, and the rest of each
-decode (norms, modulation, SwiGLU's gate, noise, Python) as what the clock saw outside them. CPU only.
+call (an MLP's first layer with its SwiGLU gate, and a layer with its gated residual, where msdd's linear kernel
+computes both) and every joint attention call between `time.perf_counter` reads, grouped per stage (image tokens)
+into the image stream's and the context stream's linear layers and attention, each with its GFLOP/s, and the rest of
+each decode (norms, modulation, SwiGLU's gate, noise, Python) as what the clock saw outside them. CPU only.
 """
 
 import argparse
@@ -158,11 +158,11 @@ def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
     names = {id(m): n for n, m in decoder.named_modules()}
     panel_forward = layers.Linear.panel_forward
 
-    def timed_panel_forward(module, x, swiglu=False):  # a SwiGLU's first layer with its gate: not a module call
-        if not swiglu:
+    def timed_panel_forward(module, x, swiglu=False, **gated):  # a SwiGLU's first layer with its gate, a layer with
+        if not (swiglu or gated):                                  # its gated residual: not module calls
             return panel_forward(module, x, swiglu)  # inside the layer's forward, timed by its hooks
         before(module, (x,))
-        out = panel_forward(module, x, swiglu)
+        out = panel_forward(module, x, swiglu, **gated)
         if out is None:  # the kernel does not apply: the layer's own call follows, with its hooks
             starts.pop(id(module))
         else:

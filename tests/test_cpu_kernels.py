@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msdd.models import cpu_kernels
-from msdd.models.layers import RopeCache, apply_rope, unoptimised
+from msdd.models import cpu_kernels, layers
+from msdd.models.layers import unoptimised
+from msdd.models.rope import RopeCache, apply_rope
 from msdd.tokenizer import Tokenizer
 
 from conftest import tiny_config
@@ -113,6 +114,40 @@ def test_linear_kernel_is_the_layer_in_float32_sums(dtype, rows, swiglu):
 
 @needs_kernel
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 5, 13])
+def test_linear_kernels_add_the_gated_residual_in_their_epilogue(dtype, rows):
+    """residual + gate * layer(x) in the tile's epilogue, float32 sums rounded once: msdd's linear kernel and its int8
+    kernel (against the int8 layer's reference arithmetic)."""
+    from msdd.models.precision import Int8Linear
+
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows, 96, generator=g).to(dtype)
+    w, b = (torch.randn(128, 96, generator=g) * 0.2).to(dtype), torch.randn(128, generator=g).to(dtype)
+    residual, gate = torch.randn(2, rows, 128, generator=g).to(dtype), torch.randn(1, 128, generator=g).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2 ** -8  # float32 sums; one bf16 rounding
+
+    def close(out, layer_out):
+        exact = residual.double() + gate.double() * layer_out
+        assert out.shape == exact.shape and out.dtype == dtype
+        assert ((out.double() - exact).abs() <= tol * exact.abs() + tol * exact.abs().max()).all()
+
+    packed = cpu_kernels.pack_linear(w, b)
+    close(cpu_kernels.linear(x, *packed, False, residual, gate), x.double() @ w.double().t() + b.double())
+    layer = torch.nn.Linear(96, 128)
+    with torch.no_grad():
+        layer.weight.copy_(w.float()), layer.bias.copy_(b.float())
+    q = Int8Linear(layer)
+    with torch.inference_mode():
+        close(q.panel_forward(x, residual=residual, gate=gate), q.reference(x).double())
+        assert q.panel_forward(x, residual=residual.double(), gate=gate) is None  # another dtype: the caller's ops
+    for bad in [dict(residual=residual), dict(residual=residual[:, :, :64], gate=gate), dict(swiglu=True,
+                residual=residual, gate=gate), dict(residual=residual.double(), gate=gate)]:
+        with pytest.raises(RuntimeError, match="residual"):
+            cpu_kernels.linear(x, *packed, bad.pop("swiglu", False), bad.pop("residual"), bad.get("gate"))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_linear_layer_packs_for_the_kernel_once_per_version(dtype):
     import copy
 
@@ -194,8 +229,8 @@ def test_int8_decode_runs_msdds_int8_kernel_in_float32_and_bf16():
     calls = []
     real = Int8Linear.panel_forward
 
-    def counted(self, x, swiglu=False):
-        out = real(self, x, swiglu)
+    def counted(self, x, swiglu=False, **gated):
+        out = real(self, x, swiglu, **gated)
         calls.append((swiglu, x.dtype, out is not None))
         return out
 
@@ -311,14 +346,18 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
             p.normal_(0, 0.05)
     z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
     calls = _count_kernel_calls(monkeypatch)
+    gated_adds = []
+    monkeypatch.setattr(layers, "gated_add", lambda *args, _real=layers.gated_add: gated_adds.append(1) or _real(*args))
     fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
-    for name in ("joint_attention", "adaln", "gated_adaln", "linear"):  # the decoder's blocks and final layer
+    for name in ("joint_attention", "adaln", "linear"):  # the decoder's blocks and final layer
         assert calls[name] and all(calls[name]), name
     assert not calls["swiglu"]  # every MLP's gate ran with its first layer in the linear kernel
+    assert not calls["gated_adaln"] and not gated_adds  # every gated residual ran in its layer's epilogue
     counts = {name: len(c) for name, c in calls.items()}
     with unoptimised():
         eager = tok.decode(z, steps=(1, 1, 1), bf16=True)
     assert {name: len(c) for name, c in calls.items()} == counts  # the eager path (student-eager) keeps PyTorch's ops
+    assert gated_adds
     assert (fast - eager).abs().max() <= 0.02  # the same arithmetic, rounded differently
     monkeypatch.setattr(cpu_kernels, "joint_attention", lambda *args: None)
     flash = tok.decode(z, steps=(1, 1, 1), bf16=True)  # PyTorch's attention ops, the other kernels still on
@@ -328,7 +367,7 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
     calls = _count_kernel_calls(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
     fast = tok.decode(z, steps=(1, 1, 1))
-    assert calls["joint_attention"] and all(calls["joint_attention"]) and all(calls["gated_adaln"])
+    assert calls["joint_attention"] and all(calls["joint_attention"]) and not calls["gated_adaln"]
     with unoptimised():
         assert (fast - tok.decode(z, steps=(1, 1, 1))).abs().max() <= 1e-5
 

@@ -96,7 +96,7 @@ def test_bf16_weight_copy(tok, monkeypatch):
     # kernels are autocast's and the images identical
     assert (fast - slow).abs().max() <= 0.02
     monkeypatch.setattr("msdd.models.layers.BF16_PACKING", False)
-    monkeypatch.setattr("msdd.models.layers.Linear.panel_forward", lambda self, x, swiglu=False: None)
+    monkeypatch.setattr("msdd.models.layers.Linear.panel_forward", lambda self, x, swiglu=False, **gated: None)
     assert (tok.decode(z, steps=(1, 1, 1), bf16=True) - slow).abs().max() <= 1e-6
     monkeypatch.undo()
     with torch.no_grad():

@@ -94,7 +94,7 @@ def test_cross_rope_base_on_both_axes():
     column axis only, "cross_both" on both (the reference)."""
     import math
 
-    from msdd.models.layers import rope_angles
+    from msdd.models.rope import rope_angles
 
     grid, full, L, head_dim = 4, 8, 16, 16  # 4 pairs per axis; base' = 10^4 * 16 / 4 = 4 * 10^4
     quarter = head_dim // 4

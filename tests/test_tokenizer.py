@@ -9,7 +9,7 @@ from PIL import Image
 
 from msdd.config import load_config
 from msdd.hub import CONFIG_NAME, WEIGHTS_NAME
-from msdd.models.layers import rope_angles
+from msdd.models.rope import rope_angles
 from msdd.tokenizer import Tokenizer
 
 from conftest import tiny_config

@@ -26,7 +26,8 @@ from torch import nn
 from msdd.eval.flops import count_flops
 from msdd.generator.config import GeneratorConfig
 from msdd.models.decoder import FinalLayer
-from msdd.models.layers import RopeCache, Stream, TimestepEmbedder, attention
+from msdd.models.layers import Stream, TimestepEmbedder, attention
+from msdd.models.rope import RopeCache
 
 
 class LatentDiT(nn.Module):

@@ -11,7 +11,9 @@ writes each stream's output: no split, concatenation, normalisation or slicing o
 LayerNorm and modulation (and the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the
 first linear layer's output. Linear layers on token sequences run the attention's products too (`pack_linear` once
 per weight, then `linear`: 3-28% faster than oneDNN's packed kernel at the decoder's shapes, weights cold as in a
-decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer is an MLP's first;
+decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer is an MLP's first, and an
+MMDiT stream's gated residual x + gate * layer(y) added to the sums of its output projection and second MLP layer
+(no pass over the residual stream after them; the adaLN kernel's gated residual remains where those cannot);
 `linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; 1.85x the bf16 kernel,
 `msdd.models.precision.Int8Linear`). All of them compute in float32 and round once.
 
@@ -173,10 +175,12 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = 
     return ops.pack_linear(weight, bias, swiglu)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, swiglu: bool = False,
+           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K) through a layer packed by `pack_linear` (bf16 x for a bf16 weight, float32 for float32): (..., N), or
-    the SwiGLU gate silu(a) * b (..., N / 2) with `swiglu`, in x's dtype."""
-    return library().linear(x, packed, bias, swiglu)
+    the SwiGLU gate silu(a) * b (..., N / 2) with `swiglu`, in x's dtype; with `residual` (x's dtype, (..., N)) and
+    `gate` (N values), residual + gate * (..., N) in the same pass, rounded once."""
+    return library().linear(x, packed, bias, swiglu, residual, gate)
 
 
 def pack_linear_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False
@@ -195,11 +199,12 @@ def pack_linear_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
 
 
 def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, comp: torch.Tensor, bias: torch.Tensor,
-                swiglu: bool = False) -> torch.Tensor:
+                swiglu: bool = False, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., K), bf16 or float32, through an int8 layer packed by `pack_linear_int8`: x quantised per row to int8
     (symmetric, round(x * 127 / max |x_r|)), exact int32 sums (AVX512-VNNI), scaled back in float32 and rounded once
-    to x's dtype: (..., N), or the SwiGLU gate (..., N / 2) with `swiglu`."""
-    return library().linear_int8(x, packed, scale, comp, bias, swiglu)
+    to x's dtype: (..., N), or the SwiGLU gate (..., N / 2) with `swiglu`; `residual` and `gate` as `linear`'s."""
+    return library().linear_int8(x, packed, scale, comp, bias, swiglu, residual, gate)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor | None:

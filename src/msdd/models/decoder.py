@@ -30,7 +30,8 @@ from torch import nn
 from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
-from msdd.models.layers import JointBlock, Linear, RopeCache, TimestepEmbedder, adaln, optimised
+from msdd.models.layers import JointBlock, Linear, TimestepEmbedder, adaln, optimised
+from msdd.models.rope import RopeCache
 from msdd.models.linear import Refiner, fp32_region
 
 

@@ -15,7 +15,8 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import EncoderConfig
-from msdd.models.layers import JointBlock, Linear, RopeCache
+from msdd.models.layers import JointBlock, Linear
+from msdd.models.rope import RopeCache
 from msdd.models.linear import fp32_region
 
 

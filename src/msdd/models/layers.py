@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from msdd.models import cpu_kernels
+from msdd.models.rope import apply_rope
 
 # ---------------------------------------------------------------------------------------------
 # the switch between the optimised and the reference path
@@ -103,9 +104,11 @@ class Linear(nn.Linear):
                                           self.packed_weight(), bias, "none", [], "")
         return super().forward(x)
 
-    def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
-        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]) by msdd's linear kernel in the dtype
-        `forward` computes in; None where that does not apply. On the optimised CPU path only (the caller checks)."""
+    def panel_forward(self, x: torch.Tensor, swiglu: bool = False, residual: torch.Tensor | None = None,
+                      gate: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]; `residual` and `gate`: residual + gate *
+        its output, `gated_linear`) by msdd's linear kernel in the dtype `forward` computes in; None where that does not
+        apply. On the optimised CPU path only (the caller checks)."""
         w = self.weight
         if w.dtype == torch.bfloat16:
             if not _bf16_compute(x):
@@ -113,13 +116,15 @@ class Linear(nn.Linear):
             x = x if x.dtype == torch.bfloat16 else x.to(torch.bfloat16)
         elif w.dtype != torch.float32 or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu"):
             return None
+        if residual is not None and residual.dtype != x.dtype:
+            return None
         key = (swiglu, _version_key(w), _version_key(self.bias))
         if self._panels is None or self._panels[0] != key:
             bias = None if self.bias is None else self.bias.detach()
             self._panels = (key, cpu_kernels.pack_linear(w.detach(), bias, swiglu))
         if self._panels[1] is None:  # the kernel does not apply: not built here, or the shape does not fit
             return None
-        return cpu_kernels.linear(x, *self._panels[1], swiglu)
+        return cpu_kernels.linear(x, *self._panels[1], swiglu, residual, gate)
 
     def packed_weight(self) -> torch.Tensor:
         """The weight (bf16 or float32) in oneDNN's layout, repacked when the weight is replaced or changed in place."""
@@ -149,69 +154,7 @@ FP32_PACKING = _packing_works(torch.float32)
 
 
 # ---------------------------------------------------------------------------------------------
-# rotary position embedding
-
-
-def _angles(pos: torch.Tensor, n_freq: int, base: float) -> torch.Tensor:
-    """(N,) positions -> (N, n_freq) rotation angles pos * base^(-j/n_freq)."""
-    freqs = base ** (-torch.arange(n_freq, dtype=torch.float64) / n_freq)
-    return pos.double()[:, None] * freqs[None, :]
-
-
-def rope_angles(
-    grid: int, full_grid: int, num_context: int, head_dim: int, context_pos: str
-) -> torch.Tensor:
-    """Rotation angles for the joint sequence [image tokens (grid x grid, row-major), context tokens].
-
-    Image tokens use 2D RoPE (half of the rotated pairs for rows, half for columns, base 10000) on the
-    positions of the centred `grid` x `grid` crop of the `full_grid` x `full_grid` final-stage grid.
-    Context tokens: "none" -> no rotation; "1d" -> token index over all pairs; "cross" -> the position
-    (row = grid, column = i) with base 10000 * L / grid on the column axis (SPEC 4); "cross_both" -> the
-    same position with that base on both axes (the paper's reference code).
-    Returns float64 angles of shape (grid*grid + num_context, head_dim // 2).
-    """
-    half = head_dim // 2  # rotated pairs
-    quarter = half // 2
-    offset = (full_grid - grid) / 2
-    coords = torch.arange(grid, dtype=torch.float64) + offset
-    rows = coords.repeat_interleave(grid)  # (grid*grid,)
-    cols = coords.repeat(grid)
-    img = torch.cat([_angles(rows, quarter, 10000.0), _angles(cols, quarter, 10000.0)], dim=-1)
-    idx = torch.arange(num_context, dtype=torch.float64)
-    if context_pos == "none":
-        ctx = torch.zeros(num_context, half, dtype=torch.float64)
-    elif context_pos == "1d":
-        ctx = _angles(idx, half, 10000.0)
-    elif context_pos in ("cross", "cross_both"):
-        row = torch.full((num_context,), float(grid), dtype=torch.float64)
-        col_base = 10000.0 * num_context / grid
-        row_base = col_base if context_pos == "cross_both" else 10000.0
-        ctx = torch.cat([_angles(row, quarter, row_base), _angles(idx, quarter, col_base)], dim=-1)
-    else:
-        raise ValueError(f"unknown context_pos {context_pos!r}; expected one of ['none', '1d', 'cross', 'cross_both']")
-    return torch.cat([img, ctx], dim=0)
-
-
-class RopeCache:
-    """float32 cos/sin tables per (grid, device), each (N, head_dim) in the rotate-half layout."""
-
-    def __init__(self, full_grid: int, num_context: int, head_dim: int, context_pos: str) -> None:
-        self.full_grid, self.num_context, self.head_dim, self.context_pos = full_grid, num_context, head_dim, context_pos
-        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, device)
-        if key not in self._tables:
-            ang = rope_angles(grid, self.full_grid, self.num_context, self.head_dim, self.context_pos)
-            ang = torch.cat([ang, ang], dim=-1)  # (N, head_dim): pair (i, i + head_dim/2) shares an angle
-            self._tables[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
-        return self._tables[key]
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, heads, N, D) by per-token angles; dims i and i + D/2 form a rotated pair."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+# attention
 
 
 def attention(
@@ -236,15 +179,25 @@ class SwiGLU(nn.Module):
         self.w12 = Linear(width, 2 * hidden)
         self.w3 = Linear(hidden, width)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(a) * b for [a | b] = w12(x)."""
         if (_fast_cpu_inference(x) and x.dim() >= 3 and hasattr(self.w12, "panel_forward")  # not torch.ao's int8 layer
                 and (gated := self.w12.panel_forward(x, swiglu=True)) is not None):
-            return self.w3(gated)  # the gate computed with the first layer's products
+            return gated  # the gate computed with the first layer's products
         h = self.w12(x)
         if _fast_cpu_inference(h) and (gated := cpu_kernels.swiglu(h)) is not None:
-            return self.w3(gated)  # silu(a) * b in one pass
+            return gated  # silu(a) * b in one pass
         a, b = h.chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        return F.silu(a) * b
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """w3(silu(a) * b); with `residual` and `gate` (an MMDiT stream's gated residual), residual + gate * that."""
+        hidden = self.hidden(x)
+        if residual is None:
+            return self.w3(hidden)
+        out = gated_linear(self.w3, hidden, residual, gate)
+        return gated_add(residual, gate, self.w3(hidden)) if out is None else out
 
 
 class TimestepEmbedder(nn.Module):
@@ -284,6 +237,26 @@ def gated_add(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Ten
     if _OPTIMISED:
         return torch.addcmul(x, gate[:, None], y)
     return x + gate[:, None] * y
+
+
+def gated_linear(layer: nn.Module, y: torch.Tensor, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor | None:
+    """gated_add(x, gate, layer(y)) in the epilogue of msdd's linear kernel, without a pass over x and the layer's
+    output after the layer; None where that does not apply (off the optimised CPU path, a gate per batch element, a
+    layer the kernel does not take)."""
+    if _fast_cpu_inference(y) and y.dim() >= 3 and gate.shape[0] == 1 and hasattr(layer, "panel_forward"):
+        return layer.panel_forward(y, residual=x, gate=gate)
+    return None
+
+
+def gated_adaln(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor,
+                scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x' = gated_add(x, gate, y) and adaln(norm, x', shift, scale): one pass of the fused kernel on the optimised CPU
+    path."""
+    if (_fast_cpu_inference(x) and norm.weight is None
+            and (fused := cpu_kernels.gated_adaln(x, gate, y, shift, scale, norm.eps)) is not None):
+        return fused
+    x = gated_add(x, gate, y)
+    return x, modulate(norm(x), shift, scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -347,14 +320,11 @@ class Stream(nn.Module):
             x = x + self.proj(attn)
             return x + self.mlp(self.norm2(x))
         _, _, gate_a, shift_m, scale_m, gate_m = mods
-        y = self.proj(attn)
-        if _fast_cpu_inference(x) and (fused := cpu_kernels.gated_adaln(x, gate_a, y, shift_m, scale_m,
-                                                                         self.norm2.eps)) is not None:
-            x, h = fused  # the gated residual, then the MLP's adaLN, in one pass
+        if (fused := gated_linear(self.proj, attn, x, gate_a)) is not None:
+            x, h = fused, adaln(self.norm2, fused, shift_m, scale_m)  # the gated residual in the projection's epilogue
         else:
-            x = gated_add(x, gate_a, y)
-            h = modulate(self.norm2(x), shift_m, scale_m)
-        return gated_add(x, gate_m, self.mlp(h))
+            x, h = gated_adaln(self.norm2, x, gate_a, self.proj(attn), shift_m, scale_m)
+        return self.mlp(h, x, gate_m)
 
 
 def joint_attention(qkv_x: torch.Tensor, qkv_c: torch.Tensor, img: Stream, ctx: Stream,

@@ -79,15 +79,18 @@ class Int8Linear(nn.Module):
         out = self.panel_forward(x)
         return self.reference(x) if out is None else out
 
-    def panel_forward(self, x: torch.Tensor, swiglu: bool = False) -> torch.Tensor | None:
-        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]) by the kernel; None where it does not
-        apply (also outside the optimised CPU path, `msdd.models.layers.unoptimised`)."""
-        if not (_fast_cpu_inference(x) and x.dtype in cpu_kernels.DTYPES):
+    def panel_forward(self, x: torch.Tensor, swiglu: bool = False, residual: torch.Tensor | None = None,
+                      gate: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The layer (`swiglu`: the gate silu(a) * b of its output [a | b]; `residual` and `gate`: residual + gate * its
+        output) by the kernel; None where it does not apply (also outside the optimised CPU path,
+        `msdd.models.layers.unoptimised`)."""
+        if not (_fast_cpu_inference(x) and x.dtype in cpu_kernels.DTYPES) or (
+                residual is not None and residual.dtype != x.dtype):
             return None
         if swiglu not in self._panels:
             self._panels[swiglu] = cpu_kernels.pack_linear_int8(self.weight, self.scale, self.bias, swiglu)
         packed = self._panels[swiglu]
-        return None if packed is None else cpu_kernels.linear_int8(x, *packed, swiglu)
+        return None if packed is None else cpu_kernels.linear_int8(x, *packed, swiglu, residual, gate)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -31,7 +31,8 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import SSDD_LATENT_FACTOR, ModelConfig, SSDDConfig
-from msdd.models.layers import RopeCache, Stream, TimestepEmbedder, attention
+from msdd.models.layers import Stream, TimestepEmbedder, attention
+from msdd.models.rope import RopeCache
 from msdd.models.linear import fp32_region
 
 REPA_DIM = 384  # DINOv2 ViT-S/14 feature width

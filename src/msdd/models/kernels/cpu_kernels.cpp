@@ -766,11 +766,16 @@ at::Tensor swiglu(const at::Tensor& h_in) {
 // int8 (linear_int8): x quantised per row, symmetric (q = round(x * 127 / max |x_r|), stored as q + 128), the weight
 // per output feature (s8, its scale s_c); the exact int32 sums less 128 times the weight's column sums, times
 // s_c max |x_r| / 127, plus the bias.
+// With a residual r (M, N) and a gate g (N,) (an MMDiT block's gated residuals, without swiglu): out = r + g * (the
+// layer's output), rounded once, in the tile's epilogue: no pass over (M, N) after the layer.
 struct LinearArgs {
-  const float* bias;       // (N,) in the panels' feature order
-  const float* scale;      // int8: the weight's scales (N,), same order
-  const int32_t* comp;     // int8: 128 x the column sums of the int8 weight (N,), same order
-  const float* row_scale;  // int8: max |x_r| / 127 of every row (M,)
+  const float* bias;                 // (N,) in the panels' feature order
+  const float* scale = nullptr;      // int8: the weight's scales (N,), same order
+  const int32_t* comp = nullptr;     // int8: 128 x the column sums of the int8 weight (N,), same order
+  const float* row_scale = nullptr;  // int8: max |x_r| / 127 of every row (M,)
+  const float* gate = nullptr;       // with res: the gate (N,)
+  const void* res = nullptr;         // the residual (M, N), in the output's dtype
+  int64_t n = 0;                     // N: the residual's row length
 };
 
 // a tile's float32 outputs from its sums: + bias for bf16 and float32 products. The epilogues read their vectors
@@ -791,6 +796,22 @@ struct Int8Sums {
     const __m512i sums = _mm512_sub_epi32(acc, _mm512_loadu_si512(comp + 16 * c));
     const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * c), _mm512_set1_ps(row_scale[row]));
     return _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), s, _mm512_loadu_ps(bias + 16 * c));
+  }
+};
+
+// the gated residual around a tile's outputs: res + gate * sums (S: FloatSums or Int8Sums)
+template <class S, class O>
+struct Gated {
+  S sums;
+  const float* gate;
+  const typename O::Elem* res;
+  int64_t ldr;
+  Gated(const LinearArgs& a, int64_t p)
+      : sums(a, p), gate(a.gate + p * kPanel), res(static_cast<const typename O::Elem*>(a.res) + p * kPanel),
+        ldr(a.n) {}
+  template <class A>
+  __m512 operator()(A acc, int c, int64_t row) const {
+    return _mm512_fmadd_ps(sums(acc, c, row), _mm512_loadu_ps(gate + 16 * c), O::load16(res + row * ldr + 16 * c));
   }
 };
 
@@ -847,6 +868,19 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
   });
 }
 
+// linear_impl with the epilogue the call asks for: the gated residual, the SwiGLU gate, or the sums alone
+template <class T, class O, class S>
+void linear_any(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t N,
+                bool swiglu, void* out) {
+  auto* o = static_cast<typename O::Elem*>(out);
+  if (args.res != nullptr)
+    linear_impl<T, O, Gated<S, O>, false>(xw, M, words, wp, args, N, o);
+  else if (swiglu)
+    linear_impl<T, O, S, true>(xw, M, words, wp, args, N, o);
+  else
+    linear_impl<T, O, S, false>(xw, M, words, wp, args, N, o);
+}
+
 // A linear layer's weight (N, K), bf16, float32 or int8, N a multiple of 64 (with swiglu, of 128), K of 2 (int8: of 4),
 // packed for linear() or linear_int8() (int32 [N / 64, K words, 64]), and its bias (N,) reordered the same way as
 // float32 (zeros without one)
@@ -885,13 +919,14 @@ std::tuple<at::Tensor, at::Tensor> pack_linear(const at::Tensor& w_in, const std
 
 // What linear and linear_int8 share: x (..., K), bf16 or float32, checked against a weight packed with `per_word`
 // elements per 32-bit word; x contiguous, its M rows, and the output (..., N), or (..., N / 2) with swiglu, in x's
-// dtype
+// dtype; the residual (x's dtype, the output's shape) and the gate (N elements, as float32) where they are given
 struct LinearCall {
-  at::Tensor x, packed, out;
+  at::Tensor x, packed, out, residual, gate;
   int64_t M, N, K;
 };
 
 LinearCall linear_call(const at::Tensor& x_in, const at::Tensor& packed_in, int64_t per_word, bool swiglu,
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate,
                        const char* op) {
   check_dtype(x_in.scalar_type(), op);
   TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() >= 1 && packed_in.dim() == 3 &&
@@ -899,36 +934,49 @@ LinearCall linear_call(const at::Tensor& x_in, const at::Tensor& packed_in, int6
               x_in.size(-1) == packed_in.size(1) * per_word,
               "msdd ", op, ": x (..., K) must be a CPU tensor matching the packed weight (N / 64, K / ", per_word,
               ", 64)");
-  LinearCall c{x_in.contiguous(), packed_in.contiguous(), {}, 0, packed_in.size(0) * kPanel, x_in.size(-1)};
+  LinearCall c{x_in.contiguous(), packed_in.contiguous(), {}, {}, {}, 0, packed_in.size(0) * kPanel, x_in.size(-1)};
   c.M = c.x.numel() / c.K;
   std::vector<int64_t> sizes = c.x.sizes().vec();
   sizes.back() = swiglu ? c.N / 2 : c.N;
   c.out = at::empty(sizes, c.x.options());
+  TORCH_CHECK(residual.has_value() == gate.has_value() && !(residual.has_value() && swiglu),
+              "msdd ", op, ": give the residual and the gate together, without swiglu");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->scalar_type() == c.x.scalar_type() && residual->device().is_cpu() &&
+                residual->sizes() == c.out.sizes() && gate->numel() == c.N,
+                "msdd ", op, ": the residual must be x's dtype and the output's shape (..., N), the gate N elements");
+    c.residual = residual->contiguous();
+    c.gate = gate->to(at::kFloat).contiguous();
+  }
   return c;
+}
+
+// the epilogue's arguments for the call's residual and gate, where it has them
+void add_residual(LinearArgs& args, const LinearCall& c) {
+  if (!c.residual.defined()) return;
+  args.gate = c.gate.data_ptr<float>(), args.res = c.residual.data_ptr(), args.n = c.N;
 }
 
 // x (..., K) -> (..., N), or (..., N / 2) with swiglu, in x's dtype (bf16 or float32, the dtype the weight was packed
 // from), on a weight and bias from pack_linear
-at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& bias, bool swiglu) {
+at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& bias, bool swiglu,
+                  const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate) {
   const auto dtype = x_in.scalar_type();
   const int64_t per_word = dtype == at::kBFloat16 ? 2 : 1;
-  const auto [x, pw, out, M, N, K] = linear_call(x_in, packed, per_word, swiglu, "linear");
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == N,
+  const LinearCall c = linear_call(x_in, packed, per_word, swiglu, residual, gate, "linear");
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == c.N,
               "msdd linear: the bias must be pack_linear's float32 (N,)");
-  if (M == 0) return out;
-  const LinearArgs args{bias.data_ptr<float>(), nullptr, nullptr, nullptr};
-  const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
-  const auto* xw = reinterpret_cast<const uint32_t*>(x.data_ptr());
-  const int64_t words = K / per_word;
-  if (dtype == at::kBFloat16) {
-    auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-    swiglu ? linear_impl<Bf16, Bf16, FloatSums, true>(xw, M, words, wp, args, N, op)
-           : linear_impl<Bf16, Bf16, FloatSums, false>(xw, M, words, wp, args, N, op);
-  } else {
-    swiglu ? linear_impl<Float, Float, FloatSums, true>(xw, M, words, wp, args, N, out.data_ptr<float>())
-           : linear_impl<Float, Float, FloatSums, false>(xw, M, words, wp, args, N, out.data_ptr<float>());
-  }
-  return out;
+  if (c.M == 0) return c.out;
+  LinearArgs args{bias.data_ptr<float>()};
+  add_residual(args, c);
+  const auto* wp = reinterpret_cast<const uint32_t*>(c.packed.data_ptr());
+  const auto* xw = reinterpret_cast<const uint32_t*>(c.x.data_ptr());
+  const int64_t words = c.K / per_word;
+  if (dtype == at::kBFloat16)
+    linear_any<Bf16, Bf16, FloatSums>(xw, c.M, words, wp, args, c.N, swiglu, c.out.data_ptr());
+  else
+    linear_any<Float, Float, FloatSums>(xw, c.M, words, wp, args, c.N, swiglu, c.out.data_ptr());
+  return c.out;
 }
 
 // rows of x (M, K), K a multiple of 4, as u8 words for Int8's products: q + 128 with q = round(x * 127 / max |x_r|)
@@ -959,9 +1007,12 @@ void quantise_rows(const typename O::Elem* x, int64_t M, int64_t K, uint8_t* q, 
 // pack_linear with its scales (N,), compensations comp (N,) int32 = 128 x the int8 weight's column sums, and bias (N,),
 // all three float32 / int32 in the panels' feature order
 at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale,
-                       const at::Tensor& comp, const at::Tensor& bias, bool swiglu) {
+                       const at::Tensor& comp, const at::Tensor& bias, bool swiglu,
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& gate) {
   const auto dtype = x_in.scalar_type();
-  const auto [x, pw, out, M, N, K] = linear_call(x_in, packed, 4, swiglu, "linear_int8");
+  const LinearCall c = linear_call(x_in, packed, 4, swiglu, residual, gate, "linear_int8");
+  const at::Tensor &x = c.x, &pw = c.packed, &out = c.out;
+  const int64_t M = c.M, N = c.N, K = c.K;
   for (const at::Tensor* t : {&scale, &bias})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == N,
                 "msdd linear_int8: scale and bias must be float32 (N,) in the panels' order");
@@ -970,18 +1021,16 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const a
   if (M == 0) return out;
   std::unique_ptr<uint8_t[]> q(new uint8_t[M * K]);
   std::vector<float> row_scale(M);
-  const LinearArgs args{bias.data_ptr<float>(), scale.data_ptr<float>(), comp.data_ptr<int32_t>(), row_scale.data()};
+  LinearArgs args{bias.data_ptr<float>(), scale.data_ptr<float>(), comp.data_ptr<int32_t>(), row_scale.data()};
+  add_residual(args, c);
   const auto* wp = reinterpret_cast<const uint32_t*>(pw.data_ptr());
   const auto* xw = reinterpret_cast<const uint32_t*>(q.get());
   if (dtype == at::kBFloat16) {
     quantise_rows<Bf16>(reinterpret_cast<const uint16_t*>(x.data_ptr()), M, K, q.get(), row_scale.data());
-    auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
-    swiglu ? linear_impl<Int8, Bf16, Int8Sums, true>(xw, M, K / 4, wp, args, N, op)
-           : linear_impl<Int8, Bf16, Int8Sums, false>(xw, M, K / 4, wp, args, N, op);
+    linear_any<Int8, Bf16, Int8Sums>(xw, M, K / 4, wp, args, N, swiglu, out.data_ptr());
   } else {
     quantise_rows<Float>(x.data_ptr<float>(), M, K, q.get(), row_scale.data());
-    swiglu ? linear_impl<Int8, Float, Int8Sums, true>(xw, M, K / 4, wp, args, N, out.data_ptr<float>())
-           : linear_impl<Int8, Float, Int8Sums, false>(xw, M, K / 4, wp, args, N, out.data_ptr<float>());
+    linear_any<Int8, Float, Int8Sums>(xw, M, K / 4, wp, args, N, swiglu, out.data_ptr());
   }
   return out;
 }
@@ -996,8 +1045,9 @@ TORCH_LIBRARY(msdd_kernels, m) {
   m.def("gated_adaln(Tensor x, Tensor gate, Tensor y, Tensor shift, Tensor scale, float eps) -> (Tensor, Tensor)");
   m.def("swiglu(Tensor h) -> Tensor");
   m.def("pack_linear(Tensor w, Tensor? bias, bool swiglu) -> (Tensor, Tensor)");
-  m.def("linear(Tensor x, Tensor packed, Tensor bias, bool swiglu) -> Tensor");
-  m.def("linear_int8(Tensor x, Tensor packed, Tensor scale, Tensor comp, Tensor bias, bool swiglu) -> Tensor");
+  m.def("linear(Tensor x, Tensor packed, Tensor bias, bool swiglu, Tensor? residual=None, Tensor? gate=None) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor packed, Tensor scale, Tensor comp, Tensor bias, bool swiglu, "
+        "Tensor? residual=None, Tensor? gate=None) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("attention", attention);
