@@ -1,4 +1,5 @@
-"""Building blocks shared by the encoder and the decoders: RoPE, attention, MMDiT joint block, SwiGLU, adaLN.
+"""Building blocks shared by the encoder and the decoders: attention (RoPE from msdd.models.rope), MMDiT joint block,
+SwiGLU, adaLN.
 
 An MMDiT block keeps two token streams with separate weights (image tokens and context/register
 tokens); their queries, keys and values are concatenated and go through ONE attention, so every token
@@ -7,8 +8,9 @@ timestep embedding; the encoder uses the same block without modulation.
 `attention` (RoPE + scaled dot-product attention) is the one attention of every transformer block here
 and in the SSDD bottleneck.
 
-Inference speed-ups (here: CPU linear layers, attention with its q / k norms straight from the qkv projections,
-adaLN with the gated residual before it and SwiGLU's gate on msdd.models.cpu_kernels or oneDNN; cached modulation in
+Inference speed-ups (here: CPU linear layers with SwiGLU's gate and the blocks' gated residuals in their epilogue,
+attention with its q / k norms straight from the qkv projections, adaLN (with the gated residual before it where the
+linear kernel cannot take it) on msdd.models.cpu_kernels or oneDNN; cached modulation in
 msdd.models.decoder) compute what the reference path does to its precision, not its rounding (float32 within 1e-5,
 bf16 images within 0.02); `unoptimised()` switches them off (`msdd bench`'s `student-eager` row, the tests).
 """
