@@ -23,8 +23,9 @@ from conftest import tiny_config
 def counted(fn, *args, **kwargs) -> int:
     """FLOPs of actually running fn(*args, **kwargs), attention included through the math SDPA kernel.
     On the reference path: the FLOP counts are the network's, every adaLN product per sample and pass, which
-    the optimised path's modulation cache skips after a decode's first call (0.2% of a paper-256 decode),
-    and FlopCounterMode does not see the optimised path's oneDNN linear kernel."""
+    the optimised path's modulation cache skips after a decode's first call (0.2% of a paper-256 decode), the
+    linear path's image at every pass (computed once per stage on the optimised path), and FlopCounterMode does not
+    see the optimised path's oneDNN linear kernel."""
     with (torch.inference_mode(), sdpa_kernel(SDPBackend.MATH), unoptimised(),
           FlopCounterMode(display=False) as counter):
         fn(*args, **kwargs)

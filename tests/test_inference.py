@@ -4,6 +4,7 @@ compile fallback and its memory probe."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -76,6 +77,35 @@ def test_no_cache_under_autograd(tok):
     v.square().mean().backward()
     assert tok.decoder.blocks[0].img.adaln.weight.grad.abs().sum() > 0
     assert not tok.decoder.mod_cache.entries
+
+
+def test_a_decode_maps_its_latents_through_the_linear_path_once(tok, monkeypatch):
+    """Inside a decode, on the optimised path, the linear images of its latents come from one from_linear call (and one
+    pooled / refined image per stage), not one per pass: the same images as computing them at every pass. Passes
+    outside a decode, guided steps (a new doubled batch at every step) and the reference path compute their own."""
+    from msdd.models.decoder import Decoder
+
+    calls = []
+    tok.decoder.from_linear.register_forward_hook(lambda *args: calls.append(1))
+    z, stages = _latents(tok), len(tok.windows)
+    once = tok.decode(z, steps=(2,) * stages)
+    assert len(calls) == 1
+    guided = tok.decode(z, steps=(2,) * stages, guidance=2.0)
+    assert len(calls) == 1 + 2 * stages
+    monkeypatch.setattr(Decoder, "same_latents", lambda self: contextlib.nullcontext())
+    calls.clear()
+    assert torch.equal(tok.decode(z, steps=(2,) * stages), once) and len(calls) == 2 * stages
+    assert torch.equal(tok.decode(z, steps=(2,) * stages, guidance=2.0), guided)
+    monkeypatch.undo()
+    calls.clear()
+    with unoptimised():  # the reference path (student-eager, FLOP counts): at every pass
+        tok.decode(z, steps=(2,) * stages)
+    assert len(calls) == 2 * stages
+    calls.clear()
+    x, tau = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
+    with torch.no_grad():
+        tok.decoder(x, tau, z), tok.decoder(x, tau, z)
+    assert len(calls) == 2 and tok.decoder._linear_memo is None
 
 
 def test_bf16_weight_copy(tok, monkeypatch):

@@ -3,6 +3,7 @@ steps per stage and classifier-free guidance."""
 
 from __future__ import annotations
 
+import contextlib
 from typing import Sequence
 
 import torch
@@ -42,7 +43,8 @@ class MSDDFamily(Family):
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
                generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        out = sample_multiscale(decoder, z, self.windows, steps, guidance=guidance, generator=generator)
+        with decoder.same_latents() if hasattr(decoder, "same_latents") else contextlib.nullcontext():
+            out = sample_multiscale(decoder, z, self.windows, steps, guidance=guidance, generator=generator)
         return out.image, out.stages
 
     def loss(self, decoder, images, z, generator, perceptual=None, repa=None):
