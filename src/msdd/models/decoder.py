@@ -161,7 +161,7 @@ class Decoder(nn.Module):
     @contextlib.contextmanager
     def same_latents(self):
         """Within (a decode: every pass sees the same latents and weights), `linear_image` keeps its images for the
-        latest latent tensor instead of mapping z through from_linear (3 x R x R outputs) at every pass: 1.4x the
+        latest latent tensor instead of mapping z through from_linear (3 x R x R outputs) at every pass: 1.3x the
         shipped tiny-64 student's decode at batch 1."""
         outer, self._linear_memo = self._linear_memo, [None, {}]
         try:
