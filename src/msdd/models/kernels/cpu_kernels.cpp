@@ -7,13 +7,15 @@
 // multiple of 32, no mask, with RoPE on q and k first where cos and sin (N, D) are given
 // (msdd.models.layers.apply_rope, computed in float32 here and rounded once). The result is (B, N, heads * D),
 // the layout the output projection reads.
-// Work is split over (batch x head, block of 12 queries): the block's scores against all N keys are computed at once
-// (float32, 12 x N fits in L2), then the softmax in float32 without the running-max rescaling of a flash kernel, then
-// the weighted sum of the values. bf16 has the precision of PyTorch's CPU flash kernel: bf16 products summed in float32
-// (vdpbf16ps: two products per float32 lane), float32 softmax (its exponential to 7.5e-5, below the bf16 rounding that
-// follows), bf16 probabilities, bf16 output; float32 is float32 throughout (vfmadd231ps). Both products read 32-bit
-// words: a bf16 word is a pair of consecutive elements along the summed dimension, a float32 word one element. k is
-// re-laid out in panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64
+// Work is split over tiles of 6 queries of a head: a tile's scores against all N keys are computed at once (float32,
+// 6 x N, its row maxima on the way), then the softmax in float32 without the running-max rescaling of a flash kernel,
+// then the weighted sum of the values; a thread pipelines its tiles (the next tile's scores, a panel of 64 keys at a
+// time, between the panels of this tile's softmax: 5% less time for a 1152-token bf16 attention, 8% at 192-384).
+// bf16 has the precision of PyTorch's CPU flash kernel: bf16 products summed in float32 (vdpbf16ps: two products per
+// float32 lane), float32 softmax (its exponential to 7.5e-5, below the bf16 rounding that follows), bf16
+// probabilities, bf16 output; float32 is float32 throughout (vfmadd231ps). Both products read 32-bit words: a bf16
+// word is a pair of consecutive elements along the summed dimension, a float32 word one element. k is re-laid out in
+// panels of 64 keys x D words, v in words along the keys; both are padded with zeros to a multiple of 64
 // keys (padded keys get probability 0).
 // joint_attention reads q, k and v in place from the (B, N_s, 3 W) outputs of the two streams' qkv layers, applies
 // each stream's q_norm / k_norm and RoPE while packing (float32, rounded once), and writes each stream's output
@@ -34,7 +36,6 @@
 
 namespace {
 
-constexpr int64_t kRows = 12;   // queries per block
 constexpr int64_t kTile = 6;    // queries per register tile
 constexpr int64_t kPanel = 64;  // keys per score tile (four vectors of 16)
 
@@ -296,15 +297,30 @@ inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t
   }
 }
 
-// s[r][c] = q[r] . k[c] for 6 queries and one panel of 64 keys (float32 sums)
+// s[r][c] = q[r] . k[c] for 6 queries and one panel of 64 keys (float32 sums); mx[r] = the max of mx[r] and the
+// row's scores of the panel's first `valid` keys (the rest are padding)
 template <class T>
-inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words, float* s, int64_t lds) {
+inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words, float* s, int64_t lds, __m512* mx,
+                       int64_t valid) {
   __m512 acc[kTile][4];
   dot_tile<T, kTile>(q, words, kp, words, acc);
 #pragma GCC unroll 6
-  for (int r = 0; r < kTile; ++r)
+  for (int r = 0; r < kTile; ++r) {
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s + r * lds + 16 * c, acc[r][c]);
+    __m512 m;
+    if (valid >= kPanel) {
+      m = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
+    } else {
+      m = _mm512_set1_ps(-INFINITY);
+      for (int c = 0; c < 4 && 16 * c < valid; ++c) {
+        const int64_t left = valid - 16 * c;
+        const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
+        m = _mm512_mask_max_ps(m, keep, m, acc[r][c]);
+      }
+    }
+    mx[r] = _mm512_max_ps(mx[r], m);
+  }
 }
 
 // 2^x, x clamped to [-126, 126]: degree-6 polynomial on the fraction in [-1/2, 1/2] (relative error < 2e-7),
@@ -344,33 +360,34 @@ inline __m512 prob16(__m512 x) {
   else return exp2v(x);
 }
 
-// one row: probabilities exp(scale * (s - max)) for the n scores, zeros from n to end (a multiple of 16); returns
-// their float32 sum
+// the unnormalised probabilities 2^(scale_log2 s - shift[r]) of one panel of 64 keys for the 6 rows of a tile, in
+// rows of ld (zeros from key `valid` on), added to the rows' float32 sums
 template <class T>
-inline float softmax_row(const float* s, typename T::Elem* prob, int64_t n, int64_t end, float scale_log2) {
-  __m512 mx = _mm512_set1_ps(-INFINITY);
-  int64_t c = 0;
-  for (; c + 16 <= n; c += 16) mx = _mm512_max_ps(mx, _mm512_loadu_ps(s + c));
-  const int64_t full = c;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (n - c)) - 1u);
-  if (c < n) mx = _mm512_mask_max_ps(mx, tail, mx, _mm512_maskz_loadu_ps(tail, s + c));
-  const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx) * scale_log2);
+inline void prob_panel(const float* s, typename T::Elem* prob, int64_t ld, const float* shift, __m512* sum,
+                       int64_t valid, float scale_log2) {
   const __m512 mul = _mm512_set1_ps(scale_log2);
-  __m512 sum = _mm512_setzero_ps();
-  for (c = 0; c < full; c += 16) {  // whole vectors without masks, then the tail and the zeros
-    const __m512 e = prob16<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s + c), mul, shift));
-    sum = _mm512_add_ps(sum, e);
-    T::store16(prob + c, e);
+#pragma GCC unroll 6
+  for (int r = 0; r < kTile; ++r) {
+    const __m512 sh = _mm512_set1_ps(shift[r]);
+    __m512 acc = sum[r];
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = valid - 16 * c;
+      __m512 e;
+      if (left >= 16) {
+        e = prob16<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s + r * ld + 16 * c), mul, sh));
+      } else if (left > 0) {
+        const __mmask16 keep = static_cast<__mmask16>((1u << left) - 1u);
+        const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(keep, s + r * ld + 16 * c), mul, sh);
+        e = _mm512_maskz_mov_ps(keep, prob16<T>(x));
+      } else {
+        e = _mm512_setzero_ps();
+      }
+      acc = _mm512_add_ps(acc, e);
+      T::store16(prob + r * ld + 16 * c, e);
+    }
+    sum[r] = acc;
   }
-  if (c < n) {
-    const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(tail, s + c), mul, shift);
-    const __m512 e = _mm512_maskz_mov_ps(tail, prob16<T>(x));
-    sum = _mm512_add_ps(sum, e);
-    T::store16(prob + c, e);
-    c += 16;
-  }
-  for (; c < end; c += 16) T::store16(prob + c, _mm512_setzero_ps());
-  return _mm512_reduce_add_ps(sum);
 }
 
 // out[r][dc .. dc + 16 C) = inv[r] * sum_j prob[r] . v over `words` words of keys, for the 6 rows of a tile
@@ -412,11 +429,10 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
                     typename T::Elem* out1) {
   using Elem = typename T::Elem;
   const int64_t words = D / T::kPerWord, n0 = q.n0, n1 = N - n0;
-  const int64_t npad = (N + kPanel - 1) / kPanel * kPanel, blocks = (N + kRows - 1) / kRows;
+  const int64_t npad = (N + kPanel - 1) / kPanel * kPanel;
   const int64_t vwords = npad / T::kPerWord;  // words along the keys, per value column
-  // the probabilities the value products read: keys up to N rounded up to a word (zeros past N), written up to N
-  // rounded up to a vector
-  const int64_t kwords = (N + T::kPerWord - 1) / T::kPerWord, nvec = (N + 15) / 16 * 16;
+  // the probabilities the value products read: keys up to N rounded up to a word (zeros past N, written up to npad)
+  const int64_t kwords = (N + T::kPerWord - 1) / T::kPerWord;
   // every word of the three is written below (zeros past N): no initialisation
   std::unique_ptr<uint32_t[]> kp(new uint32_t[B * H * npad * words]), vp(new uint32_t[B * H * vwords * D]);
   std::unique_ptr<Elem[]> qp(new Elem[B * H * N * D]);
@@ -432,39 +448,59 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
     }
   });
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
-  at::parallel_for(0, B * H * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(kRows * npad);
-    std::vector<Elem> prob(kRows * npad);
-    std::vector<uint32_t> qb(kRows * words);
-    float inv[kRows];
-    Elem* rows_out[kRows];
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / blocks, b = bh / H, h = bh % H;
-      const int64_t r0 = (task % blocks) * kRows, rows = std::min(kRows, N - r0);
-      std::memcpy(qb.data(), qp.get() + (bh * N + r0) * D, rows * D * sizeof(Elem));
-      std::fill(qb.begin() + rows * words, qb.end(), 0u);
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t t = r0 + r;
-        rows_out[r] = t < n0 ? out0 + ((b * n0 + t) * H + h) * D : out1 + ((b * n1 + t - n0) * H + h) * D;
-      }
-      const uint32_t* kh = kp.get() + bh * npad * words;
-      for (int64_t t = 0; t < kRows; t += kTile)
-        for (int64_t panel = 0; panel < npad / kPanel; ++panel)
-          score_tile<T>(qb.data() + t * words, kh + panel * words * kPanel, words,
-                        s.data() + t * npad + panel * kPanel, npad);
-      for (int64_t r = 0; r < kRows; ++r)
-        inv[r] = 1.0f / softmax_row<T>(s.data() + r * npad, prob.data() + r * npad, N, nvec, scale_log2);
-      const auto* pw = reinterpret_cast<const uint32_t*>(prob.data());
-      const uint32_t* vh = vp.get() + bh * vwords * D;
-      for (int64_t rr = 0; rr < rows; rr += kTile) {
-        const int n_rows = static_cast<int>(std::min<int64_t>(kTile, rows - rr));
-        const uint32_t* p = pw + rr * vwords;
-        for (int64_t dc = 0; dc < D; dc += 64) {
-          if (D - dc >= 64)
-            value_tile<T, 4>(p, vwords, vh + dc, D, kwords, inv + rr, n_rows, rows_out + rr, dc);
-          else
-            value_tile<T, 2>(p, vwords, vh + dc, D, kwords, inv + rr, n_rows, rows_out + rr, dc);
+  // Tiles of 6 queries (a head's rows 6 t .. 6 t + 5), each thread through its own run of them as a pipeline: tile
+  // i's scores, panel by panel, with tile i - 1's probabilities of the same panel between them (independent work that
+  // the core overlaps with the products), then tile i - 1's values
+  const int64_t head_tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, B * H * head_tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(2 * kTile * npad);
+    std::vector<Elem> prob(2 * kTile * npad);
+    std::vector<uint32_t> qb(kTile * words);
+    __m512 mx[2][kTile], sum[kTile];
+    float shift[kTile], inv[kTile];
+    Elem* rows_out[2][kTile];
+    int64_t tile_bh[2] = {0, 0}, tile_rows[2] = {0, 0};
+    for (int64_t i = begin; i <= end; ++i) {
+      const int cur = static_cast<int>(i & 1), prev = cur ^ 1;
+      const bool has_cur = i < end, has_prev = i > begin;
+      float* s_cur = s.data() + cur * kTile * npad;
+      if (has_cur) {
+        const int64_t bh = i / head_tiles, b = bh / H, h = bh % H, r0 = i % head_tiles * kTile;
+        const int64_t rows = std::min(kTile, N - r0);
+        tile_bh[cur] = bh, tile_rows[cur] = rows;
+        std::memcpy(qb.data(), qp.get() + (bh * N + r0) * D, rows * D * sizeof(Elem));
+        std::fill(qb.begin() + rows * words, qb.end(), 0u);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t t = r0 + r;
+          rows_out[cur][r] = t < n0 ? out0 + ((b * n0 + t) * H + h) * D : out1 + ((b * n1 + t - n0) * H + h) * D;
         }
+        for (int64_t r = 0; r < kTile; ++r) mx[cur][r] = _mm512_set1_ps(-INFINITY);
+      }
+      if (has_prev)
+        for (int64_t r = 0; r < kTile; ++r) {
+          shift[r] = _mm512_reduce_max_ps(mx[prev][r]) * scale_log2;
+          sum[r] = _mm512_setzero_ps();
+        }
+      const uint32_t* kh = kp.get() + tile_bh[cur] * npad * words;
+      float* s_prev = s.data() + prev * kTile * npad;
+      Elem* p_prev = prob.data() + prev * kTile * npad;
+      for (int64_t panel = 0; panel < panels; ++panel) {
+        const int64_t valid = std::min(kPanel, N - panel * kPanel);
+        if (has_cur)
+          score_tile<T>(qb.data(), kh + panel * words * kPanel, words, s_cur + panel * kPanel, npad, mx[cur], valid);
+        if (has_prev)
+          prob_panel<T>(s_prev + panel * kPanel, p_prev + panel * kPanel, npad, shift, sum, valid, scale_log2);
+      }
+      if (!has_prev) continue;
+      for (int64_t r = 0; r < kTile; ++r) inv[r] = 1.0f / _mm512_reduce_add_ps(sum[r]);
+      const int n_rows = static_cast<int>(tile_rows[prev]);
+      const auto* p = reinterpret_cast<const uint32_t*>(p_prev);
+      const uint32_t* vh = vp.get() + tile_bh[prev] * vwords * D;
+      for (int64_t dc = 0; dc < D; dc += 64) {
+        if (D - dc >= 64)
+          value_tile<T, 4>(p, vwords, vh + dc, D, kwords, inv, n_rows, rows_out[prev], dc);
+        else
+          value_tile<T, 2>(p, vwords, vh + dc, D, kwords, inv, n_rows, rows_out[prev], dc);
       }
     }
   });
