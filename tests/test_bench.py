@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import sys
+import time
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from msdd.config import load_config
 from msdd.eval.bench import (CONTENDERS, NO_DIFFUSERS, at_resolution, measure_conv_peak, measure_matmul_peak,
                              rotated_orders)
 from msdd.eval.bench.peak import matmul_peaks
+from msdd.eval.bench.timing import time_contenders
 from msdd.models.layers import FP32_PACKING, ONEDNN_LINEAR
 from msdd.tokenizer import Tokenizer
 
@@ -49,6 +51,29 @@ def test_rotated_orders():
     assert [o[0] for o in orders] == ["a", "b", "c", "d", "a", "b", "c", "d"]
     assert rotated_orders(["x", "y"], 2) == [["x", "y"], ["y", "x"]]
     assert rotated_orders(names, 0) == []
+
+
+def test_a_timed_sample_repeats_a_short_call_until_it_lasts_min_time():
+    calls = {"short": 0, "long": 0}
+
+    def short():  # about 2 ms
+        calls["short"] += 1
+        time.sleep(0.002)
+
+    def long():  # longer than min_time: one call per sample
+        calls["long"] += 1
+        time.sleep(0.03)
+
+    seconds, first, _ = time_contenders({"short": short, "long": long}, rounds=3, warmup=1,
+                                        device=torch.device("cpu"), log=lambda _: None, min_time=0.02)
+    assert calls["long"] == 1 + 3  # warm-up rounds: one call each
+    assert calls["short"] >= 1 + 3 * 10  # each timed sample: >= 20 ms of ~2 ms calls
+    assert all(0.002 <= t < 0.01 for t in seconds["short"])  # seconds per call, not per sample
+    assert all(t >= 0.03 for t in seconds["long"]) and len(seconds["short"]) == 3
+    assert first["short"] >= 0.002
+    before = calls["short"]
+    time_contenders({"short": short}, rounds=2, warmup=0, device=torch.device("cpu"), log=lambda _: None)
+    assert calls["short"] == before + 2  # min_time 0 (the default here): one call per sample
 
 
 def test_quick_report_has_every_contender(quick):
@@ -150,6 +175,8 @@ def test_trained_model_directories(tmp_path):
     ["--resolutions", "96"],
     ["--steps", "1,2"],
     ["--batch-size", "0"],
+    ["--min-time", "-1"],
+    ["--pipeline", "--min-time", "2"],
 ])
 def test_bad_options(tmp_path, args, capsys):
     assert main(["bench", "--quick", "--json", str(tmp_path / "b.json"), *args]) == 2

@@ -95,6 +95,7 @@ def cmd_bench(args) -> None:
         "preset": args.preset, "overrides": tuple(args.overrides), "model": args.model, "student": args.student,
         "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size, "resolution": args.resolution,
         "steps": steps_arg(args.steps), "guidance": args.guidance, "rounds": args.rounds, "warmup": args.warmup,
+        "min_time": args.min_time,
         "threads": args.threads, "contenders": parse_list(args.contenders, "--contenders"),
         "resolutions": parse_list(args.resolutions, "--resolutions", int), "device": args.device, "quick": args.quick,
         "ssdd_preset": args.ssdd_preset, "ssdd_steps": args.ssdd_steps, "pipeline": args.pipeline or None,
@@ -180,6 +181,9 @@ def add_bench(sub) -> None:
                    help="teacher guidance scale (default: the model's)")
     p.add_argument("--rounds", type=int, default=None, help="timed rounds, every contender once per round (default 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 2)")
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds of a contender's timed sample: a shorter call is repeated back to back and its time "
+                        "is their mean (default 1; 0: one call; --quick: 0; not with --pipeline)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--contenders", type=str, default=None,
                    help="comma list, a subset of student,student-eager,student-bf16,teacher,teacher-nocfg,"

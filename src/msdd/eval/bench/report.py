@@ -12,7 +12,8 @@ def format_report(report: dict) -> str:
     source = report["model"] or f"preset {report['preset']}"
     lines = [
         f"msdd bench: {source}, {report['resolution']} px, batch {report['batch_size']}, {report['dtype']}, "
-        f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, {report['device']} "
+        f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, "
+        f"samples >= {report.get('min_time', 0):g} s, {report['device']} "
         f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
         f"3x3 conv {report['conv_peak_gflops']:.1f}",
         f"{'contender':<16} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "

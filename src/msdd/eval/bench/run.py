@@ -43,7 +43,7 @@ def measure(contenders: list[Contender], settings: BenchSettings, peak_gflops: f
             log: Callable[[str], None] = log_stderr) -> list[dict]:
     runnable = {c.name: c.decode for c in contenders if c.decode is not None}
     seconds, first, memory = time_contenders(runnable, settings.rounds, settings.warmup, device,
-                                             settings.dtype == "bf16", log)
+                                             settings.dtype == "bf16", log, settings.min_time)
     rows = [summarize(c, seconds.get(c.name), first.get(c.name), settings.batch_size, peak_gflops,
                       settings.compile, memory.get(c.name)) for c in contenders]
     student = next((r for r in rows if r["name"] == "student" and "img_per_s" in r), None)
@@ -190,7 +190,7 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         "peak_matmul_sizes": list(peak_sizes(dtype, device)),
         "matmul_peak_by_kernel": kernel_peaks,
         "conv_peak_gflops": conv_peak,
-        "warmup": settings.warmup, "rounds": settings.rounds,
+        "warmup": settings.warmup, "rounds": settings.rounds, "min_time": settings.min_time,
         "torch_version": torch.__version__, "diffusers_version": diffusers_version,
         "python_version": platform.python_version(),
         "pipeline": dataclasses.asdict(gen) if gen else None,

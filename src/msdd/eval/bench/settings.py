@@ -18,7 +18,7 @@ PIPELINE_ROWS = ("student", "teacher", "ssdd-student", "sd-vae")
 PIPELINE_CAPABLE = ("student", "teacher", "teacher-nocfg", "single-scale", "sd-vae", "ssdd-student", "ssdd-teacher")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # What `--quick` sets where the option is not given: a smoke run that takes seconds on a CPU.
-QUICK = {"preset": "tiny-64", "batch_size": 2, "warmup": 1, "rounds": 2, "steps": 2}
+QUICK = {"preset": "tiny-64", "batch_size": 2, "warmup": 1, "rounds": 2, "steps": 2, "min_time": 0.0}
 
 
 def parse_list(text: str | None, option: str, kind: type = str) -> tuple | None:
@@ -55,6 +55,7 @@ class BenchSettings:
     guidance: float | None = None  # --cfg
     rounds: int = 5
     warmup: int = 2
+    min_time: float = 1.0  # seconds of a timed sample (calls repeated back to back); not with --pipeline
     threads: int | None = None
     contenders: tuple[str, ...] = CONTENDERS
     resolutions: tuple[int, ...] = ()
@@ -76,6 +77,7 @@ class BenchSettings:
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.rounds >= 1, "--rounds", f"must be >= 1, got {self.rounds}")
         check(self.warmup >= 0, "--warmup", f"must be >= 0, got {self.warmup}")
+        check(self.min_time >= 0, "--min-time", f"must be >= 0 seconds, got {self.min_time}")
         check(self.threads is None or self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
         check(self.resolution is None or self.resolution >= 1, "--resolution", f"must be >= 1, got {self.resolution}")
         check(all(r >= 1 for r in self.resolutions), "--resolutions", f"must be >= 1, got {list(self.resolutions)}")
@@ -92,6 +94,9 @@ class BenchSettings:
             check(not bad, "--contenders", f"{bad} cannot follow a generator in --pipeline; choose from "
                                            f"{list(PIPELINE_CAPABLE)} (default {','.join(PIPELINE_ROWS)})")
             check(not self.resolutions, "--resolutions", "is not available with --pipeline")
+            check(self.min_time == 0 or self.min_time == BenchSettings.min_time, "--min-time",
+                  "is not available with --pipeline (a row's sample is one call: it times the generator too)")
+            object.__setattr__(self, "min_time", 0.0)
         unknown = [c for c in self.contenders if c not in CONTENDERS + OPTIONAL_CONTENDERS]
         check(not unknown and len(self.contenders) > 0, "--contenders",
               f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS + OPTIONAL_CONTENDERS)}")
@@ -112,7 +117,7 @@ class BenchSettings:
         if self.guidance is not None:
             a += ["--cfg", f"{self.guidance:g}"]
         a += ["--dtype", self.dtype, "--batch-size", str(self.batch_size), "--warmup", str(self.warmup),
-              "--rounds", str(self.rounds)]
+              "--rounds", str(self.rounds), "--min-time", f"{self.min_time:g}"]
         if self.threads:
             a += ["--threads", str(self.threads)]
         if self.contenders != CONTENDERS:

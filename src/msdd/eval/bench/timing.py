@@ -1,5 +1,5 @@
 """Timing the contenders side by side: warm-up rounds, then rounds in an order rotated by one place per round,
-the device synchronised around every call."""
+the device synchronised around every call; a timed sample repeats a short call until it lasts `min_time`."""
 
 from __future__ import annotations
 
@@ -31,19 +31,27 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
 
 
 def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device,
-                    bf16: bool = False, log: Callable[[str], None] = log_stderr
+                    bf16: bool = False, log: Callable[[str], None] = log_stderr, min_time: float = 0.0
                     ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
-    """Seconds per call of every contender: `warmup` untimed rounds, then `rounds` timed rounds in rotated
-    order. Returns (seconds of each timed round per contender, seconds of each contender's first call,
-    peak MiB of each contender's call in the last round beyond the memory in use before it)."""
+    """Seconds per call of every contender: `warmup` untimed rounds of one call each, then `rounds` timed rounds in
+    rotated order, in which a contender's sample is its calls back to back until they last `min_time` seconds (at
+    least one call) and its time per call their mean: a call of well under a second right after another contender
+    runs up to 10% slower than the next one (2-core EPYC, paper-256 student). Returns (seconds per call of each timed
+    round per contender, seconds of each contender's first call, peak MiB of each contender's sample in the last
+    round beyond the memory in use before it)."""
     sync = synchronizer(device)
 
-    def timed(fn: Callable[[], object]) -> float:
+    def timed(fn: Callable[[], object], least: float = 0.0) -> float:
         sync()
         t0 = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t0
+        calls = 0
+        while True:
+            fn()
+            sync()
+            calls += 1
+            elapsed = time.perf_counter() - t0
+            if elapsed >= least:
+                return elapsed / calls
 
     names = list(decoders)
     seconds: dict[str, list[float]] = {n: [] for n in names}
@@ -58,9 +66,9 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
         for i, order in enumerate(rotated_orders(names, rounds)):
             for name in order:
                 if i == rounds - 1:  # the memory probe stays outside the timed region
-                    t, memory[name] = call_with_peak_memory(lambda: timed(decoders[name]), device)
+                    t, memory[name] = call_with_peak_memory(lambda: timed(decoders[name], min_time), device)
                 else:
-                    t = timed(decoders[name])
+                    t = timed(decoders[name], min_time)
                 first.setdefault(name, t)
                 seconds[name].append(t)
             log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in order))
