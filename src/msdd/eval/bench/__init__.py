@@ -12,9 +12,10 @@ one process.
     ssdd-teacher   the same decoder with its own N-step schedule (`--ssdd-steps`)
 
 All run at one resolution, batch size, dtype and thread count. Method: `torch.inference_mode()`,
-warm-up rounds, then R rounds in which every contender runs once, in an order rotated by one place
-per round, so that slow drift of a shared machine hits every contender alike; per contender the
-median (and min, max) seconds per batch, the device synchronised before and after each call. Only
+warm-up rounds, then R rounds in which every contender runs one sample (its calls back to back for at
+least `--min-time` seconds, default 1), in an order rotated by one place per round, so that slow drift of
+a shared machine hits every contender alike; per contender the median (and min, max) seconds per batch,
+the device synchronised before and after each call. Only
 the decode is timed: models, latents and noise generators are made beforehand and the sampler's
 generator is re-seeded at the start of every call (every call decodes the same images).
 
