@@ -35,10 +35,11 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
                     ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
     """Seconds per call of every contender: `warmup` untimed rounds of one call each, then `rounds` timed rounds in
     rotated order, in which a contender's sample is its calls back to back until they last `min_time` seconds (at
-    least one call) and its time per call their mean: a call of well under a second right after another contender
-    runs up to 10% slower than the next one (2-core EPYC, paper-256 student). Returns (seconds per call of each timed
-    round per contender, seconds of each contender's first call, peak MiB of each contender's sample in the last
-    round beyond the memory in use before it)."""
+    least one call) and its time per call their mean: throughput is what calls back to back sustain, and a single call
+    of under half a second after a pause ran 10% slower (2-core Zen 5 EPYC, paper-256 bf16 student: 484-514 ms after a
+    1 s sleep, 437-462 back to back). Returns (seconds per call of each timed round per contender, seconds of each
+    contender's first call, peak MiB of each contender's sample in the last round beyond the memory in use before
+    it)."""
     sync = synchronizer(device)
 
     def timed(fn: Callable[[], object], least: float = 0.0) -> float:

@@ -288,7 +288,7 @@ inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t
   // pf_lines cache lines from pf on (a linear layer's next weight panel) prefetched, spread evenly over the words
   int64_t due = 0;
   for (int64_t w = 0; w < words; ++w) {
-    for (due += pf_lines; due >= words; due -= words) _mm_prefetch(pf, _MM_HINT_T0), pf += 64;
+    for (due += pf_lines; due >= words; due -= words, pf += 64) _mm_prefetch(pf, _MM_HINT_T0);
     __m512i b[4];
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) b[c] = _mm512_loadu_si512(bp + w * kPanel + 16 * c);
