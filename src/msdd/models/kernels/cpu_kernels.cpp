@@ -39,6 +39,11 @@ namespace {
 constexpr int64_t kTile = 6;    // queries per register tile
 constexpr int64_t kPanel = 64;  // keys per score tile (four vectors of 16)
 
+// the mask of a vector's first n of 16 lanes (n <= 0: none)
+inline __mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>(n >= 16 ? 0xFFFFu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+
 struct Bf16 {
   using Elem = uint16_t;
   using Acc = __m512;
@@ -317,11 +322,7 @@ inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words, flo
       m = _mm512_max_ps(_mm512_max_ps(acc[r][0], acc[r][1]), _mm512_max_ps(acc[r][2], acc[r][3]));
     } else {
       m = _mm512_set1_ps(-INFINITY);
-      for (int c = 0; c < 4 && 16 * c < valid; ++c) {
-        const int64_t left = valid - 16 * c;
-        const __mmask16 keep = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1u);
-        m = _mm512_mask_max_ps(m, keep, m, acc[r][c]);
-      }
+      for (int c = 0; c < 4; ++c) m = _mm512_mask_max_ps(m, first_lanes(valid - 16 * c), m, acc[r][c]);
     }
     mx[r] = _mm512_max_ps(mx[r], m);
   }
@@ -381,7 +382,7 @@ inline void prob_panel(const float* s, typename T::Elem* prob, int64_t ld, const
       if (left >= 16) {
         e = prob16<T>(_mm512_fmsub_ps(_mm512_loadu_ps(s + r * ld + 16 * c), mul, sh));
       } else if (left > 0) {
-        const __mmask16 keep = static_cast<__mmask16>((1u << left) - 1u);
+        const __mmask16 keep = first_lanes(left);
         const __m512 x = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(keep, s + r * ld + 16 * c), mul, sh);
         e = _mm512_maskz_mov_ps(keep, prob16<T>(x));
       } else {
@@ -1037,7 +1038,7 @@ void quantise_rows(const typename O::Elem* x, int64_t M, int64_t K, uint8_t* q, 
     for (int64_t r = begin; r < end; ++r) {
       const typename O::Elem* row = x + r * K;
       const int64_t full = K / 16 * 16;
-      const __mmask16 tail = static_cast<__mmask16>((1u << (K - full)) - 1u);
+      const __mmask16 tail = first_lanes(K - full);
       __m512 mx = _mm512_setzero_ps();
       for (int64_t k = 0; k < full; k += 16) mx = _mm512_max_ps(mx, _mm512_abs_ps(O::load16(row + k)));
       if (tail) mx = _mm512_max_ps(mx, _mm512_abs_ps(O::load16_masked(row + full, tail)));
