@@ -824,6 +824,7 @@ struct LinearArgs {
 struct FloatSums {
   const float* bias;
   FloatSums(const LinearArgs& a, int64_t p) : bias(a.bias + p * kPanel) {}
+  void prefetch(int64_t, int64_t) const {}
   __m512 operator()(__m512 acc, int c, int64_t) const { return _mm512_add_ps(acc, _mm512_loadu_ps(bias + 16 * c)); }
 };
 
@@ -833,6 +834,7 @@ struct Int8Sums {
   const int32_t* comp;
   Int8Sums(const LinearArgs& a, int64_t p)
       : bias(a.bias + p * kPanel), scale(a.scale + p * kPanel), row_scale(a.row_scale), comp(a.comp + p * kPanel) {}
+  void prefetch(int64_t, int64_t) const {}
   __m512 operator()(__m512i acc, int c, int64_t row) const {
     const __m512i sums = _mm512_sub_epi32(acc, _mm512_loadu_si512(comp + 16 * c));
     const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(scale + 16 * c), _mm512_set1_ps(row_scale[row]));
@@ -840,7 +842,10 @@ struct Int8Sums {
   }
 };
 
-// the gated residual around a tile's outputs: res + gate * sums (S: FloatSums or Int8Sums)
+// the gated residual around a tile's outputs: res + gate * sums (S: FloatSums or Int8Sums). Each tile prefetches the
+// next tile's residual rows (`prefetch`; the other epilogues read nothing per row): the rows lie a row length apart,
+// and their loads in the epilogue stalled the tile (a 1024-row layer to 768 features ran at 87% of its ungated rate;
+// 1.04-1.13x a gated bf16 layer, 1.01-1.06x float32, a student decode 1.01x bf16 and 1.02x float32 on the Zen 5)
 template <class S, class O>
 struct Gated {
   S sums;
@@ -850,6 +855,12 @@ struct Gated {
   Gated(const LinearArgs& a, int64_t p)
       : sums(a, p), gate(a.gate + p * kPanel), res(static_cast<const typename O::Elem*>(a.res) + p * kPanel),
         ldr(a.n) {}
+  // the residual's lines in rows row .. row + rows - 1 (the panel's 64 features) on their way into the caches
+  void prefetch(int64_t row, int64_t rows) const {
+    constexpr int64_t bytes = kPanel * sizeof(typename O::Elem);
+    for (int64_t r = row; r < row + rows; ++r)
+      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(res + r * ldr) + b, _MM_HINT_T0);
+  }
   template <class A>
   __m512 operator()(A acc, int c, int64_t row) const {
     return _mm512_fmadd_ps(sums(acc, c, row), _mm512_loadu_ps(gate + 16 * c), O::load16(res + row * ldr + 16 * c));
@@ -911,6 +922,7 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
       int64_t r = r0;
       for (int64_t i = 0; r + kTile <= r1; r += kTile, ++i) {
         const int64_t first = std::min(lines, i * per_tile), count = std::min(lines, first + per_tile) - first;
+        sums.prefetch(r + kTile, std::min(kTile, r1 - r - kTile));  // the next tile's residual rows, if any
         linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo,
                                              pf == nullptr ? nullptr : pf + 64 * first, pf == nullptr ? 0 : count);
       }
