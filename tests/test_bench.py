@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from msdd import malloc
 from msdd.cli import main
 from msdd.config import load_config
 from msdd.eval.bench import (CONTENDERS, NO_DIFFUSERS, at_resolution, measure_conv_peak, measure_matmul_peak,
@@ -86,6 +87,9 @@ def test_quick_report_has_every_contender(quick):
     assert report["machine_peak_gflops"] == max(before, after) > 0
     assert report["conv_peak_gflops"] > 0
     assert report["command"].startswith("msdd bench --preset tiny-64")
+    # the command tunes glibc malloc (msdd.malloc) unless told not to; the report says which held
+    assert report["malloc"] == malloc.settings()
+    assert ("malloc tuned" if report["malloc"] else "malloc as the environment has it") in stdout
     rows = {r["name"]: r for r in report["contenders"]}
     assert list(rows) == list(CONTENDERS)
     for name, r in rows.items():

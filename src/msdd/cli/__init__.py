@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from msdd import malloc
 from msdd.cli import decoding, generation, models, training
 
 # (sub-parser builder) in the order `msdd --help` lists the commands
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    malloc.tune()  # CPU decodes stop faulting their activations' pages in again (msdd.malloc; MSDD_MALLOC=glibc: off)
     try:
         return args.func(args) or 0
     except (ValueError, FileNotFoundError) as e:

@@ -7,13 +7,20 @@ def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None else format(x, spec)
 
 
+def _malloc(settings: dict | None) -> str:
+    if settings is None:
+        return "malloc as the environment has it"
+    return (f"malloc tuned (mmap {settings['mmap_threshold'] >> 20} MiB, "
+            f"trim {settings['trim_threshold'] >> 20} MiB)")
+
+
 def format_report(report: dict) -> str:
     """The stdout tables of a report."""
     source = report["model"] or f"preset {report['preset']}"
     lines = [
         f"msdd bench: {source}, {report['resolution']} px, batch {report['batch_size']}, {report['dtype']}, "
         f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, "
-        f"samples >= {report.get('min_time', 0):g} s, {report['device']} "
+        f"samples >= {report.get('min_time', 0):g} s, {_malloc(report.get('malloc'))}, {report['device']} "
         f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
         f"3x3 conv {report['conv_peak_gflops']:.1f}",
         f"{'contender':<16} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "

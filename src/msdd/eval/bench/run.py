@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from msdd import malloc
 from msdd.eval.bench.contenders import build_contenders, default_ssdd_preset, ssdd_config
 from msdd.eval.bench.models import Contender, FlowModel, at_resolution, load_models
 from msdd.eval.bench.peak import matmul_peaks, measure_conv_peak, peak_sizes
@@ -191,6 +192,7 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         "matmul_peak_by_kernel": kernel_peaks,
         "conv_peak_gflops": conv_peak,
         "warmup": settings.warmup, "rounds": settings.rounds, "min_time": settings.min_time,
+        "malloc": malloc.settings(),
         "torch_version": torch.__version__, "diffusers_version": diffusers_version,
         "python_version": platform.python_version(),
         "pipeline": dataclasses.asdict(gen) if gen else None,
