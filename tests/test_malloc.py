@@ -22,9 +22,10 @@ def _tune_in_fresh_process(**env: str) -> str:
 
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
-def test_tune_sets_both_thresholds_and_reports_them():
+@pytest.mark.parametrize("env", [{}, {"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1024"}])  # not malloc's
+def test_tune_sets_both_thresholds_and_reports_them(env):
     applied = {"mmap_threshold": malloc.MMAP_THRESHOLD, "trim_threshold": malloc.TRIM_THRESHOLD}
-    assert _tune_in_fresh_process() == f"{applied} {applied}"
+    assert _tune_in_fresh_process(**env) == f"{applied} {applied}"
 
 
 @pytest.mark.parametrize("env", [{"MSDD_MALLOC": "glibc"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"},

@@ -2,14 +2,16 @@
 
 A decode allocates and frees activations of several MB in every layer. Under glibc's defaults the larger ones get
 fresh pages of their own (mmap), and the heap's free top goes back to the system after each spell of large blocks,
-so the next allocation faults its pages in again: 9,500-11,000 page faults and 52-62 ms of system time per
-paper-256 float32 student decode on the 2-core Zen 5 EPYC (65 faults in bf16, whose activations are half the size).
-`tune` serves blocks up to 32 MiB from the heap and returns its free top to the system only beyond 256 MiB: 150-900
-faults per decode, 2.5-5% less time (float32 student 814-834 ms against 856, medians of 5 in separate processes).
-The cost is memory kept after a large decode: up to 256 MiB of freed blocks stay with the process for the next one.
+so the next allocation faults its pages in again: 9,500-12,200 page faults and 44-62 ms of system time per
+paper-256 float32 student decode on the 2-core Zen 5 EPYC (65-115 faults in bf16, whose activations are half the
+size). `tune` serves blocks up to 32 MiB from the heap and returns its free top to the system only beyond 256 MiB:
+0-900 faults per decode; medians of 5 float32 decodes in 5 alternating pairs of processes 787-831 ms (median 825)
+against 802-877 (median 847). The cost is memory kept after a large decode: up to 256 MiB of freed blocks stay with
+the process for the next one.
 
 Library users opt in with `msdd.malloc.tune()`; `MSDD_MALLOC=glibc` keeps glibc's own behaviour in the command too,
-and glibc's own settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `GLIBC_TUNABLES`) take precedence."""
+and glibc's own malloc settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `glibc.malloc.*` in
+`GLIBC_TUNABLES`) take precedence."""
 
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ ENV = "MSDD_MALLOC"
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value on 64-bit systems
 TRIM_THRESHOLD = 256 << 20
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _applied: dict[str, int] | None = None
 
@@ -32,6 +34,7 @@ def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESH
     environment."""
     global _applied
     if (os.environ.get(ENV, "tuned") == "glibc" or any(os.environ.get(k) for k in _GLIBC_SETTINGS)
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
             or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc"):
         return _applied
     try:

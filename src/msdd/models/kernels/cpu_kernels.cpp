@@ -859,8 +859,10 @@ struct Gated {
   // the residual's lines in rows row .. row + rows - 1 (the panel's 64 features) on their way into the caches
   void prefetch(int64_t row, int64_t rows) const {
     constexpr int64_t bytes = kPanel * sizeof(typename O::Elem);
-    for (int64_t r = row; r < row + rows; ++r)
-      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(res + r * ldr) + b, _MM_HINT_T0);
+    for (int64_t r = row; r < row + rows; ++r) {
+      const char* line = reinterpret_cast<const char*>(res + r * ldr);
+      for (int64_t b = 0; b < bytes; b += 64) _mm_prefetch(line + b, _MM_HINT_T0);
+    }
   }
   template <class A>
   __m512 operator()(A acc, int c, int64_t row) const {
