@@ -921,13 +921,14 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
       // at once before each tile held up the tile's own loads: 0.85-0.95x)
       const int64_t next = task + 1 < end ? (task + 1) / blocks : p, tiles = (r1 - r0) / kTile;
       const char* pf = next != p && tiles > 0 ? reinterpret_cast<const char*>(wp + next * words * kPanel) : nullptr;
-      const int64_t lines = words * kPanel * 4 / 64, per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+      const int64_t lines = pf == nullptr ? 0 : words * kPanel * 4 / 64;
+      const int64_t per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
       int64_t r = r0;
       for (int64_t i = 0; r + kTile <= r1; r += kTile, ++i) {
         const int64_t first = std::min(lines, i * per_tile), count = std::min(lines, first + per_tile) - first;
         sums.prefetch(r + kTile, std::min(kTile, r1 - r - kTile));  // the next tile's residual rows, if any
-        linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo,
-                                             pf == nullptr ? nullptr : pf + 64 * first, pf == nullptr ? 0 : count);
+        linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo, pf + 64 * first,
+                                             count);
       }
       if (r < r1) linear_rows<T, O, S, kSwiglu>(r1 - r, xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
     }
