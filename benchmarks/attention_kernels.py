@@ -68,8 +68,8 @@ def block_row(name: str, dtype: torch.dtype, n: int, heads: int, head_dim: int, 
 
     kernels = {"block_ops": separate, "block_joint": lambda: joint_attention(x, c, img, ctx, rope)}
     with torch.inference_mode():
-        times, _, _ = time_contenders(kernels, rounds=repeats, warmup=1, device=torch.device("cpu"),
-                                      log=lambda msg: None)
+        times = time_contenders(kernels, rounds=repeats, warmup=1, device=torch.device("cpu"),
+                                log=lambda msg: None).seconds
         img64, ctx64 = copy.deepcopy(img).double(), copy.deepcopy(ctx).double()
         exact = torch.cat(joint_attention(x.double(), c.double(), img64, ctx64, rope), dim=1)
         errors = {kname: (torch.cat(fn(), dim=1).double() - exact).abs().max().item() for kname, fn in kernels.items()}
@@ -97,8 +97,8 @@ def main() -> None:
             q, k, v = [(torch.randn(1, a.heads, n, a.head_dim, generator=g) * 1.5).to(dtype) for _ in range(3)]
             exact = sdpa(q.double(), k.double(), v.double())
             kernels = {"flash": lambda: sdpa(q, k, v), "fused": lambda: cpu_kernels.library().attention(q, k, v)}
-            times, _, _ = time_contenders(kernels, rounds=a.repeats, warmup=1, device=torch.device("cpu"),
-                                          log=lambda msg: None)
+            times = time_contenders(kernels, rounds=a.repeats, warmup=1, device=torch.device("cpu"),
+                                    log=lambda msg: None).seconds
             with torch.inference_mode():
                 errors = {kname: (fn().double() - exact).abs().max().item() for kname, fn in kernels.items()}
             gflop = 4 * n * n * a.head_dim * a.heads / 1e9

@@ -65,8 +65,10 @@ def test_a_timed_sample_repeats_a_short_call_until_it_lasts_min_time():
         calls["long"] += 1
         time.sleep(0.03)
 
-    seconds, first, _ = time_contenders({"short": short, "long": long}, rounds=3, warmup=1,
-                                        device=torch.device("cpu"), log=lambda _: None, min_time=0.02)
+    t = time_contenders({"short": short, "long": long}, rounds=3, warmup=1, device=torch.device("cpu"),
+                        log=lambda _: None, min_time=0.02)
+    seconds, first = t.seconds, t.first
+    assert t.peaks == {"short": [], "long": []}  # no probe given
     assert calls["long"] == 1 + 3  # warm-up rounds: one call each
     assert calls["short"] >= 1 + 3 * 10  # each timed sample: >= 20 ms of ~2 ms calls
     assert all(0.002 <= t < 0.01 for t in seconds["short"])  # seconds per call, not per sample
@@ -75,6 +77,26 @@ def test_a_timed_sample_repeats_a_short_call_until_it_lasts_min_time():
     before = calls["short"]
     time_contenders({"short": short}, rounds=2, warmup=0, device=torch.device("cpu"), log=lambda _: None)
     assert calls["short"] == before + 2  # min_time 0 (the default here): one call per sample
+
+
+def test_the_round_probe_runs_after_each_timed_sample_outside_it():
+    events = []
+
+    def decode():
+        events.append("call")
+        time.sleep(0.002)
+
+    def probe():  # slow, so a probe inside a sample would show in its time
+        events.append("probe")
+        time.sleep(0.03)
+        return 100.0 + len(events)
+
+    t = time_contenders({"a": decode, "b": decode}, rounds=3, warmup=1, device=torch.device("cpu"),
+                        log=lambda _: None, probe=probe)
+    assert events.count("probe") == 2 * 3  # after every timed sample, none in the warm-up
+    assert events[:3] == ["call", "call", "call"] and events[3] == "probe"  # warm-up a, b; then a's sample, its probe
+    assert len(t.peaks["a"]) == len(t.peaks["b"]) == 3 and t.peaks["a"][0] == 104.0
+    assert all(s < 0.02 for s in t.seconds["a"] + t.seconds["b"])  # the probe's 30 ms are in no sample
 
 
 def test_quick_report_has_every_contender(quick):
@@ -100,6 +122,10 @@ def test_quick_report_has_every_contender(quick):
         assert r["img_per_s"] > 0 and r["gflop_per_img"] > 0 and r["achieved_gflops"] > 0
         assert r["seconds_min"] <= r["seconds_median"] <= r["seconds_max"] and len(r["seconds"]) == 2
         assert r["fraction_of_peak"] == pytest.approx(r["achieved_gflops"] / report["machine_peak_gflops"], rel=1e-3)
+        # and against the probe after each of its samples: the median over rounds
+        assert len(r["round_peaks_gflops"]) == 2 and min(r["round_peaks_gflops"]) > 0
+        per_round = [r["gflop_per_img"] * 2 / s / p for s, p in zip(r["seconds"], r["round_peaks_gflops"])]
+        assert r["fraction_of_round_peak"] == pytest.approx(sum(per_round) / 2, rel=1e-3)
         assert name in stdout
     assert rows["student"]["speed_vs_student"] == 1.0
     # encode, and encode + decode (the reference code's convention): FLOPs of the real encoder, added

@@ -52,15 +52,16 @@ def _best_gflops(fn: Callable[[], object], flops: int, device: torch.device, rep
 
 
 def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
-                 device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5) -> dict[str, float]:
+                 device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5,
+                 only: str | None = None) -> dict[str, float]:
     """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that
     the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
     (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
-    development machine), also with the weight pre-packed as that layer packs it (bf16, float32). Without n, each
-    kernel's best over the sizes of `peak_sizes`."""
+    development machine), also with the weight pre-packed as that layer packs it (bf16, float32); `only`: that kernel
+    alone. Without n, each kernel's best over the sizes of `peak_sizes`."""
     device = torch.device(device)
     if n is None:
-        by_size = [matmul_peaks(dtype, threads, device, size, repeats) for size in peak_sizes(dtype, device)]
+        by_size = [matmul_peaks(dtype, threads, device, size, repeats, only) for size in peak_sizes(dtype, device)]
         return {name: max(peaks[name] for peaks in by_size) for name in by_size[0]}
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(device, dtype)
@@ -72,6 +73,8 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             kernels["onednn linear, packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none",
                                                                                           [], "")
+    if only is not None:
+        kernels = {only: kernels[only]}
     with _num_threads(threads):
         return {name: _best_gflops(fn, 2 * n**3, device, repeats) for name, fn in kernels.items()}
 

@@ -14,6 +14,11 @@ def _malloc(settings: dict | None) -> str:
             f"trim {settings['trim_threshold'] >> 20} MiB)")
 
 
+def _percent(row: dict) -> str:
+    x = row.get("fraction_of_round_peak")
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
 def format_report(report: dict) -> str:
     """The stdout tables of a report."""
     source = report["model"] or f"preset {report['preset']}"
@@ -21,10 +26,11 @@ def format_report(report: dict) -> str:
         f"msdd bench: {source}, {report['resolution']} px, batch {report['batch_size']}, {report['dtype']}, "
         f"compile {'on' if report['compile'] else 'off'}, {report['threads']} threads, "
         f"samples >= {report.get('min_time', 0):g} s, {_malloc(report.get('malloc'))}, {report['device']} "
-        f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (the % below), "
+        f"({report['machine']}); peak GFLOP/s: matmul {report['machine_peak_gflops']:.1f} (% peak: the higher of "
+        f"the probes before and after the rounds; % rnd: each sample against a probe right after it), "
         f"3x3 conv {report['conv_peak_gflops']:.1f}",
         f"{'contender':<16} {'img/s':>9} {'ms/batch median [min, max]':>30} {'GFLOP/img':>10} {'GFLOP/s':>9} "
-        f"{'% peak':>7} {'x student':>9} {'peak MiB':>9}",
+        f"{'% peak':>7} {'% rnd':>6} {'x student':>9} {'peak MiB':>9}",
     ]
     for r in report["contenders"]:
         if "error" in r:
@@ -32,7 +38,7 @@ def format_report(report: dict) -> str:
             continue
         ms = f"{r['seconds_median'] * 1e3:.1f} [{r['seconds_min'] * 1e3:.1f}, {r['seconds_max'] * 1e3:.1f}]"
         lines.append(f"{r['name']:<16} {r['img_per_s']:>9.3f} {ms:>30} {r['gflop_per_img']:>10.2f} "
-                     f"{r['achieved_gflops']:>9.1f} {100 * r['fraction_of_peak']:>6.1f}% "
+                     f"{r['achieved_gflops']:>9.1f} {100 * r['fraction_of_peak']:>6.1f}% {_percent(r):>6} "
                      f"{_fmt(r.get('speed_vs_student'), '>9.3f')} {_fmt(r.get('peak_memory_mib'), '>9.1f')}")
     if report.get("pipeline"):
         gen = report["pipeline"]

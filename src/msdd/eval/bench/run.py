@@ -22,7 +22,10 @@ from msdd.eval.bench.timing import log_stderr, time_contenders
 
 
 def summarize(c: Contender, seconds: list[float] | None, first_call: float | None, batch_size: int,
-              peak_gflops: float, compiled: bool = False, peak_memory_mib: float | None = None) -> dict:
+              peak_gflops: float, compiled: bool = False, peak_memory_mib: float | None = None,
+              round_peaks: list[float] | None = None) -> dict:
+    """A contender's row. `round_peaks`: the matmul peak probed after each of its samples (`time_contenders`), for
+    `fraction_of_round_peak`, the median over rounds of each sample's GFLOP/s over the probe beside it."""
     if c.error is not None:
         return {"name": c.name, "error": c.error, **c.info}
     median = statistics.median(seconds)
@@ -35,18 +38,22 @@ def summarize(c: Contender, seconds: list[float] | None, first_call: float | Non
         "seconds_max": max(seconds), "seconds": seconds, "first_call_seconds": first_call,
         "peak_memory_mib": peak_memory_mib, **c.info,
     }
+    if round_peaks:
+        row["round_peaks_gflops"] = round_peaks
+        row["fraction_of_round_peak"] = statistics.median(
+            gflop * batch_size / s / p for s, p in zip(seconds, round_peaks))
     if compiled:  # the first warm-up call compiled: what it took beyond a normal call
         row["compile_seconds"] = max(0.0, first_call - median)
     return row
 
 
 def measure(contenders: list[Contender], settings: BenchSettings, peak_gflops: float, device: torch.device,
-            log: Callable[[str], None] = log_stderr) -> list[dict]:
+            log: Callable[[str], None] = log_stderr, probe: Callable[[], float] | None = None) -> list[dict]:
     runnable = {c.name: c.decode for c in contenders if c.decode is not None}
-    seconds, first, memory = time_contenders(runnable, settings.rounds, settings.warmup, device,
-                                             settings.dtype == "bf16", log, settings.min_time)
-    rows = [summarize(c, seconds.get(c.name), first.get(c.name), settings.batch_size, peak_gflops,
-                      settings.compile, memory.get(c.name)) for c in contenders]
+    t = time_contenders(runnable, settings.rounds, settings.warmup, device, settings.dtype == "bf16", log,
+                        settings.min_time, probe)
+    rows = [summarize(c, t.seconds.get(c.name), t.first.get(c.name), settings.batch_size, peak_gflops,
+                      settings.compile, t.memory.get(c.name), t.peaks.get(c.name)) for c in contenders]
     student = next((r for r in rows if r["name"] == "student" and "img_per_s" in r), None)
     for r in rows:
         if student and "img_per_s" in r:
@@ -117,6 +124,20 @@ def _weights(settings: BenchSettings) -> torch.dtype | None:
     return torch.bfloat16 if settings.dtype == "bf16" else None
 
 
+def _round_probe(kernel_peaks: dict[str, float], dtype: torch.dtype, device: torch.device,
+                 quick: bool) -> Callable[[], float]:
+    """The probe taken after every timed sample: the fastest kernel of the first probe alone, best of 3 at the sizes
+    of `peak_sizes` (quick: one call at the smaller size), about 0.8 s in bf16 and 0.2 s in float32 on the 2-core
+    Zen 5. The peak moved by 5-10% within a run there (bf16 954 -> 1021 GFLOP/s), as much as a row's distance to it:
+    `fraction_of_round_peak` sets each sample against the probe beside it, `fraction_of_peak` (the headline %)
+    against the highest probe before or after the rounds."""
+    kernel = max(kernel_peaks, key=kernel_peaks.get)
+    if quick:
+        n = peak_sizes(dtype, device)[0]
+        return lambda: matmul_peaks(dtype, None, device, n, repeats=1, only=kernel)[kernel]
+    return lambda: matmul_peaks(dtype, None, device, repeats=3, only=kernel)[kernel]
+
+
 def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
@@ -155,7 +176,7 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
                       for c in contenders]
         log(f"each row: {gen.preset} generator, {gen.steps} steps, cfg {gen.guidance:g}, then its decoder")
     log(f"decoding {settings.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
-    rows = measure(contenders, settings, peak, device, log)
+    rows = measure(contenders, settings, peak, device, log, _round_probe(kernel_peaks, dtype, device, settings.quick))
     # the probe again after the timed rounds: the peak moves by 10-20% here between spells, and a probe taken in a
     # slow one alone would put every row closer to the peak than it is; the % uses the higher of the two
     end_peaks = matmul_peaks(dtype, None, device, repeats=3 if settings.quick else 5)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -30,16 +30,26 @@ def synchronizer(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+class Timings(NamedTuple):
+    """What `time_contenders` measured, per contender: seconds per call of each timed round, seconds of its first
+    call, peak MiB of its sample in the last round beyond the memory in use before it (None where not measurable),
+    and the machine's matmul GFLOP/s probed right after each of its timed samples (empty without a probe)."""
+
+    seconds: dict[str, list[float]]
+    first: dict[str, float]
+    memory: dict[str, float | None]
+    peaks: dict[str, list[float]]
+
+
 def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warmup: int, device: torch.device,
-                    bf16: bool = False, log: Callable[[str], None] = log_stderr, min_time: float = 0.0
-                    ) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
-    """Seconds per call of every contender: `warmup` untimed rounds of one call each, then `rounds` timed rounds in
-    rotated order, in which a contender's sample is its calls back to back until they last `min_time` seconds (at
-    least one call) and its time per call their mean: throughput is what calls back to back sustain, and a single call
-    of under half a second after a pause ran 10% slower (2-core Zen 5 EPYC, paper-256 bf16 student: 484-514 ms after a
-    1 s sleep, 437-462 back to back). Returns (seconds per call of each timed round per contender, seconds of each
-    contender's first call, peak MiB of each contender's sample in the last round beyond the memory in use before
-    it)."""
+                    bf16: bool = False, log: Callable[[str], None] = log_stderr, min_time: float = 0.0,
+                    probe: Callable[[], float] | None = None) -> Timings:
+    """Every contender timed: `warmup` untimed rounds of one call each, then `rounds` timed rounds in rotated order, in
+    which a contender's sample is its calls back to back until they last `min_time` seconds (at least one call) and its
+    time per call their mean: throughput is what calls back to back sustain, and a single call of under half a second
+    after a pause ran 10% slower (2-core Zen 5 EPYC, paper-256 bf16 student: 484-514 ms after a 1 s sleep, 437-462
+    back to back). `probe` (GFLOP/s now), where given, runs after each timed sample, outside it: the machine's peak
+    beside each sample, since it moves by 5-10% within a run."""
     sync = synchronizer(device)
 
     def timed(fn: Callable[[], object], least: float = 0.0) -> float:
@@ -58,6 +68,7 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
     seconds: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, float] = {}
     memory: dict[str, float | None] = {}
+    peaks: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode(), autocast(device, bf16):
         for i, order in enumerate(rotated_orders(names, warmup)):
             for name in order:
@@ -72,5 +83,7 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
                     t = timed(decoders[name], min_time)
                 first.setdefault(name, t)
                 seconds[name].append(t)
+                if probe is not None:
+                    peaks[name].append(probe())
             log(f"  round {i + 1}/{rounds}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in order))
-    return seconds, first, memory
+    return Timings(seconds, first, memory, peaks)
