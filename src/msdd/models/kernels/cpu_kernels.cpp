@@ -652,37 +652,63 @@ struct AdalnArgs {
   float eps;
 };
 
-void adaln_impl(const AdalnArgs& a) {
+inline __m512 sum4(const __m512 (&v)[4]) {
+  return _mm512_add_ps(_mm512_add_ps(v[0], v[1]), _mm512_add_ps(v[2], v[3]));
+}
+
+// adaLN for x's and out's dtypes (bf16: X16, O16), template arguments. A row's sums run in four chains (in one, each
+// vector's add waited for the last: 48 dependent steps per pass at W = 768): with the dtypes fixed, 1.05-1.09x for 16
+// rows, 1.2-1.34x for 128-1024 (bf16 and float32) on the 2-core Zen 5
+template <bool X16, bool O16>
+void adaln_rows(const AdalnArgs& a) {
   at::parallel_for(0, a.rows, 8, [&](int64_t begin, int64_t end) {
     std::vector<float> buf(a.w);
     const __m512 one = _mm512_set1_ps(1.0f);
     for (int64_t r = begin; r < end; ++r) {
       const int64_t m = a.per_batch ? (r / a.n) * a.w : 0, o = r * a.w;
-      __m512 sum = _mm512_setzero_ps();
-      for (int64_t i = 0; i < a.w; i += 16) {
-        __m512 v = load_any(a.x, a.x16, o + i);
-        if (a.y != nullptr) {
-          v = _mm512_fmadd_ps(_mm512_loadu_ps(a.gate + m + i), load_any(a.y, a.y16, o + i), v);
-          store_any(a.res, a.res16, o + i, v);
-          if (a.res16) v = load_any(a.res, true, o + i);  // normalise the residual as stored
+      __m512 sum[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t i0 = 0; i0 < a.w; i0 += 64) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const int64_t i = i0 + 16 * k;
+          if (i >= a.w) break;
+          __m512 v = load_any(a.x, X16, o + i);
+          if (a.y != nullptr) {
+            v = _mm512_fmadd_ps(_mm512_loadu_ps(a.gate + m + i), load_any(a.y, a.y16, o + i), v);
+            store_any(a.res, a.res16, o + i, v);
+            if (a.res16) v = load_any(a.res, true, o + i);  // normalise the residual as stored
+          }
+          _mm512_storeu_ps(buf.data() + i, v);
+          sum[k] = _mm512_add_ps(sum[k], v);
         }
-        _mm512_storeu_ps(buf.data() + i, v);
-        sum = _mm512_add_ps(sum, v);
       }
-      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum) / static_cast<float>(a.w));
-      __m512 sq = _mm512_setzero_ps();
-      for (int64_t i = 0; i < a.w; i += 16) {
-        const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf.data() + i), mean);
-        sq = _mm512_fmadd_ps(c, c, sq);
+      const __m512 mean = _mm512_set1_ps(_mm512_reduce_add_ps(sum4(sum)) / static_cast<float>(a.w));
+      __m512 sq[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+      for (int64_t i0 = 0; i0 < a.w; i0 += 64) {
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          const int64_t i = i0 + 16 * k;
+          if (i >= a.w) break;
+          const __m512 c = _mm512_sub_ps(_mm512_loadu_ps(buf.data() + i), mean);
+          sq[k] = _mm512_fmadd_ps(c, c, sq[k]);
+        }
       }
-      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(sq) / static_cast<float>(a.w) + a.eps));
+      const float var = _mm512_reduce_add_ps(sum4(sq)) / static_cast<float>(a.w);
+      const __m512 rstd = _mm512_set1_ps(1.0f / std::sqrt(var + a.eps));
       for (int64_t i = 0; i < a.w; i += 16) {
         const __m512 c = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(buf.data() + i), mean), rstd);
         const __m512 mul = _mm512_add_ps(one, _mm512_loadu_ps(a.scale + m + i));
-        store_any(a.out, a.out16, o + i, _mm512_fmadd_ps(c, mul, _mm512_loadu_ps(a.shift + m + i)));
+        store_any(a.out, O16, o + i, _mm512_fmadd_ps(c, mul, _mm512_loadu_ps(a.shift + m + i)));
       }
     }
   });
+}
+
+void adaln_impl(const AdalnArgs& a) {
+  if (a.x16)
+    a.out16 ? adaln_rows<true, true>(a) : adaln_rows<true, false>(a);
+  else
+    a.out16 ? adaln_rows<false, true>(a) : adaln_rows<false, false>(a);
 }
 
 // a modulation vector (Bm, W), Bm = 1 or B, bf16 or float32, as float32 values (bf16 widened exactly) in a buffer of
