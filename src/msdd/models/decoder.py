@@ -150,10 +150,19 @@ class Decoder(nn.Module):
             images[resolution] = self._linear_image(z, resolution, images)
         return images[resolution]
 
+    def _from_linear(self, flat: torch.Tensor) -> torch.Tensor:
+        """from_linear on (B, K) latents. In inference row by row: BLAS sums a batch of rows in another order than
+        one row (tiny-64: 1.2e-6 apart, enough to move a pixel of a generated sample by one level), and a sample must
+        not depend on its batch (`msdd.seeding`); batched under autograd, tracing and compilation."""
+        if (flat.shape[0] == 1 or torch.is_grad_enabled() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling()):
+            return self.from_linear(flat)
+        return torch.cat([self.from_linear(row) for row in flat.split(1)])
+
     def _linear_image(self, z: torch.Tensor, resolution: int, images: dict) -> torch.Tensor:
         with fp32_region(z.device):
             if 0 not in images:  # key 0: from_linear's full-resolution image
-                images[0] = self.from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
+                images[0] = self._from_linear(z.float().flatten(1)).view(-1, 3, self.image_size, self.image_size)
             factor = self.image_size // resolution
             x_lin = F.avg_pool2d(images[0], factor) if factor > 1 else images[0]
         return self.refiner(x_lin) if self.refiner is not None else x_lin
