@@ -711,12 +711,11 @@ void adaln_impl(const AdalnArgs& a) {
     a.out16 ? adaln_rows<false, true>(a) : adaln_rows<false, false>(a);
 }
 
-// a modulation vector (Bm, W), Bm = 1 or B, bf16 or float32, as float32 values (bf16 widened exactly) in a buffer of
-// the kernel's own: a decode's modulation is cached in bf16, and a conversion op per vector took 4 ms of a decode
-std::vector<float> mod_rows(const at::Tensor& t_in, int64_t B, int64_t W) {
-  TORCH_CHECK(t_in.device().is_cpu() && t_in.dim() == 2 && (t_in.size(0) == 1 || t_in.size(0) == B) &&
-              t_in.size(1) == W, "msdd adaln: shift, scale and gate must be (1, W) or (B, W) CPU tensors");
-  check_dtype(t_in.scalar_type(), "adaln");
+// a bf16 or float32 tensor's values as float32 (bf16 widened exactly) in a buffer of the kernel's own: a decode's
+// modulation is cached in bf16, and a conversion op per vector took 4 ms of a decode (adaLN's vectors) and 1 ms (the
+// linear layers' gates)
+std::vector<float> float_values(const at::Tensor& t_in, const char* op) {
+  check_dtype(t_in.scalar_type(), op);
   const at::Tensor t = t_in.contiguous();
   std::vector<float> out(t.numel());
   if (t.scalar_type() == at::kFloat) {
@@ -729,6 +728,13 @@ std::vector<float> mod_rows(const at::Tensor& t_in, int64_t B, int64_t W) {
     }
   }
   return out;
+}
+
+// a modulation vector (Bm, W), Bm = 1 or B, as float_values
+std::vector<float> mod_rows(const at::Tensor& t_in, int64_t B, int64_t W) {
+  TORCH_CHECK(t_in.device().is_cpu() && t_in.dim() == 2 && (t_in.size(0) == 1 || t_in.size(0) == B) &&
+              t_in.size(1) == W, "msdd adaln: shift, scale and gate must be (1, W) or (B, W) CPU tensors");
+  return float_values(t_in, "adaln");
 }
 
 AdalnArgs adaln_args(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps) {
@@ -1019,7 +1025,8 @@ std::tuple<at::Tensor, at::Tensor> pack_linear(const at::Tensor& w_in, const std
 // elements per 32-bit word; x contiguous, its M rows, and the output (..., N), or (..., N / 2) with swiglu, in x's
 // dtype; the residual (x's dtype, the output's shape) and the gate (N elements, as float32) where they are given
 struct LinearCall {
-  at::Tensor x, packed, out, residual, gate;
+  at::Tensor x, packed, out, residual;
+  std::vector<float> gate;
   int64_t M, N, K;
 };
 
@@ -1044,7 +1051,8 @@ LinearCall linear_call(const at::Tensor& x_in, const at::Tensor& packed_in, int6
                 residual->sizes() == c.out.sizes() && gate->numel() == c.N,
                 "msdd ", op, ": the residual must be x's dtype and the output's shape (..., N), the gate N elements");
     c.residual = residual->contiguous();
-    c.gate = gate->to(at::kFloat).contiguous();
+    TORCH_CHECK(gate->device().is_cpu(), "msdd ", op, ": the gate must be a CPU tensor");
+    c.gate = float_values(*gate, op);
   }
   return c;
 }
@@ -1052,7 +1060,7 @@ LinearCall linear_call(const at::Tensor& x_in, const at::Tensor& packed_in, int6
 // the epilogue's arguments for the call's residual and gate, where it has them
 void add_residual(LinearArgs& args, const LinearCall& c) {
   if (!c.residual.defined()) return;
-  args.gate = c.gate.data_ptr<float>(), args.res = c.residual.data_ptr(), args.n = c.N;
+  args.gate = c.gate.data(), args.res = c.residual.data_ptr(), args.n = c.N;
 }
 
 // x (..., K) -> (..., N), or (..., N / 2) with swiglu, in x's dtype (bf16 or float32, the dtype the weight was packed
