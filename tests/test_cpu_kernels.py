@@ -144,6 +144,10 @@ def test_linear_kernels_add_the_gated_residual_in_their_epilogue(dtype, rows):
                 residual=residual, gate=gate), dict(residual=residual.double(), gate=gate)]:
         with pytest.raises(RuntimeError, match="residual"):
             cpu_kernels.linear(x, *packed, bad.pop("swiglu", False), bad.pop("residual"), bad.get("gate"))
+    # the gate in bf16 or float32 alike (widened to float32 by the kernel), any other dtype refused
+    close(cpu_kernels.linear(x, *packed, False, residual, gate.float()), x.double() @ w.double().t() + b.double())
+    with pytest.raises(RuntimeError, match="bf16 or float32"):
+        cpu_kernels.linear(x, *packed, False, residual, gate.double())
 
 
 @needs_kernel
