@@ -126,7 +126,9 @@ def main() -> None:
 
 def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
     """Seconds and GFLOP/s per decode, by the clock, of each stage's linear layers (image and context stream) and
-    joint attention, and of the rest; the decode's own time without the timing hooks."""
+    joint attention, and of the rest; the decode's own time without the timing hooks (with them, the blocks run block
+    by block, `msdd.models.fused_blocks.run_blocks`, so that the hooks see every layer: the rest includes that path's
+    Python)."""
     plain = []
     for _ in range(rounds):
         t = time.perf_counter()

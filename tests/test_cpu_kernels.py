@@ -326,7 +326,7 @@ def test_attention_applies_only_to_what_it_computes():
     assert not cpu_kernels.attention_applies(*_qkv(1, 2, 10, 288))  # head dim above the kernels' 256
 
 
-KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu", "linear")
+KERNELS = ("attention", "joint_attention", "adaln", "gated_adaln", "swiglu", "linear", "blocks")
 
 
 def _count_kernel_calls(monkeypatch) -> dict[str, list[bool]]:
@@ -350,9 +350,15 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
             p.normal_(0, 0.05)
     z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
     calls = _count_kernel_calls(monkeypatch)
+    fused = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    assert calls["blocks"] == [True] * 3  # one call per pass: every block in the `blocks` op
+    assert not calls["joint_attention"] and calls["linear"] and calls["adaln"]  # the final layer's
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)  # block by block: the same kernels one by one
+    calls = _count_kernel_calls(monkeypatch)
     gated_adds = []
     monkeypatch.setattr(layers, "gated_add", lambda *args, _real=layers.gated_add: gated_adds.append(1) or _real(*args))
     fast = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    assert torch.equal(fast, fused)
     for name in ("joint_attention", "adaln", "linear"):  # the decoder's blocks and final layer
         assert calls[name] and all(calls[name]), name
     assert not calls["swiglu"]  # every MLP's gate ran with its first layer in the linear kernel
@@ -370,10 +376,63 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
     monkeypatch.undo()
     calls = _count_kernel_calls(monkeypatch)
     monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    fused = tok.decode(z, steps=(1, 1, 1))
+    assert calls["blocks"] == [True] * 3
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)
     fast = tok.decode(z, steps=(1, 1, 1))
     assert calls["joint_attention"] and all(calls["joint_attention"]) and not calls["gated_adaln"]
+    assert torch.equal(fast, fused)
     with unoptimised():
         assert (fast - tok.decode(z, steps=(1, 1, 1))).abs().max() <= 1e-5
+
+
+@needs_kernel
+def test_the_blocks_op_follows_hooks_replaced_layers_and_changed_weights(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)  # float32 attention at the tiny model's token counts
+    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+    z = torch.randn(1, *tok.config.latent_shape, generator=torch.Generator().manual_seed(2))
+    fused_calls = []
+    real = cpu_kernels.blocks
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: fused_calls.append(1) or real(*args))
+
+    def both() -> torch.Tensor:  # the decode with the blocks op, checked against block by block
+        calls = len(fused_calls)
+        fused = tok.decode(z, steps=(1, 1, 1))
+        assert len(fused_calls) == calls + 3
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "blocks", lambda *args: None)
+            assert torch.equal(tok.decode(z, steps=(1, 1, 1)), fused)
+        return fused
+
+    first = both()
+    blocks = tok.decoder.blocks
+    seen = []
+    handle = blocks[0].img.qkv.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1)), first) and len(seen) == 3  # hooked: block by block
+    handle.remove()
+    old = blocks[1].img.proj
+    new = layers.Linear(old.in_features, old.out_features)
+    with torch.no_grad():
+        new.weight.copy_(old.weight * 1.5), new.bias.copy_(old.bias)
+    blocks[1].img.proj = new  # a replaced layer is used
+    replaced = both()
+    assert not torch.equal(replaced, first)
+    with torch.no_grad():
+        blocks[0].ctx.mlp.w3.weight.mul_(0.5)  # a weight changed in place is packed again
+    assert not torch.equal(both(), replaced)
+
+
+@needs_kernel
+def test_the_blocks_op_says_what_its_params_must_be():
+    x, c = torch.randn(1, 16, 64), torch.randn(1, 128, 64)
+    cos = sin = torch.ones(144, 32)
+    with pytest.raises(RuntimeError, match="2 blocks with these flags take 62 params"):
+        cpu_kernels.library().blocks(x, c, [x] * 3, [1, 1, 1, 0], 2, 1e-6, 1e-6, cos, sin, False)
+    with pytest.raises(RuntimeError, match="only the last block's context stream may be pre_only"):
+        cpu_kernels.library().blocks(x, c, [x] * 3, [1, 0, 1, 1], 2, 1e-6, 1e-6, cos, sin, False)
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):

@@ -15,7 +15,9 @@ decode), with SwiGLU's gate computed from the first layer's float32 sums where t
 MMDiT stream's gated residual x + gate * layer(y) added to the sums of its output projection and second MLP layer
 (no pass over the residual stream after them; the adaLN kernel's gated residual remains where those cannot);
 `linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; 1.85x the bf16 kernel,
-`msdd.models.precision.Int8Linear`). All of them compute in float32 and round once.
+`msdd.models.precision.Int8Linear`). All of them compute in float32 and round once. `blocks` runs a decoder pass's
+MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's 150 kernel
+calls, 1.7-2.6% of a paper-256 student decode.
 
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
@@ -65,7 +67,7 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `joint_attention`, `adaln`, `gated_adaln`,
-    `swiglu`, `pack_linear`, `linear`, `linear_int8`), or None where they cannot run here."""
+    `swiglu`, `pack_linear`, `linear`, `linear_int8`, `blocks`), or None where they cannot run here."""
     if not (enabled() and cpu_supported()):
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
@@ -134,6 +136,19 @@ def joint_attention(qkv0: torch.Tensor, qkv1: torch.Tensor, heads: int, norms: l
     if not applies or (ops := library()) is None:
         return None
     return ops.joint_attention(qkv0, qkv1, heads, norms, eps, *rope)
+
+
+def blocks(x: torch.Tensor, ctx: torch.Tensor, params: list[torch.Tensor], full: list[int], heads: int, eps: float,
+           qk_eps: float, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+    """The image tokens x (B, N, W) after a decoder's MMDiT blocks, in one call (the `blocks` op in
+    kernels/cpu_kernels.cpp says what `params` and `full` hold; msdd.models.fused_blocks gathers them); ctx
+    (B, L, W) the context tokens, both in the dtype the matmuls compute in; None where the kernels do not apply."""
+    width, tokens = x.shape[-1], x.shape[1] + ctx.shape[1]
+    if not (width % 16 == 0 and width % heads == 0 and _attention_fits(x.device, x.dtype, width // heads, tokens)):
+        return None
+    if (ops := library()) is None:
+        return None
+    return ops.blocks(x, ctx, params, full, heads, eps, qk_eps, *rope, x.dtype == torch.bfloat16)
 
 
 def _adaln_applies(x: torch.Tensor, *mods: torch.Tensor) -> bool:

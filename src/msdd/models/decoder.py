@@ -33,6 +33,7 @@ from torch import nn
 from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
+from msdd.models.fused_blocks import run_blocks
 from msdd.models.layers import JointBlock, Linear, TimestepEmbedder, adaln, optimised
 from msdd.models.rope import RopeCache
 from msdd.models.linear import Refiner, fp32_region
@@ -206,8 +207,7 @@ class Decoder(nn.Module):
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)
         block_mods, final_mods = self.modulations(tau)
         rope = self.rope(grid, x.device)
-        for block, mods in zip(self.blocks, block_mods):
-            h, ctx = block(h, ctx, None, rope, mods)
+        h = run_blocks(self.blocks, h, ctx, rope, block_mods)
         out = self.final(h, None, final_mods)  # (B, grid^2, p*p*3)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=p, q=p)
 

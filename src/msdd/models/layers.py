@@ -120,13 +120,22 @@ class Linear(nn.Linear):
             return None
         if residual is not None and residual.dtype != x.dtype:
             return None
-        key = (swiglu, _version_key(w), _version_key(self.bias))
+        if (panels := self.panels(swiglu)) is None:  # the kernel does not apply: not built, or the shape does not fit
+            return None
+        return cpu_kernels.linear(x, *panels, swiglu, residual, gate)
+
+    def panels(self, swiglu: bool = False, dtype: torch.dtype | None = None
+               ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The weight and bias as `cpu_kernels.pack_linear` packs them (`swiglu`: as a SwiGLU MLP's first layer),
+        repacked when either is replaced or changed in place; None where the kernel does not apply or the weight is
+        not of `dtype` (where given)."""
+        if dtype is not None and self.weight.dtype != dtype:
+            return None
+        key = (swiglu, _version_key(self.weight), _version_key(self.bias))
         if self._panels is None or self._panels[0] != key:
             bias = None if self.bias is None else self.bias.detach()
-            self._panels = (key, cpu_kernels.pack_linear(w.detach(), bias, swiglu))
-        if self._panels[1] is None:  # the kernel does not apply: not built here, or the shape does not fit
-            return None
-        return cpu_kernels.linear(x, *self._panels[1], swiglu, residual, gate)
+            self._panels = (key, cpu_kernels.pack_linear(self.weight.detach(), bias, swiglu))
+        return self._panels[1]
 
     def packed_weight(self) -> torch.Tensor:
         """The weight (bf16 or float32) in oneDNN's layout, repacked when the weight is replaced or changed in place."""
@@ -174,8 +183,22 @@ def attention(
 # ---------------------------------------------------------------------------------------------
 # small modules
 
+_structure = [0]  # bumped whenever an attribute or submodule of a JointBlock, Stream or SwiGLU is set
 
-class SwiGLU(nn.Module):
+
+def structure_version() -> int:
+    """Changes whenever an attribute or submodule of a JointBlock, Stream or SwiGLU is set (a layer replaced, int8
+    layers swapped in): `msdd.models.fused_blocks` keeps what it checked of the blocks until then."""
+    return _structure[0]
+
+
+class _Tracked:
+    def __setattr__(self, name, value) -> None:
+        _structure[0] += 1
+        super().__setattr__(name, value)
+
+
+class SwiGLU(_Tracked, nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.w12 = Linear(width, 2 * hidden)
@@ -265,7 +288,7 @@ def gated_adaln(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torc
 # MMDiT
 
 
-class Stream(nn.Module):
+class Stream(_Tracked, nn.Module):
     """One stream of a joint block: its own norms, qkv, output projection and MLP.
 
     `modulated`: adaLN from the conditioning vector (decoder) instead of affine LayerNorm (encoder).
@@ -345,7 +368,7 @@ def joint_attention(qkv_x: torch.Tensor, qkv_c: torch.Tensor, img: Stream, ctx: 
     return out[:, :n], out[:, n:]
 
 
-class JointBlock(nn.Module):
+class JointBlock(_Tracked, nn.Module):
     """MMDiT block over an image stream and a context stream with one joint attention."""
 
     def __init__(
@@ -369,3 +392,4 @@ class JointBlock(nn.Module):
         x = None if self.img.pre_only else self.img.post(x, out_x, mx)
         ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out_c, mc)
         return x, ctx
+
