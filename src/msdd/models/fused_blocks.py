@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from msdd.models import cpu_kernels
-from msdd.models.layers import Linear, Stream, _bf16_compute, _fast_cpu_inference, structure_version
+from msdd.models.layers import Linear, Stream, Tracked, _bf16_compute, _fast_cpu_inference
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -32,15 +32,14 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: 
 
 
 class _Plan(NamedTuple):
-    """What `_fused_blocks` checked once and reads on every pass: for the `structure` and the modulation vectors
-    `mods` (the decoder's cached list) it was made for, in x's `dtype`: each stream with its linear layers and
-    modulation vectors, the `cpu_kernels.blocks` flags and scalars (the norms' eps as they were then), and every module
-    whose hooks the op would skip. Weights are read on every pass (`Linear.panels`, `Stream.qk_norms`)."""
+    """What `_fused_blocks` checked of the blocks once and reads on every pass, for the `structure` and x's `dtype` it
+    was made for: each stream with its linear layers, the `cpu_kernels.blocks` flags and scalars (the norms' eps as
+    they were then), and every module whose hooks the op would skip. Weights and modulation vectors are read on every
+    pass (`Linear.panels`, `Stream.qk_norms`, `_fused_blocks`)."""
 
     structure: int
-    mods: list
     dtype: torch.dtype
-    streams: list[tuple[Stream, tuple, list]]  # (stream, its linear layers, its modulation vectors)
+    streams: list[tuple[Stream, tuple]]  # (stream, its linear layers), two per block: image, context
     full: list[int]
     heads: int
     eps: float
@@ -55,22 +54,27 @@ def _hooked(*modules: nn.Module) -> bool:
 def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                   block_mods: list[tuple]) -> torch.Tensor | None:
     """`run_blocks` by `cpu_kernels.blocks`, or None where the blocks' forwards would not all run msdd's kernels
-    (`_plan`), or a module has hooks (the block-by-block path calls them)."""
+    (`_plan`; a modulation vector not (1, W) in bf16 or float32: one per batch element takes the per-call path's
+    `gated_adaln`), or a module has hooks (the block-by-block path calls them)."""
     dtype = x.dtype
     if not (_fast_cpu_inference(x) and x.dim() == ctx.dim() == 3 and ctx.dtype == dtype
             and (_bf16_compute(x) if dtype == torch.bfloat16 else
-                 dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))):
+                 dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
+            and len(block_mods) == len(blocks)):
         return None
     plan = blocks.__dict__.get("_msdd_plan")
-    if plan is None or plan.structure != structure_version() or plan.mods is not block_mods or plan.dtype != dtype:
-        plan = _plan(blocks, block_mods, dtype)
+    if plan is None or plan.structure != Tracked.structure or plan.dtype != dtype:
+        plan = _plan(blocks, dtype)
         blocks.__dict__["_msdd_plan"] = plan  # not a module attribute: no structure change
     hooks = nn.modules.module
     if (not plan.streams or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
             or _hooked(*plan.modules)):
         return None
     params = []
-    for stream, layers, mods in plan.streams:
+    for (stream, layers), mods in zip(plan.streams, (m for pair in block_mods for m in pair)):
+        if mods is None or len(mods) != (2 if stream.pre_only else 6) or any(
+                v.dim() != 2 or v.shape[0] != 1 or v.dtype not in cpu_kernels.DTYPES for v in mods):
+            return None
         params += mods
         for j, layer in enumerate(layers):
             if (packed := layer.panels(swiglu=j == 2, dtype=dtype)) is None:
@@ -80,32 +84,27 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
     return cpu_kernels.blocks(x, ctx, params, plan.full, plan.heads, plan.eps, plan.qk_eps, rope)
 
 
-def _plan(blocks: nn.ModuleList, block_mods: list[tuple], dtype: torch.dtype) -> _Plan:
+def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
     """`_fused_blocks`'s checks of the structure: every block's streams modulated, with msdd's `Linear` layers (not
     torch.ao's or msdd's int8 ones), one head count, one adaLN eps, one q / k norm eps, pre_only only the last block's
-    context stream, each modulation vector (1, W) in bf16 or float32 (one per batch element: the per-call path's
-    `gated_adaln`); no streams where one fails."""
-    first = blocks[0].img if len(blocks) else None
-    plan = _Plan(structure_version(), block_mods, dtype, [], [], 0, 0.0, 0.0, [])
-    if first is None or len(block_mods) != len(blocks):
+    context stream; no streams where one fails."""
+    plan = _Plan(Tracked.structure, dtype, [], [], 0, 0.0, 0.0, [])
+    if not len(blocks):
         return plan
+    first = blocks[0].img
     heads, eps, qk_eps = first.heads, first.norm1.eps, first.q_norm.eps
     streams, full, modules = [], [], []
-    for i, (block, mods) in enumerate(zip(blocks, block_mods)):
-        if mods is None:
-            return plan
+    for i, block in enumerate(blocks):
         modules.append(block)
-        for stream, m, may_end in ((block.img, mods[0], False), (block.ctx, mods[1], i == len(blocks) - 1)):
+        for stream, may_end in ((block.img, False), (block.ctx, i == len(blocks) - 1)):
             layers = (stream.qkv,) if stream.pre_only else (stream.qkv, stream.proj, stream.mlp.w12, stream.mlp.w3)
             norms = (stream.norm1,) if stream.pre_only else (stream.norm1, stream.norm2)
             if ((stream.pre_only and not may_end) or stream.heads != heads or not stream.modulated
-                    or len(m) != (2 if stream.pre_only else 6)
-                    or any(v.dim() != 2 or v.shape[0] != 1 or v.dtype not in cpu_kernels.DTYPES for v in m)
                     or any(n.weight is not None or n.eps != eps for n in norms)
                     or stream.q_norm.eps != qk_eps or stream.k_norm.eps != qk_eps
                     or any(type(layer) is not Linear for layer in layers)):
                 return plan
-            streams.append((stream, layers, list(m)))
+            streams.append((stream, layers))
             full.append(0 if stream.pre_only else 1)
             modules += layers if stream.pre_only else (*layers, stream.mlp)
     return plan._replace(streams=streams, full=full, heads=heads, eps=eps, qk_eps=qk_eps, modules=modules)

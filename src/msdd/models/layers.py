@@ -78,6 +78,13 @@ def _version_key(t: torch.Tensor | None) -> tuple | None:
             0 if t.is_inference() else t._version)
 
 
+def _address_key(t: torch.Tensor | None) -> tuple | None:
+    """_version_key without the storage: as telling where whoever keeps the key holds that storage (`Linear.panels`)."""
+    if t is None:
+        return None
+    return (t.data_ptr(), t.shape, t.dtype, 0 if t.is_inference() else t._version)
+
+
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version (as
     much memory as the weight): on token sequences (3-D inputs) msdd's linear kernel (`cpu_kernels.linear`: bf16 or
@@ -88,7 +95,7 @@ class Linear(nn.Linear):
     tracing for ONNX or compile, the reference path) is nn.Linear's forward."""
 
     _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's _version_key, oneDNN's packed weight)
-    _panels: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None  # (key, msdd's packed weight and bias)
+    _panels: tuple[tuple, tuple | None, tuple] | None = None  # (key, msdd's packed weight and bias, storages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _fast_cpu_inference(x):  # a call costs ~25 us of Python at batch 1: no needless ops
@@ -129,12 +136,13 @@ class Linear(nn.Linear):
         """The weight and bias as `cpu_kernels.pack_linear` packs them (`swiglu`: as a SwiGLU MLP's first layer),
         repacked when either is replaced or changed in place; None where the kernel does not apply or the weight is
         not of `dtype` (where given)."""
-        if dtype is not None and self.weight.dtype != dtype:
+        w, b = self.weight, self.bias
+        if dtype is not None and w.dtype != dtype:
             return None
-        key = (swiglu, _version_key(self.weight), _version_key(self.bias))
+        key = (swiglu, _address_key(w), _address_key(b))  # checked on every call: cheaper than _version_key
         if self._panels is None or self._panels[0] != key:
-            bias = None if self.bias is None else self.bias.detach()
-            self._panels = (key, cpu_kernels.pack_linear(self.weight.detach(), bias, swiglu))
+            packed = cpu_kernels.pack_linear(w.detach(), None if b is None else b.detach(), swiglu)
+            self._panels = (key, packed, (w.untyped_storage(), None if b is None else b.untyped_storage()))
         return self._panels[1]
 
     def packed_weight(self) -> torch.Tensor:
@@ -183,22 +191,18 @@ def attention(
 # ---------------------------------------------------------------------------------------------
 # small modules
 
-_structure = [0]  # bumped whenever an attribute or submodule of a JointBlock, Stream or SwiGLU is set
+class Tracked:
+    """Counts in `Tracked.structure` every attribute or submodule set on a JointBlock, Stream or SwiGLU (a layer
+    replaced, int8 layers swapped in): `msdd.models.fused_blocks` keeps what it checked of the blocks until it moves."""
 
+    structure = 0
 
-def structure_version() -> int:
-    """Changes whenever an attribute or submodule of a JointBlock, Stream or SwiGLU is set (a layer replaced, int8
-    layers swapped in): `msdd.models.fused_blocks` keeps what it checked of the blocks until then."""
-    return _structure[0]
-
-
-class _Tracked:
     def __setattr__(self, name, value) -> None:
-        _structure[0] += 1
+        Tracked.structure += 1
         super().__setattr__(name, value)
 
 
-class SwiGLU(_Tracked, nn.Module):
+class SwiGLU(Tracked, nn.Module):
     def __init__(self, width: int, hidden: int) -> None:
         super().__init__()
         self.w12 = Linear(width, 2 * hidden)
@@ -288,7 +292,7 @@ def gated_adaln(norm: nn.LayerNorm, x: torch.Tensor, gate: torch.Tensor, y: torc
 # MMDiT
 
 
-class Stream(_Tracked, nn.Module):
+class Stream(Tracked, nn.Module):
     """One stream of a joint block: its own norms, qkv, output projection and MLP.
 
     `modulated`: adaLN from the conditioning vector (decoder) instead of affine LayerNorm (encoder).
@@ -368,7 +372,7 @@ def joint_attention(qkv_x: torch.Tensor, qkv_c: torch.Tensor, img: Stream, ctx: 
     return out[:, :n], out[:, n:]
 
 
-class JointBlock(_Tracked, nn.Module):
+class JointBlock(Tracked, nn.Module):
     """MMDiT block over an image stream and a context stream with one joint attention."""
 
     def __init__(
