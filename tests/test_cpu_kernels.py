@@ -433,6 +433,8 @@ def test_the_blocks_op_says_what_its_params_must_be():
         cpu_kernels.library().blocks(x, c, [x] * 3, [1, 1, 1, 0], 2, 1e-6, 1e-6, cos, sin, False)
     with pytest.raises(RuntimeError, match="only the last block's context stream may be pre_only"):
         cpu_kernels.library().blocks(x, c, [x] * 3, [1, 0, 1, 1], 2, 1e-6, 1e-6, cos, sin, False)
+    with pytest.raises(RuntimeError, match="give two flags per block"):
+        cpu_kernels.library().blocks(x, c, [x] * 3, [1, 1, 1], 2, 1e-6, 1e-6, cos, sin, False)
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch):

@@ -17,7 +17,7 @@ MMDiT stream's gated residual x + gate * layer(y) added to the sums of its outpu
 `linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; 1.85x the bf16 kernel,
 `msdd.models.precision.Int8Linear`). All of them compute in float32 and round once. `blocks` runs a decoder pass's
 MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's 150 kernel
-calls, 1.7-2.6% of a paper-256 student decode.
+calls, 1.5-4% of a paper-256 student decode.
 
 The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by

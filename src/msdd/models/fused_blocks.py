@@ -1,7 +1,7 @@
 """A decoder pass's MMDiT blocks in one call of msdd's CPU kernels (`cpu_kernels.blocks`).
 
 Block by block, a paper-256 pass makes about 150 kernel calls from Python, each through a module's forward, the
-optimised path's checks and the op dispatcher: 1.7-2.6% of a student decode on the 2-core Zen 5 EPYC. `run_blocks`
+optimised path's checks and the op dispatcher: 1.5-4% of a student decode on the 2-core Zen 5 EPYC. `run_blocks`
 makes one call where every block would run msdd's kernels anyway, with the same kernels in the same order (outputs
 bit-identical), and runs the blocks one by one everywhere else: off the optimised CPU path, int8 layers, a
 modulation vector per batch element, a module with hooks (so that hooks see their calls).
@@ -23,7 +23,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: 
     """The image tokens x (B, N, W) after the modulated blocks `blocks` (a decoder's), each with its streams'
     modulation vectors (image, context) from `block_mods`; ctx (B, L, W) the context tokens. On the optimised CPU
     path every block runs in one call of the kernels' `blocks` op: the same kernels in the same order as the blocks'
-    forwards, without Python between them (2-3% of a paper-256 student decode); elsewhere block by block."""
+    forwards, without Python between them (benchmarks/README.md); elsewhere block by block."""
     if (out := _fused_blocks(blocks, x, ctx, rope, block_mods)) is not None:
         return out
     for block, mods in zip(blocks, block_mods):

@@ -79,7 +79,8 @@ def _version_key(t: torch.Tensor | None) -> tuple | None:
 
 
 def _address_key(t: torch.Tensor | None) -> tuple | None:
-    """_version_key without the storage: as telling where whoever keeps the key holds that storage (`Linear.panels`)."""
+    """What identifies a tensor's values as `_version_key` does, without the storage: as telling where the key's keeper
+    also holds the storage (`Linear.panels` does), so that no new tensor can take its address."""
     if t is None:
         return None
     return (t.data_ptr(), t.shape, t.dtype, 0 if t.is_inference() else t._version)
@@ -190,6 +191,7 @@ def attention(
 
 # ---------------------------------------------------------------------------------------------
 # small modules
+
 
 class Tracked:
     """Counts in `Tracked.structure` every attribute or submodule set on a JointBlock, Stream or SwiGLU (a layer
@@ -396,4 +398,3 @@ class JointBlock(Tracked, nn.Module):
         x = None if self.img.pre_only else self.img.post(x, out_x, mx)
         ctx = None if self.ctx.pre_only else self.ctx.post(ctx, out_c, mc)
         return x, ctx
-
