@@ -455,3 +455,21 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         assert cpu_kernels.library() is None  # switched off: no build, no warning
     finally:
         cpu_kernels.library.cache_clear()
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_blocks_op_runs_msdds_int8_layers_as_the_blocks_do(monkeypatch, bf16):
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+    z = torch.randn(1, *tok.config.latent_shape, generator=torch.Generator().manual_seed(3))
+    int8_flags = []
+    real = cpu_kernels.blocks
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: int8_flags.append(args[-1]) or real(*args))
+    fused = tok.decode(z, steps=(1, 1, 1), int8=True, bf16=bf16)
+    assert int8_flags == [True] * 3  # every pass in one call, on the int8 kernels
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1), int8=True, bf16=bf16), fused)

@@ -139,16 +139,17 @@ def joint_attention(qkv0: torch.Tensor, qkv1: torch.Tensor, heads: int, norms: l
 
 
 def blocks(x: torch.Tensor, ctx: torch.Tensor, params: list[torch.Tensor], full: list[int], heads: int, eps: float,
-           qk_eps: float, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor | None:
+           qk_eps: float, rope: tuple[torch.Tensor, torch.Tensor], int8: bool = False) -> torch.Tensor | None:
     """The image tokens x (B, N, W) after a decoder's MMDiT blocks, in one call (the `blocks` op in
     kernels/cpu_kernels.cpp says what `params` and `full` hold; msdd.models.fused_blocks gathers them); ctx
-    (B, L, W) the context tokens, both in the dtype the matmuls compute in; None where the kernels do not apply."""
+    (B, L, W) the context tokens, both in the dtype the matmuls compute in (`int8`: around the int8 products of the
+    layers, packed by `pack_linear_int8`); None where the kernels do not apply."""
     width, tokens = x.shape[-1], x.shape[1] + ctx.shape[1]
     if not (width % 16 == 0 and width % heads == 0 and _attention_fits(x.device, x.dtype, width // heads, tokens)):
         return None
     if (ops := library()) is None:
         return None
-    return ops.blocks(x, ctx, params, full, heads, eps, qk_eps, *rope, x.dtype == torch.bfloat16)
+    return ops.blocks(x, ctx, params, full, heads, eps, qk_eps, *rope, x.dtype == torch.bfloat16, int8)
 
 
 def _adaln_applies(x: torch.Tensor, *mods: torch.Tensor) -> bool:

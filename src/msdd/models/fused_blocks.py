@@ -3,8 +3,9 @@
 Block by block, a paper-256 pass makes about 150 kernel calls from Python, each through a module's forward, the
 optimised path's checks and the op dispatcher: 1.5-4% of a student decode on the 2-core Zen 5 EPYC. `run_blocks`
 makes one call where every block would run msdd's kernels anyway, with the same kernels in the same order (outputs
-bit-identical), and runs the blocks one by one everywhere else: off the optimised CPU path, int8 layers, a
-modulation vector per batch element, a module with hooks (so that hooks see their calls).
+bit-identical), msdd's int8 layers included, and runs the blocks one by one everywhere else: off the optimised CPU
+path, torch.ao's int8 layers, a modulation vector per batch element, a module with hooks (so that hooks see their
+calls).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from torch import nn
 
 from msdd.models import cpu_kernels
 from msdd.models.layers import Linear, Stream, Tracked, _bf16_compute, _fast_cpu_inference
+from msdd.models.precision import Int8Linear
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -39,6 +41,7 @@ class _Plan(NamedTuple):
 
     structure: int
     dtype: torch.dtype
+    int8: bool  # msdd's Int8Linear layers, else msdd's Linear layers
     streams: list[tuple[Stream, tuple]]  # (stream, its linear layers), two per block: image, context
     full: list[int]
     heads: int
@@ -55,7 +58,8 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
                   block_mods: list[tuple]) -> torch.Tensor | None:
     """`run_blocks` by `cpu_kernels.blocks`, or None where the blocks' forwards would not all run msdd's kernels
     (`_plan`; a modulation vector not (1, W) in bf16 or float32: one per batch element takes the per-call path's
-    `gated_adaln`), or a module has hooks (the block-by-block path calls them)."""
+    `gated_adaln`; with int8 layers, not in x's dtype: they take their input as adaLN gives it), or a module has hooks
+    (the block-by-block path calls them)."""
     dtype = x.dtype
     if not (_fast_cpu_inference(x) and x.dim() == ctx.dim() == 3 and ctx.dtype == dtype
             and (_bf16_compute(x) if dtype == torch.bfloat16 else
@@ -73,25 +77,30 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
     params = []
     for (stream, layers), mods in zip(plan.streams, (m for pair in block_mods for m in pair)):
         if mods is None or len(mods) != (2 if stream.pre_only else 6) or any(
-                v.dim() != 2 or v.shape[0] != 1 or v.dtype not in cpu_kernels.DTYPES for v in mods):
+                v.dim() != 2 or v.shape[0] != 1 or v.dtype not in cpu_kernels.DTYPES or plan.int8 and v.dtype != dtype
+                for v in mods):
             return None
         params += mods
         for j, layer in enumerate(layers):
-            if (packed := layer.panels(swiglu=j == 2, dtype=dtype)) is None:
+            packed = layer.panels(swiglu=j == 2) if plan.int8 else layer.panels(swiglu=j == 2, dtype=dtype)
+            if packed is None:
                 return None
             params += packed
         params += stream.qk_norms()
-    return cpu_kernels.blocks(x, ctx, params, plan.full, plan.heads, plan.eps, plan.qk_eps, rope)
+    return cpu_kernels.blocks(x, ctx, params, plan.full, plan.heads, plan.eps, plan.qk_eps, rope, plan.int8)
 
 
 def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
-    """`_fused_blocks`'s checks of the structure: every block's streams modulated, with msdd's `Linear` layers (not
-    torch.ao's or msdd's int8 ones), one head count, one adaLN eps, one q / k norm eps, pre_only only the last block's
-    context stream; no streams where one fails."""
-    plan = _Plan(Tracked.structure, dtype, [], [], 0, 0.0, 0.0, [])
+    """`_fused_blocks`'s checks of the structure: every block's streams modulated, with msdd's `Linear` layers or all
+    of them msdd's `Int8Linear` (not torch.ao's), one head count, one adaLN eps, one q / k norm eps, pre_only only the
+    last block's context stream; no streams where one fails."""
+    plan = _Plan(Tracked.structure, dtype, False, [], [], 0, 0.0, 0.0, [])
     if not len(blocks):
         return plan
     first = blocks[0].img
+    kind = type(first.qkv)
+    if kind not in (Linear, Int8Linear):
+        return plan
     heads, eps, qk_eps = first.heads, first.norm1.eps, first.q_norm.eps
     streams, full, modules = [], [], []
     for i, block in enumerate(blocks):
@@ -102,9 +111,10 @@ def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
             if ((stream.pre_only and not may_end) or stream.heads != heads or not stream.modulated
                     or any(n.weight is not None or n.eps != eps for n in norms)
                     or stream.q_norm.eps != qk_eps or stream.k_norm.eps != qk_eps
-                    or any(type(layer) is not Linear for layer in layers)):
+                    or any(type(layer) is not kind for layer in layers)):
                 return plan
             streams.append((stream, layers))
             full.append(0 if stream.pre_only else 1)
             modules += layers if stream.pre_only else (*layers, stream.mlp)
-    return plan._replace(streams=streams, full=full, heads=heads, eps=eps, qk_eps=qk_eps, modules=modules)
+    return plan._replace(int8=kind is Int8Linear, streams=streams, full=full, heads=heads, eps=eps, qk_eps=qk_eps,
+                         modules=modules)

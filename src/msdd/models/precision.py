@@ -87,10 +87,15 @@ class Int8Linear(nn.Module):
         if not (_fast_cpu_inference(x) and x.dtype in cpu_kernels.DTYPES) or (
                 residual is not None and residual.dtype != x.dtype):
             return None
+        packed = self.panels(swiglu)
+        return None if packed is None else cpu_kernels.linear_int8(x, *packed, swiglu, residual, gate)
+
+    def panels(self, swiglu: bool = False) -> tuple | None:
+        """The layer as `cpu_kernels.pack_linear_int8` packs it (`swiglu`: as a SwiGLU MLP's first layer), once;
+        None where the kernel does not apply."""
         if swiglu not in self._panels:
             self._panels[swiglu] = cpu_kernels.pack_linear_int8(self.weight, self.scale, self.bias, swiglu)
-        packed = self._panels[swiglu]
-        return None if packed is None else cpu_kernels.linear_int8(x, *packed, swiglu, residual, gate)
+        return self._panels[swiglu]
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         xf = x.float()

@@ -1148,29 +1148,37 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const a
 // and its second layer with its gated residual. x (B, N, W) image tokens, c (B, L, W) context tokens; `full` two
 // flags per block (image stream, context stream), 0 for a stream that only gives keys and values (allowed in the last
 // block only, and never for the image stream, which is returned); `params` per block and stream in order: its
-// modulation vectors (shift, scale, gate, shift, scale, gate; shift, scale alone when not full, each (1, W)), the
-// packed weight and bias from pack_linear of qkv, then of the projection, the MLP's first layer (packed with swiglu)
-// and second layer when full, then q_norm's weight and bias and k_norm's; eps the adaLN norms', qk_eps q_norm's and
-// k_norm's; cos and sin the RoPE tables of the joint sequence. Every matmul computes in `bf16` or float32 (what the
-// weights were packed from); an input in another dtype is converted first, as the linear layers' forward does.
-// One call instead of a Python loop over the blocks' 13 kernel calls: 1.5-4% of a paper-256 student decode.
+// modulation vectors (shift, scale, gate, shift, scale, gate; shift, scale alone when not full, each (1, W)), each
+// layer's packed weight and bias from pack_linear (`int8`: linear_int8's packed weight, scales, compensations and
+// bias) for qkv, then the projection, the MLP's first layer (packed with swiglu) and second layer when full, then
+// q_norm's weight and bias and k_norm's; eps the adaLN norms', qk_eps q_norm's and k_norm's; cos and sin the RoPE
+// tables of the joint sequence. Every matmul computes in `bf16` or float32 (what the weights were packed from; int8
+// products with bf16 or float32 around them); an input in another dtype is converted first, as the linear layers'
+// forward does. One call instead of a Python loop over the blocks' 13 kernel calls: 1.5-4% of a paper-256 student
+// decode.
 at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList params, at::IntArrayRef full, int64_t heads,
-                  double eps, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, bool bf16) {
+                  double eps, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, bool bf16, bool int8) {
   TORCH_CHECK(!full.empty() && full.size() % 2 == 0, "msdd blocks: give two flags per block (image stream, context "
               "stream), got ", full.size());
-  const size_t n_blocks = full.size() / 2;
+  const size_t n_blocks = full.size() / 2, per_layer = int8 ? 4 : 2;
   size_t expected = 0;
   for (size_t i = 0; i < full.size(); ++i) {
     TORCH_CHECK(full[i] == 1 || (full[i] == 0 && i % 2 == 1 && i / 2 == n_blocks - 1),
                 "msdd blocks: only the last block's context stream may be pre_only (flag 0); flags are 0 or 1");
-    expected += full[i] ? 18 : 8;
+    expected += full[i] ? 10 + 4 * per_layer : 6 + per_layer;
   }
-  TORCH_CHECK(params.size() == expected, "msdd blocks: ", n_blocks,
-              " blocks with these flags take ", expected, " params (18 per full stream, 8 per pre_only one), got ",
+  TORCH_CHECK(params.size() == expected, "msdd blocks: ", n_blocks, " blocks with these flags take ", expected,
+              " params (", 10 + 4 * per_layer, " per full stream, ", 6 + per_layer, " per pre_only one), got ",
               params.size());
   const auto dtype = bf16 ? at::kBFloat16 : at::kFloat;
   auto in_dtype = [&](const at::Tensor& t) { return t.scalar_type() == dtype ? t : t.to(dtype); };
   const std::optional<at::Tensor> none;
+  // the layer whose params start at p
+  auto layer = [&](size_t p, const at::Tensor& in, bool swiglu, const std::optional<at::Tensor>& res,
+                   const std::optional<at::Tensor>& gate) {
+    return int8 ? linear_int8(in, params[p], params[p + 1], params[p + 2], params[p + 3], swiglu, res, gate)
+                : linear(in, params[p], params[p + 1], swiglu, res, gate);
+  };
   at::Tensor s[2] = {in_dtype(x), in_dtype(c)};
   size_t i = 0;
   for (size_t b = 0; b < n_blocks; ++b) {
@@ -1179,10 +1187,9 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
     std::vector<at::Tensor> norms;
     for (int st = 0; st < 2; ++st) {
       const bool f = full[2 * b + st];
-      const size_t w = i + (f ? 6 : 2), nrm = w + (f ? 8 : 2);
+      const size_t w = i + (f ? 6 : 2), nrm = w + (f ? 4 : 1) * per_layer;
       mods[st] = i;
-      qkv[st] = linear(in_dtype(adaln(s[st], params[i], params[i + 1], eps)), params[w], params[w + 1], false, none,
-                       none);
+      qkv[st] = layer(w, in_dtype(adaln(s[st], params[i], params[i + 1], eps)), false, none, none);
       norms.insert(norms.end(), params.begin() + nrm, params.begin() + nrm + 4);
       i = nrm + 4;
     }
@@ -1190,11 +1197,10 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
     const at::Tensor out[2] = {out0, out1};
     for (int st = 0; st < 2; ++st) {
       if (!full[2 * b + st]) continue;
-      const size_t m = mods[st], w = m + 8;  // the projection's packed weight and bias
-      const at::Tensor res = linear(out[st], params[w], params[w + 1], false, s[st], params[m + 2]);
+      const size_t m = mods[st], w = m + 6 + per_layer;  // the projection's params
+      const at::Tensor res = layer(w, out[st], false, s[st], params[m + 2]);
       const at::Tensor h = in_dtype(adaln(res, params[m + 3], params[m + 4], eps));
-      s[st] = linear(linear(h, params[w + 2], params[w + 3], true, none, none), params[w + 4], params[w + 5], false,
-                     res, params[m + 5]);
+      s[st] = layer(w + 2 * per_layer, layer(w + per_layer, h, true, none, none), false, res, params[m + 5]);
     }
   }
   return s[0];
@@ -1214,7 +1220,7 @@ TORCH_LIBRARY(msdd_kernels, m) {
   m.def("linear_int8(Tensor x, Tensor packed, Tensor scale, Tensor comp, Tensor bias, bool swiglu, "
         "Tensor? residual=None, Tensor? gate=None) -> Tensor");
   m.def("blocks(Tensor x, Tensor c, Tensor[] params, int[] full, int heads, float eps, float qk_eps, Tensor cos, "
-        "Tensor sin, bool bf16) -> Tensor");
+        "Tensor sin, bool bf16, bool int8=False) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("attention", attention);
