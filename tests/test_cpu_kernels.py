@@ -341,14 +341,19 @@ def _count_kernel_calls(monkeypatch) -> dict[str, list[bool]]:
     return calls
 
 
-@needs_kernel
-def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
-    # width 64 with 2 heads: head dim 32, the smallest the kernel takes (the shipped tiny-64 has 32 too)
+def _kernel_sized_tokenizer(batch: int, seed: int) -> tuple[Tokenizer, torch.Tensor]:
+    """The tiny decoder at width 64 with 2 heads (head dim 32, the smallest the kernels take; the shipped tiny-64 has
+    32 too), every weight random (adaLN-zero would make the blocks the identity), and latents for `batch` images."""
     tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
-    with torch.no_grad():  # every weight random: adaLN-zero would make the blocks the identity
+    with torch.no_grad():
         for p in tok.parameters():
             p.normal_(0, 0.05)
-    z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(1))
+    return tok, torch.randn(batch, *tok.config.latent_shape, generator=torch.Generator().manual_seed(seed))
+
+
+@needs_kernel
+def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
+    tok, z = _kernel_sized_tokenizer(2, seed=1)
     calls = _count_kernel_calls(monkeypatch)
     fused = tok.decode(z, steps=(1, 1, 1), bf16=True)
     assert calls["blocks"] == [True] * 3  # one call per pass: every block in the `blocks` op
@@ -389,11 +394,7 @@ def test_decode_runs_the_fused_kernels_on_the_optimised_path_only(monkeypatch):
 @needs_kernel
 def test_the_blocks_op_follows_hooks_replaced_layers_and_changed_weights(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)  # float32 attention at the tiny model's token counts
-    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
-    with torch.no_grad():
-        for p in tok.parameters():
-            p.normal_(0, 0.05)
-    z = torch.randn(1, *tok.config.latent_shape, generator=torch.Generator().manual_seed(2))
+    tok, z = _kernel_sized_tokenizer(1, seed=2)
     fused_calls = []
     real = cpu_kernels.blocks
     monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: fused_calls.append(1) or real(*args))
@@ -461,11 +462,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_blocks_op_runs_msdds_int8_layers_as_the_blocks_do(monkeypatch, bf16):
     monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
-    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
-    with torch.no_grad():
-        for p in tok.parameters():
-            p.normal_(0, 0.05)
-    z = torch.randn(1, *tok.config.latent_shape, generator=torch.Generator().manual_seed(3))
+    tok, z = _kernel_sized_tokenizer(1, seed=3)
     int8_flags = []
     real = cpu_kernels.blocks
     monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: int8_flags.append(args[-1]) or real(*args))
