@@ -423,7 +423,15 @@ def test_the_blocks_op_follows_hooks_replaced_layers_and_changed_weights(monkeyp
     assert not torch.equal(replaced, first)
     with torch.no_grad():
         blocks[0].ctx.mlp.w3.weight.mul_(0.5)  # a weight changed in place is packed again
-    assert not torch.equal(both(), replaced)
+    changed = both()
+    assert not torch.equal(changed, replaced)
+    qkv = blocks[1].ctx.qkv
+    qkv.weight = torch.nn.Parameter(qkv.weight.detach() * 2)  # a parameter replaced on a layer
+    swapped = both()
+    assert not torch.equal(swapped, changed)
+    norm = blocks[0].img.k_norm
+    norm.weight.data = norm.weight.data * 3  # the data under a q / k norm parameter replaced
+    assert not torch.equal(both(), swapped)
 
 
 @needs_kernel

@@ -10,6 +10,7 @@ calls).
 
 from __future__ import annotations
 
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -36,8 +37,8 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: 
 class _Plan(NamedTuple):
     """What `_fused_blocks` checked of the blocks once and reads on every pass, for the `structure` and x's `dtype` it
     was made for: each stream with its linear layers, the `cpu_kernels.blocks` flags and scalars (the norms' eps as
-    they were then), and every module whose hooks the op would skip. Weights and modulation vectors are read on every
-    pass (`Linear.panels`, `Stream.qk_norms`, `_fused_blocks`)."""
+    they were then), and every module whose hooks the op would skip. Weights are checked on every pass (`_Weights`),
+    modulation vectors read on every pass (`_fused_blocks`)."""
 
     structure: int
     dtype: torch.dtype
@@ -74,20 +75,63 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
     if (not plan.streams or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
             or _hooked(*plan.modules)):
         return None
+    weights = _WEIGHTS.get(blocks)
+    if weights is None or weights.plan is not plan or not weights.current():
+        weights = _WEIGHTS[blocks] = _Weights.gather(plan)
+    if weights.streams is None:
+        return None
     params = []
-    for (stream, layers), mods in zip(plan.streams, (m for pair in block_mods for m in pair)):
+    for (stream, _), packed, mods in zip(plan.streams, weights.streams, (m for pair in block_mods for m in pair)):
         if mods is None or len(mods) != (2 if stream.pre_only else 6) or any(
                 v.dim() != 2 or v.shape[0] != 1 or v.dtype not in cpu_kernels.DTYPES or plan.int8 and v.dtype != dtype
                 for v in mods):
             return None
         params += mods
-        for j, layer in enumerate(layers):
-            packed = layer.panels(swiglu=j == 2) if plan.int8 else layer.panels(swiglu=j == 2, dtype=dtype)
-            if packed is None:
-                return None
-            params += packed
-        params += stream.qk_norms()
+        params += packed
     return cpu_kernels.blocks(x, ctx, params, plan.full, plan.heads, plan.eps, plan.qk_eps, rope, plan.int8)
+
+
+class _Weights(NamedTuple):
+    """Every stream's packed layers and q / k norm parameters as `_fused_blocks` passes them (None where a layer does
+    not take msdd's kernel), gathered for `plan` through `Linear.panels` / `Int8Linear.panels`, with what they came
+    from: each parameter and buffer of those modules (its module's dict, its name, the tensor or None) and the tensors'
+    data addresses and in-place versions then. `current` checks those on every pass: `_fused_blocks` takes 85 us of
+    Python per paper-256 pass, 351 when it asked every layer (`panels`, the modules' attribute lookups)."""
+
+    plan: _Plan
+    streams: list[list[torch.Tensor]] | None
+    owners: list[tuple[dict, str, torch.Tensor | None]]
+    tensors: list[torch.Tensor]
+    addresses: list[int]
+    versioned: list[torch.Tensor]  # the tensors with a version counter (not inference tensors)
+    versions: list[int]
+
+    @classmethod
+    def gather(cls, plan: _Plan) -> "_Weights":
+        owners = [(d, name, t) for stream, layers in plan.streams for m in (*layers, stream.q_norm, stream.k_norm)
+                  for d in (m._parameters, m._buffers) for name, t in d.items()]
+        tensors = [t for _, _, t in owners if t is not None]
+        streams = []
+        for stream, layers in plan.streams:
+            params = []
+            for j, layer in enumerate(layers):
+                packed = layer.panels(swiglu=j == 2) if plan.int8 else layer.panels(swiglu=j == 2, dtype=plan.dtype)
+                if packed is None:
+                    streams = None
+                    break
+                params += packed
+            if streams is None:
+                break
+            streams.append(params + stream.qk_norms())
+        versioned = [t for t in tensors if not t.is_inference()]
+        return cls(plan, streams, owners, tensors, [t.data_ptr() for t in tensors], versioned,
+                   [t._version for t in versioned])
+
+    def current(self) -> bool:
+        """The modules hold the same tensors, at the same addresses and versions, as when gathered."""
+        return (all(d.get(name) is t for d, name, t in self.owners)
+                and [t.data_ptr() for t in self.tensors] == self.addresses
+                and [t._version for t in self.versioned] == self.versions)
 
 
 def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
@@ -118,3 +162,8 @@ def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
             modules += layers if stream.pre_only else (*layers, stream.mlp)
     return plan._replace(int8=kind is Int8Linear, streams=streams, full=full, heads=heads, eps=eps, qk_eps=qk_eps,
                          modules=modules)
+
+
+# a decoder's blocks (nn.ModuleList) -> its `_Weights`: beside the module, not in it, so that copies of a decoder
+# (deepcopy, pickle) carry no packed weights, as `Linear`'s own copies do not
+_WEIGHTS: "weakref.WeakKeyDictionary[nn.ModuleList, _Weights]" = weakref.WeakKeyDictionary()
