@@ -18,6 +18,7 @@ from msdd.eval.bench import (CONTENDERS, NO_DIFFUSERS, at_resolution, measure_co
                              rotated_orders)
 from msdd.eval.bench.peak import matmul_peaks
 from msdd.eval.bench.timing import time_contenders
+from msdd.models import cpu_kernels
 from msdd.models.layers import FP32_PACKING, ONEDNN_LINEAR
 from msdd.tokenizer import Tokenizer
 
@@ -243,12 +244,13 @@ def test_peak_probes_count_their_flops(monkeypatch):
     clock = iter(range(10**6))
     monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 1e-3)
     matmul = measure_matmul_peak(torch.float32, threads=1, n=n, repeats=3)
-    by_kernel = matmul_peaks(torch.float32, threads=1, n=n, repeats=3)  # torch.mm and oneDNN's linear (packed)
+    by_kernel = matmul_peaks(torch.float32, threads=1, n=n, repeats=3)  # torch.mm, oneDNN's linear (packed), msdd's
     conv = measure_conv_peak(torch.float32, threads=1, channels=c, size=size, repeats=3)
     monkeypatch.undo()
     assert matmul == pytest.approx(mm_flops / 1e-3 / 1e9, rel=1e-9)
     onednn = {"onednn linear", "onednn linear, packed"} if FP32_PACKING else {"onednn linear"}
-    assert set(by_kernel) == ({"torch.mm", *onednn} if ONEDNN_LINEAR else {"torch.mm"})
+    msdd = {"msdd linear"} if cpu_kernels.library() is not None else set()
+    assert set(by_kernel) == ({"torch.mm", *onednn} if ONEDNN_LINEAR else {"torch.mm"}) | msdd
     assert all(v == pytest.approx(mm_flops / 1e-3 / 1e9, rel=1e-9) for v in by_kernel.values())
     assert conv == pytest.approx(conv_flops / 1e-3 / 1e9, rel=1e-9)
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from msdd.eval.bench.timing import synchronizer
+from msdd.models import cpu_kernels
 from msdd.models.layers import BF16_PACKING, FP32_PACKING, ONEDNN_LINEAR
 
 
@@ -57,8 +58,10 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
     """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that
     the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
     (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
-    development machine), also with the weight pre-packed as that layer packs it (bf16, float32); `only`: that kernel
-    alone. Without n, each kernel's best over the sizes of `peak_sizes`."""
+    development machine), also with the weight pre-packed as that layer packs it (bf16, float32), and msdd's own
+    (`msdd.models.cpu_kernels.linear`, which the decoders' token layers run on the optimised CPU path: in float32 at
+    2048^3 0-5% faster than oneDNN's packed kernel on the 2-core Zen 5 EPYC, 503-514 GFLOP/s against 488-496; in bf16
+    10-13% slower); `only`: that kernel alone. Without n, each kernel's best over the sizes of `peak_sizes`."""
     device = torch.device(device)
     if n is None:
         by_size = [matmul_peaks(dtype, threads, device, size, repeats, only) for size in peak_sizes(dtype, device)]
@@ -73,6 +76,8 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
             packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
             kernels["onednn linear, packed"] = lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none",
                                                                                           [], "")
+    if only in (None, "msdd linear") and device.type == "cpu" and (panels := cpu_kernels.pack_linear(b, None)):
+        kernels["msdd linear"] = lambda: cpu_kernels.linear(a, *panels)  # a b^T: the same 2 n^3 FLOPs
     if only is not None:
         kernels = {only: kernels[only]}
     with _num_threads(threads):
