@@ -59,9 +59,10 @@ def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
     the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
     (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
     development machine), also with the weight pre-packed as that layer packs it (bf16, float32), and msdd's own
-    (`msdd.models.cpu_kernels.linear`, which the decoders' token layers run on the optimised CPU path: in float32 at
-    2048^3 0-5% faster than oneDNN's packed kernel on the 2-core Zen 5 EPYC, 503-514 GFLOP/s against 488-496; in bf16
-    10-13% slower); `only`: that kernel alone. Without n, each kernel's best over the sizes of `peak_sizes`."""
+    (`msdd.models.cpu_kernels.linear`, which the decoders' token layers run on the optimised CPU path; on the 2-core
+    Zen 5 EPYC the fastest of them, 2-4% above oneDNN's packed kernel at 1024^3 float32 and 2048^3 bf16, slower at
+    4096^3 bf16: benchmarks/README.md); `only`: that kernel alone. Without n, each kernel's best over the sizes of
+    `peak_sizes`."""
     device = torch.device(device)
     if n is None:
         by_size = [matmul_peaks(dtype, threads, device, size, repeats, only) for size in peak_sizes(dtype, device)]
