@@ -143,6 +143,19 @@ def test_bf16_weight_copy(tok, monkeypatch):
     assert tok.encode(torch.zeros(1, 3, 32, 32), bf16=True).dtype == torch.float32
 
 
+def test_a_bf16_copy_made_inside_inference_mode_keeps_the_modulation_cache(tok):
+    z = _latents(tok)
+    with torch.no_grad():
+        expected = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    tok._copies.clear()
+    with torch.inference_mode():
+        got = tok.decode(z, steps=(1, 1, 1), bf16=True)
+    half = tok._copies.of(tok.decoder, "bf16")
+    assert not any(p.is_inference() for p in half.parameters())  # ordinary tensors: their versions can be read
+    assert len(half.mod_cache.entries) == 3  # one entry per stage's time, as under no_grad
+    assert torch.equal(got, expected)
+
+
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")
 def test_int8_decode_keeps_the_shipped_students_fidelity():
     """The issue's bar for int8 linear layers: PSNR within 0.1 dB of float32 on the shipped model (measured
