@@ -4,6 +4,8 @@ used by CPU decodes on the optimised path only, and a clear fallback where they 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -432,6 +434,39 @@ def test_the_blocks_op_follows_hooks_replaced_layers_and_changed_weights(monkeyp
     norm = blocks[0].img.k_norm
     norm.weight.data = norm.weight.data * 3  # the data under a q / k norm parameter replaced
     assert not torch.equal(both(), swapped)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_blocks_op_pads_an_mlp_hidden_size_to_its_kernels_panels(monkeypatch, bf16):
+    """A SwiGLU hidden size not a multiple of 64 (the shipped tiny-64 models' 344) runs the `blocks` op with the hidden
+    size padded with zeros: the decode equals that of a twin whose MLPs are padded in their weights."""
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    config = tiny_config("model.decoder.width=64", "model.decoder.heads=2", "model.decoder.mlp_hidden=40").model
+    tok = Tokenizer(config).eval()
+    twin = Tokenizer(dataclasses.replace(config, decoder=dataclasses.replace(config.decoder, mlp_hidden=64))).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+        state = tok.state_dict()
+        for name, t in twin.state_dict().items():  # the MLPs' hidden features 40..63 zero, the rest as tok's
+            source = state[name]
+            if name.startswith("decoder.") and name.endswith(("mlp.w12.weight", "mlp.w12.bias")):
+                a, b = source.chunk(2)
+                pad = (0, 0) * (a.dim() - 1) + (0, 24)  # along the features
+                source = torch.cat([F.pad(a, pad), F.pad(b, pad)])
+            elif name.startswith("decoder.") and name.endswith("mlp.w3.weight"):
+                source = F.pad(source, (0, 24))
+            t.copy_(source)
+    z = torch.randn(2, *config.latent_shape, generator=torch.Generator().manual_seed(4))
+    flags = []
+    real = cpu_kernels.blocks
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: flags.append(1) or real(*args))
+    padded = tok.decode(z, steps=(1, 1, 1), bf16=bf16)
+    assert len(flags) == 3  # every pass in the op
+    assert torch.equal(padded, twin.decode(z, steps=(1, 1, 1), bf16=bf16))
+    with unoptimised():
+        assert (padded - tok.decode(z, steps=(1, 1, 1), bf16=bf16)).abs().max() <= (0.02 if bf16 else 1e-5)
 
 
 @needs_kernel

@@ -14,6 +14,7 @@ import weakref
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from msdd.models import cpu_kernels
@@ -93,10 +94,11 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
 
 class _Weights(NamedTuple):
     """Every stream's packed layers and q / k norm parameters as `_fused_blocks` passes them (None where a layer does
-    not take msdd's kernel), gathered for `plan` through `Linear.panels` / `Int8Linear.panels`, with what they came
-    from: each parameter and buffer of those modules (its module's dict, its name, the tensor or None) and the tensors'
-    data addresses and in-place versions then. `current` checks those on every pass: `_fused_blocks` takes 85 us of
-    Python per paper-256 pass, 351 when it asked every layer (`panels`, the modules' attribute lookups)."""
+    not take msdd's kernel), gathered for `plan` through `Linear.panels` / `Int8Linear.panels` (the MLP's through
+    `_mlp_panels`), with what they came from: each parameter and buffer of those modules (its module's dict, its name,
+    the tensor or None) and the tensors' data addresses and in-place versions then. `current` checks those on every
+    pass: `_fused_blocks` takes 85 us of Python per paper-256 pass, 351 when it asked every layer (`panels`, the
+    modules' attribute lookups)."""
 
     plan: _Plan
     streams: list[list[torch.Tensor]] | None
@@ -112,17 +114,13 @@ class _Weights(NamedTuple):
                   for d in (m._parameters, m._buffers) for name, t in d.items()]
         tensors = [t for _, _, t in owners if t is not None]
         streams = []
-        for stream, layers in plan.streams:
-            params = []
-            for j, layer in enumerate(layers):
-                packed = layer.panels(swiglu=j == 2) if plan.int8 else layer.panels(swiglu=j == 2, dtype=plan.dtype)
-                if packed is None:
-                    streams = None
-                    break
-                params += packed
-            if streams is None:
+        for stream, layers in plan.streams:  # qkv[, the projection, the MLP's two layers]
+            packed = [_panels(layer, plan) for layer in layers[:2]]
+            packed += [_mlp_panels(*layers[2:], plan)] if layers[2:] else []
+            if any(p is None for p in packed):
+                streams = None
                 break
-            streams.append(params + stream.qk_norms())
+            streams.append([t for p in packed for t in p] + stream.qk_norms())
         versioned = [t for t in tensors if not t.is_inference()]
         return cls(plan, streams, owners, tensors, [t.data_ptr() for t in tensors], versioned,
                    [t._version for t in versioned])
@@ -132,6 +130,30 @@ class _Weights(NamedTuple):
         return (all(d.get(name) is t for d, name, t in self.owners)
                 and [t.data_ptr() for t in self.tensors] == self.addresses
                 and [t._version for t in self.versioned] == self.versions)
+
+
+def _panels(layer: nn.Module, plan: _Plan, swiglu: bool = False) -> tuple | None:
+    return layer.panels(swiglu) if plan.int8 else layer.panels(swiglu, dtype=plan.dtype)
+
+
+def _mlp_panels(w12: nn.Module, w3: nn.Module, plan: _Plan) -> list[torch.Tensor] | None:
+    """A SwiGLU MLP's two layers as their `panels` pack them, or, for msdd's `Linear` layers whose hidden size H is not
+    a multiple of 64 (the first layer's panels hold 32 features of a and their 32 of b; the shipped tiny-64 models have
+    344), packed with H padded with zeros to one: a padded feature's gate is silu(0) * 0 = 0 and its weights in the
+    second layer are zeros, so the outputs are those of the unpadded layers (each sum gains exact zeros). None where
+    neither applies."""
+    if (first := _panels(w12, plan, swiglu=True)) is not None and (second := _panels(w3, plan)) is not None:
+        return [*first, *second]
+    h = w3.in_features
+    if plan.int8 or h % 64 == 0 or w12.out_features != 2 * h or {w12.weight.dtype, w3.weight.dtype} != {plan.dtype}:
+        return None
+    pad = -h % 64
+    a, b = w12.weight.detach().chunk(2)
+    weight = torch.cat([F.pad(a, (0, 0, 0, pad)), F.pad(b, (0, 0, 0, pad))])
+    bias = None if w12.bias is None else torch.cat([F.pad(v, (0, pad)) for v in w12.bias.detach().chunk(2)])
+    first = cpu_kernels.pack_linear(weight, bias, swiglu=True)
+    second = cpu_kernels.pack_linear(F.pad(w3.weight.detach(), (0, pad)), None if w3.bias is None else w3.bias.detach())
+    return None if first is None or second is None else [*first, *second]
 
 
 def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
