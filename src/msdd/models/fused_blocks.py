@@ -3,7 +3,8 @@
 Block by block, a paper-256 pass makes about 150 kernel calls from Python, each through a module's forward, the
 optimised path's checks and the op dispatcher: 1.5-4% of a student decode on the 2-core Zen 5 EPYC. `run_blocks`
 makes one call where every block would run msdd's kernels anyway, with the same kernels in the same order (outputs
-bit-identical), msdd's int8 layers included, and runs the blocks one by one everywhere else: off the optimised CPU
+bit-identical; an MLP whose hidden size the kernel's panels do not fit runs on zero-padded copies of its weights,
+`_mlp_panels`), msdd's int8 layers included, and runs the blocks one by one everywhere else: off the optimised CPU
 path, torch.ao's int8 layers, a modulation vector per batch element, a module with hooks (so that hooks see their
 calls).
 """
@@ -68,18 +69,14 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
                  dtype == torch.float32 and not torch.is_autocast_enabled("cpu"))
             and len(block_mods) == len(blocks)):
         return None
-    plan = blocks.__dict__.get("_msdd_plan")
-    if plan is None or plan.structure != Tracked.structure or plan.dtype != dtype:
-        plan = _plan(blocks, dtype)
-        blocks.__dict__["_msdd_plan"] = plan  # not a module attribute: no structure change
-    hooks = nn.modules.module
-    if (not plan.streams or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-            or _hooked(*plan.modules)):
-        return None
     weights = _WEIGHTS.get(blocks)
-    if weights is None or weights.plan is not plan or not weights.current():
-        weights = _WEIGHTS[blocks] = _Weights.gather(plan)
-    if weights.streams is None:
+    if weights is None or weights.plan.structure != Tracked.structure or weights.plan.dtype != dtype:
+        weights = _WEIGHTS[blocks] = _Weights.gather(_plan(blocks, dtype))
+    elif not weights.current():
+        weights = _WEIGHTS[blocks] = _Weights.gather(weights.plan)
+    plan, hooks = weights.plan, nn.modules.module
+    if (not plan.streams or weights.streams is None or hooks._global_forward_hooks
+            or hooks._global_forward_pre_hooks or _hooked(*plan.modules)):
         return None
     params = []
     for (stream, _), packed, mods in zip(plan.streams, weights.streams, (m for pair in block_mods for m in pair)):
@@ -186,6 +183,6 @@ def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
                          modules=modules)
 
 
-# a decoder's blocks (nn.ModuleList) -> its `_Weights`: beside the module, not in it, so that copies of a decoder
-# (deepcopy, pickle) carry no packed weights, as `Linear`'s own copies do not
+# a decoder's blocks (nn.ModuleList) -> its `_Weights` (and with them its `_Plan`): beside the module, not in it, so
+# that copies of a decoder (deepcopy, pickle) carry no packed weights, as `Linear`'s own copies do not
 _WEIGHTS: "weakref.WeakKeyDictionary[nn.ModuleList, _Weights]" = weakref.WeakKeyDictionary()
