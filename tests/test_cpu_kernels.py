@@ -34,7 +34,7 @@ def _sdpa(q, k, v):
 
 @needs_kernel
 @pytest.mark.parametrize("n", [1, 7, 37, 70, 200])
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [32, 64, 128])
 def test_attention_has_the_flash_kernels_precision(n, d):
     q, k, v = _qkv(2, 3, n, d)
     exact, flash = _sdpa(q.double(), k.double(), v.double()), _sdpa(q, k, v).double()
@@ -50,7 +50,7 @@ def test_attention_has_the_flash_kernels_precision(n, d):
 
 @needs_kernel
 @pytest.mark.parametrize("n", [128, 203])
-@pytest.mark.parametrize("d", [32, 64])
+@pytest.mark.parametrize("d", [32, 64, 128])  # 32 and 64 words per key have their own compiled products, 128 not
 def test_attention_in_float32_is_float32_attention(n, d):
     q, k, v = _qkv(2, 3, n, d, torch.float32)
     fused = cpu_kernels.attention(q, k, v)
