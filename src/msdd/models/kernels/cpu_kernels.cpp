@@ -285,17 +285,22 @@ void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& 
 
 // acc[r][c] = sum over `words` words w of a[r * lda + w] . bp[w * 64 + 16 c .. + 16): R rows of a (queries, or a linear
 // layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums (int32 for Int8);
-// between(w) after word w's products (work for the core to overlap with them); W: `words` at compile time (0: not)
-template <class T, int R, int W = 0, class Between>
+// before(w) and after(w) around word w's products: work for the core to overlap with them (a linear layer's prefetches
+// before: after them they made the int8 products 1.5-1.9x slower; the attention's probabilities after: 1.02x against
+// before); W: `words` at compile time (0: not)
+struct Nothing {
+  void operator()(int64_t) const {}
+};
+template <class T, int R, int W = 0, class Before = Nothing, class After = Nothing>
 inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t words_in, typename T::Acc (&acc)[R][4],
-                     Between&& between) {
+                     Before&& before = {}, After&& after = {}) {
   const int64_t words = W > 0 ? W : words_in;
 #pragma GCC unroll 6
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) acc[r][c] = typename T::Acc{};  // zeros
-#pragma GCC unroll 2
   for (int64_t w = 0; w < words; ++w) {
+    before(w);
     __m512i b[4];
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) b[c] = _mm512_loadu_si512(bp + w * kPanel + 16 * c);
@@ -305,7 +310,7 @@ inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t
 #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) acc[r][c] = T::dot(acc[r][c], x, b[c]);
     }
-    between(w);
+    after(w);
   }
 }
 
@@ -395,7 +400,7 @@ inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words_in, 
   int v = prob == nullptr ? 4 * kTile : 0;  // the next probability vector: row v / 4, vector v % 4
   const ProbPanel<T> pp = prob == nullptr ? ProbPanel<T>{} : *prob;
   __m512 acc[kTile][4];
-  dot_tile<T, kTile, W>(q, words, kp, words, acc, [&](int64_t w) {
+  dot_tile<T, kTile, W>(q, words, kp, words, acc, Nothing{}, [&](int64_t w) {
     if (v < 4 * kTile && w % step == step - 1) {
       pp.vector(v / 4, v % 4, 16);
       ++v;
