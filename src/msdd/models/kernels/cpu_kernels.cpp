@@ -286,8 +286,8 @@ void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& 
 // acc[r][c] = sum over `words` words w of a[r * lda + w] . bp[w * 64 + 16 c .. + 16): R rows of a (queries, or a linear
 // layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums (int32 for Int8);
 // before(w) and after(w) around word w's products: work for the core to overlap with them (a linear layer's prefetches
-// before: after them they made the int8 products 1.5-1.9x slower; the attention's probabilities after: 1.02x against
-// before); W: `words` at compile time (0: not)
+// before: after them they made the int8 products 1.5-1.9x slower; the attention's probabilities after: 1.01-1.04x
+// against before); W: `words` at compile time (0: not)
 struct Nothing {
   void operator()(int64_t) const {}
 };
