@@ -390,9 +390,9 @@ struct ProbPanel {
 // s[r][c] = q[r] . k[c] for 6 queries and one panel of 64 keys (float32 sums); mx[r] = the max of mx[r] and the
 // row's scores of the panel's first `valid` keys (the rest are padding). Where `prob` is given (a full panel of the
 // previous tile), its 24 probability vectors are computed among the products, one every words / 24 words (run
-// after the tile's products instead, the exponentials held the products' units back: the whole attention 1.026-1.035x
-// at 1152 tokens and 1.018-1.024x at 384 in both dtypes, on the 2-core Zen 5); W: the words per key at compile time
-// (0: `words`)
+// after the tile's products instead, the exponentials held the products' units back: the whole attention 1.01-1.04x
+// at 1152 tokens and 1.00-1.03x at 384 in both dtypes, eight interleaved runs on the 2-core Zen 5); W: the words per
+// key at compile time (0: `words`)
 template <class T, int W = 0>
 inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words_in, float* s, int64_t lds, __m512* mx,
                        int64_t valid, const ProbPanel<T>* prob) {
