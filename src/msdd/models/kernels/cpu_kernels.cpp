@@ -523,6 +523,8 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
         if (has_cur) {
           float* sc = s_cur + panel * kPanel;
           const uint32_t* kpp = kh + panel * words * kPanel;
+          // compiled for the paper's word counts: with the probabilities among the products, the general loop took
+          // 1.05-1.06x the time of a bf16 attention, 1.00-1.02x in float32
           if (words == 64)  // float32 D = 64, bf16 128
             score_tile<T, 64>(qb.data(), kpp, words, sc, npad, mx[cur], valid, inside ? &prob : nullptr);
           else if (words == 32)  // float32 D = 32, bf16 64
