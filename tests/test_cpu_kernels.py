@@ -343,10 +343,11 @@ def _count_kernel_calls(monkeypatch) -> dict[str, list[bool]]:
     return calls
 
 
-def _kernel_sized_tokenizer(batch: int, seed: int) -> tuple[Tokenizer, torch.Tensor]:
+def _kernel_sized_tokenizer(batch: int, seed: int, width: int = 64) -> tuple[Tokenizer, torch.Tensor]:
     """The tiny decoder at width 64 with 2 heads (head dim 32, the smallest the kernels take; the shipped tiny-64 has
-    32 too), every weight random (adaLN-zero would make the blocks the identity), and latents for `batch` images."""
-    tok = Tokenizer(tiny_config("model.decoder.width=64", "model.decoder.heads=2").model).eval()
+    32 too), or `width` / 2, every weight random (adaLN-zero would make the blocks the identity), and latents for
+    `batch` images."""
+    tok = Tokenizer(tiny_config(f"model.decoder.width={width}", "model.decoder.heads=2").model).eval()
     with torch.no_grad():
         for p in tok.parameters():
             p.normal_(0, 0.05)
@@ -513,3 +514,70 @@ def test_the_blocks_op_runs_msdds_int8_layers_as_the_blocks_do(monkeypatch, bf16
     assert int8_flags == [True] * 3  # every pass in one call, on the int8 kernels
     monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)
     assert torch.equal(tok.decode(z, steps=(1, 1, 1), int8=True, bf16=bf16), fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("bf16,int8", [(True, False), (False, False), (True, True)])
+def test_the_blocks_op_at_head_dim_64_is_block_by_block(monkeypatch, bf16, int8):
+    """At head dim 64 (the paper's) too, the blocks op's images are block by block's, bit for bit: its qkv layers
+    write the attention's packed operands (at 16 and 64 image tokens; at 4, not a multiple of 16, through the qkv
+    tensor)."""
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    tok, z = _kernel_sized_tokenizer(2, seed=4, width=128)
+    sizes = []
+    real = cpu_kernels.blocks
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: sizes.append(args[0].shape[1]) or real(*args))
+    fused = tok.decode(z, steps=(1, 1, 1), bf16=bf16, int8=int8)
+    assert sizes == [4, 16, 64]
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1), bf16=bf16, int8=int8), fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,n0,n1", [(64, 16, 5), (32, 48, 33), (64, 20, 7), (64, 128, 1)])
+def test_the_blocks_op_is_its_kernels_one_by_one(dtype, d, n0, n1):
+    """Two blocks (the last one's context stream pre_only) for 2 images against the same kernels called one by one:
+    equal bit for bit, at token counts that leave partial key panels and words (odd joint lengths), and with 20
+    image tokens (not a multiple of 16: the qkv tensor and the attention's packing pass)."""
+    ops, g = cpu_kernels.library(), torch.Generator().manual_seed(5)
+    heads, width, hidden = 2, 2 * d, 4 * d
+    rope = tuple(t[: n0 + n1] for t in RopeCache(16, n1 + 128, d, "cross_both")(12, torch.device("cpu")))
+
+    def rand(*shape, s=1.0):
+        return torch.randn(*shape, generator=g) * s
+
+    def layer(n, k, swiglu=False):
+        return list(ops.pack_linear((rand(n, k) * k ** -0.5).to(dtype), rand(n, s=0.1), swiglu))
+
+    def stream(full):
+        mods = [rand(1, width, s=0.3).to(dtype) for _ in range(6 if full else 2)]
+        layers_ = layer(3 * width, width) + (layer(width, width) + layer(2 * hidden, width, True) +
+                                             layer(width, hidden) if full else [])
+        return mods + layers_ + [rand(d, s=0.3) + 1, rand(d, s=0.2), rand(d, s=0.3) + 1, rand(d, s=0.2)]
+
+    full = [1, 1, 1, 0]
+    params = [t for f in full for t in stream(f)]
+    x, c = rand(2, n0, width).to(dtype), rand(2, n1, width).to(dtype)
+    out = ops.blocks(x, c, params, full, heads, 1e-6, 1e-6, *rope, dtype == torch.bfloat16)
+    s, i = [x, c], 0
+    for b in range(2):
+        qkv, mods, norms = [], [], []
+        for st in range(2):
+            f = full[2 * b + st]
+            w = i + (6 if f else 2)
+            mods.append(i)
+            qkv.append(ops.linear(ops.adaln(s[st], params[i], params[i + 1], 1e-6), params[w], params[w + 1], False))
+            i = w + (8 if f else 2)
+            norms += params[i:i + 4]
+            i += 4
+        attn = ops.joint_attention(qkv[0], qkv[1], heads, norms, 1e-6, *rope)
+        for st in range(2):
+            if not full[2 * b + st]:
+                continue
+            m = mods[st]
+            w = m + 8
+            res = ops.linear(attn[st], params[w], params[w + 1], False, s[st], params[m + 2])
+            h = ops.linear(ops.adaln(res, params[m + 3], params[m + 4], 1e-6), params[w + 2], params[w + 3], True)
+            s[st] = ops.linear(h, params[w + 4], params[w + 5], False, res, params[m + 5])
+    assert torch.equal(out, s[0])

@@ -21,7 +21,9 @@
 // keys (padded keys get probability 0).
 // joint_attention reads q, k and v in place from the (B, N_s, 3 W) outputs of the two streams' qkv layers, applies
 // each stream's q_norm / k_norm and RoPE while packing (float32, rounded once), and writes each stream's output
-// (B, N_s, W): no split, concatenation, normalisation or slicing ops around it.
+// (B, N_s, W): no split, concatenation, normalisation or slicing ops around it. Inside the blocks op, the qkv layers
+// write q, k and v packed themselves (qkv_packed), where a weight panel holds whole heads (D 32 or 64) and the image
+// stream's token count is a multiple of 16.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -188,6 +190,19 @@ inline void transpose16(__m512i (&t)[16]) {
   }
 }
 
+// 16 keys of `words` words each (rows one after another in src) into a key panel (dst: the first key's lane of word
+// 0; a word's 64 lanes lie together), 16 x 16 words at a time transposed in registers
+inline void store_keys16(const uint32_t* src, int64_t words, uint32_t* dst) {
+  for (int64_t wb = 0; wb < words; wb += 16) {
+    __m512i t[16];
+#pragma GCC unroll 16
+    for (int c = 0; c < 16; ++c) t[c] = _mm512_loadu_si512(src + c * words + wb);
+    transpose16(t);
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (wb + j) * kPanel, t[j]);
+  }
+}
+
 template <class T>
 struct Rows {
   const typename T::Elem* base[2] = {nullptr, nullptr};
@@ -245,18 +260,9 @@ void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b,
       for (int64_t h = h0; h < h1; ++h)
         for (int64_t c = 0; c < 16; ++c) prep(c, h);
     }
-    for (int64_t h = h0; h < h1; ++h) {
-      uint32_t* dst = kp + (b * H + h) * npad * words + panel * words * kPanel + g;
-      const uint32_t* src = kbuf.get() + (h - h0) * 16 * words;
-      for (int64_t wb = 0; wb < words; wb += 16) {
-        __m512i t[16];
-#pragma GCC unroll 16
-        for (int c = 0; c < 16; ++c) t[c] = _mm512_loadu_si512(src + c * words + wb);
-        transpose16(t);
-#pragma GCC unroll 16
-        for (int j = 0; j < 16; ++j) _mm512_storeu_si512(dst + (wb + j) * kPanel, t[j]);
-      }
-    }
+    for (int64_t h = h0; h < h1; ++h)
+      store_keys16(kbuf.get() + (h - h0) * 16 * words, words,
+                   kp + (b * H + h) * npad * words + panel * words * kPanel + g);
   }
   for (int64_t j = panel * kPanel / T::kPerWord; j < (panel + 1) * kPanel / T::kPerWord; ++j) {
     for (int64_t h = h0; h < h1; ++h) {
@@ -452,22 +458,34 @@ inline void value_tile(const uint32_t* prob, int64_t lda, const uint32_t* vp, in
   }
 }
 
+// The attention's operands packed for its tiles (every word written before the tiles read it, zeros past N: no
+// initialisation): keys in panels [B H][Npad / 64][D words][64], values in words along the keys
+// [B H][Npad / kPerWord][D], queries [B H][N][D], N tokens of the joint sequence, the first n0 stream 0's
+template <class T>
+struct Packed {
+  using Elem = typename T::Elem;
+  int64_t B, H, N, n0, D, npad, words, vwords;
+  std::unique_ptr<uint32_t[]> kp, vp;
+  std::unique_ptr<Elem[]> qp;
+  Packed(int64_t B_, int64_t H_, int64_t N_, int64_t n0_, int64_t D_)
+      : B(B_), H(H_), N(N_), n0(n0_), D(D_), npad((N_ + kPanel - 1) / kPanel * kPanel), words(D_ / T::kPerWord),
+        vwords(npad / T::kPerWord), kp(new uint32_t[B * H * npad * words]), vp(new uint32_t[B * H * vwords * D]),
+        qp(new Elem[B * H * N * D]) {}
+};
+
+// softmax(q k^T / sqrt(D)) v of packed operands. Output row (b, t) of head h: out0 + ((b * n0 + t) * H + h) * D for
+// t < n0, else out1 + ((b * (N - n0) + t - n0) * H + h) * D: each stream's (B, tokens, H * D).
+template <class T>
+void attention_tiles(const Packed<T>& pk, typename T::Elem* out0, typename T::Elem* out1);
+
 // softmax(q k^T / sqrt(D)) v over the joint sequence of N tokens for B x H heads; q and k LayerNormed and rotated
-// first where their rows and cos say so. Output row (b, t) of head h: out0 + ((b * n0 + t) * H + h) * D for t < n0,
-// else out1 + ((b * (N - n0) + t - n0) * H + h) * D: each stream's (B, tokens, H * D).
+// first where their rows and cos say so; outputs as attention_tiles writes them
 template <class T>
 void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t B, int64_t H, int64_t N,
                     int64_t D, float eps, const float* cos, const float* sin, typename T::Elem* out0,
                     typename T::Elem* out1) {
-  using Elem = typename T::Elem;
-  const int64_t words = D / T::kPerWord, n0 = q.n0, n1 = N - n0;
-  const int64_t npad = (N + kPanel - 1) / kPanel * kPanel;
-  const int64_t vwords = npad / T::kPerWord;  // words along the keys, per value column
-  // the probabilities the value products read: keys up to N rounded up to a word (zeros past N, written up to npad)
-  const int64_t kwords = (N + T::kPerWord - 1) / T::kPerWord;
-  // every word of the three is written below (zeros past N): no initialisation
-  std::unique_ptr<uint32_t[]> kp(new uint32_t[B * H * npad * words]), vp(new uint32_t[B * H * vwords * D]);
-  std::unique_ptr<Elem[]> qp(new Elem[B * H * N * D]);
+  Packed<T> pk(B, H, N, q.n0, D);
+  const int64_t npad = pk.npad;
   // packing tasks: a panel of a batch element for a group of heads, at least 4 tasks per thread where the heads allow
   const int64_t panels = npad / kPanel;
   const int64_t groups = std::min(H, (4 * at::get_num_threads() + B * panels - 1) / (B * panels));
@@ -476,9 +494,21 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bp = task / group_count, h0 = task % group_count * group_heads;
       pack_panel_d<T>(D, q, k, v, bp / panels, H, h0, std::min(H, h0 + group_heads), bp % panels, N, npad, eps, cos,
-                      sin, kp.get(), vp.get(), qp.get());
+                      sin, pk.kp.get(), pk.vp.get(), pk.qp.get());
     }
   });
+  attention_tiles<T>(pk, out0, out1);
+}
+
+template <class T>
+void attention_tiles(const Packed<T>& pk, typename T::Elem* out0, typename T::Elem* out1) {
+  using Elem = typename T::Elem;
+  const int64_t B = pk.B, H = pk.H, N = pk.N, D = pk.D, n0 = pk.n0, n1 = N - n0, npad = pk.npad, words = pk.words,
+                vwords = pk.vwords, panels = npad / kPanel;
+  // the probabilities the value products read: keys up to N rounded up to a word (zeros past N, written up to npad)
+  const int64_t kwords = (N + T::kPerWord - 1) / T::kPerWord;
+  const uint32_t *kp = pk.kp.get(), *vp = pk.vp.get();
+  const Elem* qp = pk.qp.get();
   const float scale_log2 = 1.4426950408889634f / std::sqrt(static_cast<float>(D));
   // Tiles of 6 queries (a head's rows 6 t .. 6 t + 5), each thread through its own run of them as a pipeline: tile
   // i's scores, panel by panel, with tile i - 1's probabilities of the same panel among their products (independent
@@ -501,7 +531,7 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
         const int64_t bh = i / head_tiles, b = bh / H, h = bh % H, r0 = i % head_tiles * kTile;
         const int64_t rows = std::min(kTile, N - r0);
         tile_bh[cur] = bh, tile_rows[cur] = rows;
-        std::memcpy(qb.data(), qp.get() + (bh * N + r0) * D, rows * D * sizeof(Elem));
+        std::memcpy(qb.data(), qp + (bh * N + r0) * D, rows * D * sizeof(Elem));
         std::fill(qb.begin() + rows * words, qb.end(), 0u);
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t t = r0 + r;
@@ -513,7 +543,7 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
         for (int64_t r = 0; r < kTile; ++r) shift[r] = _mm512_reduce_max_ps(mx[prev][r]) * scale_log2;
         std::fill(sums, sums + kTile * 16, 0.0f);
       }
-      const uint32_t* kh = kp.get() + tile_bh[cur] * npad * words;
+      const uint32_t* kh = kp + tile_bh[cur] * npad * words;
       float* s_prev = s.data() + prev * kTile * npad;
       for (int64_t panel = 0; panel < panels; ++panel) {
         const int64_t valid = std::min(kPanel, N - panel * kPanel);
@@ -540,7 +570,7 @@ void attention_impl(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_
       for (int64_t r = 0; r < kTile; ++r) inv[r] = 1.0f / _mm512_reduce_add_ps(_mm512_load_ps(sums + 16 * r));
       const int n_rows = static_cast<int>(tile_rows[prev]);
       const auto* p = reinterpret_cast<const uint32_t*>(s_prev);  // the probabilities, rows of npad words
-      const uint32_t* vh = vp.get() + tile_bh[prev] * vwords * D;
+      const uint32_t* vh = vp + tile_bh[prev] * vwords * D;
       for (int64_t dc = 0; dc < D; dc += 64) {
         if (D - dc >= 64)
           value_tile<T, 4>(p, npad, vh + dc, D, kwords, inv, n_rows, rows_out[prev], dc);
@@ -975,6 +1005,30 @@ inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const ui
   }
 }
 
+// Rows r0 .. r1 of x (`words` words per row, T's products) against weight panel p, row r's outputs at o + r * ldo
+// (O's elements). The panel `next` (the thread's next one) goes into the caches during this one's full tiles, a
+// slice of its lines per tile between their products: its first tile no longer waits for it (1.1-1.15x a 64-row
+// layer, 1.05-1.08x a 128-row one on the 2-core Zen 5; the hardware prefetcher alone fetched it too late, and
+// prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x)
+template <class T, class O, class S, bool kSwiglu>
+void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t p, int64_t next,
+                int64_t r0, int64_t r1, typename O::Elem* o, int64_t ldo) {
+  const uint32_t* bp = wp + p * words * kPanel;
+  const S sums(args, p);
+  const int64_t tiles = (r1 - r0) / kTile;
+  const char* pf = next != p && tiles > 0 ? reinterpret_cast<const char*>(wp + next * words * kPanel) : nullptr;
+  const int64_t lines = pf == nullptr ? 0 : words * kPanel * 4 / 64;
+  const int64_t per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
+  int64_t r = r0;
+  for (int64_t i = 0; r + kTile <= r1; r += kTile, ++i) {
+    const int64_t first = std::min(lines, i * per_tile), count = std::min(lines, first + per_tile) - first;
+    sums.prefetch(r + kTile, std::min(kTile, r1 - r - kTile));  // the next tile's residual rows, if any
+    linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo, pf + 64 * first,
+                                         count);
+  }
+  if (r < r1) linear_rows<T, O, S, kSwiglu>(r1 - r, xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
+}
+
 // x: M rows of `words` words (T's products), out: O's elements
 template <class T, class O, class S, bool kSwiglu>
 void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t N,
@@ -988,25 +1042,8 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
   at::parallel_for(0, panels * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / blocks, r0 = task % blocks * block_rows, r1 = std::min(M, r0 + block_rows);
-      const uint32_t* bp = wp + p * words * kPanel;
-      const S sums(args, p);
-      typename O::Elem* o = out + p * cols;
-      // the thread's next panel on its way into the caches during this one's full tiles, a slice of its lines per
-      // tile between their products: its first tile no longer waits for it (1.1-1.15x a 64-row layer, 1.05-1.08x a
-      // 128-row one on the 2-core Zen 5; the hardware prefetcher alone fetched it too late, and prefetches issued all
-      // at once before each tile held up the tile's own loads: 0.85-0.95x)
-      const int64_t next = task + 1 < end ? (task + 1) / blocks : p, tiles = (r1 - r0) / kTile;
-      const char* pf = next != p && tiles > 0 ? reinterpret_cast<const char*>(wp + next * words * kPanel) : nullptr;
-      const int64_t lines = pf == nullptr ? 0 : words * kPanel * 4 / 64;
-      const int64_t per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
-      int64_t r = r0;
-      for (int64_t i = 0; r + kTile <= r1; r += kTile, ++i) {
-        const int64_t first = std::min(lines, i * per_tile), count = std::min(lines, first + per_tile) - first;
-        sums.prefetch(r + kTile, std::min(kTile, r1 - r - kTile));  // the next tile's residual rows, if any
-        linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo, pf + 64 * first,
-                                             count);
-      }
-      if (r < r1) linear_rows<T, O, S, kSwiglu>(r1 - r, xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
+      const int64_t next = task + 1 < end ? (task + 1) / blocks : p;
+      panel_rows<T, O, S, kSwiglu>(xw, words, wp, args, p, next, r0, r1, out + p * cols, ldo);
     }
   });
 }
@@ -1180,6 +1217,151 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const a
   return out;
 }
 
+// One panel of a stream's qkv projection (64 features: the queries, keys or values of heads h0 .. h0 + 64 / D - 1,
+// `part` 0, 1, 2) for the stream's n tokens of every batch element, rows of 64 elements in src, into the attention's
+// packed operands as pack_panel packs them from the qkv tensor: q and k LayerNormed (ln_w, ln_b) and rotated (cos,
+// sin) first where given, in float32, rounded once. The stream's tokens are joint tokens t0 .. t0 + n - 1, t0 a
+// multiple of 16 (the keys' groups); the last stream also writes the zeros past N.
+template <class T, int V>
+void pack_qkv_panel(const typename T::Elem* src, int64_t n, int64_t t0, bool last, int part, int64_t h0,
+                    Packed<T>& pk, const float* ln_w, const float* ln_b, float eps, const float* cos,
+                    const float* sin) {
+  using Elem = typename T::Elem;
+  constexpr int64_t d = 16 * V, words = d / T::kPerWord;
+  const int64_t H = pk.H, N = pk.N, npad = pk.npad;
+  auto prep = [&](const Elem* x, int64_t t, __m512 (&r)[1][V]) {
+    prep_rows<T, V, 1>({x}, {ln_w}, {ln_b}, eps, cos == nullptr ? nullptr : cos + t * d,
+                       sin == nullptr ? nullptr : sin + t * d, r);
+  };
+  for (int64_t b = 0; b < pk.B; ++b)
+    for (int64_t h = h0; h < h0 + kPanel / d; ++h) {
+      const Elem* rows = src + b * n * kPanel + (h - h0) * d;  // the stream's token i at rows + i * 64
+      if (part == 0) {
+        Elem* q = pk.qp.get() + ((b * H + h) * N + t0) * d;
+        for (int64_t i = 0; i < n; ++i) {
+          __m512 r[1][V];
+          prep(rows + i * kPanel, t0 + i, r);
+#pragma GCC unroll 16
+          for (int j = 0; j < V; ++j) T::store16(q + i * d + 16 * j, r[0][j]);
+        }
+      } else if (part == 1) {  // 16 keys at a time into a buffer, then transposed into their panel
+        alignas(64) uint32_t kbuf[16 * words];
+        for (int64_t g = t0; g < (last ? npad : t0 + n); g += 16) {
+          for (int64_t c = 0; c < 16; ++c) {
+            if (g + c >= t0 + n) {
+              std::memset(kbuf + c * words, 0, words * sizeof(uint32_t));
+              continue;
+            }
+            __m512 r[1][V];
+            prep(rows + (g + c - t0) * kPanel, g + c, r);
+#pragma GCC unroll 16
+            for (int j = 0; j < V; ++j) T::store16(reinterpret_cast<Elem*>(kbuf + c * words) + 16 * j, r[0][j]);
+          }
+          store_keys16(kbuf, words,
+                       pk.kp.get() + (b * H + h) * npad * words + g / kPanel * words * kPanel + g % kPanel);
+        }
+      } else {  // values: kPerWord tokens per word
+        for (int64_t j = t0 / T::kPerWord; j < (last ? pk.vwords : (t0 + n) / T::kPerWord); ++j) {
+          const Elem* x[2] = {nullptr, nullptr};
+          for (int64_t i = 0; i < T::kPerWord; ++i) {
+            const int64_t t = j * T::kPerWord + i;
+            x[i] = t < t0 + n ? rows + (t - t0) * kPanel : nullptr;
+          }
+          uint32_t* out = pk.vp.get() + ((b * H + h) * pk.vwords + j) * d;
+          for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(out + e, T::words16(x, e));
+        }
+      }
+    }
+}
+
+// A stream's qkv projection (x: M = B n rows of `words` words, T's products; the weight packed by pack_linear, args
+// its epilogue's) written straight into the attention's packed operands: a task is a panel of the layer over all
+// rows, computed into the thread's buffer (M x 64: 128 KB for a 1024-token bf16 stream, in its L2) and packed from
+// there (pack_qkv_panel), instead of the (B, n, 3 W) tensor and the attention's packing pass over it, which read
+// the tensor back from L3 or memory. A thread's run of tasks takes the q, k and v panels of the same heads in turn
+// (the panels in order would give one thread the queries and the other the values, which need no LayerNorm). The
+// blocks op per stage, bit for bit as before, on the 2-core Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole
+// student decodes bf16 1.008-1.009x, float32 1.014x. norms: q_norm's weight and bias, k_norm's (null: none); D 32
+// or 64.
+template <class T, class O, class S>
+void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t n,
+                int64_t t0, bool last, const float* const (&norms)[4], float eps, const float* cos, const float* sin,
+                Packed<O>& pk) {
+  const int64_t per_part = pk.H * pk.D / kPanel;
+  auto panel = [&](int64_t task) { return task % 3 * per_part + task / 3; };
+  at::parallel_for(0, 3 * per_part, 1, [&](int64_t begin, int64_t end) {
+    std::unique_ptr<typename O::Elem[]> buf(new typename O::Elem[M * kPanel]);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t p = panel(task), h0 = task / 3 * (kPanel / pk.D);
+      const int part = static_cast<int>(task % 3);
+      panel_rows<T, O, S, false>(xw, words, wp, args, p, task + 1 < end ? panel(task + 1) : p, 0, M, buf.get(),
+                                 kPanel);
+      const float *w = part < 2 ? norms[2 * part] : nullptr, *b = part < 2 ? norms[2 * part + 1] : nullptr;
+      const float *c = part < 2 ? cos : nullptr, *s = part < 2 ? sin : nullptr;
+      if (pk.D == 64)
+        pack_qkv_panel<O, 4>(buf.get(), n, t0, last, part, h0, pk, w, b, eps, c, s);
+      else
+        pack_qkv_panel<O, 2>(buf.get(), n, t0, last, part, h0, pk, w, b, eps, c, s);
+    }
+  });
+}
+
+// An MMDiT block's two qkv projections and its joint attention, the projections written packed (qkv_packed): h the
+// streams' adaLN outputs (B, n_s, W) in O's dtype, their qkv layers' params at params[layer[s]] (as `blocks` takes
+// them), norms the 8 q_norm / k_norm tensors as joint_attention takes them. Each stream's output (B, n_s, W). Takes
+// D = 32 or 64 and n_0 a multiple of 16 (`blocks` checks).
+template <class O>
+std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor (&h)[2], at::TensorList params,
+                                                 const size_t (&layer)[2], bool int8, int64_t H,
+                                                 const std::vector<at::Tensor>& norms, double eps,
+                                                 const at::Tensor& cos_in, const at::Tensor& sin_in) {
+  const at::Tensor x[2] = {h[0].contiguous(), h[1].contiguous()};
+  const int64_t B = x[0].size(0), n0 = x[0].size(1), n1 = x[1].size(1), W = x[0].size(2), D = W / H, N = n0 + n1;
+  const auto [cos, sin] = rope_tables(cos_in, sin_in, N, D);
+  std::vector<at::Tensor> nf;
+  for (const at::Tensor& t : norms) {
+    nf.push_back(t.to(at::kFloat).contiguous());
+    TORCH_CHECK(nf.back().numel() == D, "msdd blocks: every norm weight and bias must be (head dim,)");
+  }
+  Packed<O> pk(B, H, N, n0, D);
+  const float* c = cos.defined() ? cos.data_ptr<float>() : nullptr;
+  const float* s = sin.defined() ? sin.data_ptr<float>() : nullptr;
+  for (int st = 0; st < 2; ++st) {
+    const int64_t M = B * x[st].size(1), per_word = int8 ? 4 : O::kPerWord;
+    const at::Tensor& w = params[layer[st]];
+    TORCH_CHECK(x[st].dim() == 3 && x[st].size(0) == B && x[st].size(2) == W,
+                "msdd blocks: x and c must be (B, N, W) and (B, L, W)");
+    TORCH_CHECK(w.dim() == 3 && w.scalar_type() == at::kInt && w.size(0) * kPanel == 3 * W &&
+                    w.size(1) * per_word == W && w.size(2) == kPanel,
+                "msdd blocks: a qkv layer's packed weight must be (3 W / 64, W / ", per_word, ", 64) int32");
+    for (size_t i = 1; i < (int8 ? 4u : 2u); ++i)
+      TORCH_CHECK(params[layer[st] + i].numel() == 3 * W && params[layer[st] + i].is_contiguous() &&
+                      params[layer[st] + i].scalar_type() == (int8 && i == 2 ? at::kInt : at::kFloat),
+                  "msdd blocks: a qkv layer's bias (and int8 scales, compensations) must be pack_linear's (3 W,)");
+    const float* nrm[4];
+    for (int i = 0; i < 4; ++i) nrm[i] = nf[4 * st + i].data_ptr<float>();
+    const auto* xw = reinterpret_cast<const uint32_t*>(x[st].data_ptr());
+    const auto* wp = reinterpret_cast<const uint32_t*>(w.data_ptr());
+    if (int8) {
+      std::unique_ptr<uint8_t[]> q(new uint8_t[M * W]);
+      std::vector<float> row_scale(M);
+      quantise_rows<O>(reinterpret_cast<const typename O::Elem*>(xw), M, W, q.get(), row_scale.data());
+      const LinearArgs args{params[layer[st] + 3].data_ptr<float>(), params[layer[st] + 1].data_ptr<float>(),
+                            params[layer[st] + 2].data_ptr<int32_t>(), row_scale.data()};
+      qkv_packed<Int8, O, Int8Sums>(reinterpret_cast<const uint32_t*>(q.get()), M, W / 4, wp, args, x[st].size(1),
+                                    st == 0 ? 0 : n0, st == 1, nrm, static_cast<float>(eps), c, s, pk);
+    } else {
+      const LinearArgs args{params[layer[st] + 1].data_ptr<float>()};
+      qkv_packed<O, O, FloatSums>(xw, M, W / O::kPerWord, wp, args, x[st].size(1), st == 0 ? 0 : n0, st == 1, nrm,
+                                  static_cast<float>(eps), c, s, pk);
+    }
+  }
+  at::Tensor out0 = at::empty({B, n0, W}, x[0].options()), out1 = at::empty({B, n1, W}, x[0].options());
+  attention_tiles<O>(pk, reinterpret_cast<typename O::Elem*>(out0.data_ptr()),
+                     reinterpret_cast<typename O::Elem*>(out1.data_ptr()));
+  return {out0, out1};
+}
+
 // An MMDiT decoder pass's blocks in one call, each block as msdd.models.layers.JointBlock runs it on the optimised
 // path, by the kernels above: each stream's adaLN and qkv projection, the joint attention, then for each full stream
 // (not pre_only) the output projection with its gated residual, adaLN, the SwiGLU MLP's first layer with its gate
@@ -1193,7 +1375,7 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const a
 // tables of the joint sequence. Every matmul computes in `bf16` or float32 (what the weights were packed from; int8
 // products with bf16 or float32 around them); an input in another dtype is converted first, as the linear layers'
 // forward does. One call instead of a Python loop over the blocks' 13 kernel calls: 1.5-4% of a paper-256 student
-// decode.
+// decode. The qkv layers and the attention through qkv_attention where it applies (see qkv_packed).
 at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList params, at::IntArrayRef full, int64_t heads,
                   double eps, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, bool bf16, bool int8) {
   TORCH_CHECK(!full.empty() && full.size() % 2 == 0, "msdd blocks: give two flags per block (image stream, context "
@@ -1218,20 +1400,28 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
                 : linear(in, params[p], params[p + 1], swiglu, res, gate);
   };
   at::Tensor s[2] = {in_dtype(x), in_dtype(c)};
+  // the qkv projections written packed for the attention where a weight panel holds whole heads and stream 0's tokens
+  // fill the keys' groups of 16
+  const int64_t W = x.size(-1), D = heads > 0 && W % heads == 0 ? W / heads : 0;
+  const bool packed = x.dim() == 3 && (D == 32 || D == 64) && W % kPanel == 0 && x.size(1) % 16 == 0;
   size_t i = 0;
   for (size_t b = 0; b < n_blocks; ++b) {
-    at::Tensor qkv[2];
-    size_t mods[2];
+    at::Tensor h[2];
+    size_t mods[2], qkv[2];
     std::vector<at::Tensor> norms;
     for (int st = 0; st < 2; ++st) {
       const bool f = full[2 * b + st];
       const size_t w = i + (f ? 6 : 2), nrm = w + (f ? 4 : 1) * per_layer;
-      mods[st] = i;
-      qkv[st] = layer(w, in_dtype(adaln(s[st], params[i], params[i + 1], eps)), false, none, none);
+      mods[st] = i, qkv[st] = w;
+      h[st] = in_dtype(adaln(s[st], params[i], params[i + 1], eps));
       norms.insert(norms.end(), params.begin() + nrm, params.begin() + nrm + 4);
       i = nrm + 4;
     }
-    const auto [out0, out1] = joint_attention(qkv[0], qkv[1], heads, norms, qk_eps, cos, sin);
+    const auto [out0, out1] =
+        packed ? (bf16 ? qkv_attention<Bf16>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin)
+                       : qkv_attention<Float>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin))
+               : joint_attention(layer(qkv[0], h[0], false, none, none), layer(qkv[1], h[1], false, none, none), heads,
+                                 norms, qk_eps, cos, sin);
     const at::Tensor out[2] = {out0, out1};
     for (int st = 0; st < 2; ++st) {
       if (!full[2 * b + st]) continue;
