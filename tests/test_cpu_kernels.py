@@ -529,8 +529,46 @@ def test_the_blocks_op_at_head_dim_64_is_block_by_block(monkeypatch, bf16, int8)
     monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: sizes.append(args[0].shape[1]) or real(*args))
     fused = tok.decode(z, steps=(1, 1, 1), bf16=bf16, int8=int8)
     assert sizes == [4, 16, 64]
+    before = torch.ops.msdd_kernels.chunk_bytes(4096)  # every layer's rows in chunks (of whole images for qkv)
+    try:
+        assert torch.equal(tok.decode(z, steps=(1, 1, 1), bf16=bf16, int8=int8), fused)
+    finally:
+        torch.ops.msdd_kernels.chunk_bytes(before)
     monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: None)
     assert torch.equal(tok.decode(z, steps=(1, 1, 1), bf16=bf16, int8=int8), fused)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_kernels_in_chunks_of_rows_give_the_same_outputs(dtype):
+    """Inputs above the kernels' chunk size (8 MiB) go through every weight panel a chunk of rows at a time: the
+    outputs are bit for bit those of one chunk (here chunks of 2 KiB, 6-12 rows), plain, with SwiGLU's gate, with a
+    gated residual, and in int8."""
+    from msdd.models.precision import Int8Linear
+
+    ops, g = cpu_kernels.library(), torch.Generator().manual_seed(7)
+    x = torch.randn(3, 37, 96, generator=g).to(dtype)
+    w, b = (torch.randn(128, 96, generator=g) * 0.2).to(dtype), torch.randn(128, generator=g).to(dtype)
+    residual, gate = torch.randn(3, 37, 128, generator=g).to(dtype), torch.randn(1, 128, generator=g).to(dtype)
+    layer = torch.nn.Linear(96, 128)
+    with torch.no_grad():
+        layer.weight.copy_(w.float())
+    q = Int8Linear(layer)
+
+    def outputs():
+        with torch.inference_mode():
+            return [ops.linear(x, *ops.pack_linear(w, b, False), False), ops.linear(x, *ops.pack_linear(w, b, True), True),
+                    ops.linear(x, *ops.pack_linear(w, b, False), False, residual, gate), q(x)]
+
+    whole = outputs()
+    before = ops.chunk_bytes(2048)
+    try:
+        chunked = outputs()
+    finally:
+        assert ops.chunk_bytes(before) == 2048
+    assert ops.chunk_bytes(0) == before
+    for one, parts in zip(whole, chunked):
+        assert torch.equal(one, parts)
 
 
 @needs_kernel
