@@ -11,7 +11,7 @@ import pytest
 from msdd import malloc
 
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
-OURS = ("MSDD_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+OURS = ("MSDD_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
 
 def _tune_in_fresh_process(**env: str) -> str:
@@ -23,12 +23,13 @@ def _tune_in_fresh_process(**env: str) -> str:
 
 @pytest.mark.skipif(not GLIBC, reason="glibc's mallopt only")
 @pytest.mark.parametrize("env", [{}, {"GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=1024"}])  # not malloc's
-def test_tune_sets_both_thresholds_and_reports_them(env):
-    applied = {"mmap_threshold": malloc.MMAP_THRESHOLD, "trim_threshold": malloc.TRIM_THRESHOLD}
+def test_tune_sets_its_settings_and_reports_them(env):
+    applied = {"mmap_threshold": malloc.MMAP_THRESHOLD, "trim_threshold": malloc.TRIM_THRESHOLD,
+               "mmap_max": malloc.MMAP_MAX}
     assert _tune_in_fresh_process(**env) == f"{applied} {applied}"
 
 
-@pytest.mark.parametrize("env", [{"MSDD_MALLOC": "glibc"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+@pytest.mark.parametrize("env", [{"MSDD_MALLOC": "glibc"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"MALLOC_MMAP_MAX_": "8"},
                                  {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
 def test_tune_leaves_glibc_alone_when_told_or_already_set(env):
     assert _tune_in_fresh_process(**env) == "None None"

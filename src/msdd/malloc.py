@@ -4,14 +4,17 @@ A decode allocates and frees activations of several MB in every layer. Under gli
 fresh pages of their own (mmap), and the heap's free top goes back to the system after each spell of large blocks,
 so the next allocation faults its pages in again: 9,500-12,200 page faults and 44-62 ms of system time per
 paper-256 float32 student decode on the 2-core Zen 5 EPYC (65-115 faults in bf16, whose activations are half the
-size). `tune` serves blocks up to 32 MiB from the heap and returns its free top to the system only beyond 256 MiB:
-0-900 faults per decode; medians of 5 float32 decodes in 5 alternating pairs of processes 787-831 ms (median 825)
-against 802-877 (median 847). The cost is memory kept after a large decode: up to 256 MiB of freed blocks stay with
-the process for the next one.
+size). `tune` serves every block from the heap (no mmap; glibc would still map blocks above 32 MiB, its largest
+mmap threshold, and a batch-16 decode has many: 1.5 million faults per float32 decode, 0.88 s per image against
+0.78 s without them, bf16 0.41 against 0.39) and returns the heap's free top to the system only beyond 256 MiB:
+0-900 faults per batch-1 decode; medians of 5 float32 decodes in 5 alternating pairs of processes 787-831 ms
+(median 825) against 802-877 (median 847). The cost is memory kept after a large decode: what its freed blocks
+leave below the heap's top stays with the process for the next one (after a batch-16 float32 paper-256 decode, 765
+MiB more than with mmap, given back once a smaller job's frees reach the top).
 
 Library users opt in with `msdd.malloc.tune()`; `MSDD_MALLOC=glibc` keeps glibc's own behaviour in the command too,
-and glibc's own malloc settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, `glibc.malloc.*` in
-`GLIBC_TUNABLES`) take precedence."""
+and glibc's own malloc settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`,
+`glibc.malloc.*` in `GLIBC_TUNABLES`) take precedence."""
 
 from __future__ import annotations
 
@@ -21,17 +24,19 @@ import platform
 
 ENV = "MSDD_MALLOC"
 MMAP_THRESHOLD = 32 << 20  # glibc's largest accepted value on 64-bit systems
+MMAP_MAX = 0  # blocks glibc may map at once: none, every block from the heap
 TRIM_THRESHOLD = 256 << 20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4  # mallopt's parameter numbers (malloc.h)
+_GLIBC_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_")
 
 _applied: dict[str, int] | None = None
 
 
-def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD) -> dict[str, int] | None:
-    """Set glibc malloc's mmap and trim thresholds for this process (module docstring); returns the settings now in
-    force, or None where they are not applied: not glibc, `MSDD_MALLOC=glibc`, or glibc settings given by the
-    environment."""
+def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
+         mmap_max: int = MMAP_MAX) -> dict[str, int] | None:
+    """Set glibc malloc's mmap threshold, trim threshold and the number of blocks it may map for this process (module
+    docstring); returns the settings now in force, or None where they are not applied: not glibc, `MSDD_MALLOC=glibc`,
+    or glibc settings given by the environment."""
     global _applied
     if (os.environ.get(ENV, "tuned") == "glibc" or any(os.environ.get(k) for k in _GLIBC_SETTINGS)
             or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", "")
@@ -42,8 +47,9 @@ def tune(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESH
     except (OSError, AttributeError):
         return _applied
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    if mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1:
-        _applied = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold}
+    if (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+            and mallopt(_M_MMAP_MAX, mmap_max) == 1):
+        _applied = {"mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold, "mmap_max": mmap_max}
     return _applied
 
 

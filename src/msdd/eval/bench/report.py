@@ -10,8 +10,9 @@ def _fmt(x: float | None, spec: str) -> str:
 def _malloc(settings: dict | None) -> str:
     if settings is None:
         return "malloc as the environment has it"
-    return (f"malloc tuned (mmap {settings['mmap_threshold'] >> 20} MiB, "
-            f"trim {settings['trim_threshold'] >> 20} MiB)")
+    mmap = ("no mmap" if settings.get("mmap_max") == 0  # the runs before 2026-12-05 14:00 had no "mmap_max"
+            else f"mmap {settings['mmap_threshold'] >> 20} MiB")
+    return f"malloc tuned ({mmap}, trim {settings['trim_threshold'] >> 20} MiB)"
 
 
 def _percent(row: dict) -> str:
