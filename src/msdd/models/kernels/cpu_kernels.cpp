@@ -1304,11 +1304,10 @@ void pack_qkv_panel(const typename T::Elem* src, int64_t b0, int64_t nb, int64_t
 // chunk's rows (whole images, Chunks; every row at batch 1 and 2), computed into the thread's buffer (rows x 64: 128
 // KB for a 1024-token bf16 stream, in its L2) and packed from there (pack_qkv_panel), instead of the (B, n, 3 W)
 // tensor and the attention's packing pass over it, which read the tensor back from L3 or memory. A thread's run of
-// tasks takes the q, k and v panels of the same heads in turn
-// (the panels in order would give one thread the queries and the other the values, which need no LayerNorm). The
-// blocks op per stage, bit for bit as before, on the 2-core Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole
-// student decodes bf16 1.008-1.009x, float32 1.014x. norms: q_norm's weight and bias, k_norm's (null: none); D 32
-// or 64.
+// tasks takes the q, k and v panels of the same heads in turn (the panels in order would give one thread the queries
+// and the other the values, which need no LayerNorm). The blocks op per stage, bit for bit as before, on the 2-core
+// Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole student decodes bf16 1.008-1.009x, float32 1.014x. norms:
+// q_norm's weight and bias, k_norm's (null: none); D 32 or 64.
 template <class T, class O, class S>
 void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t n,
                 int64_t t0, bool last, const float* const (&norms)[4], float eps, const float* cos, const float* sin,
