@@ -557,8 +557,9 @@ def test_linear_kernels_in_chunks_of_rows_give_the_same_outputs(dtype):
 
     def outputs():
         with torch.inference_mode():
-            return [ops.linear(x, *ops.pack_linear(w, b, False), False), ops.linear(x, *ops.pack_linear(w, b, True), True),
-                    ops.linear(x, *ops.pack_linear(w, b, False), False, residual, gate), q(x)]
+            plain, swiglu = ops.pack_linear(w, b, False), ops.pack_linear(w, b, True)
+            return [ops.linear(x, *plain, False), ops.linear(x, *swiglu, True),
+                    ops.linear(x, *plain, False, residual, gate), q(x)]
 
     whole = outputs()
     before = ops.chunk_bytes(2048)

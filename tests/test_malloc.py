@@ -29,7 +29,7 @@ def test_tune_sets_its_settings_and_reports_them(env):
     assert _tune_in_fresh_process(**env) == f"{applied} {applied}"
 
 
-@pytest.mark.parametrize("env", [{"MSDD_MALLOC": "glibc"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"}, {"MALLOC_MMAP_MAX_": "8"},
-                                 {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
+@pytest.mark.parametrize("env", [{"MSDD_MALLOC": "glibc"}, {"MALLOC_TRIM_THRESHOLD_": "1000000"},
+                                 {"MALLOC_MMAP_MAX_": "8"}, {"GLIBC_TUNABLES": "glibc.malloc.mmap_threshold=65536"}])
 def test_tune_leaves_glibc_alone_when_told_or_already_set(env):
     assert _tune_in_fresh_process(**env) == "None None"
