@@ -634,6 +634,16 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& k_in, const at::T
   return dtype == at::kBFloat16 ? attention_typed<Bf16>(q, k, v, cos, sin) : attention_typed<Float>(q, k, v, cos, sin);
 }
 
+// q_norm's and k_norm's weights and biases as float32 tensors, each checked to be (D,)
+std::vector<at::Tensor> norm_tensors(at::TensorList norms, int64_t D, const char* op) {
+  std::vector<at::Tensor> out;
+  for (const at::Tensor& t : norms) {
+    out.push_back(t.to(at::kFloat).contiguous());
+    TORCH_CHECK(out.back().numel() == D, "msdd ", op, ": every norm weight and bias must be (head dim,)");
+  }
+  return out;
+}
+
 // An MMDiT block's joint attention from its two streams' qkv projections, qkv0 (B, N0, 3 W) and qkv1 (B, N1, 3 W)
 // (last dimension [q | k | v], each heads x D): q and k LayerNormed per head with the stream's q_norm and k_norm
 // (norms: empty, or the 8 float32 tensors (D,) q0 weight, q0 bias, k0 weight, k0 bias, q1 ..., k1 ...), RoPE on the
@@ -674,11 +684,7 @@ std::tuple<at::Tensor, at::Tensor> joint_attention(const at::Tensor& qkv0_in, co
   const int64_t W = qkv0.size(2) / 3, D = W / heads, N = qkv0.size(1) + qkv1.size(1);
   TORCH_CHECK(D % 32 == 0 && D <= kMaxHeadDim, "msdd joint_attention: the head dim must be a multiple of 32 up to 256");
   TORCH_CHECK(norms_in.empty() || norms_in.size() == 8, "msdd joint_attention: give 8 norm tensors or none");
-  std::vector<at::Tensor> norms;
-  for (const at::Tensor& t : norms_in) {
-    norms.push_back(t.to(at::kFloat).contiguous());
-    TORCH_CHECK(norms.back().numel() == D, "msdd joint_attention: every norm weight and bias must be (head dim,)");
-  }
+  const std::vector<at::Tensor> norms = norm_tensors(norms_in, D, "joint_attention");
   const auto [cos, sin] = rope_tables(cos_in, sin_in, N, D);
   return dtype == at::kBFloat16 ? joint_attention_typed<Bf16>(qkv0, qkv1, heads, norms, eps, cos, sin)
                                 : joint_attention_typed<Float>(qkv0, qkv1, heads, norms, eps, cos, sin);
@@ -1347,11 +1353,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor (&h)[2], at::T
   const at::Tensor x[2] = {h[0].contiguous(), h[1].contiguous()};
   const int64_t B = x[0].size(0), n0 = x[0].size(1), n1 = x[1].size(1), W = x[0].size(2), D = W / H, N = n0 + n1;
   const auto [cos, sin] = rope_tables(cos_in, sin_in, N, D);
-  std::vector<at::Tensor> nf;
-  for (const at::Tensor& t : norms) {
-    nf.push_back(t.to(at::kFloat).contiguous());
-    TORCH_CHECK(nf.back().numel() == D, "msdd blocks: every norm weight and bias must be (head dim,)");
-  }
+  const std::vector<at::Tensor> nf = norm_tensors(norms, D, "blocks");
   Packed<O> pk(B, H, N, n0, D);
   const float* c = cos.defined() ? cos.data_ptr<float>() : nullptr;
   const float* s = sin.defined() ? sin.data_ptr<float>() : nullptr;
