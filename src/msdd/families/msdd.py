@@ -44,7 +44,8 @@ class MSDDFamily(Family):
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
                generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
         with decoder.same_latents() if hasattr(decoder, "same_latents") else contextlib.nullcontext():
-            out = sample_multiscale(decoder, z, self.windows, steps, guidance=guidance, generator=generator)
+            out = sample_multiscale(decoder, z, self.windows, steps, guidance=guidance, generator=generator,
+                                    noises=False)
         return out.image, out.stages
 
     def loss(self, decoder, images, z, generator, perceptual=None, repa=None):

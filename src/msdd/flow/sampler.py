@@ -66,12 +66,14 @@ def sample_multiscale(
     guidance: float = 1.0,
     generator,
     start: tuple[int, float, torch.Tensor, torch.Tensor] | None = None,
+    noises: bool = True,
 ) -> SampleResult:
     """Decode latents z (B, L, C) to images (B, 3, R, R), approximately in [-1, 1].
 
     steps: Euler steps per stage (one entry per window). start: (stage index, local time r, x at that
     stage's resolution, the unit noise x carries) to begin part-way; the stages before it are skipped
-    and absent from the result's lists.
+    and absent from the result's lists. noises: False leaves the result's noises empty (a decode that needs the
+    images alone skips tracing them).
     """
     if len(steps) != len(windows):
         raise ValueError(f"steps needs one entry per stage ({len(windows)}), got {list(steps)}")
@@ -85,14 +87,16 @@ def sample_multiscale(
     else:
         first, r0, x, noise = start
     stages: list[torch.Tensor] = []
-    noises: list[torch.Tensor] = []
+    traced: list[torch.Tensor] = []
     for w in windows[first:]:
         if w.index > first:
-            x, bn = renoise(x, w, generator)
-            prev_end = windows[w.index - 1].t_end
-            noise = (w.alpha * prev_end * upsample_nearest(noise) + w.beta * bn) / w.t_start
+            x, bn = renoise(x, w, generator, noises)
+            if noises:
+                prev_end = windows[w.index - 1].t_end
+                noise = (w.alpha * prev_end * upsample_nearest(noise) + w.beta * bn) / w.t_start
         times = local_times(int(steps[w.index]), r0 if w.index == first else 1.0)
         x = denoise_stage(decoder, x, z, w, times, guidance)
         stages.append(x)
-        noises.append(noise)
-    return SampleResult(x, stages, noises)
+        if noises:
+            traced.append(noise)
+    return SampleResult(x, stages, traced)
