@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msdd.models import cpu_kernels, layers
+from msdd.models import cpu_kernels, fused_blocks, layers
 from msdd.models.layers import unoptimised
 from msdd.models.rope import RopeCache, apply_rope
 from msdd.tokenizer import Tokenizer
@@ -435,6 +435,25 @@ def test_the_blocks_op_follows_hooks_replaced_layers_and_changed_weights(monkeyp
     norm = blocks[0].img.k_norm
     norm.weight.data = norm.weight.data * 3  # the data under a q / k norm parameter replaced
     assert not torch.equal(both(), swapped)
+
+
+@needs_kernel
+def test_a_decode_checks_the_blocks_weights_at_its_first_pass(monkeypatch):
+    """Inside a decode (Decoder.same_latents) the blocks op's weights are checked at the first pass only (the test
+    above: changes between decodes are seen); passes outside a decode check them every time."""
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    tok, z = _kernel_sized_tokenizer(1, seed=3)
+    checks = []
+    current = fused_blocks._Weights.current
+    monkeypatch.setattr(fused_blocks._Weights, "current", lambda self: checks.append(1) or current(self))
+    first = tok.decode(z, steps=(1, 1, 1))
+    checks.clear()
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1)), first)
+    assert len(checks) == 1  # of three passes
+    x, tau = torch.randn(1, 3, 16, 16), torch.full((1,), 0.5)
+    with torch.no_grad():
+        tok.decoder(x, tau, z), tok.decoder(x, tau, z)
+    assert len(checks) == 3
 
 
 @needs_kernel

@@ -50,6 +50,31 @@ def test_renoise_draws_block_noise_of_the_window_gamma():
     assert not torch.equal(bn, block_noise((2, 3, 16, 16), 1 / 3, torch.Generator().manual_seed(0), x))
 
 
+def test_renoise_is_the_upsample_plus_block_noise():
+    """The one-pass renoise (beta a n + up(alpha x + beta b)) against the formula it rearranges, and without the block
+    noise it returns the same image."""
+    cur = stage_windows(3, 32, 0.25)[2]
+    x = torch.randn(2, 3, 16, 16)
+    out, bn = renoise(x, cur, torch.Generator().manual_seed(3))
+    up = torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest")
+    assert (out - (cur.alpha * up + cur.beta * bn)).abs().max() <= 1e-6
+    alone, none = renoise(x, cur, torch.Generator().manual_seed(3), noise=False)
+    assert none is None and torch.equal(alone, out)
+
+
+def test_a_decode_without_the_noise_trace_gives_the_same_images():
+    tok = Tokenizer(tiny_config().model).eval()
+    z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        traced = sample_multiscale(tok.decoder, z, tok.windows, (1,) * len(tok.windows),
+                                   generator=torch.Generator().manual_seed(1))
+        plain = sample_multiscale(tok.decoder, z, tok.windows, (1,) * len(tok.windows),
+                                  generator=torch.Generator().manual_seed(1), noises=False)
+    assert len(traced.noises) == len(tok.windows) and plain.noises == []
+    assert torch.equal(plain.image, traced.image)
+    assert all(torch.equal(a, b) for a, b in zip(plain.stages, traced.stages))
+
+
 def test_path_endpoints_and_velocity():
     w = stage_windows(4, 32)[2]
     x = torch.rand(3, 3, 32, 32) * 2 - 1

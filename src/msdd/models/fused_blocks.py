@@ -30,7 +30,7 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rope: 
     path every block runs in one call of the kernels' `blocks` op: the same kernels in the same order as the blocks'
     forwards, without Python between them (benchmarks/README.md); elsewhere block by block. scope: a dict that lives
     for one decode (`Decoder.same_latents`: the weights and hooks do not change within it), where the first pass
-    keeps what it checked of them, and each set of modulation vectors its arguments for the op."""
+    keeps what it checked of them."""
     if (out := _fused_blocks(blocks, x, ctx, rope, block_mods, scope)) is not None:
         return out
     for block, mods in zip(blocks, block_mods):
@@ -65,8 +65,9 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
     (`_plan`; a modulation vector not (1, W) in bf16 or float32: one per batch element takes the per-call path's
     `gated_adaln`; with int8 layers, not in x's dtype: they take their input as adaLN gives it), or a module has hooks
     (the block-by-block path calls them). Checking the weights and hooks and gathering the op's arguments took 0.49 ms
-    of Python per pass of a bf16 paper-256 student decode (the blocks before it leave the caches cold): with a
-    `scope`, once per decode and per set of modulation vectors."""
+    of Python per pass of a bf16 paper-256 student decode (the blocks before it leave the caches cold): the weights
+    and hooks are checked once per `scope`, the arguments gathered once per set of modulation vectors (`_Weights`
+    keeps them)."""
     dtype = x.dtype
     hooks = nn.modules.module
     if not (_fast_cpu_inference(x) and x.dim() == ctx.dim() == 3 and ctx.dtype == dtype
@@ -75,8 +76,8 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
             and len(block_mods) == len(blocks) and not hooks._global_forward_hooks
             and not hooks._global_forward_pre_hooks):
         return None
-    checked = scope.get((blocks, dtype)) if scope is not None else None
-    if checked is None or checked[0].plan.structure != Tracked.structure:
+    weights = scope.get((blocks, dtype)) if scope is not None else None
+    if weights is None or weights.plan.structure != Tracked.structure:
         weights = _WEIGHTS.get(blocks)
         if weights is None or weights.plan.structure != Tracked.structure or weights.plan.dtype != dtype:
             weights = _WEIGHTS[blocks] = _Weights.gather(_plan(blocks, dtype))
@@ -84,12 +85,10 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
             weights = _WEIGHTS[blocks] = _Weights.gather(weights.plan)
         if not weights.plan.streams or weights.streams is None or _hooked(*weights.plan.modules):
             return None
-        checked = (weights, {})  # and the op's params per set of modulation vectors: id -> (the vectors, params)
         if scope is not None:
-            scope[(blocks, dtype)] = checked
-    weights, made = checked
+            scope[(blocks, dtype)] = weights
     plan = weights.plan
-    if (kept := made.get(id(block_mods))) is not None and kept[0] is block_mods:
+    if (kept := weights.calls.get(id(block_mods))) is not None and kept[0] is block_mods:
         params = kept[1]
     else:
         params = []
@@ -100,8 +99,16 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
                 return None
             params += mods
             params += packed
-        made[id(block_mods)] = (block_mods, params)  # the entry holds the vectors: no other list can take their id
+        if len(weights.calls) >= _CALLS:
+            weights.calls.clear()
+        weights.calls[id(block_mods)] = (block_mods, params)  # it holds the vectors: no other list can take their id
     return cpu_kernels.blocks(x, ctx, params, plan.full, plan.heads, plan.eps, plan.qk_eps, rope, plan.int8)
+
+
+# the sets of modulation vectors whose op arguments a `_Weights` keeps (each entry holds its vectors: 0.2-0.4 MB at
+# paper-256): a student's stages (the decoder's ModulationCache gives the same list for the same time, decode after
+# decode); a many-step teacher's times cycle through more and gather them at every pass, as before
+_CALLS = 8
 
 
 class _Weights(NamedTuple):
@@ -119,6 +126,7 @@ class _Weights(NamedTuple):
     addresses: list[int]
     versioned: list[torch.Tensor]  # the tensors with a version counter (not inference tensors)
     versions: list[int]
+    calls: dict  # id of a set of modulation vectors (a list) -> (the list, the op's params with them)
 
     @classmethod
     def gather(cls, plan: _Plan) -> "_Weights":
@@ -135,7 +143,7 @@ class _Weights(NamedTuple):
             streams.append([t for p in packed for t in p] + stream.qk_norms())
         versioned = [t for t in tensors if not t.is_inference()]
         return cls(plan, streams, owners, tensors, [t.data_ptr() for t in tensors], versioned,
-                   [t._version for t in versioned])
+                   [t._version for t in versioned], {})
 
     def current(self) -> bool:
         """The modules hold the same tensors, at the same addresses and versions, as when gathered."""
