@@ -70,6 +70,16 @@ def test_modulation_cache_follows_the_weights(tok):
     assert not torch.equal(expected, before)
 
 
+@pytest.mark.parametrize("shape, p", [((2, 3, 16, 16), 2), ((1, 6, 32, 32), 8), ((3, 3, 8, 16), 4)])
+def test_patchify_is_the_patch_rearrangement(shape, p):
+    from einops import rearrange
+
+    from msdd.models.decoder import patchify
+
+    x = torch.randn(*shape)
+    assert torch.equal(patchify(x, p), rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))
+
+
 def test_no_cache_under_autograd(tok):
     z = _latents(tok)
     x = torch.randn(2, 3, 8, 8)
