@@ -29,6 +29,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -1012,17 +1013,17 @@ inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const ui
 }
 
 // Rows r0 .. r1 of x (`words` words per row, T's products) against weight panel p, row r's outputs at o + r * ldo
-// (O's elements). The panel `next` (the thread's next one) goes into the caches during this one's full tiles, a
-// slice of its lines per tile between their products: its first tile no longer waits for it (1.1-1.15x a 64-row
-// layer, 1.05-1.08x a 128-row one on the 2-core Zen 5; the hardware prefetcher alone fetched it too late, and
-// prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x)
+// (O's elements). The panel at `next` (the thread's next one, `words` words of 64 columns; null: none) goes into the
+// caches during this one's full tiles, a slice of its lines per tile between their products: its first tile no longer
+// waits for it (1.1-1.15x a 64-row layer, 1.05-1.08x a 128-row one on the 2-core Zen 5; the hardware prefetcher alone
+// fetched it too late, and prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x)
 template <class T, class O, class S, bool kSwiglu>
-void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t p, int64_t next,
-                int64_t r0, int64_t r1, typename O::Elem* o, int64_t ldo) {
+void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t p,
+                const uint32_t* next, int64_t r0, int64_t r1, typename O::Elem* o, int64_t ldo) {
   const uint32_t* bp = wp + p * words * kPanel;
   const S sums(args, p);
   const int64_t tiles = (r1 - r0) / kTile;
-  const char* pf = next != p && tiles > 0 ? reinterpret_cast<const char*>(wp + next * words * kPanel) : nullptr;
+  const char* pf = next != nullptr && next != bp && tiles > 0 ? reinterpret_cast<const char*>(next) : nullptr;
   const int64_t lines = pf == nullptr ? 0 : words * kPanel * 4 / 64;
   const int64_t per_tile = tiles > 0 ? (lines + tiles - 1) / tiles : 0;
   int64_t r = r0;
@@ -1074,7 +1075,8 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
       const int64_t c0 = task / per_chunk * chunks.size, t = task % per_chunk, p = t / blocks;
       const int64_t r0 = c0 + t % blocks * block_rows, r1 = std::min({M, c0 + chunks.size, r0 + block_rows});
       const int64_t next = task + 1 < end ? (task + 1) % per_chunk / blocks : p;
-      if (r0 < r1) panel_rows<T, O, S, kSwiglu>(xw, words, wp, args, p, next, r0, r1, out + p * cols, ldo);
+      if (r0 < r1)
+        panel_rows<T, O, S, kSwiglu>(xw, words, wp, args, p, wp + next * words * kPanel, r0, r1, out + p * cols, ldo);
     }
   });
 }
@@ -1090,6 +1092,30 @@ void linear_any(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp
     linear_impl<T, O, S, true>(xw, M, words, wp, args, N, o);
   else
     linear_impl<T, O, S, false>(xw, M, words, wp, args, N, o);
+}
+
+// The two streams' same layer (the output projections, or the MLP's first or second layers: one shape, N and
+// `words`) as one run of tasks, for an image stream of few rows: task p takes panel p of layer 0 (the context
+// stream's) over all its rows, then panel p of layer 1 (the image stream's). Alone, a layer of 16 rows waits for its
+// weights, which come from memory once per pass, its few tiles too short to fetch the next panel (the 32-px stage's
+// image layers after the attention: 3.4 ms of a 27-ms bf16 pass, 590 GFLOP/s, float32 370, on the 2-core Zen 5);
+// here the first half of layer 0's tiles fetch layer 1's panel and the second half layer 0's next one. Every row's
+// outputs are those of linear_impl (the same tiles' products in the same order). Both layers' inputs in one chunk.
+template <class T, class O, class S, bool kSwiglu>
+void pair_impl(const uint32_t* const (&xw)[2], const int64_t (&M)[2], int64_t words, const uint32_t* const (&wp)[2],
+               const LinearArgs (&args)[2], int64_t N, void* const (&out)[2]) {
+  const int64_t panels = N / kPanel, cols = kSwiglu ? kPanel / 2 : kPanel, ldo = kSwiglu ? N / 2 : N;
+  const int64_t half = M[0] / kTile / 2 * kTile;  // layer 0's rows whose tiles fetch layer 1's panel
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      auto* o0 = static_cast<typename O::Elem*>(out[0]) + p * cols;
+      const uint32_t* next = p + 1 < end ? wp[0] + (p + 1) * words * kPanel : nullptr;
+      panel_rows<T, O, S, kSwiglu>(xw[0], words, wp[0], args[0], p, wp[1] + p * words * kPanel, 0, half, o0, ldo);
+      panel_rows<T, O, S, kSwiglu>(xw[0], words, wp[0], args[0], p, next, half, M[0], o0, ldo);
+      panel_rows<T, O, S, kSwiglu>(xw[1], words, wp[1], args[1], p, nullptr, 0, M[1],
+                                   static_cast<typename O::Elem*>(out[1]) + p * cols, ldo);
+    }
+  });
 }
 
 // A linear layer's weight (N, K), bf16, float32 or int8, N a multiple of 64 (with swiglu, of 128), K of 2 (int8: of 4),
@@ -1190,6 +1216,62 @@ at::Tensor linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Te
   else
     linear_any<Float, Float, FloatSums>(xw, c.M, words, wp, args, c.N, swiglu, c.out.data_ptr());
   return c.out;
+}
+
+template <class T, class O, class S>
+void pair_any(const uint32_t* const (&xw)[2], const int64_t (&M)[2], int64_t words, const uint32_t* const (&wp)[2],
+              const LinearArgs (&args)[2], int64_t N, bool swiglu, void* const (&out)[2]) {
+  if (args[0].res != nullptr)
+    pair_impl<T, O, Gated<S, O>, false>(xw, M, words, wp, args, N, out);
+  else if (swiglu)
+    pair_impl<T, O, S, true>(xw, M, words, wp, args, N, out);
+  else
+    pair_impl<T, O, S, false>(xw, M, words, wp, args, N, out);
+}
+
+// image-stream rows up to which `blocks` runs the two streams' layers after the attention as pairs (pair_impl). The
+// blocks op at 32 px, 2-core Zen 5: 16 rows (batch 1) bf16 1.024-1.035x, float32 1.047x; 32 rows (batch 2) bf16
+// 0.983x, float32 1.006x; 64 rows (64 px) bf16 0.99-1.00x, float32 0.96x
+constexpr int64_t kPairRows = 24;
+
+// linear() of the two streams' same layer, the weight and bias of layer l at params[idx[l]] and params[idx[l] + 1], on
+// x[l] with the residual res[l] and gate gate[l] where res is given, as one run of tasks (pair_impl); the layers one
+// by one where their shapes differ or an input takes more than a chunk
+std::array<at::Tensor, 2> linear_pair(at::TensorList params, const size_t (&idx)[2], const at::Tensor (&x)[2],
+                                      bool swiglu, const at::Tensor* res, const at::Tensor* gate) {
+  const auto dtype = x[0].scalar_type();
+  const int64_t per_word = dtype == at::kBFloat16 ? 2 : 1;
+  auto opt = [](const at::Tensor* t, int l) { return t == nullptr ? std::optional<at::Tensor>() : t[l]; };
+  LinearCall c[2];
+  for (int l = 0; l < 2; ++l)
+    c[l] = linear_call(x[l], params[idx[l]], per_word, swiglu, opt(res, l), opt(gate, l), "blocks");
+  const int64_t words = c[0].K / per_word;
+  if (x[1].scalar_type() != dtype || c[0].N != c[1].N || c[0].K != c[1].K || c[0].M == 0 || c[1].M == 0 ||
+      Chunks(c[0].M, words * 4).count > 1 || Chunks(c[1].M, words * 4).count > 1) {
+    std::array<at::Tensor, 2> out;
+    for (int l = 0; l < 2; ++l)
+      out[l] = linear(x[l], params[idx[l]], params[idx[l] + 1], swiglu, opt(res, l), opt(gate, l));
+    return out;
+  }
+  LinearArgs args[2];
+  for (int l = 0; l < 2; ++l) {
+    const at::Tensor& bias = params[idx[l] + 1];
+    TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.is_contiguous() && bias.numel() == c[l].N,
+                "msdd blocks: a layer's bias must be pack_linear's float32 (N,)");
+    args[l] = LinearArgs{bias.data_ptr<float>()};
+    add_residual(args[l], c[l]);
+  }
+  const uint32_t* const xw[2] = {reinterpret_cast<const uint32_t*>(c[0].x.data_ptr()),
+                                 reinterpret_cast<const uint32_t*>(c[1].x.data_ptr())};
+  const uint32_t* const wp[2] = {reinterpret_cast<const uint32_t*>(c[0].packed.data_ptr()),
+                                 reinterpret_cast<const uint32_t*>(c[1].packed.data_ptr())};
+  const int64_t M[2] = {c[0].M, c[1].M};
+  void* const out[2] = {c[0].out.data_ptr(), c[1].out.data_ptr()};
+  if (dtype == at::kBFloat16)
+    pair_any<Bf16, Bf16, FloatSums>(xw, M, words, wp, args, c[0].N, swiglu, out);
+  else
+    pair_any<Float, Float, FloatSums>(xw, M, words, wp, args, c[0].N, swiglu, out);
+  return {c[0].out, c[1].out};
 }
 
 // rows of x (M, K), K a multiple of 4, as u8 words for Int8's products: q + 128 with q = round(x * 127 / max |x_r|)
@@ -1329,8 +1411,8 @@ void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp
       const int part = static_cast<int>(t % 3);
       LinearArgs a = args;  // the chunk's rows from 0
       if (a.row_scale != nullptr) a.row_scale += r0;
-      panel_rows<T, O, S, false>(xw + r0 * words, words, wp, a, p, task + 1 < end ? panel(task + 1) : p, 0, r1 - r0,
-                                 buf.get(), kPanel);
+      const uint32_t* next = wp + (task + 1 < end ? panel(task + 1) : p) * words * kPanel;
+      panel_rows<T, O, S, false>(xw + r0 * words, words, wp, a, p, next, 0, r1 - r0, buf.get(), kPanel);
       const float *w = part < 2 ? norms[2 * part] : nullptr, *b = part < 2 ? norms[2 * part + 1] : nullptr;
       const float *c = part < 2 ? cos : nullptr, *s = part < 2 ? sin : nullptr;
       if (pk.D == 64)
@@ -1455,6 +1537,19 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
                : joint_attention(layer(qkv[0], h[0], false, none, none), layer(qkv[1], h[1], false, none, none), heads,
                                  norms, qk_eps, cos, sin);
     const at::Tensor out[2] = {out0, out1};
+    if (!int8 && full[2 * b] && full[2 * b + 1] && s[0].numel() / W <= kPairRows) {  // the context stream first
+      const size_t m[2] = {mods[1], mods[0]}, w[2] = {m[0] + 6 + per_layer, m[1] + 6 + per_layer};
+      const at::Tensor in[2] = {out[1], out[0]}, res_in[2] = {s[1], s[0]};
+      const at::Tensor gate[2] = {params[m[0] + 2], params[m[1] + 2]}, gate2[2] = {params[m[0] + 5], params[m[1] + 5]};
+      const auto res = linear_pair(params, w, in, false, res_in, gate);
+      const at::Tensor h[2] = {in_dtype(adaln(res[0], params[m[0] + 3], params[m[0] + 4], eps)),
+                               in_dtype(adaln(res[1], params[m[1] + 3], params[m[1] + 4], eps))};
+      const size_t w12[2] = {w[0] + per_layer, w[1] + per_layer}, w3[2] = {w12[0] + per_layer, w12[1] + per_layer};
+      const auto g = linear_pair(params, w12, h, true, nullptr, nullptr);
+      const auto o = linear_pair(params, w3, {g[0], g[1]}, false, res.data(), gate2);
+      s[1] = o[0], s[0] = o[1];
+      continue;
+    }
     for (int st = 0; st < 2; ++st) {
       if (!full[2 * b + st]) continue;
       const size_t m = mods[st], w = m + 6 + per_layer;  // the projection's params
