@@ -85,7 +85,7 @@ def renoise(x: torch.Tensor, window: StageWindow, generator,
     """Enter `window`'s stage: nearest x2 upsample, then x <- alpha x + beta * bn with 2x2 block noise bn
     of the window's gamma. Returns (the new x, bn), bn None unless `noise`. Computed as
     alpha up(x) + beta (a n + up(b)) = beta a n + up(alpha x + beta b) (`_block_parts`): one pass at the new
-    resolution instead of seven (an upsample, the block noise's five, the sum)."""
+    resolution instead of nine (two upsamples, the block noise's four elementwise ops, alpha x, beta bn, the sum)."""
     shape = (*x.shape[:-2], 2 * x.shape[-2], 2 * x.shape[-1])
     n, a, b = _block_parts(shape, window.gamma, generator, x)
     out = _plus_upsampled(n, window.beta * a, window.alpha * x + window.beta * b)

@@ -1488,7 +1488,8 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor (&h)[2], at::T
 // tables of the joint sequence. Every matmul computes in `bf16` or float32 (what the weights were packed from; int8
 // products with bf16 or float32 around them); an input in another dtype is converted first, as the linear layers'
 // forward does. One call instead of a Python loop over the blocks' 13 kernel calls: 1.5-4% of a paper-256 student
-// decode. The qkv layers and the attention through qkv_attention where it applies (see qkv_packed).
+// decode. The qkv layers and the attention through qkv_attention where it applies (see qkv_packed); the layers after
+// the attention as pairs of the two streams' (linear_pair) where the image stream has at most kPairRows rows.
 at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList params, at::IntArrayRef full, int64_t heads,
                   double eps, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, bool bf16, bool int8) {
   TORCH_CHECK(!full.empty() && full.size() % 2 == 0, "msdd blocks: give two flags per block (image stream, context "
