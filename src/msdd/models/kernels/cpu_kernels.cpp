@@ -1016,10 +1016,12 @@ inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const ui
 // (O's elements). The panel at `next` (the thread's next one, `words` words of 64 columns; null: none) goes into the
 // caches during this one's full tiles, a slice of its lines per tile between their products: its first tile no longer
 // waits for it (1.1-1.15x a 64-row layer, 1.05-1.08x a 128-row one on the 2-core Zen 5; the hardware prefetcher alone
-// fetched it too late, and prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x)
-template <class T, class O, class S, bool kSwiglu>
+// fetched it too late, and prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x).
+// after(r): rows r0 .. r - 1 are written (after each full tile and at the end)
+template <class T, class O, class S, bool kSwiglu, class After = Nothing>
 void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t p,
-                const uint32_t* next, int64_t r0, int64_t r1, typename O::Elem* o, int64_t ldo) {
+                const uint32_t* next, int64_t r0, int64_t r1, typename O::Elem* o, int64_t ldo,
+                const After& after = After()) {
   const uint32_t* bp = wp + p * words * kPanel;
   const S sums(args, p);
   const int64_t tiles = (r1 - r0) / kTile;
@@ -1032,8 +1034,10 @@ void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const Lin
     sums.prefetch(r + kTile, std::min(kTile, r1 - r - kTile));  // the next tile's residual rows, if any
     linear_tile<T, O, S, kTile, kSwiglu>(xw + r * words, words, bp, sums, r, o + r * ldo, ldo, pf + 64 * first,
                                          count);
+    after(r + kTile);
   }
   if (r < r1) linear_rows<T, O, S, kSwiglu>(r1 - r, xw + r * words, words, bp, sums, r, o + r * ldo, ldo);
+  after(r1);
 }
 
 // A layer's rows in chunks of about equal size whose inputs take at most chunk_bytes (8 MiB unless set), at least a
@@ -1331,14 +1335,15 @@ at::Tensor linear_int8(const at::Tensor& x_in, const at::Tensor& packed, const a
 }
 
 // One panel of a stream's qkv projection (64 features: the queries, keys or values of heads h0 .. h0 + 64 / D - 1,
-// `part` 0, 1, 2) for the stream's n tokens of batch elements b0 .. b0 + nb - 1, rows of 64 elements in src, into
-// the attention's packed operands as pack_panel packs them from the qkv tensor: q and k LayerNormed (ln_w, ln_b) and
-// rotated (cos, sin) first where given, in float32, rounded once. The stream's tokens are joint tokens t0 .. t0 + n -
-// 1, t0 a multiple of 16 (the keys' groups); the last stream also writes the zeros past N.
+// `part` 0, 1, 2) for tokens i0 .. i1 - 1 of the stream's n tokens of batch element b, rows of 64 elements from src
+// (token i at src + i * 64), into the attention's packed operands as pack_panel packs them from the qkv tensor: q
+// and k LayerNormed (ln_w, ln_b) and rotated (cos, sin) first where given, in float32, rounded once. The stream's
+// tokens are joint tokens t0 .. t0 + n - 1, t0 and i0 multiples of 16 (the keys' groups), i1 too unless it is n;
+// with i1 = n the last stream also writes the zeros past N.
 template <class T, int V>
-void pack_qkv_panel(const typename T::Elem* src, int64_t b0, int64_t nb, int64_t n, int64_t t0, bool last, int part,
-                    int64_t h0, Packed<T>& pk, const float* ln_w, const float* ln_b, float eps, const float* cos,
-                    const float* sin) {
+void pack_qkv_panel(const typename T::Elem* src, int64_t b, int64_t i0, int64_t i1, int64_t n, int64_t t0, bool last,
+                    int part, int64_t h0, Packed<T>& pk, const float* ln_w, const float* ln_b, float eps,
+                    const float* cos, const float* sin) {
   using Elem = typename T::Elem;
   constexpr int64_t d = 16 * V, words = d / T::kPerWord;
   const int64_t H = pk.H, N = pk.N, npad = pk.npad;
@@ -1346,45 +1351,45 @@ void pack_qkv_panel(const typename T::Elem* src, int64_t b0, int64_t nb, int64_t
     prep_rows<T, V, 1>({x}, {ln_w}, {ln_b}, eps, cos == nullptr ? nullptr : cos + t * d,
                        sin == nullptr ? nullptr : sin + t * d, r);
   };
-  for (int64_t b = b0; b < b0 + nb; ++b)
-    for (int64_t h = h0; h < h0 + kPanel / d; ++h) {
-      const Elem* rows = src + (b - b0) * n * kPanel + (h - h0) * d;  // the stream's token i at rows + i * 64
-      if (part == 0) {
-        Elem* q = pk.qp.get() + ((b * H + h) * N + t0) * d;
-        for (int64_t i = 0; i < n; ++i) {
+  const bool tail = last && i1 == n;  // the zeros past N too
+  for (int64_t h = h0; h < h0 + kPanel / d; ++h) {
+    const Elem* rows = src + (h - h0) * d;  // the stream's token i at rows + i * 64
+    if (part == 0) {
+      Elem* q = pk.qp.get() + ((b * H + h) * N + t0) * d;
+      for (int64_t i = i0; i < i1; ++i) {
+        __m512 r[1][V];
+        prep(rows + i * kPanel, t0 + i, r);
+#pragma GCC unroll 16
+        for (int j = 0; j < V; ++j) T::store16(q + i * d + 16 * j, r[0][j]);
+      }
+    } else if (part == 1) {  // 16 keys at a time into a buffer, then transposed into their panel
+      alignas(64) uint32_t kbuf[16 * words];
+      for (int64_t g = t0 + i0; g < (tail ? npad : t0 + i1); g += 16) {
+        for (int64_t c = 0; c < 16; ++c) {
+          if (g + c >= t0 + i1) {
+            std::memset(kbuf + c * words, 0, words * sizeof(uint32_t));
+            continue;
+          }
           __m512 r[1][V];
-          prep(rows + i * kPanel, t0 + i, r);
+          prep(rows + (g + c - t0) * kPanel, g + c, r);
 #pragma GCC unroll 16
-          for (int j = 0; j < V; ++j) T::store16(q + i * d + 16 * j, r[0][j]);
+          for (int j = 0; j < V; ++j) T::store16(reinterpret_cast<Elem*>(kbuf + c * words) + 16 * j, r[0][j]);
         }
-      } else if (part == 1) {  // 16 keys at a time into a buffer, then transposed into their panel
-        alignas(64) uint32_t kbuf[16 * words];
-        for (int64_t g = t0; g < (last ? npad : t0 + n); g += 16) {
-          for (int64_t c = 0; c < 16; ++c) {
-            if (g + c >= t0 + n) {
-              std::memset(kbuf + c * words, 0, words * sizeof(uint32_t));
-              continue;
-            }
-            __m512 r[1][V];
-            prep(rows + (g + c - t0) * kPanel, g + c, r);
-#pragma GCC unroll 16
-            for (int j = 0; j < V; ++j) T::store16(reinterpret_cast<Elem*>(kbuf + c * words) + 16 * j, r[0][j]);
-          }
-          store_keys16(kbuf, words,
-                       pk.kp.get() + (b * H + h) * npad * words + g / kPanel * words * kPanel + g % kPanel);
+        store_keys16(kbuf, words,
+                     pk.kp.get() + (b * H + h) * npad * words + g / kPanel * words * kPanel + g % kPanel);
+      }
+    } else {  // values: kPerWord tokens per word
+      for (int64_t j = (t0 + i0) / T::kPerWord; j < (tail ? pk.vwords : (t0 + i1) / T::kPerWord); ++j) {
+        const Elem* x[2] = {nullptr, nullptr};
+        for (int64_t i = 0; i < T::kPerWord; ++i) {
+          const int64_t t = j * T::kPerWord + i;
+          x[i] = t < t0 + n ? rows + (t - t0) * kPanel : nullptr;
         }
-      } else {  // values: kPerWord tokens per word
-        for (int64_t j = t0 / T::kPerWord; j < (last ? pk.vwords : (t0 + n) / T::kPerWord); ++j) {
-          const Elem* x[2] = {nullptr, nullptr};
-          for (int64_t i = 0; i < T::kPerWord; ++i) {
-            const int64_t t = j * T::kPerWord + i;
-            x[i] = t < t0 + n ? rows + (t - t0) * kPanel : nullptr;
-          }
-          uint32_t* out = pk.vp.get() + ((b * H + h) * pk.vwords + j) * d;
-          for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(out + e, T::words16(x, e));
-        }
+        uint32_t* out = pk.vp.get() + ((b * H + h) * pk.vwords + j) * d;
+        for (int64_t e = 0; e < d; e += 16) _mm512_storeu_si512(out + e, T::words16(x, e));
       }
     }
+  }
 }
 
 // A stream's qkv projection (x: M = B n rows of `words` words, T's products; the weight packed by pack_linear, args
@@ -1394,8 +1399,12 @@ void pack_qkv_panel(const typename T::Elem* src, int64_t b0, int64_t nb, int64_t
 // tensor and the attention's packing pass over it, which read the tensor back from L3 or memory. A thread's run of
 // tasks takes the q, k and v panels of the same heads in turn (the panels in order would give one thread the queries
 // and the other the values, which need no LayerNorm). The blocks op per stage, bit for bit as before, on the 2-core
-// Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole student decodes bf16 1.008-1.009x, float32 1.014x. norms:
-// q_norm's weight and bias, k_norm's (null: none); D 32 or 64.
+// Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole student decodes bf16 1.008-1.009x, float32 1.014x.
+// The rows are packed as the tiles finish them, 16 tokens (a group of keys) at a time, between the tiles' products
+// (panel_rows' `after`), not in a pass after the panel's tiles: the packing's stores overlap the next tile's products
+// (packing took 5.2 ms of the 256-px stage's 83.5 ms of float32 image-stream qkv layers, 3.4 of 42.7 in bf16; now
+// those layers 1.3-2.3% faster, the 128- and 256-px stages' blocks op float32 1.003x, bf16 1.001x, bit for bit: a
+// gain within a whole decode's noise). norms: q_norm's weight and bias, k_norm's (null: none); D 32 or 64.
 template <class T, class O, class S>
 void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t n,
                 int64_t t0, bool last, const float* const (&norms)[4], float eps, const float* cos, const float* sin,
@@ -1412,13 +1421,23 @@ void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp
       LinearArgs a = args;  // the chunk's rows from 0
       if (a.row_scale != nullptr) a.row_scale += r0;
       const uint32_t* next = wp + (task + 1 < end ? panel(task + 1) : p) * words * kPanel;
-      panel_rows<T, O, S, false>(xw + r0 * words, words, wp, a, p, next, 0, r1 - r0, buf.get(), kPanel);
       const float *w = part < 2 ? norms[2 * part] : nullptr, *b = part < 2 ? norms[2 * part + 1] : nullptr;
       const float *c = part < 2 ? cos : nullptr, *s = part < 2 ? sin : nullptr;
-      if (pk.D == 64)
-        pack_qkv_panel<O, 4>(buf.get(), r0 / n, (r1 - r0) / n, n, t0, last, part, h0, pk, w, b, eps, c, s);
-      else
-        pack_qkv_panel<O, 2>(buf.get(), r0 / n, (r1 - r0) / n, n, t0, last, part, h0, pk, w, b, eps, c, s);
+      int64_t done = 0;  // the chunk's rows packed so far
+      auto pack = [&](int64_t rows) {  // the chunk's rows up to `rows` are computed: pack whole groups of 16 tokens
+        while (done < rows) {
+          const int64_t e = done / n, i0 = done % n, ready = std::min(n, rows - e * n);  // of batch element e
+          const int64_t i1 = ready == n ? n : ready / 16 * 16;
+          if (i1 <= i0) return;
+          const typename O::Elem* src = buf.get() + e * n * kPanel;
+          if (pk.D == 64)
+            pack_qkv_panel<O, 4>(src, r0 / n + e, i0, i1, n, t0, last, part, h0, pk, w, b, eps, c, s);
+          else
+            pack_qkv_panel<O, 2>(src, r0 / n + e, i0, i1, n, t0, last, part, h0, pk, w, b, eps, c, s);
+          done = e * n + i1;
+        }
+      };
+      panel_rows<T, O, S, false>(xw + r0 * words, words, wp, a, p, next, 0, r1 - r0, buf.get(), kPanel, pack);
     }
   });
 }
