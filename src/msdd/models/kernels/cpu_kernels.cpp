@@ -1070,9 +1070,12 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
   const int64_t ldo = kSwiglu ? N / 2 : N;
   const Chunks chunks(M, words * 4);
   const int64_t rows = std::min(M, chunks.size);
-  // blocks of a chunk's rows where the chunks' panels alone leave a thread idle (at least 4 tasks per thread)
-  const int64_t want = 4 * at::get_num_threads(), tasks = chunks.count * panels;
-  const int64_t blocks = std::min((rows + kTile - 1) / kTile, std::max<int64_t>(1, (want + tasks - 1) / tasks));
+  // blocks of a chunk's rows where the chunks' panels alone leave a thread idle (at least 4 tasks per thread), as many
+  // tasks for each thread where the rows allow: the final layer's 3 panels in 9 tasks gave one thread 5 (a float32
+  // 1024 x 768 -> 192 layer 627 us, in 12 tasks 540; 256 rows 172 -> 139 us on the 2-core Zen 5)
+  const int64_t threads = at::get_num_threads(), tasks = chunks.count * panels, tiles = (rows + kTile - 1) / kTile;
+  int64_t blocks = std::min(tiles, std::max<int64_t>(1, (4 * threads + tasks - 1) / tasks));
+  while (blocks < tiles && tasks * blocks % threads != 0) ++blocks;
   const int64_t block_rows = ((rows + blocks - 1) / blocks + kTile - 1) / kTile * kTile, per_chunk = panels * blocks;
   at::parallel_for(0, chunks.count * per_chunk, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
