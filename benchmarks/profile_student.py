@@ -19,6 +19,16 @@ call (an MLP's first layer with its SwiGLU gate, and a layer with its gated resi
 computes both) and every joint attention call between `time.perf_counter` reads, grouped per stage (image tokens)
 into the image stream's and the context stream's linear layers and attention, each with its GFLOP/s, and the rest of
 each decode (norms, modulation, SwiGLU's gate, noise, Python) as what the clock saw outside them. CPU only.
+
+`--phases` times the optimised path itself, which runs each pass's MMDiT blocks in one call of msdd's kernels
+(`msdd.models.fused_blocks`), out of reach of module hooks: it loads the kernels' variant with phase clocks
+(`MSDD_CPU_KERNELS=phases`, `msdd.models.cpu_kernels.phase_times`) and reports, per stage, the blocks op's time in
+each phase (adaLN; the qkv layers with q / k norm, RoPE and packing; the attention; the output projections, the MLPs'
+first and second layers, each with what the kernel does in their epilogue), with their GFLOP/s, the op's time outside
+its phases, and the decode's time outside the op (patch embedding, context embedding, final layer, noise, renoise,
+the sampler, Python). CPU only.
+
+Every mode runs with the `msdd` command's glibc malloc settings (`msdd.malloc.tune`), as `msdd bench` does.
 """
 
 import argparse
@@ -29,12 +39,16 @@ import sys
 import time
 from collections import defaultdict
 
+import os
+
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import msdd.malloc
+
 from msdd.config import load_config
 from msdd.families import family_of
-from msdd.models import layers
+from msdd.models import cpu_kernels, layers
 from msdd.models.layers import unoptimised
 from msdd.eval.bench.peak import measure_matmul_peak
 from msdd.eval.flops import flop_counter
@@ -72,8 +86,17 @@ def main() -> None:
                     help="also the matmul peak, the FLOPs per op group and the best reachable fraction of the peak")
     ap.add_argument("--wall", action="store_true",
                     help="wall-clock times of the linear layers and attention per stage instead of the profiler's")
+    ap.add_argument("--phases", action="store_true",
+                    help="the blocks op's time per phase and stage (the kernels' variant with phase clocks)")
     ap.add_argument("--out", required=True)
     a = ap.parse_args()
+    msdd.malloc.tune()
+    if a.phases:
+        if a.reference or a.wall or a.bound:
+            ap.error("--phases times the optimised path alone: leave out --reference, --wall and --bound")
+        os.environ[cpu_kernels.ENV] = "phases"  # before the process's first decode builds the kernels
+        if cpu_kernels.library() is None:
+            raise SystemExit("--phases needs msdd's CPU kernels (x86 with AVX512-BF16 and VNNI, a C++ compiler)")
     cfg = load_config(a.preset).model
     family = family_of(cfg)
     torch.manual_seed(0)
@@ -89,11 +112,14 @@ def main() -> None:
             family.sample(decoder, z, steps, 1.0, torch.Generator().manual_seed(0))
 
     decode()  # warm-up
-    if a.wall:
-        result = wall_breakdown(decoder, decode, a.rounds)
+    if a.wall or a.phases:
+        result = (phase_breakdown(decode, a.rounds, decoder.blocks[0].img.mlp.w3.in_features) if a.phases
+                  else wall_breakdown(decoder, decode, a.rounds))
         peak = measure_matmul_peak(torch.bfloat16 if a.dtype == "bf16" else torch.float32)  # right after
         result = with_peak(result, peak)
-        result["command"] = "python " + " ".join(sys.argv)
+        result.update(command="python " + " ".join(sys.argv), preset=a.preset, dtype=a.dtype, batch_size=a.batch_size,
+                      rounds=a.rounds, threads=torch.get_num_threads(), torch=torch.__version__,
+                      malloc=msdd.malloc.settings())
         with open(a.out, "w") as f:
             json.dump(result, f, indent=2)
         return
@@ -203,22 +229,99 @@ def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
             "rest_seconds": total - sum(seconds.values()) / rounds}
 
 
+def phase_flops(batch: int, n_img: int, n_ctx: int, width: int, hidden: int, full: list[int]) -> dict[str, float]:
+    """FLOPs of one call of the blocks op per phase: `full` its two flags per block (image, context stream; 0: the
+    stream gives keys and values only); the attention's scores and values over the joint sequence, every query."""
+    flops = dict.fromkeys(cpu_kernels.PHASES, 0.0)
+    for i, whole in enumerate(full):
+        rows = batch * (n_img if i % 2 == 0 else n_ctx)
+        flops["qkv"] += 2 * rows * width * 3 * width
+        if whole:
+            flops["proj"] += 2 * rows * width * width
+            flops["mlp1"] += 2 * rows * width * 2 * hidden
+            flops["mlp2"] += 2 * rows * hidden * width
+    flops["attention"] = len(full) // 2 * 4 * batch * (n_img + n_ctx) ** 2 * width
+    return flops
+
+
+def phase_breakdown(decode, rounds: int, hidden: int) -> dict:
+    """Seconds per decode of the blocks op's phases per stage (image tokens), with their GFLOP/s, the op's time
+    outside its phases, and the decode's outside the op; the decode's time without the op's wrapper too."""
+    plain = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        decode()
+        plain.append(time.perf_counter() - t)
+    seconds, flops = defaultdict(float), defaultdict(float)
+    in_op = [0.0]  # the op's seconds in the decode running
+    blocks = cpu_kernels.blocks
+
+    def timed_blocks(x, ctx, params, full, heads, eps, qk_eps, rope, int8=False):
+        cpu_kernels.phase_times()  # from here on
+        t = time.perf_counter()
+        out = blocks(x, ctx, params, full, heads, eps, qk_eps, rope, int8)
+        elapsed = time.perf_counter() - t
+        if out is not None:
+            n = x.shape[1]
+            seconds[(n, "op")] += elapsed
+            in_op[0] += elapsed
+            for phase, s in cpu_kernels.phase_times().items():
+                seconds[(n, phase)] += s
+            for phase, f in phase_flops(x.shape[0], n, ctx.shape[1], x.shape[-1], hidden, list(full)).items():
+                flops[(n, phase)] += f
+        return out
+
+    timed, outside = [], []  # per decode: its time, its time outside the op
+    cpu_kernels.blocks = timed_blocks
+    try:
+        for _ in range(rounds):
+            in_op[0] = 0.0
+            t = time.perf_counter()
+            decode()
+            timed.append(time.perf_counter() - t)
+            outside.append(timed[-1] - in_op[0])
+    finally:
+        cpu_kernels.blocks = blocks
+    if not seconds:
+        raise SystemExit("the decode did not run the blocks op (the optimised CPU path does not apply here)")
+    total = statistics.median(timed)
+    stages = sorted({n for n, _ in seconds})
+    rows = []
+    for n in stages:
+        for phase in cpu_kernels.PHASES:
+            s, f = seconds[(n, phase)] / rounds, flops[(n, phase)] / rounds
+            rows.append({"tokens": n, "stream": "both", "kind": phase, "seconds": s, "gflop": f / 1e9,
+                         "gflops": f / s / 1e9 if s > 0 else 0.0})
+        rest = (seconds[(n, "op")] - sum(seconds[(n, p)] for p in cpu_kernels.PHASES)) / rounds
+        rows.append({"tokens": n, "stream": "both", "kind": "op, outside its phases", "seconds": rest, "gflop": 0.0,
+                     "gflops": 0.0})
+    op = sum(seconds[(n, "op")] for n in stages) / rounds
+    return {"seconds_per_decode": statistics.median(plain), "seconds_per_decode_hooked": total,
+            "gflop_per_decode": sum(flops.values()) / rounds / 1e9, "rows": rows, "blocks_op_seconds": op,
+            "rest_seconds": statistics.median(outside)}
+
+
 def with_peak(result: dict, peak: float) -> dict:
     """The breakdown's rates as fractions of the matmul peak (GFLOP/s), rounded, printed."""
     # the decode's FLOPs are those of the timed ops (norms, gates and modulation add < 1%)
     decode_s = result["seconds_per_decode"]
     result = {"matmul_peak_gflops": round(peak, 1), **result,
               "decode_fraction_of_peak": round(result["gflop_per_decode"] / decode_s / peak, 4),
-              "rows": [{**r, "seconds": round(r["seconds"], 4), "gflop": round(r["gflop"], 3),
-                        "gflops": round(r["gflops"], 1), "fraction_of_peak": round(r["gflops"] / peak, 4)}
+              "rows": [{**r, "seconds": round(r["seconds"], 5), "gflop": round(r["gflop"], 3),
+                        "gflops": round(r["gflops"], 1), "fraction_of_peak": round(r["gflops"] / peak, 4),
+                        "share_of_decode": round(r["seconds"] / result["seconds_per_decode_hooked"], 4)}
                        for r in result["rows"]]}
-    for key in ("seconds_per_decode", "seconds_per_decode_hooked", "gflop_per_decode", "rest_seconds"):
-        result[key] = round(result[key], 4)
+    for key in ("seconds_per_decode", "seconds_per_decode_hooked", "gflop_per_decode", "rest_seconds",
+                "blocks_op_seconds"):
+        if key in result:
+            result[key] = round(result[key], 4)
     for r in result["rows"]:
-        print(f"{r['tokens']:5d} tokens  {r['stream']:8s} {r['kind']:9s} {1e3 * r['seconds']:8.1f} ms "
+        print(f"{r['tokens']:5d} tokens  {r['stream']:8s} {r['kind']:22s} {1e3 * r['seconds']:8.2f} ms ({100 * r['share_of_decode']:4.1f}%) "
               f"{r['gflops']:7.1f} GFLOP/s {100 * r['fraction_of_peak']:5.1f}% of the peak")
-    print(f"rest (norms, modulation, gates, noise, Python): {1e3 * result['rest_seconds']:.1f} ms; decode "
-          f"{1e3 * decode_s:.1f} ms ({1e3 * result['seconds_per_decode_hooked']:.1f} ms with the hooks), "
+    rest = ("outside the blocks op (embeddings, final layer, noise, renoise, sampler, Python)"
+            if "blocks_op_seconds" in result else "rest (norms, modulation, gates, noise, Python)")
+    print(f"{rest}: {1e3 * result['rest_seconds']:.1f} ms; decode "
+          f"{1e3 * decode_s:.1f} ms ({1e3 * result['seconds_per_decode_hooked']:.1f} ms timed), "
           f"{100 * result['decode_fraction_of_peak']:.1f}% "
           f"of the matmul peak {peak:.1f} GFLOP/s")
     return result

@@ -24,7 +24,9 @@ in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when 
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
 of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja:
-one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off.
+one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off;
+`MSDD_CPU_KERNELS=phases` builds and loads a variant whose `blocks` op also clocks its phases (`phase_times`, for
+`benchmarks/profile_student.py --phases`; the same kernels, two clock reads per phase).
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ MAX_HEAD_DIM = 256  # the kernels' row buffers (kMaxHeadDim)
 MIN_TOKENS_FP32 = 128  # float32 attention below: 0.95-1.9x the flash kernel at 37 tokens, run to run
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
+# the blocks op's phases as `phase_times` returns them (the Phase enum of kernels/cpu_kernels.cpp): the adaLN kernels,
+# the qkv layers (with q / k norm, RoPE and the attention's packing where they write it packed), the attention, the
+# output projections (with their gated residuals), the MLPs' first layers (with SwiGLU's gate), their second layers
+PHASES = ("adaln", "qkv", "attention", "proj", "mlp1", "mlp2")
 
 
 def cpu_supported() -> bool:
@@ -67,7 +73,8 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `joint_attention`, `adaln`, `gated_adaln`,
-    `swiglu`, `pack_linear`, `linear`, `linear_int8`, `blocks`), or None where they cannot run here."""
+    `swiglu`, `pack_linear`, `linear`, `linear_int8`, `blocks`; with `MSDD_CPU_KERNELS=phases` also `phase_times`),
+    or None where they cannot run here."""
     if not (enabled() and cpu_supported()):
         return None
     cpp_logger = logging.getLogger("torch.utils.cpp_extension")  # its import logs a CUDA_HOME notice on CPU hosts
@@ -77,8 +84,10 @@ def library():
         _ninja_on_path()
         from torch.utils import cpp_extension
 
-        cpp_extension.load(name="msdd_cpu_kernels", sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=False)
+        phases = os.environ.get(ENV) == "phases"
+        cpp_extension.load(name="msdd_cpu_kernels_phases" if phases else "msdd_cpu_kernels", sources=[str(SOURCE)],
+                           extra_cflags=CFLAGS + (["-DMSDD_PHASE_TIMES"] if phases else []), extra_ldflags=["-fopenmp"],
+                           is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's ops instead
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"msdd: the fused CPU kernels ({SOURCE.name}) could not be built ({reason}); CPU decodes "
@@ -229,3 +238,13 @@ def swiglu(h: torch.Tensor) -> torch.Tensor | None:
     if not (h.device.type == "cpu" and h.dtype in DTYPES and h.shape[-1] % 32 == 0) or (ops := library()) is None:
         return None
     return ops.swiglu(h)
+
+
+def phase_times() -> dict[str, float]:
+    """Seconds the `blocks` op spent in each of `PHASES` since the previous call, summed over its calls; the library
+    must be the `MSDD_CPU_KERNELS=phases` variant (set before the first CPU decode of the process)."""
+    ops = library()
+    if ops is None or not hasattr(ops, "phase_times"):
+        raise RuntimeError(f"phase_times needs the kernels built with their phase clocks: set {ENV}=phases before "
+                           "the process's first CPU decode (x86 with AVX512-BF16 and VNNI, a C++ compiler)")
+    return dict(zip(PHASES, ops.phase_times()))

@@ -30,6 +30,7 @@
 #include <immintrin.h>
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -40,6 +41,30 @@
 #include <vector>
 
 namespace {
+
+// Phase clocks of the blocks op (benchmarks/profile_student.py --phases): compiled in only with MSDD_PHASE_TIMES, which
+// the library variant MSDD_CPU_KERNELS=phases builds; empty functions otherwise. `blocks` charges the wall time since
+// the last mark to the phase that just ended, read on the calling thread (a phase's parallel loops have joined by then).
+enum Phase { kPhaseAdaln, kPhaseQkv, kPhaseAttention, kPhaseProj, kPhaseMlp1, kPhaseMlp2, kPhases };
+#ifdef MSDD_PHASE_TIMES
+double g_phase_seconds[kPhases];
+std::chrono::steady_clock::time_point g_phase_mark;
+inline void phase_start() { g_phase_mark = std::chrono::steady_clock::now(); }
+inline void phase_end(Phase p) {
+  const auto now = std::chrono::steady_clock::now();
+  g_phase_seconds[p] += std::chrono::duration<double>(now - g_phase_mark).count();
+  g_phase_mark = now;
+}
+// seconds per phase (Phase's order) since the previous call
+std::vector<double> phase_times() {
+  std::vector<double> out(g_phase_seconds, g_phase_seconds + kPhases);
+  std::fill(g_phase_seconds, g_phase_seconds + kPhases, 0.0);
+  return out;
+}
+#else
+inline void phase_start() {}
+inline void phase_end(Phase) {}
+#endif
 
 constexpr int64_t kTile = 6;    // queries per register tile
 constexpr int64_t kPanel = 64;  // keys per score tile (four vectors of 16)
@@ -1491,6 +1516,7 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor (&h)[2], at::T
                                   static_cast<float>(eps), c, s, pk);
     }
   }
+  phase_end(kPhaseQkv);
   at::Tensor out0 = at::empty({B, n0, W}, x[0].options()), out1 = at::empty({B, n1, W}, x[0].options());
   attention_tiles<O>(pk, reinterpret_cast<typename O::Elem*>(out0.data_ptr()),
                      reinterpret_cast<typename O::Elem*>(out1.data_ptr()));
@@ -1542,6 +1568,7 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
   const bool packed = x.dim() == 3 && c.dim() == 3 && (D == 32 || D == 64) && W % kPanel == 0 && x.size(1) > 0 &&
                       x.size(1) % 16 == 0 && c.size(1) > 0;
   size_t i = 0;
+  phase_start();
   for (size_t b = 0; b < n_blocks; ++b) {
     at::Tensor h[2];
     size_t mods[2], qkv[2];
@@ -1554,22 +1581,31 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
       norms.insert(norms.end(), params.begin() + nrm, params.begin() + nrm + 4);
       i = nrm + 4;
     }
-    const auto [out0, out1] =
-        packed ? (bf16 ? qkv_attention<Bf16>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin)
-                       : qkv_attention<Float>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin))
-               : joint_attention(layer(qkv[0], h[0], false, none, none), layer(qkv[1], h[1], false, none, none), heads,
-                                 norms, qk_eps, cos, sin);
-    const at::Tensor out[2] = {out0, out1};
+    phase_end(kPhaseAdaln);
+    at::Tensor out[2];
+    if (packed) {
+      std::tie(out[0], out[1]) = bf16 ? qkv_attention<Bf16>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin)
+                                      : qkv_attention<Float>(h, params, qkv, int8, heads, norms, qk_eps, cos, sin);
+    } else {
+      const at::Tensor qkv0 = layer(qkv[0], h[0], false, none, none), qkv1 = layer(qkv[1], h[1], false, none, none);
+      phase_end(kPhaseQkv);
+      std::tie(out[0], out[1]) = joint_attention(qkv0, qkv1, heads, norms, qk_eps, cos, sin);
+    }
+    phase_end(kPhaseAttention);
     if (!int8 && full[2 * b] && full[2 * b + 1] && s[0].numel() / W <= kPairRows) {  // the context stream first
       const size_t m[2] = {mods[1], mods[0]}, w[2] = {m[0] + 6 + per_layer, m[1] + 6 + per_layer};
       const at::Tensor in[2] = {out[1], out[0]}, res_in[2] = {s[1], s[0]};
       const at::Tensor gate[2] = {params[m[0] + 2], params[m[1] + 2]}, gate2[2] = {params[m[0] + 5], params[m[1] + 5]};
       const auto res = linear_pair(params, w, in, false, res_in, gate);
+      phase_end(kPhaseProj);
       const at::Tensor h[2] = {in_dtype(adaln(res[0], params[m[0] + 3], params[m[0] + 4], eps)),
                                in_dtype(adaln(res[1], params[m[1] + 3], params[m[1] + 4], eps))};
+      phase_end(kPhaseAdaln);
       const size_t w12[2] = {w[0] + per_layer, w[1] + per_layer}, w3[2] = {w12[0] + per_layer, w12[1] + per_layer};
       const auto g = linear_pair(params, w12, h, true, nullptr, nullptr);
+      phase_end(kPhaseMlp1);
       const auto o = linear_pair(params, w3, {g[0], g[1]}, false, res.data(), gate2);
+      phase_end(kPhaseMlp2);
       s[1] = o[0], s[0] = o[1];
       continue;
     }
@@ -1577,8 +1613,13 @@ at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList param
       if (!full[2 * b + st]) continue;
       const size_t m = mods[st], w = m + 6 + per_layer;  // the projection's params
       const at::Tensor res = layer(w, out[st], false, s[st], params[m + 2]);
+      phase_end(kPhaseProj);
       const at::Tensor h = in_dtype(adaln(res, params[m + 3], params[m + 4], eps));
-      s[st] = layer(w + 2 * per_layer, layer(w + per_layer, h, true, none, none), false, res, params[m + 5]);
+      phase_end(kPhaseAdaln);
+      const at::Tensor g = layer(w + per_layer, h, true, none, none);
+      phase_end(kPhaseMlp1);
+      s[st] = layer(w + 2 * per_layer, g, false, res, params[m + 5]);
+      phase_end(kPhaseMlp2);
     }
   }
   return s[0];
@@ -1600,6 +1641,9 @@ TORCH_LIBRARY(msdd_kernels, m) {
   m.def("blocks(Tensor x, Tensor c, Tensor[] params, int[] full, int heads, float eps, float qk_eps, Tensor cos, "
         "Tensor sin, bool bf16, bool int8=False) -> Tensor");
   m.def("chunk_bytes(int n) -> int", chunk_bytes);
+#ifdef MSDD_PHASE_TIMES
+  m.def("phase_times() -> float[]", phase_times);
+#endif
 }
 TORCH_LIBRARY_IMPL(msdd_kernels, CPU, m) {
   m.impl("attention", attention);
