@@ -8,10 +8,16 @@ A round is `--student-decodes` student decodes, then one teacher decode (`--step
 the rounds. The ratio of the blocks' times says how efficient a batch-1 pass is against the teacher's guided batch-2
 passes; the rest (noise, renoise, patch embedding, final layer, the sampler, Python) is what each pays outside them.
 CPU only; the optimised path (bf16: weights stored in bf16, as `Tokenizer.decode(bf16=True)`).
+
+`--phases` splits the blocks op's time by phase as well (the kernels' variant with phase clocks,
+`MSDD_CPU_KERNELS=phases`; `benchmarks/profile_student.py --phases` says what each phase holds): per phase the
+student's milliseconds per decode against the teacher's per student-equivalent (its decode's over its passes per
+student pass, 60 at 30 steps and cfg 2), so that the ratio's distance from that number shows by phase.
 """
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -34,8 +40,11 @@ def main() -> None:
     parser.add_argument("--student-decodes", type=int, default=20)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--cfg", type=float, default=2.0)
+    parser.add_argument("--phases", action="store_true", help="split the blocks op by phase (its phase clocks)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
+    if args.phases:
+        os.environ[cpu_kernels.ENV] = "phases"  # before the first library() call builds the kernels
     if cpu_kernels.library() is None:
         raise SystemExit("msdd's CPU kernels are not available here (x86 with AVX512-BF16 and a C++ compiler needed)")
     msdd.malloc.tune()
@@ -49,16 +58,23 @@ def main() -> None:
     teacher = flow_contender("teacher", model, model.decoder, z, (args.steps,) * stages, args.cfg)
 
     inside = [0.0]
+    phases = dict.fromkeys(cpu_kernels.PHASES, 0.0)  # the decode running's seconds per phase (--phases)
     real = cpu_kernels.blocks
 
     def timed_blocks(*a):
+        if args.phases:
+            cpu_kernels.phase_times()  # from here on
         t0 = time.perf_counter()
         out = real(*a)
         inside[0] += time.perf_counter() - t0
+        if args.phases:
+            for phase, seconds in cpu_kernels.phase_times().items():
+                phases[phase] += seconds
         return out
 
     cpu_kernels.blocks = timed_blocks  # fused_blocks calls it through the module
     times = {"student": ([], []), "teacher": ([], [])}
+    by_phase = {"student": [], "teacher": []}  # per decode: {phase: seconds}
     try:
         with torch.inference_mode(), autocast(torch.device("cpu"), bf16):
             student.decode(), teacher.decode()
@@ -66,10 +82,12 @@ def main() -> None:
                 for name, contender, n in (("student", student, args.student_decodes), ("teacher", teacher, 1)):
                     for _ in range(n):
                         inside[0] = 0.0
+                        phases.update(dict.fromkeys(phases, 0.0))
                         t0 = time.perf_counter()
                         contender.decode()
                         times[name][0].append(time.perf_counter() - t0)
                         times[name][1].append(inside[0])
+                        by_phase[name].append(dict(phases))
     finally:
         cpu_kernels.blocks = real
     if not times["student"][1][0]:
@@ -86,6 +104,22 @@ def main() -> None:
           f"{s['outside_s'] * 1e3:.2f}); teacher {t['decode_s']:.3f} s (blocks {t['blocks_s']:.3f}, outside "
           f"{t['outside_s'] * 1e3:.0f} ms); student / teacher {result['ratio_whole']:.2f}, in the blocks op "
           f"{result['ratio_blocks']:.2f}")
+    if args.phases:
+        passes = args.steps * (1 if args.cfg == 1.0 else 2)  # the teacher's passes per student pass
+        result["teacher_passes_per_student_pass"] = passes
+        result["phases"] = {}
+        print(f"{'phase':10s} {'student ms':>11s} {'teacher ms / ' + str(passes):>16s} {'difference':>11s}")
+        for phase in cpu_kernels.PHASES:
+            st = statistics.median(d[phase] for d in by_phase["student"])
+            te = statistics.median(d[phase] for d in by_phase["teacher"]) / passes
+            result["phases"][phase] = {"student_s": st, "teacher_per_student_pass_s": te}
+            print(f"{phase:10s} {st * 1e3:11.2f} {te * 1e3:16.2f} {(st - te) * 1e3:+11.2f}")
+        for name in ("student", "teacher"):  # the op's time between its phases, and outside the op, per decode
+            result[name]["between_phases_s"] = statistics.median(
+                b - sum(d.values()) for b, d in zip(times[name][1], by_phase[name]))
+        st, te = result["student"], result["teacher"]
+        print(f"{'between':10s} {st['between_phases_s'] * 1e3:11.2f} {te['between_phases_s'] / passes * 1e3:16.2f}")
+        print(f"{'outside':10s} {st['outside_s'] * 1e3:11.2f} {te['outside_s'] / passes * 1e3:16.2f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=2)
