@@ -34,18 +34,16 @@ Every mode runs with the `msdd` command's glibc malloc settings (`msdd.malloc.tu
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
 from collections import defaultdict
 
-import os
-
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import msdd.malloc
-
 from msdd.config import load_config
 from msdd.families import family_of
 from msdd.models import cpu_kernels, layers
@@ -316,8 +314,9 @@ def with_peak(result: dict, peak: float) -> dict:
         if key in result:
             result[key] = round(result[key], 4)
     for r in result["rows"]:
-        print(f"{r['tokens']:5d} tokens  {r['stream']:8s} {r['kind']:22s} {1e3 * r['seconds']:8.2f} ms ({100 * r['share_of_decode']:4.1f}%) "
-              f"{r['gflops']:7.1f} GFLOP/s {100 * r['fraction_of_peak']:5.1f}% of the peak")
+        print(f"{r['tokens']:5d} tokens  {r['stream']:8s} {r['kind']:22s} {1e3 * r['seconds']:8.2f} ms "
+              f"({100 * r['share_of_decode']:4.1f}%) {r['gflops']:7.1f} GFLOP/s "
+              f"{100 * r['fraction_of_peak']:5.1f}% of the peak")
     rest = ("outside the blocks op (embeddings, final layer, noise, renoise, sampler, Python)"
             if "blocks_op_seconds" in result else "rest (norms, modulation, gates, noise, Python)")
     print(f"{rest}: {1e3 * result['rest_seconds']:.1f} ms; decode "

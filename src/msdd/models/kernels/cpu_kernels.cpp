@@ -42,9 +42,10 @@
 
 namespace {
 
-// Phase clocks of the blocks op (benchmarks/profile_student.py --phases): compiled in only with MSDD_PHASE_TIMES, which
-// the library variant MSDD_CPU_KERNELS=phases builds; empty functions otherwise. `blocks` charges the wall time since
-// the last mark to the phase that just ended, read on the calling thread (a phase's parallel loops have joined by then).
+// Phase clocks of the blocks op (benchmarks/profile_student.py --phases): compiled in only with MSDD_PHASE_TIMES,
+// which the library variant MSDD_CPU_KERNELS=phases builds; empty functions otherwise. `blocks` charges the wall time
+// since the last mark to the phase that just ended, read on the calling thread (a phase's parallel loops have joined
+// by then).
 enum Phase { kPhaseAdaln, kPhaseQkv, kPhaseAttention, kPhaseProj, kPhaseMlp1, kPhaseMlp2, kPhases };
 #ifdef MSDD_PHASE_TIMES
 double g_phase_seconds[kPhases];
