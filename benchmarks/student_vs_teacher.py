@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -92,8 +93,8 @@ def main() -> None:
         cpu_kernels.blocks = real
     if not times["student"][1][0]:
         raise SystemExit("the blocks op did not run (a decode block by block): no split to report")
-    result = {"preset": args.preset, "dtype": args.dtype, "rounds": args.rounds, "steps": args.steps, "cfg": args.cfg,
-              "threads": torch.get_num_threads()}
+    result = {"command": "python " + " ".join(sys.argv), "preset": args.preset, "dtype": args.dtype,
+              "rounds": args.rounds, "steps": args.steps, "cfg": args.cfg, "threads": torch.get_num_threads()}
     for name, (whole, blocks) in times.items():
         w, b = statistics.median(whole), statistics.median(blocks)
         result[name] = {"decode_s": w, "blocks_s": b, "outside_s": w - b}
