@@ -148,16 +148,22 @@ def main() -> None:
         print(f"{k:48s} {v}")
 
 
+def decode_seconds(decode, rounds: int) -> list[float]:
+    """The seconds of `rounds` decodes, one after another."""
+    seconds = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        decode()
+        seconds.append(time.perf_counter() - t)
+    return seconds
+
+
 def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
     """Seconds and GFLOP/s per decode, by the clock, of each stage's linear layers (image and context stream) and
     joint attention, and of the rest; the decode's own time without the timing hooks (with them, the blocks run block
     by block, `msdd.models.fused_blocks.run_blocks`, so that the hooks see every layer: the rest includes that path's
     Python)."""
-    plain = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        decode()
-        plain.append(time.perf_counter() - t)
+    plain = decode_seconds(decode, rounds)
     seconds, flops = defaultdict(float), defaultdict(float)
     starts: dict[int, float] = {}
     stage = [0]  # the image tokens of the stage running, from its image stream's last linear layer
@@ -208,12 +214,8 @@ def wall_breakdown(decoder: torch.nn.Module, decode, rounds: int) -> dict:
         return out
 
     layers.joint_attention = timed_attention
-    hooked = []
     try:
-        for _ in range(rounds):
-            t = time.perf_counter()
-            decode()
-            hooked.append(time.perf_counter() - t)
+        hooked = decode_seconds(decode, rounds)
     finally:
         layers.joint_attention = attention
         layers.Linear.panel_forward = panel_forward
@@ -245,11 +247,7 @@ def phase_flops(batch: int, n_img: int, n_ctx: int, width: int, hidden: int, ful
 def phase_breakdown(decode, rounds: int, hidden: int) -> dict:
     """Seconds per decode of the blocks op's phases per stage (image tokens), with their GFLOP/s, the op's time
     outside its phases, and the decode's outside the op; the decode's time without the op's wrapper too."""
-    plain = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        decode()
-        plain.append(time.perf_counter() - t)
+    plain = decode_seconds(decode, rounds)
     seconds, flops = defaultdict(float), defaultdict(float)
     in_op = [0.0]  # the op's seconds in the decode running
     blocks = cpu_kernels.blocks
