@@ -121,14 +121,17 @@ def test_an_unwritable_run_directory_stops_before_training(tmp_path, capsys):
     try:
         with pytest.raises(CheckpointError, match=rf"cannot write to the run directory {re.escape(str(run))} "):
             Stage1Trainer(tiny_config(*SMALL), run)
-        assert _cli_train(run, 2) == 2
-        assert f"error: cannot write to the run directory {run}" in capsys.readouterr().err
+        assert _cli_train(run, 2) == 2  # the command checks --run-dir before it builds anything
+        assert f"error: --run-dir {run}: cannot write in {run} (" in capsys.readouterr().err
         parent = tmp_path / "ro"
         parent.mkdir()
         undo_parent = _make_unwritable(parent)
         try:  # a run directory that cannot even be created: the same error, not an OSError traceback
             with pytest.raises(CheckpointError, match=re.escape(str(parent / "new"))):
                 Stage1Trainer(tiny_config(*SMALL), parent / "new")
+            assert _cli_train(parent / "new", 2) == 2
+            assert f"error: --run-dir {parent / 'new'}: cannot write in {parent} (" in capsys.readouterr().err
+            assert not (parent / "new").exists()
         finally:
             undo_parent()
     finally:

@@ -181,13 +181,18 @@ def model_card(meta: dict, evaluation: dict | None = None, repo_id: str = "") ->
         met, proto = evaluation.get("metrics", {}), evaluation.get("protocol", {})
         lines += ["", "## Evaluation", "", f"Protocol: {json.dumps(proto, sort_keys=True)}", "",
                   "| decoder | floats | PSNR (dB) | SSIM |", "|---|---|---|---|",
-                  f"| this model | {floats} | {met.get('psnr', float('nan')):.2f} | {met.get('ssim', float('nan')):.4f} |"]
-        lines += [f"| {b.get('method', k)} | {b.get('floats', '')} | {b['psnr']:.2f} | {b['ssim']:.4f} |"
-                  for k, b in evaluation.get("baselines", {}).items()]
-        lines += [f"\n{k}: {met[k]:.4f}" for k in ("lpips", "rfid") if k in met]
+                  f"| this model | {floats} | {_number(met.get('psnr'), 2)} | {_number(met.get('ssim'), 4)} |"]
+        lines += [f"| {b.get('method', k)} | {b.get('floats', '')} | {_number(b.get('psnr'), 2)} | "
+                  f"{_number(b.get('ssim'), 4)} |" for k, b in evaluation.get("baselines", {}).items()]
+        lines += [f"\n{k}: {_number(met[k], 4)}" for k in ("lpips", "rfid") if k in met]
     lines += ["", f"Files: `{CONFIG_NAME}` (architecture and training record), `{WEIGHTS_NAME}` (safetensors; no "
               "pickle). Written by `msdd push`.", ""]
     return "\n".join(lines)
+
+
+def _number(value, digits: int) -> str:
+    """A metric in a model card's table: the number to `digits` decimals, "-" where it was not measured."""
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else "-"
 
 
 def stage_for_hub(directory: str | Path, out: str | Path, repo_id: str = "", evaluation: dict | None = None) -> Path:

@@ -91,7 +91,12 @@ def fetch_weights(name: str) -> Path:
     dest = cache_path(spec)
     if not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        torch.hub.download_url_to_file(spec.url, str(dest), progress=True)
+        try:
+            torch.hub.download_url_to_file(spec.url, str(dest), progress=True)
+        except OSError as e:  # urllib's URLError and HTTPError included: offline, refused, not found
+            reason = getattr(e, "reason", None) or e.strerror or e
+            raise ValueError(f"could not download {name} from {spec.url} ({reason}); check the network, or fetch "
+                             f"the file elsewhere and copy it to {dest} (or pass it with {spec.option})") from None
     return dest
 
 
@@ -123,3 +128,12 @@ def build_loss_network(build, device, turn_off: str) -> torch.nn.Module:
         return build().to(device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}\n({turn_off})") from None
+
+
+def wrong_file(name: str, path: str | os.PathLike, error: Exception) -> ValueError:
+    """The error for a file of pretrained `name` that holds tensors of another network (a state dict whose keys or
+    shapes do not fit): names the option, the file and the one it expects, without the key lists."""
+    spec = PRETRAINED[name]
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ValueError(f"{spec.option} {path} does not hold the weights of {spec.purpose} ({first[:160]}); give "
+                      f"{spec.filename} ({spec.url})")

@@ -28,9 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     malloc.tune()  # CPU decodes stop faulting their activations' pages in again (msdd.malloc; MSDD_MALLOC=glibc: off)
     try:
         return args.func(args) or 0
-    except (ValueError, FileNotFoundError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path the file system refused (the commands check theirs first; this catches the rest)
+        print(f"error: {_os_message(e)}", file=sys.stderr)
+        return 2
+
+
+def _os_message(e: OSError) -> str:
+    """An OSError as one line that names the path: "/sys/x: Operation not permitted (check the path and its
+    permissions, or choose another)"."""
+    if e.filename is None or e.strerror is None:
+        return str(e)
+    return f"{e.filename}: {e.strerror} (check the path and its permissions, or choose another)"
 
 
 __all__ = ["build_parser", "main"]

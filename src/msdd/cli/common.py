@@ -23,7 +23,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                    help="guidance scale (default: the model's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for encode/decode")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
 
 
 def steps_arg(text: str | None):
@@ -35,16 +35,74 @@ def steps_arg(text: str | None):
 
 def folder_arg(path: str | Path, flag: str) -> Path:
     """A folder argument (--out, --run-dir) checked before any work: a file in its place (or in place of one
-    of its parent folders) is an error naming the option, not an OSError traceback after loading a model."""
+    of its parent folders), an empty path or a place this process cannot write is an error naming the option,
+    not an OSError traceback after loading a model or training. Nothing is created here."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty; pass a folder (it is created if missing)")
     p = Path(path).expanduser()
+    _check_folder(p, f"{flag} {path}")
+    return p
+
+
+def file_arg(path: str | Path, flag: str) -> Path:
+    """An output file argument (--json, --out FILE) checked before any work as `folder_arg` checks a folder: not an
+    existing folder, its folder creatable and writable."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty; pass a file path")
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is an existing folder; pass a file path, e.g. {Path(path) / 'out.json'}")
+    _check_folder(p.parent, f"{flag} {path}", of_file=True)
+    return p
+
+
+def _check_folder(p: Path, what: str, of_file: bool = False) -> None:
+    """The nearest existing one of p and its parents is a folder this process can write in (p: the folder of the
+    argument's file where `of_file`)."""
     for q in (p, *p.parents):
         if q.exists():
             if not q.is_dir():
-                what = "" if q == p else f" ({q} is a file)"
-                raise ValueError(f"{flag} {path} is an existing file, not a folder{what}; pass a folder "
-                                 "(it is created if missing)")
-            break
-    return p
+                if of_file:
+                    raise ValueError(f"{what}: {q} is a file, so it cannot hold the output; choose another path")
+                where = "" if q == p else f" ({q} is a file)"
+                raise ValueError(f"{what} is an existing file, not a folder{where}; pass a folder (it is created "
+                                 "if missing)")
+            _writable(q, what)
+            return
+
+
+def _writable(folder: Path, what: str) -> None:
+    """Create and remove a temporary folder in `folder`: the one test of writing there that also holds where
+    permissions do not tell (root on a read-only or virtual file system)."""
+    import tempfile
+
+    try:
+        Path(tempfile.mkdtemp(prefix=".msdd-check-", dir=folder)).rmdir()
+    except OSError as e:
+        raise ValueError(f"{what}: cannot write in {folder} ({e.strerror or e}); choose a place you can "
+                         "write to") from None
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a number above 0 (a budget in minutes); argparse names the option in its error."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number; give one above 0, e.g. 10")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1 (steps, seeds)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is below 1; give a whole number of at least 1")
+    return value
 
 
 def device_arg(text: str) -> str:

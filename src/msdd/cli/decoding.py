@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msdd.cli.common import add_config_args, add_decode_args, device_arg, folder_arg, steps_arg
+from msdd.cli.common import add_config_args, add_decode_args, device_arg, file_arg, folder_arg, steps_arg
 
 
 def cmd_reconstruct(args) -> None:
@@ -52,6 +52,9 @@ def cmd_eval(args) -> None:
     from msdd.hub import resolve_model_dir
     from msdd.tokenizer import Tokenizer
 
+    file_arg(args.out, "--out")  # before the decodes
+    if args.plot:
+        file_arg(args.plot, "--plot")
     info = init_distributed(args.device)
     device = f"cuda:{info.local_rank}" if args.device == "cuda" else args.device
     runs = []  # (model dir, tokenizer, steps)
@@ -91,6 +94,7 @@ def cmd_eval(args) -> None:
 def cmd_bench(args) -> None:
     from msdd.eval.bench import QUICK, BenchSettings, format_report, parse_list, run_bench
 
+    out = file_arg(args.json, "--json")  # before minutes of timing
     given = {
         "preset": args.preset, "overrides": tuple(args.overrides), "model": args.model, "student": args.student,
         "dtype": args.dtype, "compile": args.compile, "batch_size": args.batch_size, "resolution": args.resolution,
@@ -105,7 +109,6 @@ def cmd_bench(args) -> None:
     settings = BenchSettings(**({**QUICK, **given} if args.quick else given))
     report = run_bench(settings)
     print(format_report(report))
-    out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"results written to {out}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from msdd.cli.common import device_arg, folder_arg
+from msdd.cli.common import device_arg, folder_arg, positive_float
 from msdd.cli.training import _finish_training
 
 
@@ -89,7 +89,7 @@ def add_gen_train(sub) -> None:
                         "(a key without a section is a generator field; repeatable)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
-    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--device", default="cpu", type=device_arg,
                    help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_gen_train)

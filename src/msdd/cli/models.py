@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msdd.cli.common import add_config_args, device_arg, folder_arg
+from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_int
 
 
 def cmd_info(args) -> None:
@@ -20,6 +20,8 @@ def cmd_info(args) -> None:
         raise ValueError(f"msdd info: --step-time takes a number of rounds >= 1, got {args.step_time}")
     if args.model and args.step_time:
         raise ValueError("msdd info: --step-time measures a preset's training step; pass --preset/--set, not --model")
+    if args.model and args.overrides:
+        raise ValueError("msdd info: --set changes a preset; a --model is described as it was trained (drop --set)")
     if args.model:
         tok = Tokenizer.from_pretrained(args.model)
         cfg = tok.config
@@ -104,8 +106,8 @@ def cmd_latent_stats(args) -> None:
                          "directory to write with the new statistics")
     out = folder_arg(args.out if args.out is not None else args.model, "--out")
     source = resolve_model_dir(args.model)
+    tok = Tokenizer.from_pretrained(source, device=args.device)  # first: it names a damaged weights file
     dtype = stored_dtype(source)  # kept: an fp16 model stays fp16, wherever it is written
-    tok = Tokenizer.from_pretrained(source, device=args.device)
     dataset = build_train_dataset(args.data, tok.config.image_size, seed=0)
     mean, std = compute_latent_stats(tok, dataset, max_images=args.max_images)
     tok.latent_mean.copy_(mean)
@@ -120,7 +122,13 @@ def cmd_latent_stats(args) -> None:
 def cmd_export(args) -> None:
     from msdd.tokenizer import export_tokenizer
 
-    folder_arg(args.out, "--out")
+    out = folder_arg(args.out, "--out")
+    if args.dtype is not None and args.format != "msdd":
+        raise ValueError(f"--dtype applies to --format msdd only: the {args.format} export writes float32 weights "
+                         "(drop --dtype)")
+    source = Path(args.model).expanduser()
+    if source.is_dir() and out.resolve() == source.resolve():
+        raise ValueError(f"--out {args.out} is the model folder itself; export into a new folder")
     if args.format == "onnx":
         try:
             from msdd.integrations.onnx import export_onnx
@@ -137,28 +145,49 @@ def cmd_export(args) -> None:
             raise ValueError(str(e)) from None
         print(f"wrote {export_diffusers(args.model, args.out)} (diffusers layout, AutoencoderMSDD, fp32 weights)")
         return
-    out = export_tokenizer(args.model, args.out, args.dtype)
-    print(f"wrote {out} ({args.dtype} weights)")
+    dtype = args.dtype or "fp16"
+    out = export_tokenizer(args.model, args.out, dtype)
+    print(f"wrote {out} ({dtype} weights)")
 
 
 def cmd_push(args) -> None:
+    from huggingface_hub.utils import validate_repo_id
+
     from msdd.hub import push_model, resolve_model_dir, stage_for_hub
 
+    try:
+        validate_repo_id(args.repo)
+    except ValueError as e:  # huggingface_hub's HFValidationError
+        raise ValueError(f"repo {args.repo!r} is not a Hub repo id ({e}); pass owner/name") from None
     directory = resolve_model_dir(args.model)
-    evaluation = None
     if args.eval_json:
-        try:
-            evaluation = json.loads(Path(args.eval_json).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"--eval-json {args.eval_json}: not a readable JSON file ({e}); pass the file "
-                             "`msdd eval --out` wrote") from None
+        evaluation = _evaluation(Path(args.eval_json), f"--eval-json {args.eval_json}")
     elif (directory / "eval.json").is_file():
-        evaluation = json.loads((directory / "eval.json").read_text())
+        evaluation = _evaluation(directory / "eval.json", str(directory / "eval.json"))
+    else:
+        evaluation = None
     if args.stage_only:
         folder_arg(args.stage_only, "--stage-only")
         print(f"wrote {stage_for_hub(directory, args.stage_only, args.repo, evaluation)} (nothing uploaded)")
         return
     print(f"pushed {directory} to {args.repo}: {push_model(directory, args.repo, args.private, args.token, evaluation)}")
+
+
+def _evaluation(path: Path, what: str) -> dict:
+    """The evaluation a model card shows: the JSON `msdd eval --out` writes for one model (an object with a
+    "metrics" object of numbers, and "protocol" and "baselines" objects where present)."""
+    try:
+        evaluation = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{what}: not a readable JSON file ({e}); pass the file `msdd eval --out` wrote") from None
+    metrics = evaluation.get("metrics") if isinstance(evaluation, dict) else None
+    baselines = evaluation.get("baselines", {}) if isinstance(evaluation, dict) else None
+    if (not isinstance(metrics, dict) or not isinstance(evaluation.get("protocol", {}), dict)
+            or not isinstance(baselines, dict) or not all(isinstance(b, dict) for b in baselines.values())
+            or not all(isinstance(v, (int, float)) or v is None for v in metrics.values())):
+        raise ValueError(f"{what}: not the results of one model as `msdd eval --out` writes them (an object with "
+                         '"metrics": {"psnr": ..., ...}); for a run with --compare, keep the one entry of this model')
+    return evaluation
 
 
 def cmd_fetch_weights(args) -> None:
@@ -186,7 +215,7 @@ def add_latent_stats(sub) -> None:
     p.add_argument("--out", default=None,
                    help="model directory to write (required for a bundled name or repo id; default: --model itself)")
     p.add_argument("--data", default="embedded", help="'embedded' or a folder of images")
-    p.add_argument("--max-images", type=int, default=2048)
+    p.add_argument("--max-images", type=positive_int, default=2048, help="images to encode (default 2048)")
     p.add_argument("--device", default="cpu", type=device_arg)
     p.set_defaults(func=cmd_latent_stats)
 
@@ -196,7 +225,8 @@ def add_export(sub) -> None:
                                       "or in diffusers' layout")
     p.add_argument("--model", required=True, help="model directory or bundled name to copy")
     p.add_argument("--out", required=True, help="new model directory")
-    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16", "fp32"], help="stored weight type (default fp16)")
+    p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
+                   help="stored weight type of --format msdd (default fp16)")
     p.add_argument("--format", default="msdd", choices=["msdd", "diffusers", "onnx"],
                    help="msdd: config.json + model.safetensors (default); diffusers: a folder for "
                         "msdd.integrations.diffusers.AutoencoderMSDD.from_pretrained (needs msdd[diffusers]); onnx: "

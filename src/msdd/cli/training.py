@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from msdd.cli.common import add_config_args, device_arg, folder_arg
+from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_float, positive_int
 
 
 def _finish_training(trainer, summary: dict, what: str) -> int:
@@ -83,7 +83,7 @@ def add_train(sub) -> None:
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
-    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="fine-tune: start from this trained model (directory, bundled name such as tiny-64-teacher, "
@@ -106,7 +106,7 @@ def add_distill(sub) -> None:
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
     p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: distill.max_steps)")
-    p.add_argument("--minutes", type=float, default=None, help="also stop after this much wall time")
+    p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
     p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
@@ -117,7 +117,7 @@ def add_distill(sub) -> None:
 def add_demo(sub) -> None:
     p = sub.add_parser("demo", help="train the tiny preset on the embedded photos, evaluate, write a report")
     add_config_args(p)
-    p.add_argument("--minutes", type=float, default=None,
+    p.add_argument("--minutes", type=positive_float, default=None,
                    help="size both stages to this wall-time budget from a measured step time instead of the fixed "
                         "step counts (the model then depends on the machine's speed)")
     p.add_argument("--out", default="msdd-demo", help="output folder (default: msdd-demo)")
@@ -128,12 +128,12 @@ def add_demo(sub) -> None:
 def add_fidelity(sub) -> None:
     p = sub.add_parser("fidelity", help="the paper's Tables 2-3 / Figure 4 in miniature on the embedded photos")
     add_config_args(p)
-    p.add_argument("--minutes", type=float, default=120.0, help="total training budget (default 120)")
-    p.add_argument("--seeds", type=int, default=2, help="seeds per configuration (default 2)")
-    p.add_argument("--total-steps", type=int, default=40, help="Euler steps every teacher shares (default 40)")
-    p.add_argument("--train-steps", type=int, default=None,
+    p.add_argument("--minutes", type=positive_float, default=120.0, help="total training budget (default 120)")
+    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per configuration (default 2)")
+    p.add_argument("--total-steps", type=positive_int, default=40, help="Euler steps every teacher shares (default 40)")
+    p.add_argument("--train-steps", type=positive_int, default=None,
                    help="fixed stage-1 steps per job instead of sizing them from --minutes (same models on any machine)")
-    p.add_argument("--distill-steps", type=int, default=None, help="fixed distillation steps per student")
+    p.add_argument("--distill-steps", type=positive_int, default=None, help="fixed distillation steps per student")
     p.add_argument("--ssdd-set", dest="ssdd_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the SSDD preset (repeatable)")
     p.add_argument("--quick", action="store_true", help="a 32 px toy model and 1 seed: about a minute, same table")

@@ -46,6 +46,8 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"invalid config value for `{name}`: expected a number, got {value!r}")
+        if not math.isfinite(value):  # no field takes inf or nan: a learning rate of .inf trains to NaN
+            raise ValueError(f"invalid config value for `{name}`: expected a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):

@@ -29,7 +29,7 @@ from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
-from msdd.weights import load_tensor_file, resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
 PUBLISHED_FID_IMAGES = 50_000
 
@@ -47,7 +47,10 @@ def build_fid(weights: str | Path | None, device) -> tuple[object | None, str | 
         return None, "rFID needs torch-fidelity: pip install 'msdd[fid]'"
     # torch-fidelity unpickles the file without weights_only; we first prove it holds only tensors.
     load_tensor_file(path, "inception")
-    fid = FrechetInceptionDistance(feature=2048, reset_real_features=True, feature_extractor_weights_path=str(path))
+    try:
+        fid = FrechetInceptionDistance(feature=2048, reset_real_features=True, feature_extractor_weights_path=str(path))
+    except RuntimeError as e:  # tensors of another network
+        raise wrong_file("inception", path, e) from None
     return fid.to(device), None
 
 

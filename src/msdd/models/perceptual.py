@@ -15,7 +15,7 @@ import torch
 import torchmetrics
 from torch import nn
 
-from msdd.weights import load_tensor_file, resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
 _VGG_CUTS = (4, 9, 16, 23, 30)  # feature indices after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
 _CHANNELS = (64, 128, 256, 512, 512)
@@ -28,7 +28,10 @@ class LPIPS(nn.Module):
 
         path = resolve_weights("vgg16", vgg_weights)
         vgg = torchvision.models.vgg16(weights=None)
-        vgg.load_state_dict(load_tensor_file(path, "vgg16"))
+        try:
+            vgg.load_state_dict(load_tensor_file(path, "vgg16"))
+        except RuntimeError as e:  # missing / unexpected keys, other shapes: another network's file
+            raise wrong_file("vgg16", path, e) from None
         self.features = vgg.features[: _VGG_CUTS[-1]]
         lin_path = Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "vgg.pth"
         lin = torch.load(lin_path, map_location="cpu", weights_only=True)

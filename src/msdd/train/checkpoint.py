@@ -161,10 +161,24 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     return None
 
 
+class _Weights(dict):
+    """A checkpoint's weights by name: a name it lacks is a checkpoint of another kind of run (a stage-1 run's in a
+    distillation's run directory, or the reverse), an error that says so rather than a KeyError."""
+
+    def __init__(self, path: Path, weights: dict):
+        super().__init__(weights)
+        self.path = path
+
+    def __missing__(self, name: str):
+        raise ValueError(f"cannot resume {self.path}: it holds no {name!r} weights (it holds {sorted(self)}), so it is "
+                         "a checkpoint of another kind of run; choose a new --run-dir")
+
+
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
     """(weights by name, state, config json) of one checkpoint folder. The state file is unpickled with
     weights_only=True: anything but tensors and plain containers is refused, never executed."""
-    weights = {p.name[: -len(".safetensors")]: load_file(str(p)) for p in sorted(path.glob("*.safetensors"))}
+    weights = _Weights(path, {p.name[: -len(".safetensors")]: load_file(str(p))
+                              for p in sorted(path.glob("*.safetensors"))})
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -68,6 +69,19 @@ class BenchSettings:
     gen_steps: int = 50
     gen_cfg: float = 1.5
 
+    def _check_presets(self, check) -> None:
+        """--ssdd-preset and --gen-preset name presets that exist (or YAML files), before any timing."""
+        from msdd.config import preset_names
+        from msdd.generator.config import PRESETS
+
+        if self.ssdd_preset is not None and not Path(self.ssdd_preset).is_file():
+            ssdd = [n for n in preset_names() if n.startswith("ssdd")]
+            check(self.ssdd_preset in ssdd, "--ssdd-preset", f"unknown SSDD preset {self.ssdd_preset!r}; choose from "
+                                                             f"{ssdd} or give a YAML file")
+        if self.gen_preset is not None:
+            check(self.gen_preset in PRESETS, "--gen-preset", f"unknown generator preset {self.gen_preset!r}; choose "
+                                                              f"from {list(PRESETS)}")
+
     def __post_init__(self) -> None:
         def check(cond: bool, option: str, msg: str) -> None:
             if not cond:
@@ -87,6 +101,7 @@ class BenchSettings:
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
         check(self.gen_steps >= 1, "--gen-steps", f"must be >= 1, got {self.gen_steps}")
         check(self.gen_cfg >= 0, "--gen-cfg", f"must be >= 0, got {self.gen_cfg}")
+        self._check_presets(check)
         if self.pipeline:
             if self.contenders == CONTENDERS:
                 object.__setattr__(self, "contenders", PIPELINE_ROWS)

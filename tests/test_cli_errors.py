@@ -1,0 +1,143 @@
+"""User errors that a new user's session found tracebacks or silent mistakes for: each is now exit code 2 with a
+message naming the option, found before any work (no model loaded, nothing timed or trained)."""
+
+import json
+import urllib.error
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from msdd.cli import main
+
+from conftest import tiny_args
+from test_faults import _make_unwritable
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    # an existing folder where a file is written: refused before the benchmark, not after it
+    assert main(["bench", "--preset", "tiny-test", "--json", str(folder)]) == 2
+    assert f"--json {folder} is an existing folder" in _error(capsys)
+    assert main(["bench", "--preset", "tiny-test", "--json", str(afile / "x.json")]) == 2
+    assert f"--json {afile / 'x.json'}: {afile} is a file" in _error(capsys)
+    for flag in ("--out", "--plot"):  # before the decodes of every image
+        assert main(["eval", "--model", "tiny-64", "--limit", "1", flag, str(folder)]) == 2
+        assert f"{flag} {folder} is an existing folder" in _error(capsys)
+    assert main(["export", "--model", "tiny-64", "--out", ""]) == 2
+    assert "--out is empty" in _error(capsys)
+    undo = _make_unwritable(folder)
+    try:  # a folder the process cannot write in (root: an immutable one), for a folder and for a file argument
+        assert main(["export", "--model", "tiny-64", "--out", str(folder / "copy")]) == 2
+        assert f"--out {folder / 'copy'}: cannot write in {folder} (" in _error(capsys)
+        assert main(["bench", "--preset", "tiny-test", "--json", str(folder / "b.json")]) == 2
+        assert f"--json {folder / 'b.json'}: cannot write in {folder} (" in _error(capsys)
+    finally:
+        undo()
+    assert list(folder.iterdir()) == []  # the checks leave nothing behind
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["train", "--run-dir", "r", "--minutes", "0"], "--minutes"),
+    (["train", "--run-dir", "r", "--minutes", "nan"], "--minutes"),
+    (["distill", "--teacher", "t", "--run-dir", "r", "--minutes", "-1"], "--minutes"),
+    (["demo", "--minutes", "-5"], "--minutes"),
+    (["fidelity", "--seeds", "0"], "--seeds"),
+    (["fidelity", "--train-steps", "0"], "--train-steps"),
+    (["reconstruct", "x.png", "--batch-size", "-2"], "--batch-size"),
+    (["latent-stats", "--model", "m", "--max-images", "-5"], "--max-images"),
+])
+def test_budgets_and_counts_must_be_positive(argv, flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert f"argument {flag}:" in _error(capsys)
+
+
+@pytest.mark.parametrize("value", [".inf", "nan", "-.inf"])
+def test_config_numbers_must_be_finite(tmp_path, value, capsys):
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--max-steps", "1", *tiny_args(),
+                 "--set", f"train.lr={value}"]) == 2
+    assert "`train.lr`: expected a finite number" in _error(capsys)
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_run_directory_of_the_other_stage_is_not_resumed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "1", *tiny_args()]) == 0
+    capsys.readouterr()
+    assert main(["distill", "--teacher", str(run / "model"), "--run-dir", str(run), "--max-steps", "1",
+                 *tiny_args()]) == 2
+    err = _error(capsys)
+    assert "a checkpoint of another kind of run" in err and "'student'" in err and "choose a new --run-dir" in err
+
+
+def test_a_weights_file_of_another_network_names_the_option(tmp_path):
+    from msdd.models.perceptual import LPIPS
+
+    path = tmp_path / "other.safetensors"
+    save_file({"linear.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(ValueError, match=r"--vgg-weights .*other.safetensors does not hold the weights of the LPIPS") as e:
+        LPIPS(path)
+    assert "vgg16-397923af.pth" in str(e.value) and len(str(e.value)) < 600  # not the state dict's key lists
+
+
+def test_push_checks_the_repo_id_and_the_evaluation_first(tmp_path, capsys):
+    stage = tmp_path / "stage"
+    assert main(["push", "tiny-64", "not a repo id!!", "--stage-only", str(stage)]) == 2
+    assert "is not a Hub repo id" in _error(capsys)
+    for content in ("[1, 2]", '{"metrics": 5}', '{"metrics": {"psnr": "high"}}', "{not json"):
+        bad = tmp_path / "eval.json"
+        bad.write_text(content)
+        assert main(["push", "tiny-64", "me/tok", "--eval-json", str(bad), "--stage-only", str(stage)]) == 2
+        assert f"--eval-json {bad}: not" in _error(capsys)
+    assert not stage.exists()
+    good = tmp_path / "good.json"  # a metric that was not measured (None) is a dash in the card
+    good.write_text(json.dumps({"metrics": {"psnr": 27.5, "ssim": None}, "protocol": {}, "baselines": {}}))
+    assert main(["push", "tiny-64", "me/tok", "--eval-json", str(good), "--stage-only", str(stage)]) == 0
+    assert "| this model | 256 | 27.50 | - |" in (stage / "README.md").read_text()
+
+
+def test_export_refuses_an_ignored_dtype_and_its_own_folder(tmp_path, capsys):
+    copy = tmp_path / "copy"
+    assert main(["export", "--model", "tiny-64", "--out", str(copy), "--format", "diffusers", "--dtype", "fp16"]) == 2
+    assert "--dtype applies to --format msdd only" in _error(capsys)
+    assert not copy.exists()
+    assert main(["export", "--model", "tiny-64", "--out", str(copy)]) == 0
+    before = (copy / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["export", "--model", str(copy), "--out", str(copy), "--dtype", "fp32"]) == 2
+    assert "is the model folder itself" in _error(capsys)
+    assert (copy / "model.safetensors").read_bytes() == before
+
+
+def test_fetch_weights_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def offline(url, dst, progress=True):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert main(["fetch-weights", "vgg16"]) == 2
+    err = _error(capsys)
+    assert "could not download vgg16 from https://download.pytorch.org/" in err
+    assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth") in err and "--vgg-weights" in err
+
+
+def test_options_a_command_would_ignore_are_refused(capsys):
+    assert main(["info", "--model", "tiny-64", "--set", "decoder.depth=1"]) == 2
+    assert "drop --set" in _error(capsys)
+    assert main(["bench", "--gen-preset", "bogus", "--pipeline"]) == 2
+    assert "--gen-preset: unknown generator preset 'bogus'" in _error(capsys)
+    assert main(["bench", "--ssdd-preset", "bogus"]) == 2
+    assert "--ssdd-preset: unknown SSDD preset 'bogus'" in _error(capsys)
+
