@@ -2,6 +2,9 @@
 message naming the option, found before any work (no model loaded, nothing timed or trained)."""
 
 import json
+import os
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -141,3 +144,27 @@ def test_options_a_command_would_ignore_are_refused(capsys):
     assert main(["bench", "--ssdd-preset", "bogus"]) == 2
     assert "--ssdd-preset: unknown SSDD preset 'bogus'" in _error(capsys)
 
+
+
+def test_warnings_are_one_line_on_the_command_line(tmp_path, photo_folder):
+    (photo_folder / "broken.png").write_bytes(b"not an image")  # skipped with a warning, counted
+    run = subprocess.run([sys.executable, "-m", "msdd.cli", "train", "--run-dir", str(tmp_path / "r"), "--max-steps", "4",
+                          *tiny_args(), "--set", f"data.source={photo_folder}", "--set", "train.batch_size=2"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "always"})
+    assert run.returncode == 0, run.stderr
+    lines = [line for line in run.stderr.splitlines() if "broken.png" in line]
+    assert lines and all("warning: skipping image " in line for line in lines), run.stderr  # (after a progress bar)
+    assert "UserWarning" not in run.stderr and "warnings.warn(" not in run.stderr
+
+
+def test_weights_of_another_model_say_so_briefly(tmp_path, capsys):
+    copy = tmp_path / "copy"
+    assert main(["export", "--model", "tiny-64", "--out", str(copy), "--dtype", "fp32"]) == 0
+    config = json.loads((copy / "config.json").read_text())
+    config["model"]["decoder"]["depth"] = 6  # the weights hold 4 blocks
+    (copy / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert main(["info", "--model", str(copy)]) == 2
+    err = _error(capsys)
+    assert "does not match its config.json: tensors " in err and " missing (decoder.blocks." in err
+    assert "The two files come from different models" in err and "unexpected" not in err and len(err) < 600

@@ -149,8 +149,11 @@ def check_weights(directory: Path, own: dict[str, torch.Tensor], state: dict[str
     wrong = [f"{k} {tuple(state[k].shape)} (config: {tuple(v.shape)})" for k, v in own.items()
              if k in state and state[k].shape != v.shape]
     if missing or unexpected or wrong:
-        raise ValueError(f"{directory / WEIGHTS_NAME} does not match its {CONFIG_NAME}: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}, wrong shape {wrong[:5]}")
+        groups = (("missing", sorted(missing)), ("unexpected", sorted(unexpected)), ("of another shape", wrong))
+        parts = [f"{len(names)} {what} ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+                 for what, names in groups if names]
+        raise ValueError(f"{directory / WEIGHTS_NAME} does not match its {CONFIG_NAME}: tensors {'; '.join(parts)}. "
+                         "The two files come from different models: keep the pair one run or `msdd export` wrote")
     not_float = [f"{k} ({state[k].dtype})" for k, v in own.items() if v.is_floating_point()
                  and not state[k].is_floating_point()]
     if not_float:  # load_state_dict would cast them to float silently: a model of rounded weights

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from msdd import malloc
 from msdd.cli import decoding, generation, models, training
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     malloc.tune()  # CPU decodes stop faulting their activations' pages in again (msdd.malloc; MSDD_MALLOC=glibc: off)
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = _one_line_warning
     try:
         return args.func(args) or 0
     except ValueError as e:
@@ -34,6 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the file system refused (the commands check theirs first; this catches the rest)
         print(f"error: {_os_message(e)}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as the command line shows it: "warning: <message>", not Python's source file, line and code."""
+    return f"warning: {message}\n"
 
 
 def _os_message(e: OSError) -> str:
