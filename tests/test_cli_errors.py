@@ -168,3 +168,14 @@ def test_weights_of_another_model_say_so_briefly(tmp_path, capsys):
     err = _error(capsys)
     assert "does not match its config.json: tensors " in err and " missing (decoder.blocks." in err
     assert "The two files come from different models" in err and "unexpected" not in err and len(err) < 600
+
+
+def test_options_that_cannot_both_apply(tmp_path, capsys):
+    assert main(["fidelity", "--quick", "--seeds", "3", "--out", str(tmp_path / "f")]) == 2
+    assert "--quick runs one seed per configuration" in _error(capsys)
+    assert main(["latent-stats", "--model", str(tmp_path / "nowhere")]) == 2
+    assert f"--model {tmp_path / 'nowhere'} is not a model folder" in _error(capsys)
+    with pytest.warns(UserWarning, match="--sweep-steps: .*tiny-64-student is a one-step student"):
+        assert main(["eval", "--model", "tiny-64", "--limit", "2", "--pca-source", "none", "--sweep-steps", "1;2",
+                     "--out", str(tmp_path / "e.json")]) == 0
+    assert len(json.loads((tmp_path / "e.json").read_text())["metrics"]) > 0  # one result, not a list of sweeps

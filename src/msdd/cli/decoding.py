@@ -63,6 +63,8 @@ def cmd_eval(args) -> None:
         tok = Tokenizer.from_pretrained(path, device=device)
         sweep = [steps_arg(text) for text in args.sweep_steps.split(";")] \
             if args.sweep_steps and not tok.config.one_step else [steps_arg(args.steps)]
+        if args.sweep_steps and tok.config.one_step:
+            warnings.warn(f"--sweep-steps: {path} is a one-step student, evaluated once at its own schedule")
         for steps in sweep:
             runs.append((path, tok, steps))
     results = []

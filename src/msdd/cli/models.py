@@ -100,6 +100,10 @@ def cmd_latent_stats(args) -> None:
     from msdd.tokenizer import Tokenizer
 
     local = args.model not in BUNDLED and Path(args.model).expanduser().is_dir()
+    if args.model not in BUNDLED and not local and (Path(args.model).expanduser().exists()
+                                                     or args.model.startswith(("/", ".", "~"))):
+        raise ValueError(f"--model {args.model} is not a model folder; pass a folder with config.json and "
+                         "model.safetensors, or a bundled name")
     if args.out is None and not local:
         what = "a bundled model (part of the installed package)" if args.model in BUNDLED else "not a local directory"
         raise ValueError(f"--model {args.model} is {what}, so it is not rewritten: pass --out DIR, the model "

@@ -68,7 +68,9 @@ def cmd_fidelity(args) -> None:
     from msdd.eval.fidelity import Fidelity
 
     folder_arg(args.out, "--out")
-    Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds,
+    if args.quick and args.seeds is not None:
+        raise ValueError("--quick runs one seed per configuration: drop --seeds, or drop --quick to run several")
+    Fidelity(args.out, args.minutes, preset=args.preset, overrides=tuple(args.overrides), seeds=args.seeds or 2,
              total_steps=args.total_steps, quick=args.quick, device=args.device,
              ssdd_overrides=tuple(args.ssdd_overrides), train_steps=args.train_steps,
              distill_steps=args.distill_steps).run()
@@ -129,7 +131,7 @@ def add_fidelity(sub) -> None:
     p = sub.add_parser("fidelity", help="the paper's Tables 2-3 / Figure 4 in miniature on the embedded photos")
     add_config_args(p)
     p.add_argument("--minutes", type=positive_float, default=120.0, help="total training budget (default 120)")
-    p.add_argument("--seeds", type=positive_int, default=2, help="seeds per configuration (default 2)")
+    p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 2; --quick: 1)")
     p.add_argument("--total-steps", type=positive_int, default=40, help="Euler steps every teacher shares (default 40)")
     p.add_argument("--train-steps", type=positive_int, default=None,
                    help="fixed stage-1 steps per job instead of sizing them from --minutes (same models on any machine)")

@@ -194,7 +194,11 @@ def export_diffusers(model_path_or_name: str | Path, out_dir: str | Path) -> Pat
     as `Tokenizer.from_pretrained` resolves it) -> a diffusers folder `out_dir` for
     `AutoencoderMSDD.from_pretrained` (float32 weights; the msdd training record kept as msdd_metadata)."""
     AutoencoderMSDD.from_tokenizer(Tokenizer.from_pretrained(model_path_or_name)).save_pretrained(out_dir)
-    return Path(out_dir)
+    out = Path(out_dir)
+    mode = (out / "config.json").stat().st_mode & 0o777  # created as any file (the umask's permissions)
+    for f in out.glob("*.safetensors"):  # diffusers writes the weights through a private (0600) temporary file
+        f.chmod(mode)
+    return out
 
 
 def import_diffusers(diffusers_dir: str | Path, out_dir: str | Path) -> Path:
