@@ -694,8 +694,12 @@ def test_a_half_precision_tokenizer_says_how_to_run_it():
 
     tok = Tokenizer(tiny_config().model).half()
     for call in (lambda: tok.encode(torch.zeros(1, 3, 32, 32)), lambda: tok.decode(torch.zeros(1, 8, 4))):
-        with pytest.raises(ValueError, match=r"weights are torch.float16; .*tok.float\(\).*bf16=True"):
+        with pytest.raises(ValueError, match=r"weights are torch.float16 \(.*\); .*tok.float\(\).*bf16=True"):
             call()  # before: "Input type (float) and bias type (c10::Half) should be the same"
+    tok = Tokenizer(tiny_config().model)
+    tok.decoder.final.half()  # one module of the decoder: its first parameter was float32, its last ones not
+    with pytest.raises(ValueError, match=r"weights are torch.float16 \(decoder.final\."):
+        tok.decode(torch.zeros(1, 8, 4))
 
 
 def test_a_shard_pattern_that_matches_no_file_is_a_config_error(tmp_path, capsys):

@@ -37,6 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
+from msdd.inputs import check_seed, image_batch, image_values, latent_values, noise_source
 from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
@@ -96,10 +97,11 @@ class Tokenizer(nn.Module):
     def check_float32(self) -> None:
         """msdd computes in float32 (bf16 only under autocast): weights cast with `.half()` / `.bfloat16()`
         would meet float32 inputs and fail deep inside a layer."""
-        dtype = next(self.parameters()).dtype
-        if dtype != torch.float32:
-            raise ValueError(f"this Tokenizer's weights are {dtype}; msdd encodes and decodes in float32: call "
-                             f"tok.float(), and pass bf16=True to encode/decode for reduced-precision compute")
+        other = next(((name, p.dtype) for name, p in self.named_parameters() if p.dtype != torch.float32), None)
+        if other is not None:
+            raise ValueError(f"this Tokenizer's weights are {other[1]} ({other[0]} and maybe more); msdd encodes and "
+                             "decodes in float32: call tok.float(), and pass bf16=True to encode/decode for "
+                             "reduced-precision compute")
 
     def prepare_images(self, images) -> torch.Tensor:
         """Any accepted image input -> float (B, 3, R, R) in [-1, 1] on the model's device."""
@@ -114,69 +116,19 @@ class Tokenizer(nn.Module):
         return self._checked_values(images)
 
     def _as_batch(self, images, crop: bool):
-        """PIL image(s), array or tensor -> a tensor (B, 3, H, W) as given (PIL: float in [-1, 1], centre-
-        cropped to R when `crop`), or a list of (1, 3, H, W) tensors for PIL images kept at their sizes."""
-        from PIL import Image  # local: PIL is only needed for PIL inputs
-
+        """PIL image(s), array or tensor -> a tensor (B, 3, H, W) as given, or a list of (1, 3, H, W) tensors
+        (`msdd.inputs.image_batch`)."""
         self.check_float32()
-        from msdd.data.images import center_crop_arr, pil_to_rgb, to_tensor
-
-        if isinstance(images, Image.Image):
-            images = [images]
-        if isinstance(images, (list, tuple)):
-            if not images:
-                raise ValueError("no images to encode: got an empty list; pass one or more images")
-            if not all(isinstance(im, Image.Image) for im in images):
-                raise TypeError("a list of images must hold PIL images; stack tensors into (B, 3, H, W) instead")
-            # the files' own conversion (EXIF rotation, 16-bit/float scaling, alpha on white), not convert("RGB")
-            arrays = [pil_to_rgb(im) for im in images]
-            if not crop:
-                return [to_tensor(a)[None] for a in arrays]
-            images = torch.stack([to_tensor(center_crop_arr(a, self.config.image_size)) for a in arrays])
-        if isinstance(images, np.ndarray):
-            images = torch.from_numpy(images)
-        if not isinstance(images, torch.Tensor):
-            raise TypeError(f"images must be a tensor, numpy array or PIL image(s), got {type(images).__name__}")
-        return images[None] if images.ndim == 3 else images
+        return image_batch(images, self.config.image_size, crop)
 
     def _checked_values(self, images: torch.Tensor) -> torch.Tensor:
         """A (B, 3, H, W) batch: uint8 in [0, 255] or float in [-1, 1] -> float32 in [-1, 1] on the device."""
-        if images.shape[0] == 0:
-            raise ValueError(f"no images to encode: got an empty batch {tuple(images.shape)}; pass one or more images")
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1.0
-        elif not images.is_floating_point():
-            raise TypeError(f"images must be float in [-1, 1] or uint8 in [0, 255], got dtype {images.dtype}")
-        else:
-            lo, hi = images.min().item(), images.max().item()
-            if lo < -1.001 or hi > 1.001:
-                hint = " (looks like [0, 255]: pass uint8, or x / 127.5 - 1)" if hi > 1.5 else ""
-                raise ValueError(f"float images must be in [-1, 1], got values in [{lo:.3g}, {hi:.3g}]{hint}")
-            if not torch.isfinite(images).all():
-                raise ValueError("images contain NaN or inf")
-        return images.float().to(self.device)
+        return image_values(images).to(self.device)
 
     def check_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, *latent_shape), or one latent, as finite float32 on the device (`msdd.inputs`)."""
         self.check_float32()
-        shape = self.config.latent_shape
-        want = f"(B, {', '.join(map(str, shape))})"
-        what = "(channels, height, width)" if self.config.spatial_latent else "(tokens, channels)"
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"latents must be a float tensor of shape {want}")
-        if z.ndim == len(shape):
-            z = z[None]
-        if z.ndim != len(shape) + 1 or tuple(z.shape[1:]) != shape:
-            raise ValueError(f"latents must have shape {want} {what} for this model, got {tuple(z.shape)}")
-        bad = ~torch.isfinite(z)
-        if bad.any():
-            raise ValueError(f"latents contain {int(z.isnan().sum())} NaN and {int((bad & ~z.isnan()).sum())} inf "
-                             f"values (of {z.numel()}); decode needs finite latents: check what produced them "
-                             "(NaN weights or inputs of the encoder, a bf16/fp16 overflow)")
-        z32 = z.float()  # the decoder runs in float32: float64 values beyond its range would become inf here
-        if not torch.isfinite(z32).all():
-            raise ValueError(f"latents hold values up to {z.abs().max().item():.3g}, beyond the float32 range "
-                             f"(max {torch.finfo(torch.float32).max:.3g}) the decoder runs in; they would become inf")
-        return z32.to(self.device)
+        return latent_values(z, self.config.latent_shape, self.config.spatial_latent).to(self.device)
 
     def resolve_steps(self, steps: int | Sequence[int] | None) -> tuple[int, ...]:
         """Euler steps per stage of a decode: the model's by default, else whole numbers checked (1.7, a
@@ -231,8 +183,7 @@ class Tokenizer(nn.Module):
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
         guidance = self.resolve_guidance(guidance)
-        if generator is None:
-            generator = torch.Generator().manual_seed(seed)
+        generator = noise_source(generator, seed, z.shape[0])
         decoder = self.inference_module(self.decoder, bf16, int8, z.device)
         with autocast(z.device, bf16):
             x, stages = self.family.sample(decoder, z, steps, guidance, generator)
@@ -292,9 +243,10 @@ class Tokenizer(nn.Module):
             return self.decode(self.encode(prepared, **encode_kwargs(decode_kwargs)), **decode_kwargs)
         from msdd.tiles import reconstruct_tiled
 
-        seed = decode_kwargs.pop("seed", 0)
-        if decode_kwargs.pop("generator", None) is not None:
-            raise ValueError("a tiled reconstruction seeds every tile from `seed`; pass seed=, not generator=")
+        seed = check_seed(decode_kwargs.pop("seed", 0))
+        if decode_kwargs.pop("generator", None) is not None or decode_kwargs.get("return_stages"):
+            raise ValueError("a tiled reconstruction seeds every tile from `seed` and returns the final images: "
+                             "pass seed=, not generator= or return_stages=")
         out = [reconstruct_tiled(self, x, tile_overlap, key=i, seed=seed, **decode_kwargs)
                for i, x in enumerate(prepared)]
         return torch.stack(out).to(self.device) if isinstance(images, (torch.Tensor, np.ndarray)) else out
@@ -303,6 +255,9 @@ class Tokenizer(nn.Module):
         """What `reconstruct` decodes: a checked batch (B, 3, R, R), or the images to tile as a list of
         (3, H, W) tensors in [-1, 1] (each input converted once)."""
         r = self.config.image_size
+        if tile_overlap is not None and (isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int)
+                                         or not 0 <= tile_overlap < r):
+            raise ValueError(f"tile_overlap must be a whole number of pixels in [0, {r}), got {tile_overlap!r}")
         batch = self._as_batch(images, crop=tile_overlap is None)
         if isinstance(batch, list):
             return [self._checked_values(x)[0].cpu() for x in batch]

@@ -7,6 +7,7 @@ decodes, gives the stage-1 loss and counts decoder passes and FLOPs. Callers ask
 
 from __future__ import annotations
 
+import numbers
 from functools import cached_property
 from typing import Sequence
 
@@ -95,9 +96,10 @@ class Family:
 
     def resolve_guidance(self, guidance: float | None) -> float:
         """The guidance scale of a decode: the model's by default; a finite number >= 0."""
-        if guidance is not None and not (np.isfinite(float(guidance)) and float(guidance) >= 0):
+        if guidance is not None and (isinstance(guidance, bool) or not isinstance(guidance, numbers.Real)
+                                     or not (np.isfinite(float(guidance)) and float(guidance) >= 0)):
             raise ValueError(f"guidance (--cfg) must be a finite number >= 0 (1 = no guidance, the model's default is "
-                             f"{self.config.sampling.cfg:g}), got {guidance}")
+                             f"{self.config.sampling.cfg:g}), got {guidance!r}")
         return self.config.sampling.cfg if guidance is None else float(guidance)
 
     def guidance_factor(self, guidance: float) -> int:

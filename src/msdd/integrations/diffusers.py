@@ -170,14 +170,7 @@ class AutoencoderMSDD(ModelMixin, ConfigMixin):
         stage) or one per stage (ssdd: one stage; plain: ignored, one pass), None: the model's default (one
         per stage for a distilled student); guidance: the classifier-free guidance scale (None: the model's).
         """
-        kwargs = dict(steps=num_inference_steps, guidance=guidance)
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != len(z):
-                raise ValueError(f"got {len(generator)} generators for a batch of {len(z)} latents; pass one, "
-                                 "or one per latent")
-            x = torch.cat([self.tokenizer.decode(z[i:i + 1], generator=g, **kwargs) for i, g in enumerate(generator)])
-        else:
-            x = self.tokenizer.decode(z, generator=generator, **kwargs)
+        x = self.tokenizer.decode(z, num_inference_steps, guidance, generator)  # a list: each image its own noise
         return DecoderOutput(sample=x) if return_dict else (x,)
 
     def forward(self, sample: torch.Tensor, generator: torch.Generator | None = None, return_dict: bool = True):

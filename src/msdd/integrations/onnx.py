@@ -30,6 +30,7 @@ from torch import nn
 from msdd.flow.path import block_noise, randn, upsample_nearest
 from msdd.flow.sampler import denoise_stage
 from msdd.flow.schedule import local_times, stage_windows
+from msdd.inputs import image_batch, image_values, latent_values, noise_source
 
 
 class _DecodeGraph(nn.Module):
@@ -129,13 +130,22 @@ class OnnxTokenizer:
         self.windows = stage_windows(len(self.info["stage_resolutions"]), self.info["image_size"],
                                      self.info["stage_gamma"][-1])
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.encoder.run(None, {"images": images.float().numpy()})[0])
+    def encode(self, images) -> torch.Tensor:
+        """Images (B, 3, R, R) (float in [-1, 1] or uint8, a tensor or array; checked as `Tokenizer.encode` checks
+        them) -> latents (B, L, C)."""
+        r = self.info["image_size"]
+        x = image_batch(images, r, crop=True)
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, r, r):
+            raise ValueError(f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(x.shape)}")
+        return torch.from_numpy(self.encoder.run(None, {"images": image_values(x).cpu().numpy()})[0])
 
     def decode(self, z: torch.Tensor, generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed) if generator is None else generator
+        """Latents (B, L, C) (checked as `Tokenizer.decode` checks them) -> images (B, 3, R, R); noise from
+        `generator` (one, or a list of one per image) or a generator seeded with `seed`."""
+        z = latent_values(z, tuple(self.info["latent_shape"]), spatial=False).cpu()
+        generator = noise_source(generator, seed, z.shape[0])
         noise = draw_noise(self.windows, z.shape[0], generator)
-        feed = dict(zip(self.info["decoder_inputs"], [z.float().numpy()] + [n.numpy() for n in noise]))
+        feed = dict(zip(self.info["decoder_inputs"], [z.numpy()] + [n.numpy() for n in noise]))
         return torch.from_numpy(np.asarray(self.decoder.run(None, feed)[0]))
 
     def reconstruct(self, images: torch.Tensor, **decode_kwargs) -> torch.Tensor:
