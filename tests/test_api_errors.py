@@ -99,3 +99,10 @@ def test_onnx_tokenizer_checks_what_tokenizer_checks(tok, z, tmp_path):
     with pytest.raises(TypeError, match="seed must be a whole number"):
         ort_tok.decode(z, seed=1.5)
     assert ort_tok.decode(z.clone().requires_grad_(True)).shape == (2, 3, 64, 64)  # before: "Can't call numpy()"
+
+
+def test_latent_normalisation_checks_the_shape(tok, z):
+    assert torch.allclose(tok.denormalize_latents(tok.normalize_latents(z)), z, atol=1e-5)
+    for bad in (torch.zeros(2, 8, 32), z.numpy()):  # transposed; an array
+        with pytest.raises(ValueError, match=r"latents must have shape \(B, 32, 8\) for this model"):
+            tok.normalize_latents(bad)

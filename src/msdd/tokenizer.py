@@ -267,14 +267,19 @@ class Tokenizer(nn.Module):
             raise ValueError(f"images must have shape (B, 3, H, W), got {tuple(batch.shape)}")
         return list(self._checked_values(batch).cpu())
 
-    def _per_channel(self, stat: torch.Tensor) -> torch.Tensor:
+    def _per_channel(self, stat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """`stat` (channels,) laid out to broadcast over latents z (..., *latent_shape), which are checked."""
+        shape = self.config.latent_shape
+        if not isinstance(z, torch.Tensor) or tuple(z.shape[-len(shape):]) != shape:
+            raise ValueError(f"latents must have shape (B, {', '.join(map(str, shape))}) for this model, got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
         return stat.view(-1, 1, 1) if self.config.spatial_latent else stat  # channels first for a spatial latent
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self._per_channel(self.latent_mean)) / self._per_channel(self.latent_std)
+        return (z - self._per_channel(self.latent_mean, z)) / self._per_channel(self.latent_std, z)
 
     def denormalize_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self._per_channel(self.latent_std) + self._per_channel(self.latent_mean)
+        return z * self._per_channel(self.latent_std, z) + self._per_channel(self.latent_mean, z)
 
     # ------------------------------------------------------------------ I/O (files: msdd.hub)
 
