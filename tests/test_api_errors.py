@@ -103,6 +103,7 @@ def test_onnx_tokenizer_checks_what_tokenizer_checks(tok, z, tmp_path):
 
 def test_latent_normalisation_checks_the_shape(tok, z):
     assert torch.allclose(tok.denormalize_latents(tok.normalize_latents(z)), z, atol=1e-5)
+    assert torch.equal(tok.normalize_latents(z.reshape(-1, 8)), tok.normalize_latents(z).reshape(-1, 8))  # tokens
     for bad in (torch.zeros(2, 8, 32), z.numpy()):  # transposed; an array
-        with pytest.raises(ValueError, match=r"latents must have shape \(B, 32, 8\) for this model"):
+        with pytest.raises(ValueError, match=r"latents must have their 8 channels last for this model"):
             tok.normalize_latents(bad)

@@ -268,12 +268,14 @@ class Tokenizer(nn.Module):
         return list(self._checked_values(batch).cpu())
 
     def _per_channel(self, stat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        """`stat` (channels,) laid out to broadcast over latents z (..., *latent_shape), which are checked."""
-        shape = self.config.latent_shape
-        if not isinstance(z, torch.Tensor) or tuple(z.shape[-len(shape):]) != shape:
-            raise ValueError(f"latents must have shape (B, {', '.join(map(str, shape))}) for this model, got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
-        return stat.view(-1, 1, 1) if self.config.spatial_latent else stat  # channels first for a spatial latent
+        """`stat` (channels,) laid out to broadcast over latents z, whose channel axis is checked: the last one of
+        token latents (B, L, C) or any (..., C), the third from last of spatial ones (B, C, h, w)."""
+        spatial, c = self.config.spatial_latent, self.config.latent_channels
+        axis = -3 if spatial else -1
+        if not isinstance(z, torch.Tensor) or z.ndim < -axis or z.shape[axis] != c:
+            raise ValueError(f"latents must have their {c} channels {'at dim -3 (B, C, h, w)' if spatial else 'last'} "
+                             f"for this model, got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        return stat.view(-1, 1, 1) if spatial else stat  # channels first for a spatial latent
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self._per_channel(self.latent_mean, z)) / self._per_channel(self.latent_std, z)
