@@ -179,3 +179,11 @@ def test_options_that_cannot_both_apply(tmp_path, capsys):
         assert main(["eval", "--model", "tiny-64", "--limit", "2", "--pca-source", "none", "--sweep-steps", "1;2",
                      "--out", str(tmp_path / "e.json")]) == 0
     assert len(json.loads((tmp_path / "e.json").read_text())["metrics"]) > 0  # one result, not a list of sweeps
+
+
+def test_distill_refuses_model_settings_its_teacher_would_replace(tmp_path, capsys):
+    run = tmp_path / "d"
+    assert main(["distill", "--teacher", "tiny-64-teacher", "--run-dir", str(run), "--max-steps", "1",
+                 "--set", "decoder.depth=1"]) == 2  # before: a student of depth 4, without a word
+    assert "the student has the architecture of its teacher (tiny-64-teacher), which differs" in _error(capsys)
+    assert not run.exists()

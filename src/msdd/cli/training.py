@@ -50,11 +50,30 @@ def cmd_distill(args) -> int:
     from msdd.train.distill import build_distiller
 
     folder_arg(args.run_dir, "--run-dir")
-    distiller = build_distiller(load_training_config(args), args.teacher, args.run_dir, device=args.device,
+    config = load_training_config(args)
+    _check_student_model(config, args)
+    distiller = build_distiller(config, args.teacher, args.run_dir, device=args.device,
                                 vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
                                 require_resume=args.resume)
     summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
     return _finish_training(distiller, summary, "one-step student")
+
+
+def _check_student_model(config, args) -> None:
+    """A distillation's student has its teacher's architecture: `--set model.*` that makes the model section differ
+    from the preset's must give the teacher's, or it would be replaced without a word."""
+    from dataclasses import replace
+
+    from msdd.config import load_config, model_config_from_dict
+    from msdd.hub import read_model_metadata, resolve_model_dir
+
+    if config.model == load_config(args.preset).model:
+        return
+    teacher = model_config_from_dict(read_model_metadata(resolve_model_dir(args.teacher))["model"])
+    if replace(config.model, one_step=teacher.one_step) != teacher:  # a student as teacher: the distiller says so
+        raise ValueError(f"--set changes model fields, but the student has the architecture of its teacher "
+                         f"({args.teacher}), which differs: drop the model.* options (the model section is the "
+                         "teacher's)")
 
 
 def cmd_demo(args) -> None:
