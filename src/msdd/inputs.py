@@ -59,6 +59,18 @@ def image_values(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
+def model_images(images, resolution: int) -> torch.Tensor:
+    """Any accepted image input for an encoder of `resolution` -> float32 (B, 3, R, R) in [-1, 1] (PIL images
+    centre-cropped to R; tensors and arrays must already be R x R)."""
+    images = image_batch(images, resolution, crop=True)
+    r = resolution
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
+        raise ValueError(f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(images.shape)}; "
+                         f"pass PIL images to centre-crop automatically, crop/resize to {r}x{r} first, or call "
+                         "reconstruct(), which tiles images of any size")
+    return image_values(images)
+
+
 def latent_values(z, shape: tuple[int, ...], spatial: bool) -> torch.Tensor:
     """Latents (B, *shape) or one latent (*shape) -> finite float32 (B, *shape) (detached, on their device)."""
     want = f"(B, {', '.join(map(str, shape))})"
@@ -107,4 +119,4 @@ def noise_source(generator, seed, batch: int):
     return generator
 
 
-__all__ = ["check_seed", "image_batch", "image_values", "latent_values", "noise_source"]
+__all__ = ["check_seed", "image_batch", "image_values", "latent_values", "model_images", "noise_source"]

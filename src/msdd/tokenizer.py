@@ -37,7 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.inputs import check_seed, image_batch, image_values, latent_values, noise_source
+from msdd.inputs import check_seed, image_batch, image_values, latent_values, model_images, noise_source
 from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
@@ -105,15 +105,8 @@ class Tokenizer(nn.Module):
 
     def prepare_images(self, images) -> torch.Tensor:
         """Any accepted image input -> float (B, 3, R, R) in [-1, 1] on the model's device."""
-        r = self.config.image_size
-        images = self._as_batch(images, crop=True)
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] != r or images.shape[3] != r:
-            raise ValueError(
-                f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(images.shape)}; "
-                f"pass PIL images to centre-crop automatically, crop/resize to {r}x{r} first, or call "
-                f"reconstruct(), which tiles images of any size"
-            )
-        return self._checked_values(images)
+        self.check_float32()
+        return model_images(images, self.config.image_size).to(self.device)
 
     def _as_batch(self, images, crop: bool):
         """PIL image(s), array or tensor -> a tensor (B, 3, H, W) as given, or a list of (1, 3, H, W) tensors

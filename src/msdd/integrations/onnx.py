@@ -30,7 +30,7 @@ from torch import nn
 from msdd.flow.path import block_noise, randn, upsample_nearest
 from msdd.flow.sampler import denoise_stage
 from msdd.flow.schedule import local_times, stage_windows
-from msdd.inputs import image_batch, image_values, latent_values, noise_source
+from msdd.inputs import latent_values, model_images, noise_source
 
 
 class _DecodeGraph(nn.Module):
@@ -133,11 +133,8 @@ class OnnxTokenizer:
     def encode(self, images) -> torch.Tensor:
         """Images (B, 3, R, R) (float in [-1, 1] or uint8, a tensor or array; checked as `Tokenizer.encode` checks
         them) -> latents (B, L, C)."""
-        r = self.info["image_size"]
-        x = image_batch(images, r, crop=True)
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, r, r):
-            raise ValueError(f"images must have shape (B, 3, {r}, {r}) for this {r}px model, got {tuple(x.shape)}")
-        return torch.from_numpy(self.encoder.run(None, {"images": image_values(x).cpu().numpy()})[0])
+        x = model_images(images, self.info["image_size"]).cpu()
+        return torch.from_numpy(self.encoder.run(None, {"images": x.numpy()})[0])
 
     def decode(self, z: torch.Tensor, generator: torch.Generator | None = None, seed: int = 0) -> torch.Tensor:
         """Latents (B, L, C) (checked as `Tokenizer.decode` checks them) -> images (B, 3, R, R); noise from
