@@ -68,9 +68,11 @@ def test_reconstruct_bad_inputs(tmp_path, capsys):
     corrupt.write_bytes(b"not an image")
     capsys.readouterr()
     assert main(["reconstruct", str(small), "--model", model, "--out", str(tmp_path / "o")]) == 2
-    assert "smaller than the model resolution 32" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "smaller than the model resolution 32" in err and "--keep-size" in err and "Re-save" not in err
     assert main(["reconstruct", str(corrupt), "--model", model, "--out", str(tmp_path / "o")]) == 2
-    assert "corrupt.png" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "corrupt.png" in err and "Re-save it" in err
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["reconstruct", str(empty), "--model", model, "--out", str(tmp_path / "o")]) == 2

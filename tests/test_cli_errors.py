@@ -58,6 +58,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     (["fidelity", "--train-steps", "0"], "--train-steps"),
     (["reconstruct", "x.png", "--batch-size", "-2"], "--batch-size"),
     (["latent-stats", "--model", "m", "--max-images", "-5"], "--max-images"),
+    (["eval", "--limit", "0"], "--limit"),
 ])
 def test_budgets_and_counts_must_be_positive(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -145,6 +146,15 @@ def test_options_a_command_would_ignore_are_refused(capsys):
     assert "--ssdd-preset: unknown SSDD preset 'bogus'" in _error(capsys)
 
 
+def test_errors_name_the_option_not_the_config_key(tmp_path, capsys):
+    assert main(["bench", "--preset", "tiny-test", "--resolution", "33", "--json", str(tmp_path / "b.json")]) == 2
+    err = _error(capsys)  # was: invalid config value for `model.encoder.patch_size`
+    assert err.startswith("error: --resolution 33 does not fit") and "e.g. 32 or 64" in err
+    assert main(["eval", "--pca-source", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.json")]) == 2
+    err = _error(capsys)  # was: data.source=..., after the model was loaded
+    assert f"--pca-source={str(tmp_path / 'nowhere')!r} is neither" in err and "data.source" not in err
+
+
 
 def test_warnings_are_one_line_on_the_command_line(tmp_path, photo_folder):
     (photo_folder / "broken.png").write_bytes(b"not an image")  # skipped with a warning, counted
@@ -187,3 +197,13 @@ def test_distill_refuses_model_settings_its_teacher_would_replace(tmp_path, caps
                  "--set", "decoder.depth=1"]) == 2  # before: a student of depth 4, without a word
     assert "the student has the architecture of its teacher (tiny-64-teacher), which differs" in _error(capsys)
     assert not run.exists()
+
+
+def test_a_failed_run_leaves_no_empty_run_directory(tmp_path, capsys):
+    run, kept = tmp_path / "new", tmp_path / "existing"
+    kept.mkdir()
+    for folder in (run, kept):  # the data source is checked after the trainer made the run directory
+        assert main(["train", "--run-dir", str(folder), "--max-steps", "1", *tiny_args(),
+                     "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
+        assert "is neither 'embedded'" in _error(capsys)
+    assert not run.exists() and kept.is_dir()  # a folder that was there before the command stays

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 
 
@@ -31,6 +32,20 @@ def steps_arg(text: str | None):
     from msdd.families import parse_steps
 
     return parse_steps(text)  # a ValueError naming --steps: `main` prints it and exits with 2
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: str | Path):
+    """A run directory this command creates is removed again when the command fails before writing anything
+    into it (a bad data source found after the directory was made): no empty folder is left behind."""
+    existed = Path(folder).exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty (logs, checkpoints: kept), or already gone
+                Path(folder).rmdir()
+        raise
 
 
 def folder_arg(path: str | Path, flag: str) -> Path:

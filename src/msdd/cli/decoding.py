@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msdd.cli.common import add_config_args, add_decode_args, device_arg, file_arg, folder_arg, steps_arg
+from msdd.cli.common import (
+    add_config_args, add_decode_args, device_arg, file_arg, folder_arg, positive_int, steps_arg,
+)  # fmt: skip
 
 
 def cmd_reconstruct(args) -> None:
@@ -46,6 +48,7 @@ def _print_eval(r: dict) -> None:
 def cmd_eval(args) -> None:
     import warnings
 
+    from msdd.data import check_source
     from msdd.dist import cleanup, init_distributed
     from msdd.eval.evaluate import evaluate
     from msdd.eval.plots import plot_pareto
@@ -53,6 +56,8 @@ def cmd_eval(args) -> None:
     from msdd.tokenizer import Tokenizer
 
     file_arg(args.out, "--out")  # before the decodes
+    if args.pca_source != "none":
+        check_source(args.pca_source, "--pca-source")
     if args.plot:
         file_arg(args.plot, "--plot")
     info = init_distributed(args.device)
@@ -151,7 +156,9 @@ def add_eval(sub) -> None:
     p.add_argument("--model", default=None, help="model directory (default: bundled model)")
     p.add_argument("--compare", nargs="*", default=[], help="more model directories evaluated in the same run")
     p.add_argument("--data", default="embedded", help="'embedded' (held-out photos) or an image folder (e.g. ImageNet val)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate only the first N files of --data (unusable ones are skipped and counted, not "
+                        "replaced)")
     p.add_argument("--pca-source", default="embedded",
                    help="training data the PCA baseline is fitted on (20,000 crops, cached): 'embedded', a folder, "
                         "or 'none' to skip it (default: embedded)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_float, positive_int
+from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_float, positive_int, removed_if_left_empty
 
 
 def _finish_training(trainer, summary: dict, what: str) -> int:
@@ -41,9 +41,12 @@ def cmd_train(args) -> int:
     from msdd.train.stage1 import Stage1Trainer
 
     folder_arg(args.run_dir, "--run-dir")
-    trainer = Stage1Trainer(load_training_config(args), args.run_dir, device=args.device, require_resume=args.resume,
-                            vgg_weights=args.vgg_weights, dinov2_weights=args.dinov2_weights)
-    return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "model")
+    with removed_if_left_empty(args.run_dir):
+        trainer = Stage1Trainer(load_training_config(args), args.run_dir, device=args.device,
+                                require_resume=args.resume, vgg_weights=args.vgg_weights,
+                                dinov2_weights=args.dinov2_weights)
+        summary = trainer.fit(max_steps=args.max_steps, minutes=args.minutes)
+    return _finish_training(trainer, summary, "model")
 
 
 def cmd_distill(args) -> int:
@@ -52,10 +55,11 @@ def cmd_distill(args) -> int:
     folder_arg(args.run_dir, "--run-dir")
     config = load_training_config(args)
     _check_student_model(config, args)
-    distiller = build_distiller(config, args.teacher, args.run_dir, device=args.device,
-                                vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
-                                require_resume=args.resume)
-    summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
+    with removed_if_left_empty(args.run_dir):
+        distiller = build_distiller(config, args.teacher, args.run_dir, device=args.device,
+                                    vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
+                                    require_resume=args.resume)
+        summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
     return _finish_training(distiller, summary, "one-step student")
 
 

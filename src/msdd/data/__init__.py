@@ -22,17 +22,30 @@ from msdd.data.images import (
 __all__ = [
     "BadImageError", "EmbeddedCrops", "HELDOUT_PHOTOS", "IMAGE_EXTENSIONS", "ImageFolderDataset",
     "SkipCounter", "TRAIN_PHOTOS", "TarShardDataset", "build_eval_images", "build_train_dataset", "center_crop_arr",
-    "collate_skip_bad", "embedded_eval_set", "list_images", "load_image", "load_photo",
+    "check_source", "collate_skip_bad", "embedded_eval_set", "list_images", "load_image", "load_photo",
     "random_crop_arr", "to_tensor", "to_uint8",
 ]  # fmt: skip
 
 
+def _not_a_source(source: str, option: str) -> ValueError:
+    return ValueError(
+        f"{option}={source!r} is neither 'embedded', nor an existing folder (alone or as embedded+FOLDER), nor "
+        f"tar shards (*.tar); set {option} to 'embedded', to a folder of images or to shards like "
+        "/data/train-{000000..000099}.tar"
+    )
+
+
+def check_source(source: str, option: str = "data.source") -> str:
+    """`source` if it names training data of a kind `build_train_dataset` reads, else an error naming `option`."""
+    folder = source[len("embedded+"):] if source.startswith("embedded+") else source
+    if source != "embedded" and not is_shard_source(source) and not Path(folder).is_dir():
+        raise _not_a_source(source, option)
+    return source
+
+
 def _folder(source: str) -> Path:
     if not Path(source).is_dir():
-        raise ValueError(
-            f"data.source={source!r} is neither 'embedded', nor an existing folder, nor tar shards (*.tar); "
-            "set data.source to 'embedded', to a folder of images or to shards like /data/train-{000000..000099}.tar"
-        )
+        raise _not_a_source(source, "data.source")
     return Path(source)
 
 

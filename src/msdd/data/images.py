@@ -16,15 +16,16 @@ import torch
 from PIL import Image, ImageOps
 
 
-class BadImageError(ValueError):
-    """An image file that cannot be decoded; `path` and `reason` say which and why."""
+RESAVE = "Re-save it as an ordinary PNG/JPEG, or remove it from the folder."
 
-    def __init__(self, path: str | Path, reason: str):
-        self.path, self.reason = str(path), reason
-        super().__init__(
-            f"cannot read image {self.path}: {reason}. "
-            "Re-save it as an ordinary PNG/JPEG, or remove it from the folder."
-        )
+
+class BadImageError(ValueError):
+    """An image file that cannot be used; `path` and `reason` say which and why, `fix` what to do
+    (default: re-save or remove it)."""
+
+    def __init__(self, path: str | Path, reason: str, fix: str = RESAVE):
+        self.path, self.reason, self.fix = str(path), reason, fix
+        super().__init__(f"unusable image {self.path}: {reason}. {fix}".rstrip())
 
 
 def load_image(path: str | Path | bytes, name: str | None = None) -> np.ndarray:

@@ -72,8 +72,8 @@ def _outputs_inside(folder: Path, out_dirs: Sequence[Path]) -> list[Path]:
 
 
 class InputFiles(torch.utils.data.Dataset):
-    """File i -> (i, image (3, H, W) in [-1, 1] or None, why it is unusable or None) (a string, not the
-    BadImageError: it crosses from DataLoader workers)."""
+    """File i -> (i, image (3, H, W) in [-1, 1] or None, None or why it is unusable and the fix) (two
+    strings, not the BadImageError: they cross from DataLoader workers)."""
 
     def __init__(self, files: Sequence[Path], resolution: int, size: str):
         self.files, self.r, self.size = list(files), resolution, size
@@ -86,10 +86,11 @@ class InputFiles(torch.utils.data.Dataset):
             arr = load_image(self.files[i])
             if min(arr.shape[:2]) < self.r and self.size != "keep":
                 raise BadImageError(self.files[i], f"{arr.shape[1]}x{arr.shape[0]} px is smaller than the model "
-                                                   f"resolution {self.r}; upscale it to at least {self.r} px on the "
-                                                   f"shorter side, or pass --keep-size to pad it")
+                                                   f"resolution {self.r}",
+                                    fix=f"Upscale it to at least {self.r} px on the shorter side, or pass "
+                                        f"--keep-size to pad it.")
         except BadImageError as e:
-            return i, None, e.reason
+            return i, None, (e.reason, e.fix)
         return i, to_tensor(center_crop_arr(arr, self.r) if self.size == "crop" else arr), None
 
 
@@ -159,9 +160,9 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         for i, x, err in tqdm(loader, total=len(files), desc="reconstruct", unit="img", disable=None):
             if err is not None:
                 if explicit[i]:
-                    raise BadImageError(files[i], err)
-                warnings.warn(f"skipping {files[i]}: {err}")
-                skipped.append((str(files[i]), err))
+                    raise BadImageError(files[i], *err)
+                warnings.warn(f"skipping {files[i]}: {err[0]}")
+                skipped.append((str(files[i]), err[0]))
                 continue
             done = out / "reconstructions" / f"{_file_key_name(names[i])}.png"
             y = _read_png(done, x.shape) if skip_existing and done.is_file() else None

@@ -96,12 +96,32 @@ def load_models(settings: BenchSettings, device: torch.device) -> tuple[FlowMode
         raise ValueError(f"--student is a {student.config.image_size} px model but the teacher is "
                          f"{teacher.config.image_size} px; both must decode the same resolution")
     if settings.resolution and settings.resolution != teacher.config.image_size:
-        teacher = teacher.with_config(dataclasses.replace(teacher.config, image_size=settings.resolution))
+        teacher = teacher.with_config(_resized(teacher.config, settings.resolution))
         if settings.student:
-            student = student.with_config(dataclasses.replace(student.config, image_size=settings.resolution))
+            student = student.with_config(_resized(student.config, settings.resolution))
         else:
             student = teacher
     return teacher, student
+
+
+def _resized(config: ModelConfig, resolution: int) -> ModelConfig:
+    """`config` at `--resolution` with the same stages, or an error naming the nearest sizes it decodes."""
+
+    def fits(r: int) -> bool:
+        try:
+            dataclasses.replace(config, image_size=r)
+            return True
+        except ValueError:
+            return False
+
+    try:
+        return dataclasses.replace(config, image_size=resolution)
+    except ValueError as e:
+        below = next((r for r in range(resolution - 1, 0, -1) if fits(r)), None)
+        above = next(r for r in range(resolution + 1, 2 * resolution + config.image_size + 1) if fits(r))
+        nearest = f"{below} or {above}" if below else str(above)
+        raise ValueError(f"--resolution {resolution} does not fit this model's {config.flow.num_stages} stages and "
+                         f"patches ({e}); give one that does, e.g. {nearest}") from None
 
 
 @dataclass
