@@ -35,6 +35,13 @@ def test_decode_arguments_are_checked_first(tok, z):
     for guidance in ("2", True, [1.0]):
         with pytest.raises(ValueError, match="guidance .* must be a finite number >= 0"):
             tok.decode(z, guidance=guidance)
+    for flag in ("bf16", "int8", "return_stages"):  # before: "no" and "False" were true, 0.0 false
+        for value in ("no", "False", 0.0, None):
+            with pytest.raises(TypeError, match=f"{flag} must be True or False, got {value!r}"):
+                tok.decode(z, **{flag: value})
+    with pytest.raises(TypeError, match="bf16 must be True or False, got 'no'"):
+        tok.reconstruct(embedded_eval_set(64)[0][:1], bf16="no")  # encode checks it too
+    assert torch.equal(tok.decode(z, bf16=np.bool_(False)), tok.decode(z))
 
 
 def test_image_inputs_are_checked_first(tok):

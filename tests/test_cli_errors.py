@@ -207,3 +207,19 @@ def test_a_failed_run_leaves_no_empty_run_directory(tmp_path, capsys):
                      "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
         assert "is neither 'embedded'" in _error(capsys)
     assert not run.exists() and kept.is_dir()  # a folder that was there before the command stays
+
+
+def test_a_weights_file_for_a_loss_that_is_off_is_reported(tmp_path):
+    # tiny-test trains without LPIPS and distils with a patch discriminator: the files would be ignored silently
+    vgg, dino = tmp_path / "vgg16.pth", tmp_path / "dino.pth"
+    with pytest.warns(UserWarning) as record:
+        assert main(["train", "--run-dir", str(tmp_path / "t"), "--max-steps", "1", *tiny_args(),
+                     "--vgg-weights", str(vgg), "--dinov2-weights", str(dino)]) == 0
+        assert main(["distill", "--teacher", str(tmp_path / "t" / "model"), "--run-dir", str(tmp_path / "d"),
+                     "--max-steps", "1", "--preset", "tiny-test", "--vgg-weights", str(vgg),
+                     "--dino-weights", str(dino)]) == 0
+    said = [str(w.message) for w in record if " is not used: " in str(w.message)]
+    assert said == [f"--vgg-weights {vgg} is not used: model.flow.lpips_weight=0 (no LPIPS loss)",
+                    f"--dinov2-weights {dino} is not used: the msdd family has no REPA loss",
+                    f"--dino-weights {dino} is not used: distill.discriminator=patch",
+                    f"--vgg-weights {vgg} is not used: distill.perceptual=none"]

@@ -104,6 +104,13 @@ def check_seed(seed) -> int:
     return int(seed)
 
 
+def check_flags(**flags) -> None:
+    """Switches such as bf16= / int8= / return_stages= are bools: a string like "no" or "false" would count as on."""
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def noise_source(generator, seed, batch: int):
     """A decode's source of noise: `generator` (a torch.Generator, or a list of one per image) as given, else a CPU
     generator seeded with `seed`."""
@@ -119,4 +126,4 @@ def noise_source(generator, seed, batch: int):
     return generator
 
 
-__all__ = ["check_seed", "image_batch", "image_values", "latent_values", "model_images", "noise_source"]
+__all__ = ["check_flags", "check_seed", "image_batch", "image_values", "latent_values", "model_images", "noise_source"]

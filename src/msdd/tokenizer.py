@@ -37,7 +37,7 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.inputs import check_seed, image_batch, image_values, latent_values, model_images, noise_source
+from msdd.inputs import check_flags, check_seed, image_batch, image_values, latent_values, model_images, noise_source
 from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
@@ -144,6 +144,7 @@ class Tokenizer(nn.Module):
         """Images -> latents z (B, L, C), or (B, c, R/8, R/8) for a spatial latent (raw; see
         `normalize_latents`). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls in int8, as in
         `decode`."""
+        check_flags(bf16=bf16, int8=int8)
         x = self.prepare_images(images)
         with autocast(x.device, bf16):
             return self.inference_module(self.encoder, bf16, int8, x.device)(x).float()
@@ -173,6 +174,7 @@ class Tokenizer(nn.Module):
         CPU kernels run).
         """
         guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
+        check_flags(bf16=bf16, int8=int8, return_stages=return_stages)
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
         guidance = self.resolve_guidance(guidance)

@@ -11,6 +11,7 @@ When it is absent the error names the file, where we looked, the option to pass 
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +129,13 @@ def build_loss_network(build, device, turn_off: str) -> torch.nn.Module:
         return build().to(device)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}\n({turn_off})") from None
+
+
+def unused_file(option: str, path: str | os.PathLike | None, why: str) -> None:
+    """Warn when a pretrained-weights option was given for a loss this run does not compute (it would be
+    ignored without a word, and the user would think the loss is on)."""
+    if path is not None:
+        warnings.warn(f"{option} {path} is not used: {why}", stacklevel=3)
 
 
 def wrong_file(name: str, path: str | os.PathLike, error: Exception) -> ValueError:

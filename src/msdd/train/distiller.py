@@ -23,7 +23,7 @@ from msdd.tokenizer import Tokenizer
 from msdd.train.ema import EMA
 from msdd.train.loop import TrainerBase
 from msdd.train.optim import cosine_schedule, make_optimizer
-from msdd.weights import build_loss_network
+from msdd.weights import build_loss_network, unused_file
 
 # The config a distillation computes with: these sections and fields. The other train.* fields configure
 # stage 1 only (tests/test_faults.py finds every train field the distillers' code reads and checks that
@@ -94,6 +94,9 @@ class DistillerBase(TrainerBase):
             self.disc = build_discriminator(dc.discriminator, dino_weights,
                                             reference_heads=dc.disc_heads == "reference").to(self.device)
             self.disc_params = [p for p in self.disc.parameters() if p.requires_grad]  # the heads, not a frozen ViT
+        if not (self.adversarial and dc.discriminator == "dino"):
+            unused_file("--dino-weights", dino_weights, f"distill.discriminator={dc.discriminator}"
+                        if self.adversarial else f"the {self.family} distillation has no discriminator")
         self.perceptual = None
         if dc.perceptual == "lpips" and dc.lambda_perc > 0:
             from msdd.models.perceptual import LPIPS
@@ -102,6 +105,9 @@ class DistillerBase(TrainerBase):
                 lambda: LPIPS(vgg_weights), self.device,
                 f"distill.perceptual=lpips with lambda_perc={dc.lambda_perc}; set distill.perceptual=none "
                 "to distil without it")
+        else:
+            unused_file("--vgg-weights", vgg_weights, "distill.perceptual=none" if dc.perceptual == "none"
+                        else "distill.lambda_perc=0 (no LPIPS loss)")
         lin = self.student.decoder.from_linear
         self.opt = make_optimizer(self.student.decoder.parameters(), dc.lr * dc.lr_batch_factor, cfg.train.betas,
                                   slow=lin.parameters() if lin is not None else (),

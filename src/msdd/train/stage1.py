@@ -27,7 +27,7 @@ from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.ema import EMA
 from msdd.train.loop import TrainerBase
 from msdd.train.optim import cosine_schedule, make_optimizer
-from msdd.weights import build_loss_network
+from msdd.weights import build_loss_network, unused_file
 
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
@@ -93,6 +93,11 @@ class Stage1Trainer(TrainerBase):
 
             self.repa = build_loss_network(lambda: DinoV2Features(dinov2_weights), self.device,
                                            f"{repa_field}={repa_weight}; set it to 0 to train without REPA")
+        if lpips_weight == 0:
+            unused_file("--vgg-weights", vgg_weights, f"{lpips_field}=0 (no LPIPS loss)")
+        if repa_weight == 0:
+            unused_file("--dinov2-weights", dinov2_weights, f"{repa_field}=0 (no REPA loss)" if repa_field
+                        else f"the {mc.family} family has no REPA loss")
         self.eval_images = build_eval_images(cfg.data.eval_source, mc.image_size, limit=8)[0]
         # stage 2 settings do not affect stage 1; a resumed run continues from its checkpoint, not init_from
         free = RESUME_FREE_FIELDS + ("distill.", "train.init_from")
