@@ -42,6 +42,8 @@ def test_decode_arguments_are_checked_first(tok, z):
     with pytest.raises(TypeError, match="bf16 must be True or False, got 'no'"):
         tok.reconstruct(embedded_eval_set(64)[0][:1], bf16="no")  # encode checks it too
     assert torch.equal(tok.decode(z, bf16=np.bool_(False)), tok.decode(z))
+    with pytest.raises(ValueError, match="steps 1,000,000,000 per stage is more than msdd decodes"):
+        tok.decode(z, steps=10**9)  # before: the schedule was allocated until the memory ran out
 
 
 def test_image_inputs_are_checked_first(tok):

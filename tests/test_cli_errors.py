@@ -183,6 +183,8 @@ def test_weights_of_another_model_say_so_briefly(tmp_path, capsys):
 def test_options_that_cannot_both_apply(tmp_path, capsys):
     assert main(["fidelity", "--quick", "--seeds", "3", "--out", str(tmp_path / "f")]) == 2
     assert "--quick runs one seed per configuration" in _error(capsys)
+    assert main(["reconstruct", "x.png", "--crop", "--tile-overlap", "8", "--out", str(tmp_path / "r")]) == 2
+    assert "--crop reconstructs one centre crop per file without tiles" in _error(capsys)  # was: ignored
     assert main(["latent-stats", "--model", str(tmp_path / "nowhere")]) == 2
     assert f"--model {tmp_path / 'nowhere'} is not a model folder" in _error(capsys)
     with pytest.warns(UserWarning, match="--sweep-steps: .*tiny-64-student is a one-step student"):

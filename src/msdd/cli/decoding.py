@@ -18,6 +18,9 @@ def cmd_reconstruct(args) -> None:
     folder_arg(args.out, "--out")
     if args.workers < 0:
         raise ValueError(f"--workers must be >= 0, got {args.workers}")
+    if args.tile_overlap is not None and args.size == "crop":
+        raise ValueError("--tile-overlap sets the overlap of tiles, and --crop reconstructs one centre crop per file "
+                         "without tiles: drop one of them")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     r = tok.config.image_size
     if args.tile_overlap is not None and not 0 <= args.tile_overlap < r:

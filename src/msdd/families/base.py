@@ -21,6 +21,9 @@ from msdd.flow.schedule import StageWindow, stage_windows
 from msdd.models.encoder import Encoder
 
 
+MAX_STEPS = 10_000  # Euler steps per stage of one decode
+
+
 def parse_steps(text: str | None) -> int | list[int] | None:
     """`--steps` text: '10' -> 10 (every stage), '30,30,30,30' -> a list, None -> None (the model's own)."""
     if text is None:
@@ -88,6 +91,9 @@ class Family:
         steps = tuple(int(n) for n in values) * (1 if many else entries)
         if len(steps) != entries or any(n < 1 for n in steps):
             raise ValueError(self.bad_steps_message(steps))
+        if max(steps) > MAX_STEPS:  # 10**9 allocated its schedule until the memory ran out
+            raise ValueError(f"steps {max(steps):,} per stage is more than msdd decodes ({MAX_STEPS:,}); the teachers' "
+                             f"schedules converge by 30 to 100 steps per stage")
         return steps
 
     def bad_steps_message(self, steps: tuple[int, ...]) -> str:
