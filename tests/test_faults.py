@@ -21,7 +21,7 @@ from msdd.cli import main
 from msdd.data import ImageFolderDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
 from msdd.train.checkpoint import (
-    CheckpointError, latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint,
+    CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
 )  # fmt: skip
 from msdd.train.stream import BatchStream, ResumableSampler
 from msdd.train.stage1 import Stage1Trainer
@@ -87,6 +87,25 @@ def test_rotation_never_deletes_the_intact_checkpoint_for_damaged_ones(tmp_path)
         save_checkpoint(other, 2, weights, {"step": 2}, "{}", keep=3)
     assert [p.name for p in list_checkpoints(other)] == ["step_00000002"]
     assert latest_checkpoint(other).name == "step_00000002"
+
+
+def test_a_checkpoint_is_what_its_manifest_lists(tmp_path):
+    weights = {"model": {"w": torch.arange(1000.0)}}
+    for step in (2, 4, 6):
+        save_checkpoint(tmp_path, step, weights, {"step": step}, "{}", keep=3)
+    step2, step4, step6 = list_checkpoints(tmp_path)
+    # a file put into a checkpoint is not loaded as weights (was: a SafetensorError traceback on resume)
+    (step6 / "junk.safetensors").write_bytes(b"\xff" * 64)
+    assert verify_checkpoint(step6) is None and sorted(load_checkpoint(step6)[0]) == ["model"]
+    # a manifest of another structure, or one that lists nothing to check, makes the checkpoint damaged (was: a
+    # TypeError traceback for a list; an empty table passed every check)
+    (step6 / "manifest.json").write_text("[1, 2]")
+    (step4 / "manifest.json").write_text('{"step": 4, "files": {}}')
+    assert verify_checkpoint(step6).startswith("unreadable manifest (no {name: {size, sha256}} table")
+    assert "not the state, config and weights of a checkpoint" in verify_checkpoint(step4)
+    with pytest.warns(UserWarning, match=r"step_0000000[46] is damaged") as record:
+        assert latest_checkpoint(tmp_path) == step2
+    assert len(record) == 2
 
 
 # ---------------------------------------------------------------- 3: unwritable run directory

@@ -147,8 +147,8 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
     if not mpath.exists():
         return "no manifest (incomplete write)"
     try:
-        files = json.loads(mpath.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        files = _manifest_files(path)
+    except (OSError, ValueError) as e:
         return f"unreadable manifest ({e})"
     for name, info in files.items():
         f = path / name
@@ -159,6 +159,19 @@ def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:
         if hashes and file_sha256(f) != info["sha256"]:
             return f"{name} content does not match its sha256 (corrupt)"
     return None
+
+
+def _manifest_files(path: Path) -> dict[str, dict]:
+    """The files a checkpoint's manifest lists, {name: {"size", "sha256"}}; a ValueError if it is not a manifest
+    msdd writes (every checkpoint has its state, its config and at least one weights file)."""
+    files = json.loads((path / MANIFEST).read_text())
+    files = files.get("files") if isinstance(files, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
+                                              for v in files.values()):
+        raise ValueError("no {name: {size, sha256}} table of files")
+    if not {"state.pt", "config.json"} <= files.keys() or not any(n.endswith(".safetensors") for n in files):
+        raise ValueError(f"it lists {sorted(files)}, not the state, config and weights of a checkpoint")
+    return files
 
 
 class _Weights(dict):
@@ -177,8 +190,8 @@ class _Weights(dict):
 def load_checkpoint(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict, str]:
     """(weights by name, state, config json) of one checkpoint folder. The state file is unpickled with
     weights_only=True: anything but tensors and plain containers is refused, never executed."""
-    weights = _Weights(path, {p.name[: -len(".safetensors")]: load_file(str(p))
-                              for p in sorted(path.glob("*.safetensors"))})
+    names = [n for n in _manifest_files(path) if n.endswith(".safetensors")]  # not other files put there
+    weights = _Weights(path, {n[: -len(".safetensors")]: load_file(str(path / n)) for n in names})
     try:
         state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
