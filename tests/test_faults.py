@@ -108,6 +108,25 @@ def test_a_checkpoint_is_what_its_manifest_lists(tmp_path):
     assert len(record) == 2
 
 
+def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_others(tmp_path):
+    import resource
+    import signal
+
+    small, large = {"model": {"w": torch.arange(100.0)}}, {"model": {"w": torch.arange(100_000.0)}}
+    save_checkpoint(tmp_path, 2, small, {"step": 2}, "{}")
+    limit, handler = resource.getrlimit(resource.RLIMIT_FSIZE), signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, limit[1]))  # files over 100 kB fail, as on a full disk
+    try:  # was: a SafetensorError traceback, and the partial checkpoint left behind
+        with pytest.raises(CheckpointError, match=r"cannot write the checkpoint of step 4 in .*checkpoints \(cannot "
+                                                  r"write .*model\.safetensors: .*run the same command again"):
+            save_checkpoint(tmp_path, 4, large, {"step": 4}, "{}")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000002"]
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+
+
 # ---------------------------------------------------------------- 3: unwritable run directory
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 
@@ -21,10 +22,14 @@ def fsync_dir(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: give back what the partial file holds
+        raise
     os.replace(tmp, path)
     fsync_dir(path.parent)
 
@@ -36,7 +41,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict | None = None) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    except SafetensorError as e:  # its I/O errors (a full disk) are not OSErrors
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.chmod(tmp, 0o644)

@@ -84,15 +84,21 @@ def save_checkpoint(
     final = _step_dir(Path(run_dir), step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, tensors in weights.items():
-        atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    atomic_write_bytes(tmp / "state.pt", buf.getvalue())
-    atomic_write_text(tmp / "config.json", config_json)
-    manifest = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
-    atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "loss": loss, "files": manifest}, indent=1))
+    try:
+        tmp.mkdir(parents=True)
+        for name, tensors in weights.items():
+            atomic_save_safetensors(tensors, tmp / f"{name}.safetensors")
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(tmp / "state.pt", buf.getvalue())
+        atomic_write_text(tmp / "config.json", config_json)
+        manifest = {p.name: {"size": p.stat().st_size, "sha256": file_sha256(p)} for p in sorted(tmp.iterdir())}
+        atomic_write_text(tmp / MANIFEST, json.dumps({"step": step, "loss": loss, "files": manifest}, indent=1))
+    except OSError as e:  # a full disk, a folder made read-only: the checkpoints written before stay as they are
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"cannot write the checkpoint of step {step} in {final.parent} ({e}); free space or "
+                              f"fix the folder, then run the same command again: it continues from the newest "
+                              f"intact checkpoint") from None
     if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
         shutil.rmtree(final)
     os.replace(tmp, final)
