@@ -407,8 +407,11 @@ def test_config_values_that_cannot_run_are_config_errors(tmp_path, capsys):
 
 def test_eval_with_no_usable_image_is_an_error(tmp_path, capsys):
     out = tmp_path / "eval.json"
-    assert main(["eval", "--limit", "0", "--pca-source", "none", "--out", str(out)]) == 2
-    assert "error: no usable image found in embedded with limit=0" in capsys.readouterr().err
+    from msdd.eval.evaluate import evaluate
+    from msdd.tokenizer import Tokenizer
+
+    with pytest.raises(ValueError, match="no usable image found in embedded with limit=0"):  # `msdd eval`: argparse's
+        evaluate(Tokenizer.from_pretrained("tiny-64"), "embedded", limit=0, pca_source=None)
     bad = _unreadable_folder(tmp_path / "bad", 3)
     with pytest.warns(UserWarning, match="skipping"):
         assert main(["eval", "--data", str(bad), "--pca-source", "none", "--out", str(out)]) == 2

@@ -141,6 +141,34 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert diff == 0.0
 
 
+def test_a_run_killed_before_its_first_checkpoint_starts_its_log_afresh(tmp_path):
+    extra = ["train.log_every=1", "train.ckpt_every=1000"]
+    ref = subprocess.run(_train_cmd(tmp_path / "ref", *extra) + ["--max-steps", "8"], env=ENV, capture_output=True,
+                         text=True, timeout=120)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_train_cmd(run, *extra) + ["--max-steps", "1000"], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run / "log.jsonl"
+    while proc.poll() is None and not (log.exists() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert list_checkpoints(run) == []
+    again = subprocess.run(_train_cmd(run, *extra) + ["--max-steps", "8"], env=ENV, capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert _log(run) == _log(tmp_path / "ref")  # was: the killed run's steps 1..k, then 1..8 again
+    # its checkpoints deleted (to free space), a finished run is not silently trained again over its model
+    for ckpt in list_checkpoints(run):
+        subprocess.run(["rm", "-r", str(ckpt)], check=True)
+    before = file_sha256(run / "model" / "model.safetensors")
+    third = subprocess.run(_train_cmd(run, *extra) + ["--max-steps", "8"], env=ENV, capture_output=True, text=True,
+                           timeout=120)
+    assert third.returncode == 2 and f"{run} holds a model but no checkpoint to continue from" in third.stderr
+    assert file_sha256(run / "model" / "model.safetensors") == before
+
+
 def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits(tmp_path):
     run = tmp_path / "run"
     proc = subprocess.Popen(_train_cmd(run, "train.log_every=1", "train.ckpt_every=1000") + ["--max-steps", "1000"],

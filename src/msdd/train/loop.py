@@ -1,7 +1,7 @@
 """The training loop shared by the stage-1 trainer and the stage-2 distiller (`TrainerBase`): processes,
 micro-batches, resume, checkpoints and logging. The pieces it is built from live beside it: `optim.py`
-(optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state capture) and
-`signals.py` (SIGTERM / SIGINT).
+(optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state capture),
+`signals.py` (SIGTERM / SIGINT) and `runlog.py` (log.jsonl, TensorBoard, throughput).
 
 One optimiser step over a global batch of B images, with n processes (torchrun) and A = grad_accum:
 
@@ -47,24 +47,9 @@ from msdd.train.checkpoint import (
     CheckpointError, _step_dir, check_writable, latest_checkpoint, load_checkpoint, save_checkpoint,
 )  # fmt: skip
 from msdd.train.rng import rng_state, set_rng_state
+from msdd.train.runlog import RunLog, Throughput
 from msdd.train.signals import StopSignals
 from msdd.train.stream import BatchStream, ResumableSampler
-
-
-class Throughput:
-    """Images per second over the last logging window."""
-
-    def __init__(self) -> None:
-        self.t0, self.n = time.perf_counter(), 0
-
-    def add(self, n: int) -> None:
-        self.n += n
-
-    def rate(self) -> float:
-        dt = time.perf_counter() - self.t0
-        r = self.n / dt if dt > 0 else 0.0
-        self.t0, self.n = time.perf_counter(), 0
-        return r
 
 
 def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
@@ -74,18 +59,6 @@ def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
         for k, v in out.items():
             total[k], weight[k] = total.get(k, 0.0) + n * v, weight.get(k, 0) + n
     return {k: total[k] / weight[k] for k in total}
-
-
-def _read_log(path: Path, max_step: int) -> list[str]:
-    """Lines of log.jsonl up to `max_step` (a line cut short by a killed process is dropped)."""
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= max_step:
-                keep.append(line + "\n")
-        except (ValueError, KeyError):
-            pass
-    return keep
 
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +103,7 @@ class TrainerBase:
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
         self._saved_seconds = 0.0  # the training time the newest checkpoint holds
         self._config_json = json.dumps(to_dict(cfg), indent=2)
-        self._writer, self._purge_step = None, None
+        self.run_log = RunLog(self.run_dir, self.desc)
 
     def train_dataset(self, rank: int, world: int):
         """The records `(tensor or None, name, reason)` the data stream batches: the images of data.source; a
@@ -192,6 +165,7 @@ class TrainerBase:
         if path is None:
             if require:
                 raise FileNotFoundError(f"--resume: no intact checkpoint in {self.run_dir / 'checkpoints'}")
+            self._on_main(self._start_afresh)
             if fresh is not None:
                 fresh()
         else:
@@ -208,15 +182,21 @@ class TrainerBase:
             self.step, self._saved_step = int(state["step"]), int(state["step"])
             self.skipped_steps, self.skipped_images = int(state["skipped_steps"]), int(state["skipped_images"])
             self.train_seconds = self._saved_seconds = float(state.get("train_seconds", 0.0))
-            self._purge_step = self.step + 1  # TensorBoard drops events logged after the checkpoint
             if self.dist.is_main:
-                log = self.run_dir / "log.jsonl"
-                if log.exists():
-                    log.write_text("".join(_read_log(log, self.step)))
+                self.run_log.continue_from(self.step)
                 print(f"resumed from {path} at step {self.step}")
         broadcast_tensors([t for w in self.weights().values() for t in w.values()])
         if self.dist.is_main:
             (self.run_dir / "config.json").write_text(self._config_json + "\n")
+
+    def _start_afresh(self) -> None:
+        """A run directory without checkpoints: a new run, unless it holds a model (its checkpoints were deleted,
+        and training from step 0 would overwrite it); log lines of a run killed before its first checkpoint go."""
+        if (self.run_dir / "model").exists():
+            raise CheckpointError(f"{self.run_dir} holds a model but no checkpoint to continue from; training from "
+                                  f"step 0 would overwrite {self.run_dir / 'model'}. To train again, move that folder "
+                                  "away or choose a new --run-dir")
+        self.run_log.continue_from(0)
 
     # ------------------------------------------------------------------ one step
 
@@ -333,7 +313,7 @@ class TrainerBase:
                 if self.step % settings.log_every == 0:
                     out["img_per_s"] = meter.rate()
                     if main:
-                        self.log(out)
+                        self.run_log.write(self.step, out)
                     bar.set_postfix(loss=f"{out['loss']:.4f}", img_s=f"{out['img_per_s']:.1f}")
                 if self.step % settings.grid_every == 0 and main:
                     self.save_grid()
@@ -360,9 +340,7 @@ class TrainerBase:
             self.save_grid()
             self.finalize()
         barrier()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+        self.run_log.close()
         return summary
 
     def _newest_checkpoint(self) -> str:
@@ -373,22 +351,6 @@ class TrainerBase:
                     f"continue from; lower the learning rate or check the data, and start again")
         return (f"The newest checkpoint is {_step_dir(self.run_dir, self._saved_step)} (step {self._saved_step}); "
                 f"lower the learning rate or check the data, then run again to continue from it")
-
-    # ------------------------------------------------------------------ logging
-
-    @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter  # slow import: only when logging starts
-
-            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self._purge_step)
-        return self._writer
-
-    def log(self, out: dict) -> None:
-        for k, v in out.items():
-            self.writer.add_scalar(f"{self.desc}/{k}", v, self.step)
-        with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, **out}) + "\n")
 
 
 def _grads_finite(params: list[nn.Parameter]) -> bool:
