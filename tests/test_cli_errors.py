@@ -209,6 +209,16 @@ def test_a_failed_run_leaves_no_empty_run_directory(tmp_path, capsys):
                      "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
         assert "is neither 'embedded'" in _error(capsys)
     assert not run.exists() and kept.is_dir()  # a folder that was there before the command stays
+    assert main(["gen-train", "--run-dir", str(run), "--tokenizer", "tiny-64", "--max-steps", "1",
+                 "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
+    assert "is neither 'embedded'" in _error(capsys) and not run.exists()
+
+
+def test_max_steps_below_the_runs_step_says_nothing_is_trained(tmp_path, capsys):
+    run = tmp_path / "r"
+    assert main(["train", "--run-dir", str(run), "--max-steps", "3", *tiny_args()]) == 0
+    with pytest.warns(UserWarning, match="this run is already at step 3, past max_steps 2: nothing to train"):
+        assert main(["train", "--run-dir", str(run), "--max-steps", "2", *tiny_args()]) == 0
 
 
 def test_a_weights_file_for_a_loss_that_is_off_is_reported(tmp_path):

@@ -3,6 +3,8 @@
 Every file here is a real image written with PIL into tmp_path; nothing is mocked.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import skimage.data
@@ -242,6 +244,12 @@ def test_folder_loader_skips_bad_files(mixed_folder, num_workers):
     assert n_good == 3 and counter.count == 2
     assert sorted(path.rsplit("/", 1)[-1] for path, _ in counter.examples) == ["broken.jpg", "fake.png"]
     assert "broken.jpg" in counter.summary() and "skipped 2" in counter.summary()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a file skipped again (the next epoch) is not warned about twice
+        for x, n_skipped, skipped in loader:
+            counter.update(n_skipped, skipped)
+    assert counter.count == 4 and len(counter.examples) == 2  # each file once among the examples
+    assert "skipped 4 images, 2 distinct files" in SkipCounter.combined([counter, SkipCounter()]).summary()
 
 
 def test_folder_dataset_train_is_seeded_and_eval_is_fixed(mixed_folder):

@@ -23,8 +23,9 @@ def cmd_reconstruct(args) -> None:
                          "without tiles: drop one of them")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     r = tok.config.image_size
-    if args.tile_overlap is not None and not 0 <= args.tile_overlap < r:
-        raise ValueError(f"--tile-overlap must be in [0, {r - 1}] for this {r} px model, got {args.tile_overlap}")
+    if args.tile_overlap is not None and not 0 <= args.tile_overlap <= r // 2:
+        raise ValueError(f"--tile-overlap must be in [0, {r // 2}] (at most half a tile) for this {r} px model, got "
+                         f"{args.tile_overlap}")
     files, names, explicit = list_inputs(args.inputs, exclude=[args.out])
     # each image's noise is seeded from --seed and its output name: independent of --batch-size and the other inputs
     s = reconstruct_files(tok, files, names, explicit, args.out, size=args.size, tile_overlap=args.tile_overlap,
@@ -142,7 +143,7 @@ def add_reconstruct(sub) -> None:
                       help="centre-crop every file to the model's resolution (shorter side resized to it)")
     p.set_defaults(size="auto")
     p.add_argument("--tile-overlap", type=int, default=None,
-                   help="pixels neighbouring tiles share (default: a quarter of the model's resolution)")
+                   help="pixels neighbouring tiles share, at most half the model's resolution (default: a quarter of it)")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep reconstructions an earlier run wrote to --out (scored again, not decoded): "
                         "a stopped run continues where it stopped")

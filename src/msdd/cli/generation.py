@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from msdd.cli.common import device_arg, folder_arg, positive_float
+from msdd.cli.common import device_arg, folder_arg, positive_float, removed_if_left_empty
 from msdd.cli.training import _finish_training
 
 
@@ -17,9 +17,11 @@ def cmd_gen_train(args) -> int:
         raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
                          "the config's train.max_steps")
     folder_arg(args.run_dir, "--run-dir")
-    trainer = GeneratorTrainer(load_gen_config(args.preset, args.overrides), args.tokenizer, args.run_dir,
-                               device=args.device, require_resume=args.resume)
-    return _finish_training(trainer, trainer.fit(max_steps=args.max_steps, minutes=args.minutes), "generator")
+    with removed_if_left_empty(args.run_dir):
+        trainer = GeneratorTrainer(load_gen_config(args.preset, args.overrides), args.tokenizer, args.run_dir,
+                                   device=args.device, require_resume=args.resume)
+        summary = trainer.fit(max_steps=args.max_steps, minutes=args.minutes)
+    return _finish_training(trainer, summary, "generator")
 
 
 def cmd_generate(args) -> int:

@@ -92,21 +92,26 @@ def collate_skip_bad(batch: list[Record]) -> tuple[torch.Tensor, int, list[tuple
 
 
 class SkipCounter:
-    """A training loop's running tally of skipped files; warns for the first few so they are seen early."""
+    """A training loop's running tally of skipped files (a file drawn again in a later epoch counts again), with
+    the distinct files; warns for the first few files so they are seen early."""
 
-    KEEP = 10  # (path, reason) examples kept for the summary
-    WARN = 5  # skips that get their own warning
+    KEEP = 10  # (path, reason) examples kept for the summary, one per file
+    WARN = 5  # files that get their own warning
 
     def __init__(self):
         self.count = 0
         self.examples: list[tuple[str, str]] = []
+        self.files: set[str] = set()
 
     def update(self, n: int, items: list[tuple[str, str]]) -> None:
         """Add `n` skips; `items` are their (path, reason) pairs, as `collate_skip_bad` returns them."""
-        for j, (path, reason) in enumerate(items):
-            if self.count + j < self.WARN:
-                warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
-        self.examples += items[: self.KEEP - len(self.examples)]
+        for path, reason in items:
+            if path not in self.files:
+                self.files.add(path)
+                if len(self.files) <= self.WARN:
+                    warnings.warn(f"skipping image {path}: {reason}", stacklevel=2)
+                if len(self.examples) < self.KEEP:
+                    self.examples.append((path, reason))
         self.count += n
 
     @classmethod
@@ -114,11 +119,13 @@ class SkipCounter:
         """One counter for several (e.g. one per training process), without repeating warnings."""
         out = cls()
         out.count = sum(c.count for c in counters)
-        out.examples = [e for c in counters for e in c.examples][: cls.KEEP]
+        out.files = set().union(*(c.files for c in counters))
+        out.examples = list(dict(e for c in counters for e in c.examples).items())[: cls.KEEP]
         return out
 
     def summary(self) -> str:
         if not self.count:
             return "no images skipped"
         shown = "; ".join(f"{path} ({reason})" for path, reason in self.examples)
-        return f"skipped {self.count} images (first {len(self.examples)}: {shown})"
+        return (f"skipped {self.count} images, {len(self.files)} distinct files (drawn again each epoch; first "
+                f"{len(self.examples)}: {shown})")

@@ -161,7 +161,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
             if err is not None:
                 if explicit[i]:
                     raise BadImageError(files[i], *err)
-                warnings.warn(f"skipping {files[i]}: {err[0]}")
+                warnings.warn(f"skipping {files[i]}: {err[0]}. {err[1]}")
                 skipped.append((str(files[i]), err[0]))
                 continue
             done = out / "reconstructions" / f"{_file_key_name(names[i])}.png"

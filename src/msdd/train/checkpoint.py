@@ -83,7 +83,8 @@ def save_checkpoint(
     """Write checkpoint `step` atomically; keep the newest `keep` and the one with the lowest `loss`."""
     final = _step_dir(Path(run_dir), step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in final.parent.glob(".step_*.tmp-*"):  # left by a process killed while saving: first, for the space
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         for name, tensors in weights.items():
@@ -114,8 +115,6 @@ def save_checkpoint(
             if problems[old]:
                 warnings.warn(f"deleting damaged checkpoint {old} ({problems[old]})", stacklevel=2)
             shutil.rmtree(old, ignore_errors=True)
-    for stale in final.parent.glob(".step_*.tmp-*"):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
     return final
 
 

@@ -267,6 +267,9 @@ class TrainerBase:
         is written and the summary says `interrupted` (no final model). Returns a summary."""
         settings, main = self.settings, self.dist.is_main
         max_steps = settings.max_steps if max_steps is None else max_steps
+        if self.step > max_steps and main:
+            warnings.warn(f"this run is already at step {self.step}, past max_steps {max_steps}: nothing to train; "
+                          f"its model is written from step {self.step}", stacklevel=2)
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         bar = tqdm(total=max_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
                    unit="step", dynamic_ncols=True)
