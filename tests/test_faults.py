@@ -654,6 +654,11 @@ def test_reconstruct_noise_is_seeded_per_image_not_per_batch(tmp_path):
                  [str(a), str(other), "--batch-size", "2", "--seed", "0"]):
         got = rec_m(*argv)
         assert changed(alone, got) <= 8 and np.abs(alone - got).max() <= 1, argv  # before: up to ~0.5 dB
+    twin = crop(tmp_path / "twins/m.jpg", "astronaut", 0, 0)  # its name collides: outputs m.png.png and m.jpg.png
+    out = tmp_path / "rec-twins"
+    assert main(["reconstruct", str(a), str(twin), "--crop", "--batch-size", "1", "--out", str(out)]) == 0
+    named = np.asarray(Image.open(out / "reconstructions" / "m.png.png")).astype(int)
+    assert changed(alone, named) == 0  # was: the noise of the name m.png, not m
     reseeded = rec_m(str(a), "--seed", "1")
     assert changed(alone, reseeded) > 2000  # the noise matters, so the checks above can fail
     assert changed(reseeded, rec_m(str(crowd), "--seed", "1", "--batch-size", "1")) == 0

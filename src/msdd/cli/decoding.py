@@ -26,11 +26,11 @@ def cmd_reconstruct(args) -> None:
     if args.tile_overlap is not None and not 0 <= args.tile_overlap <= r // 2:
         raise ValueError(f"--tile-overlap must be in [0, {r // 2}] (at most half a tile) for this {r} px model, got "
                          f"{args.tile_overlap}")
-    files, names, explicit = list_inputs(args.inputs, exclude=[args.out])
-    # each image's noise is seeded from --seed and its output name: independent of --batch-size and the other inputs
-    s = reconstruct_files(tok, files, names, explicit, args.out, size=args.size, tile_overlap=args.tile_overlap,
-                          steps=steps, guidance=args.guidance, seed=args.seed, batch_size=args.batch_size,
-                          bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers, int8=args.int8)
+    files, names, explicit, keys = list_inputs(args.inputs, exclude=[args.out])
+    # each image's noise is seeded from --seed and its own name: independent of --batch-size and the other inputs
+    s = reconstruct_files(tok, files, names, explicit, args.out, keys=keys, size=args.size,
+                          tile_overlap=args.tile_overlap, steps=steps, guidance=args.guidance, seed=args.seed,
+                          batch_size=args.batch_size, bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers, int8=args.int8)
     reused = f", {s['reused']} kept from an earlier run" if s["reused"] else ""
     print(f"{s['n']} images reconstructed ({len(s['skipped'])} skipped{reused}) -> {args.out}: mean PSNR "
           f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, decode {s['decode_s']:.3f} s/image")
@@ -143,7 +143,8 @@ def add_reconstruct(sub) -> None:
                       help="centre-crop every file to the model's resolution (shorter side resized to it)")
     p.set_defaults(size="auto")
     p.add_argument("--tile-overlap", type=int, default=None,
-                   help="pixels neighbouring tiles share, at most half the model's resolution (default: a quarter of it)")
+                   help="pixels neighbouring tiles share, at most half the model's resolution (default: a "
+                        "quarter of it)")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep reconstructions an earlier run wrote to --out (scored again, not decoded): "
                         "a stopped run continues where it stopped")

@@ -44,7 +44,7 @@ def reconstruct_images(
     """Encode + decode images (N, 3, R, R) in [-1, 1] in batches of `batch_size`.
 
     Each image's decode noise has its own generator, seeded from `seed` and its key in `keys` (see
-    `image_generators`; `msdd reconstruct` passes the unique output names, so adding, removing or
+    `image_generators`; `msdd reconstruct` passes the files' own names, so adding, removing or
     reordering other inputs, or another batch size, leaves an image's noise unchanged, and its pixels up to
     the float rounding the module docstring describes). Without
     `keys`, the image's index is its key, seeded as `msdd eval` seeds the same image of the same list.

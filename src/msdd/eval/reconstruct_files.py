@@ -33,8 +33,11 @@ SIZES = ("auto", "keep", "crop")
 
 
 def list_inputs(inputs: Sequence[str | Path],
-                exclude: Sequence[str | Path] = ()) -> tuple[list[Path], list[str], list[bool]]:
-    """Files and folders (searched recursively) -> (files, unique output names, given explicitly).
+                exclude: Sequence[str | Path] = ()) -> tuple[list[Path], list[str], list[bool], list[str]]:
+    """Files and folders (searched recursively) -> (files, unique output names, given explicitly, noise keys).
+
+    A file's noise key is its own name (a file's stem, or its path in the folder given, without the extension):
+    unlike its output name, it does not change when another input's name collides with it.
 
     Output folders in `exclude` are not read when they lie inside an input folder (when one is the input
     folder itself, its `reconstructions/` and `grid.png` are not), so a rerun does not take its own
@@ -56,7 +59,7 @@ def list_inputs(inputs: Sequence[str | Path],
     if not found:
         raise ValueError(f"no usable image in {list(map(str, inputs))}")
     files, names, explicit = (list(column) for column in zip(*found))
-    return files, unique_names(names, files), explicit
+    return files, unique_names(names, files), explicit, names
 
 
 def _outputs_inside(folder: Path, out_dirs: Sequence[Path]) -> list[Path]:
@@ -114,14 +117,16 @@ def _read_png(path: Path, shape: torch.Size) -> torch.Tensor | None:
 def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit: Sequence[bool], out_dir: str | Path,
                       size: str = "auto", tile_overlap: int | None = None, steps=None, guidance: float | None = None,
                       seed: int = 0, batch_size: int = 32, bf16: bool = False, skip_existing: bool = False,
-                      workers: int = 0, grid_rows: int = 16, int8: bool = False) -> dict:
+                      workers: int = 0, grid_rows: int = 16, int8: bool = False,
+                      keys: Sequence[str] | None = None) -> dict:
     """Reconstruct `files` into `out_dir` (see the module docstring). A bad file given explicitly raises
     BadImageError; one found in a folder is skipped with a warning and counted. Every image's noise is
-    seeded from `seed` and its name (`image_generators`; tiles from name and tile index). Returns
+    seeded from `seed` and its key (default: its name; `image_generators`; tiles from key and tile index). Returns
     {n, psnr, ssim (means), skipped: [(path, reason)], reused (PNGs kept by skip_existing), decode_s}."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     out, r = Path(out_dir), tok.config.image_size
+    keys = list(names if keys is None else keys)
     tok.resolve_steps(steps), tok.resolve_guidance(guidance)  # bad options fail before anything is written
     loader = torch.utils.data.DataLoader(InputFiles(files, r, size), batch_size=None, num_workers=workers)
     rows, skipped, grid, reused, decode_s, pending = [], [], [], 0, 0.0, []
@@ -150,7 +155,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
             images = torch.stack([x for _, x in pending])
             t0 = time.perf_counter()
             recon, _ = reconstruct_images(tok, images, steps, guidance, seed, len(idx), bf16,
-                                          keys=[names[i] for i in idx], int8=int8)
+                                          keys=[keys[i] for i in idx], int8=int8)
             decode_s += time.perf_counter() - t0
             for i, x, y in zip(idx, images, recon):
                 finish(i, x, y, True)
@@ -175,7 +180,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
                     flush()
             else:
                 t0 = time.perf_counter()
-                y = quantize(reconstruct_tiled(tok, x, tile_overlap, key=names[i], seed=seed, batch_size=batch_size,
+                y = quantize(reconstruct_tiled(tok, x, tile_overlap, key=keys[i], seed=seed, batch_size=batch_size,
                                                steps=steps, guidance=guidance, bf16=bf16, int8=int8))
                 decode_s += time.perf_counter() - t0
                 finish(i, x, y, True)
