@@ -101,6 +101,13 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     assert (out / "reconstructions" / "tall.png").read_bytes() == tall  # decoded again, the same image
     again = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
     assert again == first  # the kept PNG scores as it did when it was written
+    # another model or seed: the PNGs are not this run's (was: "kept", scored as the other model's)
+    for other in (["--model", "tiny-64-teacher"], ["--model", str(model), "--seed", "1"]):
+        assert main(["reconstruct", str(photos), *other, "--out", str(out), "--skip-existing"]) == 2
+        assert "were made with other settings" in capsys.readouterr().err
+    (out / "reconstruct.json").unlink()
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 2
+    assert "without a readable reconstruct.json" in capsys.readouterr().err
     assert main(["reconstruct", str(photos), "--model", str(model), "--tile-overlap", "17"]) == 2
     assert "--tile-overlap must be in [0, 16] (at most half a tile)" in capsys.readouterr().err
 

@@ -147,7 +147,8 @@ def add_reconstruct(sub) -> None:
                         "quarter of it)")
     p.add_argument("--skip-existing", action="store_true",
                    help="keep reconstructions an earlier run wrote to --out (scored again, not decoded): "
-                        "a stopped run continues where it stopped")
+                        "a stopped run continues where it stopped (refused if its reconstruct.json shows other "
+                        "weights or settings)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader processes reading the files (default 0)")
     p.add_argument("--int8", action="store_true",
                    help="encode and decode with int8 matmuls in the transformer streams (CPU; with --bf16 "

@@ -1,6 +1,7 @@
 """`msdd reconstruct` on files and folders of any size and number: a DataLoader streams the files, every
 reconstruction is written (atomically) and scored as soon as it is decoded, and a rerun with
-`skip_existing` scores the PNGs already written instead of decoding them again.
+`skip_existing` scores the PNGs already written instead of decoding them again, after checking in
+reconstruct.json that they were decoded by the same weights with the same settings.
 
 Sizes (`size`): "crop" centre-crops every file to the model's resolution R (shorter side resized to R);
 "keep" reconstructs every file at its own size from overlapping tiles (`msdd.tiles`, sides shorter than
@@ -12,6 +13,8 @@ and grid.png (real | reconstruction | |error| x 4 for the first 16 images, centr
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import os
 import time
 import warnings
@@ -27,6 +30,7 @@ from msdd.data import BadImageError, center_crop_arr, list_images, load_image, t
 from msdd.eval.grid import save_grid
 from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
 from msdd.eval.reconstruct import reconstruct_images, unique_names
+from msdd.io import atomic_write_text
 from msdd.tiles import reconstruct_tiled
 
 SIZES = ("auto", "keep", "crop")
@@ -114,6 +118,34 @@ def _read_png(path: Path, shape: torch.Size) -> torch.Tensor | None:
     return x if x.shape == shape else None
 
 
+def weights_sha256(module: torch.nn.Module) -> str:
+    """A digest of a module's weights and buffers (names, dtypes, shapes, values)."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_earlier_run(out: Path, settings: dict) -> None:
+    """`skip_existing`: the PNGs in `out` may be kept only if reconstruct.json says the same weights and settings
+    made them (a rerun with another --model or --seed would otherwise score the old model's images as its own)."""
+    if not (out / "reconstructions").is_dir():
+        return
+    try:
+        earlier = json.loads((out / "reconstruct.json").read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"--skip-existing: {out} holds reconstructions without a readable reconstruct.json, so "
+                         "nothing says which model and settings made them; choose a new --out, or drop "
+                         "--skip-existing to decode every image again") from None
+    differ = [f"{k}: {earlier.get(k)!r} -> {v!r}" for k, v in settings.items() if earlier.get(k) != v]
+    if differ:
+        raise ValueError(f"--skip-existing: the reconstructions in {out} were made with other settings, so they "
+                         f"cannot be kept as this run's:\n  " + "\n  ".join(differ)
+                         + "\nchoose a new --out, or drop --skip-existing to decode every image again")
+
+
 def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit: Sequence[bool], out_dir: str | Path,
                       size: str = "auto", tile_overlap: int | None = None, steps=None, guidance: float | None = None,
                       seed: int = 0, batch_size: int = 32, bf16: bool = False, skip_existing: bool = False,
@@ -127,7 +159,12 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     out, r = Path(out_dir), tok.config.image_size
     keys = list(names if keys is None else keys)
-    tok.resolve_steps(steps), tok.resolve_guidance(guidance)  # bad options fail before anything is written
+    # resolved (bad options fail before anything is written) and kept in reconstruct.json for --skip-existing
+    settings = {"weights_sha256": weights_sha256(tok), "seed": seed, "steps": list(tok.resolve_steps(steps)),
+                "guidance": tok.resolve_guidance(guidance), "bf16": bf16, "int8": int8, "size": size,
+                "tile_overlap": tile_overlap}
+    if skip_existing:
+        _check_earlier_run(out, settings)
     loader = torch.utils.data.DataLoader(InputFiles(files, r, size), batch_size=None, num_workers=workers)
     rows, skipped, grid, reused, decode_s, pending = [], [], [], 0, 0.0, []
     csv_file, writer = None, None
@@ -136,6 +173,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         nonlocal csv_file, writer
         if csv_file is None:  # the outputs appear with the first image
             (out / "reconstructions").mkdir(parents=True, exist_ok=True)
+            atomic_write_text(out / "reconstruct.json", json.dumps(settings, indent=1) + "\n")
             csv_file = open(out / "metrics.csv", "w", newline="")
             writer = csv.writer(csv_file)
             writer.writerow(["name", "psnr_db", "ssim"])
