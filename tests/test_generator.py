@@ -2,6 +2,7 @@
 guidance, training on real latents of the shipped tokenizer, and `msdd gen-train` / `msdd generate`."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -200,6 +201,16 @@ def test_gen_train_then_generate(tmp_path, capsys):
     first = np.asarray(Image.open(pngs[0]))
     assert main([*generate, "--n", "5", "--out", str(tmp_path / "again")]) == 0  # same seed, other batches
     assert np.array_equal(first, np.asarray(Image.open(tmp_path / "again" / "images" / "00000.png")))
+    # the student's teacher has its encoder and latent statistics: no warning (was: "its weights differ")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*generate[:3], "--tokenizer", "tiny-64-teacher", "--steps", "2", "--n", "1",
+                     "--out", str(tmp_path / "t")]) == 0
+    other = tmp_path / "other-tok"
+    Tokenizer(Tokenizer.from_pretrained("tiny-64").config).save_pretrained(other)  # the same shapes, new weights
+    with pytest.warns(UserWarning, match="does not have the latent space this generator was trained on"):
+        assert main([*generate[:3], "--tokenizer", str(other), "--steps", "2", "--n", "1",
+                     "--out", str(tmp_path / "o")]) == 0
     # --metrics offline: latent FD against crops of the embedded photos; FID skipped for want of Inception
     capsys.readouterr()
     missing = tmp_path / "no-inception.pth"

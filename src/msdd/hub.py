@@ -37,6 +37,23 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors in memory (names, dtypes, shapes, values), e.g. a module's state_dict."""
+    h = hashlib.sha256()
+    for name, t in tensors.items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def latent_space_sha256(tokenizer) -> str:
+    """A digest of what defines a tokenizer's latents: its encoder and its latent statistics (a distilled student
+    shares its teacher's, so a generator of the teacher's latents is one of the student's too)."""
+    state = tokenizer.state_dict()
+    return tensors_sha256({k: v for k, v in state.items() if k.startswith("encoder.") or k.startswith("latent_")})
+
+
 def save_tokenizer(tokenizer, directory: str | Path, dtype: torch.dtype | None = None, **extra_metadata) -> Path:
     """Write `tokenizer` (weights, buffers and config) to `directory`; `dtype` (e.g. torch.float16) stores the
     floating-point tensors in that type (they are loaded back into the model's fp32 parameters)."""

@@ -31,7 +31,7 @@ def cmd_generate(args) -> int:
 
     from msdd.generator.files import load_generator, write_samples
     from msdd.generator.flow import check_sampling, generate_images
-    from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
+    from msdd.hub import WEIGHTS_NAME, file_sha256, latent_space_sha256, resolve_model_dir
     from msdd.seeding import image_generators
     from msdd.tokenizer import Tokenizer
 
@@ -41,8 +41,11 @@ def cmd_generate(args) -> int:
     model, meta = load_generator(args.generator, device=args.device)
     check_sampling(model, args.n, args.steps, args.guidance, args.class_label)
     tok = Tokenizer.from_pretrained(args.tokenizer, device=args.device)
-    trained_on = meta.get("tokenizer_sha256")
-    if trained_on and file_sha256(resolve_model_dir(args.tokenizer) / WEIGHTS_NAME) != trained_on:
+    if "latent_space_sha256" in meta:  # the encoder and latent statistics: the teacher's student shares them
+        if latent_space_sha256(tok) != meta["latent_space_sha256"]:
+            warnings.warn(f"--tokenizer {args.tokenizer} does not have the latent space this generator was trained "
+                          f"on ({meta.get('tokenizer')}): its encoder or latent statistics differ")
+    elif meta.get("tokenizer_sha256") not in (None, file_sha256(resolve_model_dir(args.tokenizer) / WEIGHTS_NAME)):
         warnings.warn(f"--tokenizer {args.tokenizer} is not the tokenizer this generator was trained on "
                       f"({meta.get('tokenizer')}): its weights differ, so its latent space may too")
     batches = [range(i, min(i + args.batch_size, args.n)) for i in range(0, args.n, args.batch_size)]

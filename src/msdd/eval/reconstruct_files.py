@@ -13,7 +13,6 @@ and grid.png (real | reconstruction | |error| x 4 for the first 16 images, centr
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import time
@@ -30,6 +29,7 @@ from msdd.data import BadImageError, center_crop_arr, list_images, load_image, t
 from msdd.eval.grid import save_grid
 from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
 from msdd.eval.reconstruct import reconstruct_images, unique_names
+from msdd.hub import tensors_sha256
 from msdd.io import atomic_write_text
 from msdd.tiles import reconstruct_tiled
 
@@ -118,16 +118,6 @@ def _read_png(path: Path, shape: torch.Size) -> torch.Tensor | None:
     return x if x.shape == shape else None
 
 
-def weights_sha256(module: torch.nn.Module) -> str:
-    """A digest of a module's weights and buffers (names, dtypes, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in module.state_dict().items():
-        t = t.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _check_earlier_run(out: Path, settings: dict) -> None:
     """`skip_existing`: the PNGs in `out` may be kept only if reconstruct.json says the same weights and settings
     made them (a rerun with another --model or --seed would otherwise score the old model's images as its own)."""
@@ -160,7 +150,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
     out, r = Path(out_dir), tok.config.image_size
     keys = list(names if keys is None else keys)
     # resolved (bad options fail before anything is written) and kept in reconstruct.json for --skip-existing
-    settings = {"weights_sha256": weights_sha256(tok), "seed": seed, "steps": list(tok.resolve_steps(steps)),
+    settings = {"weights_sha256": tensors_sha256(tok.state_dict()), "seed": seed, "steps": list(tok.resolve_steps(steps)),
                 "guidance": tok.resolve_guidance(guidance), "bf16": bf16, "int8": int8, "size": size,
                 "tile_overlap": tile_overlap}
     if skip_existing:

@@ -26,7 +26,7 @@ from msdd.generator.data import LatentRecords, encode_latents
 from msdd.generator.files import png_bytes, sample_grid, save_generator
 from msdd.generator.flow import flow_matching_loss, generate_images
 from msdd.generator.model import build_generator
-from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
+from msdd.hub import WEIGHTS_NAME, file_sha256, latent_space_sha256, resolve_model_dir
 from msdd.io import atomic_write_bytes
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.ema import EMA
@@ -127,5 +127,6 @@ class GeneratorTrainer(TrainerBase):
     def finalize(self) -> Path:
         """The EMA generator to <run>/model, with the tokenizer it learnt from and its class names."""
         return save_generator(self.ema.module, self.run_dir / "model", tokenizer=self.tokenizer_source,
-                              tokenizer_sha256=self.tokenizer_hash, class_names=self.data.class_names,
-                              steps_trained=self.step, train=to_dict(self.cfg.train), data=to_dict(self.cfg.data))
+                              tokenizer_sha256=self.tokenizer_hash,
+                              latent_space_sha256=latent_space_sha256(self.tokenizer),
+                              class_names=self.data.class_names, steps_trained=self.step, train=to_dict(self.cfg.train), data=to_dict(self.cfg.data))
