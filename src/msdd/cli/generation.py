@@ -70,6 +70,10 @@ def cmd_generate(args) -> int:
         metrics = {"generator": str(args.generator), "tokenizer": str(args.tokenizer), "steps": args.steps,
                    "cfg": args.guidance, "seed": args.seed, "data": args.data, **metrics}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if metrics["samples"] <= metrics["latent_dims"]:
+            warnings.warn(f"latent FD from {metrics['samples']} samples of {metrics['latent_dims']}-dim latents: the "
+                          "covariances are rank-deficient, so it means something only beside the two baselines printed "
+                          f"with it; use --n above {metrics['latent_dims']} for a figure that compares across runs")
         fid = f"FID {metrics['fid']:.2f}" if "fid" in metrics else f"FID skipped ({metrics['fid_skipped']})"
         print(f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}, "
               f"other data images: {metrics['latent_fd_data_floor']:.2f}) over {metrics['latent_dims']} dims; "
