@@ -116,3 +116,11 @@ def test_latent_normalisation_checks_the_shape(tok, z):
     for bad in (torch.zeros(2, 8, 32), z.numpy()):  # transposed; an array
         with pytest.raises(ValueError, match=r"latents must have their 8 channels last for this model"):
             tok.normalize_latents(bad)
+
+
+def test_a_decode_warning_points_at_the_callers_line():
+    student = Tokenizer.from_pretrained("tiny-64-student")
+    z = torch.zeros(1, *student.config.latent_shape)
+    with pytest.warns(UserWarning, match="distilled for one step per stage") as record:
+        student.decode(z, steps=2)
+    assert record[0].filename == __file__  # was: torch's no_grad wrapper (torch/utils/_contextlib.py)

@@ -5,6 +5,7 @@ never an error deep inside a layer or a silently wrong image."""
 from __future__ import annotations
 
 import numbers
+import sys
 
 import numpy as np
 import torch
@@ -111,6 +112,15 @@ def check_flags(**flags) -> None:
             raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
+def user_stacklevel() -> int:
+    """The `warnings.warn` stacklevel, for a warning issued by this function's caller, that points at the first
+    frame outside msdd and torch (the user's line, not `torch.no_grad`'s wrapper or an msdd helper)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_globals.get("__name__", "").split(".")[0] in ("msdd", "torch"):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def noise_source(generator, seed, batch: int):
     """A decode's source of noise: `generator` (a torch.Generator, or a list of one per image) as given, else a CPU
     generator seeded with `seed`."""
@@ -126,4 +136,5 @@ def noise_source(generator, seed, batch: int):
     return generator
 
 
-__all__ = ["check_flags", "check_seed", "image_batch", "image_values", "latent_values", "model_images", "noise_source"]
+__all__ = ["check_flags", "check_seed", "image_batch", "image_values", "latent_values", "model_images", "noise_source",
+           "user_stacklevel"]

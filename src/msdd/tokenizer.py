@@ -37,7 +37,9 @@ from msdd.hub import (
     resolve_model_dir,
     save_tokenizer,
 )
-from msdd.inputs import check_flags, check_seed, image_batch, image_values, latent_values, model_images, noise_source
+from msdd.inputs import (
+    check_flags, check_seed, image_batch, image_values, latent_values, model_images, noise_source, user_stacklevel,
+)  # fmt: skip
 from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
@@ -129,7 +131,7 @@ class Tokenizer(nn.Module):
         steps = self.family.resolve_steps(steps)
         if self.config.one_step and any(n > 1 for n in steps) and not self._warned_steps:
             warnings.warn(f"this decoder was distilled for one step per stage; decoding with {list(steps)}",
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
             self._warned_steps = True
         return steps
 
