@@ -24,6 +24,7 @@ def test_fidelity_quick_writes_the_table(tmp_path):
         assert 0 < s["psnr"]["mean"] < 60 and 0 < s["ssim"]["mean"] <= 1
     md = (out / "results.md").read_text()
     assert "| experiment | variant |" in md and "machine:" in md and "budget:" in md
+    assert "- SSDD rows: ssdd-tiny-test with ['train.pca_crops=500']" in md  # which recipe the SSDD rows trained with
     assert ("teacher-steps", "4 stages, 30 steps/stage") in variants
     assert [g["goal"].split()[:2] for g in r["goals"]] == [["4-stage", "student"], ["4-stage", "teacher"],
                                                           ["student", "within"], ["student", "within"],

@@ -89,7 +89,7 @@ class Fidelity:
             preset, ssdd_preset = quick_preset(preset), quick_preset(ssdd_preset)
             seeds, minutes = 1, min(minutes, 0.3)
         self.base = load_config(preset, overrides)
-        self.ssdd = load_config(ssdd_preset, ssdd_overrides)
+        self.ssdd, self.ssdd_overrides = load_config(ssdd_preset, ssdd_overrides), list(ssdd_overrides)
         self.train_seconds: dict[str, float] = {}
         self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
         self.images, self.names = embedded_eval_set(self.base.model.image_size)
@@ -200,6 +200,10 @@ class Fidelity:
             "eval_set": f"{len(self.names)} held-out images at {self.base.model.image_size} px (chelsea, rocket, "
                         "flower: whole photos + 2x2 and 3x3 tiles)",
             "lambda_perc_sweep": "skipped: LPIPS needs the VGG16 weights file (offline presets train without it)",
+            "ssdd_recipe": f"{self.ssdd.name} with {self.ssdd_overrides}" if self.ssdd_overrides else
+                           f"{self.ssdd.name} as it is, with its own SSDD settings (the README's table trains SSDD "
+                           "by msdd's recipe, which learns much faster at these budgets: --ssdd-set model.linear_path=true model.ssdd.prediction=x "
+                           "model.ssdd.t_sampling=uniform train.linear_lr_scale=0 distill.lambda_pix=1)",
             "summary": self.summary(), "rows": self.rows,
         }
         result["goals"] = goals(result["summary"])
@@ -256,6 +260,7 @@ def render_markdown(r: dict) -> str:
         + f" (wall {r['wall_minutes']} min); seeds: {r['seeds']} (mean ± std over seeds)",
         f"- teachers share a total of {r['total_steps']} Euler steps; evaluation: {r['eval_set']}",
         f"- lambda_perc sweep: {r['lambda_perc_sweep']}",
+        *([f"- SSDD rows: {r['ssdd_recipe']}"] if "ssdd_recipe" in r else []),
         "",
         "| experiment | variant | steps/stage | cfg | passes/img | PSNR (dB) | SSIM | decode ms/img |",
         "|---|---|---|---|---|---|---|---|",
