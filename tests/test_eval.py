@@ -105,7 +105,7 @@ def test_rfid_compares_the_uint8_crops_with_the_reconstructions(model_dir, monke
     tok = Tokenizer.from_pretrained(model_dir)
     with pytest.warns(UserWarning, match="rFID on 10 images is not comparable"):
         r = evaluate(tok, "embedded", limit=10, batch_size=4, inception_weights="w.pth", pca_source=None)
-    assert made == ["w.pth"] and "rfid" not in r["skipped_metrics"]
+    assert made == ["w.pth"] and "rfid" not in r["skipped_metrics"] and "Inception" in r["protocol"]["rfid"]
 
     seen = features.seen  # torchmetrics calls the extractor once per update: real, fake, real, fake, ...
     assert len(seen) == 2 * 3 and [len(x) for x in seen[::2]] == [4, 4, 2]
@@ -164,6 +164,7 @@ def test_evaluate_protocol_and_offline_skips(model_dir, tmp_path, monkeypatch):
     assert p["images"] == 6 and p["steps_per_stage"] == [2, 2, 2] and p["dtype"] == "fp32"
     assert len(p["checkpoint_sha256"]) == 64 and "centre crop" in p["crop"]
     assert set(r["skipped_metrics"]) == {"lpips", "rfid"}
+    assert "lpips" not in p and "rfid" not in p  # the protocol describes the metrics that ran
     assert "vgg16-397923af.pth" in r["skipped_metrics"]["lpips"] and "--vgg-weights" in r["skipped_metrics"]["lpips"]
     assert "weights-inception" in r["skipped_metrics"]["rfid"] and "--inception-weights" in r["skipped_metrics"]["rfid"]
     r2 = evaluate(tok, "embedded", limit=6, batch_size=6)

@@ -220,8 +220,9 @@ def evaluate(
             "device": str(device),
             "checkpoint_sha256": file_sha256(resolve_model_dir(model_path) / WEIGHTS_NAME) if model_path else None,
             "psnr_ssim": "torchmetrics on [0, 1], data_range=1; SSIM Gaussian window 11, sigma 1.5",
-            "lpips": "LPIPS, VGG16 backbone, v0.1 linear heads",
-            "rfid": "torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 2048-d features, "
-                    "reconstructions vs the same cropped originals",
+            # how the metrics that ran were computed (a skipped one's reason is in skipped_metrics)
+            **({"lpips": "LPIPS, VGG16 backbone, v0.1 linear heads"} if lpips is not None else {}),
+            **({"rfid": "torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 2048-d features, "
+                        "reconstructions vs the same cropped originals"} if fid is not None else {}),
         },
     }
