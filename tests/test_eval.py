@@ -251,9 +251,13 @@ def test_pareto_plot_draws_the_points_and_their_front(tmp_path, monkeypatch):
     assert front(rfid_ax) == [(30.0, 4.0), (1.0, 3.0)]
     assert Image.open(path).size == (round(5.5 * 2 * 120), round(4.2 * 120))
 
-    figures.clear()  # without any rFID: one panel
-    plot_pareto([{k: v for k, v in p.items() if k != "rfid"} for p in pts], tmp_path / "y.png")
+    figures.clear()  # without any rFID: one panel; the baselines as horizontal lines on it
+    plot_pareto([{k: v for k, v in p.items() if k != "rfid"} for p in pts], tmp_path / "y.png",
+                baselines={"pca (256 floats)": 21.0})
     assert len(figures[0].axes) == 1 and Image.open(tmp_path / "y.png").size == (round(5.5 * 120), round(4.2 * 120))
+    (ax,) = figures[0].axes
+    assert [tuple(line.get_ydata()) for line in ax.lines if line.get_linestyle() == ":"] == [(21.0, 21.0)]
+    assert "pca (256 floats)" in labels(ax)
 
 
 def _free_port() -> int:

@@ -98,7 +98,8 @@ def cmd_eval(args) -> None:
             points = [{"label": r["label"], "img_per_s": r["img_per_s"], "psnr": r["metrics"]["psnr"],
                        "rfid": r["metrics"].get("rfid")} for r in results]
             title = f"{args.data}, {results[0]['protocol']['device']}, {results[0]['protocol']['dtype']}"
-            print(f"plot -> {plot_pareto(points, args.plot, title=title)}")
+            baselines = {f"{name} ({b['floats']} floats)": b["psnr"] for name, b in results[0]["baselines"].items()}
+            print(f"plot -> {plot_pareto(points, args.plot, title=title, baselines=baselines)}")
     cleanup()
 
 

@@ -10,9 +10,10 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_pareto(points: list[dict], path: str | Path, title: str = "") -> Path:
+def plot_pareto(points: list[dict], path: str | Path, title: str = "", baselines: dict[str, float] | None = None) -> Path:
     """points: dicts with `label`, `img_per_s`, `psnr` and optionally `rfid`. One panel per metric
-    present; x is throughput on a log scale; the Pareto-optimal points are joined."""
+    present; x is throughput on a log scale; the Pareto-optimal points are joined. baselines: {label: PSNR} drawn
+    as horizontal lines on the PSNR panel (codes of the same size without a decoder to time: bicubic, PCA)."""
     metrics = [("psnr", "PSNR (dB), higher is better", True)]
     if any(p.get("rfid") is not None for p in points):
         metrics.append(("rfid", "rFID, lower is better", False))
@@ -29,6 +30,12 @@ def plot_pareto(points: list[dict], path: str | Path, title: str = "") -> Path:
                 best = p[key]
         if len(front) > 1:
             ax.plot([p["img_per_s"] for p in front], [p[key] for p in front], "--", color="gray", lw=1)
+        if key == "psnr":
+            for name, value in (baselines or {}).items():
+                ax.axhline(value, ls=":", lw=1, color="black")
+                ax.annotate(name, (0.01, value), xycoords=("axes fraction", "data"), textcoords="offset points",
+                            xytext=(0, 3), fontsize=8)
+        ax.margins(x=0.3, y=0.12)  # room for the labels right of and above the points
         ax.set_xscale("log")
         ax.set_xlabel("decode throughput (img/s, log scale)")
         ax.set_ylabel(label)
