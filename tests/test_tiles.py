@@ -85,7 +85,9 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     sizes = {p.name: Image.open(p).size for p in (out / "reconstructions").iterdir()}
     assert sizes == {"wide.png": (70, 40), "square.png": (32, 32), "tall.png": (50, 90)}
     first = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
-    assert set(first) == {"wide", "square", "tall"} and (out / "grid.png").exists()
+    assert set(first) == {"wide", "square", "tall"}
+    grid = np.asarray(Image.open(out / "grid.png"))  # 3 rows of 32 px under a row naming the 3 columns
+    assert grid.shape == (14 + 3 * 34 + 2, 3 * 34 + 2, 3) and (grid[:14] < 128).any()  # (dark label text)
     crop = tmp_path / "crop"
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(crop), "--crop"]) == 0
     assert {Image.open(p).size for p in (crop / "reconstructions").iterdir()} == {(32, 32)}

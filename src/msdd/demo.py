@@ -138,9 +138,11 @@ def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, pr
     report_dir.mkdir(parents=True, exist_ok=True)
     order = sorted(range(len(names)), key=lambda i: ("_" in names[i], i))[:12]  # whole photos first
     columns = [images, bicubic, pca_recon, decoded["teacher"], decoded["student"]]
+    labels = ["real", "bicubic", "PCA", "teacher", "student"]
     if "shipped_student" in decoded:
         columns.append(decoded["shipped_student"])
-    save_grid([c[order] for c in columns], report_dir / "grid.png")
+        labels.append("shipped")
+    save_grid([c[order] for c in columns], report_dir / "grid.png", labels=labels)
     (report_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
     summary = render_summary(results, time.monotonic() - t_start)
     (report_dir / "summary.md").write_text(summary)

@@ -219,7 +219,8 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
     if not rows:
         raise ValueError(f"no usable image among {len(files)} files ({len(skipped)} skipped)")
     real, recon = torch.stack([g[0] for g in grid]), torch.stack([g[1] for g in grid])
-    save_grid([real, recon, ((recon - real).abs() * 4 - 1).clamp(-1, 1)], out / "grid.png")
+    save_grid([real, recon, ((recon - real).abs() * 4 - 1).clamp(-1, 1)], out / "grid.png",
+              labels=["input", "output", "error x4"])
     done_n = len(rows) - reused
     return {"n": len(rows), "psnr": float(np.mean([p for p, _ in rows])), "ssim": float(np.mean([s for _, s in rows])),
             "skipped": skipped, "reused": reused, "decode_s": decode_s / max(1, done_n)}

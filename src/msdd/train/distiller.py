@@ -177,7 +177,8 @@ class DistillerBase(TrainerBase):
         """real | teacher | student | |student - real| x 4 (the error of `student` as given), clamped to [-1, 1]."""
         err = ((student - images).abs() * 4 - 1).clamp(-1, 1)
         return save_grid([images, teacher.clamp(-1, 1), student.clamp(-1, 1), err],
-                         self.run_dir / "grids" / f"step_{self.step:08d}.png")
+                         self.run_dir / "grids" / f"step_{self.step:08d}.png",
+                         labels=["real", "teacher", "student", "error x4"])
 
     def finalize(self) -> Path:
         """The EMA student to <run>/model: a normal model directory marked one_step."""

@@ -182,7 +182,8 @@ class Stage1Trainer(TrainerBase):
             z = tok.encoder(images).float()
             _, stages = tok.sample(z, tok.default_steps(), tok.resolve_guidance(None),
                                    torch.Generator(self.device).manual_seed(0))
-        return save_grid([images, *stages], self.run_dir / "grids" / f"step_{self.step:08d}.png")
+        return save_grid([images, *stages], self.run_dir / "grids" / f"step_{self.step:08d}.png",
+                         labels=["real", *(f"{s.shape[-1]} px" for s in stages)])
 
     def finalize(self) -> Path:
         """Latent statistics over training crops, then the EMA tokenizer to <run>/model."""
