@@ -270,8 +270,18 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one, two = tmp_path / "one.json", tmp_path / "two.json"
-    base = ["-m", "msdd.cli", "eval", "--model", str(model_dir), "--limit", "7", "--batch-size", "3"]
+    from PIL import Image
+
+    from msdd.data import load_photo
+
+    one, two, photos = tmp_path / "one.json", tmp_path / "two.json", tmp_path / "photos"
+    photos.mkdir()
+    for k in range(7):  # 7 photos and 3 unreadable files, spread over both processes
+        Image.fromarray(np.ascontiguousarray(load_photo("chelsea")[10 * k:10 * k + 40, :40])).save(photos / f"{k}.png")
+    for k in range(3):
+        (photos / f"bad{k}.png").write_bytes(b"not an image")
+    base = ["-m", "msdd.cli", "eval", "--model", str(model_dir), "--data", str(photos), "--pca-source", "none",
+            "--batch-size", "3"]
     subprocess.run([sys.executable, *base, "--out", str(one)], check=True, env=env, capture_output=True)
     port = str(_free_port())  # not a fixed port: two test runs on one machine must not collide
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
@@ -279,6 +289,7 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
                    capture_output=True)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert b["protocol"]["processes"] == 2 and b["protocol"]["images"] == a["protocol"]["images"] == 7
+    assert b["protocol"]["skipped_files"] == a["protocol"]["skipped_files"] == 3  # was: rank 0's count only
     assert b["metrics"]["psnr"] == pytest.approx(a["metrics"]["psnr"], abs=1e-4)
     assert b["metrics"]["ssim"] == pytest.approx(a["metrics"]["ssim"], abs=1e-5)
 

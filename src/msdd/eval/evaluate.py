@@ -130,13 +130,12 @@ def evaluate(
 
     metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds", "bicubic_psnr",
                                                           "bicubic_ssim", "pca_psnr", "pca_ssim")}
-    count = SumMetric().to(device)
-    count.update(0.0)  # a defined 0 when no image reaches the loop (checked below)
+    count, skipped_files = SumMetric().to(device), SumMetric().to(device)  # summed over processes
+    count.update(0.0), skipped_files.update(0.0)  # a defined 0 when no image reaches the loop (checked below)
     fid, fid_skip = build_fid(inception_weights, device)
     lpips, lpips_skip = build_lpips(vgg_weights, device)
-    skipped_files = 0
     for images, indices, n_skipped in loader:
-        skipped_files += n_skipped
+        skipped_files.update(float(n_skipped))
         if len(images) == 0:
             continue
         ref = quantize(images).to(device)  # the cropped originals as uint8 values, in [-1, 1]
@@ -205,7 +204,7 @@ def evaluate(
         "img_per_s": 1.0 / max(metrics["decode_seconds"].compute().item(), 1e-12),
         "protocol": {
             "images": total,
-            "skipped_files": skipped_files,
+            "skipped_files": int(skipped_files.compute().item()),
             "data": source,
             "crop": f"ADM centre crop to {tok.config.image_size} (resize shorter side, crop)",
             "reference": "the same centre-cropped originals, as uint8",
