@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -235,3 +236,24 @@ def test_a_weights_file_for_a_loss_that_is_off_is_reported(tmp_path):
                     f"--dinov2-weights {dino} is not used: the msdd family has no REPA loss",
                     f"--dino-weights {dino} is not used: distill.discriminator=patch",
                     f"--vgg-weights {vgg} is not used: distill.perceptual=none"]
+
+
+def test_embedded_plus_a_folder_reports_the_photos_it_leaves_out(tmp_path, capsys):
+    from PIL import Image
+
+    from msdd.data import build_train_dataset, load_photo
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(np.ascontiguousarray(load_photo("chelsea")[:120, :160])).save(folder / "good.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "tiny.png")  # was: taken as a training photo
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    source = f"embedded+{folder}"
+    assert build_train_dataset(source, 32, 0).photos[-1] == str(folder / "good.png")
+    with pytest.warns(UserWarning, match="skipping image") as record:
+        assert main(["train", "--run-dir", str(tmp_path / "r"), "--max-steps", "2", *tiny_args(),
+                     "--set", f"data.source={source}", "--set", "train.batch_size=4"]) == 0
+    warned = sorted(str(w.message).split(":")[0] for w in record if "skipping image" in str(w.message))
+    assert warned == [f"skipping image {folder / 'broken.jpg'}", f"skipping image {folder / 'tiny.png'}"]  # once each
+    out = capsys.readouterr().out  # was: "data: no images skipped"
+    assert "data: skipped 2 images, 2 distinct files" in out and "too small (8x8" in out

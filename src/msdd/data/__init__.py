@@ -49,20 +49,25 @@ def _folder(source: str) -> Path:
     return Path(source)
 
 
-def extra_photos(folder: str) -> tuple[str, ...]:
-    """The decodable photographs of `folder` (recursively), for data.source=embedded+FOLDER: they are
-    cropped at random scales like the embedded photos. Unusable files are skipped with a warning."""
+def extra_photos(folder: str, resolution: int) -> tuple[tuple[str, ...], list[tuple[str, str]]]:
+    """(the usable photographs of `folder`, searched recursively, for data.source=embedded+FOLDER; the others as
+    (path, reason)). They are cropped at random scales like the embedded photos; a photograph whose shorter side
+    is below resolution / 2 is left out as too small, as in a folder source."""
     paths, bad = [], []
     for path in list_images(_folder(folder)):
         try:
-            load_photo(str(path))
-            paths.append(str(path))
+            h, w = load_photo(str(path)).shape[:2]
         except BadImageError as e:
-            bad.append((str(path), str(e)))
-    SkipCounter().update(len(bad), bad)
+            bad.append((str(path), e.reason))
+            continue
+        if min(h, w) < resolution // 2:
+            bad.append((str(path), f"too small ({w}x{h}; the shorter side must be >= {resolution // 2})"))
+        else:
+            paths.append(str(path))
     if not paths:
-        raise ValueError(f"data.source=embedded+{folder}: no usable photograph in {folder}")
-    return tuple(paths)
+        raise ValueError(f"data.source=embedded+{folder}: no usable photograph in {folder}"
+                         + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""))
+    return tuple(paths), bad
 
 
 def build_train_dataset(
@@ -73,8 +78,10 @@ def build_train_dataset(
     if source == "embedded":
         return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed)
     if source.startswith("embedded+"):
-        return EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed,
-                             photos=TRAIN_PHOTOS + extra_photos(source[len("embedded+"):]))
+        photos, left_out = extra_photos(source[len("embedded+"):], resolution)
+        dataset = EmbeddedCrops(resolution, length=limit or EPOCH_LENGTH, seed=seed, photos=TRAIN_PHOTOS + photos)
+        dataset.left_out = left_out  # reported once by the training loop (never drawn, so never skipped)
+        return dataset
     if is_shard_source(source):
         return TarShardDataset(source, resolution, seed=seed, rank=rank, world_size=world_size, limit=limit)
     return ImageFolderDataset(_folder(source), resolution, train=True, seed=seed, limit=limit)

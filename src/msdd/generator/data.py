@@ -70,6 +70,8 @@ def encode_latents(tokenizer, data: GenDataConfig, seed: int, num_classes: int =
     dataset = image_records(data, tokenizer.config.image_size, seed)
     loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=data.num_workers)
     skips, latents, labels = SkipCounter(), [], []
+    left_out = getattr(dataset, "left_out", [])  # embedded+FOLDER's unusable photos
+    skips.update(len(left_out), left_out)
     for records in loader:
         skipped = [(name, reason) for x, name, reason in records if x is None]
         skips.update(len(skipped), skipped)

@@ -98,6 +98,9 @@ class TrainerBase:
             ResumableSampler(len(dataset), seed, rank, world, settings.batch_size)
         self.stream = BatchStream(dataset, self.micro, sampler, collate_skip_bad, cfg.data.num_workers)
         self.skips = SkipCounter()  # this process's skipped files, with examples
+        if self.dist.is_main:  # files of the source left out before training (embedded+FOLDER's unusable photos)
+            left_out = getattr(dataset, "left_out", [])
+            self.skips.update(len(left_out), left_out)
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
         self.train_seconds, self._fit_t0 = 0.0, None  # wall time of fit() calls, kept across resumes
         self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
