@@ -98,6 +98,13 @@ def test_non_finite_loss_on_one_process_is_skipped_by_all(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
+def test_a_signal_to_one_process_stops_every_process_with_its_name(tmp_path):
+    _torchrun(tmp_path / "ddp", tmp_path / "dump", 6, "--sigterm-on", "1")
+    s0, s1 = (json.loads((tmp_path / f"dump/rank{k}.json").read_text()) for k in (0, 1))
+    assert s0 == s1 == {"steps": 4, "skipped_steps": 0, "interrupted": "SIGTERM"}  # was: rank 0 "a signal to another
+    # process", so `msdd train` exited 1 there and torchrun reported a crash rather than the pre-emption (128 + 15)
+
+
 def test_global_batch_must_split_evenly(tmp_path):
     with pytest.raises(ValueError, match=r"train\.batch_size=8 .* 1 x 3"):
         Stage1Trainer(tiny_config("train.grad_accum=3"), tmp_path / "r")

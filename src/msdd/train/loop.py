@@ -226,11 +226,13 @@ class TrainerBase:
             (loss * (len(images) / self.micro)).backward()  # weight = this micro-batch's share of good images
             n_good, loss_sum = n_good + len(images), loss_sum + loss.item() * len(images)
             outs.append((len(images), out))
-        flags = torch.tensor([n_good, bad, loss_sum, skipped, signum, time_up, dry], dtype=torch.float64,
+        term, inter = signum == signal.SIGTERM, signum == signal.SIGINT  # which signal, if any process got one
+        flags = torch.tensor([n_good, bad, loss_sum, skipped, term, inter, time_up, dry], dtype=torch.float64,
                              device=self.device)
-        n, bad, loss_sum, skipped, signum, time_up, dry = all_reduce_sum(flags).tolist()
+        n, bad, loss_sum, skipped, term, inter, time_up, dry = all_reduce_sum(flags).tolist()
         info = {"images": int(n), "bad": bad > 0, "bad_grads": False, "skipped": int(skipped),
-                "signal": int(signum) > 0, "time_up": time_up > 0, "dry": int(dry) == self.dist.world_size}
+                "signal": "SIGTERM" if term else "SIGINT" if inter else None, "time_up": time_up > 0,
+                "dry": int(dry) == self.dist.world_size}
         broadcast_tensors(self.synced_buffers())
         if bad or not n:
             return None, info
@@ -289,9 +291,8 @@ class TrainerBase:
                 time_up = main and deadline is not None and time.monotonic() > deadline
                 out, info = self._step(batches, skipped, signals.received, time_up, self.stream.dry)
                 self.skipped_images += info["skipped"]
-                if info["signal"] or info["time_up"]:
-                    stop = signal.Signals(signals.received).name if signals.received else \
-                        "a signal to another process" if info["signal"] else "time"
+                if info["signal"] or info["time_up"]:  # a process's signal stops every process, with its exit code
+                    stop = signal.Signals(signals.received).name if signals.received else info["signal"] or "time"
                 if info["bad"]:
                     self.bad_steps += 1
                     self.skipped_steps += 1
