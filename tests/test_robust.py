@@ -82,6 +82,9 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     ddp_log, one_log = _log(tmp_path / "ddp"), _log(tmp_path / "one")
     assert len(ddp_log) == 4  # one writer (rank 0)
     assert [r["loss"] for r in ddp_log] == pytest.approx([r["loss"] for r in one_log], rel=1e-5)
+    parts = [k for k in one_log[0] if k.startswith("loss_")]  # each stage's part: of the global batch, not rank 0's
+    assert len(parts) == 3 and all([r[k] for r in ddp_log] == pytest.approx([r[k] for r in one_log], rel=1e-5)
+                                   for k in parts)
     assert [p.name for p in list_checkpoints(tmp_path / "ddp")] == ["step_00000004"]
     assert torch.load(latest_checkpoint(tmp_path / "ddp") / "state.pt", weights_only=True)["world_size"] == 2
 

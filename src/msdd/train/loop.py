@@ -53,9 +53,10 @@ from msdd.train.stream import BatchStream, ResumableSampler
 
 
 def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
-    """Per key, the mean over micro-batches weighted by their image counts (keys may be missing in some)."""
+    """Per key, the mean over micro-batches weighted by their image counts (keys may be missing in some); `outs`
+    of every process (`all_gather_object`), so that the logged parts of the loss are the global batch's."""
     total, weight = {}, {}
-    for n, out in outs:
+    for n, out in (o for process in all_gather_object(outs) for o in process):
         for k, v in out.items():
             total[k], weight[k] = total.get(k, 0.0) + n * v, weight.get(k, 0) + n
     return {k: total[k] / weight[k] for k in total}
