@@ -15,8 +15,11 @@ an epoch to end (it just starts the next one on that process).
 Resume: the loop tells the dataset how many batches this process took from the epoch. The DataLoader
 takes batches from its workers in turn, so each worker knows how many of its records were used and
 skips them *without decoding* (reading the tar bytes is the only cost). This continues exactly as
-long as every worker still had data at the checkpoint; in the tail of an epoch, once some worker has
-run dry, the round-robin is broken and the resumed epoch repeats or misses a few samples. We chose
+long as every worker still had data at the checkpoint; once some worker has run dry, the round-robin is
+broken and the resumed epoch repeats or misses samples. With equal, clean shards that happens only in the
+tail of an epoch; a worker holding an empty, truncated or short shard runs dry early, and then most of the
+epoch resumes differently (measured: losses apart by up to 0.12 after such a resume). data.num_workers=0
+resumes exactly in every case. We chose
 this over restarting the epoch (which repeats up to a whole epoch per pre-emption) and over shard
 boundaries (which repeat up to a shard per worker).
 """
