@@ -257,3 +257,19 @@ def test_embedded_plus_a_folder_reports_the_photos_it_leaves_out(tmp_path, capsy
     assert warned == [f"skipping image {folder / 'broken.jpg'}", f"skipping image {folder / 'tiny.png'}"]  # once each
     out = capsys.readouterr().out  # was: "data: no images skipped"
     assert "data: skipped 2 images, 2 distinct files" in out and "too small (8x8" in out
+
+
+def test_no_image_to_fit_the_pca_on_says_why(tmp_path):
+    import tarfile
+
+    from msdd.eval.baselines import training_crops
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"every sample was skipped, e\.g\. .*a\.png: "):
+        training_crops(str(broken), 32, 10, max_epochs=1)
+    with tarfile.open(tmp_path / "empty-000000.tar", "w"):
+        pass  # an empty shard: was the same bare "yielded no usable training image"
+    with pytest.raises(ValueError, match="it holds no samples"):
+        training_crops(str(tmp_path / "empty-000000.tar"), 32, 10, max_epochs=1)

@@ -37,13 +37,14 @@ def training_crops(source: str, resolution: int, n: int, seed: int = 0, batch_si
     from msdd.data import build_train_dataset, collate_skip_bad
 
     full = build_train_dataset(source, resolution, seed, limit=None if not source.startswith("embedded") else max(n, 1))
-    out, count = [], 0
+    out, count, skipped = [], 0, []
     g = torch.Generator().manual_seed(seed)
     for epoch in range(max_epochs):
         full.set_epoch(epoch)
         dataset = full if isinstance(full, IterableDataset) else \
             torch.utils.data.Subset(full, torch.randperm(len(full), generator=g)[: n - count].tolist())
-        for images, _, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+        for images, _, bad in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+            skipped = skipped or bad[:1]  # the first file skipped, for the error below
             out.append(images)
             count += len(images)
             if count >= n:
@@ -51,7 +52,9 @@ def training_crops(source: str, resolution: int, n: int, seed: int = 0, batch_si
         if count == 0:
             break
     if count == 0:
-        raise ValueError(f"data.source={source!r} yielded no usable training image to fit the PCA on")
+        why = (f"every sample was skipped, e.g. {skipped[0][0]}: {skipped[0][1]}" if skipped else
+               "it holds no samples (empty or unreadable shards, or an empty folder)")
+        raise ValueError(f"data.source={source!r} yielded no usable training image to fit the PCA on: {why}")
     return torch.cat(out)[:n]
 
 
