@@ -30,7 +30,8 @@ def cmd_reconstruct(args) -> None:
     # each image's noise is seeded from --seed and its own name: independent of --batch-size and the other inputs
     s = reconstruct_files(tok, files, names, explicit, args.out, keys=keys, size=args.size,
                           tile_overlap=args.tile_overlap, steps=steps, guidance=args.guidance, seed=args.seed,
-                          batch_size=args.batch_size, bf16=args.bf16, skip_existing=args.skip_existing, workers=args.workers, int8=args.int8)
+                          batch_size=args.batch_size, bf16=args.bf16, skip_existing=args.skip_existing,
+                          workers=args.workers, int8=args.int8)
     reused = f", {s['reused']} kept from an earlier run" if s["reused"] else ""
     print(f"{s['n']} images reconstructed ({len(s['skipped'])} skipped{reused}) -> {args.out}: mean PSNR "
           f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, decode {s['decode_s']:.3f} s/image")

@@ -127,5 +127,5 @@ class SkipCounter:
         if not self.count:
             return "no images skipped"
         shown = "; ".join(f"{path} ({reason})" for path, reason in self.examples)
-        return (f"skipped {self.count} images, {len(self.files)} distinct files (drawn again each epoch; first "
-                f"{len(self.examples)}: {shown})")
+        return (f"skipped {self.count} images, {len(self.files)} distinct files (a file counts each time it is "
+                f"drawn; first {len(self.examples)}: {shown})")

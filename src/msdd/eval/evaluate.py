@@ -131,7 +131,8 @@ def evaluate(
     metrics = {name: MeanMetric().to(device) for name in ("psnr", "ssim", "lpips", "decode_seconds", "bicubic_psnr",
                                                           "bicubic_ssim", "pca_psnr", "pca_ssim")}
     count, skipped_files = SumMetric().to(device), SumMetric().to(device)  # summed over processes
-    count.update(0.0), skipped_files.update(0.0)  # a defined 0 when no image reaches the loop (checked below)
+    count.update(0.0)  # a defined 0 when no image reaches the loop (checked below)
+    skipped_files.update(0.0)
     fid, fid_skip = build_fid(inception_weights, device)
     lpips, lpips_skip = build_lpips(vgg_weights, device)
     for images, indices, n_skipped in loader:

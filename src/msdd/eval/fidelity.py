@@ -202,8 +202,9 @@ class Fidelity:
             "lambda_perc_sweep": "skipped: LPIPS needs the VGG16 weights file (offline presets train without it)",
             "ssdd_recipe": f"{self.ssdd.name} with {self.ssdd_overrides}" if self.ssdd_overrides else
                            f"{self.ssdd.name} as it is, with its own SSDD settings (the README's table trains SSDD "
-                           "by msdd's recipe, which learns much faster at these budgets: --ssdd-set model.linear_path=true model.ssdd.prediction=x "
-                           "model.ssdd.t_sampling=uniform train.linear_lr_scale=0 distill.lambda_pix=1)",
+                           "by msdd's recipe: --ssdd-set "
+                           "model.linear_path=true model.ssdd.prediction=x model.ssdd.t_sampling=uniform "
+                           "train.linear_lr_scale=0 distill.lambda_pix=1)",
             "summary": self.summary(), "rows": self.rows,
         }
         result["goals"] = goals(result["summary"])

@@ -10,7 +10,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_pareto(points: list[dict], path: str | Path, title: str = "", baselines: dict[str, float] | None = None) -> Path:
+def plot_pareto(points: list[dict], path: str | Path, title: str = "",
+                baselines: dict[str, float] | None = None) -> Path:
     """points: dicts with `label`, `img_per_s`, `psnr` and optionally `rfid`. One panel per metric
     present; x is throughput on a log scale; the Pareto-optimal points are joined. baselines: {label: PSNR} drawn
     as horizontal lines on the PSNR panel (codes of the same size without a decoder to time: bicubic, PCA)."""

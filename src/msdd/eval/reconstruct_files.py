@@ -150,9 +150,9 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
     out, r = Path(out_dir), tok.config.image_size
     keys = list(names if keys is None else keys)
     # resolved (bad options fail before anything is written) and kept in reconstruct.json for --skip-existing
-    settings = {"weights_sha256": tensors_sha256(tok.state_dict()), "seed": seed, "steps": list(tok.resolve_steps(steps)),
-                "guidance": tok.resolve_guidance(guidance), "bf16": bf16, "int8": int8, "size": size,
-                "tile_overlap": tile_overlap}
+    settings = {"weights_sha256": tensors_sha256(tok.state_dict()), "seed": seed,
+                "steps": list(tok.resolve_steps(steps)), "guidance": tok.resolve_guidance(guidance), "bf16": bf16,
+                "int8": int8, "size": size, "tile_overlap": tile_overlap}
     if skip_existing:
         _check_earlier_run(out, settings)
     loader = torch.utils.data.DataLoader(InputFiles(files, r, size), batch_size=None, num_workers=workers)

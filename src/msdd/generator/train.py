@@ -129,4 +129,5 @@ class GeneratorTrainer(TrainerBase):
         return save_generator(self.ema.module, self.run_dir / "model", tokenizer=self.tokenizer_source,
                               tokenizer_sha256=self.tokenizer_hash,
                               latent_space_sha256=latent_space_sha256(self.tokenizer),
-                              class_names=self.data.class_names, steps_trained=self.step, train=to_dict(self.cfg.train), data=to_dict(self.cfg.data))
+                              class_names=self.data.class_names, steps_trained=self.step,
+                              train=to_dict(self.cfg.train), data=to_dict(self.cfg.data))
