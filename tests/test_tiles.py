@@ -20,7 +20,7 @@ def test_tiles_cover_with_the_overlap_and_weights_sum_to_one():
     assert tile_starts(150, 64, 16) == [0, 43, 86]  # 3 tiles: stride 43 <= 64 - 16, the last ends at 150
     assert tile_starts(64, 64, 16) == [0] and tile_starts(112, 64, 16) == [0, 48]
     for overlap in (33, 63, 64):  # 63: a tile per pixel
-        with pytest.raises(ValueError, match=r"tile_overlap must be in \[0, 32\] \(half a tile\)"):
+        with pytest.raises(ValueError, match=r"tile_overlap must be a whole number of pixels in \[0, 32\] \(at most"):
             tile_starts(100, 64, overlap)
     for length, overlap in [(150, 16), (250, 8), (113, 0), (1000, 31)]:
         starts = tile_starts(length, 64, overlap)
@@ -111,7 +111,7 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 2
     assert "without a readable reconstruct.json" in capsys.readouterr().err
     assert main(["reconstruct", str(photos), "--model", str(model), "--tile-overlap", "17"]) == 2
-    assert "--tile-overlap must be in [0, 16] (at most half a tile)" in capsys.readouterr().err
+    assert "--tile-overlap must be a whole number of pixels in [0, 16] (at most half a tile)" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")

@@ -18,10 +18,18 @@ from msdd.models.precision import encode_kwargs
 from msdd.seeding import image_generators
 
 
+def check_overlap(overlap, tile: int, name: str = "tile_overlap") -> int:
+    """`overlap` if it is a whole number of pixels in [0, tile / 2], else a ValueError naming `name` (more: up to a
+    tile per pixel, 63 of 64 px meant 33,000 tiles for 320 x 192)."""
+    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile // 2:
+        raise ValueError(f"{name} must be a whole number of pixels in [0, {tile // 2}] (at most half a tile) for a "
+                         f"{tile} px model, got {overlap!r}")
+    return overlap
+
+
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     """Offsets of tiles of size `tile` covering [0, length) (length >= tile) with overlaps >= `overlap`."""
-    if not 0 <= overlap <= tile // 2:  # more: up to a tile per pixel (63 of 64: 33,000 tiles for 320 x 192)
-        raise ValueError(f"tile_overlap must be in [0, {tile // 2}] (half a tile) for a {tile} px model, got {overlap}")
+    check_overlap(overlap, tile)
     if length <= tile:
         return [0]
     n = -(-(length - tile) // (tile - overlap)) + 1

@@ -251,11 +251,11 @@ class Tokenizer(nn.Module):
     def _reconstruct_input(self, images, tile_overlap: int | None) -> torch.Tensor | list[torch.Tensor]:
         """What `reconstruct` decodes: a checked batch (B, 3, R, R), or the images to tile as a list of
         (3, H, W) tensors in [-1, 1] (each input converted once)."""
+        from msdd.tiles import check_overlap
+
         r = self.config.image_size
-        if tile_overlap is not None and (isinstance(tile_overlap, bool) or not isinstance(tile_overlap, int)
-                                         or not 0 <= tile_overlap <= r // 2):
-            raise ValueError(f"tile_overlap must be a whole number of pixels in [0, {r // 2}] (at most half a tile), "
-                             f"got {tile_overlap!r}")
+        if tile_overlap is not None:
+            check_overlap(tile_overlap, r)
         batch = self._as_batch(images, crop=tile_overlap is None)
         if isinstance(batch, list):
             return [self._checked_values(x)[0].cpu() for x in batch]

@@ -12,6 +12,7 @@ from msdd.cli.common import (
 
 def cmd_reconstruct(args) -> None:
     from msdd.eval.reconstruct_files import list_inputs, reconstruct_files
+    from msdd.tiles import check_overlap
     from msdd.tokenizer import Tokenizer
 
     steps = steps_arg(args.steps)
@@ -23,9 +24,8 @@ def cmd_reconstruct(args) -> None:
                          "without tiles: drop one of them")
     tok = Tokenizer.from_pretrained(args.model, device=args.device)
     r = tok.config.image_size
-    if args.tile_overlap is not None and not 0 <= args.tile_overlap <= r // 2:
-        raise ValueError(f"--tile-overlap must be in [0, {r // 2}] (at most half a tile) for this {r} px model, got "
-                         f"{args.tile_overlap}")
+    if args.tile_overlap is not None:
+        check_overlap(args.tile_overlap, r, "--tile-overlap")
     files, names, explicit, keys = list_inputs(args.inputs, exclude=[args.out])
     # each image's noise is seeded from --seed and its own name: independent of --batch-size and the other inputs
     s = reconstruct_files(tok, files, names, explicit, args.out, keys=keys, size=args.size,

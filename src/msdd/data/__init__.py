@@ -13,7 +13,9 @@ import torch
 from msdd.data.embedded import (
     EPOCH_LENGTH, HELDOUT_PHOTOS, TRAIN_PHOTOS, EmbeddedCrops, embedded_eval_set, load_photo,
 )  # fmt: skip
-from msdd.data.folder import IMAGE_EXTENSIONS, ImageFolderDataset, SkipCounter, collate_skip_bad, list_images
+from msdd.data.folder import (
+    IMAGE_EXTENSIONS, ImageFolderDataset, SkipCounter, collate_skip_bad, list_images, too_small,
+)  # fmt: skip
 from msdd.data.shards import TarShardDataset, is_shard_source
 from msdd.data.images import (
     BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor, to_uint8,
@@ -56,14 +58,13 @@ def extra_photos(folder: str, resolution: int) -> tuple[tuple[str, ...], list[tu
     paths, bad = [], []
     for path in list_images(_folder(folder)):
         try:
-            h, w = load_photo(str(path)).shape[:2]
+            reason = too_small(load_photo(str(path)), resolution // 2)
         except BadImageError as e:
-            bad.append((str(path), e.reason))
-            continue
-        if min(h, w) < resolution // 2:
-            bad.append((str(path), f"too small ({w}x{h}; the shorter side must be >= {resolution // 2})"))
-        else:
+            reason = e.reason
+        if reason is None:
             paths.append(str(path))
+        else:
+            bad.append((str(path), reason))
     if not paths:
         raise ValueError(f"data.source=embedded+{folder}: no usable photograph in {folder}"
                          + (f", e.g. {bad[0][0]}: {bad[0][1]}" if bad else ""))

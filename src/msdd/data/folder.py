@@ -70,11 +70,16 @@ class ImageFolderDataset(Dataset):
         return crop_record(arr, path, self.resolution, self.min_size, rng)
 
 
+def too_small(arr: np.ndarray, min_size: int) -> str | None:
+    """Why a decoded image is too small to train on (its shorter side below `min_size`), or None."""
+    h, w = arr.shape[:2]
+    return f"too small ({w}x{h}; the shorter side must be >= min_size={min_size})" if min(h, w) < min_size else None
+
+
 def crop_record(arr: np.ndarray, name: str, resolution: int, min_size: int, rng: np.random.Generator | None) -> Record:
     """A decoded image as a `Record`: too small -> skipped; rng -> ADM random crop + flip, else centre crop."""
-    h, w = arr.shape[:2]
-    if min(h, w) < min_size:
-        return None, name, f"too small ({w}x{h}; the shorter side must be >= min_size={min_size})"
+    if (reason := too_small(arr, min_size)) is not None:
+        return None, name, reason
     if rng is None:
         return to_tensor(center_crop_arr(arr, resolution)), name, None
     x = to_tensor(random_crop_arr(arr, resolution, rng))
