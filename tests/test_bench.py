@@ -211,10 +211,14 @@ def test_trained_model_directories(tmp_path):
     ["--batch-size", "0"],
     ["--min-time", "-1"],
     ["--pipeline", "--min-time", "2"],
+    ["--contenders", "student,teacher,student"],
+    ["--model", "tiny-64-teacher", "--set", "model.decoder.depth=12"],
 ])
 def test_bad_options(tmp_path, args, capsys):
     assert main(["bench", "--quick", "--json", str(tmp_path / "b.json"), *args]) == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error:" in err and "Traceback" not in err
+    assert args[-2] in err or args[0] in err  # names the option
     assert not (tmp_path / "b.json").exists()
 
 

@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from msdd.cli import main
+from msdd.hub import BUNDLED
 
 from conftest import tiny_args
 from test_faults import _make_unwritable
@@ -112,7 +114,7 @@ def test_push_checks_the_repo_id_and_the_evaluation_first(tmp_path, capsys):
     assert "| this model | 256 | 27.50 | - |" in (stage / "README.md").read_text()
 
 
-def test_export_refuses_an_ignored_dtype_and_its_own_folder(tmp_path, capsys):
+def test_export_refuses_an_ignored_dtype_and_a_folder_that_holds_files(tmp_path, capsys):
     copy = tmp_path / "copy"
     assert main(["export", "--model", "tiny-64", "--out", str(copy), "--format", "diffusers", "--dtype", "fp16"]) == 2
     assert "--dtype applies to --format msdd only" in _error(capsys)
@@ -120,9 +122,36 @@ def test_export_refuses_an_ignored_dtype_and_its_own_folder(tmp_path, capsys):
     assert main(["export", "--model", "tiny-64", "--out", str(copy)]) == 0
     before = (copy / "model.safetensors").read_bytes()
     capsys.readouterr()
-    assert main(["export", "--model", str(copy), "--out", str(copy), "--dtype", "fp32"]) == 2
-    assert "is the model folder itself" in _error(capsys)
-    assert (copy / "model.safetensors").read_bytes() == before
+    for model, fmt in ((str(copy), "msdd"), ("tiny-64-teacher", "msdd"), ("tiny-64", "diffusers")):
+        assert main(["export", "--model", model, "--out", str(copy), "--format", fmt]) == 2  # itself, or another
+        assert f"--out {copy} already holds files (config.json, model.safetensors)" in _error(capsys)
+    assert (copy / "model.safetensors").read_bytes() == before and len(list(copy.iterdir())) == 2
+    bundled = BUNDLED["tiny-64-student"]  # a bundled name's own folder, which the name does not spell
+    weights = (bundled / "model.safetensors").read_bytes()
+    assert main(["export", "--model", "tiny-64-student", "--out", str(bundled), "--dtype", "bf16"]) == 2
+    assert "already holds files" in _error(capsys) and (bundled / "model.safetensors").read_bytes() == weights
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", "--model", "tiny-64", "--out", str(empty), "--dtype", "fp32"]) == 0  # an empty one is new
+    assert sorted(f.name for f in empty.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_an_export_that_fails_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    import msdd.hub
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(msdd.hub, "atomic_save_safetensors", full_disk)
+    out = tmp_path / "out"
+    assert main(["export", "--model", "tiny-64", "--out", str(out)]) == 2
+    assert "No space left on device" in _error(capsys)
+    assert list(tmp_path.iterdir()) == []  # neither the folder nor its temporary
+    (tmp_path / ".out.tmp-999999999").mkdir()  # a killed export's temporary (no such process) is cleared
+    monkeypatch.undo()
+    assert main(["export", "--model", "tiny-64", "--out", str(out)]) == 0
+    assert [f.name for f in tmp_path.iterdir()] == ["out"]
 
 
 def test_fetch_weights_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -1,6 +1,7 @@
 """ONNX export of the encoder and the whole student decode, run with onnxruntime (issue 16, item 4)."""
 
 import json
+import sys
 
 import pytest
 import torch
@@ -32,20 +33,48 @@ def test_onnx_student_matches_pytorch_on_the_shipped_model(tmp_path, capsys):
     assert (other - want).abs().max() > 1e-2  # the noise inputs matter, so the check above can fail
 
 
-def test_onnx_refusals_and_the_bench_row(tmp_path, capsys):
+def test_onnx_refusals_and_the_bench_row(tmp_path, capsys, monkeypatch):
     from msdd.config import load_config
 
     ssdd = tmp_path / "ssdd"
     Tokenizer(load_config("ssdd-tiny-test").model).save_pretrained(ssdd)
     assert main(["export", "--model", str(ssdd), "--out", str(tmp_path / "o"), "--format", "onnx"]) == 2
-    assert "multi-scale (msdd family)" in capsys.readouterr().err
+    assert "multi-scale (msdd family)" in capsys.readouterr().err and list(tmp_path.iterdir()) == [ssdd]
     with pytest.raises(FileNotFoundError, match="msdd export --format onnx"):
         OnnxTokenizer(tmp_path)
 
     from msdd.eval.bench.contenders import build_contenders
     from msdd.eval.bench.models import FlowModel
 
+    import onnxruntime
+
+    sessions = []
+
+    def session(*args, **kwargs):
+        sessions.append(onnxruntime.InferenceSession.__wrapped__(*args, **kwargs))
+        return sessions[-1]
+
+    session.__wrapped__ = onnxruntime.InferenceSession
+    monkeypatch.setattr(onnxruntime, "InferenceSession", session)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # as `msdd bench --threads 1` sets it
     student = FlowModel.random(load_config("tiny-test").model, torch.device("cpu"))
     eager, onnx_row = build_contenders(["student", "onnx-student"], student, student, (1,), 1.0, 2, torch.device("cpu"))
     assert onnx_row.flop_per_image == eager.flop_per_image and onnx_row.info["runtime"] == "onnxruntime"
+    assert sessions[0].get_session_options().intra_op_num_threads == 1  # the run's threads, not one per core
     assert (onnx_row.decode() - eager.decode()).abs().max() < 1e-4  # the same decode, the same noise
+
+
+def test_onnx_without_its_extra_is_a_clear_error_before_any_work(tmp_path, capsys, monkeypatch):
+    from msdd.eval.bench.settings import BenchSettings
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # as if not installed
+    out = tmp_path / "o"
+    assert main(["export", "--model", "tiny-64", "--out", str(out), "--format", "onnx"]) == 2
+    assert 'onnx not installed: ONNX export and inference need the onnx extra, pip install "msdd[onnx]"' in \
+        capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=r"--contenders onnx-student: onnx not installed.*msdd\[onnx\]"):
+        BenchSettings(contenders=("student", "onnx-student"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(ValueError, match="onnx and onnxruntime not installed"):
+        BenchSettings(contenders=("onnx-student",))

@@ -59,6 +59,18 @@ def folder_arg(path: str | Path, flag: str) -> Path:
     return p
 
 
+def new_folder_arg(path: str | Path, flag: str) -> Path:
+    """An output folder that an export writes whole (`msdd.io.atomic_folder`): `folder_arg`, and missing or empty, so
+    that an export never writes over a model or mixes its files with another's."""
+    p = folder_arg(path, flag)
+    held = sorted(f.name for f in p.iterdir()) if p.is_dir() else []
+    if held:
+        shown = ", ".join(held[:3]) + (f" and {len(held) - 3} more" if len(held) > 3 else "")
+        raise ValueError(f"{flag} {path} already holds files ({shown}); pass a new or empty folder (an export does "
+                         "not write over an existing one)")
+    return p
+
+
 def file_arg(path: str | Path, flag: str) -> Path:
     """An output file argument (--json, --out FILE) checked before any work as `folder_arg` checks a folder: not an
     existing folder, its folder creatable and writable."""

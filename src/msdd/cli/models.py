@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_int
+from msdd.cli.common import add_config_args, device_arg, folder_arg, new_folder_arg, positive_int
 
 
 def cmd_info(args) -> None:
@@ -124,34 +124,35 @@ def cmd_latent_stats(args) -> None:
 
 
 def cmd_export(args) -> None:
+    from msdd.io import atomic_folder
     from msdd.tokenizer import export_tokenizer
 
-    out = folder_arg(args.out, "--out")
+    out = new_folder_arg(args.out, "--out")
     if args.dtype is not None and args.format != "msdd":
         raise ValueError(f"--dtype applies to --format msdd only: the {args.format} export writes float32 weights "
                          "(drop --dtype)")
-    source = Path(args.model).expanduser()
-    if source.is_dir() and out.resolve() == source.resolve():
-        raise ValueError(f"--out {args.out} is the model folder itself; export into a new folder")
-    if args.format == "onnx":
-        try:
-            from msdd.integrations.onnx import export_onnx
-        except ImportError as e:
-            raise ValueError(str(e)) from None
-        out = export_onnx(args.model, args.out)
-        print(f"wrote {out}: encoder.onnx, decoder.onnx (the whole decode at the model's default schedule, its noise "
-              f"as inputs; msdd.integrations.onnx.OnnxTokenizer runs them), onnx.json")
-        return
-    if args.format == "diffusers":
-        try:
+    try:
+        if args.format == "onnx":
+            from msdd.integrations.onnx import export_onnx, require_onnx
+
+            require_onnx()
+            with atomic_folder(out) as tmp:
+                export_onnx(args.model, tmp)
+            print(f"wrote {out}: encoder.onnx, decoder.onnx (the whole decode at the model's default schedule, its "
+                  "noise as inputs; msdd.integrations.onnx.OnnxTokenizer runs them), onnx.json")
+        elif args.format == "diffusers":
             from msdd.integrations.diffusers import export_diffusers
-        except ImportError as e:
-            raise ValueError(str(e)) from None
-        print(f"wrote {export_diffusers(args.model, args.out)} (diffusers layout, AutoencoderMSDD, fp32 weights)")
-        return
-    dtype = args.dtype or "fp16"
-    out = export_tokenizer(args.model, args.out, dtype)
-    print(f"wrote {out} ({dtype} weights)")
+
+            with atomic_folder(out) as tmp:
+                export_diffusers(args.model, tmp)
+            print(f"wrote {out} (diffusers layout, AutoencoderMSDD, fp32 weights)")
+        else:
+            dtype = args.dtype or "fp16"
+            with atomic_folder(out) as tmp:
+                export_tokenizer(args.model, tmp, dtype)
+            print(f"wrote {out} ({dtype} weights)")
+    except ImportError as e:  # an optional extra that is not installed: its message names the pip command
+        raise ValueError(str(e)) from None
 
 
 def cmd_push(args) -> None:
@@ -171,8 +172,12 @@ def cmd_push(args) -> None:
     else:
         evaluation = None
     if args.stage_only:
-        folder_arg(args.stage_only, "--stage-only")
-        print(f"wrote {stage_for_hub(directory, args.stage_only, args.repo, evaluation)} (nothing uploaded)")
+        from msdd.io import atomic_folder
+
+        out = new_folder_arg(args.stage_only, "--stage-only")
+        with atomic_folder(out) as tmp:
+            stage_for_hub(directory, tmp, args.repo, evaluation)
+        print(f"wrote {out} (nothing uploaded)")
         return
     print(f"pushed {directory} to {args.repo}: {push_model(directory, args.repo, args.private, args.token, evaluation)}")
 
@@ -225,10 +230,11 @@ def add_latent_stats(sub) -> None:
 
 
 def add_export(sub) -> None:
-    p = sub.add_parser("export", help="copy a model directory with its weights stored in fp16 (half the size), "
-                                      "or in diffusers' layout")
+    p = sub.add_parser("export", help="copy a model with its weights stored in fp16 (half the size), or write it in "
+                                      "diffusers' layout or as ONNX graphs")
     p.add_argument("--model", required=True, help="model directory or bundled name to copy")
-    p.add_argument("--out", required=True, help="new model directory")
+    p.add_argument("--out", required=True, help="a new or empty folder, written whole (an interrupted export leaves "
+                                                 "none)")
     p.add_argument("--dtype", default=None, choices=["fp16", "bf16", "fp32"],
                    help="stored weight type of --format msdd (default fp16)")
     p.add_argument("--format", default="msdd", choices=["msdd", "diffusers", "onnx"],
@@ -249,7 +255,8 @@ def add_push(sub) -> None:
     p.add_argument("--token", default=None, help="Hub token (default: the one `huggingface-cli login` stored)")
     p.add_argument("--eval-json", default=None, help="the JSON `msdd eval --out` wrote for this model")
     p.add_argument("--stage-only", default=None, metavar="DIR",
-                   help="write the folder that would be uploaded to DIR and upload nothing (to review the card)")
+                   help="write the folder that would be uploaded to DIR (new or empty) and upload nothing (to review "
+                        "the card)")
     p.set_defaults(func=cmd_push)
 
 

@@ -18,6 +18,7 @@ same seed gives the PyTorch decode's image (up to float rounding). onnxruntime, 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import warnings
 from pathlib import Path
@@ -31,6 +32,23 @@ from msdd.flow.path import block_noise, randn, upsample_nearest
 from msdd.flow.sampler import denoise_stage
 from msdd.flow.schedule import local_times, stage_windows
 from msdd.inputs import latent_values, model_images, noise_source
+from msdd.io import atomic_write_text
+
+
+def require_onnx(*modules: str) -> None:
+    """An ImportError naming the pip command unless `modules` (default: onnx, which torch.onnx.export writes
+    with) are installed; checked before anything is written or built."""
+    missing = [m for m in (modules or ("onnx",)) if not _installed(m)]
+    if missing:
+        raise ImportError(f"{' and '.join(missing)} not installed: ONNX export and inference need the onnx extra, "
+                          f'pip install "msdd[onnx]"')
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # sys.modules[module] is None: imports of it are blocked
+        return False
 
 
 class _DecodeGraph(nn.Module):
@@ -67,6 +85,7 @@ def draw_noise(windows, batch: int, generator: torch.Generator) -> list[torch.Te
 def export_decoder(decoder: nn.Module, windows, latent_shape: Sequence[int], steps: Sequence[int], guidance: float,
                    path: str | Path, opset: int = 17) -> list[str]:
     """The decode graph (see the module docstring) of a multi-scale `decoder` to `path`; its input names."""
+    require_onnx()
     z = torch.randn(2, *latent_shape, generator=torch.Generator().manual_seed(0))
     noise = draw_noise(windows, 2, torch.Generator().manual_seed(0))
     names = ["z", "x0"] + [f"bn{w.index}" for w in windows[1:]]
@@ -86,6 +105,7 @@ def export_onnx(model, out_dir: str | Path, steps: int | Sequence[int] | None = 
     or a bundled name) to `out_dir`; steps / guidance: the decode's schedule (default: the model's)."""
     from msdd.tokenizer import Tokenizer
 
+    require_onnx()
     tok = model if isinstance(model, Tokenizer) else Tokenizer.from_pretrained(model)
     if not tok.family.multi_scale:
         raise ValueError(f"ONNX export covers multi-scale (msdd family) models; this one is {tok.config.family!r}")
@@ -93,6 +113,7 @@ def export_onnx(model, out_dir: str | Path, steps: int | Sequence[int] | None = 
     steps, guidance = tok.resolve_steps(steps), tok.resolve_guidance(guidance)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "onnx.json").unlink(missing_ok=True)  # written last: a folder without it is not loaded (a cut re-export)
     r, windows = tok.config.image_size, tok.windows
     images = torch.zeros(2, 3, r, r)
     with torch.no_grad(), warnings.catch_warnings():
@@ -105,7 +126,7 @@ def export_onnx(model, out_dir: str | Path, steps: int | Sequence[int] | None = 
     info = {"image_size": r, "latent_shape": list(tok.config.latent_shape), "steps": list(steps),
             "guidance": guidance, "stage_resolutions": [w.resolution for w in windows],
             "stage_gamma": [w.gamma for w in windows], "decoder_inputs": names, "opset": opset}
-    (out / "onnx.json").write_text(json.dumps(info, indent=2) + "\n")
+    atomic_write_text(out / "onnx.json", json.dumps(info, indent=2) + "\n")
     return out
 
 
@@ -114,10 +135,9 @@ class OnnxTokenizer:
     `reconstruct` like `Tokenizer`'s (tensors in and out; noise from a torch generator, default seed 0)."""
 
     def __init__(self, directory: str | Path, threads: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as e:
-            raise ImportError(f'running ONNX models needs onnxruntime: pip install "msdd[onnx]" ({e})') from e
+        require_onnx("onnxruntime")
+        import onnxruntime as ort
+
         d = Path(directory)
         if not (d / "onnx.json").is_file():
             raise FileNotFoundError(f"{d} holds no onnx.json: pass a folder written by `msdd export --format onnx`")

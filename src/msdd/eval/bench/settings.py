@@ -115,6 +115,17 @@ class BenchSettings:
         unknown = [c for c in self.contenders if c not in CONTENDERS + OPTIONAL_CONTENDERS]
         check(not unknown and len(self.contenders) > 0, "--contenders",
               f"got {list(self.contenders)}, expected a comma list of {list(CONTENDERS + OPTIONAL_CONTENDERS)}")
+        repeated = sorted({c for c in self.contenders if self.contenders.count(c) > 1})
+        check(not repeated, "--contenders", f"{repeated} named more than once; name each row once")
+        check(not (self.model and self.overrides), "--set", "changes a preset's random-weight models; a --model is "
+                                                            "timed as it was trained (drop --set)")
+        if "onnx-student" in self.contenders:  # before any model is built or timed
+            from msdd.integrations.onnx import require_onnx
+
+            try:
+                require_onnx("onnx", "onnxruntime")
+            except ImportError as e:
+                check(False, "--contenders onnx-student", str(e))
 
     def command(self) -> str:
         """The `msdd bench` command line that repeats this run (what `--quick` set spelled out)."""
