@@ -197,6 +197,51 @@ def test_int8_decode_keeps_the_shipped_students_fidelity():
     assert abs(psnr(both) - psnr(fp32)) < 0.1
 
 
+def _precisions():
+    return [{}, {"bf16": True}] + ([{"int8": True}] if int8_engine() is not None else [])
+
+
+@pytest.mark.parametrize("edit", ["data", "inference"])
+def test_edits_no_version_counter_tells_of_are_seen(edit):
+    """`p.data.mul_` (an EMA's idiom: an alias with its own version counter) and in-place edits of weights loaded
+    under inference_mode (no version counter) change what every cache of the fast path is derived from."""
+    context = torch.inference_mode if edit == "inference" else contextlib.nullcontext
+    with context():
+        tok = Tokenizer(tiny_config().model).eval()
+        with torch.no_grad():
+            for p in tok.parameters():
+                p.normal_(0, 0.05)
+    z = _latents(tok)
+    before = {str(kw): tok.decode(z, steps=(2, 2, 2), guidance=2.0, **kw) for kw in _precisions()}  # every cache
+    with context(), torch.no_grad():
+        for p in tok.decoder.parameters():
+            (p.data if edit == "data" else p).mul_(1.5)
+    for kw in _precisions():
+        fast = tok.decode(z, steps=(2, 2, 2), guidance=2.0, **kw)
+        with unoptimised():
+            ref = tok.decode(z, steps=(2, 2, 2), guidance=2.0, **kw)
+        assert (fast - ref).abs().max() <= (1e-5 if not kw else 0.03), kw
+        assert (fast - before[str(kw)]).abs().max() > 0.1, kw
+    tok.forget_caches()  # what an edit of a few values (which the sampled values may miss) calls for
+    assert len(tok.decoder.mod_cache.entries) == 0 and not tok._copies.copies
+
+
+def test_caches_keep_one_set_of_weights_and_copies_carry_none(tok):
+    import pickle
+
+    z = _latents(tok)
+    for kw in _precisions():
+        tok.decode(z, steps=(1, 1, 1), **kw)
+    with torch.no_grad():  # an optimiser step: the vectors of the weights before it are dead
+        tok.sample(z, (1, 1, 1), 1.0, torch.Generator())  # the decoder's own path (a training loop's), no Tokenizer check
+        tok.decoder.t_embed.mlp[0].weight.add_(0.01)
+        tok.sample(z, (1, 1, 1), 1.0, torch.Generator())
+    assert len(tok.decoder.mod_cache.entries) == 3  # this set of weights' three times, not six
+    for twin in (copy.deepcopy(tok), pickle.loads(pickle.dumps(tok))):
+        assert not twin._copies.copies and len(twin.decoder.mod_cache.entries) == 0
+        assert torch.equal(twin.decode(z, steps=(1, 1, 1)), tok.decode(z, steps=(1, 1, 1)))
+
+
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")
 def test_int8_copy_follows_the_weights(tok):
     z = _latents(tok)

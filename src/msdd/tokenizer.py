@@ -40,6 +40,7 @@ from msdd.hub import (
 from msdd.inputs import (
     check_flags, check_seed, image_batch, image_values, latent_values, model_images, noise_source, user_stacklevel,
 )  # fmt: skip
+from msdd.models import caches
 from msdd.models.precision import WeightCopies, encode_kwargs, msdd_int8
 
 
@@ -75,6 +76,7 @@ class Tokenizer(nn.Module):
         self.register_buffer("latent_std", torch.ones(config.latent_channels))
         self._warned_steps = False
         self._copies = WeightCopies()  # bf16 / int8 copies of the encoder and decoder for bf16= / int8= calls
+        self._values = caches.ValuesCheck()  # sees edits of the weights that leave no version (msdd.models.caches)
 
     # ------------------------------------------------------------------ properties
 
@@ -187,6 +189,17 @@ class Tokenizer(nn.Module):
         x = x.clamp(-1, 1)
         return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
 
+    def forget_caches(self) -> None:
+        """Drop what the fast inference path keeps for the weights (packed weights, modulation vectors, bf16 / int8
+        copies). Not needed after an optimiser step, `load_state_dict`, `.to()` or edits through `p.data` (each call
+        checks a sample of the weights' values, `msdd.models.caches`); only after an edit of a few values in place."""
+        for module in (self.encoder, self.decoder):
+            caches.forget(module)
+            self._copies.forget(module)
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) carry no reduced-precision copies of this one's modules
+        return {**super().__getstate__(), "_copies": WeightCopies(), "_values": caches.ValuesCheck()}
+
     def inference_module(self, module: nn.Module, bf16: bool, int8: bool = False,
                          device: torch.device | None = None) -> nn.Module:
         """`module` (the encoder or the decoder) for a call without gradients; with bf16, a copy of it with
@@ -194,6 +207,9 @@ class Tokenizer(nn.Module):
         without casting every weight on every call (half the module's float32 size); with int8 (CPU), a
         copy with the transformer streams' matmuls in int8 (and with bf16 too, its other weights in bf16). Copies
         are kept and rebuilt when the weights change."""
+        if self._values.changed(module):  # an edit no version counter tells of: every cache of the module is stale
+            caches.forget(module)
+            self._copies.forget(module)
         if int8:
             if device is not None and device.type != "cpu":
                 raise ValueError(f"int8=True runs on the CPU: pass a CPU model (this one is on {device}), or drop int8")

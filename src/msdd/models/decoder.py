@@ -111,8 +111,8 @@ class ModulationCache:
         if key is None:
             return compute()
         if key not in self.entries:
-            if len(self.entries) >= self.max_entries:
-                self.entries.clear()
+            if len(self.entries) >= self.max_entries or next(iter(self.entries), key)[2] != key[2]:
+                self.entries.clear()  # all entries are of one set of weights: others (before a step) are dead
             self.entries[key] = compute()
         return self.entries[key]
 
@@ -254,6 +254,9 @@ class Decoder(nn.Module):
         `named_parameters()`, which took 0.7 ms per pass)."""
         layers = [stream.adaln for block in self.blocks for stream in (block.img, block.ctx)] + [self.final.adaln]
         return [*self.t_embed.parameters(), *(p for layer in layers for p in (layer.weight, layer.bias))]
+
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) start with an empty cache, as Linear's drop their packing
+        return {**super().__getstate__(), "mod_cache": ModulationCache()}
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(): the cached vectors are stale
         self.mod_cache.clear()

@@ -209,3 +209,8 @@ def _plan(blocks: nn.ModuleList, dtype: torch.dtype) -> _Plan:
 # a decoder's blocks (nn.ModuleList) -> its `_Weights` (and with them its `_Plan`): beside the module, not in it, so
 # that copies of a decoder (deepcopy, pickle) carry no packed weights, as `Linear`'s own copies do not
 _WEIGHTS: "weakref.WeakKeyDictionary[nn.ModuleList, _Weights]" = weakref.WeakKeyDictionary()
+
+
+def forget(blocks: nn.Module) -> None:
+    """Drop the gathered weights of `blocks` (`msdd.models.caches.forget`)."""
+    _WEIGHTS.pop(blocks, None)

@@ -183,5 +183,9 @@ class WeightCopies:
                 self.copies[(id(module), kind)] = (key, self.MAKERS[kind](copy.deepcopy(module)))
         return self.copies[(id(module), kind)][1]
 
+    def forget(self, module: nn.Module) -> None:
+        """Drop the copies of `module`."""
+        self.copies = {k: v for k, v in self.copies.items() if k[0] != id(module)}
+
     def clear(self) -> None:
         self.copies.clear()
