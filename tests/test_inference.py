@@ -265,6 +265,23 @@ def test_int8_copy_follows_the_weights(tok):
             tok.encode(torch.zeros(1, 3, 32, 32), int8=True, bf16=True)
 
 
+def test_a_compiled_decoder_compiles_once_per_stage_shape(tok):
+    """The second decode reuses the first one's graphs: nothing the decoder caches (RoPE tables, modulation vectors)
+    may change while it is traced (a RoPE table added then made every graph recompile at the next decode)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()  # dynamo's graphs without inductor's code generation: seconds, not minutes
+    decoder = torch.compile(tok.decoder, backend=counter)
+    z = _latents(tok, 1)
+    with torch.no_grad():
+        first = tok.family.sample(decoder, z, (1, 1, 1), 1.0, torch.Generator().manual_seed(0))[0]
+        graphs = counter.frame_count
+        second = tok.family.sample(decoder, z, (1, 1, 1), 1.0, torch.Generator().manual_seed(0))[0]
+    assert graphs == len(tok.windows) and counter.frame_count == graphs  # one per stage resolution, none after
+    assert torch.equal(first, second)
+
+
 def test_compile_is_skipped_without_a_compiler(monkeypatch):
     from torch._inductor import config as inductor_config
 

@@ -54,12 +54,17 @@ class RopeCache:
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        if torch.compiler.is_compiling():  # computed in the graph: a table added to the dict while tracing made every
+            return self._table(grid, device)  # graph guard on the dict's size, and the next decode recompile them all
         key = (grid, device)
         if key not in self._tables:
-            ang = rope_angles(grid, self.full_grid, self.num_context, self.head_dim, self.context_pos)
-            ang = torch.cat([ang, ang], dim=-1)  # (N, head_dim): pair (i, i + head_dim/2) shares an angle
-            self._tables[key] = (ang.cos().float().to(device), ang.sin().float().to(device))
+            self._tables[key] = self._table(grid, device)
         return self._tables[key]
+
+    def _table(self, grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ang = rope_angles(grid, self.full_grid, self.num_context, self.head_dim, self.context_pos)
+        ang = torch.cat([ang, ang], dim=-1)  # (N, head_dim): pair (i, i + head_dim/2) shares an angle
+        return ang.cos().float().to(device), ang.sin().float().to(device)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
