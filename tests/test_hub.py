@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from msdd.cli import main
@@ -63,3 +64,16 @@ def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypa
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     assert main(["push", str(model), "me/tiny"]) == 2
     assert "HF_HUB_OFFLINE is set" in capsys.readouterr().err
+
+
+def test_an_export_folder_passed_as_a_model_says_what_loads_it(tmp_path):
+    onnx, diffusers = tmp_path / "onnx", tmp_path / "diffusers"
+    for folder, files in ((onnx, ("encoder.onnx", "decoder.onnx", "onnx.json")),
+                          (diffusers, ("config.json", "diffusion_pytorch_model.safetensors"))):
+        folder.mkdir()
+        for name in files:
+            (folder / name).write_text("{}")
+    with pytest.raises(FileNotFoundError, match="an ONNX export: run it with msdd.integrations.onnx.OnnxTokenizer"):
+        Tokenizer.from_pretrained(onnx)
+    with pytest.raises(FileNotFoundError, match="a diffusers export: load it with .*AutoencoderMSDD.from_pretrained"):
+        Tokenizer.from_pretrained(diffusers)

@@ -233,7 +233,7 @@ def test_caches_keep_one_set_of_weights_and_copies_carry_none(tok):
     for kw in _precisions():
         tok.decode(z, steps=(1, 1, 1), **kw)
     with torch.no_grad():  # an optimiser step: the vectors of the weights before it are dead
-        tok.sample(z, (1, 1, 1), 1.0, torch.Generator())  # the decoder's own path (a training loop's), no Tokenizer check
+        tok.sample(z, (1, 1, 1), 1.0, torch.Generator())  # the decoder's own path (a training loop's): no values check
         tok.decoder.t_embed.mlp[0].weight.add_(0.01)
         tok.sample(z, (1, 1, 1), 1.0, torch.Generator())
     assert len(tok.decoder.mod_cache.entries) == 3  # this set of weights' three times, not six

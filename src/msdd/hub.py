@@ -90,8 +90,14 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         if not (p / CONFIG_NAME).exists() or not (p / WEIGHTS_NAME).exists():
+            hint = "a training run keeps its model in <run>/model"
+            if (p / "onnx.json").exists():
+                hint = "an ONNX export: run it with msdd.integrations.onnx.OnnxTokenizer"
+            elif (p / "diffusion_pytorch_model.safetensors").exists():
+                hint = ("a diffusers export: load it with msdd.integrations.diffusers.AutoencoderMSDD.from_pretrained, "
+                        "or make it an msdd model with import_diffusers")
             raise FileNotFoundError(f"{p} is not an msdd model directory: expected {CONFIG_NAME} and {WEIGHTS_NAME} "
-                                    f"inside (a training run keeps its model in <run>/model)")
+                                    f"inside ({hint})")
         return p
     if p.exists():
         raise ValueError(f"{p} is a file; pass the model directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
@@ -105,8 +111,10 @@ def resolve_model_dir(path: str | Path | None) -> Path:
     try:
         return Path(snapshot_download(str(path), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME]))
     except Exception as e:  # offline, unknown repo, ...
+        reason = " ".join(str(e).split())  # one line: huggingface_hub's messages span several
         raise FileNotFoundError(f"model {path!r} is not a local directory ({p} does not exist) and could not be "
-                                f"downloaded as a Hugging Face Hub repo id ({type(e).__name__}: {e}); pass {local}, "
+                                f"downloaded as a Hugging Face Hub repo id ({type(e).__name__}: {reason}); "
+                                f"pass {local}, "
                                 "or a Hub repo id while online") from None
 
 

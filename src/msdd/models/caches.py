@@ -9,8 +9,8 @@ a version counter of its own: `p.data.copy_(w)`, an EMA's `p.data.mul_(d)`) and 
 tensor (weights loaded under `torch.inference_mode()` have no version counter). `ValuesCheck` sees those by the
 values themselves: it keeps a sample of every weight (16 evenly spaced values of each parameter and buffer, 0.1 ms
 per call for the shipped tiny-64 decoder) and, when any sampled value has changed since the previous call, `forget`
-drops every cache of the module. An edit that leaves all the sampled values as they were (a few elements of a weight) is not
-seen: call `Tokenizer.forget_caches()` after one.
+drops every cache of the module. An edit that leaves all the sampled values as they were (a few elements of a weight)
+is not seen: call `Tokenizer.forget_caches()` after one.
 """
 
 from __future__ import annotations

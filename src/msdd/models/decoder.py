@@ -255,7 +255,7 @@ class Decoder(nn.Module):
         layers = [stream.adaln for block in self.blocks for stream in (block.img, block.ctx)] + [self.final.adaln]
         return [*self.t_embed.parameters(), *(p for layer in layers for p in (layer.weight, layer.bias))]
 
-    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) start with an empty cache, as Linear's drop their packing
+    def __getstate__(self) -> dict:  # copies (deepcopy, pickle) start with an empty cache (Linear's drop their packing)
         return {**super().__getstate__(), "mod_cache": ModulationCache()}
 
     def _apply(self, fn, *args, **kwargs):  # .to(), .float(), .cuda(): the cached vectors are stale
