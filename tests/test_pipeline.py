@@ -41,7 +41,8 @@ def test_pipeline_rows_add_generator_and_decoder(tmp_path):
     rows = ("student", "teacher", "ssdd-student", "sd-vae")
     report, stdout = _bench(tmp_path, "--pipeline", "--gen-steps", "3")
     plain, _ = _bench(tmp_path, "--contenders", ",".join(rows))
-    assert report["pipeline"] == {"preset": "gen-tiny", "steps": 3, "guidance": 1.0}  # gen-tiny: unconditional
+    assert report["pipeline"] == {"preset": "gen-tiny", "steps": 3, "guidance": 1.0,  # gen-tiny: unconditional
+                                  "guidance_note": "--gen-cfg 1.5 does not apply: the generator is unconditional"}
     assert [r["name"] for r in report["contenders"]] == list(rows)
     decoder_only = {r["name"]: r for r in plain["contenders"]}
     gen_config = load_gen_config("gen-tiny").generator

@@ -216,7 +216,9 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         "malloc": malloc.settings(),
         "torch_version": torch.__version__, "diffusers_version": diffusers_version,
         "python_version": platform.python_version(),
-        "pipeline": dataclasses.asdict(gen) if gen else None,
+        "pipeline": dataclasses.asdict(gen) | ({"guidance_note": f"--gen-cfg {settings.gen_cfg:g} does not apply: "
+                                                "the generator is unconditional"}
+                                               if gen.guidance != settings.gen_cfg else {}) if gen else None,
         "contenders": rows,
     }
     if settings.resolutions:
