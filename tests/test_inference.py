@@ -237,6 +237,8 @@ def test_caches_keep_one_set_of_weights_and_copies_carry_none(tok):
         tok.decoder.t_embed.mlp[0].weight.add_(0.01)
         tok.sample(z, (1, 1, 1), 1.0, torch.Generator())
     assert len(tok.decoder.mod_cache.entries) == 3  # this set of weights' three times, not six
+    held = tok._values.samples  # views of the weights: after .to() they would keep the old tensors' memory alive
+    assert held and tok.to(torch.float32)._values.samples is not held and not tok._values.samples
     for twin in (copy.deepcopy(tok), pickle.loads(pickle.dumps(tok))):
         assert not twin._copies.copies and len(twin.decoder.mod_cache.entries) == 0
         assert torch.equal(twin.decode(z, steps=(1, 1, 1)), tok.decode(z, steps=(1, 1, 1)))

@@ -197,6 +197,10 @@ class Tokenizer(nn.Module):
             caches.forget(module)
             self._copies.forget(module)
 
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): what the caches kept holds the old tensors' memory
+        self._values, self._copies = caches.ValuesCheck(), WeightCopies()
+        return super()._apply(fn, *args, **kwargs)
+
     def __getstate__(self) -> dict:  # copies (deepcopy, pickle) carry no reduced-precision copies of this one's modules
         return {**super().__getstate__(), "_copies": WeightCopies(), "_values": caches.ValuesCheck()}
 
