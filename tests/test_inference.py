@@ -250,6 +250,8 @@ def test_int8_copy_follows_the_weights(tok):
     keys = set(tok.state_dict())
     first = tok.decode(z, steps=(1, 1, 1), int8=True)
     copy = tok._copies.of(tok.decoder, "int8")
+    assert torch.equal(tok.decode(z, steps=(1, 1, 1), int8=True), first)
+    assert tok._copies.copies[(id(tok.decoder), "int8")][1] is copy  # kept from one decode to the next
     assert set(tok.state_dict()) == keys and tok._copies.of(tok.decoder, "int8") is copy
     assert type(tok.decoder.blocks[0].img.qkv).__name__ == "Linear" and tok.decoder.blocks[0].img.qkv.weight.dtype \
         == torch.float32  # the model itself is untouched

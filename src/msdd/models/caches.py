@@ -39,9 +39,8 @@ class _Sample:
     next (re-slicing 121 tensors took 0.5 ms; the shipped tiny-64 student decodes in 21 ms), the values copied."""
 
     def __init__(self, module: nn.Module) -> None:
-        from msdd.models.layers import Tracked
-
-        self.module, self.structure = module, Tracked.structure
+        self.module = module
+        self.children = [(m._modules, name, child) for m in module.modules() for name, child in m._modules.items()]
         self.owners = [(d, name, t) for m in module.modules() for d in (m._parameters, m._buffers)
                        for name, t in d.items() if t is not None and t.numel()]
         self.addresses = [t.data_ptr() for _, _, t in self.owners]
@@ -52,10 +51,8 @@ class _Sample:
         return torch.cat(self.views).double() if self.views else None  # cat promotes int8 / bf16 to float32
 
     def same_tensors(self, module: nn.Module) -> bool:
-        """`module` holds the tensors sampled, at their addresses (none replaced, no submodule set: `Tracked`)."""
-        from msdd.models.layers import Tracked
-
-        return (module is self.module and Tracked.structure == self.structure
+        """`module` holds the modules and tensors sampled, the tensors at their addresses (none replaced)."""
+        return (module is self.module and all(d.get(name) is m for d, name, m in self.children)
                 and all(d.get(name) is t for d, name, t in self.owners)
                 and [t.data_ptr() for _, _, t in self.owners] == self.addresses)
 
