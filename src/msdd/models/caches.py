@@ -48,7 +48,7 @@ class _Sample:
         self.values = self.read()
 
     def read(self) -> torch.Tensor | None:
-        return torch.cat(self.views).double() if self.views else None  # cat promotes int8 / bf16 to float32
+        return torch.cat(self.views) if self.views else None  # one dtype: cat promotes int8 / bf16 to float32
 
     def same_tensors(self, module: nn.Module) -> bool:
         """`module` holds the modules and tensors sampled, the tensors at their addresses (none replaced)."""
