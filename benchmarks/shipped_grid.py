@@ -31,7 +31,7 @@ def main() -> None:
     x = images[order]
     floats = teacher.config.latent_tokens * teacher.config.latent_dim
     pca = pca_for_source("embedded", teacher.config.image_size, floats)
-    columns = [x, quantize(bicubic_baseline(x, floats)), pca_baseline(pca, x),
+    columns = [x, bicubic_baseline(x, floats), pca_baseline(pca, x),
                reconstruct_images(teacher, x, seed=0)[0], reconstruct_images(student, x, seed=0)[0]]
     print(f"grid -> {save_grid(columns, args.out)} (real | bicubic | PCA | teacher | student)")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
 from torchmetrics.functional.image import structural_similarity_index_measure
@@ -45,6 +46,26 @@ def test_psnr_ssim_match_skimage(pair):
         ref = sk_ssim(x, y, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
                       use_sample_covariance=False)
         assert ssim_per_image(b, a)[i].item() == pytest.approx(ref, abs=2e-3)
+
+
+def test_ssim_is_its_stated_convention(pair):
+    """SSIM_CONVENTION by hand: Gaussian-weighted statistics on reflection-padded images, the map averaged over every
+    pixel; inside the border it is skimage's map, whose mean over the windows inside the image differs."""
+    a, b = (((t + 1) / 2).double() for t in pair)
+    coords = torch.arange(11, dtype=torch.float64) - 5
+    g = torch.exp(-coords ** 2 / (2 * 1.5 ** 2))
+    kernel = (g / g.sum()).outer(g / g.sum()).expand(3, 1, 11, 11)
+    blur = lambda t: F.conv2d(F.pad(t, (5, 5, 5, 5), mode="reflect"), kernel, groups=3)  # noqa: E731
+    mu_a, mu_b = blur(a), blur(b)
+    var_a, var_b, cov = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2, blur(a * b) - mu_a * mu_b
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    hand = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
+    assert torch.allclose(ssim_per_image(*reversed(pair)).double(), hand.flatten(1).mean(1), atol=1e-5)
+    for i in range(2):
+        x, y = (t[i].permute(1, 2, 0).numpy() for t in (a, b))
+        valid = sk_ssim(y, x, data_range=1.0, channel_axis=2, gaussian_weights=True, sigma=1.5,
+                        use_sample_covariance=False)
+        assert hand[i, :, 5:-5, 5:-5].mean().item() == pytest.approx(valid, abs=1e-6)
 
 
 def test_ssim_uses_data_range_one_not_two():

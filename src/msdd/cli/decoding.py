@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from msdd.cli.common import (
@@ -63,6 +64,9 @@ def cmd_eval(args) -> None:
     file_arg(args.out, "--out")  # before the decodes
     if args.pca_source != "none":
         check_source(args.pca_source, "--pca-source")
+        if args.pca_source != "embedded" and Path(args.pca_source).resolve() == Path(args.data).resolve():
+            warnings.warn(f"--pca-source {args.pca_source} is the --data folder: the PCA baseline is fitted on the "
+                          "images it is scored on, which flatters it; pass a folder of training images")
     if args.plot:
         file_arg(args.plot, "--plot")
     info = init_distributed(args.device)

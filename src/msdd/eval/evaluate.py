@@ -26,7 +26,9 @@ from torchmetrics import MeanMetric, SumMetric
 from msdd.data import ImageFolderDataset, embedded_eval_set, to_uint8
 from msdd.dist import DistInfo
 from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
+from msdd.eval.metrics import (
+    SSIM_CONVENTION, bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image,
+)
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import load_tensor_file, resolve_weights, wrong_file
@@ -135,6 +137,7 @@ def evaluate(
     skipped_files.update(0.0)
     fid, fid_skip = build_fid(inception_weights, device)
     lpips, lpips_skip = build_lpips(vgg_weights, device)
+    first_batch, timed = None, 0  # the first batch's decode time: it builds kernels and warms caches, so apart
     for images, indices, n_skipped in loader:
         skipped_files.update(float(n_skipped))
         if len(images) == 0:
@@ -149,12 +152,17 @@ def evaluate(
         recon = tok.decode(z, steps=steps, guidance=guidance, generator=g, bf16=bf16, int8=int8)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        metrics["decode_seconds"].update(torch.tensor((time.perf_counter() - t0) / len(images)), weight=len(images))
+        seconds = torch.tensor((time.perf_counter() - t0) / len(images))
+        if first_batch is None:
+            first_batch = (seconds, len(images))
+        else:
+            metrics["decode_seconds"].update(seconds, weight=len(images))
+            timed += 1
         recon = quantize(recon)
         metrics["psnr"].update(psnr_per_image(recon, ref))
         metrics["ssim"].update(ssim_per_image(recon, ref))
         count.update(float(len(images)))
-        baselines = [("bicubic", quantize(bicubic_baseline(ref, floats)))]
+        baselines = [("bicubic", bicubic_baseline(ref, floats))]
         if pca is not None:
             baselines.append(("pca", pca_baseline(pca, ref)))
         for name, base in baselines:
@@ -167,6 +175,8 @@ def evaluate(
             fid.update(to_uint8(ref), real=True)
             fid.update(to_uint8(recon), real=False)
 
+    if timed == 0 and first_batch is not None:  # one batch: its time is all there is
+        metrics["decode_seconds"].update(first_batch[0], weight=first_batch[1])
     total = int(count.compute().item())
     if total == 0:  # every metric would be NaN
         raise ValueError(f"no usable image found in {source}: all {len(data)} files were skipped as unreadable or "
@@ -179,7 +189,9 @@ def evaluate(
         out_metrics["lpips"] = metrics["lpips"].compute().item()
     else:
         skipped["lpips"] = lpips_skip
-    if fid is not None:
+    if fid is not None and total < 2:
+        skipped["rfid"] = f"rFID needs at least 2 images (their feature covariance); {total} was scored"
+    elif fid is not None:
         out_metrics["rfid"] = fid.compute().item()
         if total < PUBLISHED_FID_IMAGES:
             warns.append(f"rFID on {total} images is not comparable to published rFID (which uses "
@@ -207,7 +219,9 @@ def evaluate(
             "images": total,
             "skipped_files": int(skipped_files.compute().item()),
             "data": source,
-            "crop": f"ADM centre crop to {tok.config.image_size} (resize shorter side, crop)",
+            "crop": (f"the embedded held-out set at {tok.config.image_size} px: each photo's ADM centre crop and its "
+                     "centre square cut into 2x2 and 3x3 tiles (msdd.data.embedded_eval_set)" if source == "embedded"
+                     else f"ADM centre crop to {tok.config.image_size} (resize shorter side, crop)"),
             "reference": "the same centre-cropped originals, as uint8",
             "reconstructions": "rounded to uint8",
             "steps_per_stage": list(steps),
@@ -219,9 +233,14 @@ def evaluate(
             "processes": dist_info.world_size,
             "device": str(device),
             "checkpoint_sha256": file_sha256(resolve_model_dir(model_path) / WEIGHTS_NAME) if model_path else None,
-            "psnr_ssim": "torchmetrics on [0, 1], data_range=1; SSIM Gaussian window 11, sigma 1.5",
+            "psnr_ssim": f"torchmetrics on [0, 1], data_range=1, per image, then the mean over images; PSNR in dB; "
+                         f"{SSIM_CONVENTION}",
+            "timing": "decode only (no encode), seconds per image, mean over the batches after each process's first "
+                      "(which builds kernels and warms caches; timed alone only when it is the only one); img_per_s "
+                      "is its inverse, per process",
             # how the metrics that ran were computed (a skipped one's reason is in skipped_metrics)
-            **({"lpips": "LPIPS, VGG16 backbone, v0.1 linear heads"} if lpips is not None else {}),
+            **({"lpips": "LPIPS, VGG16 backbone, v0.1 linear heads" + (", under bf16 autocast" if bf16 else "")}
+               if lpips is not None else {}),
             **({"rfid": "torchmetrics FrechetInceptionDistance, torch-fidelity Inception-v3 2048-d features, "
                         "reconstructions vs the same cropped originals"} if fid is not None else {}),
         },
