@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from skimage.metrics import peak_signal_noise_ratio as sk_psnr
 from skimage.metrics import structural_similarity as sk_ssim
+from PIL import Image
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from msdd.cli import main
@@ -342,3 +343,40 @@ def test_lpips_matches_torchmetrics_given_the_same_vgg16_file(model_dir, tmp_pat
 
     r = evaluate(Tokenizer.from_pretrained(model_dir), "embedded", limit=2)  # found in the cache
     assert "lpips" not in r["skipped_metrics"] and r["metrics"]["lpips"] > 0
+
+
+def test_ssim_of_large_images_in_strips_and_of_tiny_ones(monkeypatch):
+    import msdd.eval.metrics as metrics
+
+    g = torch.Generator().manual_seed(3)
+    a = torch.rand(2, 3, 57, 40, generator=g) * 2 - 1
+    b = (a + 0.2 * torch.randn(2, 3, 57, 40, generator=g)).clamp(-1, 1)
+    whole = ssim_per_image(b, a)
+    monkeypatch.setattr(metrics, "STRIP_PIXELS", 400)  # strips of 10 rows: 6 of them, the last of 7
+    assert torch.allclose(ssim_per_image(b, a), whole, atol=1e-6)
+    assert ssim_per_image(b[..., :5, :], a[..., :5, :]).isnan().all()  # a side under 6 px: no 11 px window
+    assert not ssim_per_image(b[..., :6, :], a[..., :6, :]).isnan().any()
+
+
+def test_a_flat_image_gives_strict_json_and_tiny_or_non_utf8_files_reconstruct(tmp_path, photo_folder, capsys):
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(folder / "gray.png")  # bicubic gets it exactly
+    Image.open(next(photo_folder.glob("*.png"))).save(folder / "photo.png")
+    out = tmp_path / "eval.json"
+    with pytest.warns(UserWarning, match="bicubic psnr not finite"):
+        assert main(["eval", "--model", "tiny-64", "--data", str(folder), "--pca-source", "none",
+                     "--out", str(out)]) == 0
+    report = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"not strict JSON: {c}"))
+    assert report["baselines"]["bicubic"]["psnr"] is None and report["metrics"]["psnr"] > 10
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    Image.fromarray(np.full((3, 300, 3), 90, np.uint8)).save(inputs / "thin.png")  # 3 px tall: no SSIM window fits
+    name = os.path.join(os.fsencode(inputs), b"caf\xe9.png")  # not UTF-8: os.listdir gives it as surrogates
+    Image.open(next(photo_folder.glob("*.png"))).save(name, format="PNG")
+    assert main(["reconstruct", str(inputs), "--model", "tiny-64", "--keep-size", "--out", str(tmp_path / "r")]) == 0
+    rows = (tmp_path / "r" / "metrics.csv").read_bytes().decode("utf-8", "surrogateescape").splitlines()
+    assert rows[0] == "name,psnr_db,ssim" and len(rows) == 3
+    thin = next(r for r in rows if r.startswith("thin"))
+    assert thin.endswith(",") and float(thin.split(",")[1]) > 10  # PSNR, and no SSIM
+    assert sorted(os.listdir(os.fsencode(tmp_path / "r" / "reconstructions"))) == [b"caf\xe9.png", b"thin.png"]

@@ -21,7 +21,9 @@ def image_generators(seed: int, keys: Sequence[int | str]) -> list[torch.Generat
     out = []
     for key in keys:
         if isinstance(key, str):
-            value = int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") >> 1
+            # surrogateescape: a file name that is not UTF-8 (os.listdir's surrogates) hashes as its own bytes
+            text = f"{seed}:{key}".encode("utf-8", "surrogateescape")
+            value = int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
         else:
             value = seed * 1_000_003 + int(key)
         out.append(torch.Generator().manual_seed(value))

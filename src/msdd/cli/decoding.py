@@ -56,7 +56,7 @@ def cmd_eval(args) -> None:
 
     from msdd.data import check_source
     from msdd.dist import cleanup, init_distributed
-    from msdd.eval.evaluate import evaluate
+    from msdd.eval.evaluate import evaluate, finite_or_null
     from msdd.eval.plots import plot_pareto
     from msdd.hub import resolve_model_dir
     from msdd.tokenizer import Tokenizer
@@ -97,7 +97,8 @@ def cmd_eval(args) -> None:
             _print_eval(r)
     if info.is_main:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results if len(results) > 1 else results[0], indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(finite_or_null(results if len(results) > 1 else results[0]), indent=2,
+                                             allow_nan=False) + "\n")
         print(f"results -> {args.out}")
         if args.plot:
             points = [{"label": r["label"], "img_per_s": r["img_per_s"], "psnr": r["metrics"]["psnr"],

@@ -198,8 +198,6 @@ def evaluate(
                          f"{PUBLISHED_FID_IMAGES:,} ImageNet validation images)")
     else:
         skipped["rfid"] = fid_skip
-    for w in warns:
-        warnings.warn(w)
     side = bicubic_side(floats)
     baselines_out = {"bicubic": {"psnr": metrics["bicubic_psnr"].compute().item(),
                                  "ssim": metrics["bicubic_ssim"].compute().item(), "floats": 3 * side * side,
@@ -208,6 +206,13 @@ def evaluate(
         baselines_out["pca"] = {"psnr": metrics["pca_psnr"].compute().item(), "ssim": metrics["pca_ssim"].compute().item(),
                                 "floats": floats, "method": f"PCA, {floats} components fitted on "
                                 f"{default_pca_crops()} training crops of {pca_source}"}
+    infinite = [name for name, v in out_metrics.items() if not math.isfinite(v)] + [
+        f"{b} {name}" for b, d in baselines_out.items() for name in ("psnr", "ssim") if not math.isfinite(d[name])]
+    if infinite:
+        warns.append(f"{', '.join(infinite)} not finite: an image was reconstructed exactly (a flat image's PSNR is "
+                     "infinite), so the mean is too; the JSON holds null")
+    for w in warns:
+        warnings.warn(w)
     return {
         "metrics": out_metrics,
         "baselines": baselines_out,
@@ -245,3 +250,12 @@ def evaluate(
                         "reconstructions vs the same cropped originals"} if fid is not None else {}),
         },
     }
+
+
+def finite_or_null(value):
+    """`value` (JSON-like) with every infinite or NaN float replaced by None: strict JSON has no Infinity or NaN."""
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value

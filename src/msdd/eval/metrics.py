@@ -39,10 +39,26 @@ def ssim_maps(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return full
 
 
+SSIM_MIN_SIDE = 6  # the 5 px reflection padding needs 6 rows and columns
+STRIP_PIXELS = 1 << 20  # larger images are scored in strips of rows: the maps of a 12 MP image took 8 GB at once
+
+
 def ssim_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(B,) SSIM of images in [-1, 1]: the mean of `ssim_maps`, whatever the installed torchmetrics averages (its
-    versions up to 1.4.0 left out a border of 5 px)."""
-    return ssim_maps(pred, target).flatten(1).mean(1)
+    versions up to 1.4.0 left out a border of 5 px). NaN for images with a side under SSIM_MIN_SIDE (no SSIM of
+    an 11 px window there). Images of more than STRIP_PIXELS pixels are scored in strips of rows, each with 5 rows of
+    the image around it (the window's reach), so the map is the same, in bounded memory."""
+    h, w = pred.shape[-2:]
+    if min(h, w) < SSIM_MIN_SIDE:
+        return torch.full(pred.shape[:1], float("nan"), device=pred.device)
+    if h * w <= STRIP_PIXELS:
+        return ssim_maps(pred, target).flatten(1).mean(1)
+    rows, total = max(SSIM_MIN_SIDE, STRIP_PIXELS // w), 0.0
+    for top in range(0, h, rows):
+        lo, hi = max(0, top - 5), min(h, top + rows + 5)
+        strip = ssim_maps(pred[..., lo:hi, :], target[..., lo:hi, :])[..., top - lo:top - lo + min(rows, h - top), :]
+        total = total + strip.double().sum((1, 2, 3))
+    return (total / (pred.shape[1] * h * w)).float()
 
 
 def bicubic_side(latent_floats: int) -> int:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import time
 import warnings
@@ -164,14 +165,15 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         if csv_file is None:  # the outputs appear with the first image
             (out / "reconstructions").mkdir(parents=True, exist_ok=True)
             atomic_write_text(out / "reconstruct.json", json.dumps(settings, indent=1) + "\n")
-            csv_file = open(out / "metrics.csv", "w", newline="")
+            # surrogateescape: a name that is not UTF-8 is written as its own bytes
+            csv_file = open(out / "metrics.csv", "w", newline="", encoding="utf-8", errors="surrogateescape")
             writer = csv.writer(csv_file)
             writer.writerow(["name", "psnr_db", "ssim"])
         if write:
             _write_png(out / "reconstructions" / f"{_file_key_name(names[i])}.png", y)
         p, s = psnr_per_image(y[None], x[None]).item(), ssim_per_image(y[None], x[None]).item()
         rows.append((p, s))
-        writer.writerow([names[i], f"{p:.3f}", f"{s:.4f}"])
+        writer.writerow([names[i], f"{p:.3f}", "" if math.isnan(s) else f"{s:.4f}"])  # "": a side under 6 px
         csv_file.flush()
         if len(grid) < grid_rows:
             grid.append((_grid_crop(x, r), _grid_crop(y, r)))
@@ -222,7 +224,9 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
     save_grid([real, recon, ((recon - real).abs() * 4 - 1).clamp(-1, 1)], out / "grid.png",
               labels=["input", "output", "error x4"])
     done_n = len(rows) - reused
-    return {"n": len(rows), "psnr": float(np.mean([p for p, _ in rows])), "ssim": float(np.mean([s for _, s in rows])),
+    ssims = [s for _, s in rows if not math.isnan(s)]  # SSIM has no value for images with a side under 6 px
+    return {"n": len(rows), "psnr": float(np.mean([p for p, _ in rows])),
+            "ssim": float(np.mean(ssims)) if ssims else float("nan"),
             "skipped": skipped, "reused": reused, "decode_s": decode_s / max(1, done_n)}
 
 
