@@ -124,3 +124,19 @@ def test_a_decode_warning_points_at_the_callers_line():
     with pytest.warns(UserWarning, match="distilled for one step per stage") as record:
         student.decode(z, steps=2)
     assert record[0].filename == __file__  # was: torch's no_grad wrapper (torch/utils/_contextlib.py)
+
+
+def test_numpy_images_as_numpy_makes_them(tok):
+    """Arrays that torch.from_numpy refuses as they are (negative strides from a BGR flip, big-endian) are taken;
+    channels-last batches and arrays of objects get errors that say what to pass."""
+    rgb = np.random.default_rng(0).integers(0, 256, (2, 3, 64, 64), dtype=np.uint8)
+    z = tok.encode(rgb)
+    assert torch.equal(tok.encode(np.ascontiguousarray(rgb[:, ::-1])[:, ::-1]), z)  # a view with negative strides
+    assert torch.equal(tok.encode(rgb[:, ::-1].copy()[:, ::-1]), z)
+    as_float = rgb.astype(np.float32) / 127.5 - 1
+    assert torch.allclose(tok.encode(as_float.astype(">f4")), tok.encode(as_float))
+    with pytest.raises(ValueError, match=r"look channels-last \(B, H, W, C\): pass \(B, 3, H, W\).*permute\(0, 3, 1, 2\)"):
+        tok.encode(rgb.transpose(0, 2, 3, 1))
+    with pytest.raises(TypeError, match="numpy dtype object"):
+        tok.encode(np.empty((1, 3, 64, 64), dtype=object))
+    assert tok.reconstruct(torch.zeros(1, 3, 70, 90), tile_overlap=np.int64(8)).shape == (1, 3, 70, 90)

@@ -231,6 +231,19 @@ def test_list_images(mixed_folder, tmp_path_factory):
         list_images(empty / "missing")
 
 
+def test_list_images_follows_linked_folders_once_and_skips_hidden_ones(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    for folder in (root / ".ipynb_checkpoints", root / ".git", root / "sub", outside):
+        folder.mkdir(parents=True)
+    for path in (root / "a.png", root / ".ipynb_checkpoints" / "a-checkpoint.png", root / ".git" / "x.png",
+                 root / "sub" / "b.jfif", outside / "c.ppm"):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path, format="PNG")
+    (root / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a loop
+    names = [p.relative_to(root).as_posix() for p in list_images(root)]
+    assert names == ["a.png", "linked/c.ppm", "sub/b.jfif"]
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_folder_loader_skips_bad_files(mixed_folder, num_workers):
     ds = ImageFolderDataset(mixed_folder, 32, train=True)

@@ -33,12 +33,17 @@ def image_batch(images, resolution: int, crop: bool):
             return [to_tensor(a)[None] for a in arrays]
         images = torch.stack([to_tensor(center_crop_arr(a, resolution)) for a in arrays])
     if isinstance(images, np.ndarray):
-        images = torch.from_numpy(images)
+        if images.dtype.kind not in "biuf":
+            raise TypeError(f"images of numpy dtype {images.dtype} hold no pixel values: pass uint8 or float arrays")
+        # a copy where torch cannot take the array as it is: negative strides (img[..., ::-1], BGR to RGB), big-endian
+        images = torch.from_numpy(np.ascontiguousarray(images, dtype=images.dtype.newbyteorder("=")))
     if not isinstance(images, torch.Tensor):
         raise TypeError(f"images must be a tensor, numpy array or PIL image(s), got {type(images).__name__}")
-    if images.ndim == 3 and images.shape[-1] in (1, 3, 4) and images.shape[0] not in (1, 3):
-        raise ValueError(f"images of shape {tuple(images.shape)} look channels-last (H, W, C): pass (3, H, W), e.g. "
-                         "torch.from_numpy(array).permute(2, 0, 1)")
+    if images.ndim in (3, 4) and images.shape[-1] in (1, 3, 4) and images.shape[-3] not in (1, 3):
+        given, wanted, order = ("(H, W, C)", "(3, H, W)", "2, 0, 1") if images.ndim == 3 else (
+            "(B, H, W, C)", "(B, 3, H, W)", "0, 3, 1, 2")
+        raise ValueError(f"images of shape {tuple(images.shape)} look channels-last {given}: pass {wanted}, e.g. "
+                         f"torch.from_numpy(array).permute({order})")
     return images[None] if images.ndim == 3 else images
 
 

@@ -11,6 +11,8 @@ tiled reconstruction does not depend on how many tiles are decoded together.
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 import torch.nn.functional as F
 
@@ -21,10 +23,10 @@ from msdd.seeding import image_generators
 def check_overlap(overlap, tile: int, name: str = "tile_overlap") -> int:
     """`overlap` if it is a whole number of pixels in [0, tile / 2], else a ValueError naming `name` (more: up to a
     tile per pixel, 63 of 64 px meant 33,000 tiles for 320 x 192)."""
-    if isinstance(overlap, bool) or not isinstance(overlap, int) or not 0 <= overlap <= tile // 2:
+    if isinstance(overlap, bool) or not isinstance(overlap, numbers.Integral) or not 0 <= overlap <= tile // 2:
         raise ValueError(f"{name} must be a whole number of pixels in [0, {tile // 2}] (at most half a tile) for a "
                          f"{tile} px model, got {overlap!r}")
-    return overlap
+    return int(overlap)  # numpy's integers too
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:

@@ -1,4 +1,6 @@
-"""Users' own images: a folder (searched recursively) of JPEG/PNG/WebP/BMP files.
+"""Users' own images: a folder (searched recursively, following links, skipping hidden folders such as .git and
+.ipynb_checkpoints) of JPEG/PNG/WebP/BMP/GIF/TIFF/PPM files. A GIF or WebP animation gives its first frame,
+transparent areas are composited on white, and ICC profiles are not applied (`msdd.data.images.load_image`).
 
 Real folders hold a few broken, truncated or tiny files, and one of them must not kill a week-long
 run. So an item is a record `(tensor or None, path, reason or None)`: the dataset never raises for
@@ -7,6 +9,7 @@ collate function because it returns to the main process; a counter inside the da
 lost in DataLoader worker processes.
 """
 
+import os
 import warnings
 from pathlib import Path
 
@@ -16,17 +19,27 @@ from torch.utils.data import Dataset
 
 from msdd.data.images import BadImageError, center_crop_arr, load_image, random_crop_arr, to_tensor
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")  # GIF: the first frame
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 Record = tuple[torch.Tensor | None, str, str | None]  # (image (3, R, R) or None, path, why skipped)
 
 
 def list_images(root: str | Path) -> list[Path]:
-    """Every image file under `root`, recursively, in sorted (hence reproducible) order."""
+    """Every image file under `root`, recursively (into linked folders too, each real folder once; not into hidden
+    ones), in sorted (hence reproducible) order."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist or is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    paths, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree, or a second link to one folder
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        paths += [Path(folder, f) for f in files if Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    paths = sorted(p for p in paths if p.is_file())
     if not paths:
         raise ValueError(
             f"no images found in {root} (searched recursively for {', '.join(IMAGE_EXTENSIONS)}, "
