@@ -212,6 +212,8 @@ def test_trained_model_directories(tmp_path):
     ["--min-time", "-1"],
     ["--pipeline", "--min-time", "2"],
     ["--contenders", "student,teacher,student"],
+    ["--min-time", "inf"],
+    ["--cfg", "inf"],
     ["--model", "tiny-64-teacher", "--set", "model.decoder.depth=12"],
 ])
 def test_bad_options(tmp_path, args, capsys):

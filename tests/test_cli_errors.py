@@ -302,3 +302,43 @@ def test_no_image_to_fit_the_pca_on_says_why(tmp_path):
         pass  # an empty shard: was the same bare "yielded no usable training image"
     with pytest.raises(ValueError, match="it holds no samples"):
         training_crops(str(tmp_path / "empty-000000.tar"), 32, 10, max_epochs=1)
+
+
+def test_demo_and_fidelity_refuse_what_they_would_ignore_or_fail_on_later(tmp_path, capsys):
+    from msdd.config import load_config, to_dict
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--set", "train.max_steps=5"]) == 2  # the demo sizes its own steps
+    assert "--set train.max_steps=5: the demo sizes its own steps" in _error(capsys)
+    assert main(["demo", "--out", str(out), "--preset", "ssdd-tiny-test"]) == 2  # it distils the msdd family only
+    assert "of the 'ssdd' family; the demo trains and distils the multi-scale (msdd) family" in _error(capsys)
+    (out / "stage1").mkdir(parents=True)  # an interrupted demo of another preset
+    (out / "stage1" / "config.json").write_text(json.dumps(to_dict(load_config("tiny-test"))))
+    assert main(["demo", "--out", str(out)]) == 2
+    assert "holds a demo of tiny-test with other model or data settings than --preset tiny-64" in _error(capsys)
+    assert sorted(p.name for p in out.rglob("*")) == ["config.json", "stage1"]  # nothing trained or written
+    fid = tmp_path / "fid"
+    assert main(["fidelity", "--quick", "--total-steps", "3", "--out", str(fid)]) == 2
+    assert "--total-steps 3: the 4-stage teacher needs at least one step per stage" in _error(capsys)
+    assert main(["fidelity", "--quick", "--ssdd-set", "model.family=msdd", "--out", str(fid)]) == 2
+    assert "--ssdd-set: the fidelity table's ssdd rows need a model of the 'ssdd' family" in _error(capsys)
+    assert not fid.exists()
+
+
+def test_config_and_environment_errors_name_what_to_fix(tmp_path, monkeypatch, capsys):
+    from msdd.dist import init_distributed
+
+    assert main(["info", "--preset", "tiny-test", "--set", "model.sampling.steps=[20000,20000,20000,20000]"]) == 2
+    assert "model.sampling.steps`: all must be in [1, 10,000]" in _error(capsys)  # a decode that would never end
+    odd = tmp_path / "odd.yaml"
+    odd.write_text("base: tiny-test\nmodel: {1: 2, foo: 3}\n")  # keys of two types
+    assert main(["info", "--preset", str(odd)]) == 2
+    assert "unknown config key(s) ['1', 'foo']" in _error(capsys)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # a single-process command inside an salloc shell
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="2 processes asked for .* or for one process unset SLURM_NTASKS"):
+        init_distributed("cpu")
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    with pytest.raises(ValueError, match="environment variable WORLD_SIZE='abc' is not a whole number"):
+        init_distributed("cpu")

@@ -19,10 +19,11 @@ import json
 import platform
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from msdd.config import config_from_json, load_config
+from msdd.config import Config, config_from_json, load_config
 from msdd.data import embedded_eval_set
 from msdd.eval.grid import save_grid
 from msdd.eval.baselines import default_pca_crops, pca_baseline, pca_for_source
@@ -58,20 +59,43 @@ def quality(recon: torch.Tensor, images: torch.Tensor, names: list[str]) -> dict
     }
 
 
+SIZED = ("max_steps", "warmup_steps", "ckpt_every", "grid_every")  # of train and distill: what the demo sets itself
+
+
+def _demo_config(preset: str, overrides: Sequence[str]) -> Config:
+    """The config the demo trains: an msdd-family preset, without overrides of the step counts the demo sizes."""
+    sized = [o for o in overrides if o.split("=", 1)[0].strip() in {f"{s}.{k}" for s in ("train", "distill")
+                                                                     for k in SIZED}]
+    if sized:
+        raise ValueError(f"--set {sized[0]}: the demo sizes its own steps, checkpoints and grids (fixed, or from "
+                         "--minutes); drop it, or run `msdd train` and `msdd distill` for a schedule of your own")
+    cfg = load_config(preset, list(overrides))
+    if cfg.model.family != "msdd":
+        raise ValueError(f"--preset {preset} is of the {cfg.model.family!r} family; the demo trains and distils the "
+                         "multi-scale (msdd) family: pass an msdd preset such as tiny-64, or use `msdd train` and "
+                         "`msdd distill`")
+    return cfg
+
+
 def run_demo(out_dir: str | Path = "msdd-demo", minutes: float | None = None, preset: str = "tiny-64",
              overrides: tuple[str, ...] = (), device: str = "cpu", progress: bool = True) -> dict:
     out = Path(out_dir)
     run1, run2, report_dir = out / "stage1", out / "stage2", out / "report"
     t_start = time.monotonic()
-    # A run directory that already has a config continues with its own (interrupted demo).
+    asked = _demo_config(preset, overrides)  # checked before anything trains
+    # A run directory that already has a config continues with its own (interrupted demo), if it is the one asked for.
     if (run1 / "config.json").exists():
         cfg = config_from_json((run1 / "config.json").read_text())
+        if (cfg.name, cfg.model, cfg.data) != (asked.name, asked.model, asked.data):
+            raise ValueError(f"{out} holds a demo of {cfg.name} with other model or data settings than --preset "
+                             f"{preset} {' '.join('--set ' + o for o in overrides)}: pass another --out, or the "
+                             "settings it was started with to continue it")
         print(f"continuing stage 1 in {run1}")
     elif minutes is None:
-        cfg = fixed_steps(load_config(preset, list(overrides)))
+        cfg = fixed_steps(asked)
         print(f"stage 1: {cfg.train.max_steps} steps at batch {cfg.train.batch_size}")
     else:
-        cfg, step_s = budgeted_config(load_config(preset, list(overrides)), 0.7 * minutes, device)
+        cfg, step_s = budgeted_config(asked, 0.7 * minutes, device)
         print(f"stage 1: {step_s:.2f} s per step at batch {cfg.train.batch_size} -> {cfg.train.max_steps} steps")
     summary1 = _stop_if_interrupted(Stage1Trainer(cfg, run1, device=device).fit(progress=progress), out)
     if (run2 / "config.json").exists():

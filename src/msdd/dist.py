@@ -29,7 +29,11 @@ class DistInfo:
 def _env_int(*names: str) -> int | None:
     for n in names:
         if n in os.environ:
-            return int(os.environ[n])
+            try:
+                return int(os.environ[n])
+            except ValueError:
+                raise ValueError(f"environment variable {n}={os.environ[n]!r} is not a whole number; unset it or set "
+                                 "it as the launcher would") from None
     return None
 
 
@@ -41,11 +45,17 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
         return DistInfo()
     rank = _env_int("RANK", "SLURM_PROCID")
     local = _env_int("LOCAL_RANK", "SLURM_LOCALID") or 0
+    # user errors (exit 2), checked before the environment is touched: what a single-process command inside an
+    # salloc / srun shell meets
+    launch = ("launch with torchrun, export them in the SLURM job script (MASTER_ADDR=$(scontrol show hostnames | "
+              "head -n1)), or for one process unset SLURM_NTASKS")
+    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but MASTER_ADDR/MASTER_PORT are not "
+                         f"set: {launch}")
+    if rank is None:
+        raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but no RANK / SLURM_PROCID: {launch}")
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise RuntimeError("distributed launch without MASTER_ADDR/MASTER_PORT: use torchrun, or export them in "
-                           "the SLURM job script (MASTER_ADDR=$(scontrol show hostnames | head -n1))")
     dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":

@@ -38,6 +38,10 @@ def cmd_generate(args) -> int:
     out = folder_arg(args.out, "--out")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
+    if args.metrics:  # before any sampling
+        from msdd.data import check_source
+
+        check_source(args.data, "--data")
     model, meta = load_generator(args.generator, device=args.device)
     check_sampling(model, args.n, args.steps, args.guidance, args.class_label)
     tok = Tokenizer.from_pretrained(args.tokenizer, device=args.device)

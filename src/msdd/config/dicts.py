@@ -70,7 +70,7 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
     unknown = set(data) - known
     if unknown:
         where = f"`{prefix}`" if prefix else "the top level"
-        raise ValueError(f"unknown config key(s) {sorted(unknown)} in {where}; valid keys: {sorted(known)}")
+        raise ValueError(f"unknown config key(s) {sorted(map(str, unknown))} in {where}; valid keys: {sorted(known)}")
     kwargs = {k: _coerce(hints[k], v, f"{prefix}.{k}" if prefix else k) for k, v in data.items()}
     return cls(**kwargs)
 

@@ -112,6 +112,9 @@ class FlowConfig:
         check(0.0 <= self.cfg_drop < 1.0, f"{prefix}.cfg_drop", f"must be in [0, 1), got {self.cfg_drop}")
 
 
+MAX_STEPS = 10_000  # Euler steps per stage of one decode (or of a generator's sampling)
+
+
 @dataclass(frozen=True)
 class SamplingConfig:
     """Default decode schedule stored with a model: Euler steps per stage and guidance scale (one entry
@@ -124,7 +127,8 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         prefix = self.section
-        check(all(n >= 1 for n in self.steps), f"{prefix}.steps", f"all must be >= 1, got {list(self.steps)}")
+        check(all(1 <= n <= MAX_STEPS for n in self.steps), f"{prefix}.steps",
+              f"all must be in [1, {MAX_STEPS:,}], got {list(self.steps)}")
         check(self.cfg >= 0.0, f"{prefix}.cfg", f"must be >= 0, got {self.cfg}")
 
 

@@ -89,8 +89,14 @@ def load_config(preset: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
         tree = _yaml_tree(text, preset)
     else:
         tree = _preset_dict(preset)
-    if "base" in tree:  # presets may extend another preset
-        tree = _merge(_preset_dict(tree.pop("base")), tree)
+    chain = [preset]
+    while "base" in tree:  # presets may extend another preset, which may extend another
+        base = tree.pop("base")
+        if not isinstance(base, str) or base in chain:
+            raise ValueError(f"--preset {preset}: `base: {base}` must name a preset (such as tiny-64) not already in "
+                             f"its chain {chain}")
+        chain.append(base)
+        tree = _merge(_preset_dict(base), tree)
     tree.setdefault("name", preset)
     for text in overrides:
         key, value = parse_override(text)

@@ -60,6 +60,9 @@ def quick_preset(name: str) -> str:
     return QUICK_PRESETS[name]
 
 
+STAGE_COUNTS = (1, 3, 4)  # the msdd teachers of Table 2: single-scale, 3 and 4 stages
+
+
 def split_steps(total: int, stages: int) -> tuple[int, ...]:
     """`total` Euler steps over `stages` stages, the remainder going to the coarse stages (cheap)."""
     base, extra = divmod(total, stages)
@@ -90,6 +93,13 @@ class Fidelity:
             seeds, minutes = 1, min(minutes, 0.3)
         self.base = load_config(preset, overrides)
         self.ssdd, self.ssdd_overrides = load_config(ssdd_preset, ssdd_overrides), list(ssdd_overrides)
+        if total_steps < max(STAGE_COUNTS):  # checked before any job trains
+            raise ValueError(f"--total-steps {total_steps}: the {max(STAGE_COUNTS)}-stage teacher needs at least one "
+                             f"step per stage; pass {max(STAGE_COUNTS)} or more")
+        for config, family, option in ((self.base, "msdd", "--preset / --set"), (self.ssdd, "ssdd", "--ssdd-set")):
+            if config.model.family != family:
+                raise ValueError(f"{option}: the fidelity table's {family} rows need a model of the {family!r} family, "
+                                 f"got {config.name} of the {config.model.family!r} family")
         self.train_seconds: dict[str, float] = {}
         self.seeds, self.total_steps, self.quick, self.minutes = seeds, total_steps, quick, minutes
         self.images, self.names = embedded_eval_set(self.base.model.image_size)
@@ -150,7 +160,7 @@ class Fidelity:
                           "ssim": ssim_per_image(pca, self.images).mean().item(), "decode_s_per_img": None,
                           "passes": 0, "steps": [], "cfg": None})
         for seed in range(self.seeds):
-            for stages in (1, 3, 4):
+            for stages in STAGE_COUNTS:
                 config = teacher_config(self.base, stages, self.total_steps, seed)
                 name = "single-scale" if stages == 1 else f"{stages} stages"
                 teacher = self.train_teacher(config, f"teacher-s{stages}-seed{seed}")

@@ -16,12 +16,11 @@ import torch
 from torch import nn
 
 from msdd.config import ModelConfig
+from msdd.config.model import MAX_STEPS
 from msdd.eval.flops import count_flops
 from msdd.flow.schedule import StageWindow, stage_windows
 from msdd.models.encoder import Encoder
 
-
-MAX_STEPS = 10_000  # Euler steps per stage of one decode
 
 
 def parse_steps(text: str | None) -> int | list[int] | None:

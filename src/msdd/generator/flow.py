@@ -16,6 +16,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from msdd.config.model import MAX_STEPS
 from msdd.flow.path import randn, sample_r
 from msdd.generator.model import LatentDiT, passes_per_step
 
@@ -40,8 +41,9 @@ def check_sampling(model: LatentDiT, n: int, steps: int, guidance: float, class_
     """Refuse a sampling request the model cannot serve, naming the argument and its command-line option."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (--n) must be an int >= 1 (the number of samples), got {n!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps (--steps) must be an int >= 1 (the generator's Euler steps), got {steps!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"steps (--steps) must be an int in [1, {MAX_STEPS:,}] (the generator's Euler steps), got "
+                         f"{steps!r}")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise ValueError(f"guidance (--cfg) must be a finite number >= 0 (1: no guidance), got {guidance}")
     if not model.conditional:

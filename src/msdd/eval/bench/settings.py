@@ -3,6 +3,7 @@ and what `--quick` sets."""
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,16 +92,17 @@ class BenchSettings:
         check(self.batch_size >= 1, "--batch-size", f"must be >= 1, got {self.batch_size}")
         check(self.rounds >= 1, "--rounds", f"must be >= 1, got {self.rounds}")
         check(self.warmup >= 0, "--warmup", f"must be >= 0, got {self.warmup}")
-        check(self.min_time >= 0, "--min-time", f"must be >= 0 seconds, got {self.min_time}")
+        check(0 <= self.min_time < math.inf, "--min-time", f"must be a number of seconds >= 0, got {self.min_time}")
         check(self.threads is None or self.threads >= 1, "--threads", f"must be >= 1, got {self.threads}")
         check(self.resolution is None or self.resolution >= 1, "--resolution", f"must be >= 1, got {self.resolution}")
         check(all(r >= 1 for r in self.resolutions), "--resolutions", f"must be >= 1, got {list(self.resolutions)}")
-        check(self.guidance is None or self.guidance >= 0, "--cfg", f"must be >= 0, got {self.guidance}")
+        check(self.guidance is None or 0 <= self.guidance < math.inf, "--cfg", f"must be a number >= 0, got "
+                                                                               f"{self.guidance}")
         check(self.ssdd_steps is None or self.ssdd_steps >= 1, "--ssdd-steps", f"must be >= 1, got {self.ssdd_steps}")
         steps = (self.steps,) if isinstance(self.steps, int) else (self.steps or ())
         check(all(n >= 1 for n in steps), "--steps", f"every stage needs >= 1 step, got {self.steps}")
         check(self.gen_steps >= 1, "--gen-steps", f"must be >= 1, got {self.gen_steps}")
-        check(self.gen_cfg >= 0, "--gen-cfg", f"must be >= 0, got {self.gen_cfg}")
+        check(0 <= self.gen_cfg < math.inf, "--gen-cfg", f"must be a number >= 0, got {self.gen_cfg}")
         self._check_presets(check)
         if self.pipeline:
             if self.contenders == CONTENDERS:
