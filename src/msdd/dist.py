@@ -53,7 +53,8 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
         raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but MASTER_ADDR/MASTER_PORT are not "
                          f"set: {launch}")
     if rank is None:
-        raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but no RANK / SLURM_PROCID: {launch}")
+        raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but no RANK / SLURM_PROCID: "
+                         f"{launch}")
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
     dev = torch.device(device)
