@@ -308,9 +308,8 @@ def test_demo_and_fidelity_refuse_what_they_would_ignore_or_fail_on_later(tmp_pa
     from msdd.config import load_config, to_dict
 
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--set", "train.max_steps=5"]) == 2  # the demo sizes its own steps
-    assert "--set train.max_steps=5: the demo sizes its own steps" in _error(capsys)
-    assert main(["demo", "--out", str(out), "--preset", "ssdd-tiny-test"]) == 2  # it distils the msdd family only
+    with pytest.warns(UserWarning, match="--set train.max_steps=5: not used, the demo sizes its own steps"):
+        assert main(["demo", "--out", str(out), "--preset", "ssdd-tiny-test", "--set", "train.max_steps=5"]) == 2
     assert "of the 'ssdd' family; the demo trains and distils the multi-scale (msdd) family" in _error(capsys)
     (out / "stage1").mkdir(parents=True)  # an interrupted demo of another preset
     (out / "stage1" / "config.json").write_text(json.dumps(to_dict(load_config("tiny-test"))))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -59,16 +60,17 @@ def quality(recon: torch.Tensor, images: torch.Tensor, names: list[str]) -> dict
     }
 
 
-SIZED = ("max_steps", "warmup_steps", "ckpt_every", "grid_every")  # of train and distill: what the demo sets itself
+SIZED = ("max_steps", "ckpt_every", "grid_every")  # of train and distill: the demo sets them (the warm-up: capped)
 
 
 def _demo_config(preset: str, overrides: Sequence[str]) -> Config:
-    """The config the demo trains: an msdd-family preset, without overrides of the step counts the demo sizes."""
+    """The config the demo trains: an msdd-family preset; overrides of the step counts it sizes are named as unused."""
     sized = [o for o in overrides if o.split("=", 1)[0].strip() in {f"{s}.{k}" for s in ("train", "distill")
                                                                      for k in SIZED}]
     if sized:
-        raise ValueError(f"--set {sized[0]}: the demo sizes its own steps, checkpoints and grids (fixed, or from "
-                         "--minutes); drop it, or run `msdd train` and `msdd distill` for a schedule of your own")
+        warnings.warn(f"--set {', '.join(sized)}: not used, the demo sizes its own steps, checkpoints and grids "
+                      "(fixed, or from --minutes); run `msdd train` and `msdd distill` for a schedule of your own",
+                      stacklevel=2)
     cfg = load_config(preset, list(overrides))
     if cfg.model.family != "msdd":
         raise ValueError(f"--preset {preset} is of the {cfg.model.family!r} family; the demo trains and distils the "
