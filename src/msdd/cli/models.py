@@ -133,10 +133,9 @@ def cmd_export(args) -> None:
                          "(drop --dtype)")
     try:
         if args.format == "onnx":
-            from msdd.integrations.onnx import export_onnx, require_onnx
+            from msdd.integrations.onnx import export_onnx
 
-            require_onnx()
-            with atomic_folder(out) as tmp:
+            with atomic_folder(out) as tmp:  # export_onnx checks the onnx extra before any work
                 export_onnx(args.model, tmp)
             print(f"wrote {out}: encoder.onnx, decoder.onnx (the whole decode at the model's default schedule, its "
                   "noise as inputs; msdd.integrations.onnx.OnnxTokenizer runs them), onnx.json")
