@@ -521,6 +521,19 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
         cpu_kernels.library.cache_clear()
 
 
+@pytest.mark.parametrize("value, on", [("0", False), ("off", False), ("False", False), (" no ", False),
+                                       ("1", True), ("ON", True), ("phases", True)])
+def test_the_switch_reads_the_usual_spellings(monkeypatch, value, on):
+    monkeypatch.setenv("MSDD_CPU_KERNELS", value)
+    assert cpu_kernels.enabled() is on
+
+
+def test_an_unknown_switch_value_is_an_error_that_lists_the_values(monkeypatch):
+    monkeypatch.setenv("MSDD_CPU_KERNELS", "of")
+    with pytest.raises(ValueError, match="MSDD_CPU_KERNELS='of' is not understood: set it to 0 \\(or off\\)"):
+        cpu_kernels.enabled()
+
+
 @needs_kernel
 @pytest.mark.parametrize("bf16", [False, True])
 def test_the_blocks_op_runs_msdds_int8_layers_as_the_blocks_do(monkeypatch, bf16):

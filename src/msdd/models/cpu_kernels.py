@@ -24,7 +24,7 @@ in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when 
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
 of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja:
-one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` switches the kernels off;
+one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` (or off, false, no) switches the kernels off;
 `MSDD_CPU_KERNELS=phases` builds and loads a variant whose `blocks` op also clocks its phases (`phase_times`, for
 `benchmarks/profile_student.py --phases`; the same kernels, two clock reads per phase).
 """
@@ -66,8 +66,17 @@ def cpu_supported() -> bool:
     return all(flag in flags for flag in CPU_FLAGS)
 
 
+OFF = ("0", "off", "false", "no")
+ON = ("", "1", "on", "true", "yes", "phases")
+
+
 def enabled() -> bool:
-    return os.environ.get(ENV, "1") != "0"
+    """The kernels are on unless MSDD_CPU_KERNELS is one of `OFF` (any case); a value in neither list is an error."""
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in OFF + ON:
+        raise ValueError(f"{ENV}={os.environ[ENV]!r} is not understood: set it to 0 (or off) to use PyTorch's ops, "
+                         "1 (or on) for the kernels, or phases for the kernels with phase clocks")
+    return value not in OFF
 
 
 @functools.cache
@@ -84,7 +93,7 @@ def library():
         _ninja_on_path()
         from torch.utils import cpp_extension
 
-        phases = os.environ.get(ENV) == "phases"
+        phases = os.environ.get(ENV, "").strip().lower() == "phases"
         cpp_extension.load(name="msdd_cpu_kernels_phases" if phases else "msdd_cpu_kernels", sources=[str(SOURCE)],
                            extra_cflags=CFLAGS + (["-DMSDD_PHASE_TIMES"] if phases else []), extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
