@@ -341,3 +341,29 @@ def test_config_and_environment_errors_name_what_to_fix(tmp_path, monkeypatch, c
     monkeypatch.setenv("WORLD_SIZE", "abc")
     with pytest.raises(ValueError, match="environment variable WORLD_SIZE='abc' is not a whole number"):
         init_distributed("cpu")
+
+
+def test_a_seed_out_of_range_is_refused_with_the_range(tmp_path, capsys):
+    never = tmp_path / "never-made"
+    for command in (["eval", "--model", str(BUNDLED)], ["generate", "--model", str(BUNDLED), "--out", str(never)]):
+        with pytest.raises(SystemExit) as e:
+            main([*command, "--seed", str(2**70)])
+        assert e.value.code == 2
+        assert f"--seed: {2**70} is out of range; give a whole number in [0, 2**63)" in _error(capsys)
+    assert main(["train", "--preset", "tiny-test", "--run-dir", str(never), "--set", f"train.seed={2**63}"]) == 2
+    assert "`train.seed`: must be in [0, 2**63)" in _error(capsys) and not never.exists()
+
+
+def test_large_seeds_seed_every_derived_generator():
+    """Per-image and per-epoch seeds are seed * 1,000,003 + n modulo 2**64, which torch takes; below 2**64 the modulo
+    changes nothing, so small seeds draw what they always drew."""
+    from msdd.seeding import derived_seed, image_generators
+    from msdd.train.stream import ResumableSampler
+
+    big = 2**63 - 1
+    assert derived_seed(big, 5) == (big * 1_000_003 + 5) % 2**64 and derived_seed(3, 5) == 3_000_014
+    a, b = image_generators(big, [0, 1])
+    assert torch.randn(4, generator=a).ne(torch.randn(4, generator=b)).all()
+    small = torch.randn(4, generator=image_generators(3, [5])[0])
+    assert torch.equal(small, torch.randn(4, generator=torch.Generator().manual_seed(3_000_014)))
+    assert sorted(ResumableSampler(9, big, batch=3).order()) == list(range(9))

@@ -25,9 +25,16 @@ def image_generators(seed: int, keys: Sequence[int | str]) -> list[torch.Generat
             text = f"{seed}:{key}".encode("utf-8", "surrogateescape")
             value = int.from_bytes(hashlib.sha256(text).digest()[:8], "big") >> 1
         else:
-            value = seed * 1_000_003 + int(key)
+            value = derived_seed(seed, int(key))
         out.append(torch.Generator().manual_seed(value))
     return out
 
 
-__all__ = ["image_generators"]
+def derived_seed(seed: int, n: int) -> int:
+    """The seed of item `n` (an image index, an epoch) under run seed `seed`: seed * 1,000,003 + n, taken modulo 2**64
+    as torch's generators take it, so that a large run seed works (torch refuses values from 2**64 on; the values
+    below that seed the same generator with or without the modulo)."""
+    return (seed * 1_000_003 + n) % 2**64
+
+
+__all__ = ["derived_seed", "image_generators"]

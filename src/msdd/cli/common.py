@@ -22,7 +22,7 @@ def add_decode_args(p: argparse.ArgumentParser) -> None:
                         "(default: the model's own schedule)")
     p.add_argument("--cfg", dest="guidance", metavar="CFG", type=float, default=None,
                    help="guidance scale (default: the model's)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the decoding noise (default 0)")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the decoding noise (default 0)")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for encode/decode")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (default 32)")
 
@@ -118,6 +118,17 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"{text} is not a positive number; give one above 0, e.g. 10")
+    return value
+
+
+def seed_arg(text: str) -> int:
+    """An argparse type: a seed, a whole number in [0, 2**63) (as the configs' train.seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{text} is out of range; give a whole number in [0, 2**63), e.g. 0")
     return value
 
 

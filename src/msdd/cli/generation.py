@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from msdd.cli.common import device_arg, folder_arg, positive_float, removed_if_left_empty
+from msdd.cli.common import device_arg, folder_arg, positive_float, removed_if_left_empty, seed_arg
 from msdd.cli.training import _finish_training
 
 
@@ -127,7 +127,7 @@ def add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=50, help="Euler steps of the generator (default 50)")
     p.add_argument("--cfg", dest="guidance", metavar="CFG", type=float, default=1.0,
                    help="classifier-free guidance scale (default 1: none; needs a class-conditional generator)")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_arg, default=0,
                    help="seed of all sampling and decoding noise (default 0); sample i depends on the seed and i only")
     p.add_argument("--class-label", type=_class_label, default=None, metavar="K",
                    help="class of every sample (a class-conditional generator; default: a random class each)")

@@ -58,7 +58,7 @@ class OptimConfig(StepsConfig):
         check(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
         check(self.grad_clip > 0, f"{prefix}.grad_clip", "must be > 0")
         check(self.keep_checkpoints >= 1, f"{prefix}.keep_checkpoints", f"must be >= 1, got {self.keep_checkpoints}")
-        check(self.seed >= 0, f"{prefix}.seed", f"must be >= 0, got {self.seed}")
+        check(0 <= self.seed < 2**63, f"{prefix}.seed", f"must be in [0, 2**63), got {self.seed}")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from msdd.eval.metrics import (
     SSIM_CONVENTION, bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image,
 )
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
+from msdd.seeding import image_generators
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
@@ -145,7 +146,7 @@ def evaluate(
         ref = quantize(images).to(device)  # the cropped originals as uint8 values, in [-1, 1]
         z = tok.encode(ref, bf16=bf16)
         # one generator per image, seeded by its index: results do not depend on batch size or processes
-        g = [torch.Generator().manual_seed(seed * 1_000_003 + i) for i in indices]
+        g = image_generators(seed, [int(i) for i in indices])
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()

@@ -10,6 +10,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from msdd.seeding import derived_seed
+
 
 class ResumableSampler(Sampler[int]):
     """A shuffled index order per epoch that can start mid-epoch and be split across processes.
@@ -30,7 +32,7 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.start = epoch, start
 
     def order(self) -> list[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         perm = torch.randperm(self.size, generator=g)
         steps, share = self.size // self.batch, self.batch // self.world_size
         return perm[: steps * self.batch].view(steps, self.world_size, share)[:, self.rank].flatten().tolist()
@@ -40,7 +42,7 @@ class ResumableSampler(Sampler[int]):
 
     def dropped(self) -> list[int]:
         """The indices epoch `epoch` leaves out on every process (the rest of its last global batch)."""
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch))
         return torch.randperm(self.size, generator=g)[self.size // self.batch * self.batch :].tolist()
 
     def __len__(self) -> int:
