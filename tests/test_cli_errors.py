@@ -239,6 +239,10 @@ def test_a_failed_run_leaves_no_empty_run_directory(tmp_path, capsys):
                      "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
         assert "is neither 'embedded'" in _error(capsys)
     assert not run.exists() and kept.is_dir()  # a folder that was there before the command stays
+    deep = kept / "runs" / "a" / "b"  # the parents it made go too (were: runs/a left behind)
+    assert main(["train", "--run-dir", str(deep), "--max-steps", "1", *tiny_args(),
+                 "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
+    assert "is neither 'embedded'" in _error(capsys) and sorted(kept.iterdir()) == []
     assert main(["gen-train", "--run-dir", str(run), "--tokenizer", "tiny-64", "--max-steps", "1",
                  "--set", f"data.source={tmp_path / 'nowhere'}"]) == 2
     assert "is neither 'embedded'" in _error(capsys) and not run.exists()

@@ -37,14 +37,21 @@ def steps_arg(text: str | None):
 @contextlib.contextmanager
 def removed_if_left_empty(folder: str | Path):
     """A run directory this command creates is removed again when the command fails before writing anything
-    into it (a bad data source found after the directory was made): no empty folder is left behind."""
-    existed = Path(folder).exists()
+    into it (a bad data source found after the directory was made): no empty folder is left behind, nor the parent
+    folders it created (`--run-dir runs/a/b` with no `runs`)."""
+    folder = Path(folder).absolute()
+    created = [folder, *folder.parents]
+    created = created[:next(i for i, p in enumerate(created) if p.exists())]  # the folders that do not exist yet
     try:
         yield
     except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):  # not empty (logs, checkpoints: kept), or already gone
-                Path(folder).rmdir()
+        for path in created:  # the deepest first; an emptied parent goes next
+            try:
+                path.rmdir()
+            except FileNotFoundError:
+                continue  # never made (the command failed before making it)
+            except OSError:
+                break  # not empty (logs, checkpoints: kept)
         raise
 
 
