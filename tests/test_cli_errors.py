@@ -174,6 +174,12 @@ def test_options_a_command_would_ignore_are_refused(capsys):
     assert "--gen-preset: unknown generator preset 'bogus'" in _error(capsys)
     assert main(["bench", "--ssdd-preset", "bogus"]) == 2
     assert "--ssdd-preset: unknown SSDD preset 'bogus'" in _error(capsys)
+    assert main(["bench", "--preset", "ssdd-tiny-test", "--quick"]) == 2  # was: SSDD timed as the "student" row
+    assert "--preset: 'ssdd-tiny-test' is a 'ssdd' model; the student and teacher rows time a multi-scale" in \
+        _error(capsys)
+    msdd_yaml = Path(__file__).parents[1] / "src" / "msdd" / "configs" / "tiny-test.yaml"
+    assert main(["bench", "--ssdd-preset", str(msdd_yaml), "--quick"]) == 2  # was: refused after the peak probe
+    assert f"--ssdd-preset: {msdd_yaml} is a 'msdd' model, not an SSDD one" in _error(capsys)
 
 
 def test_errors_name_the_option_not_the_config_key(tmp_path, capsys):

@@ -72,13 +72,22 @@ class BenchSettings:
 
     def _check_presets(self, check) -> None:
         """--ssdd-preset and --gen-preset name presets that exist (or YAML files), before any timing."""
-        from msdd.config import preset_names
+        from msdd.config import load_config, preset_names
+        from msdd.families import family_of
         from msdd.generator.config import PRESETS
 
         if self.ssdd_preset is not None and not Path(self.ssdd_preset).is_file():
             ssdd = [n for n in preset_names() if n.startswith("ssdd")]
             check(self.ssdd_preset in ssdd, "--ssdd-preset", f"unknown SSDD preset {self.ssdd_preset!r}; choose from "
                                                              f"{ssdd} or give a YAML file")
+        if not self.model:  # the student and teacher rows time the preset's own decoder: a multi-scale one
+            config = load_config(self.preset, list(self.overrides)).model
+            check(family_of(config).multi_scale, "--preset",
+                  f"{self.preset!r} is a {config.family!r} model; the student and teacher rows time a multi-scale "
+                  "(msdd) decoder: pass an msdd preset (the ssdd-* rows time SSDD, with --ssdd-preset)")
+        if self.ssdd_preset is not None and Path(self.ssdd_preset).is_file():
+            family = load_config(self.ssdd_preset).model.family
+            check(family == "ssdd", "--ssdd-preset", f"{self.ssdd_preset} is a {family!r} model, not an SSDD one")
         if self.gen_preset is not None:
             check(self.gen_preset in PRESETS, "--gen-preset", f"unknown generator preset {self.gen_preset!r}; choose "
                                                               f"from {list(PRESETS)}")
