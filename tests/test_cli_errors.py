@@ -377,3 +377,14 @@ def test_large_seeds_seed_every_derived_generator():
     small = torch.randn(4, generator=image_generators(3, [5])[0])
     assert torch.equal(small, torch.randn(4, generator=torch.Generator().manual_seed(3_000_014)))
     assert sorted(ResumableSampler(9, big, batch=3).order()) == list(range(9))
+
+
+def test_distill_names_the_stage_1_settings_it_ignores(tmp_path, capsys):
+    with pytest.warns(UserWarning) as record:  # the run then stops at the missing teacher, before any work
+        assert main(["distill", "--teacher", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "d"),
+                     "--set", "train.max_steps=3", "--set", "train.pca_crops=5", "--set", "train.seed=4"]) == 2
+    said = [str(w.message) for w in record if "stage 1's settings" in str(w.message)]
+    assert said == ["--set train.max_steps (set distill.max_steps instead), train.pca_crops (drop it): stage 1's "
+                    "settings, which a distillation does not read (ignored). The train fields a distillation reads: "
+                    "train.seed, train.bf16, train.betas, train.grad_clip, train.linear_lr_scale, train.min_lr_ratio"]
+    assert str(tmp_path / "nowhere") in _error(capsys)

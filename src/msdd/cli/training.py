@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_float, positive_int, removed_if_left_empty
 
@@ -55,6 +56,7 @@ def cmd_distill(args) -> int:
     folder_arg(args.run_dir, "--run-dir")
     config = load_training_config(args)
     _check_student_model(config, args)
+    _check_read_by_distillation(config, args)
     with removed_if_left_empty(args.run_dir):
         distiller = build_distiller(config, args.teacher, args.run_dir, device=args.device,
                                     vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
@@ -78,6 +80,23 @@ def _check_student_model(config, args) -> None:
         raise ValueError(f"--set changes model fields, but the student has the architecture of its teacher "
                          f"({args.teacher}), which differs: drop the model.* options (the model section is the "
                          "teacher's)")
+
+
+def _check_read_by_distillation(config, args) -> None:
+    """`--set train.*` of a field that only stage 1 reads (its steps, lr, batch) is ignored: a warning naming the
+    distill.* field to set instead (a warning, not an error: one list of --set serves both stages' commands)."""
+    from msdd.config import load_config
+    from msdd.config.dicts import diff_fields
+    from msdd.train.distiller import READS
+
+    changed = [d.split(":", 1)[0] for d in diff_fields(load_config(args.preset), config)]
+    unread = [name for name in changed if name.startswith("train.") and name not in READS]
+    if unread:
+        named = [f"{n} (set distill.{n[6:]} instead)" if hasattr(config.distill, n[6:]) else f"{n} (drop it)"
+                 for n in unread]
+        read = ", ".join(r for r in READS if r.startswith("train."))
+        warnings.warn(f"--set {', '.join(named)}: stage 1's settings, which a distillation does not read (ignored). "
+                      f"The train fields a distillation reads: {read}", stacklevel=2)
 
 
 def cmd_demo(args) -> None:
