@@ -55,23 +55,38 @@ def init_distributed(device: str | torch.device = "cpu") -> DistInfo:
     if rank is None:
         raise ValueError(f"{world} processes asked for (WORLD_SIZE / SLURM_NTASKS) but no RANK / SLURM_PROCID: "
                          f"{launch}")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is not None:
+        raise ValueError(f"--device {device} under {world} processes would put every process on GPU {dev.index}: "
+                         "pass --device cuda (each process takes the GPU of its local rank)")
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("WORLD_SIZE", str(world))
-    dev = torch.device(device)
     backend = "nccl" if dev.type == "cuda" else "gloo"
     if dev.type == "cuda":
-        torch.cuda.set_device(local)
+        torch.cuda.set_device(local_gpu(local))
     dist.init_process_group(backend=backend, rank=rank, world_size=world)
     return DistInfo(rank, world, local)
 
 
-def setup(device: str | torch.device = "cpu") -> tuple[DistInfo, torch.device]:
-    """`init_distributed`, plus this process's device: "cuda" becomes "cuda:<local rank>"."""
-    info = init_distributed(device)
+def local_gpu(local_rank: int) -> int:
+    """The GPU index of the process of local rank `local_rank`: the rank itself where every process sees all the node's
+    GPUs (torchrun), modulo the GPUs it sees where the launcher gives each its own (SLURM's --gpus-per-task=1 leaves
+    one visible GPU, index 0, to each)."""
+    return local_rank % max(torch.cuda.device_count(), 1)
+
+
+def process_device(device: str | torch.device, info: DistInfo) -> torch.device:
+    """This process's device: a bare "cuda" becomes the GPU of its local rank (`local_gpu`)."""
     dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", info.local_rank)
-    return info, dev
+        dev = torch.device("cuda", local_gpu(info.local_rank))
+    return dev
+
+
+def setup(device: str | torch.device = "cpu") -> tuple[DistInfo, torch.device]:
+    """`init_distributed`, plus this process's device (`process_device`)."""
+    info = init_distributed(device)
+    return info, process_device(device, info)
 
 
 def _active() -> bool:

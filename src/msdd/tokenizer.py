@@ -50,6 +50,14 @@ def autocast(device: torch.device | str, bf16: bool):
     return torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
 
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the work queued on `device` (a GPU's kernels run after the call that queued them returns): around a
+    timed call. Nothing to wait for on the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def _renamed_guidance(guidance: float | None, cfg: float | None, stacklevel: int) -> float | None:
     """`cfg=`, the old name of `guidance=` in `decode` / `reconstruct`: still accepted, with a warning
     pointing `stacklevel` frames up (at the caller)."""
@@ -266,7 +274,8 @@ class Tokenizer(nn.Module):
                              "pass seed=, not generator= or return_stages=")
         out = [reconstruct_tiled(self, x, tile_overlap, key=i, seed=seed, **decode_kwargs)
                for i, x in enumerate(prepared)]
-        return torch.stack(out).to(self.device) if isinstance(images, (torch.Tensor, np.ndarray)) else out
+        out = [x.to(self.device) for x in out]  # tiles are put together on the CPU
+        return torch.stack(out) if isinstance(images, (torch.Tensor, np.ndarray)) else out
 
     def _reconstruct_input(self, images, tile_overlap: int | None) -> torch.Tensor | list[torch.Tensor]:
         """What `reconstruct` decodes: a checked batch (B, 3, R, R), or the images to tile as a list of
@@ -293,6 +302,7 @@ class Tokenizer(nn.Module):
         if not isinstance(z, torch.Tensor) or z.ndim < -axis or z.shape[axis] != c:
             raise ValueError(f"latents must have their {c} channels {'at dim -3 (B, C, h, w)' if spatial else 'last'} "
                              f"for this model, got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+        stat = stat.to(z.device)  # latents kept on the CPU (a saved dataset) with a model on a GPU
         return stat.view(-1, 1, 1) if spatial else stat  # channels first for a spatial latent
 
     def normalize_latents(self, z: torch.Tensor) -> torch.Tensor:

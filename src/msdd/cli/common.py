@@ -160,7 +160,7 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda, cuda:N or mps") from None
     available = {"cpu": True, "cuda": torch.cuda.is_available(),
                  "mps": hasattr(torch.backends, "mps") and torch.backends.mps.is_available()}
-    if not available.get(device.type, True):
+    if not available.get(device.type, False):  # xpu, meta, ...: not a device msdd runs on
         raise argparse.ArgumentTypeError(f"{text}: no {device.type} device is visible on this machine "
                                          f"(torch.{device.type} is not available); use --device cpu")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():

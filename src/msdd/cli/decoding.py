@@ -54,7 +54,7 @@ def cmd_eval(args) -> None:
     import warnings
 
     from msdd.data import check_source
-    from msdd.dist import cleanup, init_distributed
+    from msdd.dist import cleanup, setup
     from msdd.eval.evaluate import evaluate, finite_or_null
     from msdd.eval.plots import plot_pareto
     from msdd.hub import resolve_model_dir
@@ -68,8 +68,7 @@ def cmd_eval(args) -> None:
                           "images it is scored on, which flatters it; pass a folder of training images")
     if args.plot:
         file_arg(args.plot, "--plot")
-    info = init_distributed(args.device)
-    device = f"cuda:{info.local_rank}" if args.device == "cuda" else args.device
+    info, device = setup(args.device)
     runs = []  # (model dir, tokenizer, steps)
     for path in [args.model, *args.compare]:
         path = resolve_model_dir(path)  # a folder, a bundled name (default: the bundled student) or a Hub id

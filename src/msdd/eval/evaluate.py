@@ -31,7 +31,7 @@ from msdd.eval.metrics import (
 )
 from msdd.hub import WEIGHTS_NAME, file_sha256, resolve_model_dir
 from msdd.seeding import image_generators
-from msdd.tokenizer import Tokenizer, autocast
+from msdd.tokenizer import Tokenizer, autocast, synchronize
 from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
 PUBLISHED_FID_IMAGES = 50_000
@@ -147,12 +147,10 @@ def evaluate(
         z = tok.encode(ref, bf16=bf16)
         # one generator per image, seeded by its index: results do not depend on batch size or processes
         g = image_generators(seed, [int(i) for i in indices])
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)  # the model's GPU, not the current one
         t0 = time.perf_counter()
         recon = tok.decode(z, steps=steps, guidance=guidance, generator=g, bf16=bf16, int8=int8)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         seconds = torch.tensor((time.perf_counter() - t0) / len(images))
         if first_batch is None:
             first_batch = (seconds, len(images))

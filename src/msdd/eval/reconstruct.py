@@ -26,7 +26,7 @@ import torch
 
 from msdd.eval.metrics import quantize
 from msdd.seeding import image_generators
-from msdd.tokenizer import Tokenizer
+from msdd.tokenizer import Tokenizer, synchronize
 
 
 @torch.no_grad()
@@ -60,8 +60,10 @@ def reconstruct_images(
     for i in range(0, len(images), batch_size):
         z = tok.encode(images[i : i + batch_size], bf16=bf16, int8=int8)
         generators = image_generators(seed, keys[i : i + batch_size])
+        synchronize(tok.device)
         t0 = time.perf_counter()
         x = tok.decode(z, steps=steps, guidance=guidance, generator=generators, bf16=bf16, int8=int8)
+        synchronize(tok.device)  # a GPU decode returns before its last kernels finish
         decode_s += time.perf_counter() - t0
         outs.append(quantize(x.cpu()))
     return torch.cat(outs), decode_s / max(1, len(images))

@@ -128,8 +128,8 @@ class AutoencoderMSDD(ModelMixin, ConfigMixin):
     def from_tokenizer(cls, tok: Tokenizer) -> "AutoencoderMSDD":
         """Wrap a Tokenizer (the same module: weights, buffers, device and metadata shared, not copied); the
         latent scale of the config comes from its `latent_mean` / `latent_std`."""
-        mean = tok.latent_mean.detach().double().cpu()
-        std = tok.latent_std.detach().double().cpu()
+        mean = tok.latent_mean.detach().cpu().double()  # to the CPU first: MPS has no float64
+        std = tok.latent_std.detach().cpu().double()
         meta = getattr(tok, "metadata", None)
         extra = None
         if isinstance(meta, dict):  # as JSON (the config file), anything else as its string

@@ -228,7 +228,8 @@ class TrainerBase:
             n_good, loss_sum = n_good + len(images), loss_sum + loss.item() * len(images)
             outs.append((len(images), out))
         term, inter = signum == signal.SIGTERM, signum == signal.SIGINT  # which signal, if any process got one
-        flags = torch.tensor([n_good, bad, loss_sum, skipped, term, inter, time_up, dry], dtype=torch.float64,
+        wide = torch.float32 if self.device.type == "mps" else torch.float64  # MPS has no float64
+        flags = torch.tensor([n_good, bad, loss_sum, skipped, term, inter, time_up, dry], dtype=wide,
                              device=self.device)
         n, bad, loss_sum, skipped, term, inter, time_up, dry = all_reduce_sum(flags).tolist()
         info = {"images": int(n), "bad": bad > 0, "bad_grads": False, "skipped": int(skipped),

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from msdd.config import Config, config_from_json, diff_fields
 from msdd.data import build_eval_images, build_train_dataset, collate_skip_bad
 from msdd.eval.grid import save_grid
-from msdd.tokenizer import Tokenizer, autocast
+from msdd.tokenizer import Tokenizer, autocast, synchronize
 from msdd.train.ema import EMA
 from msdd.train.loop import TrainerBase
 from msdd.train.optim import cosine_schedule, make_optimizer
@@ -234,8 +234,7 @@ def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str 
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]

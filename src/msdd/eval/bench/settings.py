@@ -130,6 +130,9 @@ class BenchSettings:
         check(not repeated, "--contenders", f"{repeated} named more than once; name each row once")
         check(not (self.model and self.overrides), "--set", "changes a preset's random-weight models; a --model is "
                                                             "timed as it was trained (drop --set)")
+        on_cpu = [c for c in ("student-int8", "onnx-student") if c in self.contenders]
+        check(not on_cpu or torch.device(self.device).type == "cpu", "--contenders",
+              f"{on_cpu} run on the CPU only (this run: --device {self.device}); drop them or bench with --device cpu")
         if "onnx-student" in self.contenders:  # before any model is built or timed
             from msdd.integrations.onnx import require_onnx
 

@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple, Sequence
 import torch
 
 from msdd.eval.bench.memory import call_with_peak_memory
-from msdd.tokenizer import autocast
+from msdd.tokenizer import autocast, synchronize
 
 
 def log_stderr(msg: str) -> None:
@@ -25,9 +25,7 @@ def rotated_orders(names: Sequence[str], rounds: int) -> list[list[str]]:
 
 
 def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+    return lambda: synchronize(device)
 
 
 class Timings(NamedTuple):
