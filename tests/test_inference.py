@@ -122,7 +122,53 @@ def test_a_decode_maps_its_latents_through_the_linear_path_once(tok, monkeypatch
     x, tau = torch.randn(2, 3, 8, 8), torch.full((2,), 0.5)
     with torch.no_grad():
         tok.decoder(x, tau, z), tok.decoder(x, tau, z)
-    assert len(calls) == 2 and tok.decoder._linear_memo is None
+    assert len(calls) == 2 and tok.decoder._scope() == (None, None)
+
+
+def test_decodes_in_two_threads_keep_their_own_scope_and_leave_none(tok):
+    """Thread A enters a decode, B enters, A leaves, B leaves: the order that left A's scope on the shared decoder
+    (its weights checked once, trusted by later passes outside any decode)."""
+    import threading
+
+    from msdd.flow.sampler import sample_multiscale
+
+    steps = [2] * len(tok.windows)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def thread_a():
+        with tok.decoder.same_latents():
+            seen["a"] = tok.decoder._scope()
+            a_in.set()
+            b_in.wait(10)
+        a_out.set()
+
+    def thread_b():
+        a_in.wait(10)
+        with tok.decoder.same_latents():
+            seen["b"] = tok.decoder._scope()
+            b_in.set()
+            a_out.wait(10)
+
+    threads = [threading.Thread(target=thread_a), threading.Thread(target=thread_b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen["a"][1] is not seen["b"][1] and tok.decoder._scope() == (None, None)
+    z = _latents(tok)
+    with torch.no_grad():
+        tok.decode(z, steps=steps)  # fills the caches
+        for p in tok.decoder.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # then a training step, say
+
+        def decode():
+            return sample_multiscale(tok.decoder, z, tok.windows, steps, guidance=1.0,
+                                     generator=torch.Generator().manual_seed(0)).image
+
+        fast = decode()
+        with unoptimised():
+            assert torch.allclose(fast, decode(), atol=1e-5)
 
 
 def test_bf16_weight_copy(tok, monkeypatch):

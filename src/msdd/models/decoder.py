@@ -24,6 +24,7 @@ its 2 x depth + 1 matrix-vector products of adaLN weights (a third of the parame
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable
 
 import torch
@@ -124,9 +125,13 @@ def _clear_modulation_cache(decoder: "Decoder", _incompatible_keys) -> None:
     decoder.mod_cache.clear()
 
 
+# The decodes each thread is in: {id(decoder): (linear memo, pass memo)} (`Decoder.same_latents`). A context
+# variable, not an attribute of the shared module: two threads decoding with one model each keep their own, and
+# none is left behind when they finish in another order than they started.
+_SCOPES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("msdd_decode_scopes", default=None)
+
+
 class Decoder(nn.Module):
-    _linear_memo: list | None = None  # [latents, {resolution: linear image}] inside `same_latents`
-    _pass_memo: dict | None = None  # inside `same_latents`: what a pass checked of the weights, for the next passes
 
     def __init__(self, cfg: DecoderConfig, image_size: int, latent_tokens: int, latent_dim: int,
                  linear_path: bool = False, prediction: str = "v",
@@ -165,7 +170,7 @@ class Decoder(nn.Module):
         """x_lin = from_linear(z) (B, 3, R, R), average-pooled to `resolution`, then refined there by the
         refiner when there is one; fp32 (the refiner's residual runs under the caller's autocast). Inside
         `same_latents`, on the optimised path, computed once per latent tensor and resolution."""
-        memo = self._linear_memo
+        memo = self._scope()[0]
         if memo is None or not optimised() or torch.jit.is_tracing() or torch.compiler.is_compiling():
             return self._linear_image(z, resolution, {})
         if memo[0] is not z:  # the memo holds z: no other tensor can take its identity while it is there
@@ -198,12 +203,19 @@ class Decoder(nn.Module):
         latest latent tensor instead of mapping z through from_linear (3 x R x R outputs) at every pass: 1.3x the
         shipped tiny-64 student's decode at batch 1; and the passes check the weights (`ModulationCache.key`,
         `run_blocks`) at the first pass only."""
-        outer = self._linear_memo, self._pass_memo
-        self._linear_memo, self._pass_memo = [None, {}], {}
+        token = _SCOPES.set({**(_SCOPES.get() or {}), id(self): ([None, {}], {})})
         try:
             yield
         finally:
-            self._linear_memo, self._pass_memo = outer
+            _SCOPES.reset(token)
+
+    def _scope(self) -> tuple[list | None, dict | None]:
+        """(linear memo: [latents, {resolution: linear image}], pass memo: what a pass checked of the weights, for
+        the next passes) of the decode this thread is in with this decoder, or (None, None) outside one and under
+        compilation (whose graphs use neither)."""
+        if torch.compiler.is_compiling():
+            return None, None
+        return (_SCOPES.get() or {}).get(id(self), (None, None))
 
     def forward(self, x: torch.Tensor, tau: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Velocity for noisy images x (B, 3, H, W) at model time tau (B,) given latents z (B, L, C)."""
@@ -233,14 +245,14 @@ class Decoder(nn.Module):
         ctx = self.context_embed(z.to(h.dtype))  # (B, L, W)
         block_mods, final_mods = self.modulations(tau)
         rope = self.rope(grid, x.device)
-        h = run_blocks(self.blocks, h, ctx, rope, block_mods, self._pass_memo)
+        h = run_blocks(self.blocks, h, ctx, rope, block_mods, self._scope()[1])
         out = self.final(h, None, final_mods)  # (B, grid^2, p*p*3)
         return rearrange(out, "b (h w) (p q c) -> b c (h p) (w q)", h=grid, p=p, q=p)
 
     def modulations(self, tau: torch.Tensor) -> tuple[list[tuple], tuple]:
         """Every block's (image, context) modulation vectors and the final layer's (shift, scale) at times
         tau (B,): each (B, W), or (1, W) from the cache when the batch shares one time."""
-        key = self.mod_cache.key(tau, self.modulation_params, self._pass_memo)
+        key = self.mod_cache.key(tau, self.modulation_params, self._scope()[1])
 
         def compute():
             c = self.t_embed(tau if key is None else tau[:1])  # (B, W) or (1, W)
