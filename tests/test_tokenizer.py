@@ -162,3 +162,20 @@ def test_bf16_decode_is_close_to_fp32():
     assert (psnr_per_image(bf16, fp32) > 55).all(), psnr_per_image(bf16, fp32)
     assert (bf16 - fp32).abs().mean() < 0.05 * (other_noise - fp32).abs().mean()
     torch.testing.assert_close(psnr_per_image(bf16, x), psnr_per_image(fp32, x), rtol=0, atol=0.1)
+
+
+def test_encode_and_decode_say_they_drop_gradients_and_name_the_differentiable_path():
+    tok = Tokenizer.from_pretrained()
+    x = (torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1).requires_grad_()
+    with pytest.warns(UserWarning, match=r"Tokenizer.encode runs without gradients.*use tok.encoder\(x\)") as rec:
+        z = tok.encode(x)
+    assert rec[0].filename == __file__  # the user's line
+    z.requires_grad_()
+    with pytest.warns(UserWarning, match=r"Tokenizer.decode runs without gradients.*use tok.sample\(z, steps"):
+        assert not tok.decode(z).requires_grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # inputs that need no gradient: no warning
+        tok.decode(tok.encode(x.detach()))
+    image, _ = tok.sample(z, tok.default_steps(), 1.0, torch.Generator().manual_seed(0))
+    image.square().mean().backward()  # the differentiable decode the warning names
+    assert z.grad is not None and z.grad.abs().sum() > 0

@@ -58,6 +58,14 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize(device)
 
 
+def _warn_without_gradients(x, method: str, instead: str) -> None:
+    """encode / decode run without autograd (the fast inference path): say so when given a tensor that requires
+    grad, whose gradient would otherwise be missing without a word."""
+    if isinstance(x, torch.Tensor) and x.requires_grad:
+        warnings.warn(f"Tokenizer.{method} runs without gradients: its output does not require grad. To backpropagate "
+                      f"through it, use {instead}", stacklevel=user_stacklevel())
+
+
 def _renamed_guidance(guidance: float | None, cfg: float | None, stacklevel: int) -> float | None:
     """`cfg=`, the old name of `guidance=` in `decode` / `reconstruct`: still accepted, with a warning
     pointing `stacklevel` frames up (at the caller)."""
@@ -155,8 +163,9 @@ class Tokenizer(nn.Module):
     def encode(self, images, bf16: bool = False, *, int8: bool = False) -> torch.Tensor:
         """Images -> latents z (B, L, C), or (B, c, R/8, R/8) for a spatial latent (raw; see
         `normalize_latents`). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls in int8, as in
-        `decode`."""
+        `decode`. Without gradients: `self.encoder(x)` is the differentiable encoder."""
         check_flags(bf16=bf16, int8=int8)
+        _warn_without_gradients(images, "encode", "tok.encoder(x) on images x in [-1, 1]")
         x = self.prepare_images(images)
         with autocast(x.device, bf16):
             return self.inference_module(self.encoder, bf16, int8, x.device)(x).float()
@@ -183,9 +192,10 @@ class Tokenizer(nn.Module):
         call gives the same image). return_stages: also return the image at the end of every stage (ssdd
         and plain: the final image only). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls
         in int8 (`msdd.models.precision.quantise_int8`), the rest float32 (bf16 with bf16=True, where msdd's
-        CPU kernels run).
+        CPU kernels run). Without gradients: `sample` is the differentiable decode.
         """
         guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
+        _warn_without_gradients(z, "decode", "tok.sample(z, steps, guidance, generator)")
         check_flags(bf16=bf16, int8=int8, return_stages=return_stages)
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
