@@ -18,25 +18,35 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 def test_repo_id_resolves_from_a_real_hub_cache_offline(tmp_path):
     """A real huggingface_hub cache layout (models--owner--name/snapshots/REV, refs/main) under HF_HUB_CACHE:
     with HF_HUB_OFFLINE=1 the repo id loads from it, and an uncached repo id fails with a clear error."""
-    repo = tmp_path / "hub" / "models--someone--tiny-64"
-    snap = repo / "snapshots" / REV
-    snap.mkdir(parents=True)
-    for name in ("config.json", "model.safetensors"):
-        (snap / name).write_bytes((BUNDLED["tiny-64-student"] / name).read_bytes())
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REV)
+    for name in ("tiny-64", "tiny-64.en"):  # a dotted repo name (as whisper-tiny.en) was taken for a file path
+        repo = tmp_path / "hub" / f"models--someone--{name}"
+        snap = repo / "snapshots" / REV
+        snap.mkdir(parents=True)
+        for file in ("config.json", "model.safetensors"):
+            (snap / file).write_bytes((BUNDLED["tiny-64-student"] / file).read_bytes())
+        (repo / "refs").mkdir()
+        (repo / "refs" / "main").write_text(REV)
     script = textwrap.dedent("""
         import torch
         from msdd.cli import main
         from msdd.tokenizer import Tokenizer
-        hub, bundled = Tokenizer.from_pretrained("someone/tiny-64"), Tokenizer.from_pretrained("tiny-64-student")
-        assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), bundled.state_dict().values()))
+        bundled = Tokenizer.from_pretrained("tiny-64-student")
+        for repo_id in ("someone/tiny-64", "someone/tiny-64.en"):
+            hub = Tokenizer.from_pretrained(repo_id)
+            assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), bundled.state_dict().values()))
         assert main(["info", "--model", "someone/missing"]) == 2
     """)
     env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "'someone/missing' is not a local directory" in r.stderr and "could not be downloaded" in r.stderr
+
+
+def test_only_a_files_suffix_makes_a_name_a_path():
+    from msdd.hub import looks_like_path
+
+    assert looks_like_path("someone/model.safetensors") and looks_like_path("runs/config.JSON")
+    assert not looks_like_path("someone/tiny-64.en") and not looks_like_path("someone/model-v1.5")
 
 
 def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypatch):

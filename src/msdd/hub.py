@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 from pathlib import Path
 
 import torch
@@ -70,12 +69,16 @@ def save_tokenizer(tokenizer, directory: str | Path, dtype: torch.dtype | None =
 
 def looks_like_path(text: str) -> bool:
     """True for a model name that can only mean a local path, never a Hugging Face repo id ("owner/name"):
-    it starts with `.`, `/` or `~`, has more than one `/`, ends with a file extension, or its parent
-    directory exists here (`runs/model` when `runs/` exists)."""
+    it starts with `.`, `/` or `~`, has more than one `/`, ends with the suffix of a weights, config or image file,
+    or its parent directory exists here (`runs/model` when `runs/` exists). Other suffixes are a repo name's own
+    ("whisper-tiny.en", "-v1.5")."""
     p = Path(text).expanduser()
-    extension = re.search(r"\.[A-Za-z][A-Za-z0-9]*$", p.name)  # .safetensors, .pt, .h5; not "-v1.5" of a repo name
-    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or extension is not None
+    return (text.startswith((".", "/", "~")) or text.count("/") > 1 or p.suffix.lower() in FILE_SUFFIXES
             or (str(p.parent) != "." and p.parent.is_dir()))
+
+
+FILE_SUFFIXES = {".safetensors", ".json", ".yaml", ".yml", ".pt", ".pth", ".bin", ".ckpt", ".onnx", ".h5", ".pkl",
+                 ".npz", ".npy", ".tar", ".gz", ".zip", ".png", ".jpg", ".jpeg"}
 
 
 def resolve_model_dir(path: str | Path | None) -> Path:
