@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,3 +88,29 @@ def test_an_export_folder_passed_as_a_model_says_what_loads_it(tmp_path):
         Tokenizer.from_pretrained(onnx)
     with pytest.raises(FileNotFoundError, match="a diffusers export: load it with .*AutoencoderMSDD.from_pretrained"):
         Tokenizer.from_pretrained(diffusers)
+
+
+def test_a_saved_model_keeps_its_training_record_but_not_its_files_description(tmp_path, monkeypatch):
+    from safetensors import safe_open
+
+    import msdd.hub
+
+    tok = Tokenizer.from_pretrained()  # the bundled student: stored in fp16, exported from a float32 model
+    tok.save_pretrained(tmp_path / "copy")
+    meta = json.loads((tmp_path / "copy" / "config.json").read_text())
+    shipped = tok.metadata
+    assert {k: meta[k] for k in ("stage", "steps_trained", "teacher_sha256", "distill")} == \
+        {k: shipped[k] for k in ("stage", "steps_trained", "teacher_sha256", "distill")}  # was: all dropped
+    assert "weights_dtype" not in meta and "exported_from_sha256" not in meta
+    staged = {}
+
+    def stage_only(directory, repo_id, **kwargs):  # push_to_hub without the upload
+        staged["meta"] = json.loads((Path(directory) / "config.json").read_text())
+        with safe_open(Path(directory) / "model.safetensors", "pt") as f:
+            staged["dtypes"] = {f.get_tensor(k).dtype for k in f.keys()}
+        return "staged"
+
+    monkeypatch.setattr(msdd.hub, "push_model", stage_only)
+    assert tok.push_to_hub("someone/model") == "staged"
+    assert staged["dtypes"] == {torch.float32} and "weights_dtype" not in staged["meta"]  # was: said fp16
+    assert staged["meta"]["stage"] == 2

@@ -53,6 +53,11 @@ def latent_space_sha256(tokenizer) -> str:
     return tensors_sha256({k: v for k, v in state.items() if k.startswith("encoder.") or k.startswith("latent_")})
 
 
+# config.json keys that describe the file rather than the model's record (`Tokenizer.metadata`): a save that writes
+# the weights anew drops them (or writes its own)
+FILE_METADATA = ("format", "format_version", "model", "weights_dtype", "exported_from_sha256")
+
+
 def save_tokenizer(tokenizer, directory: str | Path, dtype: torch.dtype | None = None, **extra_metadata) -> Path:
     """Write `tokenizer` (weights, buffers and config) to `directory`; `dtype` (e.g. torch.float16) stores the
     floating-point tensors in that type (they are loaded back into the model's fp32 parameters)."""

@@ -29,6 +29,7 @@ from msdd.config import ModelConfig, model_config_from_dict
 from msdd.families import family_of
 from msdd.flow.schedule import StageWindow
 from msdd.hub import (
+    FILE_METADATA,
     WEIGHTS_NAME,
     check_weights,
     file_sha256,
@@ -324,7 +325,11 @@ class Tokenizer(nn.Module):
     # ------------------------------------------------------------------ I/O (files: msdd.hub)
 
     def save_pretrained(self, directory, **extra_metadata) -> None:
-        save_tokenizer(self, directory, **extra_metadata)
+        """Write config.json and model.safetensors (float32) to `directory`. A model loaded with `from_pretrained`
+        keeps its training record (stage, steps_trained, ...: `metadata`), with `extra_metadata` over it; what
+        described the file it was loaded from (its dtype, the hash of the model it was exported from) is dropped."""
+        record = {k: v for k, v in (getattr(self, "metadata", None) or {}).items() if k not in FILE_METADATA}
+        save_tokenizer(self, directory, **{**record, **extra_metadata})
 
     def push_to_hub(self, repo_id: str, private: bool = False, token: str | None = None,
                     evaluation: dict | None = None) -> str:
@@ -335,8 +340,7 @@ class Tokenizer(nn.Module):
         from msdd.hub import push_model
 
         with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp, **{k: v for k, v in (getattr(self, "metadata", None) or {}).items()
-                                         if k not in ("format", "format_version", "model")})
+            self.save_pretrained(tmp)
             return push_model(tmp, repo_id, private=private, token=token, evaluation=evaluation)
 
     @classmethod
@@ -360,6 +364,6 @@ def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "
     if dtype not in dtypes:
         raise ValueError(f"--dtype {dtype!r}: expected one of {list(dtypes)}")
     tok = Tokenizer.from_pretrained(source)
-    extra = {k: v for k, v in tok.metadata.items() if k not in ("format", "format_version", "model")}
+    extra = {k: v for k, v in tok.metadata.items() if k not in FILE_METADATA}
     extra.update(weights_dtype=dtype, exported_from_sha256=file_sha256(resolve_model_dir(source) / WEIGHTS_NAME))
     return save_tokenizer(tok, destination, dtype=dtypes[dtype], **extra)

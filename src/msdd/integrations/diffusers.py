@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 
 from msdd.config import ModelConfig, model_config_from_dict, to_dict
-from msdd.hub import FORMAT, FORMAT_VERSION
+from msdd.hub import FILE_METADATA, FORMAT, FORMAT_VERSION
 from msdd.tokenizer import Tokenizer
 
 try:
@@ -54,7 +54,6 @@ __all__ = ["AutoencoderMSDD", "DeterministicLatent", "export_diffusers", "import
 
 # Tokenizer.metadata keys that the diffusers config holds elsewhere (msdd_config) or that no longer hold
 # there (diffusers stores the weights in the model's own float32, whatever the msdd file's dtype was).
-_NOT_METADATA = ("format", "format_version", "model", "weights_dtype")
 
 
 class DeterministicLatent:
@@ -133,7 +132,7 @@ class AutoencoderMSDD(ModelMixin, ConfigMixin):
         meta = getattr(tok, "metadata", None)
         extra = None
         if isinstance(meta, dict):  # as JSON (the config file), anything else as its string
-            extra = json.loads(json.dumps({k: v for k, v in meta.items() if k not in _NOT_METADATA}, default=str))
+            extra = json.loads(json.dumps({k: v for k, v in meta.items() if k not in FILE_METADATA}, default=str))
         with torch.device("meta"):  # no second set of weights: the placeholder tokenizer is replaced below
             model = cls(msdd_config=to_dict(tok.config), scaling_factor=float(1.0 / std.mean()),
                         shift_factor=float(mean.mean()), latents_mean=mean.tolist(), latents_std=std.tolist(),
@@ -198,6 +197,5 @@ def import_diffusers(diffusers_dir: str | Path, out_dir: str | Path) -> Path:
     """An `AutoencoderMSDD` folder (`save_pretrained` / `export_diffusers`) -> an msdd model folder `out_dir`
     (`Tokenizer.save_pretrained`, with the msdd metadata the diffusers config kept)."""
     tok = AutoencoderMSDD.from_pretrained(diffusers_dir).to_tokenizer()
-    extra = {k: v for k, v in (getattr(tok, "metadata", None) or {}).items() if k not in _NOT_METADATA}
-    tok.save_pretrained(out_dir, **extra)
+    tok.save_pretrained(out_dir)  # with the record `to_tokenizer` put in its metadata
     return Path(out_dir)
