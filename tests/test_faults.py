@@ -687,6 +687,19 @@ def test_integer_weights_are_refused_not_cast(tmp_path, capsys):
                      capsys.readouterr().err, re.M)
 
 
+def test_non_finite_weights_are_refused_by_name(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    model = _tiny_model(tmp_path / "m")
+    weights = model / "model.safetensors"
+    state = load_file(weights)
+    state["decoder.final.linear.bias"][0] = float("nan")  # before: it loaded, and every decoded pixel was NaN
+    save_file(state, weights)
+    assert main(["reconstruct", str(_photo(tmp_path / "p.png")), "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    assert re.search(rf"^error: {re.escape(str(weights))} holds NaN or infinite values in 1 tensor\(s\): "
+                     r"\['decoder.final.linear.bias'\]", capsys.readouterr().err, re.M)
+
+
 def test_pretrained_files_that_are_pickles_are_refused(tmp_path, capsys):
     import pickle
     from fractions import Fraction

@@ -193,6 +193,11 @@ def check_weights(directory: Path, own: dict[str, torch.Tensor], state: dict[str
         raise ValueError(f"{directory / WEIGHTS_NAME} holds integer tensors where the model has float weights: "
                          f"{not_float[:5]}{' ...' if len(not_float) > 5 else ''}; re-export the model in float16/32 "
                          f"(msdd export)")
+    not_finite = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:  # every decode would be NaN (a diverged run's weights, an fp16 export that overflowed)
+        raise ValueError(f"{directory / WEIGHTS_NAME} holds NaN or infinite values in {len(not_finite)} tensor(s): "
+                         f"{not_finite[:5]}{' ...' if len(not_finite) > 5 else ''}; every decode would be NaN. Use an "
+                         "earlier checkpoint of the run, or export it in float32 (msdd export --dtype fp32)")
 
 
 def model_card(meta: dict, evaluation: dict | None = None, repo_id: str = "") -> str:
