@@ -382,9 +382,25 @@ def test_large_seeds_seed_every_derived_generator():
 def test_distill_names_the_stage_1_settings_it_ignores(tmp_path, capsys):
     with pytest.warns(UserWarning) as record:  # the run then stops at the missing teacher, before any work
         assert main(["distill", "--teacher", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "d"),
-                     "--set", "train.max_steps=3", "--set", "train.pca_crops=5", "--set", "train.seed=4"]) == 2
-    said = [str(w.message) for w in record if "stage 1's settings" in str(w.message)]
+                     "--set", "train.max_steps=3", "--set", "train.pca_crops=5", "--set", "train.seed=4",
+                     "--set", "train.keep_checkpoints=1", "--set", "distill.cfg=3"]) == 2
+    said = [str(w.message) for w in record if "does not read" in str(w.message)]
     assert said == ["--set train.max_steps (set distill.max_steps instead), train.pca_crops (drop it): stage 1's "
                     "settings, which a distillation does not read (ignored). The train fields a distillation reads: "
-                    "train.seed, train.bf16, train.betas, train.grad_clip, train.linear_lr_scale, train.min_lr_ratio"]
+                    "train.seed, train.bf16, train.betas, train.grad_clip, train.linear_lr_scale, train.min_lr_ratio, "
+                    "train.keep_checkpoints"]
     assert str(tmp_path / "nowhere") in _error(capsys)
+    from msdd.config import load_config, to_dict
+
+    ssdd = tmp_path / "ssdd-teacher"  # the family is read from its config; then the damaged weights stop the run
+    ssdd.mkdir()
+    (ssdd / "model.safetensors").write_bytes(b"not weights")
+    (ssdd / "config.json").write_text(json.dumps({"format": "msdd-tokenizer", "format_version": 1,
+                                                  "model": to_dict(load_config("ssdd-tiny-test").model)}))
+    with pytest.warns(UserWarning) as record:
+        assert main(["distill", "--teacher", str(ssdd), "--run-dir", str(tmp_path / "d"), "--preset", "ssdd-tiny-test",
+                     "--set", "distill.cfg=3", "--set", "distill.teacher_steps=4", "--set", "distill.lr=1e-3"]) == 2
+    said = [str(w.message) for w in record if "does not read" in str(w.message)]
+    assert said == ["--set distill.cfg, distill.teacher_steps: settings of the multi-scale distiller's discriminator "
+                    "and guidance, which an SSDD teacher's GAN-free distillation does not read (ignored); its teacher "
+                    "decodes with its own model.ssdd.steps"]

@@ -83,20 +83,32 @@ def _check_student_model(config, args) -> None:
 
 
 def _check_read_by_distillation(config, args) -> None:
-    """`--set train.*` of a field that only stage 1 reads (its steps, lr, batch) is ignored: a warning naming the
-    distill.* field to set instead (a warning, not an error: one list of --set serves both stages' commands)."""
+    """`--set` of a field the distillation does not read is ignored: a warning naming it (a warning, not an error:
+    one list of --set serves both stages' commands). train.* fields that only stage 1 reads (its steps, lr, batch),
+    with the distill.* field to set instead; with an SSDD teacher, the multi-scale distiller's adversarial and
+    guidance settings."""
     from msdd.config import load_config
     from msdd.config.dicts import diff_fields
-    from msdd.train.distiller import READS
+    from msdd.train.distill_ssdd import NOT_READ
+    from msdd.train.distiller import READ_ANY_TIME, READS, teacher_family
 
     changed = [d.split(":", 1)[0] for d in diff_fields(load_config(args.preset), config)]
-    unread = [name for name in changed if name.startswith("train.") and name not in READS]
+    read = [r for r in READS + READ_ANY_TIME if r.startswith("train.")]
+    unread = [name for name in changed if name.startswith("train.") and name not in read]
     if unread:
         named = [f"{n} (set distill.{n[6:]} instead)" if hasattr(config.distill, n[6:]) else f"{n} (drop it)"
                  for n in unread]
-        read = ", ".join(r for r in READS if r.startswith("train."))
         warnings.warn(f"--set {', '.join(named)}: stage 1's settings, which a distillation does not read (ignored). "
-                      f"The train fields a distillation reads: {read}", stacklevel=2)
+                      f"The train fields a distillation reads: {', '.join(read)}", stacklevel=2)
+    adversarial = [name for name in changed if name in NOT_READ]
+    try:
+        ssdd = bool(adversarial) and teacher_family(args.teacher) == "ssdd"
+    except (OSError, ValueError):  # no such teacher: the distiller says so
+        ssdd = False
+    if ssdd:
+        warnings.warn(f"--set {', '.join(adversarial)}: settings of the multi-scale distiller's discriminator and "
+                      "guidance, which an SSDD teacher's GAN-free distillation does not read (ignored); its teacher "
+                      "decodes with its own model.ssdd.steps", stacklevel=2)
 
 
 def cmd_demo(args) -> None:

@@ -32,6 +32,8 @@ from msdd.weights import build_loss_network, unused_file
 READS = ("model", "data", "distill", "train.seed", "train.bf16", "train.betas", "train.grad_clip",
          "train.linear_lr_scale", "train.min_lr_ratio")
 CADENCE = ("distill.log_every", "distill.ckpt_every", "distill.grid_every", "data.num_workers")
+# read too, and free to change on resume (how many checkpoints the shared loop keeps)
+READ_ANY_TIME = ("train.keep_checkpoints",)
 
 
 def check_resume(stored: Config, requested: Config, where: str | Path = "this run") -> None:
