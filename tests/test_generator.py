@@ -222,6 +222,11 @@ def test_gen_train_then_generate(tmp_path, capsys):
     assert min(metrics["latent_fd"], metrics["latent_fd_gaussian_baseline"], metrics["latent_fd_data_floor"]) > 0
     assert "fid" not in metrics and str(missing) in metrics["fid_skipped"]
     assert "latent FD" in capsys.readouterr().out
+    assert main([*generate, "--n", "2", "--seed", "3", "--out", str(tmp_path / "m")]) == 2  # was: 2 new, 4 old kept
+    assert f"--out {tmp_path / 'm'} holds an earlier run's samples (6 PNGs in images/ and metrics.json)" in \
+        capsys.readouterr().err
+    assert main([*generate, "--n", "1", "--metrics", "--out", str(tmp_path / "one")]) == 2  # was: latent FD NaN
+    assert "--metrics with --n 1: the latent FD needs at least 2 samples" in capsys.readouterr().err
 
 
 def test_frechet_distance_against_torchmetrics():

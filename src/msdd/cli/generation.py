@@ -41,9 +41,18 @@ def cmd_generate(args) -> int:
     if args.metrics:  # before any sampling
         from msdd.data import check_source
 
+        if args.n < 2:  # a covariance of one sample divides by zero: NaN
+            raise ValueError(f"--metrics with --n {args.n}: the latent FD needs at least 2 samples (far more than "
+                             "the latent's floats for a figure that compares across runs)")
         check_source(args.data, "--data")
     model, meta = load_generator(args.generator, device=args.device)
     check_sampling(model, args.n, args.steps, args.guidance, args.class_label)
+    held = sorted((out / "images").glob("*.png")) if (out / "images").is_dir() else []
+    found = ([f"{len(held)} PNGs in images/"] if held else []) + \
+        (["metrics.json"] if (out / "metrics.json").exists() else [])
+    if found:  # samples of two runs side by side: an FID over the folder would mix them
+        raise ValueError(f"--out {out} holds an earlier run's samples ({' and '.join(found)}): pass a new --out, or "
+                         "remove them first")
     tok = Tokenizer.from_pretrained(args.tokenizer, device=args.device)
     if "latent_space_sha256" in meta:  # the encoder and latent statistics: the teacher's student shares them
         if latent_space_sha256(tok) != meta["latent_space_sha256"]:
@@ -66,8 +75,8 @@ def cmd_generate(args) -> int:
         from msdd.generator.quality import data_images, sample_metrics
 
         data = data_images(args.data, 2 * args.n, tok.config.image_size, args.seed + 1)
-        if len(data) < 2:
-            raise ValueError(f"--data {args.data}: --metrics needs at least 2 usable images, found {len(data)}")
+        if len(data) < 4:  # two halves of at least 2 (the data floor compares them)
+            raise ValueError(f"--data {args.data}: --metrics needs at least 4 usable images, found {len(data)}")
         half = len(data) // 2
         metrics = sample_metrics(images, latents, tok, data[:half], data[half:2 * half],
                                  torch.Generator().manual_seed(args.seed), args.inception_weights)
