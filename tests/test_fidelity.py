@@ -5,7 +5,7 @@ import json
 from msdd.cli import main
 
 
-def test_fidelity_quick_writes_the_table(tmp_path):
+def test_fidelity_quick_writes_the_table(tmp_path, capsys):
     out = tmp_path / "fid"
     assert main(["fidelity", "--quick", "--out", str(out), "--total-steps", "6", "--set", "train.pca_crops=500",
                  "--ssdd-set", "train.pca_crops=500"]) == 0  # PCA fits of 10,000 crops took 90 of 128 s
@@ -22,6 +22,10 @@ def test_fidelity_quick_writes_the_table(tmp_path):
     assert {s["passes"] for s in students} == {1, 3, 4}  # one pass per stage
     for s in r["summary"]:
         assert 0 < s["psnr"]["mean"] < 60 and 0 < s["ssim"]["mean"] <= 1
+    # its toy models are not rows of another table (were: reused by a tiny-64 run into the same --out, silently)
+    assert main(["fidelity", "--out", str(out), "--seeds", "1", "--train-steps", "2", "--distill-steps", "2"]) == 2
+    assert f"--out {out} holds runs/teacher-s1-seed0, a model of other settings than this table's " \
+           "(model.image_size: 32 -> 64" in capsys.readouterr().err
     md = (out / "results.md").read_text()
     assert "| experiment | variant |" in md and "machine:" in md and "budget:" in md
     assert "- SSDD rows: ssdd-tiny-test with ['train.pca_crops=500']" in md  # which recipe the SSDD rows trained with

@@ -121,6 +121,8 @@ def cmd_demo(args) -> None:
 def cmd_fidelity(args) -> None:
     from msdd.eval.fidelity import Fidelity
 
+    if args.out is None:  # a toy table never lands on the published one
+        args.out = "msdd-fidelity-quick" if args.quick else "benchmarks/fidelity/latest"
     folder_arg(args.out, "--out")
     if args.quick and args.seeds is not None:
         raise ValueError("--quick runs one seed per configuration: drop --seeds, or drop --quick to run several")
@@ -193,6 +195,7 @@ def add_fidelity(sub) -> None:
     p.add_argument("--ssdd-set", dest="ssdd_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the SSDD preset (repeatable)")
     p.add_argument("--quick", action="store_true", help="a 32 px toy model and 1 seed: about a minute, same table")
-    p.add_argument("--out", default="benchmarks/fidelity/latest", help="output folder")
+    p.add_argument("--out", default=None, help="output folder (default: benchmarks/fidelity/latest, the published "
+                                               "table's; with --quick: msdd-fidelity-quick)")
     p.add_argument("--device", default="cpu", type=device_arg)
     p.set_defaults(func=cmd_fidelity)

@@ -37,12 +37,14 @@ from pathlib import Path
 
 import torch
 
-from msdd.config import Config, load_config
+from msdd.config import Config, load_config, model_config_from_dict
+from msdd.config.dicts import diff_fields
 from msdd.data import embedded_eval_set
 from msdd.train.budget import budgeted_config, budgeted_distill, fixed_steps
 from msdd.eval.evaluate import evaluate
 from msdd.eval.baselines import pca_baseline, pca_for_source
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
+from msdd.hub import read_model_metadata
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import build_distiller
 from msdd.train.stage1 import Stage1Trainer
@@ -109,9 +111,22 @@ class Fidelity:
 
     # ------------------------------------------------------------------ jobs
 
+    def _finished(self, run: Path, config: Config) -> bool:
+        """Whether `run` holds its finished model, which is then reused (a table resumed after a stop); one of other
+        model settings (a --quick run's toy model, another --set) is an error, not a row of another model."""
+        if not (run / "model" / "config.json").exists():
+            return False
+        stored = model_config_from_dict(read_model_metadata(run / "model")["model"])
+        differ = diff_fields(replace(stored, one_step=False), replace(config.model, one_step=False), "model")
+        if differ:
+            raise ValueError(f"--out {self.out} holds {run.relative_to(self.out)}, a model of other settings than "
+                             f"this table's ({'; '.join(differ[:3])}{' ...' if len(differ) > 3 else ''}): pass a new "
+                             "--out, or the settings that made it")
+        return True
+
     def train_teacher(self, config: Config, tag: str) -> Path:
         run = self.out / "runs" / tag
-        if not (run / "model" / "config.json").exists():
+        if not self._finished(run, config):
             if self.train_steps:
                 config = fixed_steps(config, stage1=self.train_steps)
             else:
@@ -121,7 +136,7 @@ class Fidelity:
 
     def distill(self, config: Config, teacher: Path, tag: str, guidance: float = 1.0) -> Path:
         run = self.out / "runs" / tag
-        if not (run / "model" / "config.json").exists():
+        if not self._finished(run, config):
             config = replace(config, distill=replace(config.distill, cfg=guidance))
             if self.distill_steps:
                 config = fixed_steps(config, distill=self.distill_steps)
