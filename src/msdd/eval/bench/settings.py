@@ -74,6 +74,7 @@ class BenchSettings:
         """--ssdd-preset and --gen-preset name presets that exist (or YAML files), before any timing."""
         from msdd.config import load_config, preset_names
         from msdd.families import family_of
+        from msdd.families.ssdd import SSDDFamily
         from msdd.generator.config import PRESETS
 
         if self.ssdd_preset is not None and not Path(self.ssdd_preset).is_file():
@@ -86,8 +87,9 @@ class BenchSettings:
                   f"{self.preset!r} is a {config.family!r} model; the student and teacher rows time a multi-scale "
                   "(msdd) decoder: pass an msdd preset (the ssdd-* rows time SSDD, with --ssdd-preset)")
         if self.ssdd_preset is not None and Path(self.ssdd_preset).is_file():
-            family = load_config(self.ssdd_preset).model.family
-            check(family == "ssdd", "--ssdd-preset", f"{self.ssdd_preset} is a {family!r} model, not an SSDD one")
+            family = family_of(load_config(self.ssdd_preset).model)
+            check(isinstance(family, SSDDFamily), "--ssdd-preset",
+                  f"{self.ssdd_preset} is a {family.name!r} model, not an SSDD one")
         if self.gen_preset is not None:
             check(self.gen_preset in PRESETS, "--gen-preset", f"unknown generator preset {self.gen_preset!r}; choose "
                                                               f"from {list(PRESETS)}")
