@@ -404,3 +404,32 @@ def test_distill_names_the_stage_1_settings_it_ignores(tmp_path, capsys):
     assert said == ["--set distill.cfg, distill.teacher_steps: settings of the multi-scale distiller's discriminator "
                     "and guidance, which an SSDD teacher's GAN-free distillation does not read (ignored); its teacher "
                     "decodes with its own model.ssdd.steps"]
+
+
+def test_a_missing_extra_is_one_line_and_other_import_errors_stay_tracebacks(monkeypatch, capsys):
+    import msdd.cli.training as training
+
+    def needs_extra(args):  # as TarShardDataset, the REPA loss and the DINO discriminator raise it
+        raise ImportError("tar shards need the webdataset package: pip install 'msdd[webdataset]'")
+
+    monkeypatch.setattr(training, "cmd_train", needs_extra)
+    assert main(["train", "--run-dir", "never-made"]) == 2  # was: a traceback, exit 1
+    assert _error(capsys) == "error: tar shards need the webdataset package: pip install 'msdd[webdataset]'\n"
+
+    def broken(args):
+        raise ImportError("cannot import name 'x' from 'msdd.y'")  # a bug or a broken install: not hidden
+
+    monkeypatch.setattr(training, "cmd_train", broken)
+    with pytest.raises(ImportError, match="cannot import name"):
+        main(["train", "--run-dir", "never-made"])
+
+
+def test_a_pca_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch):
+    from msdd.eval.baselines import pca_for_source
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("MSDD_CACHE", str(blocker / "msdd"))  # under a file: no folder can be made there
+    with pytest.warns(UserWarning, match=f"the PCA baseline's fit was not cached \\({blocker / 'msdd'}: .*MSDD_CACHE"):
+        pca = pca_for_source("embedded", 32, 8, crops=64)  # was: an OSError after the fit, and no results
+    assert pca.components.shape == (8, 3 * 32 * 32)

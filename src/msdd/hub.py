@@ -257,7 +257,8 @@ def push_model(directory: str | Path, repo_id: str, private: bool = False, token
 
     if constants.HF_HUB_OFFLINE:
         raise ValueError(f"cannot push to {repo_id!r}: HF_HUB_OFFLINE is set; unset it (and log in with "
-                         "`huggingface-cli login` or pass a token) to upload")
+                         "`hf auth login` (huggingface-cli login before huggingface_hub 0.34) or pass a token) to "
+                         "upload")
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as tmp:
         staged = stage_for_hub(directory, tmp, repo_id, evaluation)
@@ -266,5 +267,6 @@ def push_model(directory: str | Path, repo_id: str, private: bool = False, token
             info = api.upload_folder(repo_id=repo_id, folder_path=str(staged), commit_message=commit_message)
         except Exception as e:  # no network, no token, no write access, ...
             raise ValueError(f"upload to the Hub repo {repo_id!r} failed ({type(e).__name__}: {e}); check the "
-                             "network and log in with `huggingface-cli login` or pass a token") from None
+                             "network and log in with `hf auth login` (huggingface-cli login before huggingface_hub "
+                             "0.34) or pass a token") from None
     return str(getattr(info, "commit_url", info))

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a path the file system refused (the commands check theirs first; this catches the rest)
         print(f"error: {_os_message(e)}", file=sys.stderr)
         return 2
+    except ImportError as e:  # an optional extra that is not installed: its message names the pip command
+        if "pip install" not in str(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     finally:
         warnings.formatwarning = formatwarning
 

@@ -251,7 +251,8 @@ def add_push(sub) -> None:
     p.add_argument("model", help="model directory or bundled name")
     p.add_argument("repo", help="Hub repo id, owner/name")
     p.add_argument("--private", action="store_true", help="create the repo private")
-    p.add_argument("--token", default=None, help="Hub token (default: the one `huggingface-cli login` stored)")
+    p.add_argument("--token", default=None, help="Hub token (default: the one `hf auth login` stored; "
+                                                 "`huggingface-cli login` before huggingface_hub 0.34)")
     p.add_argument("--eval-json", default=None, help="the JSON `msdd eval --out` wrote for this model")
     p.add_argument("--stage-only", default=None, metavar="DIR",
                    help="write the folder that would be uploaded to DIR (new or empty) and upload nothing (to review "

@@ -13,8 +13,10 @@ state the number they used.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -75,11 +77,17 @@ def pca_for_source(source: str, resolution: int, components: int, crops: int | N
         return PCA(t["mean"], t["components"], t["variance"])
     pca = fit_pca(training_crops(source, resolution, crops, seed), components, seed)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        save_file({"mean": pca.mean, "components": pca.components, "variance": pca.variance}, str(tmp),
-                  metadata={"key": key})
-        os.replace(tmp, path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"mean": pca.mean, "components": pca.components, "variance": pca.variance}, str(tmp),
+                      metadata={"key": key})
+            os.replace(tmp, path)
+        except OSError as e:  # a read-only home: the fit is used all the same, only not kept
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            warnings.warn(f"the PCA baseline's fit was not cached ({path.parent}: {e.strerror or e}); set MSDD_CACHE "
+                          "to a writable folder to keep it for the next run", stacklevel=2)
     return pca
 
 
