@@ -433,3 +433,13 @@ def test_a_pca_cache_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch):
     with pytest.warns(UserWarning, match=f"the PCA baseline's fit was not cached \\({blocker / 'msdd'}: .*MSDD_CACHE"):
         pca = pca_for_source("embedded", 32, 8, crops=64)  # was: an OSError after the fit, and no results
     assert pca.components.shape == (8, 3 * 32 * 32)
+
+
+def test_version_and_python_dash_m(capsys):
+    import msdd
+
+    with pytest.raises(SystemExit) as e:  # was: "the following arguments are required: command"
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"msdd {msdd.__version__}\n"
+    r = subprocess.run([sys.executable, "-m", "msdd", "--version"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout == f"msdd {msdd.__version__}\n", r.stderr  # was: no msdd.__main__

@@ -6,6 +6,7 @@ import argparse
 import sys
 import warnings
 
+import msdd
 from msdd import malloc
 from msdd.cli import decoding, generation, models, training
 
@@ -18,6 +19,7 @@ COMMANDS = (training.add_train, training.add_distill, decoding.add_reconstruct, 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="msdd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"msdd {msdd.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for add in COMMANDS:
         add(sub)
