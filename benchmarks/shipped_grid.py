@@ -14,7 +14,7 @@ from msdd import Tokenizer
 from msdd.data.embedded import embedded_eval_set
 from msdd.eval.baselines import pca_baseline, pca_for_source
 from msdd.eval.grid import save_grid
-from msdd.eval.metrics import bicubic_baseline, quantize
+from msdd.eval.metrics import bicubic_baseline
 from msdd.eval.reconstruct import reconstruct_images
 
 
