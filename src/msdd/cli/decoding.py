@@ -133,9 +133,9 @@ def cmd_bench(args) -> None:
 def add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="encode + decode images; writes PNGs, a grid and metrics.csv",
                        description="Encode + decode images; writes PNGs, a grid and metrics.csv. Each image's decode "
-                                   "noise is seeded from --seed and its own file name (its path within a folder input; not the "
-                                   "output name a name collision gives it), so it does not depend on --batch-size or "
-                                   "on the other inputs.")
+                                   "noise is seeded from --seed and its own file name (its path within a folder "
+                                   "input; not the output name a name collision gives it), so it does not depend on "
+                                   "--batch-size or on the other inputs.")
     p.add_argument("inputs", nargs="+", help="image files and/or folders (searched recursively)")
     p.add_argument("--model", default=None, help="model directory or Hugging Face repo id (default: bundled model)")
     p.add_argument("--out", default="reconstructions", help="output folder (default: reconstructions)")

@@ -32,8 +32,8 @@ from msdd.train.distiller import DistillerBase
 
 # the multi-scale distiller's adversarial and guidance settings, which this GAN-free, guidance-free one does not read
 NOT_READ = ("distill.lambda_rec", "distill.lambda_adv", "distill.adaptive_adv", "distill.adaptive_of",
-            "distill.adv_start_step", "distill.cfg", "distill.teacher_steps", "distill.discriminator", "distill.disc_lr",
-            "distill.disc_grad_clip", "distill.student_cfg_drop", "distill.disc_heads")
+            "distill.adv_start_step", "distill.cfg", "distill.teacher_steps", "distill.discriminator",
+            "distill.disc_lr", "distill.disc_grad_clip", "distill.student_cfg_drop", "distill.disc_heads")
 
 
 class SSDDDistiller(DistillerBase):
