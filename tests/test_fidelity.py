@@ -24,8 +24,9 @@ def test_fidelity_quick_writes_the_table(tmp_path, capsys):
         assert 0 < s["psnr"]["mean"] < 60 and 0 < s["ssim"]["mean"] <= 1
     # its toy models are not rows of another table (were: reused by a tiny-64 run into the same --out, silently)
     assert main(["fidelity", "--out", str(out), "--seeds", "1", "--train-steps", "2", "--distill-steps", "2"]) == 2
-    assert f"--out {out} holds runs/teacher-s1-seed0, a model of other settings than this table's " \
-           "(model.image_size: 32 -> 64" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--out {out} holds runs/teacher-s1-seed0, a model of other settings than this table's (model." in err
+    assert "model.decoder.heads: 2 -> 4" in err and err.endswith("pass a new --out, or the settings that made it\n")
     md = (out / "results.md").read_text()
     assert "| experiment | variant |" in md and "machine:" in md and "budget:" in md
     assert "- SSDD rows: ssdd-tiny-test with ['train.pca_crops=500']" in md  # which recipe the SSDD rows trained with

@@ -32,6 +32,7 @@ from msdd.eval.metrics import psnr_per_image, quantize, ssim_per_image
 from msdd.eval.reconstruct import reconstruct_images, unique_names
 from msdd.hub import tensors_sha256
 from msdd.io import atomic_write_text
+from msdd.models import cpu_kernels
 from msdd.tiles import reconstruct_tiled
 
 SIZES = ("auto", "keep", "crop")
@@ -158,6 +159,8 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         _check_earlier_run(out, settings)
     loader = torch.utils.data.DataLoader(InputFiles(files, r, size), batch_size=None, num_workers=workers)
     rows, skipped, grid, reused, decode_s, pending = [], [], [], 0, 0.0, []
+    if tok.device.type == "cpu":  # the fused kernels build on a machine's first decode (~20 s): not decode time
+        cpu_kernels.library()
     csv_file, writer = None, None
 
     def finish(i: int, x: torch.Tensor, y: torch.Tensor, write: bool) -> None:
