@@ -8,6 +8,7 @@ from msdd.flow.schedule import stage_of_tau
 from msdd.models.discriminator import PatchDiscriminator, build_discriminator, hinge_d_loss
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import Distiller, adaptive_weight, student_pass, teacher_targets
+from msdd.train.ema import EMA
 from msdd.train.stage1 import Stage1Trainer
 
 from conftest import tiny_config
@@ -219,6 +220,25 @@ def test_reference_optimiser_options(teacher_dir, tmp_path):
     assert out["disc_grad_norm"] > 0.001 and clipped.item() == pytest.approx(0.001, rel=1e-3)
     plain = Distiller(base, teacher_dir, tmp_path / "p")
     assert plain.opt.param_groups[0]["initial_lr"] == pytest.approx(base.distill.lr)
+
+
+def test_stage2_ema_from_the_first_step(teacher_dir, tmp_path):
+    """D12: with `distill.ema_warmup` false the EMA uses `ema_decay` from the first update, as the reference's
+    stage 2 (paper-256): the starting weights keep decay**n. The default ramp takes min(decay, (1+n)/(10+n))."""
+    start, target = torch.nn.Linear(1, 1, bias=False), torch.nn.Linear(1, 1, bias=False)
+    start.weight.data.fill_(1.0)
+    target.weight.data.fill_(0.0)
+    plain, ramped = EMA(start, 0.99, warmup=False), EMA(start, 0.99)
+    for _ in range(20):
+        plain.update(target)
+        ramped.update(target)
+    assert plain.module.weight.item() == pytest.approx(0.99 ** 20)
+    ramp = 1.0
+    for n in range(1, 21):
+        ramp *= min(0.99, (1 + n) / (10 + n))
+    assert ramped.module.weight.item() == pytest.approx(ramp)
+    d = Distiller(tiny_config("distill.batch_size=4", "distill.ema_warmup=false"), teacher_dir, tmp_path / "d")
+    assert d.ema.warmup is False and Distiller(tiny_config("distill.batch_size=4"), teacher_dir, tmp_path / "r").ema.warmup
 
 
 def test_adaptive_weight_against_the_reference_term(teacher_dir, tmp_path):

@@ -61,7 +61,7 @@ class GeneratorTrainer(TrainerBase):
                   f"{cfg.data.source} ({time.monotonic() - t0:.1f} s)")
         torch.manual_seed(tc.seed)
         self.model = build_generator(cfg.generator, self.tokenizer.config.latent_shape).to(self.device)
-        self.ema = EMA(self.model, tc.ema_decay)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup)
         self.opt = make_optimizer(self.model.parameters(), tc.lr, tc.betas, tc.weight_decay)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         self._resume(require_resume, lambda js, path: check_resume_config(

@@ -11,7 +11,7 @@ Per step, for real images x and latents z = E(x) (the teacher's encoder, frozen 
               + distill.lambda_pix * MSE(x_s, x)  (the tie to the real image, as in the msdd distiller)
 
 No discriminator, no guidance. Of the distill section this uses lr, warmup_steps, max_steps,
-batch_size, grad_accum, lambda_perc, lambda_pix, perceptual, ema_decay and the logging cadence (and
+batch_size, grad_accum, lambda_perc, lambda_pix, perceptual, ema_decay, ema_warmup and the logging cadence (and
 train.linear_lr_scale for the linear path, 0: frozen); the teacher's
 steps are its own `model.ssdd.steps`. The student is saved as a normal model directory marked
 `one_step` (it decodes with one step by default; more steps warn once).

@@ -90,7 +90,7 @@ class DistillerBase(TrainerBase):
         self.student = Tokenizer(self.student_config(self.teacher.config)).to(self.device)
         self.student.load_state_dict(self.teacher.state_dict())  # the teacher's (EMA) weights
         self.student.encoder.requires_grad_(False)  # shared and frozen
-        self.ema = EMA(self.student, dc.ema_decay)
+        self.ema = EMA(self.student, dc.ema_decay, dc.ema_warmup)
         self.disc, self.disc_params = None, []
         if self.adversarial:
             self.disc = build_discriminator(dc.discriminator, dino_weights,

@@ -76,7 +76,7 @@ class Stage1Trainer(TrainerBase):
         super().__init__(cfg, run_dir, device, tc.seed)
         torch.manual_seed(tc.seed)
         self.tok = Tokenizer(mc).to(self.device)
-        self.ema = EMA(self.tok, tc.ema_decay)
+        self.ema = EMA(self.tok, tc.ema_decay, tc.ema_warmup)
         self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay,
                                   slow=self.linear_parameters(), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
