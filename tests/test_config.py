@@ -58,8 +58,9 @@ def test_dataclasses_replace_revalidates_and_errors_name_the_full_field():
     cfg = load_config("tiny-64")
     with pytest.raises(ValueError, match=r"invalid config value for `model\.encoder\.depth`: must be >= 1, got 0"):
         dataclasses.replace(cfg.model.encoder, depth=0)
-    with pytest.raises(ValueError, match=r"`model\.flow\.gamma`: must be in \(0, 1\), got 1\.5"):
-        dataclasses.replace(cfg.model.flow, gamma=1.5)
+    with pytest.raises(ValueError, match=r"`model\.flow\.gamma`: must be in \(0, 1/3\] \(the block noise.*got 0\.34"):
+        dataclasses.replace(cfg.model.flow, gamma=0.34)  # accepted before, then every decode failed (SPEC 6)
+    assert dataclasses.replace(cfg.model.flow, gamma=1 / 3).gamma == 1 / 3
     with pytest.raises(ValueError, match=r"`train\.lr`: must be > 0"):
         dataclasses.replace(cfg.train, lr=0.0)
     # checks across sections belong to the model section, which names the field to fix

@@ -66,5 +66,7 @@ def test_stage_of_tau_matches_windows():
 def test_windows_carry_gamma_and_the_stage_time_grid():
     assert {x.gamma for x in stage_windows(3, 64, 0.2)} == {0.2}
     assert {x.gamma for x in stage_windows(3, 64)} == {1 / 3}
+    with pytest.raises(ValueError, match=r"gamma must be in \(0, 1/3\], got 0\.5"):
+        stage_windows(3, 64, 0.5)
     assert local_times(4) == [1.0, 0.75, 0.5, 0.25, 0.0]
     assert local_times(2, 0.5) == [0.5, 0.25, 0.0]  # a chain started part-way through a stage

@@ -104,7 +104,8 @@ class FlowConfig:
         prefix = self.section
         check_choice(self.prediction, f"{prefix}.prediction", ("v", "x"))
         check(self.num_stages >= 1, f"{prefix}.num_stages", f"must be >= 1, got {self.num_stages}")
-        check(0.0 < self.gamma < 1.0, f"{prefix}.gamma", f"must be in (0, 1), got {self.gamma}")
+        check(0.0 < self.gamma <= 1.0 / 3.0 + 1e-9, f"{prefix}.gamma",  # SPEC 6: block noise's eigenvalue 1 - 3 gamma
+              f"must be in (0, 1/3] (the block noise's covariance has the eigenvalue 1 - 3 gamma), got {self.gamma}")
         check_choice(self.t_sampling, f"{prefix}.t_sampling", ("logit_normal", "uniform"))
         check_choice(self.loss_weighting, f"{prefix}.loss_weighting", ("none", "sigmoid", "stage", "sigmoid_local"))
         check_choice(self.loss_reduction, f"{prefix}.loss_reduction", ("stage_sum", "sample_mean"))

@@ -52,8 +52,8 @@ def stage_windows(num_stages: int, image_size: int, gamma: float = 1.0 / 3.0) ->
     """All stage windows for S = `num_stages` stages ending at `image_size` pixels."""
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
-    if not 0.0 < gamma < 1.0:
-        raise ValueError(f"gamma must be in (0, 1), got {gamma}")
+    if not 0.0 < gamma <= 1.0 / 3.0 + 1e-9:  # the renoise's block noise needs 1 - 3 gamma >= 0
+        raise ValueError(f"gamma must be in (0, 1/3], got {gamma}")
     S = num_stages
     k = math.sqrt(1.0 + 1.0 / gamma)
     starts, ends, alphas, betas = [], [], [], []
