@@ -118,3 +118,14 @@ def test_init_from_fine_tunes_a_trained_model_and_resume_takes_precedence(tmp_pa
     wrong = load_config("tiny-64", base + ["model.decoder.depth=2"])
     with pytest.raises(ValueError, match=r"do not fit(.|\n)*model\.decoder\.depth: 4 -> 2"):
         Stage1Trainer(wrong, tmp_path / "wrong")
+
+
+def test_loss_weighting_that_prediction_x_ignores_is_named(tmp_path, recwarn):
+    """flow_loss weights the v-prediction loss only: under prediction x a weighting is accepted (saved models carry
+    one) and does nothing, so stage 1 warns with the fix; prediction v takes it without a word."""
+    with pytest.warns(UserWarning, match=r"model\.flow\.loss_weighting=stage does nothing with model\.flow\.predicti"):
+        Stage1Trainer(tiny_config("model.flow.prediction=x", "model.flow.loss_weighting=stage"), tmp_path / "x")
+    recwarn.clear()
+    Stage1Trainer(tiny_config("model.flow.prediction=v", "model.flow.loss_weighting=stage"), tmp_path / "v")
+    Stage1Trainer(tiny_config("model.flow.prediction=x", "model.flow.loss_weighting=none"), tmp_path / "n")
+    assert not [w for w in recwarn if "loss_weighting" in str(w.message)]

@@ -139,6 +139,12 @@ class Family:
         """(config field, weight) of the REPA (DINOv2 feature) term of the stage-1 loss; weight 0: none."""
         return "", 0.0
 
+    @property
+    def inert_settings(self) -> list[str]:
+        """Settings of the stage-1 loss that this configuration accepts but does not use, each with its fix
+        (the trainer warns with them)."""
+        return []
+
     # ------------------------------------------------------------------ cost
 
     def pass_resolutions(self) -> list[int]:

@@ -60,6 +60,14 @@ class MSDDFamily(Family):
         )
         return loss, {f"loss_stage{stage}": v for stage, v in per_stage.items()}
 
+    @property
+    def inert_settings(self) -> list[str]:
+        fc = self.config.flow
+        if fc.prediction == "x" and fc.loss_weighting != "none":  # flow_loss weights the v-prediction loss only
+            return [f"model.flow.loss_weighting={fc.loss_weighting} does nothing with model.flow.prediction=x (the "
+                    "loss is the plain MSE on the stage end): set it to none, or use prediction v"]
+        return []
+
     def pass_resolutions(self) -> list[int]:
         return [w.resolution for w in self.windows]
 

@@ -15,6 +15,7 @@ Starting a trainer on a run directory that has checkpoints continues from the ne
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -81,6 +82,8 @@ class Stage1Trainer(TrainerBase):
                                   slow=self.linear_parameters(), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         self.perceptual, self.repa = perceptual, repa
+        for message in self.tok.family.inert_settings:
+            warnings.warn(message, stacklevel=2)
         lpips_field, lpips_weight = self.tok.family.lpips_setting
         if lpips_weight > 0 and perceptual is None:
             from msdd.models.perceptual import LPIPS
