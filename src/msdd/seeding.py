@@ -16,7 +16,7 @@ def image_generators(seed: int, keys: Sequence[int | str]) -> list[torch.Generat
     image then never depends on its batch or its neighbours; `Tokenizer.decode` takes the list).
 
     An int key (an index) is seeded as `msdd eval` seeds image i: `seed * 1_000_003 + i`. A str key (the
-    output name `msdd reconstruct` gives the image) is seeded with the first 63 bits of
+    file's own name that `msdd reconstruct` uses, before collisions are renamed) is seeded with the first 63 bits of
     sha256(f"{seed}:{key}"): stable across runs, processes and machines (unlike Python's `hash`)."""
     out = []
     for key in keys:

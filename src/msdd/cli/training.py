@@ -133,7 +133,7 @@ def cmd_fidelity(args) -> None:
 
 
 def add_train(sub) -> None:
-    p = sub.add_parser("train", help="stage 1: train encoder + multi-scale flow decoder",
+    p = sub.add_parser("train", help="stage 1: train a tokenizer (encoder + decoder of the config's family)",
                        description="Stage 1. Also runs under torchrun / srun: train.batch_size is the global batch, "
                                    "split over the processes and train.grad_accum micro-batches. SIGTERM / SIGINT "
                                    "write a checkpoint and exit; the same command continues the run.")

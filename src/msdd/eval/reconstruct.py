@@ -6,9 +6,10 @@ name for a file given directly), without the extension; names that several input
 `good.png good.jpg`) are made unique from the part of the paths that tells them apart (`unique_names`).
 
 Every image's decode noise comes from its own generator (`image_generators`), seeded from the seed and a
-key of that image alone: `msdd reconstruct` uses the image's output name, so an image's noise does not
-depend on `--batch-size`, on the order of the inputs or on the other files in the folder (except where
-another input shares its name and `unique_names` renames both). What remains is float rounding: a batch of
+key of that image alone: `msdd reconstruct` uses the file's own name (its output name before
+`unique_names` renames a collision), so an image's noise does not depend on `--batch-size`, on the order of
+the inputs or on the other files in the folder; two inputs of the same name (`A/x.png`, `B/x.png` given
+as files) draw the same noise. What remains is float rounding: a batch of
 several images goes through the network's matrix products in another order than a batch of one, which
 moves a rare pixel by one level of 255 (about 1 value in 12,288 at 64 px); with `--batch-size 1` the
 results are bit-identical whatever the other inputs.

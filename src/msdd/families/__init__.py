@@ -1,5 +1,6 @@
 """Model families (`model.family`) as objects: `family_of(config)` gives the one that builds, decodes,
-trains and counts that config's model. A new family is one module with a `Family` subclass, listed here.
+trains and counts that config's model. A new family is one module with a `Family` subclass, listed here
+(`REGISTRY`) and in `msdd.config.FAMILIES` (with `ModelConfig.family`'s Literal).
 
     msdd   token encoder + multi-scale MMDiT flow decoder (SPEC 3-6); steps per stage, guidance
     ssdd   token or f8 conv encoder + U-Net/transformer flow decoder at full resolution (SPEC 10)

@@ -82,7 +82,8 @@ def enabled() -> bool:
 @functools.cache
 def library():
     """The compiled ops (`torch.ops.msdd_kernels`: `attention`, `joint_attention`, `adaln`, `gated_adaln`,
-    `swiglu`, `pack_linear`, `linear`, `linear_int8`, `blocks`; with `MSDD_CPU_KERNELS=phases` also `phase_times`),
+    `swiglu`, `pack_linear`, `linear`, `linear_int8`, `blocks`, `chunk_bytes`; with `MSDD_CPU_KERNELS=phases` also
+    `phase_times`),
     or None where they cannot run here."""
     if not (enabled() and cpu_supported()):
         return None

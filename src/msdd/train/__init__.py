@@ -1,1 +1,2 @@
-"""Stage-1 trainer, shared loop pieces, checkpoints."""
+"""Stage 1 (`stage1.py`), the stage-2 distillers (`distiller.py`, `distill.py`, `distill_ssdd.py`), the loop
+they share (`loop.py`) and its pieces: checkpoints, EMA, optimiser, data order, RNG state, signals, budgets."""

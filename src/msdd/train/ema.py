@@ -1,4 +1,4 @@
-"""The exponential moving average of a model's weights that both training stages keep and save."""
+"""The exponential moving average of a model's weights that every trainer keeps and saves."""
 
 from __future__ import annotations
 

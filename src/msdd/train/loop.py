@@ -1,5 +1,5 @@
-"""The training loop shared by the stage-1 trainer and the stage-2 distiller (`TrainerBase`): processes,
-micro-batches, resume, checkpoints and logging. The pieces it is built from live beside it: `optim.py`
+"""The training loop shared by the stage-1 trainer, the stage-2 distillers and the latent generator's trainer
+(`TrainerBase`): processes, micro-batches, resume, checkpoints and logging. The pieces it is built from live beside it: `optim.py`
 (optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state capture),
 `signals.py` (SIGTERM / SIGINT) and `runlog.py` (log.jsonl, TensorBoard, throughput).
 

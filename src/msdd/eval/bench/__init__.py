@@ -1,15 +1,25 @@
 """Decode throughput (SPEC 8, 11): contenders decode the same fixed latent batch, timed side by side in
 one process.
 
-    student        one Euler step per stage, cfg 1 (S decoder passes per image for S stages)
-    teacher        N_s steps per stage with classifier-free guidance (each step is one doubled batch)
-    teacher-nocfg  the same steps, cfg 1
-    single-scale   the same decoder with one stage at full resolution, the teacher's total number of
-                   steps and its cfg (the paper's single-scale ablation)
-    sd-vae         the Stable Diffusion v1 VAE decoder (diffusers `AutoencoderKL`), random weights
-    ssdd-student   an SSDD decoder (SPEC 10; `--ssdd-preset`, random weights, at the same resolution),
-                   one Euler step
-    ssdd-teacher   the same decoder with its own N-step schedule (`--ssdd-steps`)
+    student          one Euler step per stage, cfg 1 (S decoder passes per image for S stages)
+    student-eager    the same decode on the reference path (unfused ops, no cached modulation), uncompiled
+    student-bf16     the student again in bf16 (the bf16 / fp32 ratio in one run)
+    teacher          N_s steps per stage at the model's guidance (a guided step is one doubled batch;
+                     cfg 1 runs one pass per step)
+    teacher-nocfg    the same steps, cfg 1
+    single-scale     the same decoder with one stage at full resolution, the teacher's total number of
+                     steps and its cfg (the paper's single-scale ablation)
+    sd-vae           the Stable Diffusion v1 VAE decoder (diffusers `AutoencoderKL`), random weights
+    ssdd-student     an SSDD decoder (SPEC 10; `--ssdd-preset`, random weights, at the same resolution),
+                     one Euler step
+    ssdd-teacher     the same decoder with its own N-step schedule (`--ssdd-steps`)
+    encoder, student+encoder
+                     the encoder alone, and encode + student decode (the paper's reference times both)
+    onnx-student, student-int8
+                     named in --contenders only: the student under onnxruntime (fp32), and with int8 matmuls
+                     (CPU)
+
+(`settings.CONTENDERS` and `OPTIONAL_CONTENDERS` hold the names.)
 
 All run at one resolution, batch size, dtype and thread count. Method: `torch.inference_mode()`,
 warm-up rounds, then R rounds in which every contender runs one sample (its calls back to back for at
@@ -25,8 +35,9 @@ models, so counting costs no compute, and are set against the machine's own matm
 faster kernels (oneDNN) than matmuls (BLAS), the convolutional SD-VAE can pass the matmul "peak".
 
 Layout: `settings.py` (the options of a run), `models.py` (the decoders under test), `contenders.py` and
-`sdvae.py` (what is timed), `timing.py` (rotated rounds), `peak.py` (the machine's peaks), `run.py` (one
-run, its report) and `report.py` (the stdout tables).
+`sdvae.py` (what is timed), `timing.py` (rotated rounds), `memory.py` (peak memory per call), `peak.py` (the
+machine's peaks), `pipeline.py` (`--pipeline`: a latent generator before each decoder), `run.py` (one run, its
+report) and `report.py` (the stdout tables).
 """
 
 from msdd.eval.bench.models import at_resolution
