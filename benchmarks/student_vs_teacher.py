@@ -28,6 +28,7 @@ import msdd.malloc
 from msdd.config import load_config
 from msdd.eval.bench.contenders import flow_contender
 from msdd.eval.bench.models import FlowModel
+from msdd.flow.sampler import passes_per_step
 from msdd.models import cpu_kernels
 from msdd.models.precision import cast_weights
 from msdd.tokenizer import autocast
@@ -106,7 +107,7 @@ def main() -> None:
           f"{t['outside_s'] * 1e3:.0f} ms); student / teacher {result['ratio_whole']:.2f}, in the blocks op "
           f"{result['ratio_blocks']:.2f}")
     if args.phases:
-        passes = args.steps * (1 if args.cfg == 1.0 else 2)  # the teacher's passes per student pass
+        passes = args.steps * passes_per_step(args.cfg)  # the teacher's passes per student pass
         result["teacher_passes_per_student_pass"] = passes
         result["phases"] = {}
         print(f"{'phase':10s} {'student ms':>11s} {'teacher ms / ' + str(passes):>16s} {'difference':>11s}")

@@ -125,6 +125,12 @@ def test_sampling_is_deterministic_per_seed():
     assert torch.equal(a, sample_latents(model, 4, steps=3, guidance=2.0, class_labels=1, generator=gen(0)))
     assert not torch.allclose(a, sample_latents(model, 4, steps=3, guidance=2.0, class_labels=1, generator=gen(1)))
     assert not torch.allclose(a, sample_latents(model, 4, steps=3, guidance=1.0, class_labels=1, generator=gen(0)))
+    batches = []
+    hook = model.register_forward_hook(lambda m, args, out: batches.append(args[0].shape[0]))
+    null = sample_latents(model, 4, steps=3, guidance=0.0, class_labels=1, generator=gen(0))
+    hook.remove()
+    assert batches == [4, 4, 4] and sampling_flops(model, steps=3, guidance=0.0) == 3 * generator_flops(model)
+    assert torch.equal(null, sample_latents(model, 4, steps=3, guidance=0.0, class_labels=2, generator=gen(0)))
     per_sample = lambda n: sample_latents(model, n, steps=3, generator=image_generators(0, range(n)))  # noqa: E731
     assert torch.equal(per_sample(2), per_sample(3)[:2])  # random classes too: sample i depends on i alone
     with pytest.raises(ValueError, match="--class-label"):

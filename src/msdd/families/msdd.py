@@ -11,7 +11,7 @@ from torch import nn
 
 from msdd.families.base import Family
 from msdd.flow.path import flow_loss
-from msdd.flow.sampler import sample_multiscale
+from msdd.flow.sampler import passes_per_step, sample_multiscale
 from msdd.models.decoder import Decoder
 
 
@@ -39,7 +39,7 @@ class MSDDFamily(Family):
         return (1,) * c.flow.num_stages if c.one_step else tuple(c.sampling.steps)
 
     def guidance_factor(self, guidance: float) -> int:
-        return 1 if guidance in (0.0, 1.0) else 2  # a guided step is one doubled batch
+        return passes_per_step(guidance)
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
                generator) -> tuple[torch.Tensor, list[torch.Tensor]]:

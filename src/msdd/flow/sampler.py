@@ -34,6 +34,17 @@ class SampleResult(NamedTuple):
     noises: list[torch.Tensor]
 
 
+def passes_per_step(guidance: float) -> int:
+    """Network passes per sample of one guided Euler step: 2 (the conditional and the null pass, one doubled
+    batch) under guidance; 1 at guidance 1 (the conditional pass alone) and 0 (the null pass alone)."""
+    return 1 if guidance in (0.0, 1.0) else 2
+
+
+def guide(v_cond: torch.Tensor, v_null: torch.Tensor, guidance: float) -> torch.Tensor:
+    """Classifier-free guidance: v_null + guidance (v_cond - v_null)."""
+    return v_null + guidance * (v_cond - v_null)
+
+
 def guided_velocity(decoder: Callable, x: torch.Tensor, tau: float, z: torch.Tensor,
                     guidance: float) -> torch.Tensor:
     """v = v_null + guidance (v_cond - v_null) (classifier-free guidance, the paper's cfg); both passes as
@@ -44,8 +55,7 @@ def guided_velocity(decoder: Callable, x: torch.Tensor, tau: float, z: torch.Ten
     if guidance == 0.0:
         return decoder(x, x.new_full((b,), tau), decoder.null_like(z))
     v = decoder(torch.cat([x, x]), x.new_full((2 * b,), tau), torch.cat([z, decoder.null_like(z)]))
-    v_cond, v_null = v.chunk(2)
-    return v_null + guidance * (v_cond - v_null)
+    return guide(*v.chunk(2), guidance)
 
 
 def denoise_stage(decoder: Callable, x: torch.Tensor, z: torch.Tensor, window: StageWindow,

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from msdd.config.model import MAX_STEPS
 from msdd.flow.path import randn, sample_r
-from msdd.generator.model import LatentDiT, passes_per_step
+from msdd.flow.sampler import guide, passes_per_step
+from msdd.generator.model import LatentDiT
 
 
 def flow_matching_loss(model: LatentDiT, x0: torch.Tensor, labels: torch.Tensor | None,
@@ -89,13 +90,14 @@ def sample_latents(model: LatentDiT, n: int, steps: int, guidance: float = 1.0, 
     guided = passes_per_step(guidance) == 2
     if guided:
         labels = torch.cat([labels, torch.full_like(labels, model.null_class)])  # (2n,): label, then null
+    elif guidance == 0.0:  # the null branch alone
+        labels = torch.full_like(labels, model.null_class)
     for i in range(steps):
         t, t_next = 1 - i / steps, 1 - (i + 1) / steps
         x_in = torch.cat([x, x]) if guided else x
         v = model(x_in, x_in.new_full((x_in.shape[0],), t), labels).float()
         if guided:
-            v_label, v_null = v.chunk(2)
-            v = v_null + guidance * (v_label - v_null)
+            v = guide(*v.chunk(2), guidance)
         x = x + (t_next - t) * v
     return x
 

@@ -24,6 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from msdd.eval.flops import count_flops
+from msdd.flow.sampler import passes_per_step
 from msdd.generator.config import GeneratorConfig
 from msdd.models.decoder import FinalLayer
 from msdd.models.layers import Stream, TimestepEmbedder, attention
@@ -115,12 +116,6 @@ def generator_flops(model: LatentDiT, batch: int = 1) -> int:
         t = torch.zeros(batch)
         labels = torch.zeros(batch, dtype=torch.long) if model.conditional else None
     return count_flops(shape_only, x, t, labels)
-
-
-def passes_per_step(guidance: float) -> int:
-    """Latents per sample that one Euler step runs through the generator: 2 under guidance (the conditional
-    and the null branch, one doubled batch), else 1."""
-    return 1 if guidance == 1.0 else 2
 
 
 def sampling_flops(model: LatentDiT, steps: int, guidance: float, batch: int = 1) -> int:
