@@ -96,6 +96,15 @@ def test_a_weights_file_of_another_network_names_the_option(tmp_path):
     with pytest.raises(ValueError, match=r"--vgg-weights .*other.safetensors does not hold the weights of the LPIPS") as e:
         LPIPS(path)
     assert "vgg16-397923af.pth" in str(e.value) and len(str(e.value)) < 600  # not the state dict's key lists
+    pytest.importorskip("timm")
+    from msdd.models.discriminator import DinoDiscriminator
+    from msdd.models.repa import DinoV2Features
+
+    for network, option, expected in ((DinoDiscriminator, "--dino-weights", "dino_deitsmall16_pretrain.pth"),
+                                      (DinoV2Features, "--dinov2-weights", "dinov2_vits14_pretrain.pth")):
+        with pytest.raises(ValueError, match=rf"{option} .*other.safetensors does not hold the weights of") as e:
+            network(path)
+        assert expected in str(e.value) and len(str(e.value)) < 600
 
 
 def test_push_checks_the_repo_id_and_the_evaluation_first(tmp_path, capsys):

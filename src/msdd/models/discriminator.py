@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from msdd.weights import load_tensor_file, resolve_weights
+from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
 DINO_LEVELS = (2, 5, 8, 11)  # transformer blocks whose tokens are used (plus the patch embedding)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -87,26 +87,38 @@ def random_crops(x: torch.Tensor, prob: float, generator: torch.Generator | None
     return torch.stack(out)
 
 
+def load_timm_vit(name: str, arch: str, weights_path: str | Path | None, skip: tuple[str, ...], without_timm: str,
+                  **create) -> nn.Module:
+    """timm's `arch` (headless, frozen, eval) with the pretrained file `name` (`msdd.weights`) at `weights_path`
+    or its standard places, without its keys that start with one of `skip`. A file of another network is the
+    error naming the option and the file expected; `without_timm` is the ImportError's message."""
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(without_timm) from None
+
+    path = resolve_weights(name, weights_path)
+    vit = timm.create_model(arch, pretrained=False, num_classes=0, **create)
+    state = {k: v for k, v in load_tensor_file(path, name).items() if not k.startswith(skip)}
+    try:
+        missing, unexpected = vit.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # keys that fit, shapes that do not
+        raise wrong_file(name, path, e) from None
+    if missing or unexpected:
+        raise wrong_file(name, path, ValueError(f"missing {missing[:5]}, unexpected {unexpected[:5]}"))
+    return vit.eval().requires_grad_(False)
+
+
 class DinoDiscriminator(nn.Module):
     def __init__(self, weights_path: str | Path | None = None, reference: bool = False) -> None:
         """reference: the reference code's heads (384 wide, BatchNorm, residual / sqrt(2)), the CLS token
         added to every patch token and random crops of half the images in training (issue 15 D7)."""
         super().__init__()
         self.reference = reference
-        try:
-            import timm
-        except ImportError:
-            raise ImportError("the DINO discriminator needs timm: pip install 'msdd[dino]' (or use "
-                              "distill.discriminator=patch)") from None
-        path = resolve_weights("dino_vits16", weights_path)
-        vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0, dynamic_img_size=False)
-        state = load_tensor_file(path, "dino_vits16")
-        state = {k: v for k, v in state.items() if not k.startswith("head")}
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path} is not a DINO ViT-S/16 state dict: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}")
-        self.vit = vit.eval().requires_grad_(False)
+        self.vit = vit = load_timm_vit(
+            "dino_vits16", "vit_small_patch16_224", weights_path, ("head",), dynamic_img_size=False,
+            without_timm="the DINO discriminator needs timm: pip install 'msdd[dino]' (or use "
+                         "distill.discriminator=patch)")
         hidden = vit.embed_dim if reference else 128
         self.heads = nn.ModuleList(DinoHead(vit.embed_dim, hidden, reference) for _ in range(1 + len(DINO_LEVELS)))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)

@@ -14,8 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from msdd.models.discriminator import IMAGENET_MEAN, IMAGENET_STD
-from msdd.weights import load_tensor_file, resolve_weights
+from msdd.models.discriminator import IMAGENET_MEAN, IMAGENET_STD, load_timm_vit
 
 DINOV2_INPUT = 224  # 16 x 16 patches of 14 px
 
@@ -23,19 +22,9 @@ DINOV2_INPUT = 224  # 16 x 16 patches of 14 px
 class DinoV2Features(nn.Module):
     def __init__(self, weights_path: str | Path | None = None) -> None:
         super().__init__()
-        try:
-            import timm
-        except ImportError:
-            raise ImportError("the REPA loss needs timm: pip install 'msdd[dino]' (or set model.ssdd.repa_weight=0)") from None
-        path = resolve_weights("dinov2_vits14", weights_path)
-        vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True)
-        state = load_tensor_file(path, "dinov2_vits14")
-        state = {k: v for k, v in state.items() if k != "mask_token" and not k.startswith("head")}
-        missing, unexpected = vit.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{path} is not a DINOv2 ViT-S/14 state dict: missing {missing[:5]}, unexpected "
-                             f"{unexpected[:5]}")
-        self.vit = vit.eval().requires_grad_(False)
+        self.vit = load_timm_vit(
+            "dinov2_vits14", "vit_small_patch14_dinov2", weights_path, ("mask_token", "head"), dynamic_img_size=True,
+            without_timm="the REPA loss needs timm: pip install 'msdd[dino]' (or set model.ssdd.repa_weight=0)")
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
