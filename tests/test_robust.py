@@ -25,7 +25,7 @@ from msdd.cli import build_parser
 from msdd.cli.training import load_training_config
 from msdd.data import TarShardDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
-from msdd.train.checkpoint import best_checkpoint, latest_checkpoint, list_checkpoints, save_checkpoint
+from msdd.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from msdd.train.stream import BatchStream
 from msdd.train.stage1 import Stage1Trainer
 
@@ -238,12 +238,14 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
         assert Stage1Trainer(cfg, tmp_path / "r").step == 2
 
 
-def test_keeps_the_last_k_and_the_best(tmp_path):
+def test_keeps_the_last_k(tmp_path):
+    """train.keep_checkpoints is how many folders stay (a lowest-loss one was kept beside them before, which
+    nothing read); each manifest records its loss."""
     weights = {"model": {"w": torch.zeros(2)}}
     for step, loss in enumerate([5.0, 1.0, 4.0, 3.0, 2.0, None], start=1):
         save_checkpoint(tmp_path, step, weights, {"step": step}, "{}", keep=2, loss=loss)
-    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000002", "step_00000005", "step_00000006"]
-    assert best_checkpoint(tmp_path).name == "step_00000002"
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_00000005", "step_00000006"]
+    assert json.loads((tmp_path / "checkpoints" / "step_00000005" / "manifest.json").read_text())["loss"] == 2.0
 
 
 def test_a_pickle_payload_in_the_state_file_is_refused(tmp_path):

@@ -14,8 +14,7 @@ either the previous checkpoints or the new complete one. On load, the manifest i
 newest checkpoint is reported and the previous one is used. When checkpoints exist but none is intact,
 loading stops with `CheckpointError` instead of starting over: a restart from step 0 would rotate the
 damaged ones away and overwrite the run's finished model. Only the newest `keep` intact checkpoints are
-kept, plus the best intact one (lowest recorded loss) and the one just written; damaged ones are deleted
-at the next save (with a warning), so they never take the place of a good one.
+kept, and the one just written; damaged ones are deleted at the next save (with a warning), so they never take the place of a good one.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ def save_checkpoint(
     keep: int = 3,
     loss: float | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically; keep the newest `keep` and the one with the lowest `loss`."""
+    """Write checkpoint `step` atomically (its manifest records `loss`) and keep the newest `keep` intact ones."""
     final = _step_dir(Path(run_dir), step)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     for stale in final.parent.glob(".step_*.tmp-*"):  # left by a process killed while saving: first, for the space
@@ -109,9 +108,8 @@ def save_checkpoint(
     ckpts = list_checkpoints(run_dir)
     problems = {p: None if p == final else verify_checkpoint(p, hashes=False) for p in ckpts}
     intact = [p for p in ckpts if problems[p] is None]
-    best = _lowest_loss(intact)
     for old in ckpts:
-        if old not in intact[-keep:] and old not in (best, final):
+        if old not in intact[-keep:] and old != final:
             if problems[old]:
                 warnings.warn(f"deleting damaged checkpoint {old} ({problems[old]})", stacklevel=2)
             shutil.rmtree(old, ignore_errors=True)
@@ -124,25 +122,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
-
-
-def checkpoint_loss(path: Path) -> float | None:
-    """The mean training loss recorded in a checkpoint's manifest (None if absent or unreadable)."""
-    try:
-        loss = json.loads((path / MANIFEST).read_text()).get("loss")
-    except (OSError, ValueError):
-        return None
-    return None if loss is None else float(loss)
-
-
-def _lowest_loss(paths: list[Path]) -> Path | None:
-    scored = [(loss, p) for p in paths if (loss := checkpoint_loss(p)) is not None]
-    return min(scored)[1] if scored else None
-
-
-def best_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint with the lowest recorded loss, or None when none has one."""
-    return _lowest_loss(list_checkpoints(run_dir))
 
 
 def verify_checkpoint(path: Path, hashes: bool = True) -> str | None:

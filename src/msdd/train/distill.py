@@ -99,7 +99,7 @@ def build_distiller(cfg: Config, teacher: str | Path, run_dir: str | Path, devic
 class Distiller(DistillerBase):
     """The multi-scale teacher's distiller (module docstring): its step and grid; the rest is the base's."""
 
-    best_metric, family, adversarial = "l_rec", "msdd", True
+    checkpoint_metric, family, adversarial = "l_rec", "msdd", True
 
     def student_config(self, teacher: ModelConfig) -> ModelConfig:
         return replace(super().student_config(teacher), sampling=replace(teacher.sampling, cfg=1.0))

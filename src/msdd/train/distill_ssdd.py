@@ -39,7 +39,7 @@ NOT_READ = ("distill.lambda_rec", "distill.lambda_adv", "distill.adaptive_adv", 
 class SSDDDistiller(DistillerBase):
     """The SSDD teacher's distiller (module docstring): its step and grid; the rest is the base's."""
 
-    best_metric, family = "l_mse", "ssdd"
+    checkpoint_metric, family = "l_mse", "ssdd"
 
     @torch.no_grad()
     def teacher_images(self, z: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

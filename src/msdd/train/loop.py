@@ -77,12 +77,12 @@ class TrainerBase:
     `optim_state()`, `load_optim_state(s)`, `save_grid()` and `finalize()`; `synced_buffers()` and
     `train_dataset()` if needed.
     `section` names the config section with batch_size, grad_accum, log_every, ckpt_every, grid_every
-    and max_steps; checkpoints are ranked by the mean of `best_metric` since the previous one.
+    and max_steps; a checkpoint's manifest records the mean of `checkpoint_metric` since the previous one.
     Only rank 0 writes files (logs, checkpoints, grids, the final model); the run directory must be
     on a file system that every process can read (for resuming).
     """
 
-    desc, section, best_metric = "train", "train", "loss"
+    desc, section, checkpoint_metric = "train", "train", "loss"
 
     def __init__(self, cfg, run_dir, device, seed: int) -> None:
         self.dist, self.device = setup(device)
@@ -104,7 +104,7 @@ class TrainerBase:
             self.skips.update(len(left_out), left_out)
         self.step, self.bad_steps, self.skipped_steps, self.skipped_images = 0, 0, 0, 0
         self.train_seconds, self._fit_t0 = 0.0, None  # wall time of fit() calls, kept across resumes
-        self._saved_step, self._since_saved = None, []  # newest checkpoint's step; best_metric values since
+        self._saved_step, self._since_saved = None, []  # newest checkpoint's step; checkpoint_metric values since
         self._saved_seconds = 0.0  # the training time the newest checkpoint holds
         self._config_json = json.dumps(to_dict(cfg), indent=2)
         self.run_log = RunLog(self.run_dir, self.desc)
@@ -315,7 +315,7 @@ class TrainerBase:
                     continue
                 self.bad_steps = 0
                 self.step += 1
-                self._since_saved.append(out[self.best_metric])
+                self._since_saved.append(out[self.checkpoint_metric])
                 meter.add(info["images"])
                 bar.update(1)
                 last = out = {**out, "skipped_images": self.skipped_images}

@@ -140,7 +140,7 @@ class Stage1Trainer(TrainerBase):
         self.ema.module.load_state_dict(self.tok.state_dict())
         if self.dist.is_main:
             print(f"train.init_from={source}: starting from its weights"
-                  + (f"; model settings that differ from it (this run uses the new ones):\n  " + "\n  ".join(differ)
+                  + ("; model settings that differ from it (this run uses the new ones):\n  " + "\n  ".join(differ)
                      if differ else ""))
 
     # ------------------------------------------------------------------ TrainerBase hooks
