@@ -43,7 +43,7 @@ from msdd.flow.path import drop_context, noisy_at, randn, stage_ends
 from msdd.flow.sampler import SampleResult, sample_multiscale
 from msdd.flow.schedule import stage_of_tau
 from msdd.models.discriminator import hinge_d_loss, hinge_g_loss
-from msdd.tokenizer import autocast
+from msdd.tokenizer import autocast, synchronize
 from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.distiller import DistillerBase, teacher_family
 from msdd.train.loop import TrainerBase
@@ -192,6 +192,7 @@ def measure_distill_step_time(cfg: Config, teacher: str | Path, steps: int = 3, 
         for i in range(warmup + steps):
             t0 = time.perf_counter()
             d.train_step(images.to(d.device))
+            synchronize(d.device)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]

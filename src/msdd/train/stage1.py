@@ -66,6 +66,13 @@ def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
     return differ
 
 
+def linear_path_parameters(tok: Tokenizer) -> list[torch.nn.Parameter]:
+    """The linear path's two maps (model.linear_path), trained at lr * train.linear_lr_scale (0: frozen)."""
+    if not tok.config.uses_linear_path:
+        return []
+    return [*tok.encoder.to_linear.parameters(), *tok.decoder.from_linear.parameters()]
+
+
 class Stage1Trainer(TrainerBase):
     desc = "stage1"
 
@@ -79,7 +86,7 @@ class Stage1Trainer(TrainerBase):
         self.tok = Tokenizer(mc).to(self.device)
         self.ema = EMA(self.tok, tc.ema_decay, tc.ema_warmup)
         self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay,
-                                  slow=self.linear_parameters(), slow_scale=tc.linear_lr_scale)
+                                  slow=linear_path_parameters(self.tok), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
         self.perceptual, self.repa = perceptual, repa
         for message in self.tok.family.inert_settings:
@@ -106,12 +113,6 @@ class Stage1Trainer(TrainerBase):
         free = RESUME_FREE_FIELDS + ("distill.", "train.init_from")
         self._resume(require_resume, lambda js, path: check_resume_config(config_from_json(js), cfg, path, free),
                      fresh=self._fresh_start)
-
-    def linear_parameters(self) -> list[torch.nn.Parameter]:
-        """The linear path's two maps (model.linear_path), trained at lr * train.linear_lr_scale."""
-        if not self.cfg.model.uses_linear_path:
-            return []
-        return [*self.tok.encoder.to_linear.parameters(), *self.tok.decoder.from_linear.parameters()]
 
     def _fresh_start(self) -> None:
         """A new run: start from train.init_from, or set the linear path from a PCA of training crops."""
@@ -221,11 +222,15 @@ def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_imag
 
 
 def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str | torch.device = "cpu") -> float:
-    """Median seconds of a stage-1 training step (forward, backward, AdamW) for `cfg` on random
-    images, on a throwaway model. Used to size time-budgeted runs and by `msdd info --step-time`."""
-    device = torch.device(device)
+    """Median seconds of a stage-1 training step for `cfg` on random images, on a throwaway model: the trainer's
+    step (forward, backward, gradient clipping, AdamW with the linear path's group as configured, EMA) without its
+    data stream and LPIPS / REPA networks, so that it needs no files. Used to size time-budgeted runs and by `msdd info --step-time`."""
+    device, tc = torch.device(device), cfg.train
     tok = Tokenizer(cfg.model).to(device)
-    opt = make_optimizer(tok.parameters(), cfg.train.lr, cfg.train.betas)
+    opt = make_optimizer(tok.parameters(), tc.lr, tc.betas, tc.weight_decay, slow=linear_path_parameters(tok),
+                         slow_scale=tc.linear_lr_scale)
+    ema = EMA(tok, tc.ema_decay, tc.ema_warmup)
+    params = [p for p in tok.parameters() if p.requires_grad]
     g = torch.Generator(device).manual_seed(0)
     r = cfg.model.image_size
     images = torch.rand(cfg.train.batch_size, 3, r, r, generator=g, device=device) * 2 - 1
@@ -236,7 +241,9 @@ def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str 
             loss, _ = tok.training_loss(images, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
+        ema.update(tok)
         synchronize(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
