@@ -30,13 +30,9 @@ from msdd.hub import WEIGHTS_NAME, file_sha256, latent_space_sha256, resolve_mod
 from msdd.io import atomic_write_bytes
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.ema import EMA
-from msdd.train.loop import TrainerBase
+from msdd.train.loop import RESUME_FREE_FIELDS, TrainerBase, check_resume_config
 from msdd.train.optim import cosine_schedule, make_optimizer
-from msdd.train.stage1 import check_resume_config
 
-# Fields that may change between a run and its resumption without changing what is computed.
-RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
-                      "data.num_workers", "name")
 GRID_SAMPLES, GRID_STEPS = 16, 25  # the training grids: samples of the EMA generator, Euler steps, no guidance
 
 

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import IterableDataset
 from tqdm import tqdm
 
-from msdd.config import to_dict
+from msdd.config import diff_fields, to_dict
 from msdd.data import SkipCounter, build_train_dataset, collate_skip_bad
 from msdd.dist import all_gather_object, all_reduce_sum, barrier, broadcast_object, broadcast_tensors, setup
 from msdd.train.checkpoint import (
@@ -64,6 +64,21 @@ def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 # the training loop shared by stage 1 and stage 2
+
+
+# Fields that may change between a run and its resumption without changing what is computed.
+RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
+                      "data.num_workers", "name")
+
+
+def check_resume_config(stored, requested, where: Path, free=RESUME_FREE_FIELDS) -> None:
+    """Refuse to resume a run whose stored config differs from the requested one outside `free`, listing the
+    fields (stage 1 and the latent generator; the distillers check what they read, `distiller.check_resume`)."""
+    diffs = [d for d in diff_fields(stored, requested) if not d.startswith(free)]
+    if diffs:
+        raise ValueError(f"cannot resume {where}: its config differs from the requested one in "
+                         f"{len(diffs)} field(s):\n  " + "\n  ".join(diffs)
+                         + "\nuse the original settings, or start a new run directory")
 
 
 class TrainerBase:

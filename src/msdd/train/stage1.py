@@ -26,22 +26,9 @@ from msdd.data import build_eval_images, build_train_dataset, collate_skip_bad
 from msdd.eval.grid import save_grid
 from msdd.tokenizer import Tokenizer, autocast, synchronize
 from msdd.train.ema import EMA
-from msdd.train.loop import TrainerBase
+from msdd.train.loop import RESUME_FREE_FIELDS, TrainerBase, check_resume_config
 from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.weights import build_loss_network, unused_file
-
-# Fields that may change between a run and its resumption without changing what is computed.
-RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
-                      "data.num_workers", "name")
-
-
-def check_resume_config(stored: Config, requested: Config, where: Path, free=RESUME_FREE_FIELDS) -> None:
-    diffs = [d for d in diff_fields(stored, requested) if not d.startswith(free)]
-    if diffs:
-        raise ValueError(f"cannot resume {where}: its config differs from the requested one in "
-                         f"{len(diffs)} field(s):\n  " + "\n  ".join(diffs)
-                         + "\nuse the original settings, or start a new run directory")
-
 
 def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
     """Copy a trained model's weights (encoder, decoder, latent statistics) into `tok` to fine-tune it.
