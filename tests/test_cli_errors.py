@@ -62,6 +62,9 @@ def test_output_paths_are_checked_before_any_work(tmp_path, capsys):
     (["reconstruct", "x.png", "--batch-size", "-2"], "--batch-size"),
     (["latent-stats", "--model", "m", "--max-images", "-5"], "--max-images"),
     (["eval", "--limit", "0"], "--limit"),
+    (["train", "--run-dir", "r", "--limit", "0"], "--limit"),
+    (["gen-train", "--tokenizer", "t", "--run-dir", "r", "--max-steps", "0"], "--max-steps"),
+    (["generate", "--generator", "g", "--tokenizer", "t", "--batch-size", "0"], "--batch-size"),
 ])
 def test_budgets_and_counts_must_be_positive(argv, flag, capsys):
     with pytest.raises(SystemExit) as exit_:

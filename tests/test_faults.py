@@ -395,11 +395,12 @@ def test_config_values_that_cannot_run_are_config_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="`model.image_size`"):  # plain used to accept it
         tiny_config("model.family=plain", "model.image_size=0")
 
-    assert _cli_train(tmp_path / "r", 0) == 2
-    assert "error: --max-steps 0: must be >= 1" in capsys.readouterr().err
-    assert main(["distill", "--teacher", "tiny-64-teacher", "--run-dir", str(tmp_path / "d"),
-                 "--max-steps", "-3"]) == 2
-    assert "error: --max-steps -3: must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        _cli_train(tmp_path / "r", 0)
+    assert exit_.value.code == 2 and "argument --max-steps: 0 is below 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--teacher", "tiny-64-teacher", "--run-dir", str(tmp_path / "d"), "--max-steps", "-3"])
+    assert exit_.value.code == 2 and "argument --max-steps: -3 is below 1" in capsys.readouterr().err
     assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
 
 

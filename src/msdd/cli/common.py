@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 from pathlib import Path
 
 
@@ -166,3 +167,20 @@ def device_arg(text: str) -> str:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise argparse.ArgumentTypeError(f"{text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return text
+
+
+def finish_training(trainer, summary: dict, what: str) -> int:
+    """Print the summary (rank 0), end the process group; exit code 128 + signal when interrupted."""
+    import signal
+
+    from msdd.dist import cleanup
+
+    if trainer.dist.is_main:
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary["last"]}, indent=2))
+        if not summary["interrupted"]:
+            print(f"{what} written to {trainer.run_dir / 'model'}")
+    cleanup()
+    stop = summary["interrupted"]
+    if not stop:
+        return 0
+    return 128 + signal.Signals[stop] if stop in signal.Signals.__members__ else 1

@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import argparse
 
-from msdd.cli.common import device_arg, folder_arg, positive_float, removed_if_left_empty, seed_arg
-from msdd.cli.training import _finish_training
+from msdd.cli.common import (device_arg, finish_training, folder_arg, positive_float, positive_int, removed_if_left_empty,
+                              seed_arg)
 
 
 def cmd_gen_train(args) -> int:
     from msdd.generator.config import load_gen_config
     from msdd.generator.train import GeneratorTrainer
 
-    if args.max_steps is not None and args.max_steps < 1:
-        raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
-                         "the config's train.max_steps")
     folder_arg(args.run_dir, "--run-dir")
     with removed_if_left_empty(args.run_dir):
         trainer = GeneratorTrainer(load_gen_config(args.preset, args.overrides), args.tokenizer, args.run_dir,
                                    device=args.device, require_resume=args.resume)
         summary = trainer.fit(max_steps=args.max_steps, minutes=args.minutes)
-    return _finish_training(trainer, summary, "generator")
+    return finish_training(trainer, summary, "generator")
 
 
 def cmd_generate(args) -> int:
@@ -36,8 +33,6 @@ def cmd_generate(args) -> int:
     from msdd.tokenizer import Tokenizer
 
     out = folder_arg(args.out, "--out")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1")
     if args.metrics:  # before any sampling
         from msdd.data import check_source
 
@@ -110,7 +105,7 @@ def add_gen_train(sub) -> None:
                    help="override a field, e.g. --set generator.depth=6 --set train.lr=1e-4 --set data.source=DIR "
                         "(a key without a section is a generator field; repeatable)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop at this step (default: train.max_steps)")
     p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--device", default="cpu", type=device_arg,
                    help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
@@ -140,7 +135,7 @@ def add_generate(sub) -> None:
                    help="seed of all sampling and decoding noise (default 0); sample i depends on the seed and i only")
     p.add_argument("--class-label", type=_class_label, default=None, metavar="K",
                    help="class of every sample (a class-conditional generator; default: a random class each)")
-    p.add_argument("--batch-size", type=int, default=64, help="samples per batch (default 64)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="samples per batch (default 64)")
     p.add_argument("--metrics", action="store_true",
                    help="also compare the samples with --n data images: latent FD (the Frechet distance of normalised "
                         "latents, beside N(0, I) latents and --n other data images) and FID when the Inception file "

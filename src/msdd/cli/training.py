@@ -2,36 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
-from msdd.cli.common import add_config_args, device_arg, folder_arg, positive_float, positive_int, removed_if_left_empty
-
-
-def _finish_training(trainer, summary: dict, what: str) -> int:
-    """Print the summary (rank 0), end the process group; exit code 128 + signal when interrupted."""
-    import signal
-
-    from msdd.dist import cleanup
-
-    if trainer.dist.is_main:
-        print(json.dumps({k: v for k, v in summary.items() if k != "last"} | {"last": summary["last"]}, indent=2))
-        if not summary["interrupted"]:
-            print(f"{what} written to {trainer.run_dir / 'model'}")
-    cleanup()
-    stop = summary["interrupted"]
-    if not stop:
-        return 0
-    return 128 + signal.Signals[stop] if stop in signal.Signals.__members__ else 1
+from msdd.cli.common import (add_config_args, device_arg, finish_training, folder_arg, positive_float, positive_int,
+                              removed_if_left_empty)
 
 
 def load_training_config(args):
     """The config of `msdd train` / `msdd distill`; a bad argument is a ValueError (`main` exits 2)."""
     from msdd.config import load_config
 
-    if args.max_steps is not None and args.max_steps < 1:  # 0 or below: no step, yet a "finished" model
-        raise ValueError(f"--max-steps {args.max_steps}: must be >= 1 (the step to stop at); leave it out to use "
-                         "the config's max_steps")
     extra = [f"data.limit={args.limit}"] if args.limit is not None else []
     if getattr(args, "init_from", None):
         extra.append(f"train.init_from={args.init_from}")
@@ -47,7 +27,7 @@ def cmd_train(args) -> int:
                                 require_resume=args.resume, vgg_weights=args.vgg_weights,
                                 dinov2_weights=args.dinov2_weights)
         summary = trainer.fit(max_steps=args.max_steps, minutes=args.minutes)
-    return _finish_training(trainer, summary, "model")
+    return finish_training(trainer, summary, "model")
 
 
 def cmd_distill(args) -> int:
@@ -62,7 +42,7 @@ def cmd_distill(args) -> int:
                                     vgg_weights=args.vgg_weights, dino_weights=args.dino_weights,
                                     require_resume=args.resume)
         summary = distiller.fit(max_steps=args.max_steps, minutes=args.minutes)
-    return _finish_training(distiller, summary, "one-step student")
+    return finish_training(distiller, summary, "one-step student")
 
 
 def _check_student_model(config, args) -> None:
@@ -140,9 +120,9 @@ def add_train(sub) -> None:
     add_config_args(p)
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: train.max_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop at this step (default: train.max_steps)")
     p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
-    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N training images per epoch (data.limit)")
     p.add_argument("--init-from", default=None, metavar="MODEL",
                    help="fine-tune: start from this trained model (directory, bundled name such as tiny-64-teacher, "
                         "or HF repo id) instead of random weights (train.init_from)")
@@ -163,11 +143,11 @@ def add_distill(sub) -> None:
     p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
-    p.add_argument("--max-steps", type=int, default=None, help="stop at this step (default: distill.max_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None, help="stop at this step (default: distill.max_steps)")
     p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
-    p.add_argument("--limit", type=int, default=None, help="use only N training images per epoch (data.limit)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only N training images per epoch (data.limit)")
     p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_distill)
 
