@@ -205,7 +205,7 @@ def flow_loss(
         noise = randn(tuple(x_end.shape), generator, x_end)
         r = sample_r(idx.numel(), t_sampling, generator, x_end)
         x_r, target = noisy_at(x_end, x_start, w, r, noise)
-        tau = w.tau_end + r * (w.tau_start - w.tau_end)
+        tau = w.tau_at(r)
         if prediction == "x":  # the loss weighting is that of x-space MSE
             x_hat = decoder.end_estimate(x_r, tau, z[idx]).float()
             err = (x_hat - x_end).pow(2).mean(dim=(1, 2, 3))  # (n,)
@@ -214,7 +214,7 @@ def flow_loss(
             v = decoder(x_r, tau, z[idx]).float()
             err = (v - target).pow(2).mean(dim=(1, 2, 3))  # (n,)
             if loss_weighting == "sigmoid":
-                err = err * sigmoid_weight(w.t_end + r * (w.t_start - w.t_end), sigmoid_bias)
+                err = err * sigmoid_weight(w.t_at(r), sigmoid_bias)
             elif loss_weighting == "sigmoid_local":
                 err = err * local_sigmoid_weight(r, sigmoid_bias)
             elif loss_weighting == "stage":

@@ -38,10 +38,11 @@ class StageWindow:
     beta: float  # renoise noise coefficient on entry (0.0 for stage 0)
     gamma: float  # block-noise parameter of the renoise (the same for every window of a schedule)
 
-    def t_at(self, r: float) -> float:
+    # the global times at local time r in [0, 1] (1: the stage's start); r a float or a tensor of them
+    def t_at(self, r):
         return self.t_end + r * (self.t_start - self.t_end)
 
-    def tau_at(self, r: float) -> float:
+    def tau_at(self, r):
         return self.tau_end + r * (self.tau_start - self.tau_end)
 
     def r_of_tau(self, tau: float) -> float:

@@ -27,10 +27,6 @@ class PCA:
     components: torch.Tensor  # (K, D), orthonormal rows, by decreasing variance
     variance: torch.Tensor  # (K,) variance of each coefficient over the fitted data
 
-    @property
-    def k(self) -> int:
-        return self.components.shape[0]
-
 
 @torch.no_grad()
 def fit_pca(x: torch.Tensor, k: int, seed: int = 0) -> PCA:

@@ -18,7 +18,6 @@ from torch import nn
 from msdd.weights import load_tensor_file, resolve_weights, wrong_file
 
 _VGG_CUTS = (4, 9, 16, 23, 30)  # feature indices after relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-_CHANNELS = (64, 128, 256, 512, 512)
 
 
 class LPIPS(nn.Module):
