@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from msdd.eval.metrics import psnr_per_image
 from msdd.generator import load_generator, sample_latents
 from msdd.generator.quality import data_images, fid_against, frechet_distance, normalised_latents
 from msdd.tokenizer import Tokenizer
@@ -62,8 +63,7 @@ def main() -> None:
                           "reencoded_latent_fd": frechet_distance(normalised_latents(student, images),
                                                                   normalised_latents(student, data)),
                           "fid": fid_against(images, data, args.inception_weights), "seconds_per_image": seconds}
-        mse = (decoded["student"] - decoded["teacher"]).square().flatten(1).mean(1)
-        psnr = (10 * torch.log10(4 / mse)).mean().item()  # images in [-1, 1]: peak-to-peak 2
+        psnr = psnr_per_image(decoded["student"], decoded["teacher"]).mean().item()
     out = {"command": "python benchmarks/generation_decoders.py " + args.generator + f" {n}", "samples": n,
            "generator_steps": 50, "student_vs_teacher_psnr_db": psnr, "rows": rows}
     print(json.dumps(out, indent=1))

@@ -23,9 +23,9 @@ class StepsConfig:
     max_steps: int = 10_000
     ema_decay: float = 0.999
     ema_warmup: bool = True  # ramp the decay as min(decay, (1 + n) / (10 + n)); false: `ema_decay` from step 1
-    log_every: int = 10  # steps between log lines, checkpoints, grids
-    ckpt_every: int = 500
-    grid_every: int = 500
+    log_every: int = 10  # steps between log lines
+    ckpt_every: int = 500  # ... between checkpoints
+    grid_every: int = 500  # ... between preview grids
 
     def __post_init__(self) -> None:
         prefix = self.section

@@ -159,7 +159,7 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         _check_earlier_run(out, settings)
     loader = torch.utils.data.DataLoader(InputFiles(files, r, size), batch_size=None, num_workers=workers)
     rows, skipped, grid, reused, decode_s, pending = [], [], [], 0, 0.0, []
-    if tok.device.type == "cpu":  # the fused kernels build on a machine's first decode (~20 s): not decode time
+    if tok.device.type == "cpu":  # the fused kernels build on a machine's first decode: not decode time
         cpu_kernels.library()
     csv_file, writer = None, None
 

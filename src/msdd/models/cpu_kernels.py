@@ -19,7 +19,7 @@ MMDiT stream's gated residual x + gate * layer(y) added to the sums of its outpu
 MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's 150 kernel
 calls, 1.5-4% of a paper-256 student decode.
 
-The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (about 15 s; cached
+The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (15-25 s on 2 cores; cached
 in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
