@@ -145,6 +145,31 @@ def test_flow_loss_is_finite_and_per_stage():
     assert tok.encoder.registers.grad is not None and tok.encoder.registers.grad.abs().sum() > 0
 
 
+def test_x_prediction_loss_is_the_mse_to_the_stage_end():
+    """prediction x (the shipped tiny-64 models): the loss is the MSE of `end_estimate` against the clean stage end
+    x_end. An oracle whose latents are the images themselves returns each stage's true x_end: loss 0 in every
+    stage; an estimate off by a constant c costs c^2 per stage (the sum over stages under stage_sum)."""
+    windows = stage_windows(3, 32)
+
+    class Oracle:
+        offset = 0.0
+
+        def end_estimate(self, x_r, tau, z):  # z: the full-resolution images of this stage's samples
+            window = next(w for w in windows if w.resolution == x_r.shape[-1])
+            return stage_ends(z, window)[0] + self.offset
+
+    images = torch.rand(6, 3, 32, 32) * 2 - 1
+    oracle = Oracle()
+    loss, per_stage = flow_loss(oracle, images, images, windows, cfg_drop=0.0, prediction="x",
+                                generator=torch.Generator().manual_seed(0))
+    assert sorted(per_stage) == [0, 1, 2] and loss.item() < 1e-12
+    oracle.offset = 0.1
+    loss, per_stage = flow_loss(oracle, images, images, windows, cfg_drop=0.0, prediction="x",
+                                generator=torch.Generator().manual_seed(0))
+    assert all(v.item() == pytest.approx(0.01, rel=1e-4) for v in per_stage.values())
+    assert loss.item() == pytest.approx(0.03, rel=1e-4)
+
+
 def test_sampler_determinism_and_seeds():
     tok = Tokenizer(tiny_config().model)
     torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.1)  # non-zero output so noise matters
