@@ -19,8 +19,9 @@ MMDiT stream's gated residual x + gate * layer(y) added to the sums of its outpu
 MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's 150 kernel
 calls, 1.5-4% of a paper-256 student decode.
 
-The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (15-25 s on 2 cores; cached
-in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, rebuilt when the source changes) and used by
+The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (15-25 s on 2 cores;
+cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, one folder per installed source path,
+rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
 of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja:
@@ -32,6 +33,7 @@ one warning says so), those layers use PyTorch's ops. `MSDD_CPU_KERNELS=0` (or o
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -95,7 +97,11 @@ def library():
         from torch.utils import cpp_extension
 
         phases = os.environ.get(ENV, "").strip().lower() == "phases"
-        cpp_extension.load(name="msdd_cpu_kernels_phases" if phases else "msdd_cpu_kernels", sources=[str(SOURCE)],
+        # one build folder per source path: its build file names the path, so two checkouts (or installs) under one
+        # name rebuilt each other's library (15-25 s) at each one's first decode
+        where = hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:8]
+        name = f"msdd_cpu_kernels{'_phases' if phases else ''}_{where}"
+        cpp_extension.load(name=name, sources=[str(SOURCE)],
                            extra_cflags=CFLAGS + (["-DMSDD_PHASE_TIMES"] if phases else []), extra_ldflags=["-fopenmp"],
                            is_python_module=False, verbose=False)
     except Exception as err:  # no compiler, no ninja, a failed build: PyTorch's ops instead
