@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from msdd.cli.common import (device_arg, finish_training, folder_arg, positive_float, positive_int, removed_if_left_empty,
-                              seed_arg)
+from msdd.cli.common import (device_arg, finish_training, folder_arg, positive_float, positive_int,
+                              removed_if_left_empty, seed_arg)
 
 
 def cmd_gen_train(args) -> int:

@@ -143,7 +143,8 @@ def add_distill(sub) -> None:
     p.add_argument("--teacher", required=True, help="stage-1 model directory (e.g. runs/x/model)")
     p.add_argument("--run-dir", required=True, help="run directory (continues automatically if it has checkpoints)")
     p.add_argument("--resume", action="store_true", help="require a checkpoint to continue from (error if none)")
-    p.add_argument("--max-steps", type=positive_int, default=None, help="stop at this step (default: distill.max_steps)")
+    p.add_argument("--max-steps", type=positive_int, default=None,
+                   help="stop at this step (default: distill.max_steps)")
     p.add_argument("--minutes", type=positive_float, default=None, help="also stop after this much wall time")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")

@@ -14,7 +14,8 @@ either the previous checkpoints or the new complete one. On load, the manifest i
 newest checkpoint is reported and the previous one is used. When checkpoints exist but none is intact,
 loading stops with `CheckpointError` instead of starting over: a restart from step 0 would rotate the
 damaged ones away and overwrite the run's finished model. Only the newest `keep` intact checkpoints are
-kept, and the one just written; damaged ones are deleted at the next save (with a warning), so they never take the place of a good one.
+kept, and the one just written; damaged ones are deleted at the next save (with a warning), so they never
+take the place of a good one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The training loop shared by the stage-1 trainer, the stage-2 distillers and the latent generator's trainer
-(`TrainerBase`): processes, micro-batches, resume, checkpoints and logging. The pieces it is built from live beside it: `optim.py`
-(optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state capture),
-`signals.py` (SIGTERM / SIGINT) and `runlog.py` (log.jsonl, TensorBoard, throughput).
+(`TrainerBase`): processes, micro-batches, resume, checkpoints and logging. The pieces it is built from live
+beside it: `optim.py` (optimiser, LR schedule), `ema.py`, `stream.py` (resumable data order), `rng.py` (RNG state
+capture), `signals.py` (SIGTERM / SIGINT) and `runlog.py` (log.jsonl, TensorBoard, throughput).
 
 One optimiser step over a global batch of B images, with n processes (torchrun) and A = grad_accum:
 
