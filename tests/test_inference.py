@@ -70,6 +70,83 @@ def test_modulation_cache_follows_the_weights(tok):
     assert not torch.equal(expected, before)
 
 
+def test_optimised_path_equals_reference_path_in_training_and_without_the_kernels(tok, monkeypatch):
+    """The optimised path's PyTorch ops (`modulate`, `gated_add` as `addcmul`s) against the reference path's unfused
+    ones where the fused CPU kernels do not run: every training forward (autograd on: same loss and gradients with
+    the same draws), and a decode with the kernels switched off (`MSDD_CPU_KERNELS=0`, as on GPUs and CPUs without
+    AVX512-BF16). With the kernels on, a no-grad CPU decode never reaches these ops."""
+    from msdd.models import cpu_kernels
+
+    tok.train()
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+
+    def loss_and_grads():
+        tok.zero_grad()
+        loss = tok.training_loss(x, torch.Generator().manual_seed(1))[0]
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in tok.parameters() if p.grad is not None]
+
+    fast, fast_grads = loss_and_grads()
+    with unoptimised():
+        ref, ref_grads = loss_and_grads()
+    assert (fast - ref).abs() <= 1e-5 * ref.abs()
+    assert len(fast_grads) == len(ref_grads) and fast_grads
+    assert all((a - b).abs().max() <= 1e-4 * b.abs().max() + 1e-8 for a, b in zip(fast_grads, ref_grads))
+    tok.eval()
+    z = _latents(tok)
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        fast = tok.decode(z, steps=(2, 2, 2), guidance=2.0)
+        with unoptimised():
+            ref = tok.decode(z, steps=(2, 2, 2), guidance=2.0)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()  # the kernels again, where they build, for the tests after this one
+    assert (fast - ref).abs().max() <= 1e-5
+
+
+def test_modulation_cache_sees_an_in_place_step_outside_a_decode(tok):
+    """`tok.sample` under no_grad (a training loop's preview grid on its EMA module: no `Tokenizer.decode`, so no
+    values check), then an in-place step of every decoder weight (an optimiser or EMA update), then `tok.sample`
+    again: only the weights' version counters (in the modulation cache's key) tell the cache its vectors are stale."""
+    z = _latents(tok)
+
+    def sample():
+        with torch.no_grad():
+            return tok.sample(z, (1, 1, 1), 1.0, torch.Generator().manual_seed(0))[0]
+
+    before = sample()  # fills the modulation cache
+    assert tok.decoder.mod_cache.entries
+    with torch.no_grad():
+        for p in tok.decoder.parameters():
+            p.mul_(1.5)
+    fast = sample()
+    with unoptimised():
+        ref = sample()
+    assert (fast - ref).abs().max() <= 1e-5
+    assert (fast - before).abs().max() > 0.1  # the step changed the images: a stale cache would show
+
+
+def test_modulation_cache_keeps_bf16_autocast_vectors_apart(tok):
+    """One decoder sampled under CPU bf16 autocast (a training run's EMA module with `train.bf16`), then in float32:
+    the float32 sample must not reuse the bf16-rounded modulation vectors (the autocast dtype is in the cache key),
+    so it matches the reference path to float32 precision."""
+    z = _latents(tok)
+
+    def sample():
+        with torch.no_grad():
+            return tok.sample(z, (1, 1, 1), 1.0, torch.Generator().manual_seed(0))[0]
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample()  # fills the cache with vectors computed under autocast
+    fast = sample()
+    with unoptimised():
+        ref = sample()
+    assert (fast - ref).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize("shape, p", [((2, 3, 16, 16), 2), ((1, 6, 32, 32), 8), ((3, 3, 8, 16), 4)])
 def test_patchify_is_the_patch_rearrangement(shape, p):
     from einops import rearrange
