@@ -1,5 +1,7 @@
 """Stage-2 distillation: the student pass, targets, adaptive weight, discriminators, training, resume."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,18 @@ class CountingDecoder(torch.nn.Module):
 
     def null_like(self, z):
         return self.decoder.null_like(z)
+
+
+class RecordingDecoder(CountingDecoder):
+    """A counting decoder that also keeps the batch size and the latents of every call."""
+
+    def __init__(self, decoder):
+        super().__init__(decoder)
+        self.seen = []
+
+    def forward(self, x, tau, z):
+        self.seen.append((x.shape[0], z.clone()))
+        return super().forward(x, tau, z)
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +86,52 @@ def test_teacher_target_starts_in_the_stage_of_u(teacher_dir):
         assert s_u == win.index
         assert len(outs) == len(w) - s_u
         assert [o.shape[-1] for o in outs] == [v.resolution for v in w[s_u:]]
+
+
+def test_teacher_targets_use_their_guidance(teacher_dir):
+    """distill.cfg reaches the teacher: at guidance 2 every teacher pass is one doubled batch whose second half
+    holds the null context (classifier-free guidance), and the targets differ from the unguided ones; at
+    guidance 1 every pass is the conditional batch alone."""
+    tok = Tokenizer.from_pretrained(teacher_dir)
+    w = tok.windows
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = torch.randn(2, 8, 4)
+    outs = {}
+    for guidance in (1.0, 2.0):
+        rec = RecordingDecoder(tok.decoder)
+        s_u, outs[guidance], _ = teacher_targets(rec, x, z, w, 0.5, 2, guidance, torch.Generator().manual_seed(0))
+        assert rec.calls == 2 * (len(w) - s_u) and len(rec.seen) == rec.calls  # 2 steps per stage s_u..S-1
+        for batch, seen_z in rec.seen:
+            if guidance == 1.0:
+                assert batch == 2 and torch.equal(seen_z, z)
+            else:
+                assert batch == 4 and torch.equal(seen_z[:2], z)
+                assert torch.equal(seen_z[2:], tok.decoder.null_like(z))
+    assert not torch.allclose(outs[1.0][-1], outs[2.0][-1])
+
+
+def test_l_rec_compares_the_signals_of_the_two_chains(teacher_dir, tmp_path):
+    """micro_step's logged L_rec (and its per-stage gaps) is the sum over s >= s_u of
+    MSE(x_s - e_s N_s, t_s - e_s N'_s): each stage output less the unit noise its chain carries, recomputed
+    here from the same draws (u, the student chain, the teacher's continuation). Comparing the raw outputs
+    instead adds the two chains' independent noise (about 2 e_s^2 per stage)."""
+    d = Distiller(tiny_config("distill.batch_size=4", "train.bf16=false"), teacher_dir, tmp_path / "d")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    logs = d.micro_step(images, torch.Generator().manual_seed(5))[1]
+    g, w, dc = torch.Generator().manual_seed(5), d.student.windows, d.cfg.distill
+    with torch.no_grad():
+        z = d.teacher.encoder(images).float()
+        u = torch.rand((), generator=g).item()
+        x, stages_s, noise_s = student_pass(d.student.decoder, z, w, g)
+        s_u, stages_t, noise_t = teacher_targets(d.teacher.decoder, x, z, w, u, dc.teacher_steps, dc.cfg, g)
+    assert logs["u"] == u and s_u == stage_of_tau(w, u) == 0  # every stage in L_rec, all but the last noisy
+    gaps = {s: F.mse_loss(stages_s[s] - w[s].t_end * noise_s[s], t - w[s].t_end * n).item()
+            for s, t, n in zip(range(s_u, len(w)), stages_t, noise_t)}
+    raw = sum(F.mse_loss(stages_s[s], t).item() for s, t in zip(range(s_u, len(w)), stages_t))
+    assert {k: v for k, v in logs.items() if k.startswith("gap_stage")} == pytest.approx(
+        {f"gap_stage{s}": v for s, v in gaps.items()}, rel=1e-4)
+    assert logs["l_rec"] == pytest.approx(sum(gaps.values()), rel=1e-4)
+    assert raw > 2 * logs["l_rec"]  # the noise floor the comparison removes: the test can tell the two apart
 
 
 def test_adaptive_weight_is_the_gradient_norm_ratio_and_clamped():
@@ -177,6 +237,31 @@ def test_distill_resume(teacher_dir, tmp_path):
                   teacher_dir, tmp_path / "d")
 
 
+def test_distill_resume_continues_exactly(teacher_dir, tmp_path):
+    """4 steps in one run equal 2 steps, a resume from their checkpoint and 2 more: the same logged losses, and
+    the same student, EMA (its update count: the warm-up ramp) and discriminator (its weights, its optimiser's
+    state), so a resumed distillation trains as if it had never stopped."""
+    cfg = tiny_config("distill.batch_size=2", "distill.ckpt_every=2", "distill.log_every=1",
+                      "distill.adv_start_step=0", "distill.grid_every=1000")
+    straight = Distiller(cfg, teacher_dir, tmp_path / "a")
+    straight.fit(max_steps=4, progress=False)
+    Distiller(cfg, teacher_dir, tmp_path / "b").fit(max_steps=2, progress=False)
+    resumed = Distiller(cfg, teacher_dir, tmp_path / "b", require_resume=True)
+    assert resumed.step == 2 and resumed.ema.updates == 2
+    resumed.fit(max_steps=4, progress=False)
+
+    def losses(run):
+        keys = ("l_gen", "l_rec", "l_adv", "lambda_adv", "d_loss", "d_real", "d_fake", "u", "grad_norm", "lr")
+        return [{k: v for k, v in json.loads(line).items() if k in keys} for line in open(run / "log.jsonl")]
+
+    assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "a") == losses(tmp_path / "b")
+    for name, (a, b) in {"student": (straight.student, resumed.student),
+                         "ema": (straight.ema.module, resumed.ema.module),
+                         "discriminator": (straight.disc, resumed.disc)}.items():
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
+
+
 def test_missing_pretrained_files_name_file_and_option(teacher_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_cache"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_hf"))
@@ -238,7 +323,8 @@ def test_stage2_ema_from_the_first_step(teacher_dir, tmp_path):
         ramp *= min(0.99, (1 + n) / (10 + n))
     assert ramped.module.weight.item() == pytest.approx(ramp)
     d = Distiller(tiny_config("distill.batch_size=4", "distill.ema_warmup=false"), teacher_dir, tmp_path / "d")
-    assert d.ema.warmup is False and Distiller(tiny_config("distill.batch_size=4"), teacher_dir, tmp_path / "r").ema.warmup
+    assert d.ema.warmup is False
+    assert Distiller(tiny_config("distill.batch_size=4"), teacher_dir, tmp_path / "r").ema.warmup
 
 
 def test_adaptive_weight_against_the_reference_term(teacher_dir, tmp_path):

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from msdd.cli import main
 from msdd.config import load_config
 from msdd.data import EmbeddedCrops
+from msdd.flow.path import randn
 from msdd.flow.ssdd import repa_loss, sample_ssdd, ssdd_loss, time_schedule
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import Distiller, build_distiller
@@ -118,6 +119,33 @@ def test_sampler_follows_the_straight_path():
         time_schedule(0, 2.0)
 
 
+def test_loss_targets_the_velocity_noise_minus_image():
+    """The family's flow target is v = n - x (t = 1 is noise, as the sampler integrates it): a network that returns
+    exactly n - x for the noise the loss draws (the first draw of its generator) scores 0, and its one-step
+    estimate x_t - t v is the image itself (a perceptual stand-in scores 0 too); the opposite sign, x - n,
+    scores 4 MSE(n, x)."""
+    images = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = randn(tuple(images.shape), torch.Generator().manual_seed(0), images)
+
+    class Oracle:
+        prediction, sign = "v", 1.0
+
+        def network(self, x_t, t, z, return_features=False):
+            return self.sign * (noise - images)
+
+    def perceptual(x, y):
+        return (x - y).abs().mean(dim=(1, 2, 3))
+
+    oracle = Oracle()
+    loss, terms = ssdd_loss(oracle, images, torch.zeros(2, 1), perceptual=perceptual, lpips_weight=1.0,
+                            generator=torch.Generator().manual_seed(0))
+    assert terms["loss_fm"].item() == 0.0
+    assert terms["loss_lpips"].item() == pytest.approx(0.0, abs=1e-6) and loss.item() == pytest.approx(0.0, abs=1e-6)
+    oracle.sign = -1.0
+    _, terms = ssdd_loss(oracle, images, torch.zeros(2, 1), generator=torch.Generator().manual_seed(0))
+    assert terms["loss_fm"].item() == pytest.approx(4 * F.mse_loss(noise, images).item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["tokens", "spatial"])
 def test_save_load_round_trip_gives_identical_decodes(kind, tmp_path):
     tok = _randomise_output(Tokenizer(ssdd_config(kind=kind).model))
@@ -195,6 +223,32 @@ def test_single_step_distillation_reduces_student_teacher_gap(ssdd_teacher, tmp_
     student = Tokenizer.from_pretrained(tmp_path / "d" / "model")
     assert student.config.one_step and student.config.family == "ssdd" and student.default_steps() == (1,)
     assert list((tmp_path / "d" / "grids").glob("*.png"))
+
+
+def test_ssdd_distill_resume_continues_exactly(tmp_path):
+    """4 SSDD distillation steps in one run equal 2, a resume from their checkpoint and 2 more: the same logged
+    losses, student and EMA (whose warm-up ramp needs the stored update count). The teacher is an untrained
+    model with a random output layer (its decodes depend on z and the noise): exactness needs no trained one."""
+    teacher = tmp_path / "teacher"
+    _randomise_output(Tokenizer(ssdd_config().model)).save_pretrained(teacher)
+    cfg = ssdd_config("distill.batch_size=2", "distill.ckpt_every=2", "distill.log_every=1",
+                      "distill.grid_every=1000", "distill.perceptual=none")
+    straight = SSDDDistiller(cfg, teacher, tmp_path / "a")
+    straight.fit(max_steps=4, progress=False)
+    SSDDDistiller(cfg, teacher, tmp_path / "b").fit(max_steps=2, progress=False)
+    resumed = SSDDDistiller(cfg, teacher, tmp_path / "b", require_resume=True)
+    assert resumed.step == 2
+    resumed.fit(max_steps=4, progress=False)
+
+    def losses(run):
+        keys = ("l_gen", "l_mse", "l_pix", "grad_norm", "lr")
+        return [{k: v for k, v in json.loads(line).items() if k in keys} for line in open(run / "log.jsonl")]
+
+    assert len(losses(tmp_path / "a")) == 4 and losses(tmp_path / "a") == losses(tmp_path / "b")
+    for name, (a, b) in {"student": (straight.student, resumed.student),
+                         "ema": (straight.ema.module, resumed.ema.module)}.items():
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 def test_distill_cli_dispatches_on_the_teacher_family(ssdd_teacher, tmp_path, capsys):
