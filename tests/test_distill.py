@@ -294,15 +294,18 @@ def test_dino_discriminator_with_a_weights_file(tmp_path):
 
 
 def test_reference_optimiser_options(teacher_dir, tmp_path):
-    """Issue 15 D12: lr and disc_lr scaled by batch / lr_reference_batch; discriminator gradients clipped."""
+    """Issue 15 D12: lr and disc_lr scaled by batch / lr_reference_batch; discriminator gradients clipped (and the
+    student's, by train.grad_clip)."""
     base = tiny_config("distill.batch_size=4")
-    d = Distiller(tiny_config("distill.batch_size=4", "distill.lr_reference_batch=16", "distill.disc_grad_clip=0.001"),
-                  teacher_dir, tmp_path / "d")
+    d = Distiller(tiny_config("distill.batch_size=4", "distill.lr_reference_batch=16", "distill.disc_grad_clip=0.001",
+                              "train.grad_clip=0.002"), teacher_dir, tmp_path / "d")
     assert d.opt.param_groups[0]["initial_lr"] == pytest.approx(base.distill.lr * 4 / 16)
     assert d.disc is not None and d.opt_d.param_groups[0]["initial_lr"] == pytest.approx(base.distill.disc_lr * 4 / 16)
     out = d.train_step(torch.rand(4, 3, 32, 32) * 2 - 1)
     clipped = torch.norm(torch.stack([p.grad.norm() for p in d.disc_params if p.grad is not None]))
     assert out["disc_grad_norm"] > 0.001 and clipped.item() == pytest.approx(0.001, rel=1e-3)
+    student = torch.norm(torch.stack([p.grad.norm() for p in d.student.decoder.parameters() if p.grad is not None]))
+    assert out["grad_norm"] > 0.002 and student.item() == pytest.approx(0.002, rel=1e-3)  # train.grad_clip
     plain = Distiller(base, teacher_dir, tmp_path / "p")
     assert plain.opt.param_groups[0]["initial_lr"] == pytest.approx(base.distill.lr)
 

@@ -16,6 +16,8 @@ from msdd.generator import (
     GeneratorConfig, build_generator, generate_images, generator_flops, load_gen_config, load_generator,
     sample_latents, sampling_flops,
 )  # fmt: skip
+from msdd.generator.config import GenDataConfig
+from msdd.generator.data import encode_latents, image_records
 from msdd.generator.train import GeneratorTrainer
 from msdd.seeding import image_generators
 from msdd.tokenizer import Tokenizer
@@ -154,8 +156,40 @@ def test_generated_images_are_deterministic_for_both_tokenizers(shipped, spatial
         generate_images(model, shipped, 2, steps=2)
 
 
+def test_generated_latents_are_denormalised_before_decoding():
+    """The generator samples normalised latents; `generate_images` decodes them in the tokenizer's own latent
+    space (tok.denormalize_latents). The shipped student's statistics are nearly the identity, so they are set far
+    from it here (spatial_tok's random decoder ignores its latent); the images must then equal the hand-made
+    denormalise-then-decode, and differ from decoding the normalised latents as they are."""
+    tok = Tokenizer.from_pretrained()  # a decoder that uses its latent; its own copy, not `shipped`
+    tok.latent_mean.copy_(torch.linspace(-1.0, 1.0, 8))
+    tok.latent_std.copy_(torch.linspace(0.5, 2.0, 8))
+    model = randomised(build_generator(TINY_GEN, tok.config.latent_shape))
+    images, z = generate_images(model, tok, 2, steps=2, generator=torch.Generator().manual_seed(0),
+                                return_latents=True)
+    g = torch.Generator().manual_seed(0)  # the same draws: the latents' noise, then the decoder's
+    assert torch.equal(z, sample_latents(model, 2, steps=2, generator=g))
+    state = g.get_state()
+    torch.testing.assert_close(images, tok.decode(tok.denormalize_latents(z), generator=g), rtol=0, atol=0)
+    g.set_state(state)
+    assert (images - tok.decode(z, generator=g)).abs().mean() > 0.05
+
+
 # ---------------------------------------------------------------------------------------------
 # training
+
+
+def test_training_latents_are_the_normalised_encodings(spatial_tok):
+    """The generator trains on normalised latents (the space `generate_images` denormalises from): each image's
+    `tok.normalize_latents(tok.encode(x))`, then its mirror image's, for the images `image_records` reads."""
+    data = GenDataConfig(images=4)
+    got = encode_latents(spatial_tok, data, seed=3)
+    records = image_records(data, spatial_tok.config.image_size, 3)
+    x = torch.stack([records[i][0] for i in range(len(records))])
+    raw = torch.cat([spatial_tok.encode(x), spatial_tok.encode(x.flip(-1))])
+    assert got.latents.shape == (8, 4, 4, 4) and got.labels is None
+    torch.testing.assert_close(got.latents, spatial_tok.normalize_latents(raw), rtol=0, atol=1e-6)
+    assert not torch.allclose(got.latents, raw, atol=0.1)  # the statistics are far from the identity
 
 
 def test_training_drives_the_loss_down(tmp_path, shipped):

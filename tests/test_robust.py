@@ -25,7 +25,7 @@ from msdd.cli import build_parser
 from msdd.cli.training import load_training_config
 from msdd.data import TarShardDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
-from msdd.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from msdd.train.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint, verify_checkpoint
 from msdd.train.stream import BatchStream
 from msdd.train.stage1 import Stage1Trainer
 
@@ -236,6 +236,22 @@ def test_truncated_newest_checkpoint_falls_back(tmp_path):
     newest.write_bytes(newest.read_bytes()[:-100])
     with pytest.warns(UserWarning, match=r"step_00000004 is damaged .*state\.pt .*truncated"):
         assert Stage1Trainer(cfg, tmp_path / "r").step == 2
+
+
+def test_a_checkpoint_corrupted_in_place_is_not_resumed_from(tmp_path):
+    """Bit rot keeps a file's size: one flipped byte in the newest weights passes the size check, so only the
+    sha256 of every file (which resuming checks, unlike rotation) tells it from an intact one; it is skipped."""
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, {"model": {"w": torch.arange(1000.0)}}, {"step": step}, "{}", keep=3)
+    older, newest = list_checkpoints(tmp_path)
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-7] ^= 0xFF  # inside the tensor data: the file still parses
+    weights.write_bytes(bytes(data))
+    assert verify_checkpoint(newest, hashes=False) is None  # the same size: the fast check sees nothing
+    assert verify_checkpoint(newest) == "model.safetensors content does not match its sha256 (corrupt)"
+    with pytest.warns(UserWarning, match=r"step_00000004 is damaged \(model\.safetensors .*sha256"):
+        assert latest_checkpoint(tmp_path) == older
 
 
 def test_keeps_the_last_k(tmp_path):

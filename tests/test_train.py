@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
+from msdd.train.optim import cosine_schedule
 from msdd.train.stage1 import Stage1Trainer
 
 from conftest import tiny_config
@@ -129,3 +130,31 @@ def test_loss_weighting_that_prediction_x_ignores_is_named(tmp_path, recwarn):
     Stage1Trainer(tiny_config("model.flow.prediction=v", "model.flow.loss_weighting=stage"), tmp_path / "v")
     Stage1Trainer(tiny_config("model.flow.prediction=x", "model.flow.loss_weighting=none"), tmp_path / "n")
     assert not [w for w in recwarn if "loss_weighting" in str(w.message)]
+
+
+def test_stage1_gradients_are_clipped_to_grad_clip(tmp_path):
+    """train.grad_clip bounds the norm of the gradient the optimiser steps with: with a tiny bound the gradients
+    left after the step have exactly that norm, while the logged norm (before clipping) is larger. The logged lr
+    is the warm-up's second factor, 2 / warmup: the trainer builds its schedule from train.warmup_steps."""
+    cfg = tiny_config("train.batch_size=4", "train.grad_clip=0.001")
+    trainer = Stage1Trainer(cfg, tmp_path / "r")
+    out = trainer.train_step(torch.rand(4, 3, 32, 32) * 2 - 1)
+    clipped = torch.norm(torch.stack([p.grad.norm() for p in trainer.trained_parameters() if p.grad is not None]))
+    assert out["grad_norm"] > 0.001 and clipped.item() == pytest.approx(0.001, rel=1e-3)
+    assert out["lr"] == pytest.approx(cfg.train.lr * 2 / cfg.train.warmup_steps)
+
+
+def test_cosine_schedule_against_hand_values():
+    """Linear warm-up over 5 steps whose first step already trains ((step + 1) / warmup, not 0), the base lr at
+    the end of the warm-up, cosine decay to min_ratio at `total` (half-way: the mean of 1 and min_ratio), then
+    min_ratio for good; read from the learning rate the optimiser is given at each step."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = cosine_schedule(opt, warmup=5, total=25, min_ratio=0.1)
+    lrs = []
+    for _ in range(31):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    hand = {0: 0.2, 1: 0.4, 4: 1.0, 5: 1.0, 15: 0.55, 25: 0.1, 30: 0.1}
+    assert {s: lrs[s] / 2.0 for s in hand} == pytest.approx(hand)
+    assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # never rises after the warm-up
