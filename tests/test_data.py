@@ -3,6 +3,7 @@
 Every file here is a real image written with PIL into tmp_path; nothing is mocked.
 """
 
+import tarfile
 import warnings
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 from msdd.data import (
-    HELDOUT_PHOTOS, TRAIN_PHOTOS, BadImageError, EmbeddedCrops, ImageFolderDataset, SkipCounter,
+    HELDOUT_PHOTOS, TRAIN_PHOTOS, BadImageError, EmbeddedCrops, ImageFolderDataset, SkipCounter, TarShardDataset,
     build_eval_images, build_train_dataset, center_crop_arr, collate_skip_bad, embedded_eval_set,
     list_images, load_image, load_photo, random_crop_arr, to_tensor, to_uint8,
 )  # fmt: skip
@@ -21,6 +22,19 @@ from msdd.data import (
 
 def noise(h, w, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def position_image(h, w):
+    """Red = x and green = y in source pixels (h, w <= 256), so a crop's pixels say where in the source they came
+    from: its red span is its width in source pixels, and red falling left to right means it was flipped."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.zeros_like(xx)], axis=-1).astype(np.uint8)
+
+
+def red_span(x):
+    """The source-pixel width a (3, R, R) crop of a `position_image` covers, negative when it is flipped."""
+    red = (x[0] + 1) * 127.5  # back to source x
+    return float(red[:, -1].mean() - red[:, 0].mean()) * x.shape[-1] / (x.shape[-1] - 1)
 
 
 def write_truncated_jpeg(path):
@@ -69,6 +83,26 @@ def test_embedded_crops_batch_through_the_folder_collate():
     assert x.shape == (8, 3, 16, 16) and n_skipped == 0 and skipped == []
     names = {ds[i][1] for i in range(20)}
     assert len(names) > 2  # crops come from several photos
+
+
+def test_embedded_crops_are_flipped_half_the_time_and_range_in_scale(tmp_path):
+    """The embedded crops' augmentation, measured on a photo whose pixels give their own position (a 256 px
+    position image as the one photo, as data.source=embedded+FOLDER adds it): about half the crops are mirrored,
+    and the crop side spreads from R to the whole shorter side, as the docstring promises. A lost flip, a fixed
+    scale or a crop cut at the wrong pyramid level changes these (the deterministic-crop test above cannot see it)."""
+    folder = tmp_path / "extra"
+    folder.mkdir()
+    Image.fromarray(position_image(256, 256)).save(folder / "position.png")
+    ds = build_train_dataset(f"embedded+{folder}", 32, seed=0, limit=200)
+    assert ds.photos == TRAIN_PHOTOS + (str(folder / "position.png"),)  # added to the embedded photos, not instead
+    ds = EmbeddedCrops(32, seed=0, photos=(str(folder / "position.png"),))
+    spans = [red_span(ds[i][0]) for i in range(60)]
+    flipped = sum(s < 0 for s in spans)
+    assert 15 <= flipped <= 45, flipped
+    sides = sorted(abs(s) for s in spans)
+    assert 28 < sides[0] < 40  # the smallest crops are about R source pixels wide ...
+    assert sides[-1] > 200  # ... the largest about the whole photo (256) ...
+    assert sum(s < 90 for s in sides) > 10 and sum(s > 140 for s in sides) > 10  # ... and scales in between vary
 
 
 def test_embedded_eval_set():
@@ -274,6 +308,43 @@ def test_folder_dataset_train_is_seeded_and_eval_is_fixed(mixed_folder):
     assert torch.equal(ev[0][0], to_tensor(center_crop_arr(load_image(mixed_folder / "a.png"), 32)))
 
 
+def test_folder_train_crops_are_flipped_half_the_time(tmp_path):
+    """The ADM augmentation of a folder source: a horizontal flip with probability 1/2 (seeded per epoch and
+    index). A position image tells a flipped crop from an unflipped one (its red falls left to right); over 40
+    epochs of one file both must occur in about equal numbers, and the eval crop is never flipped."""
+    Image.fromarray(position_image(120, 160)).save(tmp_path / "position.png")
+    ds = ImageFolderDataset(tmp_path, 32, train=True, seed=0)
+    spans = []
+    for ds.epoch in range(40):
+        spans.append(red_span(ds[0][0]))
+    assert 10 <= sum(s < 0 for s in spans) <= 30
+    assert red_span(ImageFolderDataset(tmp_path, 32, train=False)[0][0]) > 0
+
+
+def test_an_image_exactly_min_size_is_kept(tmp_path):
+    """Too small means a shorter side *below* min_size (resolution // 2): a 16 px tall image at resolution 32 is
+    upscaled and trained on, one of 15 px is skipped."""
+    Image.fromarray(noise(16, 40)).save(tmp_path / "edge.png")
+    Image.fromarray(noise(15, 40)).save(tmp_path / "under.png")
+    ds = ImageFolderDataset(tmp_path, 32, train=True)
+    x, n_skipped, skipped = collate_skip_bad([ds[i] for i in range(len(ds))])
+    assert x.shape == (1, 3, 32, 32) and n_skipped == 1 and skipped[0][0].endswith("under.png")
+
+
+def test_skip_counters_of_several_processes_add_up():
+    """A distributed run's summary comes from `SkipCounter.combined` over every process's counter: the skips add
+    up, and the distinct files are those of all processes (one file skipped on two processes counts once)."""
+    a, b = SkipCounter(), SkipCounter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a.update(3, [("x.png", "truncated"), ("y.png", "too small"), ("x.png", "truncated")])
+        b.update(2, [("z.png", "not an image"), ("x.png", "truncated")])
+    both = SkipCounter.combined([a, b])
+    assert both.count == 5 and both.files == {"x.png", "y.png", "z.png"}
+    assert [p for p, _ in both.examples] == ["x.png", "y.png", "z.png"]
+    assert "skipped 5 images, 3 distinct files" in both.summary()
+
+
 def test_too_small_image_is_skipped(tmp_path):
     Image.fromarray(noise(10, 12)).save(tmp_path / "tiny.png")
     Image.fromarray(noise(20, 24)).save(tmp_path / "small.png")  # below 32 but above min_size 16: upscaled
@@ -294,3 +365,48 @@ def test_build_from_folder_and_bad_source(mixed_folder):
         build_train_dataset(str(mixed_folder / "nope"), 32, seed=0)
     with pytest.raises(ValueError, match="data.source"):
         build_eval_images("imagenet", 32)
+
+
+# ---------------------------------------------------------------- tar shards
+
+
+def write_noise_shards(root, n_shards=4, per_shard=3):
+    """`n_shards` WebDataset shards of `per_shard` distinct PNGs each (sample keys s<shard>_<i>)."""
+    root.mkdir()
+    for s in range(n_shards):
+        with tarfile.open(root / f"train-{s:06d}.tar", "w") as tar:
+            for i in range(per_shard):
+                path = root / f"s{s}_{i}.png"
+                Image.fromarray(noise(40, 40, seed=10 * s + i)).save(path)
+                tar.add(path, arcname=path.name)
+    return str(root / f"train-{{000000..{n_shards - 1:06d}}}.tar")
+
+
+def test_tar_shards_split_over_loader_workers_cap_and_resume(tmp_path):
+    """With DataLoader workers, each worker streams its own shards (every sample once per epoch, none twice),
+    `limit` caps the samples of the epoch over all workers, and a resume after k batches (`set_epoch(epoch, k,
+    batch_size)`) continues with the batches an uninterrupted epoch gives next: each worker skips only the records
+    of the batches it made, and after an odd k the restarted DataLoader's worker 0 continues worker 1's stream
+    (the two batches after the resume came swapped before). tests/test_robust.py checks processes and a resume
+    without workers."""
+    source = write_noise_shards(tmp_path / "shards")
+
+    def load(ds):
+        return list(DataLoader(ds, batch_size=2, num_workers=2, collate_fn=collate_skip_bad))
+
+    ds = TarShardDataset(source, 32, seed=1)
+    names = [name.rsplit(":", 1)[-1] for x, name, _ in _records(ds)]
+    assert sorted(names) == sorted(f"s{s}_{i}" for s in range(4) for i in range(3))  # each sample once
+    assert len(_records(TarShardDataset(source, 32, seed=1, limit=4))) == 4
+    straight = load(TarShardDataset(source, 32, seed=1))
+    for k in (1, 2, 3):
+        resumed_ds = TarShardDataset(source, 32, seed=1)
+        resumed_ds.set_epoch(0, batches_done=k, batch_size=2)
+        resumed = load(resumed_ds)
+        assert len(resumed) == len(straight) - k
+        assert all(torch.equal(a[0], b[0]) and a[2] == b[2] for a, b in zip(resumed, straight[k:])), k
+
+
+def _records(ds):
+    """Every record of one epoch of `ds` through a DataLoader with two workers, one record per batch."""
+    return list(DataLoader(ds, batch_size=None, num_workers=2))

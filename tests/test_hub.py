@@ -114,3 +114,43 @@ def test_a_saved_model_keeps_its_training_record_but_not_its_files_description(t
     assert tok.push_to_hub("someone/model") == "staged"
     assert staged["dtypes"] == {torch.float32} and "weights_dtype" not in staged["meta"]  # was: said fp16
     assert staged["meta"]["stage"] == 2
+
+
+def test_a_path_typo_is_reported_as_one_not_sent_to_the_hub(tmp_path, monkeypatch):
+    """`runs/modle` (a typo, while runs/ exists here) and a bare `modle` can only be local paths: they fail at once
+    with "does not exist", never as a Hub download (offline here, so a download attempt would say "could not be
+    downloaded"); only an owner/name that could be a repo id goes to the Hub."""
+    import huggingface_hub.constants
+
+    from msdd.hub import resolve_model_dir
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for name in ("runs/modle", "modle"):
+        with pytest.raises(FileNotFoundError, match=f"model directory {name} does not exist"):
+            resolve_model_dir(name)
+    with pytest.raises(FileNotFoundError, match="could not be downloaded as a Hugging Face Hub repo id"):
+        resolve_model_dir("someone/modle")
+
+
+def test_an_atomic_folder_clears_only_temporaries_of_dead_writers(tmp_path):
+    """`atomic_folder` (exports, `msdd push` staging) removes the temporary folder a killed writer left, but not
+    that of a writer still running (another process exporting to the same path), and a block that fails leaves
+    neither the folder nor its temporary."""
+    import os
+
+    from msdd.io import atomic_folder
+
+    dead, live = tmp_path / ".out.tmp-999999999", tmp_path / f".out.tmp-{os.getppid()}"
+    dead.mkdir()
+    live.mkdir()
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "a.txt").write_text("a")
+    assert (tmp_path / "out" / "a.txt").read_text() == "a"
+    assert not dead.exists() and live.exists()
+    with pytest.raises(RuntimeError):
+        with atomic_folder(tmp_path / "other") as tmp:
+            (tmp / "b.txt").write_text("b")
+            raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]

@@ -69,3 +69,52 @@ def test_stage_fidelity_traces_the_real_decode():
     assert rows[0]["psnr"] > 24.0  # benchmarks/results/stage-drift-*.json: 28-30 dB after the first stage
     with pytest.raises(ValueError, match="msdd"):
         stage_fidelity(Tokenizer(load_config("ssdd-tiny-64").model), x)
+
+
+def test_uint8_images_encode_as_the_same_pixels_in_floats():
+    """`encode` takes uint8 [0, 255] or float [-1, 1]: the same pixels either way give the same latents (uint8 v
+    means v / 127.5 - 1, the training data's mapping), and floats a little outside [-1, 1] (e.g. [0, 1.2] data
+    rescaled wrongly) are refused rather than encoded."""
+    from msdd.data.images import to_tensor
+
+    tok = Tokenizer.from_pretrained("tiny-64")
+    pixels = torch.randint(0, 256, (2, 64, 64, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    floats = torch.stack([to_tensor(p.numpy()) for p in pixels])
+    with torch.no_grad():
+        torch.testing.assert_close(tok.encode(pixels.permute(0, 3, 1, 2)), tok.encode(floats), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match=r"must be in \[-1, 1\]"):
+            tok.encode(floats * 1.2)
+
+
+def test_pretrained_files_are_found_explicit_path_first_then_env_then_caches(tmp_path, monkeypatch):
+    """Where `resolve_weights` looks for a pretrained file: the option's path first (even when the environment
+    variable names another file), then $MSDD_..._WEIGHTS, then the torch hub cache, then timm's copy in the Hugging
+    Face cache (found offline, as a user who ran timm has it); and a missing option path is an error, not a reason
+    to fall back to the environment."""
+    import huggingface_hub.constants
+
+    from msdd.weights import PRETRAINED, cache_path, resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    spec = PRETRAINED["dino_vits16"]
+    explicit, env = tmp_path / "mine.pth", tmp_path / "env.pth"
+    explicit.write_bytes(b"x")
+    env.write_bytes(b"x")
+    monkeypatch.setenv(spec.env, str(env))
+    assert resolve_weights("dino_vits16", explicit) == explicit
+    with pytest.raises(FileNotFoundError, match=f"{spec.option} .*nope.pth: no such file"):
+        resolve_weights("dino_vits16", tmp_path / "nope.pth")
+    assert resolve_weights("dino_vits16") == env
+    monkeypatch.delenv(spec.env)
+    with pytest.raises(FileNotFoundError, match="not in the cache"):
+        resolve_weights("dino_vits16")
+    repo = tmp_path / "hf" / f"models--{spec.hf_repo.replace('/', '--')}"
+    (repo / "snapshots" / "abc").mkdir(parents=True)
+    (repo / "snapshots" / "abc" / spec.hf_file).write_bytes(b"x")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc")
+    assert resolve_weights("dino_vits16") == repo / "snapshots" / "abc" / spec.hf_file
+    cache_path(spec).parent.mkdir(parents=True)
+    cache_path(spec).write_bytes(b"x")
+    assert resolve_weights("dino_vits16") == cache_path(spec)
