@@ -14,7 +14,8 @@ an epoch to end (it just starts the next one on that process).
 
 Resume: the loop tells the dataset how many batches this process took from the epoch. The DataLoader
 takes batches from its workers in turn, so each worker knows how many of its records were used and
-skips them *without decoding* (reading the tar bytes is the only cost). This continues exactly as
+skips them *without decoding* (reading the tar bytes is the only cost); as the restarted DataLoader begins at
+its worker 0, the workers' streams are rotated by the batches done. This continues exactly as
 long as every worker still had data at the checkpoint; once some worker has run dry, the round-robin is
 broken and the resumed epoch repeats or misses samples. With equal, clean shards that happens only in the
 tail of an epoch; a worker holding an empty, truncated or short shard runs dry early, and then most of the
@@ -109,7 +110,10 @@ class TarShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[Record]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        loader_worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # the DataLoader takes batches from its workers in turn and starts again at worker 0 after a resume:
+        # loader worker w continues the stream of worker `worker`, the one that made batch batches_done + w
+        worker = (loader_worker + self.batches_done) % workers
         order = random.Random(f"{self.seed}-{self.epoch}").sample(self.shards, len(self.shards))
         mine = order[self.rank :: self.world_size][worker::workers]
         rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
