@@ -103,6 +103,24 @@ def test_the_round_probe_runs_after_each_timed_sample_outside_it():
     assert all(s < 0.02 for s in t.seconds["a"] + t.seconds["b"])  # the probe's 30 ms are in no sample
 
 
+def test_first_is_the_warm_up_call_and_memory_the_last_rounds_sample():
+    """Timings.first: a contender's very first call, the warm-up's (which builds kernels: here 30 ms, later calls
+    none); Timings.memory: the peak of its sample in the last timed round (here the only one that allocates 64 MiB)."""
+    calls = []
+
+    def decode():
+        calls.append(1)
+        if len(calls) == 1:
+            time.sleep(0.03)
+        if len(calls) == 3:  # warm-up, round 1, round 2: one call each (min_time 0)
+            torch.ones(16 * 2**20).add_(1)
+
+    t = time_contenders({"a": decode}, rounds=2, warmup=1, device=torch.device("cpu"), log=lambda _: None)
+    assert len(calls) == 3 and t.first["a"] >= 0.03 and all(s < 0.03 for s in t.seconds["a"])
+    if t.memory["a"] is not None:  # measurable (Linux)
+        assert t.memory["a"] >= 48
+
+
 def test_quick_report_has_every_contender(quick):
     report, stdout = quick
     assert all(k in report for k in TOP_LEVEL)
@@ -170,6 +188,12 @@ def test_contenders_subset_and_resolution_table(tmp_path):
     assert table[1]["student"]["gflop_per_img"] > table[0]["student"]["gflop_per_img"]
     assert table[1]["student"]["gflop_per_img"] == pytest.approx(report["contenders"][0]["gflop_per_img"])
     assert "decode cost against resolution" in stdout
+    # its last column: how many times longer the teacher's decode takes than the student's
+    lines = stdout.splitlines()
+    rows = lines[lines.index("decode cost against resolution (one stage more per doubling)") + 2:][:2]
+    for line, row in zip(rows, table):
+        ratio = row["student"]["img_per_s"] / row["teacher"]["img_per_s"]
+        assert int(line.split()[0]) == row["resolution"] and abs(float(line.split()[-1]) - ratio) <= 0.05 + 1e-9
 
 
 def test_int8_row_in_fp32_and_bf16_runs(tmp_path):
@@ -262,6 +286,18 @@ def test_peak_probes_count_their_flops(monkeypatch):
     assert set(by_kernel) == ({"torch.mm", *onednn} if ONEDNN_LINEAR else {"torch.mm"}) | msdd
     assert all(v == pytest.approx(mm_flops / 1e-3 / 1e9, rel=1e-9) for v in by_kernel.values())
     assert conv == pytest.approx(conv_flops / 1e-3 / 1e9, rel=1e-9)
+    # without n: each kernel's best over the two sizes of peak_sizes (here the larger, whose 1 ms does 8x the FLOPs)
+    from msdd.eval.bench import peak
+
+    assert peak.peak_sizes(torch.float32, torch.device("cpu")) == (1024, 2048)
+    assert peak.peak_sizes(torch.bfloat16, torch.device("cpu")) == (2048, 4096)
+    assert peak.peak_sizes(torch.float32, torch.device("cuda")) == (2048, 4096)
+    monkeypatch.setattr(peak, "peak_sizes", lambda dtype, device: (n // 2, n))
+    clock = iter(range(10**6))
+    monkeypatch.setattr(time, "perf_counter", lambda: next(clock) * 1e-3)
+    best = matmul_peaks(torch.float32, threads=1, repeats=3)
+    monkeypatch.undo()
+    assert "torch.mm" in best and all(v == pytest.approx(mm_flops / 1e-3 / 1e9, rel=1e-9) for v in best.values())
 
 
 def test_matmul_peak_agrees_with_a_timed_matmul():

@@ -144,6 +144,8 @@ def test_rfid_compares_the_uint8_crops_with_the_reconstructions(model_dir, monke
         f_real, f_fake = features.forward(real).double().numpy(), features.forward(fake).double().numpy()
     assert r["metrics"]["rfid"] == pytest.approx(_frechet(f_real, f_fake), rel=1e-3, abs=1e-6)
     assert r["metrics"]["rfid"] > 1e-4  # the reconstructions differ from the crops
+    one = evaluate(tok, "embedded", limit=1, inception_weights="w.pth", pca_source=None)
+    assert "rfid" not in one["metrics"] and "at least 2 images" in one["skipped_metrics"]["rfid"]
 
 
 def test_build_fid_refuses_pickles_and_names_what_is_missing(tmp_path, monkeypatch):
@@ -191,6 +193,107 @@ def test_evaluate_protocol_and_offline_skips(model_dir, tmp_path, monkeypatch):
     assert "weights-inception" in r["skipped_metrics"]["rfid"] and "--inception-weights" in r["skipped_metrics"]["rfid"]
     r2 = evaluate(tok, "embedded", limit=6, batch_size=6)
     assert r2["metrics"]["psnr"] == pytest.approx(r["metrics"]["psnr"], abs=1e-4)  # batch size does not matter
+
+
+def test_evaluate_reports_what_it_scored_skipped_and_decoded(model_dir, photo_folder):
+    """The report's counts on a folder: the unreadable file skipped, the decoder passes per image of the decode
+    asked for (guided: two per step), the bicubic baseline's own float count (3 s^2, within the latent's 32)."""
+    (photo_folder / "broken.png").write_bytes(b"not a png")
+    tok = Tokenizer.from_pretrained(model_dir)
+    with pytest.warns(UserWarning, match="skipping .*broken.png"):
+        r = evaluate(tok, str(photo_folder), steps=[1, 2, 1], guidance=2.0, pca_source=None)
+    p = r["protocol"]
+    assert p["images"] == 6 and p["skipped_files"] == 1
+    assert p["steps_per_stage"] == [1, 2, 1] and p["cfg"] == 2.0 and p["decoder_passes_per_image"] == 2 * 4
+    assert r["baselines"]["bicubic"]["floats"] == 3 * 3 * 3 and "3x3" in r["baselines"]["bicubic"]["method"]
+
+
+def test_decode_time_leaves_out_the_first_batch_unless_it_is_the_only_one(model_dir, monkeypatch):
+    """decode_seconds_per_image: the mean over the images of the batches after the first (which builds kernels and
+    warms caches), from a clock that makes each batch's decode last a set time: 10 s, then 1 s, then 1 s."""
+    import types
+
+    import msdd.eval.evaluate as ev
+
+    tok = Tokenizer.from_pretrained(model_dir)
+    clock = iter([0.0, 10.0, 10.0, 11.0, 11.0, 12.0])
+    monkeypatch.setattr(ev, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    r = evaluate(tok, "embedded", limit=10, batch_size=4, pca_source=None)  # batches of 4, 4, 2 images
+    assert r["decode_seconds_per_image"] == pytest.approx((1 + 1) / (4 + 2))  # 1 s for 4 images, 1 s for 2
+    assert r["img_per_s"] == pytest.approx(3.0)
+    clock = iter([0.0, 10.0])
+    r = evaluate(tok, "embedded", limit=4, batch_size=4, pca_source=None)
+    assert r["decode_seconds_per_image"] == pytest.approx(10 / 4)
+
+
+def test_pca_fits_are_cached_per_seed():
+    """The PCA baseline's cached fit is keyed by everything it depends on: another seed (other training crops) is
+    another fit, not the cached one; the same arguments load the same fit."""
+    from msdd.eval.baselines import pca_for_source
+
+    a, b = (pca_for_source("embedded", 32, 8, crops=64, seed=seed) for seed in (0, 1))
+    assert not torch.allclose(a.mean, b.mean)
+    again = pca_for_source("embedded", 32, 8, crops=64, seed=1)
+    assert torch.equal(again.mean, b.mean) and torch.equal(again.components, b.components)
+
+
+def test_reconstruct_images_draws_each_images_noise_from_its_key(monkeypatch):
+    """`reconstruct_images`: an image's noise comes from its key (default: its index), not from its place in a
+    batch, so batches of 2 give the images of a batch of 4 (up to the float rounding of another batch: one level of
+    255) and image 3 alone with key 3 its own; other keys, other noise. The time returned is per image (from a clock
+    that makes every batch's decode last 1 s)."""
+    import types
+
+    import msdd.eval.reconstruct as rec
+    from msdd.data import embedded_eval_set
+    from msdd.eval.reconstruct import reconstruct_images
+
+    tok = Tokenizer.from_pretrained("tiny-64-student")
+    x = embedded_eval_set(64)[0][:4]
+    full, _ = reconstruct_images(tok, x, batch_size=4)
+    clock = iter([0.0, 1.0, 1.0, 2.0])
+    monkeypatch.setattr(rec, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    pairs, seconds = reconstruct_images(tok, x, batch_size=2)
+    monkeypatch.undo()
+    assert seconds == pytest.approx(2.0 / 4)
+    assert (pairs - full).abs().max() <= 1 / 127.5 + 1e-6
+    alone, _ = reconstruct_images(tok, x[3:], keys=[3])
+    assert (alone[0] - full[3]).abs().max() <= 1 / 127.5 + 1e-6
+    other, _ = reconstruct_images(tok, x, keys=["a", "b", "c", "d"])
+    assert ((other - full).flatten(1).abs().max(1).values > 4 / 127.5).all()
+
+
+def test_reconstruct_images_in_int8_encodes_in_int8_too():
+    """`reconstruct_images(int8=True)` (`msdd reconstruct --int8`): int8 matmuls in the encoder as in the decoder,
+    what `Tokenizer.reconstruct(int8=True)` does; the encoder's int8 latents differ from its float32 ones."""
+    from msdd.data import embedded_eval_set
+    from msdd.eval.metrics import quantize
+    from msdd.eval.reconstruct import reconstruct_images
+    from msdd.models.precision import int8_engine
+    from msdd.seeding import image_generators
+
+    if int8_engine() is None:
+        pytest.skip("this PyTorch build has no quantised CPU kernels")
+    tok = Tokenizer.from_pretrained("tiny-64-student")
+    x = embedded_eval_set(64)[0][:2]
+    assert not torch.equal(tok.encode(x, int8=True), tok.encode(x))
+    ours, _ = reconstruct_images(tok, x, int8=True)
+    assert torch.equal(ours, quantize(tok.reconstruct(x, int8=True, generator=image_generators(0, [0, 1]))))
+
+
+def test_stage_fidelity_coarse_psnr_is_at_the_first_stages_resolution():
+    """`stage_fidelity`'s coarse_psnr: every stage's estimate and the image averaged down to the first stage's 8 px;
+    for the last stage (no noise left) that is the decode's PSNR at 8 px, above its full-resolution PSNR."""
+    from msdd.data import embedded_eval_set
+    from msdd.eval.stages import stage_fidelity
+    from msdd.flow.path import downsample
+
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")
+    x = embedded_eval_set(64)[0][:4]
+    rows = stage_fidelity(tok, x, steps=1, seed=3)
+    decoded = tok.decode(tok.encode(x), steps=1, seed=3)
+    coarse = psnr_per_image(downsample(decoded, 3), downsample(x, 3)).mean().item()  # 64 -> 8 px
+    assert rows[-1]["coarse_psnr"] == pytest.approx(coarse, abs=1e-4) and coarse > rows[-1]["psnr"] + 1
 
 
 def test_explicit_missing_weights_path_is_an_error(model_dir, tmp_path):

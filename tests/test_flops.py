@@ -92,6 +92,14 @@ def test_ssdd_info_gflops_equal_a_count_of_the_real_decode(capsys):
     assert d["one_step_gflop_per_image"] == pytest.approx(counted(tok.decode, z, steps=1) / 1e9, abs=6e-4)
 
 
+def test_encoder_flops_equal_a_count_of_the_real_encode():
+    """`encoder_flops(tok, batch)`: the FLOPs of encoding `batch` images, twice one image's for two."""
+    from msdd.eval.flops import encoder_flops
+
+    tok = Tokenizer(tiny_config().model)
+    assert encoder_flops(tok, batch=2) == counted(tok.encoder, torch.zeros(2, 3, 32, 32)) == 2 * encoder_flops(tok)
+
+
 def test_bench_flow_rows_count_what_they_time(tmp_path):
     """The student / teacher / teacher-nocfg rows of a trained model (--model): FLOPs and passes per image
     of the row equal a count of its own timed decode call."""

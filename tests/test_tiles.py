@@ -12,7 +12,7 @@ from conftest import tiny_config
 from msdd.cli import main
 from msdd.data import load_photo
 from msdd.models.precision import int8_engine, msdd_int8
-from msdd.tiles import ramp_weights, seam_mask, tile_starts
+from msdd.tiles import _pad_to, ramp_weights, reconstruct_tiled, seam_mask, tile_starts
 from msdd.tokenizer import Tokenizer
 
 
@@ -60,6 +60,33 @@ def test_any_size_comes_back_at_its_size_without_seams(student):
         student.reconstruct(torch.full((1, 3, 80, 80), 2.0))
 
 
+def test_every_image_and_key_draws_its_own_tile_noise(student):
+    """Tile noise is seeded from the image's key and the tile index: two copies of one image in a batch are decoded
+    with different noise (as the images of a batch are in `decode`), image i of a batch with key i, and the same key
+    gives the same reconstruction."""
+    photo = torch.from_numpy(np.ascontiguousarray(load_photo("astronaut")[:80, :100])).permute(2, 0, 1)
+    x = photo.float() / 127.5 - 1
+    a = reconstruct_tiled(student, x, 16, key="a")
+    assert torch.equal(reconstruct_tiled(student, x, 16, key="a"), a)
+    assert (reconstruct_tiled(student, x, 16, key="b") - a).abs().max() > 4 / 255
+    both = student.reconstruct(torch.stack([x, x]), tile_overlap=16)
+    assert torch.equal(both[1], reconstruct_tiled(student, x, 16, key=1))
+    assert (both[0] - both[1]).abs().max() > 4 / 255
+
+
+def test_short_sides_are_padded_by_reflection_or_else_by_repeating_the_edge():
+    """What the tiles of an image with a side under the model's see beyond it: its reflection, where the side is
+    long enough to reflect, else its edge repeated; an image of at least the tile size is not padded."""
+    x = torch.rand(3, 40, 50, generator=torch.Generator().manual_seed(0))
+    padded = _pad_to(x, 64)
+    assert padded.shape == (3, 64, 64) and torch.equal(padded[:, :40, :50], x)
+    assert torch.equal(padded[:, 40:, :50], x.flip(1)[:, 1:25])  # row 40 + k mirrors row 38 - k
+    assert torch.equal(padded[:, :40, 50:], x.flip(2)[:, :, 1:15])
+    thin = x[:, :3]  # 3 rows: too few to reflect 61 more
+    assert torch.equal(_pad_to(thin, 64)[:, 3:, :50], thin[:, 2:3].expand(3, 61, 50))
+    assert _pad_to(x, 32) is x
+
+
 def _write(path, arr):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(arr)).save(path)
@@ -104,14 +131,39 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     again = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
     assert again == first  # the kept PNG scores as it did when it was written
     # another model or seed: the PNGs are not this run's (was: "kept", scored as the other model's)
-    for other in (["--model", "tiny-64-teacher"], ["--model", str(model), "--seed", "1"]):
+    for other in (["--model", "tiny-64-teacher"], ["--model", str(model), "--seed", "1"],
+                  ["--model", str(model), "--steps", "1"]):
         assert main(["reconstruct", str(photos), *other, "--out", str(out), "--skip-existing"]) == 2
         assert "were made with other settings" in capsys.readouterr().err
+    # a tiled file's noise follows its own name, not its place among the inputs (3rd in the folder, 1st alone), with
+    # a model whose decode depends on the noise (the random one's zero output layer makes it the same for any noise)
+    noisy = Tokenizer(tiny_config().model)
+    torch.nn.init.normal_(noisy.decoder.final.linear.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    noisy.save_pretrained(tmp_path / "noisy")
+    wide = {}
+    for run, args in [("folder", [str(photos)]), ("alone", [str(photos / "wide.png")]),
+                      ("seed 1", [str(photos / "wide.png"), "--seed", "1"])]:
+        assert main(["reconstruct", *args, "--model", str(tmp_path / "noisy"), "--out", str(tmp_path / run)]) == 0
+        wide[run] = (tmp_path / run / "reconstructions" / "wide.png").read_bytes()
+    assert wide["alone"] == wide["folder"] != wide["seed 1"]
     (out / "reconstruct.json").unlink()
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 2
     assert "without a readable reconstruct.json" in capsys.readouterr().err
     assert main(["reconstruct", str(photos), "--model", str(model), "--tile-overlap", "17"]) == 2
     assert "--tile-overlap must be a whole number of pixels in [0, 16] (at most half a tile)" in capsys.readouterr().err
+
+
+def test_reconstruct_cli_keeps_small_files_only_with_keep_size(tmp_path, capsys):
+    """A file in a folder with a side under the model's 32 px: skipped with the fix named by the default size ("auto",
+    which tiles only the files larger than the model) and by --crop; --keep-size pads and reconstructs it."""
+    model, photos = _model_and_photos(tmp_path, tall=False)
+    _write(photos / "small.png", load_photo("china")[:20, :40])
+    for size in ([], ["--crop"]):
+        with pytest.warns(UserWarning, match=r"small.png: 40x20 px is smaller than the model resolution 32.*--keep"):
+            assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(tmp_path / "a"), *size]) == 0
+        assert "2 images reconstructed (1 skipped" in capsys.readouterr().out
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(tmp_path / "k"), "--keep-size"]) == 0
+    assert Image.open(tmp_path / "k" / "reconstructions" / "small.png").size == (40, 20)
 
 
 @pytest.mark.skipif(int8_engine() is None, reason="this PyTorch build has no quantised CPU kernels")

@@ -92,6 +92,8 @@ def test_one_step_model_defaults_to_one_step_and_warns_once(tmp_path):
         tok.decode(z, steps=4)
         tok.decode(z, steps=4)
     assert sum("distilled for one step" in str(x.message) for x in w) == 1
+    with pytest.warns(UserWarning, match=r"distilled for one step per stage; decoding with \[1, 2, 1\]"):
+        Tokenizer(cfg).decode(z, steps=[1, 2, 1])  # more than one step at any stage, not only at every one
 
 
 def test_cfg_keyword_is_a_deprecated_name_of_guidance(tok):
@@ -106,11 +108,39 @@ def test_cfg_keyword_is_a_deprecated_name_of_guidance(tok):
         tok.decode(z, guidance=2.0, cfg=2.0)
 
 
+def test_reconstruct_encodes_with_the_precision_it_decodes_with():
+    """`reconstruct(x, bf16=True)` is `decode(encode(x, bf16=True), bf16=True)`: the precision flags apply to the
+    encoder too, whose bf16 latents differ from its float32 ones (the shipped student)."""
+    tok = Tokenizer.from_pretrained("tiny-64-student")
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    z16 = tok.encode(x, bf16=True)
+    assert not torch.equal(z16, tok.encode(x))
+    assert torch.equal(tok.reconstruct(x, seed=3, bf16=True), tok.decode(z16, seed=3, bf16=True))
+
+
 def test_latent_normalisation_round_trip(tok):
     tok.latent_mean.copy_(torch.tensor([1.0, -2.0, 0.5, 0.0]))
     tok.latent_std.copy_(torch.tensor([2.0, 0.5, 1.0, 3.0]))
     z = torch.randn(3, 8, 4)
     assert torch.allclose(tok.denormalize_latents(tok.normalize_latents(z)), z, atol=1e-6)
+
+
+def test_spatial_latents_are_normalised_along_their_channel_axis():
+    """A spatial latent (B, C, h, w) keeps its channels at dim -3: channel c is shifted and scaled by its own
+    statistics (here h = w = C, so statistics laid along the last axis would broadcast and go unnoticed)."""
+    over = ["model.family=ssdd", "model.ssdd.latent_kind=spatial", "model.ssdd.base_channels=8",
+            "model.ssdd.channel_mults=[1,2]", "model.ssdd.mid_depth=1", "model.ssdd.mid_heads=2",
+            "model.ssdd.mid_mlp_hidden=32", "model.ssdd.encoder_channels=[8,8,16,16]", "model.linear_path=false"]
+    tok = Tokenizer(tiny_config(*over).model)
+    mean, std = torch.tensor([1.0, -2.0, 0.5, 0.0]), torch.tensor([2.0, 0.5, 1.0, 3.0])
+    tok.latent_mean.copy_(mean)
+    tok.latent_std.copy_(std)
+    z = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    expected = (z - mean.view(1, 4, 1, 1)) / std.view(1, 4, 1, 1)
+    torch.testing.assert_close(tok.normalize_latents(z), expected)
+    torch.testing.assert_close(tok.denormalize_latents(expected), z)
+    with pytest.raises(ValueError, match="at dim -3"):
+        tok.normalize_latents(torch.zeros(2, 4, 4, 3).transpose(1, 3))  # channels last: (2, 3, 4, 4)
 
 
 def test_rope_lower_stages_use_the_centred_crop_of_the_final_grid():
