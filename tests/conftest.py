@@ -5,6 +5,9 @@ Tests over ~10 s on 2 CPU cores (torchrun subprocesses, SSDD training and distil
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -31,6 +34,19 @@ def tiny_config(*extra: str, stages: int | None = None):
 def tiny_args(*extra: str) -> list[str]:
     """The command-line arguments (`--preset`, `--set ...`) of `tiny_config(*extra)`."""
     return ["--preset", TINY_PRESET, *[a for o in (*TINY, *extra) for a in ("--set", o)]]
+
+
+def assert_same_runs(run_a: Path, run_b: Path, keys: tuple[str, ...], modules: dict) -> None:
+    """Two runs that should have trained alike (one straight, one stopped and resumed): the same values of `keys`
+    in every line of their log.jsonl, and identical state dicts for every name of `modules` ((module a, module b))."""
+
+    def logged(run):
+        return [{k: v for k, v in json.loads(line).items() if k in keys} for line in open(Path(run) / "log.jsonl")]
+
+    assert logged(run_a) == logged(run_b)
+    for name, (a, b) in modules.items():
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa), name
 
 
 @pytest.fixture
