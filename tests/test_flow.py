@@ -120,7 +120,7 @@ def test_shapes_at_every_stage(stages):
     tok = Tokenizer(cfg)
     z = tok.encode(torch.rand(2, 3, 32, 32) * 2 - 1)
     assert z.shape == (2, cfg.latent_tokens, cfg.latent_dim)
-    x, previews = tok.decode(z, steps=1, return_stages=True)
+    x, previews = tok.decode_stages(z, steps=1)
     assert x.shape == (2, 3, 32, 32)
     assert [p.shape[-1] for p in previews] == list(cfg.stage_resolutions)
     assert cfg.stage_resolutions[-1] == 32 and all(b == 2 * a for a, b in zip(cfg.stage_resolutions, cfg.stage_resolutions[1:]))

@@ -13,7 +13,7 @@ from msdd.cli import main
 from msdd.config import load_config
 from msdd.eval.flops import count_flops
 from msdd.generator import (
-    GeneratorConfig, build_generator, generate_images, generator_flops, load_gen_config, load_generator,
+    GeneratorConfig, build_generator, generate, generate_images, generator_flops, load_gen_config, load_generator,
     sample_latents, sampling_flops,
 )  # fmt: skip
 from msdd.generator.config import GenDataConfig
@@ -157,22 +157,27 @@ def test_generated_images_are_deterministic_for_both_tokenizers(shipped, spatial
 
 
 def test_generated_latents_are_denormalised_before_decoding():
-    """The generator samples normalised latents; `generate_images` decodes them in the tokenizer's own latent
+    """The generator samples normalised latents; `generate` decodes them in the tokenizer's own latent
     space (tok.denormalize_latents). The shipped student's statistics are nearly the identity, so they are set far
     from it here (spatial_tok's random decoder ignores its latent); the images must then equal the hand-made
-    denormalise-then-decode, and differ from decoding the normalised latents as they are."""
+    denormalise-then-decode, and differ from decoding the normalised latents as they are. `generate_images` gives
+    the same images; its `return_latents=True` is `generate`'s deprecated form."""
     tok = Tokenizer.from_pretrained()  # a decoder that uses its latent; its own copy, not `shipped`
     tok.latent_mean.copy_(torch.linspace(-1.0, 1.0, 8))
     tok.latent_std.copy_(torch.linspace(0.5, 2.0, 8))
     model = randomised(build_generator(TINY_GEN, tok.config.latent_shape))
-    images, z = generate_images(model, tok, 2, steps=2, generator=torch.Generator().manual_seed(0),
-                                return_latents=True)
+    images, z = generate(model, tok, 2, steps=2, generator=torch.Generator().manual_seed(0))
     g = torch.Generator().manual_seed(0)  # the same draws: the latents' noise, then the decoder's
     assert torch.equal(z, sample_latents(model, 2, steps=2, generator=g))
     state = g.get_state()
     torch.testing.assert_close(images, tok.decode(tok.denormalize_latents(z), generator=g), rtol=0, atol=0)
     g.set_state(state)
     assert (images - tok.decode(z, generator=g)).abs().mean() > 0.05
+    assert torch.equal(generate_images(model, tok, 2, steps=2, generator=torch.Generator().manual_seed(0)), images)
+    with pytest.warns(DeprecationWarning, match=r"generate\(\.\.\.\) returns the images and their latents") as caught:
+        old = generate_images(model, tok, 2, steps=2, generator=torch.Generator().manual_seed(0), return_latents=True)
+    assert {w.filename for w in caught} == {__file__}  # the warning points at the caller
+    assert torch.equal(old.images, images) and torch.equal(old.latents, z)
 
 
 # ---------------------------------------------------------------------------------------------

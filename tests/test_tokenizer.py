@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from msdd.config import load_config
+from msdd.families import Decoded
 from msdd.hub import CONFIG_NAME, WEIGHTS_NAME
 from msdd.models.rope import rope_angles
 from msdd.tokenizer import Tokenizer
@@ -106,6 +107,26 @@ def test_cfg_keyword_is_a_deprecated_name_of_guidance(tok):
     assert {w.filename for w in caught} == {__file__}  # the warning points at the caller
     with pytest.raises(TypeError, match="once"):
         tok.decode(z, guidance=2.0, cfg=2.0)
+
+
+def test_decode_stages_returns_the_images_and_every_stage_clamped(tok):
+    """`decode_stages` is `decode` that also keeps the image at the end of every stage: one type whatever the
+    arguments (`Decoded`), its images those `decode` gives for the same noise, every stage the family's clamped to
+    [-1, 1]. `decode(return_stages=True)`, its old form, still works, with a DeprecationWarning at the caller's line."""
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=10.0)  # stages far outside [-1, 1] before the clamp
+    z = torch.randn(2, 8, 4)
+    out = tok.decode_stages(z, steps=1, seed=3)
+    assert isinstance(out, Decoded) and torch.equal(out.images, tok.decode(z, steps=1, seed=3))
+    with torch.no_grad():
+        raw = tok.sample(z, tok.resolve_steps(1), 1.0, torch.Generator().manual_seed(3))
+    assert [s.shape[-1] for s in out.stages] == list(tok.config.stage_resolutions)
+    assert all(r.abs().max() > 2 for r in raw.stages)  # the clamp has work to do at every stage
+    for stage, r in zip(out.stages, raw.stages):
+        assert torch.allclose(stage, r.clamp(-1, 1), atol=1e-4)
+    with pytest.warns(DeprecationWarning, match=r"decode_stages\(z, ...\)") as caught:
+        images, stages = tok.decode(z, steps=1, seed=3, return_stages=True)
+    assert {w.filename for w in caught} == {__file__}
+    assert torch.equal(images, out.images) and all(torch.equal(a, b) for a, b in zip(stages, out.stages))
 
 
 def test_reconstruct_encodes_with_the_precision_it_decodes_with():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from msdd.config import ModelConfig, model_config_from_dict
-from msdd.families import family_of
+from msdd.families import Decoded, family_of
 from msdd.flow.schedule import StageWindow
 from msdd.hub import (
     FILE_METADATA,
@@ -184,20 +184,35 @@ class Tokenizer(nn.Module):
         *,
         cfg: float | None = None,
         int8: bool = False,
-    ):
+    ) -> torch.Tensor:
         """Latents (see `encode`) -> images (B, 3, R, R) in [-1, 1].
 
         steps: Euler steps per stage (int or list; default: the model's own schedule); guidance: the
         classifier-free guidance scale, the paper's cfg (default: the model's; `cfg=` is its deprecated
         name); generator: source of all noise (default: a CPU generator seeded with `seed`, so the same
-        call gives the same image). return_stages: also return the image at the end of every stage (ssdd
-        and plain: the final image only). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls
+        call gives the same image). bf16: bf16 compute; int8 (CPU): the transformer streams' matmuls
         in int8 (`msdd.models.precision.quantise_int8`), the rest float32 (bf16 with bf16=True, where msdd's
-        CPU kernels run). Without gradients: `sample` is the differentiable decode.
+        CPU kernels run). Without gradients: `sample` is the differentiable decode. The image at the end of every
+        stage: `decode_stages` (`return_stages=True` is its deprecated form here).
         """
         guidance = _renamed_guidance(guidance, cfg, stacklevel=4)  # past torch.no_grad's wrapper
+        check_flags(return_stages=return_stages)
+        decoded = self.decode_stages(z, steps, guidance, generator, seed, bf16, int8=int8)
+        if return_stages:
+            warnings.warn("decode(return_stages=True) is deprecated: decode_stages(z, ...) returns the images and the "
+                          "image at the end of every stage (a NamedTuple: .images, .stages)", DeprecationWarning,
+                          stacklevel=user_stacklevel())
+            return decoded
+        return decoded.images
+
+    @torch.no_grad()
+    def decode_stages(self, z: torch.Tensor, steps: int | Sequence[int] | None = None, guidance: float | None = None,
+                      generator: torch.Generator | None = None, seed: int = 0, bf16: bool = False, *,
+                      int8: bool = False) -> Decoded:
+        """`decode` that also keeps the image at the end of every stage (the progressive previews; ssdd and
+        plain: the final image alone): `Decoded(images, stages)`, every image clamped to [-1, 1]."""
         _warn_without_gradients(z, "decode", "tok.sample(z, steps, guidance, generator)")
-        check_flags(bf16=bf16, int8=int8, return_stages=return_stages)
+        check_flags(bf16=bf16, int8=int8)
         z = self.check_latents(z)
         steps = self.resolve_steps(steps)
         guidance = self.resolve_guidance(guidance)
@@ -205,8 +220,7 @@ class Tokenizer(nn.Module):
         decoder = self.inference_module(self.decoder, bf16, int8, z.device)
         with autocast(z.device, bf16):
             x, stages = self.family.sample(decoder, z, steps, guidance, generator)
-        x = x.clamp(-1, 1)
-        return (x, [stage.clamp(-1, 1) for stage in stages]) if return_stages else x
+        return Decoded(x.clamp(-1, 1), [stage.clamp(-1, 1) for stage in stages])
 
     def forget_caches(self) -> None:
         """Drop what the fast inference path keeps for the weights (packed weights, modulation vectors, bf16 / int8
@@ -242,9 +256,9 @@ class Tokenizer(nn.Module):
             return self._copies.of(module, "int8-bf16" if bf16 else "int8")
         return self._copies.of(module, "bf16") if bf16 else module
 
-    def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> tuple[torch.Tensor, list]:
-        """The decode of this model's family on checked latents, without clamping or `no_grad`.
-        Returns (images, images at the end of every stage)."""
+    def sample(self, z: torch.Tensor, steps: Sequence[int], guidance: float, generator) -> Decoded:
+        """The decode of this model's family on checked latents, without clamping or `no_grad`: the images and the
+        image at the end of every stage."""
         return self.family.sample(self.decoder, z, steps, guidance, generator)
 
     def training_loss(self, images: torch.Tensor, generator, perceptual: nn.Module | None = None,

@@ -27,7 +27,7 @@ def cmd_generate(args) -> int:
     import torch
 
     from msdd.generator.files import load_generator, write_samples
-    from msdd.generator.flow import check_sampling, generate_images
+    from msdd.generator.flow import check_sampling, generate
     from msdd.hub import WEIGHTS_NAME, file_sha256, latent_space_sha256, resolve_model_dir
     from msdd.seeding import image_generators
     from msdd.tokenizer import Tokenizer
@@ -57,10 +57,10 @@ def cmd_generate(args) -> int:
         warnings.warn(f"--tokenizer {args.tokenizer} is not the tokenizer this generator was trained on "
                       f"({meta.get('tokenizer')}): its weights differ, so its latent space may too")
     batches = [range(i, min(i + args.batch_size, args.n)) for i in range(0, args.n, args.batch_size)]
-    pairs = [generate_images(model, tok, len(b), args.steps, args.guidance, args.class_label,
-                             image_generators(args.seed, b), return_latents=True)  # sample i: its own noise
+    parts = [generate(model, tok, len(b), args.steps, args.guidance, args.class_label,
+                      image_generators(args.seed, b))  # sample i: its own noise
              for b in batches]
-    images, latents = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+    images, latents = torch.cat([p.images for p in parts]), torch.cat([p.latents for p in parts])
     grid = write_samples(images, out)
     print(f"{args.n} samples ({args.steps} steps, cfg {args.guidance:g}, seed {args.seed}) written to "
           f"{out / 'images'}; grid {grid}")

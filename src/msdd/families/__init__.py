@@ -10,7 +10,7 @@ trains and counts that config's model. A new family is one module with a `Family
 from __future__ import annotations
 
 from msdd.config import ModelConfig
-from msdd.families.base import Family, parse_steps
+from msdd.families.base import Decoded, Family, parse_steps
 from msdd.families.msdd import MSDDFamily
 from msdd.families.plain import PlainFamily
 from msdd.families.ssdd import SSDDFamily
@@ -26,4 +26,4 @@ def family_of(config: ModelConfig) -> Family:
         raise ValueError(f"model.family: unknown family {config.family!r}; expected one of {list(REGISTRY)}") from None
 
 
-__all__ = ["REGISTRY", "Family", "family_of", "parse_steps"]
+__all__ = ["REGISTRY", "Decoded", "Family", "family_of", "parse_steps"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numbers
 from functools import cached_property
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +20,14 @@ from msdd.config.model import MAX_STEPS
 from msdd.eval.flops import count_flops
 from msdd.flow.schedule import StageWindow, stage_windows
 from msdd.models.encoder import Encoder
+
+
+class Decoded(NamedTuple):
+    """One decode: the images (B, 3, R, R) and the image at the end of every stage (the final image alone for a
+    single-stage family)."""
+
+    images: torch.Tensor
+    stages: list[torch.Tensor]
 
 
 
@@ -118,9 +126,8 @@ class Family:
     # ------------------------------------------------------------------ decode and training loss
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
-               generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Decode checked latents with resolved steps and guidance, without clamping or `no_grad`.
-        Returns (images (B, 3, R, R), the image at the end of every stage)."""
+               generator) -> Decoded:
+        """Decode checked latents with resolved steps and guidance, without clamping or `no_grad`."""
         raise NotImplementedError
 
     def loss(self, decoder: nn.Module, images: torch.Tensor, z: torch.Tensor, generator,

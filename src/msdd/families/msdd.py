@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from msdd.families.base import Family
+from msdd.families.base import Decoded, Family
 from msdd.flow.path import flow_loss
 from msdd.flow.sampler import passes_per_step, sample_multiscale
 from msdd.models.decoder import Decoder
@@ -42,11 +42,11 @@ class MSDDFamily(Family):
         return passes_per_step(guidance)
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
-               generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               generator) -> Decoded:
         with decoder.same_latents() if hasattr(decoder, "same_latents") else contextlib.nullcontext():
             out = sample_multiscale(decoder, z, self.windows, steps, guidance=guidance, generator=generator,
                                     noises=False)
-        return out.image, out.stages
+        return Decoded(out.image, out.stages)
 
     def loss(self, decoder, images, z, generator, perceptual=None, repa=None):
         fc = self.config.flow

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from msdd.families.base import Family
+from msdd.families.base import Decoded, Family
 from msdd.families.msdd import flow_decoder
 
 
@@ -35,9 +35,9 @@ class PlainFamily(Family):
         return decoder.end_estimate(z.new_zeros(b, 3, r, r), z.new_zeros(b), z).float()
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
-               generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               generator) -> Decoded:
         x = self.one_pass(decoder, z)
-        return x, [x]
+        return Decoded(x, [x])
 
     def loss(self, decoder, images, z, generator, perceptual=None, repa=None):
         x = self.one_pass(decoder, z)

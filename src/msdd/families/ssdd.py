@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from msdd.families.base import Family
+from msdd.families.base import Decoded, Family
 from msdd.flow.ssdd import sample_ssdd, ssdd_loss, time_schedule
 from msdd.models.ssdd import SpatialEncoder, SSDDDecoder
 
@@ -37,9 +37,9 @@ class SSDDFamily(Family):
         return 1.0
 
     def sample(self, decoder: nn.Module, z: torch.Tensor, steps: Sequence[int], guidance: float,
-               generator) -> tuple[torch.Tensor, list[torch.Tensor]]:
+               generator) -> Decoded:
         x = sample_ssdd(decoder, z, steps[0], self.config.ssdd.shift, generator=generator)
-        return x, [x]
+        return Decoded(x, [x])
 
     def loss(self, decoder, images, z, generator, perceptual=None, repa=None):
         ssdd = self.config.ssdd

@@ -12,6 +12,8 @@ Every random draw comes from the `generator` argument (a torch.Generator), so a 
 from __future__ import annotations
 
 import math
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -102,13 +104,18 @@ def sample_latents(model: LatentDiT, n: int, steps: int, guidance: float = 1.0, 
     return x
 
 
+class Generated(NamedTuple):
+    """Samples: the images (n, 3, R, R) in [-1, 1] and the normalised latents they were decoded from."""
+
+    images: torch.Tensor
+    latents: torch.Tensor
+
+
 @torch.no_grad()
-def generate_images(model: LatentDiT, tokenizer, n: int, steps: int, guidance: float = 1.0, class_labels=None,
-                    generator: torch.Generator | list[torch.Generator] | None = None,
-                    decode_steps=None, return_latents: bool = False):
-    """Images (n, 3, R, R) in [-1, 1]: `sample_latents`, `tokenizer.denormalize_latents`, then
-    `tokenizer.decode` (its default schedule, or `decode_steps`) with its noise from the same generator(s).
-    With `return_latents`: (images, the normalised latents they were decoded from)."""
+def generate(model: LatentDiT, tokenizer, n: int, steps: int, guidance: float = 1.0, class_labels=None,
+             generator: torch.Generator | list[torch.Generator] | None = None, decode_steps=None) -> Generated:
+    """`sample_latents`, `tokenizer.denormalize_latents`, then `tokenizer.decode` (its default schedule, or
+    `decode_steps`) with its noise from the same generator(s): the images and their normalised latents."""
     if model.latent_shape != tuple(tokenizer.config.latent_shape):
         raise ValueError(f"--tokenizer: its latents have shape {tuple(tokenizer.config.latent_shape)}, the generator "
                          f"was trained on {model.latent_shape}; pass the tokenizer the generator was trained with")
@@ -117,4 +124,17 @@ def generate_images(model: LatentDiT, tokenizer, n: int, steps: int, guidance: f
     z = sample_latents(model, n, steps, guidance, class_labels, generator)
     images = tokenizer.decode(tokenizer.denormalize_latents(z.to(tokenizer.device)), steps=decode_steps,
                               generator=generator)
-    return (images, z) if return_latents else images
+    return Generated(images, z)
+
+
+def generate_images(model: LatentDiT, tokenizer, n: int, steps: int, guidance: float = 1.0, class_labels=None,
+                    generator: torch.Generator | list[torch.Generator] | None = None,
+                    decode_steps=None, return_latents: bool = False) -> torch.Tensor:
+    """`generate`'s images alone (n, 3, R, R) in [-1, 1]. `return_latents=True` is deprecated: `generate` returns
+    the images and their latents."""
+    out = generate(model, tokenizer, n, steps, guidance, class_labels, generator, decode_steps)
+    if return_latents:
+        warnings.warn("generate_images(return_latents=True) is deprecated: generate(...) returns the images and "
+                      "their latents (a NamedTuple: .images, .latents)", DeprecationWarning, stacklevel=2)
+        return out
+    return out.images

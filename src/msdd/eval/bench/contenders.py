@@ -35,7 +35,7 @@ def flow_contender(name: str, model: FlowModel, decoder: nn.Module, z: torch.Ten
 
     def decode_latents(latents: torch.Tensor):
         generator.manual_seed(seed)
-        return family.sample(decoder, latents, steps, guidance, generator)[0]
+        return family.sample(decoder, latents, steps, guidance, generator).images
 
     def decode():
         return decode_latents(z)
@@ -122,7 +122,7 @@ def encoder_contenders(names: Sequence[str], student: FlowModel, decoder: nn.Mod
 
     def encode_decode():
         generator.manual_seed(0)
-        return family.sample(decoder, encoder(images), one_step, 1.0, generator)[0]
+        return family.sample(decoder, encoder(images), one_step, 1.0, generator).images
 
     params = sum(p.numel() for p in encoder.parameters()) / 1e6
     rows = {"encoder": Contender("encoder", encode, enc_flops, {"encoder_params_M": params}),
