@@ -230,3 +230,26 @@ def test_encode_and_decode_say_they_drop_gradients_and_name_the_differentiable_p
     image, _ = tok.sample(z, tok.default_steps(), 1.0, torch.Generator().manual_seed(0))
     image.square().mean().backward()  # the differentiable decode the warning names
     assert z.grad is not None and z.grad.abs().sum() > 0
+
+
+def test_a_decode_after_the_kernels_are_switched_off_takes_pytorchs_ops(monkeypatch):
+    """A model whose layers were packed for msdd's CPU kernels decodes with PyTorch's ops once the kernels are
+    switched off in the same process (`MSDD_CPU_KERNELS=0`, then `library.cache_clear()`): the same images to float
+    rounding, and int8 ones to the two int8 paths' rounding (before: AttributeError, the layers' packed weights
+    called the library that was gone)."""
+    from msdd.models import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("msdd's CPU kernels do not run here")
+    tok = Tokenizer.from_pretrained()
+    z = tok.encode(torch.rand(2, 3, 64, 64) * 2 - 1)
+    on, on_int8 = tok.decode(z), tok.decode(z, int8=True)
+    monkeypatch.setenv("MSDD_CPU_KERNELS", "0")
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        torch.testing.assert_close(tok.decode(z), on, rtol=0, atol=1e-5)
+        torch.testing.assert_close(tok.decode(z, int8=True), on_int8, rtol=0, atol=0.02)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()

@@ -217,11 +217,12 @@ def pack_linear(weight: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = 
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor, swiglu: bool = False,
-           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor:
+           residual: torch.Tensor | None = None, gate: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K) through a layer packed by `pack_linear` (bf16 x for a bf16 weight, float32 for float32): (..., N), or
     the SwiGLU gate silu(a) * b (..., N / 2) with `swiglu`, in x's dtype; with `residual` (x's dtype, (..., N)) and
-    `gate` (N values), residual + gate * (..., N) in the same pass, rounded once."""
-    return library().linear(x, packed, bias, swiglu, residual, gate)
+    `gate` (N values), residual + gate * (..., N) in the same pass, rounded once. None where the kernels are off (a
+    layer packed before they were switched off: `MSDD_CPU_KERNELS=0` and `library.cache_clear()` in a process)."""
+    return None if (ops := library()) is None else ops.linear(x, packed, bias, swiglu, residual, gate)
 
 
 def pack_linear_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, swiglu: bool = False
@@ -241,11 +242,12 @@ def pack_linear_int8(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
 
 def linear_int8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, comp: torch.Tensor, bias: torch.Tensor,
                 swiglu: bool = False, residual: torch.Tensor | None = None,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
+                gate: torch.Tensor | None = None) -> torch.Tensor | None:
     """x (..., K), bf16 or float32, through an int8 layer packed by `pack_linear_int8`: x quantised per row to int8
     (symmetric, round(x * 127 / max |x_r|)), exact int32 sums (AVX512-VNNI), scaled back in float32 and rounded once
-    to x's dtype: (..., N), or the SwiGLU gate (..., N / 2) with `swiglu`; `residual` and `gate` as `linear`'s."""
-    return library().linear_int8(x, packed, scale, comp, bias, swiglu, residual, gate)
+    to x's dtype: (..., N), or the SwiGLU gate (..., N / 2) with `swiglu`; `residual` and `gate` as `linear`'s; None
+    as `linear`'s."""
+    return None if (ops := library()) is None else ops.linear_int8(x, packed, scale, comp, bias, swiglu, residual, gate)
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor | None:
