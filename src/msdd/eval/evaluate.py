@@ -13,6 +13,7 @@ states are summed across processes before `compute()`.
 
 from __future__ import annotations
 
+import importlib
 import math
 import time
 import warnings
@@ -44,7 +45,7 @@ def build_fid(weights: str | Path | None, device) -> tuple[object | None, str | 
     except FileNotFoundError as e:
         return None, str(e)
     try:
-        import torch_fidelity  # noqa: F401
+        importlib.import_module("torch_fidelity")  # torchmetrics' FID runs on it; imported only to check
         from torchmetrics.image.fid import FrechetInceptionDistance
     except ImportError:
         return None, "rFID needs torch-fidelity: pip install 'msdd[fid]'"
