@@ -1,14 +1,17 @@
-"""Rules of the source layout (issue 13): small modules, no import cycle, model families dispatched in one place.
+"""Rules of the source layout (issue 13): small modules, no import cycle, model families dispatched in one place;
+no unused import or undefined name (pyflakes).
 
 `python tests/test_structure.py` prints the line counts over 300 and any import cycle."""
 
 from __future__ import annotations
 
 import ast
+import io
 import re
 from pathlib import Path
 
-SRC = Path(__file__).resolve().parent.parent / "src"
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src"
 PACKAGE = SRC / "msdd"
 MAX_LINES = 400
 
@@ -120,6 +123,28 @@ def test_family_dispatch_only_in_the_family_modules():
             for i, line in enumerate(p.read_text().splitlines(), 1) if re.search(r"family\s*==", line)]
     assert hits == []
 
+
+
+def pyflakes_messages(*paths: Path) -> str:
+    """What pyflakes (a test extra) reports for the Python files under `paths`, one message per line."""
+    from pyflakes.api import checkRecursive
+    from pyflakes.reporter import Reporter
+
+    out = io.StringIO()
+    checkRecursive([str(p) for p in paths], Reporter(out, out))
+    return out.getvalue()
+
+
+def test_pyflakes_finds_nothing():
+    """No unused import, undefined name or redefinition in src, tests or benchmarks: an undefined name is a
+    NameError on a path no test takes, an unused import a dependency nothing needs."""
+    assert pyflakes_messages(SRC, ROOT / "tests", ROOT / "benchmarks") == ""
+
+
+def test_pyflakes_reports_what_it_should(tmp_path):
+    (tmp_path / "bad.py").write_text("import os\n\n\ndef f():\n    return undefined_name\n")
+    report = pyflakes_messages(tmp_path)
+    assert "'os' imported but unused" in report and "undefined name 'undefined_name'" in report
 
 if __name__ == "__main__":
     for path, n in sorted(line_counts().items(), key=lambda kv: -kv[1]):
