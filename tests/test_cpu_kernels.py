@@ -490,6 +490,38 @@ def test_the_blocks_op_pads_an_mlp_hidden_size_to_its_kernels_panels(monkeypatch
 
 
 @needs_kernel
+def test_the_blocks_op_sees_an_in_place_edit_of_a_padded_mlp(monkeypatch):
+    """An MLP whose hidden size the panels do not fit runs the `blocks` op on zero-padded copies of its weights (the
+    shipped tiny-64's 344): a weight edited in place between two no-grad calls of the decoder itself (an optimiser
+    step, then a validation pass or a sampler of one's own; `Tokenizer.decode`'s value check does not run there) must
+    reach those copies, or the calls go on with the old weights."""
+    monkeypatch.setattr(cpu_kernels, "MIN_TOKENS_FP32", 0)
+    config = tiny_config("model.decoder.width=64", "model.decoder.heads=2", "model.decoder.mlp_hidden=40").model
+    tok = Tokenizer(config).eval()
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(5)
+    z, x, tau = torch.randn(1, *config.latent_shape, generator=g), torch.randn(1, 3, 16, 16, generator=g), torch.ones(1)
+    flags = []
+    real = cpu_kernels.blocks
+    monkeypatch.setattr(cpu_kernels, "blocks", lambda *args: flags.append(1) or real(*args))
+    with torch.no_grad():
+        before = tok.decoder(x, tau, z)
+        mlp = tok.decoder.blocks[0].img.mlp
+        mlp.w12.weight.mul_(0.5)
+        mlp.w3.weight.mul_(2.0)
+        after = tok.decoder(x, tau, z)
+        fresh = Tokenizer(config).eval()  # the edited weights in a model whose caches never saw the old ones
+        fresh.load_state_dict(tok.state_dict())
+        assert torch.equal(after, fresh.decoder(x, tau, z))
+        assert len(flags) == 3  # every call in the op
+        assert not torch.equal(after, before)
+        with unoptimised():
+            assert (after - tok.decoder(x, tau, z)).abs().max() <= 1e-5
+
+
+@needs_kernel
 def test_the_blocks_op_says_what_its_params_must_be():
     x, c = torch.randn(1, 16, 64), torch.randn(1, 128, 64)
     cos = sin = torch.ones(144, 32)

@@ -70,6 +70,15 @@ def test_round_trip_matches_tokenizer(student, images):
     assert vae.to_tokenizer() is student and vae.to_tokenizer().metadata["stage"] == 2
 
 
+def test_the_wrapper_takes_the_tokenizers_mode():
+    """`from_tokenizer` wraps the module as it is: an eval-mode Tokenizer gives an eval-mode model (diffusers'
+    pipelines and `vae.training` read the wrapper's flag), a training one a training one."""
+    tok = Tokenizer(tiny_config().model)
+    for mode in (False, True):
+        vae = AutoencoderMSDD.from_tokenizer(tok.train(mode))
+        assert vae.training == mode and all(m.training == mode for m in vae.modules())
+
+
 def test_save_load_and_conversions(student, images, tmp_path, offline):
     vae = AutoencoderMSDD.from_tokenizer(student)
     vae.save_pretrained(tmp_path / "vae")

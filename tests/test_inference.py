@@ -157,6 +157,39 @@ def test_patchify_is_the_patch_rearrangement(shape, p):
     assert torch.equal(patchify(x, p), rearrange(x, "b c (h p) (w q) -> b (h w) (p q c)", p=p, q=p))
 
 
+def test_the_decoder_unpatchifies_its_output_as_it_patchifies_its_input(tok):
+    """The final layer's tokens (B, grid^2, p p 3) become the image in the layout `patchify` reads patches in: a final
+    layer that returned the input's own patches makes the network the identity. A transposed or reordered patch
+    (a wrong rearrangement) moves pixels within every patch: a fidelity test on the shipped weights lets that
+    through (its PSNR stays above the bar), this one does not."""
+    from msdd.models.decoder import patchify
+
+    dec, p = tok.decoder, tok.config.decoder.patch_size
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    handle = dec.final.register_forward_hook(lambda module, args, out: patchify(x, p))
+    try:
+        with torch.no_grad():
+            out = dec.network(x, torch.full((2,), 0.5), _latents(tok))
+    finally:
+        handle.remove()
+    assert torch.equal(out, x)
+
+
+def test_a_batch_of_different_times_is_modulated_per_image(tok):
+    """The modulation cache applies only where the batch shares one time: a no-grad call with a time per image (a
+    validation loss, a user's own sampler) must modulate each image by its own time, as one image at a time does."""
+    dec = tok.decoder
+    win = dec.windows[16]
+    tau = win.tau_end + torch.tensor([0.25, 0.75]) * (win.tau_start - win.tau_end)
+    x, z = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(3)), _latents(tok)
+    with torch.no_grad():
+        both = dec(x, tau, z)
+        one = torch.cat([dec(x[i:i + 1], tau[i:i + 1], z[i:i + 1]) for i in range(2)])
+        shared = dec(x, tau[:1].expand(2), z)  # both images at the first time: what a wrong cache entry gives
+    assert (both - one).abs().max() <= 1e-5
+    assert (both[1] - shared[1]).abs().max() > 1e-3
+
+
 def test_no_cache_under_autograd(tok):
     z = _latents(tok)
     x = torch.randn(2, 3, 8, 8)

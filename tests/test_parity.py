@@ -114,6 +114,72 @@ def test_cross_rope_base_on_both_axes():
     assert load_config("tiny-64").model.decoder.context_pos == "cross"
 
 
+def test_image_rope_is_2d_over_the_centred_crop():
+    """Image token t = r * grid + c (row-major) of a stage's grid x grid tokens sits at (r + o, c + o), o = (full -
+    grid) / 2 its offset in the final-stage grid: the first half of the rotated pairs turns by the row, the second by
+    the column, base 10000. A stage's tokens must sit where their region sits in the final image (rows and columns
+    told apart, a coarse stage centred), or the one set of weights cannot serve every stage."""
+    from msdd.models.rope import rope_angles
+
+    grid, full, L, head_dim = 4, 8, 3, 16
+    quarter = head_dim // 4
+    freqs = 10000.0 ** (-torch.arange(quarter, dtype=torch.float64) / quarter)
+    for g, offset in ((grid, (full - grid) / 2), (full, 0.0)):  # a coarse stage, the final one
+        ang = rope_angles(g, full, L, head_dim, "none")
+        assert ang.shape == (g * g + L, head_dim // 2)
+        for r, c in ((0, 0), (1, 3), (3, 2)):
+            t = r * g + c
+            torch.testing.assert_close(ang[t, :quarter], (r + offset) * freqs, rtol=0, atol=1e-12)
+            torch.testing.assert_close(ang[t, quarter:], (c + offset) * freqs, rtol=0, atol=1e-12)
+        assert (ang[g * g:] == 0).all()  # "none": the context tokens are not rotated
+
+
+def test_the_encoder_lays_out_its_image_tokens_row_major():
+    """The image tokens enter the blocks row-major (token r * grid + c is the patch at row r, column c), the order
+    in which `rope_angles` gives token t its row and column: an image that is zero but for one patch off the diagonal
+    gives exactly one nonzero token, at that index (column-major tokens would turn rows by columns' angles)."""
+    tok = Tokenizer(tiny_config().model).eval()
+    enc = tok.encoder
+    p, grid = enc.cfg.patch_size, enc.grid
+    seen = []
+    enc.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    images = torch.zeros(1, 3, grid * p, grid * p)
+    r, c = 0, grid - 1
+    images[:, :, r * p:(r + 1) * p, c * p:(c + 1) * p] = 1.0
+    with torch.no_grad():
+        enc.patch_embed.bias.zero_()
+        enc(images)
+    nonzero = seen[0][0].abs().amax(-1).nonzero().flatten().tolist()
+    assert nonzero == [r * grid + c]
+
+
+@pytest.mark.parametrize("context_pos, equivariant", [("none", True), ("cross", False)])
+def test_the_encoder_tells_its_registers_apart_by_the_configured_rope(context_pos, equivariant):
+    """model.encoder.context_pos places the register tokens for RoPE as it does the decoder's context tokens: with
+    "none" the registers have no position, so permuting them permutes the latent tokens (the encoder is
+    permutation-equivariant in its registers); with "cross" (the default) each has its own position and the latent
+    is not a permutation of the other. Every weight random (the linear path's to_latent starts at zero)."""
+    cfg = tiny_config(f"model.encoder.context_pos={context_pos}").model
+    tok = Tokenizer(cfg).eval()
+    enc = tok.encoder
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+        for block in enc.blocks:  # sharp attention: positions matter (near-uniform attention hides them)
+            for norm in (block.img.q_norm, block.img.k_norm, block.ctx.q_norm, block.ctx.k_norm):
+                norm.weight.fill_(3.0)
+    images = torch.rand(2, 3, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    perm = torch.randperm(cfg.latent_tokens, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        linear = enc.to_linear(images.flatten(1)).view(2, *cfg.latent_shape)  # the linear path's part: not permuted
+        z = enc(images) - linear
+        enc.registers.copy_(enc.registers[:, perm])
+        z_perm = enc(images) - linear
+    assert (z_perm - z).abs().max() > 1e-3
+    err = (z_perm - z[:, perm]).abs().max().item()
+    assert err <= 1e-5 if equivariant else err > 1e-3
+
+
 def test_context_drop_rate():
     """D11 (and stage 1's cfg_drop): each latent is replaced by the null context with probability `rate`,
     measured over many samples (3 sigma of a binomial; a wrong rate or a per-batch drop fails)."""

@@ -317,6 +317,46 @@ def test_repa_loss_with_a_dinov2_weights_file(tmp_path):
     assert repa_loss(torch.randn(2, 64, 384), target).item() > 0.5
 
 
+@pytest.mark.parametrize("kind", ["tokens", "spatial"])
+def test_the_unet_is_conditioned_on_the_pooled_latent_as_well_as_the_time(kind):
+    """SPEC 10: the adaptive norms' conditioning is embed(t) + MLP(mean over positions of Linear(m)): two latents at
+    one time give two conditionings (the latent also enters as input channels, so a decoder conditioned on the time
+    alone still decodes, only worse: no output test sees it)."""
+    tok = Tokenizer(ssdd_config(kind=kind).model).eval()
+    conds = []
+    tok.decoder.down[0][0].ada.register_forward_pre_hook(lambda module, args: conds.append(args[0]))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2, *tok.config.latent_shape, generator=g)
+    x, t = torch.randn(1, 3, 32, 32, generator=g), torch.full((1,), 0.5)
+    with torch.no_grad():
+        for i in range(2):
+            tok.decoder(x, t, z[i:i + 1])
+    assert len(conds) == 2 and (conds[0] - conds[1]).abs().max() > 1e-4
+
+
+def test_repa_features_see_the_images_with_imagenet_normalisation(tmp_path):
+    """DINOv2 was trained on ImageNet-normalised [0, 1] pixels: the REPA target of images in [-1, 1] is the ViT's
+    patch tokens of ((x + 1) / 2 - mean) / std resized to 224 px. Feeding [-1, 1] straight in (or a wrong mean / std)
+    gives the ViT other inputs than it knows, and REPA aligns the decoder with features of wrong images."""
+    timm = pytest.importorskip("timm")
+    from msdd.models.discriminator import IMAGENET_MEAN, IMAGENET_STD
+    from msdd.models.repa import DinoV2Features
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2_vits14_pretrain.pth")
+    dino = DinoV2Features(tmp_path / "dinov2_vits14_pretrain.pth")
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = F.interpolate(((images + 1) / 2 - mean) / std, size=(224, 224), mode="bilinear", align_corners=False,
+                      antialias=True)
+    with torch.no_grad():
+        expected = vit.forward_features(x)[:, vit.num_prefix_tokens:]
+    got = dino(images)
+    assert got.shape == (2, 256, 384)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_ssdd_loss_terms_with_a_perceptual_stand_in():
     tok = Tokenizer(ssdd_config().model)
     images = torch.rand(2, 3, 32, 32) * 2 - 1
