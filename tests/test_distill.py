@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from msdd.flow.schedule import stage_of_tau
-from msdd.models.discriminator import PatchDiscriminator, build_discriminator, hinge_d_loss
+from msdd.models.discriminator import (
+    IMAGENET_MEAN, IMAGENET_STD, PatchDiscriminator, build_discriminator, hinge_d_loss, hinge_g_loss,
+)  # fmt: skip
 from msdd.tokenizer import Tokenizer
 from msdd.train.distill import Distiller, adaptive_weight, student_pass, teacher_targets
 from msdd.train.ema import EMA
@@ -284,6 +286,34 @@ def test_dino_discriminator_with_a_weights_file(tmp_path):
     assert x.grad is not None and x.grad.abs().sum() > 0
     assert all(p.grad is None for p in disc.vit.parameters())
     assert all(p.grad is not None for p in disc.heads.parameters())
+
+
+def test_hinge_losses_against_hand_values():
+    """The discriminator's hinge loss is mean relu(1 - real) + mean relu(1 + fake): it pushes real logits above 1
+    and fake ones below -1, and logits already past their margin cost nothing; the generator's is -mean(fake)."""
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([-2.0, 0.0])
+    assert hinge_d_loss(real, fake).item() == pytest.approx((0 + 1) / 2 + (0 + 1) / 2)
+    assert hinge_d_loss(torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.5 + 1.5)
+    assert hinge_g_loss(torch.tensor([0.5, -1.5])).item() == pytest.approx(0.5)
+
+
+def test_dino_discriminator_sees_imagenet_normalised_pixels(tmp_path):
+    """DINO was trained on ImageNet-normalised [0, 1] pixels: the features of images x in [-1, 1] are the ViT's of
+    ((x + 1) / 2 - mean) / std resized to 224 px (feeding [-1, 1] as it is gives the ViT images it never saw)."""
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).eval()
+    path = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(vit.state_dict(), path)
+    disc = build_discriminator("dino", path).eval()
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = F.interpolate(((images + 1) / 2 - mean) / std, size=(224, 224), mode="bilinear", align_corners=False,
+                      antialias=True)
+    with torch.no_grad():
+        expected = vit.patch_embed(x) + vit.pos_embed[:, vit.num_prefix_tokens:]  # the first level: patch tokens
+        got = disc.features(images)[0]
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_reference_optimiser_options(teacher_dir, tmp_path):
