@@ -58,6 +58,27 @@ def test_train_then_reconstruct_then_info(tmp_path, photo_folder, capsys):
     assert main(["latent-stats", "--model", str(model), "--data", str(photo_folder), "--max-images", "6"]) == 0
 
 
+def test_train_minutes_stops_on_time_and_finishes_the_run(tmp_path, photo_folder, capsys):
+    """`msdd train --minutes 0.1`: the run stops once 6 s of training have passed, long before --max-steps, and a
+    run stopped on time is finished, not interrupted: exit 0, its checkpoint at the last step holds at least that
+    training time, and the final model is written. (6 s: more than a first step's one-off costs, so that a budget
+    read as seconds, not minutes, stops far too early.) `--resume` on a new run directory is an error (exit 2)."""
+    import torch
+
+    from msdd.train.checkpoint import latest_checkpoint
+
+    run = tmp_path / "run"
+    args = tiny_args(f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.batch_size=4",
+                     "model.linear_path=false")
+    assert main(["train", "--run-dir", str(run), "--minutes", "0.1", "--max-steps", "3000", *args]) == 0
+    state = torch.load(latest_checkpoint(run) / "state.pt", weights_only=True)
+    assert 1 <= state["step"] < 3000 and state["train_seconds"] >= 5.9, (state["step"], state["train_seconds"])
+    assert (run / "model" / "model.safetensors").exists()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(tmp_path / "new"), "--resume", "--max-steps", "1", *args]) == 2
+    assert "no intact checkpoint" in capsys.readouterr().err and not (tmp_path / "new" / "model").exists()
+
+
 def test_reconstruct_bad_inputs(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--run-dir", str(run), "--max-steps", "1", *tiny_args()]) == 0

@@ -46,3 +46,27 @@ def test_bench_decoder_at_another_resolution_shares_the_weights_it_can():
     assert all(p is own[n] for n, p in single.decoder.named_parameters())
     assert [w.resolution for w in single.family.windows] == [config.image_size]
     assert list(single.decoder.windows) == [config.image_size]
+
+
+def test_plain_family_trains_on_the_mse_of_the_decode_it_gives():
+    """The plain autoencoder baseline's stage-1 loss is the MSE between its one decode (the image `sample` returns)
+    and the real images, plus flow.lpips_weight times the perceptual term when a perceptual network is given (a
+    stand-in here: the mean absolute error per image)."""
+    from msdd import Tokenizer
+
+    tok = Tokenizer(tiny_config("model.family=plain", "model.flow.lpips_weight=0.5").model)
+    with torch.no_grad():  # a decoder whose output depends on the latents (its last layer starts at zero)
+        for p in tok.decoder.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        z = tok.encoder(images)
+        x, _ = tok.family.sample(tok.decoder, z, (1,), 1.0, None)
+        loss, terms = tok.family.loss(tok.decoder, images, z, None)
+        mse = (x - images).pow(2).mean()
+        torch.testing.assert_close(loss, mse)
+        assert set(terms) == {"loss_mse"}
+        stand_in = lambda a, b: (a - b).abs().mean(dim=(1, 2, 3))  # noqa: E731
+        with_perc, terms = tok.family.loss(tok.decoder, images, z, None, perceptual=stand_in)
+        torch.testing.assert_close(with_perc, mse + 0.5 * (x - images).abs().mean())
+        assert set(terms) == {"loss_mse", "loss_lpips"}

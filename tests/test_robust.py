@@ -196,6 +196,25 @@ def test_sigterm_writes_a_checkpoint_at_the_current_step_and_exits(tmp_path):
     assert Stage1Trainer(tiny_config("train.log_every=1", "train.ckpt_every=1000"), run).step == last_step
 
 
+def test_a_second_signal_acts_at_once_and_the_handlers_come_back():
+    """While training, a first SIGINT is only recorded (the loop finishes its step and writes a checkpoint); a
+    second one acts as it did before (Ctrl-C twice: KeyboardInterrupt at once), and on leaving, the previous
+    SIGINT / SIGTERM handlers are back."""
+    from msdd.train.signals import StopSignals
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), StopSignals() as signals:
+        signal.raise_signal(signal.SIGINT)
+        assert signals.received == signal.SIGINT
+        signal.raise_signal(signal.SIGINT)
+        pytest.fail("a second SIGINT must stop at once")
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    with StopSignals() as signals:
+        signal.raise_signal(signal.SIGTERM)  # recorded, not the default action (the end of this process)
+    assert signals.received == signal.SIGTERM
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
 # ---------------------------------------------------------------- non-finite losses
 
 

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
+from msdd.train.budget import budgeted_config, fixed_steps
 from msdd.train.optim import cosine_schedule
 from msdd.train.stage1 import Stage1Trainer
 
@@ -158,3 +159,139 @@ def test_cosine_schedule_against_hand_values():
     hand = {0: 0.2, 1: 0.4, 4: 1.0, 5: 1.0, 15: 0.55, 25: 0.1, 30: 0.1}
     assert {s: lrs[s] / 2.0 for s in hand} == pytest.approx(hand)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # never rises after the warm-up
+
+
+def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):
+    """train.grad_accum: one optimiser step over several micro-batches steps with the mean gradient over their
+    images, each micro-batch's gradient weighted by how many usable images it holds (here a full one of 4 and one
+    of 2, as skipped files leave it). Checked against each micro-batch's gradient taken alone with the noise
+    generator of its slot; the logged loss is the same weighted mean. (A huge grad_clip leaves the gradients as they
+    are; `_step` is the loop's step on micro-batches as `fit` draws them, without a data stream.)"""
+    cfg = tiny_config("train.batch_size=8", "train.grad_accum=2", "train.grad_clip=1e9", "model.linear_path=false")
+    trainer = Stage1Trainer(cfg, tmp_path / "r")
+    params = trainer.trained_parameters()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.rand(n, 3, 32, 32, generator=g) * 2 - 1 for n in (4, 2)]
+    alone, losses = [], []
+    for a, images in enumerate(batches):
+        for p in params:
+            p.grad = None
+        loss, _ = trainer.micro_step(images, trainer.generator(a))
+        loss.backward()
+        losses.append(loss.item())
+        alone.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params])
+    out, info = trainer._step(batches)
+    assert info["images"] == 6 and out["loss"] == pytest.approx((4 * losses[0] + 2 * losses[1]) / 6, rel=1e-6)
+    for p, ga, gb in zip(params, *alone):
+        got = torch.zeros_like(p) if p.grad is None else p.grad
+        torch.testing.assert_close(got, (4 * ga + 2 * gb) / 6, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("warmup", [True, False])
+def test_each_step_moves_the_ema_towards_the_new_weights_by_its_decay(tmp_path, warmup):
+    """After every optimiser step the EMA moves towards the trained weights by 1 - d: d = train.ema_decay with
+    train.ema_warmup=false, the ramp's min(ema_decay, 2 / 11) on the first update with it (the trainer passes both
+    settings on, and updates its EMA in the step)."""
+    cfg = tiny_config("train.batch_size=4", "train.ema_decay=0.9", f"train.ema_warmup={str(warmup).lower()}",
+                      "model.linear_path=false")
+    trainer = Stage1Trainer(cfg, tmp_path / "r")
+    before = {k: v.clone() for k, v in trainer.ema.module.named_parameters()}
+    trainer.train_step(torch.rand(4, 3, 32, 32) * 2 - 1)
+    d = 2 / 11 if warmup else 0.9
+    new, ema = dict(trainer.tok.named_parameters()), dict(trainer.ema.module.named_parameters())
+    moved = [n for n in new if not torch.equal(new[n], before[n])]
+    assert moved  # the zero-initialised output layers: the first step moves only the final layer
+    for n in moved:
+        torch.testing.assert_close(ema[n], before[n] + (1 - d) * (new[n] - before[n]), msg=n)
+
+
+def test_stage1_lr_decays_to_min_lr_ratio_at_max_steps(tmp_path):
+    """train.min_lr_ratio and train.max_steps shape the stage-1 schedule: with no warm-up and max_steps=2 the lr
+    after the first step is half-way down the cosine (0.3 + 0.7 / 2 = 0.65 of lr), from the second on it is
+    lr * min_lr_ratio."""
+    cfg = tiny_config("train.batch_size=4", "train.warmup_steps=0", "train.max_steps=2", "train.min_lr_ratio=0.3",
+                      "model.linear_path=false")
+    trainer = Stage1Trainer(cfg, tmp_path / "r")
+    images = torch.rand(4, 3, 32, 32) * 2 - 1
+    lrs = [trainer.train_step(images)["lr"] / cfg.train.lr for _ in range(3)]
+    assert lrs == pytest.approx([0.65, 0.3, 0.3])
+
+
+def test_train_seed_draws_the_initial_weights(tmp_path):
+    """train.seed seeds the initial weights: the same seed gives the same model, another seed another one (whatever
+    the global RNG held before)."""
+    def init(seed, name):
+        torch.manual_seed(1234 + len(name))
+        cfg = tiny_config(f"train.seed={seed}", "model.linear_path=false")
+        return Stage1Trainer(cfg, tmp_path / name).tok.state_dict()
+
+    a, again, other = init(3, "a"), init(3, "again"), init(4, "other")
+    assert all(torch.equal(a[k], again[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
+def test_log_checkpoint_and_grid_cadence_and_what_a_log_line_holds(tmp_path, photo_folder):
+    """train.log_every / ckpt_every / grid_every count optimiser steps: 6 steps with 3 / 2 / 4 log steps 3 and 6,
+    keep checkpoints of steps 2, 4 and 6 and draw grids at step 4 and at the end. A log line holds the step's loss
+    and its part per stage, the gradient norm, the lr of the schedule (warm-up: (3 + 1) / 5 of it after 3 steps),
+    the throughput and the skipped images; the final model records the steps it was trained for."""
+    cfg = tiny_config(f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.batch_size=4",
+                      "train.log_every=3", "train.ckpt_every=2", "train.grid_every=4", "model.linear_path=false")
+    run = tmp_path / "r"
+    Stage1Trainer(cfg, run).fit(max_steps=6, progress=False)
+    lines = [json.loads(line) for line in open(run / "log.jsonl")]
+    assert [r["step"] for r in lines] == [3, 6]
+    assert set(lines[0]) == {"step", "loss", "loss_stage0", "loss_stage1", "loss_stage2", "grad_norm", "lr",
+                             "img_per_s", "skipped_images"}
+    assert lines[0]["lr"] == pytest.approx(cfg.train.lr * 4 / 5) and lines[0]["skipped_images"] == 0
+    assert all(r["img_per_s"] > 0 and r["grad_norm"] > 0 for r in lines)
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000002", "step_00000004", "step_00000006"]
+    assert sorted(p.name for p in (run / "grids").glob("*.png")) == ["step_00000004.png", "step_00000006.png"]
+    assert json.loads((run / "model" / "config.json").read_text())["steps_trained"] == 6
+
+
+def test_a_time_budget_sizes_the_schedule_to_fit_it():
+    """budgeted_config (`msdd demo --minutes`, `msdd fidelity`): train.max_steps from a measured step time fills 95 %
+    of the budget (here 0.2 minutes = 12 s), the warm-up is a tenth of it at most, checkpoints and grids are
+    scaled to it, so that the LR schedule completes within the budget. fixed_steps, the demo's schedule: 900 and 250
+    steps with warm-up, checkpoints and grids scaled the same way."""
+    cfg = tiny_config("train.batch_size=4", "train.warmup_steps=100000", "distill.warmup_steps=100000",
+                      "model.linear_path=false")
+    budgeted, step_s = budgeted_config(cfg, 0.2, "cpu")
+    t = budgeted.train
+    assert t.max_steps > 10 and t.max_steps * step_s <= 0.95 * 12 < (t.max_steps + 1) * step_s, (t.max_steps, step_s)
+    assert (t.warmup_steps, t.ckpt_every, t.grid_every) == (t.max_steps // 10, max(50, t.max_steps // 10),
+                                                            max(50, t.max_steps // 5))
+    fixed = fixed_steps(cfg)
+    assert (fixed.train.max_steps, fixed.train.warmup_steps, fixed.train.ckpt_every, fixed.train.grid_every) == \
+        (900, 90, 150, 225)
+    assert (fixed.distill.max_steps, fixed.distill.warmup_steps, fixed.distill.ckpt_every, fixed.distill.grid_every) \
+        == (250, 25, 50, 125)
+
+
+def test_stage1_resumes_whatever_the_distill_section_says(tmp_path, photo_folder):
+    """One list of --set serves both stages' commands: a stage-1 run continues when only distill.* fields (which
+    stage 1 never reads) changed, while a train.* change is still refused."""
+    base = [f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.batch_size=4",
+            "model.linear_path=false"]
+    Stage1Trainer(tiny_config(*base), tmp_path / "r").fit(max_steps=1, progress=False)
+    assert Stage1Trainer(tiny_config(*base, "distill.lr=5e-4", "distill.max_steps=7"), tmp_path / "r").step == 1
+    with pytest.raises(ValueError, match=r"train\.lr"):
+        Stage1Trainer(tiny_config(*base, "train.lr=5e-4"), tmp_path / "r")
+
+
+def test_every_epoch_has_its_own_order():
+    """The training order is reshuffled every epoch (drawn from the seed and the epoch), and each epoch's order holds
+    every index at most once; the same seed and epoch give the same order (what resuming relies on)."""
+    from msdd.train.stream import ResumableSampler
+
+    sampler = ResumableSampler(12, seed=5, batch=4)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        orders.append(sampler.order())
+    assert all(len(o) == len(set(o)) == 12 for o in orders)
+    assert orders[0] != orders[1] and orders[1] != orders[2] and orders[0] != orders[2]
+    again = ResumableSampler(12, seed=5, batch=4)
+    again.set_epoch(1)
+    assert again.order() == orders[1]
