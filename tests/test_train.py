@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
 from msdd.train.budget import budgeted_config, fixed_steps
-from msdd.train.optim import cosine_schedule
+from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.train.stage1 import Stage1Trainer
 
 from conftest import tiny_config
@@ -159,6 +159,29 @@ def test_cosine_schedule_against_hand_values():
     hand = {0: 0.2, 1: 0.4, 4: 1.0, 5: 1.0, 15: 0.55, 25: 0.1, 30: 0.1}
     assert {s: lrs[s] / 2.0 for s in hand} == pytest.approx(hand)
     assert all(a >= b for a, b in zip(lrs[4:], lrs[5:]))  # never rises after the warm-up
+
+
+def test_the_optimiser_is_pytorchs_fused_adamw_with_the_reference_update():
+    """make_optimizer runs PyTorch's fused AdamW on the CPU (its per-tensor default was a large part of a tiny-64
+    step: benchmarks/README.md): the same update as the reference per-tensor AdamW to float rounding, over three
+    steps, for both parameter groups (the linear path's at its own lr) with weight decay."""
+    g = torch.Generator().manual_seed(0)
+    mine = [torch.nn.Parameter(torch.randn(64, 32, generator=g)), torch.nn.Parameter(torch.randn(32, generator=g))]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in mine]
+    start = [p.detach().clone() for p in mine]
+    opt = make_optimizer(mine, 1e-2, (0.9, 0.95), 0.05, slow=mine[1:], slow_scale=0.1)
+    reference = torch.optim.AdamW([{"params": ref[:1]}, {"params": ref[1:], "lr": 1e-3}], lr=1e-2, betas=(0.9, 0.95),
+                                  weight_decay=0.05, foreach=False)
+    assert [group["fused"] for group in opt.param_groups] == [True, True]
+    for _ in range(3):
+        for p, q in zip(mine, ref):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        opt.step()
+        reference.step()
+    for p, q, p0 in zip(mine, ref, start):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+        assert (p - p0).abs().max() > 1e-3  # they did move
 
 
 def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):
