@@ -184,6 +184,41 @@ def test_the_optimiser_is_pytorchs_fused_adamw_with_the_reference_update():
         assert (p - p0).abs().max() > 1e-3  # they did move
 
 
+def test_a_cpu_training_steps_attention_computes_in_float32_up_to_its_key_limit(monkeypatch):
+    """Under bf16 autocast with gradients on, the CPU attention runs PyTorch's SDPA in float32 (faster there than its
+    bf16 flash attention up to FP32_CPU_ATTENTION_MAX_KEYS keys: benchmarks/README.md, "Training step") and rounds
+    the output to bf16, the dtype the bf16 attention gives; gradients flow back through it. Above the limit, and
+    without gradients, the attention is bf16's as before."""
+    import torch.nn.functional as F
+
+    from msdd.models import layers
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 40, 16, generator=g).requires_grad_(True) for _ in range(3))
+    angles = torch.rand(40, 16, generator=g)
+    rope = (angles.cos(), angles.sin())
+    rq, rk = layers.apply_rope(q, *rope), layers.apply_rope(k, *rope)
+
+    def attend():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return layers.attention(q, k, v, rope)
+
+    def bf16_attention():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return F.scaled_dot_product_attention(rq, rk, v).transpose(1, 2).flatten(2)
+
+    with torch.no_grad(), layers.unoptimised():
+        assert torch.equal(attend(), bf16_attention())  # no gradients: as before
+    out = attend()
+    expected = F.scaled_dot_product_attention(rq.float(), rk.float(), v.float()).transpose(1, 2).flatten(2)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
+    assert not torch.equal(out, bf16_attention())
+    out.float().square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+    monkeypatch.setattr(layers, "FP32_CPU_ATTENTION_MAX_KEYS", 39)
+    assert torch.equal(attend(), bf16_attention())
+
+
 def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):
     """train.grad_accum: one optimiser step over several micro-batches steps with the mean gradient over their
     images, each micro-batch's gradient weighted by how many usable images it holds (here a full one of 4 and one

@@ -26,6 +26,7 @@ from einops import rearrange
 from torch import nn
 
 from msdd.models import cpu_kernels
+from msdd.models.keys import address_key, version_key
 from msdd.models.rope import apply_rope
 
 # ---------------------------------------------------------------------------------------------
@@ -68,24 +69,6 @@ def _bf16_compute(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16
 
 
-def _version_key(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's values: its storage (held by the key: no new tensor can take its address), offset,
-    shape, dtype and in-place version (none for inference tensors: they cannot change in place)."""
-    if t is None:
-        return None
-    storage = t.untyped_storage()
-    return (storage, storage.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype,
-            0 if t.is_inference() else t._version)
-
-
-def _address_key(t: torch.Tensor | None) -> tuple | None:
-    """What identifies a tensor's values as `_version_key` does, without the storage: as telling where the key's keeper
-    also holds the storage (`Linear.panels` does), so that no new tensor can take its address."""
-    if t is None:
-        return None
-    return (t.data_ptr(), t.shape, t.dtype, 0 if t.is_inference() else t._version)
-
-
 class Linear(nn.Linear):
     """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version (as
     much memory as the weight): on token sequences (3-D inputs) msdd's linear kernel (`cpu_kernels.linear`: bf16 or
@@ -95,7 +78,7 @@ class Linear(nn.Linear):
     as the modulation's, keep the weight as it is). Everything else (gradients, float32 weights under autocast, CUDA,
     tracing for ONNX or compile, the reference path) is nn.Linear's forward."""
 
-    _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's _version_key, oneDNN's packed weight)
+    _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's version_key, oneDNN's packed weight)
     _panels: tuple[tuple, tuple | None, tuple] | None = None  # (key, msdd's packed weight and bias, storages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,7 +123,7 @@ class Linear(nn.Linear):
         w, b = self.weight, self.bias
         if dtype is not None and w.dtype != dtype:
             return None
-        key = (swiglu, _address_key(w), _address_key(b))  # checked on every call: cheaper than _version_key
+        key = (swiglu, address_key(w), address_key(b))  # checked on every call: cheaper than version_key
         if self._panels is None or self._panels[0] != key:
             packed = cpu_kernels.pack_linear(w.detach(), None if b is None else b.detach(), swiglu)
             self._panels = (key, packed, (w.untyped_storage(), None if b is None else b.untyped_storage()))
@@ -148,7 +131,7 @@ class Linear(nn.Linear):
 
     def packed_weight(self) -> torch.Tensor:
         """The weight (bf16 or float32) in oneDNN's layout, repacked when the weight is replaced or changed in place."""
-        key = _version_key(self.weight)
+        key = version_key(self.weight)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, torch.ops.mkldnn._reorder_linear_weight(self.weight.detach(), None))
         return self._packed[1]
@@ -185,8 +168,24 @@ def attention(
     if _fast_cpu_inference(q) and (out := cpu_kernels.attention(q, k, v, rope)) is not None:
         return out  # the fused CPU kernel, RoPE included: already (B, N, heads * D)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    out = F.scaled_dot_product_attention(q, k, v)
+    if _fp32_cpu_attention(q, k):
+        with torch.autocast("cpu", enabled=False):
+            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(torch.bfloat16)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v)
     return rearrange(out, "b h n d -> b n (h d)")
+
+
+# Up to this many keys PyTorch's CPU flash attention computes forward and backward faster in float32 than in bf16
+# (1.02-2.35x for 96-576 keys, head sizes 32 and 64; 0.85-1.03x at 1152), benchmarks/README.md "Training step"
+FP32_CPU_ATTENTION_MAX_KEYS = 768
+
+
+def _fp32_cpu_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """A bf16 attention of a CPU training step (gradients on, not traced or compiled) that float32 computes faster;
+    its output is rounded to bf16 as the bf16 attention's."""
+    return (q.device.type == "cpu" and torch.is_grad_enabled() and k.shape[-2] <= FP32_CPU_ATTENTION_MAX_KEYS
+            and _bf16_compute(q) and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
 
 
 # ---------------------------------------------------------------------------------------------
