@@ -30,7 +30,6 @@ class Decoded(NamedTuple):
     stages: list[torch.Tensor]
 
 
-
 def parse_steps(text: str | None) -> int | list[int] | None:
     """`--steps` text: '10' -> 10 (every stage), '30,30,30,30' -> a list, None -> None (the model's own)."""
     if text is None:
