@@ -225,6 +225,36 @@ def test_single_step_distillation_reduces_student_teacher_gap(ssdd_teacher, tmp_
     assert list((tmp_path / "d" / "grids").glob("*.png"))
 
 
+def test_ssdd_decodes_with_its_configured_time_shift():
+    """The SSDD family samples with the model's own schedule t_i = (1 - i/N)^shift (model.ssdd.shift): its decode is
+    `sample_ssdd` at that shift, and another shift gives another image."""
+    tok = _randomise_output(Tokenizer(ssdd_config("model.ssdd.shift=3.0").model))
+    z = torch.randn(2, *tok.config.latent_shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = tok.family.sample(tok.decoder, z, (3,), 1.0, torch.Generator().manual_seed(1)).images
+        at = {shift: sample_ssdd(tok.decoder, z, 3, shift, generator=torch.Generator().manual_seed(1))
+              for shift in (3.0, 1.0)}
+    assert torch.equal(got, at[3.0]) and (got - at[1.0]).abs().max() > 1e-3
+
+
+def test_ssdd_distill_ties_the_student_to_the_real_image_by_lambda_pix(tmp_path):
+    """The SSDD distiller's generator loss is MSE(student, teacher) + distill.lambda_pix * MSE(student, real image)
+    (no perceptual network here): with lambda_pix 0.5 the logged l_gen is l_mse + 0.5 l_pix of the same step, and
+    with lambda_pix 0 the term is gone."""
+    teacher = tmp_path / "teacher"
+    _randomise_output(Tokenizer(ssdd_config().model)).save_pretrained(teacher)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    for weight in (0.5, 0.0):
+        cfg = ssdd_config("distill.batch_size=2", "distill.perceptual=none", f"distill.lambda_pix={weight}")
+        d = SSDDDistiller(cfg, teacher, tmp_path / f"d{weight}")
+        _, out = d.micro_step(images, torch.Generator().manual_seed(0))
+        if weight:
+            assert out["l_pix"] > 0.01
+            assert out["l_gen"] == pytest.approx(out["l_mse"] + weight * out["l_pix"], rel=1e-5)
+        else:
+            assert "l_pix" not in out and out["l_gen"] == pytest.approx(out["l_mse"], rel=1e-6)
+
+
 def test_ssdd_distill_resume_continues_exactly(tmp_path):
     """4 SSDD distillation steps in one run equal 2, a resume from their checkpoint and 2 more: the same logged
     losses, student and EMA (whose warm-up ramp needs the stored update count). The teacher is an untrained

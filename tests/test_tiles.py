@@ -2,6 +2,7 @@
 --keep-size / --crop / --skip-existing` (issue 17)."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -103,6 +104,17 @@ def _model_and_photos(tmp_path, tall: bool = True):
     if tall:
         _write(photos / "tall.png", china[:90, :50])
     return model, photos
+
+
+def test_reconstruct_cli_decodes_with_the_guidance_asked_for(tmp_path):
+    """`msdd reconstruct --cfg G` decodes with guidance G (recorded with the run's settings, which --skip-existing
+    compares), the model's own without it."""
+    model, photos = _model_and_photos(tmp_path, tall=False)
+    for args, guidance in (([], Tokenizer.from_pretrained(model).resolve_guidance(None)), (["--cfg", "2.5"], 2.5)):
+        out = tmp_path / f"rec{len(args)}"
+        assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), *args]) == 0
+        assert json.loads((out / "reconstruct.json").read_text())["guidance"] == guidance
+    assert guidance != Tokenizer.from_pretrained(model).resolve_guidance(None)
 
 
 def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
