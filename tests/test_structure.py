@@ -124,7 +124,6 @@ def test_family_dispatch_only_in_the_family_modules():
     assert hits == []
 
 
-
 def pyflakes_messages(*paths: Path) -> str:
     """What pyflakes (a test extra) reports for the Python files under `paths`, one message per line."""
     from pyflakes.api import checkRecursive
@@ -145,6 +144,7 @@ def test_pyflakes_reports_what_it_should(tmp_path):
     (tmp_path / "bad.py").write_text("import os\n\n\ndef f():\n    return undefined_name\n")
     report = pyflakes_messages(tmp_path)
     assert "'os' imported but unused" in report and "undefined name 'undefined_name'" in report
+
 
 if __name__ == "__main__":
     for path, n in sorted(line_counts().items(), key=lambda kv: -kv[1]):
