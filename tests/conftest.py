@@ -36,6 +36,18 @@ def tiny_args(*extra: str) -> list[str]:
     return ["--preset", TINY_PRESET, *[a for o in (*TINY, *extra) for a in ("--set", o)]]
 
 
+def straight_and_resumed(make, root: Path, steps: int = 4):
+    """The trainer `make(run_dir, require_resume=...)` run `steps` steps straight in root/a, and in root/b run half of
+    them, rebuilt from its checkpoint (resume required) and run to the end: (straight, resumed)."""
+    straight = make(root / "a", require_resume=False)
+    straight.fit(max_steps=steps, progress=False)
+    make(root / "b", require_resume=False).fit(max_steps=steps // 2, progress=False)
+    resumed = make(root / "b", require_resume=True)
+    assert resumed.step == steps // 2
+    resumed.fit(max_steps=steps, progress=False)
+    return straight, resumed
+
+
 def assert_same_runs(run_a: Path, run_b: Path, keys: tuple[str, ...], modules: dict) -> None:
     """Two runs that should have trained alike (one straight, one stopped and resumed): the same values of `keys`
     in every line of their log.jsonl, and identical state dicts for every name of `modules` ((module a, module b))."""

@@ -13,7 +13,7 @@ from msdd.train.distill import Distiller, adaptive_weight, student_pass, teacher
 from msdd.train.ema import EMA
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import assert_same_runs, tiny_config
+from conftest import assert_same_runs, straight_and_resumed, tiny_config
 
 
 class CountingDecoder(torch.nn.Module):
@@ -243,12 +243,15 @@ def test_distill_resume_continues_exactly(teacher_dir, tmp_path):
     state), so a resumed distillation trains as if it had never stopped."""
     cfg = tiny_config("distill.batch_size=2", "distill.ckpt_every=2", "distill.log_every=1",
                       "distill.adv_start_step=0", "distill.grid_every=1000")
-    straight = Distiller(cfg, teacher_dir, tmp_path / "a")
-    straight.fit(max_steps=4, progress=False)
-    Distiller(cfg, teacher_dir, tmp_path / "b").fit(max_steps=2, progress=False)
-    resumed = Distiller(cfg, teacher_dir, tmp_path / "b", require_resume=True)
-    assert resumed.step == 2 and resumed.ema.updates == 2
-    resumed.fit(max_steps=4, progress=False)
+    resumed_at = []
+
+    def make(run, require_resume):
+        d = Distiller(cfg, teacher_dir, run, require_resume=require_resume)
+        resumed_at.append(d.ema.updates)
+        return d
+
+    straight, resumed = straight_and_resumed(make, tmp_path)
+    assert resumed_at[-1] == 2  # the EMA's update count came back with the checkpoint
 
     assert len(open(tmp_path / "a" / "log.jsonl").readlines()) == 4
     assert_same_runs(tmp_path / "a", tmp_path / "b",

@@ -21,7 +21,7 @@ from msdd.train.distill import Distiller, build_distiller
 from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.stage1 import Stage1Trainer, compute_latent_stats
 
-from conftest import assert_same_runs, tiny_args, tiny_config
+from conftest import assert_same_runs, straight_and_resumed, tiny_args, tiny_config
 
 # 32 px, U-Net 32 -> 16 px (8 / 16 channels), one transformer block of width 16 over 16 x 16 positions
 SSDD_TINY = [
@@ -263,12 +263,8 @@ def test_ssdd_distill_resume_continues_exactly(tmp_path):
     _randomise_output(Tokenizer(ssdd_config().model)).save_pretrained(teacher)
     cfg = ssdd_config("distill.batch_size=2", "distill.ckpt_every=2", "distill.log_every=1",
                       "distill.grid_every=1000", "distill.perceptual=none")
-    straight = SSDDDistiller(cfg, teacher, tmp_path / "a")
-    straight.fit(max_steps=4, progress=False)
-    SSDDDistiller(cfg, teacher, tmp_path / "b").fit(max_steps=2, progress=False)
-    resumed = SSDDDistiller(cfg, teacher, tmp_path / "b", require_resume=True)
-    assert resumed.step == 2
-    resumed.fit(max_steps=4, progress=False)
+    straight, resumed = straight_and_resumed(
+        lambda run, require_resume: SSDDDistiller(cfg, teacher, run, require_resume=require_resume), tmp_path)
 
     assert len(open(tmp_path / "a" / "log.jsonl").readlines()) == 4
     assert_same_runs(tmp_path / "a", tmp_path / "b", ("l_gen", "l_mse", "l_pix", "grad_norm", "lr"),
