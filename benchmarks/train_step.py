@@ -2,8 +2,10 @@
 for two variants of the step alternated step by step in one process on two copies of one model:
 `--compare attention`: the CPU attention in bf16 (before) and in float32 up to `FP32_CPU_ATTENTION_MAX_KEYS` keys
 (msdd.models.layers, now); `--compare adamw`: PyTorch's per-tensor AdamW (its CPU default, before) and its fused one
-(now). `--compare sdpa`: `F.scaled_dot_product_attention` alone, forward and backward, in bf16 and float32 at
-keys x head sizes around `FP32_CPU_ATTENTION_MAX_KEYS` (where its value comes from).
+(now); `--compare compile`: the encoder's and decoder's blocks as they are and compiled as `train.compile` does
+(`msdd.models.compiling.compile_blocks`; the first step, which compiles them, reported apart). `--compare sdpa`:
+`F.scaled_dot_product_attention` alone, forward and backward, in bf16 and float32 at keys x head sizes around
+`FP32_CPU_ATTENTION_MAX_KEYS` (where its value comes from).
 
     python benchmarks/train_step.py --preset tiny-64 --compare attention --steps 12 --out train-step.json
 
@@ -22,6 +24,7 @@ import torch
 import msdd.malloc
 from msdd.config import load_config
 from msdd.models import layers
+from msdd.models.compiling import compile_blocks
 from msdd.tokenizer import Tokenizer, autocast
 from msdd.train.ema import EMA
 from msdd.train.optim import make_optimizer
@@ -33,7 +36,7 @@ PARTS = ("forward", "backward", "clip", "adamw", "ema")
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny-64")
-    ap.add_argument("--compare", choices=("attention", "adamw", "sdpa"), default="attention")
+    ap.add_argument("--compare", choices=("attention", "adamw", "compile", "sdpa"), default="attention")
     ap.add_argument("--steps", type=int, default=12, help="timed steps of each variant (after 2 warm-up steps)")
     ap.add_argument("--out", help="write the medians as JSON here")
     args = ap.parse_args()
@@ -44,7 +47,8 @@ def main() -> None:
     tc, device = cfg.train, torch.device("cpu")
     torch.manual_seed(tc.seed)
     base = Tokenizer(cfg.model)
-    names = ("bf16 attention", "fp32 attention") if args.compare == "attention" else ("per-tensor AdamW", "fused AdamW")
+    names = {"attention": ("bf16 attention", "fp32 attention"), "adamw": ("per-tensor AdamW", "fused AdamW"),
+             "compile": ("eager", "compiled")}[args.compare]
     max_keys = {"bf16 attention": 0}  # the other variants: the module's own limit
     runs = {}
     for name in names:
@@ -54,11 +58,14 @@ def main() -> None:
         if name == "per-tensor AdamW":  # the same groups and settings, PyTorch's CPU default
             opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "fused"} for g in opt.param_groups],
                                     foreach=False)
+        if name == "compiled":
+            compile_blocks(tok, device)
         runs[name] = (tok, opt, EMA(tok, tc.ema_decay, tc.ema_warmup), [p for p in tok.parameters() if p.requires_grad])
     limit = layers.FP32_CPU_ATTENTION_MAX_KEYS
     g = torch.Generator().manual_seed(0)
     images = torch.rand(tc.batch_size, 3, cfg.model.image_size, cfg.model.image_size, generator=g) * 2 - 1
     times = {name: {part: [] for part in (*PARTS, "step")} for name in runs}
+    first_step = {}
     for i in range(2 + args.steps):
         for name, (tok, opt, ema, params) in runs.items():
             layers.FP32_CPU_ATTENTION_MAX_KEYS = max_keys.get(name, limit)
@@ -75,6 +82,8 @@ def main() -> None:
             marks.append(time.perf_counter())
             ema.update(tok)
             marks.append(time.perf_counter())
+            if i == 0:
+                first_step[name] = round(marks[-1] - marks[0], 2)  # compiles the compiled variant's graphs
             if i >= 2:
                 for part, a, b in zip(PARTS, marks, marks[1:]):
                     times[name][part].append((b - a) * 1e3)
@@ -83,13 +92,15 @@ def main() -> None:
     trained = sum(p.numel() for p in runs[names[1]][3])
     result = {"preset": args.preset, "compare": args.compare, "fp32_cpu_attention_max_keys": limit,
               "batch_size": tc.batch_size, "bf16_autocast": tc.bf16, "steps": args.steps,
-              "trained_parameters": trained, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "trained_parameters": trained, "first_step_s": first_step, "torch": torch.__version__,
+              "threads": torch.get_num_threads(),
               "ms": {name: {part: round(statistics.median(v), 2) for part, v in parts.items()}
                      for name, parts in times.items()}}
     print(f"{args.preset}, batch {tc.batch_size}, bf16 autocast {tc.bf16}, {trained / 1e6:.2f} M trained parameters, "
           f"{args.steps} steps of each, alternated (ms, medians)")
     for name, parts in result["ms"].items():
-        print(f"  {name:16s} " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items()))
+        print(f"  {name:16s} " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items())
+              + f"  (first step {first_step[name]:.1f} s)")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

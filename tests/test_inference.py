@@ -442,15 +442,22 @@ def test_a_compiled_decoder_compiles_once_per_stage_shape(tok):
     assert torch.equal(first, second)
 
 
-def test_compile_is_skipped_without_a_compiler(monkeypatch):
+def test_compile_is_skipped_without_a_compiler(monkeypatch, tok):
+    """`msdd bench --compile` and `train.compile` decode / train uncompiled, saying why and how to fix it."""
     from torch._inductor import config as inductor_config
 
     from msdd.eval.bench.models import compile_module
+    from msdd.models.compiling import compile_blocks
 
     monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler++"))
     module = torch.nn.Linear(2, 2)
-    with pytest.warns(UserWarning, match="--compile skipped"):
+    with pytest.warns(UserWarning, match="--compile skipped.*Install a C.. compiler"):
         assert compile_module(module, torch.device("cpu")) is module
+    with pytest.warns(UserWarning, match="train.compile: training uncompiled.*Install a C.. compiler"):
+        assert compile_blocks(tok, torch.device("cpu")) == 0
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in tok.modules())
+    with pytest.warns(UserWarning, match="the model has no transformer blocks"):
+        assert compile_blocks(module, torch.device("cpu"), backend="eager") == 0
 
 
 @pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")

@@ -187,8 +187,8 @@ def test_the_optimiser_is_pytorchs_fused_adamw_with_the_reference_update():
 def test_a_cpu_training_steps_attention_computes_in_float32_up_to_its_key_limit(monkeypatch):
     """Under bf16 autocast with gradients on, the CPU attention runs PyTorch's SDPA in float32 (faster there than its
     bf16 flash attention up to FP32_CPU_ATTENTION_MAX_KEYS keys: benchmarks/README.md, "Training step") and rounds
-    the output to bf16, the dtype the bf16 attention gives; gradients flow back through it. Above the limit, and
-    without gradients, the attention is bf16's as before."""
+    the output to bf16, the dtype the bf16 attention gives, compiled (`train.compile`) or not; gradients flow back
+    through it. Above the limit, and without gradients, the attention is bf16's as before."""
     import torch.nn.functional as F
 
     from msdd.models import layers
@@ -213,10 +213,56 @@ def test_a_cpu_training_steps_attention_computes_in_float32_up_to_its_key_limit(
     expected = F.scaled_dot_product_attention(rq.float(), rk.float(), v.float()).transpose(1, 2).flatten(2)
     assert out.dtype == torch.bfloat16 and torch.equal(out, expected.to(torch.bfloat16))
     assert not torch.equal(out, bf16_attention())
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)  # train.compile: the same inside a graph
+    assert torch.equal(compiled(), expected.to(torch.bfloat16))
     out.float().square().sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
     monkeypatch.setattr(layers, "FP32_CPU_ATTENTION_MAX_KEYS", 39)
     assert torch.equal(attend(), bf16_attention())
+
+
+def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_loss_and_gradients(tmp_path,
+                                                                                                monkeypatch):
+    """train.compile: every transformer block of the trained tokenizer runs compiled (each one graph per input shape:
+    the decoder's passes at four resolutions), the EMA's blocks do not (grids and the saved model decode on the
+    inference path), and a compiled step gives the eager step's loss and gradients. The backend here is aot_eager
+    (dynamo's and autograd's tracing of the blocks, the float32 attention included, without inductor's minutes of
+    code generation); the trainer passes its device and nothing else."""
+    import msdd.train.stage1 as stage1
+    from msdd.models import compiling
+    from msdd.models.layers import JointBlock
+
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    monkeypatch.setattr(stage1, "compile_blocks",
+                        lambda model, device: compiling.compile_blocks(model, device, backend=counting))
+    cfg = tiny_config("train.batch_size=8", "model.linear_path=false")
+    eager = Stage1Trainer(cfg, tmp_path / "eager")
+    compiled = Stage1Trainer(tiny_config("train.batch_size=8", "model.linear_path=false", "train.compile=true"),
+                             tmp_path / "compiled")
+    g = torch.Generator().manual_seed(3)
+    weights = {k: v + 0.02 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+               for k, v in eager.tok.state_dict().items()}  # no zero-initialised layer left: every block has a gradient
+    images = torch.rand(8, 3, 32, 32, generator=g) * 2 - 1
+    losses, grads = [], []
+    for trainer in (eager, compiled):
+        trainer.tok.load_state_dict(weights)
+        loss, _ = trainer.micro_step(images, torch.Generator().manual_seed(5))
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad for p in trainer.trained_parameters()])
+    blocks = [m for m in compiled.tok.modules() if isinstance(m, JointBlock)]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)  # what nn.Module.compile sets
+    assert len(graphs) >= len(blocks)  # and each ran compiled (the decoder's once per resolution at least)
+    assert all(getattr(m, "_compiled_call_impl", None) is None for m in compiled.ema.module.modules())
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert all(p.grad.abs().sum() > 0 for n, p in compiled.tok.named_parameters() if n.endswith("w12.weight"))
+    for ge, gc in zip(*grads):
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
 
 
 def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):

@@ -72,6 +72,9 @@ class TrainConfig(OptimConfig):
     # are ~1/sqrt(pixels) in size, so they need a much smaller rate than the transformer)
     pca_crops: int = 10_000
     linear_lr_scale: float = 0.01
+    # torch.compile the encoder's and decoder's transformer blocks for the training step (one by one; the first
+    # steps compile them, then inductor's cache on disk serves later runs): benchmarks/README.md "Training step"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -182,10 +182,10 @@ FP32_CPU_ATTENTION_MAX_KEYS = 768
 
 
 def _fp32_cpu_attention(q: torch.Tensor, k: torch.Tensor) -> bool:
-    """A bf16 attention of a CPU training step (gradients on, not traced or compiled) that float32 computes faster;
-    its output is rounded to bf16 as the bf16 attention's."""
+    """A bf16 attention of a CPU training step (gradients on, not traced for export; compiled or not) that float32
+    computes faster; its output is rounded to bf16 as the bf16 attention's."""
     return (q.device.type == "cpu" and torch.is_grad_enabled() and k.shape[-2] <= FP32_CPU_ATTENTION_MAX_KEYS
-            and _bf16_compute(q) and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+            and _bf16_compute(q) and not torch.jit.is_tracing())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -68,7 +68,7 @@ def _weighted_means(outs: list[tuple[int, dict]]) -> dict:
 
 # Fields that may change between a run and its resumption without changing what is computed.
 RESUME_FREE_FIELDS = ("train.log_every", "train.ckpt_every", "train.grid_every", "train.keep_checkpoints",
-                      "data.num_workers", "name")
+                      "train.compile", "data.num_workers", "name")
 
 
 def check_resume_config(stored, requested, where: Path, free=RESUME_FREE_FIELDS) -> None:

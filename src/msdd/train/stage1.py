@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from msdd.config import Config, config_from_json, diff_fields
 from msdd.data import build_eval_images, build_train_dataset, collate_skip_bad
 from msdd.eval.grid import save_grid
+from msdd.models.compiling import compile_blocks
 from msdd.tokenizer import Tokenizer, autocast, synchronize
 from msdd.train.ema import EMA
 from msdd.train.loop import RESUME_FREE_FIELDS, TrainerBase, check_resume_config
@@ -72,6 +73,8 @@ class Stage1Trainer(TrainerBase):
         torch.manual_seed(tc.seed)
         self.tok = Tokenizer(mc).to(self.device)
         self.ema = EMA(self.tok, tc.ema_decay, tc.ema_warmup)
+        if tc.compile:  # the trained model only: the EMA (grids, the saved model) decodes on msdd's inference path
+            compile_blocks(self.tok, self.device)
         self.opt = make_optimizer(self.tok.parameters(), tc.lr, tc.betas, tc.weight_decay,
                                   slow=linear_path_parameters(self.tok), slow_scale=tc.linear_lr_scale)
         self.sched = cosine_schedule(self.opt, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)

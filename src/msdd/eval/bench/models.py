@@ -16,6 +16,7 @@ from torch import nn
 from msdd.config import ModelConfig, load_config
 from msdd.eval.bench.settings import BenchSettings
 from msdd.families import Family, family_of
+from msdd.models.compiling import compiler_problem
 from msdd.tokenizer import Tokenizer
 
 
@@ -138,20 +139,7 @@ class Contender:
 def compile_module(module: nn.Module, device: torch.device) -> nn.Module:
     """`torch.compile(module)`, or `module` itself with a warning where inductor has no compiler for
     `device` (a C++ compiler on the CPU, triton on CUDA)."""
-    if device.type == "cpu":
-        from torch._inductor import cpp_builder
-
-        try:
-            cpp_builder.get_cpp_compiler()
-        except Exception as e:  # inductor's own check: no g++ / clang++ (or $CXX) that works
-            warnings.warn(f"--compile skipped, decoding uncompiled: {e}. Install a C++ compiler "
-                          f"(e.g. apt install g++) to compile on the CPU", stacklevel=2)
-            return module
-    elif device.type == "cuda":
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
-            warnings.warn("--compile skipped, decoding uncompiled: triton is not installed (pip install triton)",
-                          stacklevel=2)
-            return module
+    if problem := compiler_problem(device):
+        warnings.warn(f"--compile skipped, decoding uncompiled: {problem}", stacklevel=2)
+        return module
     return torch.compile(module)

@@ -1,0 +1,45 @@
+"""torch.compile for msdd's networks: whether inductor can compile for a device (`msdd bench --compile`), and a
+training step's transformer blocks compiled one by one (`train.compile`)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from msdd.models.layers import JointBlock
+
+
+def compiler_problem(device: torch.device) -> str | None:
+    """Why inductor cannot compile for `device` (no working C++ compiler on the CPU, no triton on CUDA) and how to
+    fix it, or None when it can."""
+    if device.type == "cpu":
+        from torch._inductor import cpp_builder
+
+        try:
+            cpp_builder.get_cpp_compiler()
+        except Exception as e:  # inductor's own check: no g++ / clang++ (or $CXX) that works
+            return f"{e}. Install a C++ compiler (e.g. apt install g++) to compile on the CPU"
+    elif device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "triton is not installed (pip install triton)"
+    return None
+
+
+def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> int:
+    """Compile every transformer block (`JointBlock`) of `model` in place (`nn.Module.compile`: parameter names and
+    state dicts stay as they are), one graph per block and input shape rather than one per network, so the decoder's
+    passes at several resolutions share their blocks' code. Returns how many blocks were compiled: 0, with a
+    warning, where inductor has no compiler for `device` or `model` has no such block (SSDD's U-Net)."""
+    blocks = [m for m in model.modules() if isinstance(m, JointBlock)]
+    problem = compiler_problem(device) if backend == "inductor" else None
+    if problem or not blocks:
+        warnings.warn("train.compile: training uncompiled: " + (problem or "the model has no transformer blocks"),
+                      stacklevel=2)
+        return 0
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
