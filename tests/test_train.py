@@ -227,19 +227,23 @@ def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_lo
     the decoder's passes at four resolutions), the EMA's blocks do not (grids and the saved model decode on the
     inference path), and a compiled step gives the eager step's loss and gradients. The backend here is aot_eager
     (dynamo's and autograd's tracing of the blocks, the float32 attention included, without inductor's minutes of
-    code generation); the trainer passes its device and nothing else."""
+    code generation); the trainer passes its device and nothing else. The step time that sizes budgets and
+    `msdd info --step-time` prints is the compiled step's too."""
     import msdd.train.stage1 as stage1
     from msdd.models import compiling
     from msdd.models.layers import JointBlock
 
-    graphs = []
+    graphs, models = [], []
 
     def counting(gm, example_inputs):
         graphs.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
-    monkeypatch.setattr(stage1, "compile_blocks",
-                        lambda model, device: compiling.compile_blocks(model, device, backend=counting))
+    def compile_blocks(model, device):
+        models.append(model)
+        return compiling.compile_blocks(model, device, backend=counting)
+
+    monkeypatch.setattr(stage1, "compile_blocks", compile_blocks)
     cfg = tiny_config("train.batch_size=8", "model.linear_path=false")
     eager = Stage1Trainer(cfg, tmp_path / "eager")
     compiled = Stage1Trainer(tiny_config("train.batch_size=8", "model.linear_path=false", "train.compile=true"),
@@ -263,6 +267,8 @@ def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_lo
     assert all(p.grad.abs().sum() > 0 for n, p in compiled.tok.named_parameters() if n.endswith("w12.weight"))
     for ge, gc in zip(*grads):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
+    assert models == [compiled.tok]  # `msdd info --step-time` and --minutes budgets time the step as configured:
+    assert stage1.measure_step_time(compiled.cfg, steps=1, warmup=1) > 0 and len(models) == 2  # its model compiled
 
 
 def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):

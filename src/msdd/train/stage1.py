@@ -214,13 +214,16 @@ def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_imag
 def measure_step_time(cfg: Config, steps: int = 5, warmup: int = 2, device: str | torch.device = "cpu") -> float:
     """Median seconds of a stage-1 training step for `cfg` on random images, on a throwaway model: the trainer's
     step (forward, backward, gradient clipping, AdamW with the linear path's group as configured, EMA) without its
-    data stream and LPIPS / REPA networks, so that it needs no files. Used to size time-budgeted runs and by
-    `msdd info --step-time`."""
+    data stream and LPIPS / REPA networks, so that it needs no files. With `train.compile` the blocks are compiled as
+    the trainer's, and the warm-up steps compile them (their time is not counted). Used to size time-budgeted runs
+    and by `msdd info --step-time`."""
     device, tc = torch.device(device), cfg.train
     tok = Tokenizer(cfg.model).to(device)
     opt = make_optimizer(tok.parameters(), tc.lr, tc.betas, tc.weight_decay, slow=linear_path_parameters(tok),
                          slow_scale=tc.linear_lr_scale)
     ema = EMA(tok, tc.ema_decay, tc.ema_warmup)
+    if tc.compile:
+        compile_blocks(tok, device)
     params = [p for p in tok.parameters() if p.requires_grad]
     g = torch.Generator(device).manual_seed(0)
     r = cfg.model.image_size
