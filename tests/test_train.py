@@ -239,9 +239,11 @@ def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_lo
         graphs.append(gm)
         return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
 
+    backend = counting
+
     def compile_blocks(model, device):
         models.append(model)
-        return compiling.compile_blocks(model, device, backend=counting)
+        return compiling.compile_blocks(model, device, backend=backend)
 
     monkeypatch.setattr(stage1, "compile_blocks", compile_blocks)
     cfg = tiny_config("train.batch_size=8", "model.linear_path=false")
@@ -268,7 +270,13 @@ def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_lo
     for ge, gc in zip(*grads):
         torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
     assert models == [compiled.tok]  # `msdd info --step-time` and --minutes budgets time the step as configured:
-    assert stage1.measure_step_time(compiled.cfg, steps=1, warmup=1) > 0 and len(models) == 2  # its model compiled
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)  # not eager past a limit:
+    backend = "eager"  # (dynamo alone: the limit is its) two encoder blocks give one more variant of the block's
+    for bf16 in (True, False):  # forward, and timing both dtypes in one process (`msdd info --step-time`) doubles
+        cfg = tiny_config("train.batch_size=8", "model.linear_path=false", "train.compile=true",  # them: 10 > 8
+                          f"train.bf16={str(bf16).lower()}", "model.encoder.depth=2")
+        assert stage1.measure_step_time(cfg, steps=1, warmup=1) > 0
+    assert len(models) == 3  # their models compiled
 
 
 def test_accumulated_micro_batches_step_with_the_image_weighted_mean_gradient(tmp_path):

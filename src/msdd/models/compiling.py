@@ -10,6 +10,10 @@ from torch import nn
 
 from msdd.models.layers import JointBlock
 
+# Every block's forward is one code object, whose compiled variants (encoder and decoder blocks, the last ones, each
+# resolution, autocast on and off) count against one limit of recompilations (dynamo's default 8: past it, eager)
+RECOMPILE_LIMIT = 64
+
 
 def compiler_problem(device: torch.device) -> str | None:
     """Why inductor cannot compile for `device` (no working C++ compiler on the CPU, no triton on CUDA) and how to
@@ -41,5 +45,5 @@ def compile_blocks(model: nn.Module, device: torch.device, backend: str = "induc
                       stacklevel=2)
         return 0
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, recompile_limit=RECOMPILE_LIMIT)
     return len(blocks)
