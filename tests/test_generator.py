@@ -336,3 +336,119 @@ def test_class_conditional_from_class_subfolders(tmp_path, capsys):
     assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
     assert main([*args, "--class-label", "2", "--out", str(tmp_path / "o")]) == 2
     assert "--class-label" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# files, metrics and the trainer's saved model, piece by piece
+
+
+def test_written_samples_and_grid_hold_the_images_in_reading_order(tmp_path):
+    """`write_samples`: images/0000i.png is image i as it is (not transposed: the images are not symmetric), and
+    grid.png reads row by row on ceil(sqrt 5) = 3 columns, the sixth cell white."""
+    from msdd.data import to_uint8
+    from msdd.generator.files import write_samples
+
+    images = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    grid = np.asarray(Image.open(write_samples(images, tmp_path)).convert("RGB")).astype(int)
+    assert grid.shape == (2 * 8 + 2, 3 * 8 + 2, 3)  # 2 rows, 3 columns of 6 px cells, 2 px padding
+    for i in range(5):
+        want = to_uint8(images[i]).permute(1, 2, 0).numpy()  # (R, R, 3)
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:05d}.png")), want)
+        y, x = 2 + (i // 3) * 8, 2 + (i % 3) * 8  # row i // 3, column i % 3
+        assert np.abs(grid[y:y + 6, x:x + 6] - want).max() <= 1
+    assert (grid[10:16, 18:24] == 255).all()  # the cell after the last image: white
+
+
+def test_load_generator_refuses_a_newer_or_invalid_format_version(tmp_path):
+    """A config.json of a later format (or a non-integer version) is refused with the upgrade hint, not read as
+    if it were format 1; format 1 loads."""
+    from msdd.generator.files import save_generator
+
+    directory = save_generator(build_generator(TINY_GEN, (8, 4)), tmp_path / "g")
+    meta = json.loads((directory / "config.json").read_text())
+    assert load_generator(directory)[0].latent_shape == (8, 4)
+    for version in (2, 0, True, "1"):
+        (directory / "config.json").write_text(json.dumps({**meta, "format_version": version}))
+        with pytest.raises(ValueError, match=f"format_version {version!r} is not one this msdd reads"):
+            load_generator(directory)
+
+
+def test_sample_metrics_compare_normalised_latents(spatial_tok, tmp_path):
+    """`sample_metrics` compares the samples' normalised latents with the data images' normalised latents (the
+    spatial tokenizer's statistics are far from the identity): samples that are the data images themselves, with
+    their normalised latents, are at latent FD 0; the N(0, I) baseline draws its noise from `generator`; the
+    floor compares the other data images' normalised latents; FID is skipped, with the reason, without Inception."""
+    from msdd.generator.quality import data_images, frechet_distance, sample_metrics
+
+    data = data_images("embedded", 24, 32, seed=0)
+    other = data_images("embedded", 24, 32, seed=1)
+    assert data.shape == (24, 3, 32, 32) and not torch.equal(data, other)
+    norm = lambda x: spatial_tok.normalize_latents(spatial_tok.encode(x))  # noqa: E731
+    latents = norm(data)
+    missing = tmp_path / "no-inception.pth"
+    out = sample_metrics(data, latents, spatial_tok, data, other, torch.Generator().manual_seed(5), missing)
+    assert out["samples"] == out["data_images"] == 24 and out["latent_dims"] == 64
+    assert out["latent_fd"] == pytest.approx(0, abs=1e-3)
+    noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    assert out["latent_fd_gaussian_baseline"] == pytest.approx(frechet_distance(noise, latents), rel=1e-6)
+    assert out["latent_fd_data_floor"] == pytest.approx(frechet_distance(norm(other), latents), rel=1e-6)
+    assert out["latent_fd_gaussian_baseline"] > 1 and out["latent_fd_data_floor"] > 0
+    assert "fid" not in out and str(missing) in out["fid_skipped"]
+
+
+def test_trainer_saves_its_ema_generator(tmp_path, spatial_tok):
+    """The saved model is the EMA generator, updated every step: after 3 steps it equals the trainer's EMA copy
+    (not the raw weights it averages), and its zero-initialised output layer has learnt something."""
+    cfg = load_gen_config("gen-tiny", [*TINY_SET, "train.grid_every=1000", "data.images=4"])
+    trainer = GeneratorTrainer(cfg, tmp_path / "ssdd", tmp_path / "run")
+    trainer.fit(max_steps=3, progress=False)
+    saved = load_generator(tmp_path / "run" / "model")[0].state_dict()
+    for name, ema in trainer.ema.module.state_dict().items():
+        assert torch.equal(saved[name], ema), name
+    assert not torch.equal(saved["final.linear.weight"], trainer.model.state_dict()["final.linear.weight"])
+    assert saved["final.linear.weight"].abs().max() > 0
+
+
+def test_gen_config_bare_keys_and_label_dropout_bounds():
+    """`--set depth=6` (a key outside the sections) sets generator.depth; label_dropout 1 (every label the null
+    class: nothing conditional left to learn) is refused."""
+    cfg = load_gen_config("gen-tiny", ["depth=6", "train.label_dropout=0.5"])
+    assert cfg.generator.depth == 6 and cfg.train.label_dropout == 0.5
+    with pytest.raises(ValueError, match="train.label_dropout"):
+        load_gen_config("gen-tiny", ["train.label_dropout=1"])
+
+
+def test_resume_refuses_another_tokenizers_latents(tmp_path, spatial_tok):
+    """A run trained on one tokenizer's latents is not continued on another's of the same shapes (its weights'
+    sha256 is in the checkpoint): the error names both hashes' prefixes and the way out."""
+    from msdd.hub import file_sha256
+
+    cfg = load_gen_config("gen-tiny", [*TINY_SET, "train.grid_every=1000", "data.images=4"])
+    GeneratorTrainer(cfg, tmp_path / "ssdd", tmp_path / "run").fit(max_steps=2, progress=False)
+    Tokenizer(spatial_tok.config).save_pretrained(tmp_path / "other")  # the same shapes, new weights
+    other_hash = file_sha256(tmp_path / "other" / "model.safetensors")
+    with pytest.raises(ValueError, match=f"another tokenizer's latents .*has {other_hash[:12]}"):
+        GeneratorTrainer(cfg, tmp_path / "other", tmp_path / "run")
+
+
+def test_conditional_training_drops_labels_to_the_null_class(tmp_path):
+    """Classifier-free guidance needs the null class learnt: a class-conditional trainer's steps replace a share
+    `train.label_dropout` of the labels by the null class (index num_classes = 2) and keep the others."""
+    from msdd.data import load_photo
+
+    data = tmp_path / "classes"
+    for name in ("coffee", "astronaut"):
+        (data / name).mkdir(parents=True)
+        for j, (y, x) in enumerate([(0, 0), (120, 140)]):
+            Image.fromarray(np.ascontiguousarray(load_photo(name)[y:y + 80, x:x + 80])).save(data / name / f"{j}.png")
+    cfg = load_gen_config("gen-tiny", [*TINY_SET, f"data.source={data}", "generator.num_classes=2",
+                                       "train.label_dropout=0.5", "train.grid_every=1000"])
+    trainer = GeneratorTrainer(cfg, "tiny-64", tmp_path / "run")
+    seen = []
+    trainer.model.register_forward_pre_hook(lambda m, args: seen.append(args[2].tolist()))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(2):  # two training micro-batches of the 8 latents (4 images and their mirror images)
+        trainer.micro_step(torch.arange(8), g)
+    labels = [y for batch in seen for y in batch]
+    assert len(labels) == 16 and {0, 1, 2} <= set(labels)
+    assert 2 <= labels.count(2) <= 14  # about half of them
