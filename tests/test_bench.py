@@ -322,3 +322,167 @@ def test_matmul_peak_agrees_with_a_timed_matmul():
     probe = measure_matmul_peak(torch.float32, threads=1, n=n, repeats=20)
     assert ours / 3 < probe < ours * 3, (probe, ours)
     assert torch.get_num_threads() == previous  # the probe restores the thread count
+
+
+def test_a_row_summarises_its_timings():
+    """`summarize`: img/s from the median sample (not the fastest), GFLOP/s achieved and its fraction of the peak,
+    the fraction of each round's own peak (the median over rounds), and the compile time as the first call's
+    excess over the median; a contender that could not run keeps its error and info."""
+    from msdd.eval.bench.models import Contender
+    from msdd.eval.bench.run import summarize
+
+    c = Contender("x", lambda: None, 3 * 10**9, {"steps": [1]})
+    row = summarize(c, [0.1, 0.2, 0.4], 1.0, batch_size=2, peak_gflops=100.0, compiled=True,
+                    round_peaks=[50.0, 100.0, 200.0])
+    assert row["img_per_s"] == pytest.approx(10.0) and row["gflop_per_img"] == pytest.approx(3.0)
+    assert row["achieved_gflops"] == pytest.approx(30.0) and row["fraction_of_peak"] == pytest.approx(0.3)
+    # per round: 6 GFLOP / 0.1 s / 50, / 0.2 s / 100, / 0.4 s / 200 = 1.2, 0.3, 0.075 (mean 0.525)
+    assert row["fraction_of_round_peak"] == pytest.approx(0.3)
+    assert row["compile_seconds"] == pytest.approx(0.8) and row["first_call_seconds"] == 1.0
+    assert row["steps"] == [1] and (row["seconds_min"], row["seconds_max"]) == (0.1, 0.4)
+    assert "compile_seconds" not in summarize(c, [0.1], 1.0, 2, 100.0)
+    failed = summarize(Contender("sd-vae", None, error="no", info={"a": 1}), None, None, 2, 100.0)
+    assert failed == {"name": "sd-vae", "error": "no", "a": 1}
+
+
+def test_speed_vs_student_is_the_rows_throughput_over_the_students():
+    """A row 4x slower than the student (40 ms against 10 ms a call) reports about 0.25: its img/s over the
+    student's, not the inverse."""
+    from msdd.eval.bench.models import Contender
+    from msdd.eval.bench.run import measure
+    from msdd.eval.bench.settings import BenchSettings
+
+    settings = BenchSettings(batch_size=2, rounds=2, warmup=0, min_time=0.0)
+    rows = measure([Contender("student", lambda: time.sleep(0.01), 10**9),
+                    Contender("teacher", lambda: time.sleep(0.04), 10**9),
+                    Contender("sd-vae", None, error="no")], settings, 100.0, torch.device("cpu"), log=lambda _: None)
+    student, teacher, failed = rows
+    assert student["speed_vs_student"] == 1.0
+    assert teacher["speed_vs_student"] == pytest.approx(teacher["img_per_s"] / student["img_per_s"], rel=1e-9)
+    assert 0.1 < teacher["speed_vs_student"] < 0.6
+    assert "speed_vs_student" not in failed
+
+
+def test_at_resolution_extends_the_steps_with_the_last_stages():
+    """A schedule of different steps per stage: a doubling adds a stage with the last stage's steps, a halving
+    drops the last stage (the first stage keeps its resolution and steps)."""
+    cfg = tiny_config().model  # 32 px, 3 stages
+    cfg = dataclasses.replace(cfg, sampling=dataclasses.replace(cfg.sampling, steps=(1, 2, 3)))
+    up, up2, down = at_resolution(cfg, 64), at_resolution(cfg, 128), at_resolution(cfg, 16)
+    assert up.sampling.steps == (1, 2, 3, 3) and up2.sampling.steps == (1, 2, 3, 3, 3)
+    assert down.sampling.steps == (1, 2) and down.flow.num_stages == 2
+    assert up.stage_resolutions[:3] == cfg.stage_resolutions and down.stage_resolutions == cfg.stage_resolutions[:2]
+
+
+def test_peak_memory_counts_what_the_call_adds():
+    """`call_with_peak_memory` on the CPU: the peak resident memory the call added to what was in use before,
+    with the high-water mark reset first: a call that allocates nothing adds about nothing even after an earlier
+    256 MiB allocation (its peak is not this call's), and a 64 MiB one adds about 64 MiB."""
+    from msdd.eval.bench.memory import call_with_peak_memory
+
+    cpu = torch.device("cpu")
+    big = torch.ones(64 * 2**20)  # 256 MiB, touched, then freed
+    del big
+    _, idle = call_with_peak_memory(lambda: None, cpu)
+    if idle is None:  # not measurable here (not Linux)
+        pytest.skip("no resident-set probe on this system")
+    out, used = call_with_peak_memory(lambda: torch.ones(16 * 2**20).add_(1), cpu)
+    assert out.shape == (16 * 2**20,)
+    assert idle < 16 and 48 <= used < 112, (idle, used)
+
+
+def test_a_flow_row_decodes_the_same_images_at_every_call():
+    """A contender's decode reseeds its noise at every call: the timed calls decode the same images (one
+    workload per round), the same as `decode_latents` of the row's fixed latents; another seed draws other noise."""
+    from msdd.eval.bench.contenders import _latents, build_contenders, flow_contender
+    from msdd.eval.bench.models import FlowModel
+
+    cpu = torch.device("cpu")
+    model = FlowModel.random(tiny_config().model, cpu)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a freshly built decoder's zero-initialised output layers ignore the noise: not these
+        for p in model.decoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    (c,) = build_contenders(("teacher",), model, model, (1, 1, 1), 1.0, 2, cpu)
+    with torch.inference_mode():
+        first, second = c.decode(), c.decode()
+        again = c.decode_latents(_latents(model.config, 2, cpu))
+        other = flow_contender("t", model, model.decoder, _latents(model.config, 2, cpu), (1, 1, 1), 1.0, seed=1)
+        other_images = other.decode()
+    assert first.shape == (2, 3, 32, 32)
+    assert torch.equal(first, second) and torch.equal(first, again)
+    assert not torch.allclose(first, other_images)
+
+
+def test_the_round_probe_times_the_fastest_kernel_of_the_first_probe():
+    """The probe after each timed sample (`fraction_of_round_peak`'s denominator) times only the kernel that was
+    fastest in the run's first probe (the peak it stands for), at the sizes of `peak_sizes`, one call at the smaller
+    size with --quick; it returns that kernel's GFLOP/s."""
+    from msdd.eval.bench import run
+
+    calls = []
+
+    def recording_peaks(dtype, threads, device, n=None, repeats=5, only=None):  # what the probe asks for
+        calls.append((n, repeats, only))
+        return {only: 7.0}
+
+    peaks = {"torch.mm": 10.0, "onednn linear": 30.0, "msdd linear": 20.0}
+    cpu = torch.device("cpu")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run, "matmul_peaks", recording_peaks)
+        assert run._round_probe(peaks, torch.float32, cpu, quick=False)() == 7.0
+        assert run._round_probe(peaks, torch.float32, cpu, quick=True)() == 7.0
+    assert calls == [(None, 3, "onednn linear"), (run.peak_sizes(torch.float32, cpu)[0], 1, "onednn linear")]
+
+
+def test_the_resolution_table_times_the_given_student():
+    """With a --student of its own (here a decoder one block shallower than the teacher's), the resolution table's
+    student rows decode that student at each resolution, not the teacher's weights."""
+    from msdd.eval.bench.models import FlowModel
+    from msdd.eval.bench.run import resolution_table
+    from msdd.eval.bench.settings import BenchSettings
+
+    cpu = torch.device("cpu")
+    teacher = FlowModel.random(tiny_config().model, cpu)
+    depth = teacher.config.decoder.depth
+    student = FlowModel.random(tiny_config(f"model.decoder.depth={depth - 1}").model, cpu)
+    settings = BenchSettings(batch_size=1, rounds=1, warmup=0, min_time=0.0)
+    (row,) = resolution_table(teacher, student, [16], (1, 1, 1), 1.0, settings, 100.0, cpu, log=lambda _: None)
+    at16 = FlowModel.random(at_resolution(student.config, 16), cpu)  # the same decoder, rebuilt at 16 px
+    shallow = sum(p.numel() for p in at16.decoder.parameters()) / 1e6
+    assert row["resolution"] == 16 and row["student"]["steps"] == [1, 1]
+    assert row["student"]["params_M"] == pytest.approx(shallow, rel=1e-4)
+    assert row["teacher"]["params_M"] > row["student"]["params_M"]
+
+
+def test_the_report_command_repeats_the_run():
+    """`BenchSettings.command()` (the report's "command"): every option that differs from the defaults, what
+    --quick set spelled out, the contender list only when it is not the default one; the CLI parses it back to
+    the same options."""
+    from msdd.cli import build_parser
+    from msdd.eval.bench.settings import BenchSettings
+
+    s = BenchSettings(steps=(1, 2, 1, 1), guidance=2.0, batch_size=2, warmup=1, rounds=2, min_time=0.0, threads=1,
+                      contenders=("student", "teacher"), resolutions=(32, 64), ssdd_steps=3, quick=True)
+    command = s.command()
+    assert command == ("msdd bench --preset tiny-64 --steps 1,2,1,1 --cfg 2 --dtype fp32 --batch-size 2 --warmup 1 "
+                       "--rounds 2 --min-time 0 --threads 1 --contenders student,teacher --resolutions 32,64 "
+                       "--ssdd-steps 3 --device cpu --quick")
+    args = build_parser().parse_args(command.split()[1:])
+    assert (args.steps, args.guidance, args.contenders, args.resolutions) == ("1,2,1,1", 2.0, "student,teacher",
+                                                                             "32,64")
+    assert "--contenders" not in BenchSettings().command() and "--cfg" not in BenchSettings().command()
+
+
+def test_pipeline_decoder_shares_use_the_timed_calls():
+    """`decoder_shares` (--pipeline rows): the generator's seconds recorded inside every call, of which the last
+    `rounds` were the timed ones (the first here is a slow warm-up call); each timed call's decoder share is its time
+    less the generator's, over its time; the median over rounds. A row that did not run loses the record."""
+    from msdd.eval.bench.pipeline import decoder_shares
+
+    row = {"name": "student", "seconds": [1.0, 2.0], "seconds_median": 1.5, "generator_seconds": [5.0, 0.5, 0.5]}
+    out = decoder_shares(row, rounds=2)
+    assert out["generator_seconds_median"] == 0.5 and out["decoder_seconds_median"] == 1.0
+    assert out["decoder_share"] == pytest.approx((0.5 + 0.75) / 2) and "generator_seconds" not in out
+    assert decoder_shares({"name": "sd-vae", "error": "no", "generator_seconds": []}, 2) == {"name": "sd-vae",
+                                                                                            "error": "no"}

@@ -132,6 +132,7 @@ def test_demo_writes_a_report(tmp_path, capsys):
         assert 5 < metrics[key]["psnr"] < 60 and 0 < metrics[key]["ssim"] <= 1
     assert metrics["bicubic"]["floats"] <= metrics["latent"]["floats"]
     assert metrics["student"]["decoder_passes"] == 3 and metrics["teacher"]["decoder_passes"] == 6
+    assert metrics["student_vs_teacher"]["pass_ratio"] == 2.0  # the teacher's passes over the student's
     assert metrics["stage1"]["steps"] >= 10 and metrics["stage2"]["steps"] >= 10
     assert (out / "report" / "grid.png").exists()
     assert "bicubic" in (out / "report" / "summary.md").read_text()
