@@ -4,6 +4,7 @@ training step's transformer blocks compiled one by one (`train.compile`)."""
 from __future__ import annotations
 
 import warnings
+from typing import Callable
 
 import torch
 from torch import nn
@@ -33,11 +34,12 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(model: nn.Module, device: torch.device, backend: str = "inductor") -> int:
+def compile_blocks(model: nn.Module, device: torch.device, backend: str | Callable = "inductor") -> int:
     """Compile every transformer block (`JointBlock`) of `model` in place (`nn.Module.compile`: parameter names and
-    state dicts stay as they are), one graph per block and input shape rather than one per network, so the decoder's
-    passes at several resolutions share their blocks' code. Returns how many blocks were compiled: 0, with a
-    warning, where inductor has no compiler for `device` or `model` has no such block (SSDD's U-Net)."""
+    state dicts stay as they are). Graphs are made per block rather than per network, so blocks of one form share
+    them, and the decoder's passes at several resolutions add a graph per block form, not a whole network's. Returns
+    how many blocks were compiled: 0, with a warning, where inductor has no compiler for `device` or `model` has no
+    such block (SSDD with its convolutional encoder; SSDD's U-Net always stays eager)."""
     blocks = [m for m in model.modules() if isinstance(m, JointBlock)]
     problem = compiler_problem(device) if backend == "inductor" else None
     if problem or not blocks:
