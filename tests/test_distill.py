@@ -9,7 +9,7 @@ from msdd.models.discriminator import (
     IMAGENET_MEAN, IMAGENET_STD, PatchDiscriminator, build_discriminator, hinge_d_loss, hinge_g_loss,
 )  # fmt: skip
 from msdd.tokenizer import Tokenizer
-from msdd.train.distill import Distiller, adaptive_weight, student_pass, teacher_targets
+from msdd.train.distill import Distiller, adaptive_loss, adaptive_weight, student_pass, teacher_targets
 from msdd.train.ema import EMA
 from msdd.train.stage1 import Stage1Trainer
 
@@ -163,6 +163,84 @@ def test_adaptive_weight_is_the_gradient_norm_ratio_and_clamped():
     assert adaptive_weight(rec(), (w * 0).sum(), w).item() == 1e4
     # a NaN non-adversarial gradient (a bf16 overflow upstream) gives 0, never NaN into the loss
     assert adaptive_weight((x @ w).sum() * float("nan"), (x @ w).sum(), w).item() == 0.0
+
+
+def test_adaptive_loss_gives_the_three_pass_gradients_in_two():
+    """`adaptive_loss` (two full backward passes) against the definition (lam from two passes to the last layer,
+    then a backward pass through non_adv + lam adv), float64: the value, lam and every parameter's gradient, the
+    last layer used twice (as at every stage of a decode), parameters that only non_adv or only adv reaches, one
+    that nothing reaches, and the loop's scaling of the loss by a micro-batch's share."""
+    g = torch.Generator().manual_seed(0)
+    w, v, only_rec, only_adv, unused = (torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64))
+                                        for shape in ((4, 4), (4, 4), (4,), (2,), (3,)))
+    x = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    params = [v, w, only_rec, only_adv, unused]
+
+    def losses():
+        h = torch.tanh(x @ w) @ v @ w  # w first and last
+        return (h - 0.3).pow(2).mean() + only_rec.pow(2).sum(), h.sin().sum() + only_adv.pow(2).sum()
+
+    non_adv, adv = losses()
+    lam_ref = adaptive_weight(non_adv, adv, w) * 0.7
+    (non_adv + lam_ref * adv).backward()
+    expected = [None if p.grad is None else p.grad.clone() for p in params]
+    assert None not in expected[:4] and expected[4] is None
+    for p in params:
+        p.grad = None
+    non_adv, adv = losses()
+    lam, loss = adaptive_loss(non_adv, adv, params, w, 0.7)
+    assert lam.item() == pytest.approx(lam_ref.item(), rel=1e-12) and 0 < lam.item() < 1e4
+    assert loss.item() == pytest.approx((non_adv + lam_ref * adv).item(), rel=1e-12)
+    (loss * 0.25).backward()
+    assert unused.grad is None
+    for p, e in zip(params[:4], expected):
+        torch.testing.assert_close(p.grad, 0.25 * e, rtol=1e-12, atol=1e-12)
+
+
+def test_distill_compile_runs_the_students_blocks_compiled_with_the_eager_loss_and_gradients(teacher_dir, tmp_path,
+                                                                                              monkeypatch):
+    """distill.compile: the student decoder's transformer blocks run compiled (not its frozen encoder's, not the
+    EMA's or the teacher's), and a compiled step, whose adaptive weight takes two backward passes through them (the
+    first keeping the graph, which AOTAutograd's donated buffers would refuse), gives the eager step's loss, weight
+    and gradients (float32). Backend aot_eager: autograd's tracing of the blocks without inductor's code generation."""
+    import torch._functorch.config
+
+    import msdd.train.distiller as distiller
+    from msdd.models import compiling
+    from msdd.models.layers import JointBlock
+
+    calls = []
+
+    def compile_blocks(model, device, **options):
+        calls.append((model, options))
+        return compiling.compile_blocks(model, device, backend="aot_eager", **options)
+
+    monkeypatch.setattr(distiller, "compile_blocks", compile_blocks)
+    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)  # PyTorch's default; restored after
+    settings = ("distill.batch_size=4", "train.bf16=false")
+    eager = Distiller(tiny_config(*settings), teacher_dir, tmp_path / "eager")
+    compiled = Distiller(tiny_config(*settings, "distill.compile=true"), teacher_dir, tmp_path / "compiled")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    losses, logs, grads = [], [], []
+    for d in (eager, compiled):
+        loss, out = d.micro_step(images, torch.Generator().manual_seed(5))
+        loss.backward()
+        losses.append(loss.item())
+        logs.append(out)
+        grads.append([p.grad for p in d.trained_parameters()])
+    assert calls == [(compiled.student.decoder, {"setting": "distill.compile", "keep_graph": True})]
+    blocks = [m for m in compiled.student.decoder.modules() if isinstance(m, JointBlock)]
+    assert blocks and all(b._compiled_call_impl is not None for b in blocks)  # what nn.Module.compile sets
+    for frozen in (compiled.student.encoder, compiled.ema.module, compiled.teacher):
+        assert all(getattr(m, "_compiled_call_impl", None) is None for m in frozen.modules())
+    assert 0 < logs[0]["lambda_adv"] < 1e4  # the adaptive weight, not its clamp
+    assert logs[1]["lambda_adv"] == pytest.approx(logs[0]["lambda_adv"], rel=1e-4)
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert [g is None for g in grads[1]] == [g is None for g in grads[0]]  # the null context: no gradient here
+    assert sum(g is not None for g in grads[1]) > 0.9 * len(grads[1])
+    for ge, gc in zip(*grads):
+        if ge is not None:
+            torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-6)
 
 
 def test_patch_discriminator_learns_real_vs_blurred():

@@ -541,9 +541,10 @@ def test_distill_resume_refuses_changed_train_fields_the_distillers_read():
     stage1 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=0.5, max_steps=7, batch_size=2,
                                                                 log_every=3, keep_checkpoints=9, init_from="x"))
     check_resume(stored, stage1, Path("runs/d"))
-    # so does the cadence of logs and checkpoints, the loader's workers and the run's name
+    # so does the cadence of logs and checkpoints, the loader's workers, compiling and the run's name
     cadence = dataclasses.replace(cfg, name="other", data=dataclasses.replace(cfg.data, num_workers=3),
-                                  distill=dataclasses.replace(cfg.distill, log_every=7, ckpt_every=7, grid_every=7))
+                                  distill=dataclasses.replace(cfg.distill, log_every=7, ckpt_every=7, grid_every=7,
+                                                              compile=not cfg.distill.compile))
     check_resume(stored, cadence, Path("runs/d"))
 
 

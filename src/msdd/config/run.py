@@ -118,6 +118,9 @@ class DistillConfig(StepsConfig):
     # the DINO discriminator's heads: "small" (128 wide, GroupNorm: 0.99M) or "reference" (the reference
     # code's: 384 wide, BatchNorm, residual / sqrt(2), CLS token added, random crops: 7.38M; D7)
     disc_heads: Literal["small", "reference"] = "small"
+    # torch.compile the student decoder's transformer blocks (as train.compile: one by one, the first steps compile
+    # them); pays with the default adaptive weight's two full backward passes: benchmarks/README.md "Stage 2"
+    compile: bool = False
 
     @property
     def lr_batch_factor(self) -> float:

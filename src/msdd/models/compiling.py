@@ -1,5 +1,5 @@
 """torch.compile for msdd's networks: whether inductor can compile for a device (`msdd bench --compile`), and a
-training step's transformer blocks compiled one by one (`train.compile`)."""
+training step's transformer blocks compiled one by one (`train.compile`, `distill.compile`)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import warnings
 from typing import Callable
 
 import torch
+import torch._functorch.config
 from torch import nn
 
 from msdd.models.layers import JointBlock
@@ -34,18 +35,24 @@ def compiler_problem(device: torch.device) -> str | None:
     return None
 
 
-def compile_blocks(model: nn.Module, device: torch.device, backend: str | Callable = "inductor") -> int:
+def compile_blocks(model: nn.Module, device: torch.device, backend: str | Callable = "inductor",
+                   setting: str = "train.compile", keep_graph: bool = False) -> int:
     """Compile every transformer block (`JointBlock`) of `model` in place (`nn.Module.compile`: parameter names and
     state dicts stay as they are). Graphs are made per block rather than per network, so blocks of one form share
     them, and the decoder's passes at several resolutions add a graph per block form, not a whole network's. Returns
-    how many blocks were compiled: 0, with a warning, where inductor has no compiler for `device` or `model` has no
-    such block (SSDD with its convolutional encoder; SSDD's U-Net always stays eager)."""
+    how many blocks were compiled: 0, with a warning naming `setting`, where inductor has no compiler for `device` or
+    `model` has no such block (SSDD with its convolutional encoder; SSDD's U-Net always stays eager). `keep_graph`:
+    the step runs backward passes that keep the graph for another (`retain_graph`, as the distillers' adaptive
+    weight), which AOTAutograd's donated buffers refuse; it turns them off for the process (a memory saving of
+    compiled backward passes, nothing else)."""
     blocks = [m for m in model.modules() if isinstance(m, JointBlock)]
     problem = compiler_problem(device) if backend == "inductor" else None
     if problem or not blocks:
-        warnings.warn("train.compile: training uncompiled: " + (problem or "the model has no transformer blocks"),
+        warnings.warn(f"{setting}: training uncompiled: " + (problem or "the model has no transformer blocks"),
                       stacklevel=2)
         return 0
+    if keep_graph:
+        torch._functorch.config.donated_buffer = False
     for block in blocks:
         block.compile(backend=backend, recompile_limit=RECOMPILE_LIMIT)
     return len(blocks)

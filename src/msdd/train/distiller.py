@@ -18,6 +18,7 @@ from msdd.data import build_eval_images
 from msdd.dist import setup
 from msdd.eval.grid import save_grid
 from msdd.hub import file_sha256, read_model_metadata, resolve_model_dir
+from msdd.models.compiling import compile_blocks
 from msdd.models.discriminator import build_discriminator
 from msdd.tokenizer import Tokenizer
 from msdd.train.ema import EMA
@@ -27,11 +28,11 @@ from msdd.weights import build_loss_network, unused_file
 
 # The config a distillation computes with: these sections and fields. The other train.* fields configure
 # stage 1 only (tests/test_faults.py finds every train field the distillers' code reads and checks that
-# changing it is refused). Within them, the cadence of logs and checkpoints and the loader's workers may
-# change on resume: they do not change what is computed.
+# changing it is refused). Within them, the cadence of logs and checkpoints, the loader's workers and compiling
+# may change on resume: they do not change what is computed (compiling: up to rounding).
 READS = ("model", "data", "distill", "train.seed", "train.bf16", "train.betas", "train.grad_clip",
          "train.linear_lr_scale", "train.min_lr_ratio")
-CADENCE = ("distill.log_every", "distill.ckpt_every", "distill.grid_every", "data.num_workers")
+CADENCE = ("distill.log_every", "distill.ckpt_every", "distill.grid_every", "data.num_workers", "distill.compile")
 # read too, and free to change on resume (how many checkpoints the shared loop keeps)
 READ_ANY_TIME = ("train.keep_checkpoints",)
 
@@ -91,6 +92,8 @@ class DistillerBase(TrainerBase):
         self.student.load_state_dict(self.teacher.state_dict())  # the teacher's (EMA) weights
         self.student.encoder.requires_grad_(False)  # shared and frozen
         self.ema = EMA(self.student, dc.ema_decay, dc.ema_warmup)
+        if dc.compile:  # the trained decoder only (the EMA's grids and saved model decode on the inference path)
+            compile_blocks(self.student.decoder, self.device, setting="distill.compile", keep_graph=True)
         self.disc, self.disc_params = None, []
         if self.adversarial:
             self.disc = build_discriminator(dc.discriminator, dino_weights,

@@ -1,0 +1,100 @@
+"""Where a stage-2 (distillation) step's time goes, and what torch.compile of the student's blocks does to it: the
+trainer's own step (`Distiller.train_step`: the preset's autocast, discriminator and losses) on random images, for
+six variants alternated step by step in one process: the student's blocks eager or compiled (`distill.compile`)
+x the adversarial weight: adaptive
+(`distill.adaptive_of=total`, the default: `adaptive_loss`, the gradients of both loss terms in two full backward
+passes), adaptive against the reference term (`adaptive_of=reference`: `adaptive_weight`, two backward passes to
+the decoder's last layer, then the step's backward pass through the sum; the way every adaptive weight was computed
+before `adaptive_loss`), or fixed (`adaptive_adv=false`). The step's parts are timed by wrapping the distiller's own
+functions: `student_pass` (the student's one-step-per-stage forward), `teacher_targets` (the frozen teacher's
+passes, no gradients), "adaptive" (`adaptive_loss` or `adaptive_weight`); "rest" is the step less those (the
+discriminator, the losses, the backward pass of the step, the optimiser and EMA steps).
+
+    python benchmarks/distill_step.py --preset tiny-64 --teacher tiny-64-teacher --steps 12 --out distill-step.json
+
+Medians in ms.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+import msdd.malloc
+import msdd.train.distill as distill
+from msdd.config import load_config
+
+PARTS = {"student_pass": "student_pass", "teacher_targets": "teacher_targets", "adaptive_loss": "adaptive",
+         "adaptive_weight": "adaptive"}  # function: part
+WEIGHTS = {"adaptive weight": ("adaptive_of=total", "adaptive_adv=true"),
+           "reference term": ("adaptive_of=reference", "adaptive_adv=true"), "fixed weight": ("adaptive_adv=false",)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny-64")
+    ap.add_argument("--teacher", default="tiny-64-teacher", help="a stage-1 model: a directory or a bundled name")
+    ap.add_argument("--steps", type=int, default=12, help="timed steps of each variant (after 2 warm-up steps)")
+    ap.add_argument("--out", help="write the medians as JSON here")
+    args = ap.parse_args()
+    msdd.malloc.tune()
+    cfg = load_config(args.preset)
+    parts = sorted(set(PARTS.values()))
+    clock = dict.fromkeys(parts, 0.0)
+    for fn, part in PARTS.items():  # the distiller calls these by their module names: each call adds its time
+        setattr(distill, fn, _timed(getattr(distill, fn), part, clock))
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for compiled in (False, True):
+            for weight, settings in WEIGHTS.items():
+                name = ("compiled, " if compiled else "eager, ") + weight
+                over = [f"distill.{s}" for s in (*settings, f"compile={str(compiled).lower()}")]
+                runs[name] = distill.Distiller(load_config(args.preset, over), args.teacher, f"{tmp}/{len(runs)}")
+        r = cfg.model.image_size
+        images = torch.rand(cfg.distill.batch_size, 3, r, r, generator=torch.Generator().manual_seed(0)) * 2 - 1
+        times = {name: {part: [] for part in (*parts, "rest", "step")} for name in runs}
+        first_step = {}
+        for i in range(2 + args.steps):
+            for name, d in runs.items():
+                clock.update(dict.fromkeys(parts, 0.0))
+                start = time.perf_counter()
+                d.train_step(images)
+                step = time.perf_counter() - start
+                if i == 0:
+                    first_step[name] = round(step, 2)  # compiles the compiled variants' graphs
+                if i >= 2:
+                    for part in parts:
+                        times[name][part].append(clock[part] * 1e3)
+                    times[name]["rest"].append((step - sum(clock.values())) * 1e3)
+                    times[name]["step"].append(step * 1e3)
+    result = {"preset": args.preset, "teacher": args.teacher, "batch_size": cfg.distill.batch_size,
+              "bf16_autocast": cfg.train.bf16, "teacher_steps": cfg.distill.teacher_steps,
+              "discriminator": cfg.distill.discriminator, "steps": args.steps, "first_step_s": first_step,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "ms": {name: {part: round(statistics.median(v), 2) for part, v in parts.items()}
+                     for name, parts in times.items()}}
+    print(f"{args.preset} from {args.teacher}, batch {cfg.distill.batch_size}, bf16 autocast {cfg.train.bf16}, "
+          f"{args.steps} steps of each, alternated (ms, medians)")
+    for name, parts in result["ms"].items():
+        print(f"  {name:25s} " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items())
+              + f"  (first step {first_step[name]:.1f} s)")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+
+
+def _timed(fn, part: str, clock: dict):
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            clock[part] += time.perf_counter() - start
+    return timed
+
+
+if __name__ == "__main__":
+    main()
