@@ -77,7 +77,8 @@ def adaptive_loss(non_adv: torch.Tensor, adv: torch.Tensor, params: list[torch.n
     g_adv = torch.autograd.grad(adv, params, allow_unused=True)
     last = next(i for i, p in enumerate(params) if p is last_layer)
     lam = _norm_ratio(g_non[last], g_adv[last]) * lambda_adv
-    grads = [a if b is None else b * lam if a is None else a + lam * b for a, b in zip(g_non, g_adv)]
+    # in place: one more set of gradients than a single backward pass keeps, not two
+    grads = [a if b is None else b.mul_(lam) if a is None else a.add_(b.mul_(lam)) for a, b in zip(g_non, g_adv)]
     value = non_adv.detach() + lam * adv.detach()
     return lam, _WithGradients.apply(value, grads, *params)
 
