@@ -16,8 +16,6 @@ Medians in ms.
 """
 
 import argparse
-import json
-import statistics
 import tempfile
 import time
 
@@ -26,6 +24,7 @@ import torch
 import msdd.malloc
 import msdd.train.distill as distill
 from msdd.config import load_config
+from train_step import report  # benchmarks/, this script's folder
 
 PARTS = {"student_pass": "student_pass", "teacher_targets": "teacher_targets", "adaptive_loss": "adaptive",
          "adaptive_weight": "adaptive"}  # function: part
@@ -70,20 +69,11 @@ def main() -> None:
                         times[name][part].append(clock[part] * 1e3)
                     times[name]["rest"].append((step - sum(clock.values())) * 1e3)
                     times[name]["step"].append(step * 1e3)
-    result = {"preset": args.preset, "teacher": args.teacher, "batch_size": cfg.distill.batch_size,
-              "bf16_autocast": cfg.train.bf16, "teacher_steps": cfg.distill.teacher_steps,
-              "discriminator": cfg.distill.discriminator, "steps": args.steps, "first_step_s": first_step,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "ms": {name: {part: round(statistics.median(v), 2) for part, v in parts.items()}
-                     for name, parts in times.items()}}
-    print(f"{args.preset} from {args.teacher}, batch {cfg.distill.batch_size}, bf16 autocast {cfg.train.bf16}, "
-          f"{args.steps} steps of each, alternated (ms, medians)")
-    for name, parts in result["ms"].items():
-        print(f"  {name:25s} " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items())
-              + f"  (first step {first_step[name]:.1f} s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    report({"preset": args.preset, "teacher": args.teacher, "batch_size": cfg.distill.batch_size,
+            "bf16_autocast": cfg.train.bf16, "teacher_steps": cfg.distill.teacher_steps,
+            "discriminator": cfg.distill.discriminator, "steps": args.steps}, times, first_step,
+           f"{args.preset} from {args.teacher}, batch {cfg.distill.batch_size}, bf16 autocast {cfg.train.bf16}, "
+           f"{args.steps} steps of each", args.out)
 
 
 def _timed(fn, part: str, clock: dict):

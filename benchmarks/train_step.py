@@ -90,20 +90,24 @@ def main() -> None:
                 times[name]["step"].append((marks[-1] - marks[0]) * 1e3)
     layers.FP32_CPU_ATTENTION_MAX_KEYS = limit
     trained = sum(p.numel() for p in runs[names[1]][3])
-    result = {"preset": args.preset, "compare": args.compare, "fp32_cpu_attention_max_keys": limit,
-              "batch_size": tc.batch_size, "bf16_autocast": tc.bf16, "steps": args.steps,
-              "trained_parameters": trained, "first_step_s": first_step, "torch": torch.__version__,
-              "threads": torch.get_num_threads(),
-              "ms": {name: {part: round(statistics.median(v), 2) for part, v in parts.items()}
-                     for name, parts in times.items()}}
-    print(f"{args.preset}, batch {tc.batch_size}, bf16 autocast {tc.bf16}, {trained / 1e6:.2f} M trained parameters, "
-          f"{args.steps} steps of each, alternated (ms, medians)")
-    for name, parts in result["ms"].items():
-        print(f"  {name:16s} " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items())
+    report({"preset": args.preset, "compare": args.compare, "fp32_cpu_attention_max_keys": limit,
+            "batch_size": tc.batch_size, "bf16_autocast": tc.bf16, "steps": args.steps, "trained_parameters": trained},
+           times, first_step, f"{args.preset}, batch {tc.batch_size}, bf16 autocast {tc.bf16}, {trained / 1e6:.2f} M "
+           f"trained parameters, {args.steps} steps of each", args.out)
+
+
+def report(settings: dict, times: dict, first_step: dict, header: str, out: str | None) -> None:
+    """Print each variant's median times (ms) per part, and write them with `settings` as JSON to `out`."""
+    ms = {name: {part: round(statistics.median(v), 2) for part, v in parts.items()} for name, parts in times.items()}
+    print(header + ", alternated (ms, medians)")
+    width = max(map(len, ms))
+    for name, parts in ms.items():
+        print(f"  {name:{width}s}  " + "  ".join(f"{part} {v:.1f}" for part, v in parts.items())
               + f"  (first step {first_step[name]:.1f} s)")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+    if out:
+        with open(out, "w") as f:
+            json.dump({**settings, "first_step_s": first_step, "torch": torch.__version__,
+                       "threads": torch.get_num_threads(), "ms": ms}, f, indent=1)
 
 
 def sdpa_table(out: str | None) -> None:

@@ -123,9 +123,26 @@ def test_train_on_empty_folder_errors(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
-def test_demo_writes_a_report(tmp_path, capsys):
+def test_demo_writes_a_report(tmp_path, capsys, monkeypatch):
+    """`msdd demo --minutes`: both stages sized from a measured step time, 70% of the budget to stage 1 and 30% to
+    stage 2 (the budget functions run as they are; the test records what they were given); the report's rows."""
+    import msdd.demo
+
+    budgets = {}
+
+    def recording(name):
+        real = getattr(msdd.demo, name)
+
+        def record(cfg, *args):
+            budgets[name] = args[-2]  # (..., minutes, device)
+            return real(cfg, *args)
+        return record
+
+    for name in ("budgeted_config", "budgeted_distill"):
+        monkeypatch.setattr(msdd.demo, name, recording(name))
     out = tmp_path / "demo"
     assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
+    assert budgets == pytest.approx({"budgeted_config": 0.035, "budgeted_distill": 0.015})
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["eval_set"]["images"] == 42
     for key in ("teacher", "student", "bicubic"):

@@ -216,18 +216,19 @@ def test_distill_compile_runs_the_students_blocks_compiled_with_the_eager_loss_a
         return compiling.compile_blocks(model, device, backend="aot_eager", **options)
 
     monkeypatch.setattr(distiller, "compile_blocks", compile_blocks)
-    monkeypatch.setattr(torch._functorch.config, "donated_buffer", True)  # PyTorch's default; restored after
     settings = ("distill.batch_size=4", "train.bf16=false")
-    eager = Distiller(tiny_config(*settings), teacher_dir, tmp_path / "eager")
-    compiled = Distiller(tiny_config(*settings, "distill.compile=true"), teacher_dir, tmp_path / "compiled")
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     losses, logs, grads = [], [], []
-    for d in (eager, compiled):
-        loss, out = d.micro_step(images, torch.Generator().manual_seed(5))
-        loss.backward()
-        losses.append(loss.item())
-        logs.append(out)
-        grads.append([p.grad for p in d.trained_parameters()])
+    # PyTorch's default, whatever ran before; restored after (torch's own patch: monkeypatch's undo would delete it)
+    with torch._functorch.config.patch(donated_buffer=True):
+        eager = Distiller(tiny_config(*settings), teacher_dir, tmp_path / "eager")
+        compiled = Distiller(tiny_config(*settings, "distill.compile=true"), teacher_dir, tmp_path / "compiled")
+        for d in (eager, compiled):
+            loss, out = d.micro_step(images, torch.Generator().manual_seed(5))
+            loss.backward()
+            losses.append(loss.item())
+            logs.append(out)
+            grads.append([p.grad for p in d.trained_parameters()])
     assert calls == [(compiled.student.decoder, {"setting": "distill.compile", "keep_graph": True})]
     blocks = [m for m in compiled.student.decoder.modules() if isinstance(m, JointBlock)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)  # what nn.Module.compile sets

@@ -273,12 +273,12 @@ def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_lo
     # `msdd info --step-time` and --minutes budgets time the step as configured, on a model compiled the same way.
     # Timing both dtypes in one process doubles the variants of the block's forward (with two encoder blocks: 10,
     # more than dynamo's default limit of 8, past which the blocks would run eager; here a hit fails)
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
     backend = "eager"  # dynamo alone (the limit is dynamo's): faster than aot_eager
-    for bf16 in (True, False):
-        cfg = tiny_config("train.batch_size=8", "model.linear_path=false", "train.compile=true",
-                          f"train.bf16={str(bf16).lower()}", "model.encoder.depth=2")
-        assert stage1.measure_step_time(cfg, steps=1, warmup=1) > 0
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):  # torch's patch: monkeypatch would delete it
+        for bf16 in (True, False):
+            cfg = tiny_config("train.batch_size=8", "model.linear_path=false", "train.compile=true",
+                              f"train.bf16={str(bf16).lower()}", "model.encoder.depth=2")
+            assert stage1.measure_step_time(cfg, steps=1, warmup=1) > 0
     assert len(models) == 3
 
 
