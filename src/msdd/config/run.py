@@ -119,7 +119,8 @@ class DistillConfig(StepsConfig):
     # code's: 384 wide, BatchNorm, residual / sqrt(2), CLS token added, random crops: 7.38M; D7)
     disc_heads: Literal["small", "reference"] = "small"
     # torch.compile the student decoder's transformer blocks (as train.compile: one by one, the first steps compile
-    # them); pays with the default adaptive weight's two full backward passes: benchmarks/README.md "Stage 2"
+    # them); pays with adaptive_of=total's two whole backward passes, not with reference's three (CPU, tiny-64):
+    # benchmarks/README.md "Stage 2"
     compile: bool = False
 
     @property
