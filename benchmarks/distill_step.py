@@ -1,13 +1,13 @@
 """Where a stage-2 (distillation) step's time goes, and what torch.compile of the student's blocks does to it: the
 trainer's own step (`Distiller.train_step`: the preset's autocast, discriminator and losses) on random images, for
-six variants alternated step by step in one process: the student's blocks eager or compiled (`distill.compile`)
-x the adversarial weight: adaptive (`distill.adaptive_of=total`, the default: `adaptive_loss`, the gradients of both
-loss terms in two full backward passes), adaptive against the reference term (`adaptive_of=reference`: `adaptive_weight`, two backward passes to
-the decoder's last layer, then the step's backward pass through the sum; the way every adaptive weight was computed
-before `adaptive_loss`), or fixed (`adaptive_adv=false`). The step's parts are timed by wrapping the distiller's own
-functions: `student_pass` (the student's one-step-per-stage forward), `teacher_targets` (the frozen teacher's
-passes, no gradients), "adaptive" (`adaptive_loss` or `adaptive_weight`); "rest" is the step less those (the
-discriminator, the losses, the backward pass of the step, the optimiser and EMA steps).
+six variants alternated step by step in one process: the student's blocks eager or compiled (`distill.compile`) x the
+adversarial weight: adaptive (`distill.adaptive_of=total`, the default: `adaptive_loss`, the gradients of both loss
+terms in two full backward passes), adaptive against the reference term (`adaptive_of=reference`: `adaptive_weight`,
+two backward passes to the decoder's last layer, then the step's backward pass through the sum; the way every
+adaptive weight was computed before `adaptive_loss`), or fixed (`adaptive_adv=false`). The step's parts are timed by
+wrapping the distiller's own functions: `student_pass` (the student's one-step-per-stage forward), `teacher_targets`
+(the frozen teacher's passes, no gradients), "adaptive" (`adaptive_loss` or `adaptive_weight`); "rest" is the step
+less those (the discriminator, the losses, the backward pass of the step, the optimiser and EMA steps).
 
     python benchmarks/distill_step.py --preset tiny-64 --teacher tiny-64-teacher --steps 12 --out distill-step.json
 
