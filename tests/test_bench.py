@@ -435,6 +435,34 @@ def test_the_round_probe_times_the_fastest_kernel_of_the_first_probe():
     assert calls == [(None, 3, "onednn linear"), (run.peak_sizes(torch.float32, cpu)[0], 1, "onednn linear")]
 
 
+def test_the_runs_peak_probes_time_both_sizes_and_quick_ones_the_smaller():
+    """The probes before and after the rounds: every kernel at both sizes of `peak_sizes`, best of 5 (n=None:
+    `matmul_peaks` takes each kernel's best over them); --quick: the smaller size alone, best of 3, which the
+    command's log names."""
+    from msdd.eval.bench import run
+    from msdd.eval.bench.settings import QUICK, BenchSettings
+
+    calls = []
+
+    def recording_peaks(dtype, threads, device, n=None, repeats=5, only=None):  # the kernels' own: another test's
+        calls.append((n, repeats, only))
+        return {"torch.mm": 7.0}
+
+    small = run.peak_sizes(torch.bfloat16, torch.device("cpu"))[0]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(run, "matmul_peaks", recording_peaks)
+        for quick in (False, True):
+            logged = []
+            settings = BenchSettings(**{**QUICK, "preset": "tiny-test", "dtype": "bf16", "contenders": ("student",),
+                                        "threads": 1, "quick": quick})
+            run.run_bench(settings, logged.append)
+            probes = [c for c in calls if c[2] is None]  # not the round probe's (the test above)
+            assert probes == ([(small, 3, None)] if quick else [(None, 5, None)]) * 2
+            sizes = " and ".join(f"{n}^3" for n in run.peak_sizes(torch.bfloat16, torch.device("cpu")))
+            assert f"(best of {f'{small}^3' if quick else sizes} bf16," in logged[0]
+            calls.clear()
+
+
 def test_the_resolution_table_times_the_given_student():
     """With a --student of its own (here a decoder one block shallower than the teacher's), the resolution table's
     student rows decode that student at each resolution, not the teacher's weights."""

@@ -234,7 +234,8 @@ def add_bench(sub) -> None:
                    help="generator guidance of --pipeline, one doubled batch (default 1.5; 1 for an unconditional "
                         "preset)")
     p.add_argument("--quick", action="store_true",
-                   help="seconds-long smoke run: batch 2, 1 warm-up, 2 rounds, 2 teacher steps per stage")
+                   help="seconds-long smoke run: batch 2, 1 warm-up, 2 rounds, 2 teacher steps per stage, the "
+                        "matmul peak probed at the smaller size only")
     p.add_argument("--json", default="bench.json", help="where to write the results (default: bench.json)")
     p.add_argument("--device", default="cpu", type=device_arg)
     p.set_defaults(func=cmd_bench)

@@ -138,6 +138,20 @@ def _round_probe(kernel_peaks: dict[str, float], dtype: torch.dtype, device: tor
     return lambda: matmul_peaks(dtype, None, device, repeats=3, only=kernel)[kernel]
 
 
+def _peak_sizes(dtype: torch.dtype, device: torch.device, quick: bool) -> tuple[int, ...]:
+    """The sizes the run's peak probes time: both of `peak_sizes`; quick: the smaller alone, whose calls take an
+    eighth of the larger's (a smoke run's probes before and after the rounds: 2.5 s instead of 22 s in bf16 on
+    one Zen 4 core)."""
+    return peak_sizes(dtype, device)[:1] if quick else peak_sizes(dtype, device)
+
+
+def _peaks(dtype: torch.dtype, device: torch.device, quick: bool) -> dict[str, float]:
+    """Each matmul kernel's GFLOP/s at its best over `_peak_sizes`, best of 5 calls a size (quick: 3)."""
+    if quick:
+        return matmul_peaks(dtype, None, device, _peak_sizes(dtype, device, quick)[0], repeats=3)
+    return matmul_peaks(dtype, None, device, repeats=5)
+
+
 def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     device = torch.device(settings.device)
     dtype = DTYPES[settings.dtype]
@@ -154,10 +168,11 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     if guidance in (0.0, 1.0) and {"teacher", "teacher-nocfg"} <= set(settings.contenders):
         log(f"note: the teacher's cfg is {guidance:g} (a single pass per step), so `teacher` and `teacher-nocfg` are "
             f"the same decode; pass --cfg 2 to time guided decoding")
-    kernel_peaks = matmul_peaks(dtype, None, device, repeats=3 if settings.quick else 5)
+    sizes = _peak_sizes(dtype, device, settings.quick)
+    kernel_peaks = _peaks(dtype, device, settings.quick)
     peak = max(kernel_peaks.values())
     conv_peak = measure_conv_peak(dtype, None, device, repeats=3 if settings.quick else 5)
-    log(f"matmul peak {peak:.1f} GFLOP/s (best of {' and '.join(f'{n}^3' for n in peak_sizes(dtype, device))} "
+    log(f"matmul peak {peak:.1f} GFLOP/s (best of {' and '.join(f'{n}^3' for n in sizes)} "
         f"{settings.dtype}, {torch.get_num_threads()} threads; "
         + ", ".join(f"{k} {v:.1f}" for k, v in kernel_peaks.items()) + "), "
         f"3x3 conv {conv_peak:.1f} GFLOP/s")
@@ -179,7 +194,7 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
     rows = measure(contenders, settings, peak, device, log, _round_probe(kernel_peaks, dtype, device, settings.quick))
     # the probe again after the timed rounds: the peak moves by 10-20% here between spells, and a probe taken in a
     # slow one alone would put every row closer to the peak than it is; the % uses the higher of the two
-    end_peaks = matmul_peaks(dtype, None, device, repeats=3 if settings.quick else 5)
+    end_peaks = _peaks(dtype, device, settings.quick)
     start_peak, end_peak = peak, max(end_peaks.values())
     peak = max(start_peak, end_peak)
     kernel_peaks = {k: max(v, end_peaks[k]) for k, v in kernel_peaks.items()}

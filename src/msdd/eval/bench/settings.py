@@ -62,7 +62,7 @@ class BenchSettings:
     contenders: tuple[str, ...] = CONTENDERS
     resolutions: tuple[int, ...] = ()
     device: str = "cpu"
-    quick: bool = False  # recorded in the command; also fewer repeats of the peak probes
+    quick: bool = False  # recorded in the command; also the peak probes at the smaller size, fewer repeats
     ssdd_preset: str | None = None  # None: default_ssdd_preset(resolution)
     ssdd_steps: int | None = None  # None: the SSDD preset's own steps
     pipeline: bool = False  # generator + decoder per row (msdd.eval.bench.pipeline)
