@@ -137,11 +137,16 @@ def test_reconstruct_cli_sizes_and_skip_existing(tmp_path, capsys):
     kept = (out / "reconstructions" / "square.png").stat().st_mtime_ns
     capsys.readouterr()
     assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 0
-    assert "3 images reconstructed (0 skipped, 1 kept from an earlier run)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "3 images reconstructed (0 skipped, 1 kept from an earlier run)" in printed and " s/image" in printed
     assert (out / "reconstructions" / "square.png").stat().st_mtime_ns == kept
     assert (out / "reconstructions" / "tall.png").read_bytes() == tall  # decoded again, the same image
     again = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
     assert again == first  # the kept PNG scores as it did when it was written
+    assert main(["reconstruct", str(photos), "--model", str(model), "--out", str(out), "--skip-existing"]) == 0
+    printed = capsys.readouterr().out  # every PNG kept: no decode time (was "decode 0.000 s/image")
+    assert "(0 skipped, 3 kept from an earlier run)" in printed and "none decoded again" in printed
+    assert "s/image" not in printed
     # another model or seed: the PNGs are not this run's (was: "kept", scored as the other model's)
     for other in (["--model", "tiny-64-teacher"], ["--model", str(model), "--seed", "1"],
                   ["--model", str(model), "--steps", "1"]):

@@ -33,8 +33,9 @@ def cmd_reconstruct(args) -> None:
                           batch_size=args.batch_size, bf16=args.bf16, skip_existing=args.skip_existing,
                           workers=args.workers, int8=args.int8)
     reused = f", {s['reused']} kept from an earlier run" if s["reused"] else ""
+    decoded = f"decode {s['decode_s']:.3f} s/image" if s["n"] > s["reused"] else "none decoded again"
     print(f"{s['n']} images reconstructed ({len(s['skipped'])} skipped{reused}) -> {args.out}: mean PSNR "
-          f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, decode {s['decode_s']:.3f} s/image")
+          f"{s['psnr']:.2f} dB, SSIM {s['ssim']:.4f}, {decoded}")
 
 
 def _print_eval(r: dict) -> None:
