@@ -107,6 +107,59 @@ def test_optimised_path_equals_reference_path_in_training_and_without_the_kernel
     assert (fast - ref).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("width", [32, 64])  # 64: the linear kernel takes the gated residuals (its N % 64 == 0)
+def test_the_encoders_affine_norms_run_on_the_fused_kernels(width, monkeypatch):
+    """On the optimised CPU path the encoder's affine LayerNorms are modulation vectors (shift = bias, scale = weight
+    - 1, gates of 1: `Stream.affine_mods`) of the fused adaLN kernel and of the linear kernel's gated residual, as a
+    decoder's modulated streams run, so its blocks call no LayerNorm module; an encode equals the reference path's
+    (float32 within 1e-5, bf16 within 0.02), also with the kernels off, where `adaln` normalises without the norm's
+    weights and applies them once, as the vectors."""
+    from msdd.models import cpu_kernels
+
+    tok = Tokenizer(tiny_config(f"model.encoder.width={width}").model).eval()
+    with torch.no_grad():  # every weight random; the norms' weights near 1 and biases apart from 0, as trained ones
+        for p in tok.parameters():
+            p.normal_(0, 0.05)
+        for m in tok.encoder.modules():
+            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.add_(1.0)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(4)) * 2 - 1
+    norms = [m for b in tok.encoder.blocks for m in b.modules()  # each stream's norm1 / norm2, not the q / k norms
+             if isinstance(m, torch.nn.LayerNorm) and m.normalized_shape[0] == width]
+    calls = {"norms": 0, "adaln": 0, "gated_adaln": 0, "linear": 0}
+
+    def counted(name, kernel):
+        def run(*args):  # linear: only its calls with a gated residual, (x, weight, bias, swiglu, residual, gate)
+            calls[name] += name != "linear" or (len(args) == 6 and args[-1] is not None)
+            return kernel(*args)
+        return run
+
+    for m in norms:
+        m.register_forward_hook(lambda *_: calls.__setitem__("norms", calls["norms"] + 1))
+    for name in ("adaln", "gated_adaln", "linear"):  # gated_adaln: where the linear kernel cannot take the residual
+        monkeypatch.setattr(cpu_kernels, name, counted(name, getattr(cpu_kernels, name)))
+    fast, fast16 = tok.encode(x), tok.encode(x, bf16=True)
+    if cpu_kernels.library() is not None:  # every norm in a kernel, none as a module (2 encodes)
+        full = sum(not s.pre_only for b in tok.encoder.blocks for s in (b.img, b.ctx))  # streams with a norm2
+        if width == 64:  # norm2 after the projection's gated residual; the MLP's in the linear kernel too
+            assert calls == {"norms": 0, "adaln": 2 * len(norms), "gated_adaln": 0, "linear": 2 * 2 * full}
+        else:  # the projection's gated residual and norm2 in one kernel
+            assert calls == {"norms": 0, "adaln": 2 * (len(norms) - full), "gated_adaln": 2 * full, "linear": 0}
+    with unoptimised():
+        ref, ref16 = tok.encode(x), tok.encode(x, bf16=True)
+    assert calls["norms"] == 2 * len(norms)
+    assert (fast - ref).abs().max() <= 1e-5 and (fast16 - ref16).abs().max() <= 0.02
+    monkeypatch.setenv(cpu_kernels.ENV, "0")
+    cpu_kernels.library.cache_clear()
+    try:
+        assert cpu_kernels.library() is None
+        without = tok.encode(x)
+    finally:
+        monkeypatch.undo()
+        cpu_kernels.library.cache_clear()  # the kernels again, where they build, for the tests after this one
+    assert (without - ref).abs().max() <= 1e-5
+
+
 def test_modulation_cache_sees_an_in_place_step_outside_a_decode(tok):
     """`tok.sample` under no_grad (a training loop's preview grid on its EMA module: no `Tokenizer.decode`, so no
     values check), then an in-place step of every decoder weight (an optimiser or EMA update), then `tok.sample`

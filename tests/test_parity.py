@@ -79,7 +79,7 @@ def test_time_embedding_scale():
     """D8: the decoder's sinusoidal time embedding sees time_scale * tau (the reference: tau itself)."""
     import math
 
-    from msdd.models.layers import TimestepEmbedder
+    from msdd.models.timestep import TimestepEmbedder
 
     tau = torch.tensor([0.5])
     for scale in (1.0, 1000.0):

@@ -27,7 +27,8 @@ from msdd.eval.flops import count_flops
 from msdd.flow.sampler import passes_per_step
 from msdd.generator.config import GeneratorConfig
 from msdd.models.decoder import FinalLayer
-from msdd.models.layers import Stream, TimestepEmbedder, attention
+from msdd.models.layers import Stream, attention
+from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
 
 

@@ -36,7 +36,8 @@ from msdd.config import DecoderConfig
 from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
 from msdd.models.fused_blocks import run_blocks
-from msdd.models.layers import JointBlock, Linear, TimestepEmbedder, adaln, optimised
+from msdd.models.layers import JointBlock, Linear, adaln, optimised
+from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
 from msdd.models.linear import Refiner, fp32_region
 

@@ -31,7 +31,8 @@ from einops import rearrange
 from torch import nn
 
 from msdd.config import SSDD_LATENT_FACTOR, ModelConfig, SSDDConfig
-from msdd.models.layers import Stream, TimestepEmbedder, attention
+from msdd.models.layers import Stream, attention
+from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
 from msdd.models.linear import fp32_region
 
