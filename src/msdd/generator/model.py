@@ -28,8 +28,8 @@ from msdd.flow.sampler import passes_per_step
 from msdd.generator.config import GeneratorConfig
 from msdd.models.decoder import FinalLayer
 from msdd.models.layers import Stream, attention
-from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
+from msdd.models.timestep import TimestepEmbedder
 
 
 class LatentDiT(nn.Module):

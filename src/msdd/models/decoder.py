@@ -37,9 +37,9 @@ from msdd.flow.path import velocity_from_end
 from msdd.flow.schedule import StageWindow
 from msdd.models.fused_blocks import run_blocks
 from msdd.models.layers import JointBlock, Linear, adaln, optimised
-from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
 from msdd.models.linear import Refiner, fp32_region
+from msdd.models.timestep import TimestepEmbedder
 
 
 class FinalLayer(nn.Module):

@@ -32,9 +32,9 @@ from torch import nn
 
 from msdd.config import SSDD_LATENT_FACTOR, ModelConfig, SSDDConfig
 from msdd.models.layers import Stream, attention
-from msdd.models.timestep import TimestepEmbedder
 from msdd.models.rope import RopeCache
 from msdd.models.linear import fp32_region
+from msdd.models.timestep import TimestepEmbedder
 
 REPA_DIM = 384  # DINOv2 ViT-S/14 feature width
 
