@@ -444,7 +444,7 @@ def test_the_runs_peak_probes_time_both_sizes_and_quick_ones_the_smaller():
 
     calls = []
 
-    def recording_peaks(dtype, threads, device, n=None, repeats=5, only=None):  # the kernels' own: another test's
+    def recording_peaks(dtype, threads, device, n=None, repeats=5, only=None):  # what the run asks the probe for
         calls.append((n, repeats, only))
         return {"torch.mm": 7.0}
 
