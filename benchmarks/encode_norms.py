@@ -1,7 +1,7 @@
 """An encode with the encoder's affine LayerNorms as modulation vectors of the fused kernels (`Stream.affine_mods`:
 adaLN and the gated residuals in msdd's CPU kernels, as the decoders' modulated streams run; now) against the norms
-as modules and the residuals as PyTorch adds (before), alternated encode by encode in one process on one encoder with
-random weights, beside the machine's matmul peak probed before and after.
+as modules and the residuals as PyTorch adds (before), alternated encode by encode (each first in every other round)
+in one process on one encoder with random weights, beside the machine's matmul peak probed before and after.
 
     python benchmarks/encode_norms.py --preset paper-256 --dtype bf16 --batch-size 1 --rounds 8 --out encode.json
 
@@ -49,7 +49,7 @@ def main() -> None:
     peaks = [measure_matmul_peak(dtype)]
     times = {name: [] for name in VARIANTS}
     for i in range(2 + args.rounds):
-        for name in VARIANTS:
+        for name in VARIANTS if i % 2 else VARIANTS[::-1]:  # each first in every other round
             Stream.affine_mods = affine_mods if name == VARIANTS[1] else (lambda self, x: None)
             t0 = time.perf_counter()
             with torch.inference_mode(), autocast(images.device, bf16):
