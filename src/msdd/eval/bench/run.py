@@ -133,7 +133,7 @@ def _round_probe(kernel_peaks: dict[str, float], dtype: torch.dtype, device: tor
     against the highest probe before or after the rounds."""
     kernel = max(kernel_peaks, key=kernel_peaks.get)
     if quick:
-        n = peak_sizes(dtype, device)[0]
+        n = _peak_sizes(dtype, device, quick)[0]
         return lambda: matmul_peaks(dtype, None, device, n, repeats=1, only=kernel)[kernel]
     return lambda: matmul_peaks(dtype, None, device, repeats=3, only=kernel)[kernel]
 
