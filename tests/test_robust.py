@@ -41,9 +41,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun(run_dir, dump, steps, *extra):
+def _torchrun(*args, script="ddp_train.py"):
+    """Two processes of tests/`script` (gloo, one thread each) with these arguments (ddp_train.py: RUN DUMP STEPS
+    [options and KEY=VALUE overrides])."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(TESTS / "ddp_train.py"), str(run_dir), str(dump), str(steps), *extra]
+           "--master_port", str(_free_port()), str(TESTS / script), *map(str, args)]
     done = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
@@ -130,6 +132,40 @@ def test_distillation_in_two_processes_agrees_with_one(tmp_path):
     assert len(ddp_log) == 3 and all(r["lambda_adv"] > 0 for r in one_log)
     for key, rel in (("l_gen", 1e-2), ("l_adv", 1e-2), ("d_loss", 1e-2), ("grad_norm", 1e-2), ("lambda_adv", 0.1)):
         assert [r[key] for r in ddp_log] == pytest.approx([r[key] for r in one_log], rel=rel), key
+
+
+def test_gen_train_processes_share_the_encoding_of_its_images(tmp_path):
+    """`msdd gen-train` encodes its training images once before training: under torchrun each process encodes every
+    other batch and both get the whole set, the same latents and labels in the same order as one process would
+    (bit for bit: the same batches through the same network), a batch of corrupt files only leaving a gap."""
+    from msdd.generator.config import GenDataConfig
+    from msdd.generator.data import encode_latents
+    from msdd.tokenizer import Tokenizer
+
+    source = tmp_path / "classes"
+    spots = [(0, 0), (120, 140), (200, 60), (40, 220)]
+    for name, n in (("astronaut", 4), ("coffee", 3)):
+        (source / name).mkdir(parents=True)
+        for j, (y, x) in enumerate(spots[:n]):
+            crop = np.ascontiguousarray(load_photo(name)[y : y + 80, x : x + 80])
+            Image.fromarray(crop).save(source / name / f"{j}.png")
+    for j in (4, 5):  # batches of 2: astronaut 0-1, 2-3, 4-5 (no usable image), coffee 0-1, coffee 2
+        (source / "astronaut" / f"{j}.png").write_bytes(b"not an image")
+    _torchrun(source, tmp_path / "dump", 2, 2, script="ddp_encode.py")
+    ranks = [load_file(str(tmp_path / f"dump/rank{k}.safetensors")) for k in (0, 1)]
+
+    torch.set_num_threads(1)  # as the torchrun processes
+    try:
+        with pytest.warns(UserWarning, match="skipping image"):
+            one = encode_latents(Tokenizer.from_pretrained(), GenDataConfig(source=str(source)), seed=0,
+                                 num_classes=2, batch_size=2)
+    finally:
+        torch.set_num_threads(os.cpu_count())
+    assert one.latents.shape == (14, 32, 8) and one.labels.tolist() == [0] * 8 + [1] * 6
+    for got in ranks:
+        assert torch.equal(got["latents"], one.latents) and torch.equal(got["labels"], one.labels)
+    # each image encoded by one process (twice: as read and mirrored), the two processes' batches alternating
+    assert ranks[0]["encoded"].tolist() == [2, 2, 1, 1] and ranks[1]["encoded"].tolist() == [2, 2, 2, 2]
 
 
 def test_non_finite_loss_on_one_process_is_skipped_by_all(tmp_path):

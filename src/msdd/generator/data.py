@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from msdd.data import SkipCounter, build_train_dataset, list_images
 from msdd.data.shards import is_shard_source
+from msdd.dist import all_gather_object
 from msdd.generator.config import GenDataConfig
 
 
@@ -59,33 +60,43 @@ def image_records(data: GenDataConfig, resolution: int, seed: int) -> Dataset:
 
 @torch.no_grad()
 def encode_latents(tokenizer, data: GenDataConfig, seed: int, num_classes: int = 0, bf16: bool = False,
-                   batch_size: int = 64) -> EncodedLatents:
+                   batch_size: int = 64, rank: int = 0, world: int = 1) -> EncodedLatents:
     """The normalised latents of the training images of `data` (module docstring), in the order read, each
-    image's mirrored copy after its batch; labels when `num_classes` > 0."""
+    image's mirrored copy after its batch; labels when `num_classes` > 0.
+
+    Under several processes (`rank` of `world`, a process group started) each process encodes every
+    `world`-th batch and all of them get the whole set, in the same order as one process would."""
     if num_classes and data.source.startswith("embedded"):
         raise ValueError(f"generator.num_classes={num_classes}: the embedded photos have no classes; set "
                          "data.source to a folder with one subfolder per class, or generator.num_classes=0")
     classes = class_names_of(data.source, num_classes) if num_classes else []
     index = {name: i for i, name in enumerate(classes)}
     dataset = image_records(data, tokenizer.config.image_size, seed)
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=list, num_workers=data.num_workers)
-    skips, latents, labels = SkipCounter(), [], []
-    left_out = getattr(dataset, "left_out", [])  # embedded+FOLDER's unusable photos
-    skips.update(len(left_out), left_out)
+    batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
+    loader = DataLoader(dataset, batch_sampler=batches[rank::world], collate_fn=list, num_workers=data.num_workers)
+    skips, encoded = SkipCounter(), []  # encoded: (latents, labels) of each of this process's batches
     for records in loader:
         skipped = [(name, reason) for x, name, reason in records if x is None]
         skips.update(len(skipped), skipped)
         good = [(x, name) for x, name, _ in records if x is not None]
         if not good:
+            encoded.append((None, []))
             continue
         x = torch.stack([x for x, _ in good]).to(tokenizer.device)  # (B, 3, R, R)
         y = [index[Path(name).relative_to(data.source).parts[0]] for _, name in good] if classes else []
-        for view in (x, x.flip(-1)) if data.flip else (x,):
-            latents.append(tokenizer.normalize_latents(tokenizer.encode(view, bf16=bf16)).cpu())
-            labels += y
+        views = (x, x.flip(-1)) if data.flip else (x,)
+        z = torch.cat([tokenizer.normalize_latents(tokenizer.encode(view, bf16=bf16)).cpu() for view in views])
+        encoded.append((z, y * len(views)))
+    shares = all_gather_object((encoded, skips))  # [(encoded, skips) of rank 0, of rank 1, ...]
+    skips = SkipCounter.combined([s for _, s in shares])
+    left_out = getattr(dataset, "left_out", [])  # embedded+FOLDER's unusable photos
+    skips.update(len(left_out), left_out)
+    in_order = [shares[b % world][0][b // world] for b in range(len(batches))]
+    latents = [z for z, _ in in_order if z is not None]
     if not latents:
         raise ValueError(f"data.source={data.source}: not one usable image to encode ({skips.summary()})")
-    return EncodedLatents(torch.cat(latents), torch.tensor(labels) if classes else None, classes)
+    labels = torch.tensor([y for _, ys in in_order for y in ys]) if classes else None
+    return EncodedLatents(torch.cat(latents), labels, classes)
 
 
 class LatentRecords(Dataset):

@@ -6,9 +6,10 @@ resume, atomic checkpoints, progress, TensorBoard).
     <run>/grids/       samples of the EMA generator, decoded by the tokenizer
     <run>/model/       the final EMA generator (`msdd.generator.files`)
 
-The training images are encoded once when the trainer starts (`msdd.generator.data`; a resumed run encodes
-the same ones again). Resuming refuses another tokenizer (its weights' sha256 is in every checkpoint)
-and a config that differs in a field that changes what is computed.
+The training images are encoded once when the trainer starts (`msdd.generator.data`: each process encodes
+its share and all get the whole set; a resumed run encodes the same ones again). Resuming refuses another
+tokenizer (its weights' sha256 is in every checkpoint) and a config that differs in a field that changes what
+is computed.
 """
 
 from __future__ import annotations
@@ -45,16 +46,18 @@ class GeneratorTrainer(TrainerBase):
     def __init__(self, cfg: GenRunConfig, tokenizer: str | Path, run_dir: str | Path,
                  device: str | torch.device = "cpu", require_resume: bool = False) -> None:
         tc = cfg.train
-        device = setup(device)[1]  # this process's device, before the tokenizer is loaded onto it
+        info, device = setup(device)  # this process's device, before the tokenizer is loaded onto it
         self.tokenizer_source = str(tokenizer)
         self.tokenizer = Tokenizer.from_pretrained(tokenizer, device=device).requires_grad_(False)
         self.tokenizer_hash = file_sha256(resolve_model_dir(tokenizer) / WEIGHTS_NAME)
         t0 = time.monotonic()
-        self.data = encode_latents(self.tokenizer, cfg.data, tc.seed, cfg.generator.num_classes, tc.bf16)
+        self.data = encode_latents(self.tokenizer, cfg.data, tc.seed, cfg.generator.num_classes, tc.bf16,
+                                   rank=info.rank, world=info.world_size)
         super().__init__(cfg, run_dir, device, tc.seed)
         if self.dist.is_main:
+            shared = f" in {info.world_size} processes" if info.world_size > 1 else ""
             print(f"encoded {len(self.data.latents)} latents {tuple(self.data.latents.shape[1:])} of data.source="
-                  f"{cfg.data.source} ({time.monotonic() - t0:.1f} s)")
+                  f"{cfg.data.source} ({time.monotonic() - t0:.1f} s{shared})")
         torch.manual_seed(tc.seed)
         self.model = build_generator(cfg.generator, self.tokenizer.config.latent_shape).to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup)
