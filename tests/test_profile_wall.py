@@ -57,5 +57,5 @@ def test_wall_breakdown_covers_every_stage_and_counts_the_decodes_flops():
     counted = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "attention" in str(op))
     timed = sum(r["gflop"] for r in result["rows"] if r["kind"] == "attention") * 1e9
     assert timed == pytest.approx(counted)
-    printed = profile.with_peak(result, peak=100.0)
+    printed = profile.with_peak(result, peak=1e-3)  # GFLOP/s: a peak no row falls below, however slow the machine
     assert printed["decode_fraction_of_peak"] > 0 and all(r["fraction_of_peak"] > 0 for r in printed["rows"])
