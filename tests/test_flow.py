@@ -5,7 +5,10 @@ import math
 import pytest
 import torch
 
-from msdd.flow.path import balanced_stages, block_noise, flow_loss, noisy_at, renoise, stage_ends
+from msdd.flow.path import (
+    balanced_stages, block_noise, flow_loss, local_sigmoid_weight, noisy_at, renoise, sigmoid_weight, stage_ends,
+    velocity_from_end,
+)  # fmt: skip
 from msdd.flow.sampler import sample_multiscale
 from msdd.flow.schedule import stage_windows
 from msdd.tokenizer import Tokenizer
@@ -168,6 +171,66 @@ def test_x_prediction_loss_is_the_mse_to_the_stage_end():
                                 generator=torch.Generator().manual_seed(0))
     assert all(v.item() == pytest.approx(0.01, rel=1e-4) for v in per_stage.values())
     assert loss.item() == pytest.approx(0.03, rel=1e-4)
+
+
+def test_v_prediction_loss_is_the_weighted_mse_to_the_path_velocity():
+    """prediction v (the paper presets): the loss is the mean squared error of the decoder's velocity against the
+    stage path's, times each weighting's factor of the sample's time, plus the perceptual term on the last stage's
+    one-step estimate of its end. An oracle that returns the true velocity (from the clean stage end its latents,
+    the images, give) costs 0; one off by a constant c costs c^2 times the mean weight of each stage's samples."""
+    windows = stage_windows(3, 32)
+
+    class Oracle:
+        offset = 0.0
+
+        def __init__(self):
+            self.seen = {}  # stage index -> the local times r of its samples
+
+        def __call__(self, x_r, tau, z):
+            w = next(w for w in windows if w.resolution == x_r.shape[-1])
+            r = (tau - w.tau_end) / (w.tau_start - w.tau_end)
+            self.seen[w.index] = r
+            return velocity_from_end(x_r, stage_ends(z, w)[0], w, r) + self.offset
+
+    images = torch.rand(12, 3, 32, 32) * 2 - 1
+
+    def loss_of(offset, **kw):
+        oracle = Oracle()
+        oracle.offset = offset
+        loss, per_stage = flow_loss(oracle, images, images, windows, prediction="v", t_sampling="uniform",
+                                    generator=torch.Generator().manual_seed(0), **kw)
+        assert sorted(per_stage) == [0, 1, 2] and loss.item() == pytest.approx(sum(per_stage.values()).item())
+        return {i: v.item() for i, v in per_stage.items()}, oracle.seen
+
+    assert max(loss_of(0.0)[0].values()) < 1e-7
+    c = 0.1
+    for weighting, weight in (("none", lambda w, r: torch.ones_like(r)),
+                              ("sigmoid", lambda w, r: sigmoid_weight(w.t_at(r), 0.5)),
+                              ("sigmoid_local", lambda w, r: local_sigmoid_weight(r, 0.5)),
+                              ("stage", lambda w, r: torch.full_like(r, 1 / (1 - w.t_end) ** 2))):
+        got, seen = loss_of(c, loss_weighting=weighting, sigmoid_bias=0.5)
+        for w in windows:
+            assert got[w.index] == pytest.approx(c**2 * weight(w, seen[w.index]).mean().item(), rel=1e-3), weighting
+
+    def perceptual(x_hat, end_n):  # per-sample MSE: the oracle's one-step estimate is end_n - r c
+        return (x_hat - end_n).pow(2).mean(dim=(1, 2, 3))
+
+    got, seen = loss_of(c, perceptual=perceptual, perceptual_weight=0.5)
+    last = len(windows) - 1
+    assert got[last] == pytest.approx(c**2 + 0.5 * c**2 * seen[last].pow(2).mean().item(), rel=1e-3)
+    assert got[0] == pytest.approx(c**2, rel=1e-3) and got[1] == pytest.approx(c**2, rel=1e-3)
+
+
+def test_the_loss_weights_by_hand():
+    """sigmoid(b - logSNR(t)) with logSNR = 2 log((1 - t) / t), and the reference's local form
+    e^b sigmoid(logSNR(r) - b) / (r (1 - r)): at t = r = 1/5, logSNR = 2 log 4 and e^(logSNR) = 16."""
+    fifth, half = torch.tensor([0.2]), torch.tensor([0.5])
+    assert sigmoid_weight(half, 0.0).item() == pytest.approx(0.5)
+    assert sigmoid_weight(fifth, 0.0).item() == pytest.approx(1 / 17)
+    assert sigmoid_weight(fifth, 1.0).item() == pytest.approx(1 / (1 + 16 / math.e))
+    assert local_sigmoid_weight(half, 0.0).item() == pytest.approx(2.0)
+    assert local_sigmoid_weight(fifth, 0.0).item() == pytest.approx(100 / 17)
+    assert local_sigmoid_weight(fifth, 1.0).item() == pytest.approx(math.e / (1 + math.e / 16) / 0.16)
 
 
 def test_sampler_determinism_and_seeds():
