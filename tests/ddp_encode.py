@@ -1,4 +1,4 @@
-"""Test helper run under torchrun by test_generator.py: what `msdd gen-train` does before training (the shipped
+"""Test helper run under torchrun by test_robust.py: what `msdd gen-train` does before training (the shipped
 tokenizer encodes the generator's training images, each process its share), then every process dumps the whole
 set it got and how many images it encoded itself (DUMP/rank<k>.safetensors).
 
