@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
+from msdd.train.ema import EMA
 from msdd.train.budget import budgeted_config, fixed_steps
 from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.train.stage1 import Stage1Trainer
@@ -324,6 +325,31 @@ def test_each_step_moves_the_ema_towards_the_new_weights_by_its_decay(tmp_path, 
     assert moved  # the zero-initialised output layers: the first step moves only the final layer
     for n in moved:
         torch.testing.assert_close(ema[n], before[n] + (1 - d) * (new[n] - before[n]), msg=n)
+
+
+def test_the_ema_is_a_frozen_copy_that_averages_trained_weights_and_copies_the_rest():
+    """EMA keeps its own frozen copy in eval mode (no gradients reach it, dropout and batch statistics are off when it
+    decodes), averages only the parameters that are trained, takes a frozen parameter as it started, and copies the
+    buffers (BatchNorm's running statistics) as they are."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2))
+    model[0].bias.requires_grad_(False)
+    ema = EMA(model, 0.5, warmup=False)
+    assert not ema.module.training and model.training
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    start = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model[1].running_mean.fill_(3.0)
+        model[1].num_batches_tracked.fill_(7)
+    ema.update(model)
+    got, new = ema.module.state_dict(), model.state_dict()
+    for k in ("0.weight", "1.weight", "1.bias"):
+        torch.testing.assert_close(got[k], start[k] + 0.5, msg=k)
+    torch.testing.assert_close(got["0.bias"], start["0.bias"])  # frozen: not averaged
+    for k in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        assert torch.equal(got[k], new[k]), k
+    assert got["1.running_mean"].data_ptr() != new["1.running_mean"].data_ptr()  # a copy, not the model's buffer
 
 
 def test_stage1_lr_decays_to_min_lr_ratio_at_max_steps(tmp_path):
