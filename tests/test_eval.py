@@ -18,7 +18,7 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 
 from msdd.cli import main
 from msdd.eval.evaluate import evaluate
-from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, ssim_per_image
+from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
 from msdd.eval.plots import plot_pareto
 from msdd.tokenizer import Tokenizer
 
@@ -169,6 +169,10 @@ def test_bicubic_baseline_budget():
     assert bicubic_side(128 * 32) == 36
     x = torch.rand(1, 3, 64, 64) * 2 - 1
     assert bicubic_baseline(x, 256).shape == x.shape
+    wide = torch.rand(2, 3, 48, 80) * 2 - 1  # any size: the same 9 x 9 code, back at the images' size
+    assert bicubic_baseline(wide, 256).shape == wide.shape
+    flat = torch.full((1, 3, 40, 72), 0.2)
+    torch.testing.assert_close(bicubic_baseline(flat, 256), quantize(flat), atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -267,7 +271,6 @@ def test_reconstruct_images_in_int8_encodes_in_int8_too():
     """`reconstruct_images(int8=True)` (`msdd reconstruct --int8`): int8 matmuls in the encoder as in the decoder,
     what `Tokenizer.reconstruct(int8=True)` does; the encoder's int8 latents differ from its float32 ones."""
     from msdd.data import embedded_eval_set
-    from msdd.eval.metrics import quantize
     from msdd.eval.reconstruct import reconstruct_images
     from msdd.models.precision import int8_engine
     from msdd.seeding import image_generators
@@ -456,7 +459,10 @@ def test_ssim_of_large_images_in_strips_and_of_tiny_ones(monkeypatch):
     b = (a + 0.2 * torch.randn(2, 3, 57, 40, generator=g)).clamp(-1, 1)
     whole = ssim_per_image(b, a)
     monkeypatch.setattr(metrics, "STRIP_PIXELS", 400)  # strips of 10 rows: 6 of them, the last of 7
+    heights, maps = [], metrics.ssim_maps
+    monkeypatch.setattr(metrics, "ssim_maps", lambda p, t: heights.append(p.shape[-2]) or maps(p, t))
     assert torch.allclose(ssim_per_image(b, a), whole, atol=1e-6)
+    assert heights == [15, 20, 20, 20, 20, 12]  # each strip with the 5 rows around it that its windows reach
     assert ssim_per_image(b[..., :5, :], a[..., :5, :]).isnan().all()  # a side under 6 px: no 11 px window
     assert not ssim_per_image(b[..., :6, :], a[..., :6, :]).isnan().any()
 

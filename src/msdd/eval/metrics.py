@@ -69,9 +69,9 @@ def bicubic_side(latent_floats: int) -> int:
 
 def bicubic_baseline(images: torch.Tensor, latent_floats: int) -> torch.Tensor:
     """Bicubic down to as many floats as the latent holds (at most), then bicubic back up: the
-    simplest 'tokenizer' with the same budget. images (B, 3, R, R) in [-1, 1]; the result is rounded to the 8-bit grid
-    (`quantize`), as every reconstruction msdd scores is (the PCA baseline's, a model's)."""
+    simplest 'tokenizer' with the same budget. images (B, 3, H, W) in [-1, 1] (the code is square whatever H and W);
+    the result, of the images' size, is rounded to the 8-bit grid (`quantize`), as every reconstruction msdd scores is
+    (the PCA baseline's, a model's)."""
     side = bicubic_side(latent_floats)
-    r = images.shape[-1]
     small = F.interpolate(images.float(), size=(side, side), mode="bicubic", antialias=True, align_corners=False)
-    return quantize(F.interpolate(small, size=(r, r), mode="bicubic", align_corners=False))
+    return quantize(F.interpolate(small, size=images.shape[-2:], mode="bicubic", align_corners=False))
