@@ -250,6 +250,22 @@ def test_pca_fits_are_cached_per_seed():
     assert torch.equal(again.mean, b.mean) and torch.equal(again.components, b.components)
 
 
+def test_pca_training_crops_pass_over_a_small_folder_again_with_new_crops(photo_folder):
+    """`training_crops` returns exactly n crops, drawn by the training pipeline: a folder of fewer images than n is
+    passed over again with other random crops (six photographs, 15 crops: 6 + 6 + 3, in batches of 4), every crop
+    different; the same seed draws the same crops, another seed other crops."""
+    from msdd.eval.baselines import training_crops
+
+    crops = training_crops(str(photo_folder), 32, 15, seed=0, batch_size=4)
+    assert crops.shape == (15, 3, 32, 32) and crops.min() >= -1 and crops.max() <= 1
+    flat = crops.flatten(1)
+    assert (torch.cdist(flat, flat) + torch.eye(15)).min() > 0.1  # 15 distinct crops
+    assert torch.equal(crops, training_crops(str(photo_folder), 32, 15, seed=0, batch_size=4))
+    other = training_crops(str(photo_folder), 32, 15, seed=1, batch_size=4).flatten(1)
+    assert torch.cdist(other, flat).min() > 0.1  # other crops, not these in another order
+    assert training_crops("embedded", 32, 5, seed=0).shape == (5, 3, 32, 32)
+
+
 def test_reconstruct_images_draws_each_images_noise_from_its_key(monkeypatch):
     """`reconstruct_images`: an image's noise comes from its key (default: its index), not from its place in a
     batch, so batches of 2 give the images of a batch of 4 (up to the float rounding of another batch: one level of
