@@ -18,7 +18,10 @@ that size holds 10.6-11.6 GB), and the forward passes of LPIPS and of the discri
 passes are in "adaptive" and "rest"):
 
     python benchmarks/distill_step.py --preset paper-256 --teacher random --random-loss-networks \
-        --set distill.batch_size=1 --variants "eager, reference term" --steps 3 --out distill-step-paper.json
+        --set distill.batch_size=1 data.source=embedded data.eval_source=embedded \
+        --variants "eager, reference term" --steps 3 --out distill-step-paper.json
+
+(the data settings only because the distiller reads its preview images from `data.eval_source` when it starts).
 
 Medians in ms.
 """
