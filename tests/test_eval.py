@@ -250,6 +250,29 @@ def test_pca_fits_are_cached_per_seed():
     assert torch.equal(again.mean, b.mean) and torch.equal(again.components, b.components)
 
 
+def test_pca_fits_are_keyed_by_resolution_and_size_and_its_reconstructions_are_8_bit(tmp_path, monkeypatch):
+    """The cached fit's key holds the resolution and the number of components too (a 16 px fit is not a 32 px one);
+    `cache=False` neither reads nor writes the cache. The baseline's reconstructions are rounded to the 8-bit grid,
+    as every reconstruction a report scores."""
+    import msdd.eval.baselines as baselines
+
+    monkeypatch.setenv("MSDD_CACHE", str(tmp_path))
+    fits, fit = [], baselines.fit_pca
+    monkeypatch.setattr(baselines, "fit_pca", lambda *args: fits.append(args[1]) or fit(*args))
+    pca = baselines.pca_for_source("embedded", 32, 8, crops=64)
+    assert baselines.pca_for_source("embedded", 16, 8, crops=64).components.shape == (8, 3 * 16 * 16)
+    assert baselines.pca_for_source("embedded", 32, 4, crops=64).components.shape == (4, 3 * 32 * 32)
+    assert fits == [8, 8, 4] and len(list(tmp_path.glob("pca-*.safetensors"))) == 3
+    assert torch.equal(baselines.pca_for_source("embedded", 32, 8, crops=64).components, pca.components)
+    baselines.pca_for_source("embedded", 32, 8, crops=64, cache=False)  # a cached fit: not read
+    baselines.pca_for_source("embedded", 32, 8, crops=64, seed=5, cache=False)  # a new one: not written
+    assert fits == [8, 8, 4, 8, 8] and len(list(tmp_path.iterdir())) == 3
+    images = embedded_eval_set(32)[0][:4]
+    rec = baselines.pca_baseline(pca, images)
+    assert rec.shape == images.shape and torch.equal(rec, quantize(rec))
+    assert not torch.equal(rec, images)
+
+
 def test_pca_training_crops_pass_over_a_small_folder_again_with_new_crops(photo_folder):
     """`training_crops` returns exactly n crops, drawn by the training pipeline: a folder of fewer images than n is
     passed over again with other random crops (six photographs, 15 crops: 6 + 6 + 3, in batches of 4), every crop
