@@ -3,7 +3,8 @@
 # (distill.lambda_pix), and with a weaker adversarial term, for the same number of steps; evaluate each
 # student on the 42 held-out images (msdd eval: PSNR/SSIM beside bicubic and PCA). RUN (a space-separated list
 # of the names below) picks others: the adversarial weight adaptive against the step's whole non-adversarial loss
-# (adaptive-total, the default), against the reference code's term (adaptive-reference, paper-256's), or fixed.
+# (adaptive-total, the default), against the reference code's term (adaptive-reference, paper-256's), or fixed at
+# lambda_adv 1 or 0.1.
 #   bash benchmarks/student_loss.sh TEACHER_DIR OUT_DIR [STEPS] [--set KEY=VALUE ...]
 #   RUN="adaptive-total adaptive-reference adv-fixed" bash benchmarks/student_loss.sh TEACHER_DIR OUT_DIR 300
 # LPIPS (distill.perceptual=lpips, lambda_perc 0.5) is the paper's term; it needs the VGG16 file, so
@@ -18,6 +19,7 @@ declare -A VARIANTS=(
   [adaptive-total]="--set distill.adaptive_of=total"
   [adaptive-reference]="--set distill.adaptive_of=reference"
   [adv-fixed]="--set distill.adaptive_adv=false"
+  [adv-fixed-0.1]="--set distill.adaptive_adv=false --set distill.lambda_adv=0.1"
 )
 for name in ${RUN:-pix0 pix1 pix1-adv0.1}; do
   # shellcheck disable=SC2086
