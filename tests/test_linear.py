@@ -29,12 +29,24 @@ def test_pca_hand_computed_case():
 
 
 def test_pca_randomised_path_matches_exact():
-    """Above 4096 values per sample the fit is randomised; on data of low rank it recovers the same span."""
+    """With more than 4096 samples of more than 4096 values the fit is randomised (it was exact in this test before:
+    300 samples); on data of low rank it recovers the same span, the components by decreasing variance."""
     g = torch.Generator().manual_seed(0)
-    basis = torch.linalg.qr(torch.randn(5000, 6, generator=g))[0].T  # (6, 5000) orthonormal
-    x = (torch.randn(300, 6, generator=g) * torch.tensor([9.0, 7, 5, 3, 2, 1])) @ basis
+    basis = torch.linalg.qr(torch.randn(4100, 6, generator=g))[0].T  # (6, 4100) orthonormal
+    x = (torch.randn(4200, 6, generator=g) * torch.tensor([9.0, 7, 5, 3, 2, 1])) @ basis
     pca = fit_pca(x, 6)
+    assert pca.components.shape == (6, 4100) and (pca.variance.diff() < 0).all()
     assert torch.allclose(pca_reconstruct(pca, x), x, atol=1e-3)
+    assert torch.allclose(pca.components @ pca.components.T, torch.eye(6), atol=1e-5)
+    torch.randn(10)  # the global random state moved on: the fit draws from its own seed
+    assert torch.equal(fit_pca(x, 6).components, pca.components)
+
+
+def test_pca_takes_at_most_as_many_components_as_the_smaller_side():
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(0))
+    assert fit_pca(x, 3).components.shape == (3, 3)
+    with pytest.raises(ValueError, match="PCA with 4 components needs at least 4 samples of at least 4 values"):
+        fit_pca(x, 4)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])
