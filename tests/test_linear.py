@@ -29,8 +29,8 @@ def test_pca_hand_computed_case():
 
 
 def test_pca_randomised_path_matches_exact():
-    """With more than 4096 samples of more than 4096 values the fit is randomised (it was exact in this test before:
-    300 samples); on data of low rank it recovers the same span, the components by decreasing variance."""
+    """With more than 4096 samples of more than 4096 values (min(n, d) > 4096) the fit is randomised; on data of low
+    rank it recovers the same span, orthonormal components by decreasing variance, and draws from its own seed."""
     g = torch.Generator().manual_seed(0)
     basis = torch.linalg.qr(torch.randn(4100, 6, generator=g))[0].T  # (6, 4100) orthonormal
     x = (torch.randn(4200, 6, generator=g) * torch.tensor([9.0, 7, 5, 3, 2, 1])) @ basis
