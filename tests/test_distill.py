@@ -398,6 +398,109 @@ def test_dino_discriminator_sees_imagenet_normalised_pixels(tmp_path):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def _step_by_hand(d, images, seed: int) -> dict:
+    """The generator terms of `d.micro_step(images, Generator().manual_seed(seed))`, recomputed from the same draws
+    with their graphs: u, the student's image, L_rec, L_pix, L_adv (and L_perc when the distiller has LPIPS)."""
+    g, w, dc = torch.Generator().manual_seed(seed), d.student.windows, d.cfg.distill
+    with torch.no_grad():
+        z = d.teacher.encoder(images).float()
+    u = torch.rand((), generator=g).item()
+    x, stages_s, noise_s = student_pass(d.student.decoder, z, w, g)
+    s_u, stages_t, noise_t = teacher_targets(d.teacher.decoder, x, z, w, u, dc.teacher_steps, dc.cfg, g)
+    l_rec = sum(F.mse_loss(stages_s[s] - w[s].t_end * noise_s[s], t - w[s].t_end * n)
+                for s, t, n in zip(range(s_u, len(w)), stages_t, noise_t))
+    terms = {"u": u, "x": x, "l_rec": l_rec, "l_pix": F.mse_loss(x, images), "l_adv": hinge_g_loss(d.disc(x))}
+    if d.perceptual is not None:
+        terms["l_perc"] = d.perceptual(x, images).mean()
+    return terms
+
+
+def _distiller(teacher_dir, run, *settings, vgg_weights=None):
+    """A tiny fp32 distiller whose discriminator is in eval mode: its spectral norms then stay put between calls, so
+    that a step redone by hand sees the same discriminator."""
+    d = Distiller(tiny_config("distill.batch_size=4", "train.bf16=false", *settings), teacher_dir, run,
+                  vgg_weights=vgg_weights)
+    d.disc.eval()
+    return d
+
+
+LPIPS_ON = ("distill.perceptual=lpips", "distill.lambda_perc=0.5")  # with a random VGG16 file
+
+
+@pytest.mark.parametrize("settings, weight", [
+    ((), "total"),  # tiny-64's: adaptive against lambda_rec (L_rec / (1 + u) + lambda_pix L_pix)
+    (("distill.adaptive_of=reference",), "reference"),  # adaptive against L_rec + lambda_pix L_pix
+    ((*LPIPS_ON, "distill.adaptive_of=reference"), "reference"),  # ... + lambda_perc L_perc
+    (("distill.adaptive_adv=false",), "fixed"),  # lambda_adv itself
+    (("distill.lambda_adv=0",), "none"),  # no adversarial term, no discriminator pass on the student's image
+    (("distill.lambda_pix=0",), "total"),  # no pixel term
+    (("distill.cfg=2", "distill.teacher_steps=2"), "total"),  # the teacher's targets: guided, two steps a stage
+])
+def test_the_generator_loss_is_its_terms_weighted_and_gives_their_gradients(teacher_dir, tmp_path, settings, weight):
+    """micro_step's generator loss, term by term against the step redone by hand from the same draws:
+    lambda_rec (L_rec / (1 + u) + lambda_pix L_pix + lambda_perc L_perc) + lambda_adv' L_adv, with lambda_adv' =
+    lambda_adv times the adaptive weight (of that term, or of the reference's L_rec + lambda_pix L_pix + lambda_perc
+    L_perc) or lambda_adv itself; the returned loss is it plus the discriminator's, and its gradients reach the
+    student as those of the generator loss alone."""
+    vgg = None
+    if "distill.perceptual=lpips" in settings:
+        import torchvision
+
+        with torch.device("meta"):  # the shapes only: torchvision's initialisation of 138M weights takes 10 s
+            shapes = {k: v.shape for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
+        g = torch.Generator().manual_seed(0)  # random features (LPIPS uses them), zero classifier (it does not)
+        vgg = tmp_path / "vgg16.pth"
+        torch.save({k: torch.randn(v, generator=g) * 0.05 if k.startswith("features") else torch.zeros(v)
+                    for k, v in shapes.items()}, vgg)
+    d = _distiller(teacher_dir, tmp_path / "d", "distill.lambda_adv=0.5", "distill.lambda_rec=2", *settings,
+                   vgg_weights=vgg)
+    dc = d.cfg.distill
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    total, logs = d.micro_step(images, torch.Generator().manual_seed(5))
+    h = _step_by_hand(d, images, 5)
+    assert logs["u"] == h["u"] and logs["l_rec"] == pytest.approx(h["l_rec"].item(), rel=1e-5)
+    tie = dc.lambda_pix * h["l_pix"]  # the terms beside L_rec
+    for name, lam_ in (("l_pix", dc.lambda_pix), ("l_perc", dc.lambda_perc if vgg else 0)):
+        assert (name in logs) == (lam_ > 0)
+        if lam_ > 0:
+            assert logs[name] == pytest.approx(h[name].item(), rel=1e-5)
+    if vgg:
+        assert h["l_perc"].item() > 0  # (a zero term would hide how it is reduced and signed)
+        tie = tie + dc.lambda_perc * h["l_perc"]
+    non_adv = dc.lambda_rec * (h["l_rec"] / (1 + h["u"]) + tie)
+    last = d.student.decoder.final.linear.weight
+    lam = {"total": lambda: adaptive_weight(non_adv, h["l_adv"], last) * dc.lambda_adv,
+           "reference": lambda: adaptive_weight(h["l_rec"] + tie, h["l_adv"], last) * dc.lambda_adv,
+           "fixed": lambda: torch.tensor(dc.lambda_adv), "none": lambda: torch.tensor(0.0)}[weight]().item()
+    assert logs["lambda_adv"] == pytest.approx(lam, rel=1e-4) and (lam > 0) == (weight != "none")
+    assert logs["l_adv"] == (0.0 if weight == "none" else pytest.approx(h["l_adv"].item(), rel=1e-5))
+    l_gen = non_adv + lam * h["l_adv"] * (weight != "none")
+    assert logs["l_gen"] == pytest.approx(l_gen.item(), rel=1e-5)
+    assert total.item() == pytest.approx(logs["l_gen"] + logs["d_loss"], rel=1e-5)
+    params = [p for p in d.student.decoder.parameters() if p.requires_grad]
+    got = torch.autograd.grad(total, params, allow_unused=True)
+    want = torch.autograd.grad(l_gen, params, allow_unused=True)
+    for a, b in zip(got, want):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_the_discriminator_learns_from_its_own_loss_only(teacher_dir, tmp_path):
+    """The discriminator is frozen while the generator loss is built: the step's gradients reach it as those of the
+    hinge loss on the real images and the detached student image, and no part of the generator's (here the fixed
+    weight's sum, which would pass L_adv's gradient to any discriminator parameter left trainable)."""
+    d = _distiller(teacher_dir, tmp_path / "d", "distill.adaptive_adv=false")
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    total, logs = d.micro_step(images, torch.Generator().manual_seed(5))
+    x = _step_by_hand(d, images, 5)["x"].detach()
+    d_loss = hinge_d_loss(d.disc(images), d.disc(x))
+    assert logs["d_loss"] == pytest.approx(d_loss.item(), rel=1e-5) and logs["l_adv"] != 0
+    got = torch.autograd.grad(total, d.disc_params)
+    for a, b in zip(got, torch.autograd.grad(d_loss, d.disc_params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
 def test_reference_optimiser_options(teacher_dir, tmp_path):
     """Issue 15 D12: lr and disc_lr scaled by batch / lr_reference_batch; discriminator gradients clipped (and the
     student's, by train.grad_clip)."""
