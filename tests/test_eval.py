@@ -146,6 +146,9 @@ def test_rfid_compares_the_uint8_crops_with_the_reconstructions(model_dir, monke
     assert r["metrics"]["rfid"] > 1e-4  # the reconstructions differ from the crops
     one = evaluate(tok, "embedded", limit=1, inception_weights="w.pth", pca_source=None)
     assert "rfid" not in one["metrics"] and "at least 2 images" in one["skipped_metrics"]["rfid"]
+    with pytest.warns(UserWarning, match="rFID on 2 images"):  # the fewest it is computed on
+        two = evaluate(tok, "embedded", limit=2, inception_weights="w.pth", pca_source=None)
+    assert two["metrics"]["rfid"] > 0 and "rfid" not in two["skipped_metrics"]
 
 
 def test_build_fid_refuses_pickles_and_names_what_is_missing(tmp_path, monkeypatch):
@@ -219,6 +222,21 @@ def test_evaluate_reports_what_it_scored_skipped_and_decoded(model_dir, photo_fo
     assert p["images"] == 6 and p["skipped_files"] == 1
     assert p["steps_per_stage"] == [1, 2, 1] and p["cfg"] == 2.0 and p["decoder_passes_per_image"] == 2 * 4
     assert r["baselines"]["bicubic"]["floats"] == 3 * 3 * 3 and "3x3" in r["baselines"]["bicubic"]["method"]
+
+
+def test_a_folder_is_scored_on_the_centre_crops_of_its_files(photo_folder):
+    """The protocol's reference for a folder: each file's ADM centre crop (resize the shorter side, crop the centre),
+    with no random crop or flip, the same at every call (a training dataset's crops move with the epoch)."""
+    from msdd.data.images import center_crop_arr, to_tensor
+    from msdd.eval.evaluate import eval_images
+
+    data = eval_images(str(photo_folder), 32)
+    assert len(data) == 6
+    for i in range(len(data)):
+        x, name, reason = data[i]
+        arr = np.asarray(Image.open(name).convert("RGB"))
+        assert reason is None and arr.shape == (96, 96, 3)
+        assert torch.equal(x, to_tensor(center_crop_arr(arr, 32))) and torch.equal(data[i][0], x)
 
 
 def test_decode_time_leaves_out_the_first_batch_unless_it_is_the_only_one(model_dir, monkeypatch):
