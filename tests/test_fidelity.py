@@ -25,6 +25,20 @@ def test_fidelity_quick_writes_the_table(tmp_path, capsys):
     assert any(s["experiment"] == "baseline" and s["variant"].startswith("bicubic") for s in r["summary"])
     students = [s for s in r["summary"] if s["experiment"] == "student"]
     assert {s["passes"] for s in students} == {1, 3, 4}  # one pass per stage
+    # every row decoded as its experiment says: the teachers' split of the 6 steps, 30 steps per stage for
+    # teacher-steps, the guidance sweep (two passes a step), the students one step per stage
+    rows = {(s["experiment"], s["variant"]): (s["steps"], s["cfg"], s["passes"]) for s in r["summary"]}
+    assert rows[("teacher", "single-scale")] == ([6], 1.0, 6) and rows[("teacher", "3 stages")] == ([2, 2, 2], 1.0, 6)
+    assert rows[("teacher", "4 stages")] == ([2, 2, 1, 1], 1.0, 6)
+    assert rows[("teacher-steps", "4 stages, 30 steps/stage")] == ([30] * 4, 1.0, 120)
+    assert [rows[("teacher-cfg", f"4 stages, cfg {g:g}")] for g in (1.5, 2, 3)] == [([2, 2, 1, 1], g, 12)
+                                                                                   for g in (1.5, 2.0, 3.0)]
+    assert rows[("student", "4 stages")] == rows[("student-cfg", "4 stages, distill cfg 2")] == ([1] * 4, 1.0, 4)
+    runs = out / "runs"  # the cfg-2 student distilled from a guided teacher; every job's training time reported
+    assert {tag: json.loads((runs / tag / "config.json").read_text())["distill"]["cfg"]
+            for tag in ("student-s4-seed0", "student-s4-cfg2-seed0")} == {"student-s4-seed0": 1.0,
+                                                                          "student-s4-cfg2-seed0": 2.0}
+    assert set(r["train_seconds"]) == {p.name for p in runs.iterdir()} and len(r["train_seconds"]) == 10
     for s in r["summary"]:
         assert 0 < s["psnr"]["mean"] < 60 and 0 < s["ssim"]["mean"] <= 1
     # its toy models are not rows of another table (were: reused by a tiny-64 run into the same --out, silently)
