@@ -21,7 +21,7 @@ from msdd.cli import main
 from msdd.data import ImageFolderDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
 from msdd.train.checkpoint import (
-    CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
+    CheckpointError, check_writable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
 )  # fmt: skip
 from msdd.train.stream import BatchStream, ResumableSampler
 from msdd.train.stage1 import Stage1Trainer
@@ -106,6 +106,23 @@ def test_a_checkpoint_is_what_its_manifest_lists(tmp_path):
     with pytest.warns(UserWarning, match=r"step_0000000[46] is damaged") as record:
         assert latest_checkpoint(tmp_path) == step2
     assert len(record) == 2
+
+
+def test_a_new_nested_run_directory_is_made_and_only_step_folders_are_checkpoints(tmp_path):
+    """`--run-dir runs/a/b` whose parents do not exist yet is made (with no checkpoints folder before the first
+    save); the checkpoints are the step folders only: not a temporary folder left by a process killed while saving,
+    nor other files or folders put there."""
+    run = tmp_path / "runs" / "a" / "b"
+    check_writable(run)
+    assert run.is_dir() and list(run.iterdir()) == []
+    save_checkpoint(run, 3, {"model": {"w": torch.zeros(2)}}, {"step": 3}, "{}")
+    root = run / "checkpoints"
+    (root / ".step_00000004.tmp-99").mkdir()
+    (root / "step_notes.txt").write_text("notes")
+    (root / "old").mkdir()
+    check_writable(run)  # probes the checkpoints folder too, and leaves nothing behind
+    assert sorted(p.name for p in root.iterdir()) == [".step_00000004.tmp-99", "old", "step_00000003", "step_notes.txt"]
+    assert list_checkpoints(run) == [root / "step_00000003"] and latest_checkpoint(run) == root / "step_00000003"
 
 
 def test_a_checkpoint_that_cannot_be_written_is_an_error_and_leaves_the_others(tmp_path):
