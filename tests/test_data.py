@@ -61,6 +61,38 @@ def test_train_and_heldout_photos_are_disjoint():
     assert np.array_equal(load_photo("stereo_motorcycle"), left)
 
 
+def test_the_embedded_photos_pyramid_halves_exactly():
+    """The levels the training crops are cut from: each the 2x2 mean of the one above (rounded to uint8), down to
+    the first level under 4 pixels."""
+    from msdd.data.embedded import _pyramid
+
+    levels = _pyramid("coffee")  # 400 x 600
+    assert [tuple(x.shape[1:]) for x in levels[:3]] == [(400, 600), (200, 300), (100, 150)]
+    for a, b in zip(levels, levels[1:]):
+        h, w = a.shape[1] // 2, a.shape[2] // 2
+        mean = a[:, : 2 * h, : 2 * w].float().reshape(3, h, 2, w, 2).mean((2, 4))
+        assert b.shape == (3, h, w) and (b.float() - mean).abs().max() <= 0.5
+    assert min(levels[-1].shape[1:]) < 4 <= min(levels[-2].shape[1:])
+
+
+def test_embedded_crops_cover_log_uniform_sides_of_the_photo(monkeypatch):
+    """EmbeddedCrops on a position image (standing in for a photo): each crop covers a square of side log-uniform
+    between the resolution and the shorter side, in source pixels whatever pyramid level it is cut from (its median
+    sqrt(32 * 256) = 91 px), and half the crops are flipped."""
+    import msdd.data.embedded as embedded
+
+    monkeypatch.setattr(embedded, "load_photo", lambda name: position_image(256, 256))
+    embedded._pyramid.cache_clear()
+    try:
+        ds = EmbeddedCrops(32, length=300, seed=0, photos=("positions",))
+        spans = np.array([red_span(ds[i][0]) for i in range(len(ds))])
+    finally:
+        embedded._pyramid.cache_clear()
+    sides = np.abs(spans)
+    assert 30 < sides.min() < 40 and 220 < sides.max() < 258 and 75 < np.median(sides) < 110
+    assert 0.4 < (spans < 0).mean() < 0.6
+
+
 def test_embedded_crops_are_deterministic_and_vary():
     ds = EmbeddedCrops(32, seed=0)
     x, name, reason = ds[5]
@@ -145,6 +177,14 @@ def test_center_crop_keeps_the_centre():
     assert out[:, 3:-3].min() == 255
 
 
+def test_a_large_image_is_shrunk_by_exact_box_halvings():
+    """A 128 px image to 32 px: two 2x2 box averages, no bicubic (which mixes in the neighbouring blocks): each pixel
+    within 2 of its 4x4 block's mean (PIL's uint8 rounding, twice), where a bicubic last step is 24 off."""
+    arr = noise(128, 128)
+    blocks = arr.astype(float).reshape(32, 4, 32, 4, 3).mean((1, 3))
+    assert np.abs(center_crop_arr(arr, 32).astype(float) - blocks).max() < 2
+
+
 def test_random_crop_covers_80_to_100_percent_of_the_shorter_side():
     # Red = x and green = y in source pixels, so a crop's corners say where in the source it came from.
     h, w, size = 200, 250, 64
@@ -197,13 +237,26 @@ def test_load_palette_png(tmp_path):
 
 def test_load_16bit_png_scales_not_clips(tmp_path):
     Image.fromarray(np.array([[0, 32768, 65535]], np.uint16)).save(tmp_path / "d.png")
-    out = load_image(tmp_path / "d.png")[0, :, 0].astype(int)
+    out = load_image(tmp_path / "d.png")
+    assert out.shape == (1, 3, 3) and (out == out[..., :1]).all()  # gray in all three channels
+    out = out[0, :, 0].astype(int)
     assert out[0] == 0 and abs(out[1] - 128) <= 1 and out[2] == 255
+    # by the 16-bit full scale (/ 257) whatever range the pixels span, not stretched to it
+    for values, want in (([0, 257 * 100, 257 * 200], [0, 100, 200]), ([1000, 257 * 128, 65535], [4, 128, 255])):
+        Image.fromarray(np.array([values], np.uint16)).save(tmp_path / "e.png")
+        assert load_image(tmp_path / "e.png")[0, :, 0].tolist() == want
 
 
 def test_load_float_tiff(tmp_path):
-    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), "F").save(tmp_path / "f.tiff")
-    assert load_image(tmp_path / "f.tiff")[0, :, 0].tolist() == [0, 128, 255]
+    """Float data is scaled by its convention's full scale: [0, 1], else [0, 255]; anything else (negative values,
+    above 255) is stretched from its own minimum to its maximum."""
+    cases = [([0.0, 0.5, 1.0], [0, 128, 255]), ([0.0, 100.0, 200.0], [0, 100, 200]),
+             ([10.0, 100.0, 255.0], [10, 100, 255]), ([-1.0, 0.0, 3.0], [0, 64, 255]),
+             ([0.0, 250.0, 1000.0], [0, 64, 255])]
+    for values, want in cases:
+        Image.fromarray(np.array([values], np.float32), "F").save(tmp_path / "f.tiff")
+        out = load_image(tmp_path / "f.tiff")
+        assert out.shape == (1, 3, 3) and out[0, :, 0].tolist() == want, values
 
 
 def test_load_cmyk_jpeg(tmp_path):
@@ -355,12 +408,18 @@ def test_too_small_image_is_skipped(tmp_path):
 
 
 def test_build_from_folder_and_bad_source(mixed_folder):
-    assert isinstance(build_train_dataset(str(mixed_folder), 32, seed=0), ImageFolderDataset)
+    """A folder trains on random crops, new each epoch, and evaluates on the centre crops of its usable files."""
+    train = build_train_dataset(str(mixed_folder), 32, seed=0)
+    assert isinstance(train, ImageFolderDataset) and train[0][1].endswith("a.png")
+    first = train[0][0]
+    train.set_epoch(1)
+    assert not torch.equal(first, train[0][0])
     with pytest.warns(UserWarning, match="skipping image") as warned:
         x, names = build_eval_images(str(mixed_folder), 32)
     messages = " ".join(str(w.message) for w in warned)
     assert "broken.jpg" in messages and "fake.png" in messages
     assert x.shape == (3, 3, 32, 32) and names == ["a.png", "c.webp", "sub/b.JPG"]
+    assert torch.equal(x[0], to_tensor(center_crop_arr(load_image(mixed_folder / "a.png"), 32)))
     with pytest.raises(ValueError, match="data.source"):
         build_train_dataset(str(mixed_folder / "nope"), 32, seed=0)
     with pytest.raises(ValueError, match="data.source"):
