@@ -444,8 +444,9 @@ def test_a_folder_of_bad_and_odd_files_trains_and_reports_the_skips(tmp_path, ca
 
 
 def write_shards(root: Path, photo_folder: Path) -> list[str]:
-    """Two shards of 4 photo crops each (one sample also has a label file, one is a broken JPEG),
-    and a third shard cut off in the middle. Returns the expected good sample names."""
+    """Two shards of 4 photo crops each (one sample also has a label file, one is a broken JPEG; the second also
+    a sample without an image), and a third shard cut off in its last sample. Returns the expected good sample
+    names."""
     root.mkdir()
     crops = sorted(photo_folder.rglob("*.*"))
     names = []
@@ -460,11 +461,13 @@ def write_shards(root: Path, photo_folder: Path) -> list[str]:
                     tar.add(root / "label.cls", arcname=f"{key}.cls")
             (root / "bad.jpg").write_bytes(b"\xff\xd8\xff broken")
             tar.add(root / "bad.jpg", arcname=f"s{s}_bad.jpg")
+            if s == 1:  # a sample without an image
+                tar.add(root / "label.cls", arcname="s1_noimage.cls")
     with tarfile.open(root / "train-000002.tar", "w") as tar:
         for i in range(3):
             tar.add(crops[i], arcname=f"s2_{i:03d}{crops[i].suffix}")
     data = (root / "train-000002.tar").read_bytes()
-    (root / "train-000002.tar").write_bytes(data[: len(data) // 2])
+    (root / "train-000002.tar").write_bytes(data[: len(data) * 3 // 4])  # in the last sample
     return names
 
 
@@ -476,9 +479,12 @@ def test_tar_shards_split_over_processes_skip_bad_samples_and_resume(tmp_path, p
     assert not keys[0] & keys[1]  # whole shards per process
     records = parts[0] + parts[1]
     bad = {name.rsplit("/", 1)[-1]: why for x, name, why in records if x is None}
-    assert any("shard unreadable" in why for why in bad.values())
     assert sum("_bad" in n for n in bad) == 2
-    assert sum(x is not None for x, _, _ in records) >= 8
+    assert bad["train-000001.tar:s1_noimage"] == "no image file in the sample (has ['cls'])"
+    # the cut shard: the samples read before the cut, then one record that says where it broke
+    read = sum(name.split(":")[-1].startswith("s2_") for x, name, _ in records if x is not None)
+    assert read > 0 and bad["train-000002.tar"].startswith(f"shard unreadable after {read} samples (")
+    assert sum(x is not None for x, _, _ in records) == 8 + read and len(bad) == 4
 
     # resume inside an epoch: the next batches are the ones an uninterrupted stream gives
     ds = TarShardDataset(source, 32, seed=3)
