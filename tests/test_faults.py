@@ -21,7 +21,8 @@ from msdd.cli import main
 from msdd.data import ImageFolderDataset, collate_skip_bad, load_photo
 from msdd.hub import file_sha256
 from msdd.train.checkpoint import (
-    CheckpointError, check_writable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint,
+    CheckpointError, check_writable, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint,
+    verify_checkpoint,
 )  # fmt: skip
 from msdd.train.stream import BatchStream, ResumableSampler
 from msdd.train.stage1 import Stage1Trainer
