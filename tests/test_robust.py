@@ -319,8 +319,11 @@ def test_too_many_non_finite_steps_stop_with_the_last_checkpoint_intact(tmp_path
     good = {k: v.clone() for k, v in trainer.tok.state_dict().items()}
     with torch.no_grad():
         trainer.tok.encoder.patch_embed.weight[0, 0] = float("nan")  # every loss is NaN from now on
-    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(RuntimeError, match="20 non-finite losses"):
+    with pytest.warns(UserWarning, match="non-finite") as record, \
+            pytest.raises(RuntimeError, match="20 non-finite losses"):
         trainer.fit(max_steps=10, progress=False)
+    skips = [str(w.message) for w in record if "step skipped" in str(w.message)]  # one warning per skipped step
+    assert len(skips) == 20 and skips[-1].endswith("(20 in a row, 20 in total)")
     assert [p.name for p in list_checkpoints(tmp_path / "r")] == ["step_00000003"]
     resumed = Stage1Trainer(cfg, tmp_path / "r")
     assert resumed.step == 3

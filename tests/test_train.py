@@ -55,6 +55,22 @@ def test_resume_continues_exactly(tmp_path):
     assert all(torch.equal(ea[k], eb[k]) for k in ea)
 
 
+def test_a_time_budget_ends_the_run_as_a_finished_one(tmp_path):
+    """fit(minutes=...) (`msdd train --minutes`, the demo's budget): the step under way when the time is up is the
+    last, and the run ends as a finished one (its checkpoint and its model), not as an interrupted one. Fitting the
+    finished run again trains nothing and does not warn that it is past max_steps (it is at it)."""
+    import warnings
+
+    run = tmp_path / "r"
+    summary = Stage1Trainer(tiny_config(), run).fit(max_steps=50, minutes=1e-6, progress=False)
+    assert summary["steps"] == 1 and summary["interrupted"] is None and (run / "model").is_dir()
+    assert [p.name for p in list_checkpoints(run)] == ["step_00000001"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = Stage1Trainer(tiny_config(), run).fit(max_steps=1, progress=False)
+    assert again["steps"] == 1 and not [w for w in caught if "past max_steps" in str(w.message)]
+
+
 def test_damaged_newest_checkpoint_falls_back(tmp_path):
     cfg = tiny_config("train.ckpt_every=3")
     Stage1Trainer(cfg, tmp_path / "r").fit(max_steps=6, progress=False)
