@@ -56,8 +56,8 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_a_time_budget_ends_the_run_as_a_finished_one(tmp_path):
-    """fit(minutes=...) (`msdd train --minutes`, the demo's budget): the step under way when the time is up is the
-    last, and the run ends as a finished one (its checkpoint and its model), not as an interrupted one. Fitting the
+    """fit(minutes=...) (`--minutes` of `msdd train`, `distill` and `gen-train`): the step under way when the time is
+    up is the last, and the run ends as a finished one (its checkpoint and its model), not as an interrupted one. Fitting the
     finished run again trains nothing and does not warn that it is past max_steps (it is at it)."""
     import warnings
 
