@@ -90,6 +90,9 @@ def test_one_step_model_defaults_to_one_step_and_warns_once(tmp_path):
     z = torch.zeros(1, 8, 4)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
+        tok.decode(z)  # its own one step per stage: nothing to warn about
+        tok.decode(z, steps=1)
+        assert not w
         tok.decode(z, steps=4)
         tok.decode(z, steps=4)
     assert sum("distilled for one step" in str(x.message) for x in w) == 1
@@ -117,10 +120,14 @@ def test_decode_stages_returns_the_images_and_every_stage_clamped(tok):
     z = torch.randn(2, 8, 4)
     out = tok.decode_stages(z, steps=1, seed=3)
     assert isinstance(out, Decoded) and torch.equal(out.images, tok.decode(z, steps=1, seed=3))
+    # both draw their noise from seed 0 when given neither a seed nor a generator (the same call, the same image)
+    assert torch.equal(tok.decode_stages(z, steps=1).images, tok.decode(z, steps=1, seed=0))
+    assert torch.equal(tok.decode(z, steps=1), tok.decode_stages(z, steps=1, seed=0).images)
     with torch.no_grad():
         raw = tok.sample(z, tok.resolve_steps(1), 1.0, torch.Generator().manual_seed(3))
     assert [s.shape[-1] for s in out.stages] == list(tok.config.stage_resolutions)
     assert all(r.abs().max() > 2 for r in raw.stages)  # the clamp has work to do at every stage
+    assert torch.allclose(out.images, raw.images.clamp(-1, 1), atol=1e-4) and out.images.min() == -1
     for stage, r in zip(out.stages, raw.stages):
         assert torch.allclose(stage, r.clamp(-1, 1), atol=1e-4)
     with pytest.warns(DeprecationWarning, match=r"decode_stages\(z, ...\)") as caught:
