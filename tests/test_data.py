@@ -75,31 +75,31 @@ def test_the_embedded_photos_pyramid_halves_exactly():
     assert min(levels[-1].shape[1:]) < 4 <= min(levels[-2].shape[1:])
 
 
+def _embedded_crop_spans(monkeypatch, h: int, w: int) -> np.ndarray:
+    """The signed red spans (`red_span`) of 300 EmbeddedCrops at 32 px of an h x w position image in place of a
+    photo."""
+    import msdd.data.embedded as embedded
+
+    monkeypatch.setattr(embedded, "load_photo", lambda name: position_image(h, w))
+    embedded._pyramid.cache_clear()
+    try:
+        ds = EmbeddedCrops(32, length=300, seed=0, photos=("positions",))
+        return np.array([red_span(ds[i][0]) for i in range(len(ds))])
+    finally:
+        embedded._pyramid.cache_clear()
+
+
 def test_embedded_crops_cover_log_uniform_sides_of_the_photo(monkeypatch):
     """EmbeddedCrops on position images (standing in for photos): each crop covers a square of side log-uniform
     between the resolution and the shorter side, in source pixels whatever pyramid level it is cut from (on a 256 px
     square, median sqrt(32 * 256) = 91 px), and half the crops are flipped."""
-    import msdd.data.embedded as embedded
-
-    monkeypatch.setattr(embedded, "load_photo", lambda name: position_image(256, 256))
-    embedded._pyramid.cache_clear()
-    try:
-        ds = EmbeddedCrops(32, length=300, seed=0, photos=("positions",))
-        spans = np.array([red_span(ds[i][0]) for i in range(len(ds))])
-    finally:
-        embedded._pyramid.cache_clear()
+    spans = _embedded_crop_spans(monkeypatch, 256, 256)
     sides = np.abs(spans)
     assert 30 < sides.min() < 40 and 220 < sides.max() < 258 and 75 < np.median(sides) < 110
     assert 0.4 < (spans < 0).mean() < 0.6
     # a landscape photo: the sides range up to its shorter side (here 128 of 128 x 256), so few crops (ln(128 / 112) /
     # ln(128 / 32) = 10%) come near it; ranging up to the longer one, 40% would, cut down to the shorter side
-    monkeypatch.setattr(embedded, "load_photo", lambda name: position_image(128, 256))
-    embedded._pyramid.cache_clear()
-    try:
-        ds = EmbeddedCrops(32, length=300, seed=0, photos=("positions",))
-        sides = np.abs([red_span(ds[i][0]) for i in range(len(ds))])
-    finally:
-        embedded._pyramid.cache_clear()
+    sides = np.abs(_embedded_crop_spans(monkeypatch, 128, 256))
     assert sides.max() < 130 and 0.04 < (sides > 112).mean() < 0.2
 
 
