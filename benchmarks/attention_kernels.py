@@ -115,7 +115,8 @@ def main() -> None:
             if grid * grid + CONTEXT == n:  # a decoder stage: a square image grid and the context tokens
                 block_rows.append(block_row(name, dtype, n, a.heads, a.head_dim, a.repeats, g))
                 r = block_rows[-1]
-                print(f"{name} {n:5d} tokens, block step: ops {r['block_ops_ms']:.2f} ms, joint {r['block_joint_ms']:.2f} "
+                print(f"{name} {n:5d} tokens, block step: ops {r['block_ops_ms']:.2f} ms, "
+                      f"joint {r['block_joint_ms']:.2f} "
                       f"(x{r['joint_over_ops']:.2f}); max abs error {r['block_ops_max_abs_error']:.2g} / "
                       f"{r['block_joint_max_abs_error']:.2g}")
     result = {"command": "python " + " ".join(sys.argv), "torch": torch.__version__, "threads": torch.get_num_threads(),

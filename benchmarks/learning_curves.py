@@ -43,7 +43,8 @@ def measure(tok: Tokenizer, sets: dict) -> dict:
     for name, images in sets.items():
         z = tok.encode(images)
         for label, steps in schedules.items():
-            out[f"{name}_{label}"] = score(tok.decode(z, steps=steps, generator=torch.Generator().manual_seed(0)), images)
+            x = tok.decode(z, steps=steps, generator=torch.Generator().manual_seed(0))
+            out[f"{name}_{label}"] = score(x, images)
     return out
 
 

@@ -138,7 +138,8 @@ def main() -> None:
               "top_ops": [{"op": n, "seconds": round(s, 4), "share": round(s / total, 4)}
                           for n, s in sorted(ops.items(), key=lambda kv: -kv[1])[:15]]}
     if a.bound:
-        result["bound"] = efficiency_bound(decode, groups, total, torch.bfloat16 if a.dtype == "bf16" else torch.float32)
+        dtype = torch.bfloat16 if a.dtype == "bf16" else torch.float32
+        result["bound"] = efficiency_bound(decode, groups, total, dtype)
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)
     for g, v in result["groups"].items():

@@ -32,7 +32,8 @@ def main() -> None:
     images, _ = embedded_eval_set(tok.config.image_size)
     rows = stage_fidelity(tok, images, steps=steps, guidance=args.cfg, seed=args.seed)
     first = rows[0]["resolution"]
-    print(f"{args.model}: steps {list(tok.resolve_steps(steps))}, cfg {tok.resolve_guidance(args.cfg)}, {len(images)} held-out images")
+    print(f"{args.model}: steps {list(tok.resolve_steps(steps))}, cfg {tok.resolve_guidance(args.cfg)}, "
+          f"{len(images)} held-out images")
     print(f"| stage | resolution | noise left | PSNR (dB) | PSNR at {first} px |")
     print("|---|---|---|---|---|")
     for r in rows:

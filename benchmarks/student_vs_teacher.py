@@ -2,7 +2,8 @@
 teacher decodes of random paper-256 weights, interleaved in one process, each timed whole and inside
 `msdd.models.cpu_kernels.blocks` (the op that runs a pass's MMDiT blocks on the optimised CPU path).
 
-    python benchmarks/student_vs_teacher.py --dtype bf16 --rounds 3 --out benchmarks/results/student-vs-teacher-bf16.json
+    python benchmarks/student_vs_teacher.py --dtype bf16 --rounds 3 \
+        --out benchmarks/results/student-vs-teacher-bf16.json
 
 A round is `--student-decodes` student decodes, then one teacher decode (`--steps` per stage, `--cfg`); medians over
 the rounds. The ratio of the blocks' times says how efficient a batch-1 pass is against the teacher's guided batch-2

@@ -59,7 +59,8 @@ def main() -> None:
         row = {"overlap": overlap, "tiles": len(tile_starts(h, r, overlap)) * len(tile_starts(w, r, overlap)),
                "seconds": round(seconds, 2), "psnr": round(psnr(y, x), 3),
                "band_psnr": round(psnr(y[:, band], x[:, band]), 3),
-               "interior_psnr": round(psnr(y[:, ~band], x[:, ~band]), 3), "band_share": round(band.float().mean().item(), 3)}
+               "interior_psnr": round(psnr(y[:, ~band], x[:, ~band]), 3),
+               "band_share": round(band.float().mean().item(), 3)}
         row["band_minus_interior_db"] = round(row["band_psnr"] - row["interior_psnr"], 3)
         rows.append(row)
         print(row, flush=True)

@@ -135,7 +135,8 @@ def test_numpy_images_as_numpy_makes_them(tok):
     assert torch.equal(tok.encode(rgb[:, ::-1].copy()[:, ::-1]), z)
     as_float = rgb.astype(np.float32) / 127.5 - 1
     assert torch.allclose(tok.encode(as_float.astype(">f4")), tok.encode(as_float))
-    with pytest.raises(ValueError, match=r"look channels-last \(B, H, W, C\): pass \(B, 3, H, W\).*permute\(0, 3, 1, 2\)"):
+    with pytest.raises(ValueError,
+                       match=r"look channels-last \(B, H, W, C\): pass \(B, 3, H, W\).*permute\(0, 3, 1, 2\)"):
         tok.encode(rgb.transpose(0, 2, 3, 1))
     with pytest.raises(TypeError, match="numpy dtype object"):
         tok.encode(np.empty((1, 3, 64, 64), dtype=object))

@@ -96,7 +96,8 @@ def test_a_weights_file_of_another_network_names_the_option(tmp_path):
 
     path = tmp_path / "other.safetensors"
     save_file({"linear.weight": torch.zeros(2, 2)}, str(path))
-    with pytest.raises(ValueError, match=r"--vgg-weights .*other.safetensors does not hold the weights of the LPIPS") as e:
+    with pytest.raises(ValueError,
+                       match=r"--vgg-weights .*other.safetensors does not hold the weights of the LPIPS") as e:
         LPIPS(path)
     assert "vgg16-397923af.pth" in str(e.value) and len(str(e.value)) < 600  # not the state dict's key lists
     pytest.importorskip("timm")
@@ -203,11 +204,11 @@ def test_errors_name_the_option_not_the_config_key(tmp_path, capsys):
     assert f"--pca-source={str(tmp_path / 'nowhere')!r} is neither" in err and "data.source" not in err
 
 
-
 def test_warnings_are_one_line_on_the_command_line(tmp_path, photo_folder):
     (photo_folder / "broken.png").write_bytes(b"not an image")  # skipped with a warning, counted
-    run = subprocess.run([sys.executable, "-m", "msdd.cli", "train", "--run-dir", str(tmp_path / "r"), "--max-steps", "4",
-                          *tiny_args(), "--set", f"data.source={photo_folder}", "--set", "train.batch_size=2"],
+    run = subprocess.run([sys.executable, "-m", "msdd.cli", "train", "--run-dir", str(tmp_path / "r"),
+                          "--max-steps", "4", *tiny_args(), "--set", f"data.source={photo_folder}",
+                          "--set", "train.batch_size=2"],
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "always"})
     assert run.returncode == 0, run.stderr
     lines = [line for line in run.stderr.splitlines() if "broken.png" in line]

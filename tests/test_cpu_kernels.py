@@ -255,8 +255,8 @@ def test_int8_decode_runs_msdds_int8_kernel_in_float32_and_bf16():
 
 
 def _layer_norm64(x, w=None, b=None, eps=1e-6):
-    return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(), None if b is None else b.double(),
-                        eps)
+    return F.layer_norm(x.double(), (x.shape[-1],), None if w is None else w.double(),
+                        None if b is None else b.double(), eps)
 
 
 @needs_kernel

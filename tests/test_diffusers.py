@@ -94,8 +94,9 @@ def test_save_load_and_conversions(student, images, tmp_path, offline):
 
     from msdd.cli import main
 
-    assert main(["export", "--model", "tiny-64-student", "--out", str(tmp_path / "exported"), "--format", "diffusers"]) == 0
-    weights, config = tmp_path / "exported" / "diffusion_pytorch_model.safetensors", tmp_path / "exported" / "config.json"
+    exported = tmp_path / "exported"
+    assert main(["export", "--model", "tiny-64-student", "--out", str(exported), "--format", "diffusers"]) == 0
+    weights, config = exported / "diffusion_pytorch_model.safetensors", exported / "config.json"
     assert weights.stat().st_mode & 0o777 == config.stat().st_mode & 0o777  # shareable like its config, not 0600
     import_diffusers(tmp_path / "exported", tmp_path / "msdd")
     back = Tokenizer.from_pretrained(tmp_path / "msdd")

@@ -703,7 +703,8 @@ def test_integer_weights_are_refused_not_cast(tmp_path, capsys):
     model = _tiny_model(tmp_path / "m")
     weights = model / "model.safetensors"
     save_file({k: v.to(torch.int32) for k, v in load_file(weights).items()}, weights)  # before: rc 0, a model of 0s
-    assert main(["reconstruct", str(_photo(tmp_path / "p.png")), "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    photo = str(_photo(tmp_path / "p.png"))
+    assert main(["reconstruct", photo, "--model", str(model), "--out", str(tmp_path / "o")]) == 2
     assert re.search(rf"^error: {re.escape(str(weights))} holds integer tensors where the model has float weights",
                      capsys.readouterr().err, re.M)
 
@@ -716,7 +717,8 @@ def test_non_finite_weights_are_refused_by_name(tmp_path, capsys):
     state = load_file(weights)
     state["decoder.final.linear.bias"][0] = float("nan")  # before: it loaded, and every decoded pixel was NaN
     save_file(state, weights)
-    assert main(["reconstruct", str(_photo(tmp_path / "p.png")), "--model", str(model), "--out", str(tmp_path / "o")]) == 2
+    photo = str(_photo(tmp_path / "p.png"))
+    assert main(["reconstruct", photo, "--model", str(model), "--out", str(tmp_path / "o")]) == 2
     assert re.search(rf"^error: {re.escape(str(weights))} holds NaN or infinite values in 1 tensor\(s\): "
                      r"\['decoder.final.linear.bias'\]", capsys.readouterr().err, re.M)
 

@@ -126,7 +126,8 @@ def test_shapes_at_every_stage(stages):
     x, previews = tok.decode_stages(z, steps=1)
     assert x.shape == (2, 3, 32, 32)
     assert [p.shape[-1] for p in previews] == list(cfg.stage_resolutions)
-    assert cfg.stage_resolutions[-1] == 32 and all(b == 2 * a for a, b in zip(cfg.stage_resolutions, cfg.stage_resolutions[1:]))
+    res = cfg.stage_resolutions
+    assert res[-1] == 32 and all(b == 2 * a for a, b in zip(res, res[1:]))
 
 
 def test_flow_loss_is_finite_and_per_stage():
@@ -342,5 +343,6 @@ def test_sample_from_start_equals_continuing_the_full_chain(guidance):
             torch.testing.assert_close(x3, x, rtol=0, atol=1e-6)
         # the generator state matters: restarting with a fresh one gives another image
         other = sample_multiscale(tok.decoder, z, windows, steps, guidance=guidance,
-                                  generator=torch.Generator().manual_seed(3), start=(1, 0.0, stages[1], noises[1])).image
+                                  generator=torch.Generator().manual_seed(3),
+                                  start=(1, 0.0, stages[1], noises[1])).image
         assert (other - x).abs().max() > 1e-3

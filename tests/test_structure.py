@@ -1,5 +1,6 @@
 """Rules of the source layout (issue 13): small modules, no import cycle, model families dispatched in one place;
-no unused import or undefined name (pyflakes).
+no unused import or undefined name (pyflakes); lines of at most 120 characters and PEP 8's blank lines
+(pycodestyle).
 
 `python tests/test_structure.py` prints the line counts over 300 and any import cycle."""
 
@@ -144,6 +145,42 @@ def test_pyflakes_reports_what_it_should(tmp_path):
     (tmp_path / "bad.py").write_text("import os\n\n\ndef f():\n    return undefined_name\n")
     report = pyflakes_messages(tmp_path)
     assert "'os' imported but unused" in report and "undefined name 'undefined_name'" in report
+
+
+LAYOUT_CHECKS = ["E301", "E302", "E303", "E305", "E501"]  # blank lines around definitions, line length
+MAX_LINE = 120
+
+
+def layout_messages(*paths: Path) -> list[str]:
+    """What pycodestyle (a test extra) reports of `LAYOUT_CHECKS` for the Python files under `paths`."""
+    import pycodestyle
+
+    out = []
+
+    class Collect(pycodestyle.StandardReport):
+        def error(self, line_number, offset, text, check):
+            code = super().error(line_number, offset, text, check)
+            if code:
+                out.append(f"{self.filename}:{line_number}: {text}")
+            return code
+
+    style = pycodestyle.StyleGuide(select=LAYOUT_CHECKS, max_line_length=MAX_LINE, reporter=Collect, quiet=True)
+    style.check_files([str(p) for p in paths])
+    return out
+
+
+def test_lines_and_blank_lines_follow_the_layout():
+    """At most 120 characters a line, two blank lines around top-level definitions and one between methods,
+    in src, tests and benchmarks."""
+    assert layout_messages(SRC, ROOT / "tests", ROOT / "benchmarks") == []
+
+
+def test_the_layout_check_reports_what_it_should(tmp_path):
+    at_limit, over = "x = '" + "a" * 114 + "'\n", "y = '" + "a" * 115 + "'\n"  # 120 and 121 characters
+    (tmp_path / "bad.py").write_text("import os\n\ndef f():\n    return os.sep\n\n\n" + at_limit + over)
+    report = layout_messages(tmp_path)
+    assert [m.split(":", 1)[1] for m in report] == ["3: E302 expected 2 blank lines, found 1",
+                                                    "8: E501 line too long (121 > 120 characters)"]
 
 
 if __name__ == "__main__":

@@ -57,8 +57,8 @@ def test_resume_continues_exactly(tmp_path):
 
 def test_a_time_budget_ends_the_run_as_a_finished_one(tmp_path):
     """fit(minutes=...) (`--minutes` of `msdd train`, `distill` and `gen-train`): the step under way when the time is
-    up is the last, and the run ends as a finished one (its checkpoint and its model), not as an interrupted one. Fitting the
-    finished run again trains nothing and does not warn that it is past max_steps (it is at it)."""
+    up is the last, and the run ends as a finished one (its checkpoint and its model), not as an interrupted one.
+    Fitting the finished run again trains nothing and does not warn that it is past max_steps (it is at it)."""
     import warnings
 
     run = tmp_path / "r"
@@ -241,8 +241,8 @@ def test_a_cpu_training_steps_attention_computes_in_float32_up_to_its_key_limit(
 def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_loss_and_gradients(tmp_path,
                                                                                                 monkeypatch):
     """train.compile: every transformer block of the trained tokenizer runs compiled (graphs per block form and input
-    shape: the decoder's passes at each stage's resolution), the EMA's blocks do not (grids and the saved model decode on the
-    inference path), and a compiled step gives the eager step's loss and gradients. The backend here is aot_eager
+    shape: the decoder's passes at each stage's resolution), the EMA's blocks do not (grids and the saved model decode
+    on the inference path), and a compiled step gives the eager step's loss and gradients. The backend here is aot_eager
     (dynamo's and autograd's tracing of the blocks, the float32 attention included, without inductor's minutes of
     code generation); the trainer passes its device and nothing else. The step time that sizes budgets and
     `msdd info --step-time` prints is the compiled step's too."""

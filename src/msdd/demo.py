@@ -37,7 +37,6 @@ from msdd.train.distill import Distiller
 from msdd.train.stage1 import Stage1Trainer
 
 
-
 def _stop_if_interrupted(summary: dict, out: Path) -> dict:
     """A stage stopped by SIGTERM / SIGINT ends the demo (exit code 128 + signal) instead of going on
     without its model; the same command continues it."""
@@ -55,7 +54,8 @@ def quality(recon: torch.Tensor, images: torch.Tensor, names: list[str]) -> dict
     whole = torch.tensor(["_" not in n for n in names])  # the whole held-out photos (not their tiles)
     return {
         "psnr": round(psnr.mean().item(), 3), "ssim": round(ssim.mean().item(), 4),
-        "psnr_whole_photos": round(psnr[whole].mean().item(), 3), "ssim_whole_photos": round(ssim[whole].mean().item(), 4),
+        "psnr_whole_photos": round(psnr[whole].mean().item(), 3),
+        "ssim_whole_photos": round(ssim[whole].mean().item(), 4),
         "per_image": {n: [round(p, 3), round(s, 4)] for n, p, s in zip(names, psnr.tolist(), ssim.tolist())},
     }
 

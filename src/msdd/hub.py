@@ -216,7 +216,8 @@ def model_card(meta: dict, evaluation: dict | None = None, repo_id: str = "") ->
              f"tok = Tokenizer.from_pretrained({repo_id!r})" if repo_id else "tok = Tokenizer.from_pretrained(PATH)",
              f"z = tok.encode(images)      # (B, 3, {r}, {r}) in [-1, 1]", "x = tok.decode(z)", "```", "",
              "## Training record", ""]
-    record = {k: v for k, v in meta.items() if k not in ("format", "format_version", "model") and not isinstance(v, dict)}
+    record = {k: v for k, v in meta.items()
+              if k not in ("format", "format_version", "model") and not isinstance(v, dict)}
     lines += [f"- {k}: {v}" for k, v in record.items()] or ["- (none stored)"]
     if evaluation:
         met, proto = evaluation.get("metrics", {}), evaluation.get("protocol", {})

@@ -230,7 +230,7 @@ class Tokenizer(nn.Module):
             caches.forget(module)
             self._copies.forget(module)
 
-    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): what the caches kept holds the old tensors' memory
+    def _apply(self, fn, *args, **kwargs):  # .to(), .half(), .cuda(): the caches hold the old tensors' memory
         self._values, self._copies = caches.ValuesCheck(), WeightCopies()
         return super()._apply(fn, *args, **kwargs)
 
@@ -325,8 +325,9 @@ class Tokenizer(nn.Module):
         spatial, c = self.config.spatial_latent, self.config.latent_channels
         axis = -3 if spatial else -1
         if not isinstance(z, torch.Tensor) or z.ndim < -axis or z.shape[axis] != c:
+            got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
             raise ValueError(f"latents must have their {c} channels {'at dim -3 (B, C, h, w)' if spatial else 'last'} "
-                             f"for this model, got {tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+                             f"for this model, got {got}")
         stat = stat.to(z.device)  # latents kept on the CPU (a saved dataset) with a model on a GPU
         return stat.view(-1, 1, 1) if spatial else stat  # channels first for a spatial latent
 

@@ -85,7 +85,8 @@ def cmd_eval(args) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore" if not info.is_main else "default")
             r = evaluate(tok, args.data, steps=steps, guidance=args.guidance, seed=args.seed, bf16=args.bf16,
-                         int8=args.int8, batch_size=args.batch_size, limit=args.limit, inception_weights=args.inception_weights,
+                         int8=args.int8, batch_size=args.batch_size, limit=args.limit,
+                         inception_weights=args.inception_weights,
                          vgg_weights=args.vgg_weights, dist_info=info, model_path=path,
                          pca_source=None if args.pca_source == "none" else args.pca_source)
         p = r["protocol"]
@@ -168,7 +169,8 @@ def add_eval(sub) -> None:
     p = sub.add_parser("eval", help="reconstruction metrics (PSNR, SSIM, LPIPS, rFID) with the protocol in the JSON")
     p.add_argument("--model", default=None, help="model directory (default: bundled model)")
     p.add_argument("--compare", nargs="*", default=[], help="more model directories evaluated in the same run")
-    p.add_argument("--data", default="embedded", help="'embedded' (held-out photos) or an image folder (e.g. ImageNet val)")
+    p.add_argument("--data", default="embedded",
+                   help="'embedded' (held-out photos) or an image folder (e.g. ImageNet val)")
     p.add_argument("--limit", type=positive_int, default=None,
                    help="evaluate only the first N files of --data (unusable ones are skipped and counted, not "
                         "replaced)")
@@ -179,12 +181,14 @@ def add_eval(sub) -> None:
                    help="several teacher schedules separated by ';', e.g. '1;2;5;10' or '30,30,30,30;10,10,10,10'")
     p.add_argument("--out", default="eval.json", help="results JSON (default eval.json)")
     p.add_argument("--plot", default=None, help="also save a quality-vs-speed (Pareto) plot PNG here")
-    p.add_argument("--inception-weights", default=None, help="Inception file for rFID (weights-inception-2015-12-05-6726825d.pth)")
+    p.add_argument("--inception-weights", default=None,
+                   help="Inception file for rFID (weights-inception-2015-12-05-6726825d.pth)")
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--int8", action="store_true",
                    help="decode with int8 matmuls in the decoder's transformer streams (CPU; with --bf16 "
                         "where msdd's CPU kernels run)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     add_decode_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -54,7 +54,8 @@ def _recipe(cfg) -> dict:
         "networks": {"init": [cfg.model.encoder.init, cfg.model.decoder.init],
                      "context_pos": [cfg.model.encoder.context_pos, cfg.model.decoder.context_pos],
                      "time_scale": cfg.model.decoder.time_scale},
-        "stage1": {"loss_weighting": f.loss_weighting, "sigmoid_bias": f.sigmoid_bias, "loss_reduction": f.loss_reduction,
+        "stage1": {"loss_weighting": f.loss_weighting, "sigmoid_bias": f.sigmoid_bias,
+                   "loss_reduction": f.loss_reduction,
                    "t_sampling": f.t_sampling, "prediction": f.prediction, "lpips_weight": f.lpips_weight,
                    "cfg_drop": f.cfg_drop, "batch_size": t.batch_size, "lr": t.lr, "warmup_steps": t.warmup_steps,
                    "max_steps": t.max_steps, "min_lr_ratio": t.min_lr_ratio, "ema_decay": t.ema_decay,
@@ -178,7 +179,8 @@ def cmd_push(args) -> None:
             stage_for_hub(directory, tmp, args.repo, evaluation)
         print(f"wrote {out} (nothing uploaded)")
         return
-    print(f"pushed {directory} to {args.repo}: {push_model(directory, args.repo, args.private, args.token, evaluation)}")
+    url = push_model(directory, args.repo, args.private, args.token, evaluation)
+    print(f"pushed {directory} to {args.repo}: {url}")
 
 
 def _evaluation(path: Path, what: str) -> dict:

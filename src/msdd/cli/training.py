@@ -129,7 +129,8 @@ def add_train(sub) -> None:
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for the LPIPS loss (vgg16-397923af.pth)")
     p.add_argument("--dinov2-weights", default=None,
                    help="DINOv2 ViT-S/14 weights file for the REPA loss of SSDD models (dinov2_vits14_pretrain.pth)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_train)
 
 
@@ -149,7 +150,8 @@ def add_distill(sub) -> None:
     p.add_argument("--vgg-weights", default=None, help="VGG16 weights file for LPIPS (vgg16-397923af.pth)")
     p.add_argument("--dino-weights", default=None, help="DINO ViT-S/16 weights file (dino_deitsmall16_pretrain.pth)")
     p.add_argument("--limit", type=positive_int, default=None, help="use only N training images per epoch (data.limit)")
-    p.add_argument("--device", default="cpu", type=device_arg, help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
+    p.add_argument("--device", default="cpu", type=device_arg,
+                   help="cpu or cuda (under torchrun each process takes its LOCAL_RANK GPU)")
     p.set_defaults(func=cmd_distill)
 
 
@@ -171,7 +173,8 @@ def add_fidelity(sub) -> None:
     p.add_argument("--seeds", type=positive_int, default=None, help="seeds per configuration (default 2; --quick: 1)")
     p.add_argument("--total-steps", type=positive_int, default=40, help="Euler steps every teacher shares (default 40)")
     p.add_argument("--train-steps", type=positive_int, default=None,
-                   help="fixed stage-1 steps per job instead of sizing them from --minutes (same models on any machine)")
+                   help="fixed stage-1 steps per job instead of sizing them from --minutes "
+                   "(same models on any machine)")
     p.add_argument("--distill-steps", type=positive_int, default=None, help="fixed distillation steps per student")
     p.add_argument("--ssdd-set", dest="ssdd_overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field of the SSDD preset (repeatable)")

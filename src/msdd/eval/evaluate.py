@@ -203,7 +203,8 @@ def evaluate(
                                  "ssim": metrics["bicubic_ssim"].compute().item(), "floats": 3 * side * side,
                                  "method": f"bicubic down to {side}x{side} and back up"}}
     if pca is not None:
-        baselines_out["pca"] = {"psnr": metrics["pca_psnr"].compute().item(), "ssim": metrics["pca_ssim"].compute().item(),
+        baselines_out["pca"] = {"psnr": metrics["pca_psnr"].compute().item(),
+                                "ssim": metrics["pca_ssim"].compute().item(),
                                 "floats": floats, "method": f"PCA, {floats} components fitted on "
                                 f"{default_pca_crops()} training crops of {pca_source}"}
     infinite = [name for name, v in out_metrics.items() if not math.isfinite(v)] + [

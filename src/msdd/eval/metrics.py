@@ -30,7 +30,8 @@ def psnr_per_image(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 SSIM_CONVENTION = ("SSIM: Gaussian window 11, sigma 1.5, each channel's SSIM map on the images reflection-padded by 5 "
                    "px, averaged over every pixel and channel (torchmetrics' own average since a 1.4 release, while "
                    "1.4.0 and earlier left a 5 px border out; skimage averages only the windows inside the image: "
-                   "0.0002-0.0044 lower for the shipped tiny-64 student and the baselines on the embedded held-out set)")
+                   "0.0002-0.0044 lower for the shipped tiny-64 student and the baselines on the embedded held-out "
+                   "set)")
 
 
 def ssim_maps(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

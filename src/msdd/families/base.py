@@ -93,7 +93,8 @@ class Family:
         bad = [n for n in values if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer))]
         if bad:
             raise ValueError(f"steps must be whole numbers >= 1 (an int, or a list of {entries} ints: one per stage), "
-                             f"got {steps!r}: {bad[0]!r} is a {type(bad[0]).__name__}; pass ints (they are never rounded)")
+                             f"got {steps!r}: {bad[0]!r} is a {type(bad[0]).__name__}; pass ints (they are never "
+                             "rounded)")
         steps = tuple(int(n) for n in values) * (1 if many else entries)
         if len(steps) != entries or any(n < 1 for n in steps):
             raise ValueError(self.bad_steps_message(steps))

@@ -47,7 +47,8 @@ def upsample_nearest(x: torch.Tensor) -> torch.Tensor:
     return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
-def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+def block_noise(shape: tuple[int, ...], gamma: float, generator: torch.Generator | None,
+                like: torch.Tensor) -> torch.Tensor:
     """Noise with covariance (1 + gamma) I - gamma 11^T inside each 2x2 block, drawn vectorised.
 
     Why this sign: entering a stage, the nearest-upsampled previous image carries noise that is

@@ -50,7 +50,8 @@ class RopeCache:
     """float32 cos/sin tables per (grid, device), each (N, head_dim) in the rotate-half layout."""
 
     def __init__(self, full_grid: int, num_context: int, head_dim: int, context_pos: str) -> None:
-        self.full_grid, self.num_context, self.head_dim, self.context_pos = full_grid, num_context, head_dim, context_pos
+        self.full_grid, self.num_context = full_grid, num_context
+        self.head_dim, self.context_pos = head_dim, context_pos
         self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, grid: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

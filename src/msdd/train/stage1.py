@@ -31,6 +31,7 @@ from msdd.train.loop import RESUME_FREE_FIELDS, TrainerBase, check_resume_config
 from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.weights import build_loss_network, unused_file
 
+
 def load_init_weights(tok: Tokenizer, source: str) -> list[str]:
     """Copy a trained model's weights (encoder, decoder, latent statistics) into `tok` to fine-tune it.
     Returns the model config fields that differ (training settings such as the loss weighting may, and a
