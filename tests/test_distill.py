@@ -597,3 +597,31 @@ def test_reference_dino_heads(tmp_path):
     assert torch.equal(random_crops(imgs, 0.0, g), imgs)
     changed = (random_crops(imgs, 0.5, g) != imgs).flatten(1).any(1)
     assert changed.shape == (64,) and 16 <= changed.sum().item() <= 48  # about half the images
+
+
+def test_the_distillers_networks_follow_its_config(teacher_dir, tmp_path):
+    """What a distiller builds and what it trains: the teacher frozen in eval mode, the student's encoder frozen and
+    its decoder trained; a DINO discriminator with the heads `distill.disc_heads` names, of which only the heads
+    train, its weights file used without a warning; no LPIPS network (and no VGG16 file asked for) when
+    `distill.lambda_perc` is 0, a VGG16 file given then reported unused."""
+    import warnings
+
+    timm = pytest.importorskip("timm")
+    dino = tmp_path / "dino_deitsmall16_pretrain.pth"
+    torch.save(timm.create_model("vit_small_patch16_224", pretrained=False, num_classes=0).state_dict(), dino)
+    vgg = tmp_path / "vgg16.pth"  # never opened: LPIPS is off
+    for heads in ("small", "reference"):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            d = Distiller(tiny_config("distill.discriminator=dino", f"distill.disc_heads={heads}",
+                                      "distill.perceptual=lpips", "distill.lambda_perc=0"),
+                          teacher_dir, tmp_path / heads, dino_weights=dino, vgg_weights=vgg)
+        said = [str(w.message) for w in record if " is not used" in str(w.message)]
+        assert said == [f"--vgg-weights {vgg} is not used: distill.lambda_perc=0 (no LPIPS loss)"]
+        assert d.perceptual is None
+        assert not any(p.requires_grad for p in d.teacher.parameters()) and not d.teacher.training
+        assert not any(p.requires_grad for p in d.student.encoder.parameters())
+        assert all(p.requires_grad for p in d.student.decoder.parameters())
+        assert d.disc.reference == (heads == "reference")
+        assert [id(p) for p in d.disc_params] == [id(p) for p in d.disc.heads.parameters()]  # not the frozen ViT
+        assert not any(p.requires_grad for p in d.disc.vit.parameters())
