@@ -514,8 +514,32 @@ def test_reference_optimiser_options(teacher_dir, tmp_path):
     assert out["disc_grad_norm"] > 0.001 and clipped.item() == pytest.approx(0.001, rel=1e-3)
     student = torch.norm(torch.stack([p.grad.norm() for p in d.student.decoder.parameters() if p.grad is not None]))
     assert out["grad_norm"] > 0.002 and student.item() == pytest.approx(0.002, rel=1e-3)  # train.grad_clip
-    plain = Distiller(base, teacher_dir, tmp_path / "p")
+    plain = Distiller(base, teacher_dir, tmp_path / "p")  # disc_grad_clip=0: the discriminator's gradients unclipped
     assert plain.opt.param_groups[0]["initial_lr"] == pytest.approx(base.distill.lr)
+    assert "disc_grad_norm" not in plain.train_step(torch.rand(4, 3, 32, 32) * 2 - 1)
+    unclipped = torch.norm(torch.stack([p.grad.norm() for p in plain.disc_params if p.grad is not None]))
+    assert unclipped.item() > 0.01  # was clipped to 0 with `disc_grad_clip >= 0`: a discriminator that never learns
+
+
+def test_the_distillation_grid_shows_real_teacher_student_and_four_times_the_error(teacher_dir, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from msdd.eval.grid import HEADER
+
+    d = Distiller(tiny_config(), teacher_dir, tmp_path / "d")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    teacher = torch.rand(2, 3, 32, 32, generator=g) * 3 - 1.5  # beyond [-1, 1]: clamped in the grid
+    student = images + (torch.rand(2, 3, 32, 32, generator=g) - 0.5) * 0.6
+    grid = np.asarray(Image.open(d.write_grid(images, teacher, student))).astype(np.float64)
+    pad, size = 2, 32
+    for j, want in enumerate([images, teacher.clamp(-1, 1), student.clamp(-1, 1),
+                              ((student - images).abs() * 4 - 1).clamp(-1, 1)]):
+        for i in range(2):
+            y, x = HEADER + pad + i * (size + pad), pad + j * (size + pad)
+            pixels = (want[i].permute(1, 2, 0).numpy() + 1) / 2 * 255
+            assert np.abs(grid[y:y + size, x:x + size] - pixels).max() <= 0.51, (j, i)
 
 
 def test_stage2_ema_from_the_first_step(teacher_dir, tmp_path):

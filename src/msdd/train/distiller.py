@@ -179,9 +179,10 @@ class DistillerBase(TrainerBase):
         return logs
 
     def write_grid(self, images: torch.Tensor, teacher: torch.Tensor, student: torch.Tensor) -> Path:
-        """real | teacher | student | |student - real| x 4 (the error of `student` as given), clamped to [-1, 1]."""
-        err = ((student - images).abs() * 4 - 1).clamp(-1, 1)
-        return save_grid([images, teacher.clamp(-1, 1), student.clamp(-1, 1), err],
+        """real | teacher | student | |student - real| x 4 (the error of `student` as given); `save_grid` clamps
+        every column to [-1, 1]."""
+        err = (student - images).abs() * 4 - 1
+        return save_grid([images, teacher, student, err],
                          self.run_dir / "grids" / f"step_{self.step:08d}.png",
                          labels=["real", "teacher", "student", "error x4"])
 
