@@ -311,6 +311,15 @@ def test_distill_resume(teacher_dir, tmp_path):
     assert d.step == 3
     d.fit(max_steps=5, progress=False)
     assert d.step == 5
+    from msdd.config import to_dict
+    from msdd.hub import file_sha256
+
+    saved = Tokenizer.from_pretrained(tmp_path / "d" / "model")  # the EMA student and its training record
+    assert saved.config.one_step and saved.config == d.ema.module.config
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), d.ema.module.state_dict().values()))
+    assert {k: saved.metadata[k] for k in ("stage", "steps_trained", "teacher_sha256", "distill")} == {
+        "stage": 2, "steps_trained": 5, "teacher_sha256": file_sha256(teacher_dir / "model.safetensors"),
+        "distill": to_dict(cfg.distill)}
     with pytest.raises(ValueError, match="distill.lambda_perc"):
         Distiller(tiny_config("distill.batch_size=4", "distill.ckpt_every=3", "distill.lambda_perc=0.7"),
                   teacher_dir, tmp_path / "d")
