@@ -97,6 +97,18 @@ def test_linear_path_training_starts_from_pca_and_learns(tmp_path):
     assert not torch.equal(tr.tok.decoder.final.linear.weight, transformer)  # the rest trains
 
 
+def test_the_linear_paths_pca_needs_as_many_crops_as_components(tmp_path):
+    """tiny-test's linear path is a PCA with 8 x 4 = 32 components: 32 training crops fit it, 31 are an error that
+    names the count, the source and the settings that fix it."""
+    from msdd.train.stage1 import Stage1Trainer
+
+    base = ("model.linear_path=true", "model.flow.prediction=x")
+    Stage1Trainer(tiny_config(*base, "train.pca_crops=32"), tmp_path / "enough")
+    with pytest.raises(ValueError, match=r"model.linear_path starts from a PCA with 32 components, but data.source="
+                                         r"embedded gave only 31 training crops; add images, raise train.pca_crops"):
+        Stage1Trainer(tiny_config(*base, "train.pca_crops=31"), tmp_path / "few")
+
+
 def test_student_pixel_loss_changes_gradients_only_when_weighted(tmp_path):
     """distill.lambda_pix adds lambda_rec * lambda_pix * grad MSE(student, real): zero at weight 0, and
     linear in the weight (the gradient change at 1 is twice that at 0.5)."""

@@ -1,11 +1,13 @@
 """Stage-1 trainer: it learns, it resumes exactly, it survives damaged checkpoints, it refuses mismatches."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from msdd.tokenizer import Tokenizer
 from msdd.train.checkpoint import latest_checkpoint, list_checkpoints
 from msdd.train.ema import EMA
 from msdd.train.budget import budgeted_config, fixed_steps
@@ -62,13 +64,31 @@ def test_a_time_budget_ends_the_run_as_a_finished_one(tmp_path):
     import warnings
 
     run = tmp_path / "r"
-    summary = Stage1Trainer(tiny_config(), run).fit(max_steps=50, minutes=1e-6, progress=False)
+    trainer = Stage1Trainer(tiny_config(), run)
+    summary = trainer.fit(max_steps=50, minutes=1e-6, progress=False)
     assert summary["steps"] == 1 and summary["interrupted"] is None and (run / "model").is_dir()
+    _assert_saved_stage1_model(trainer, run / "model")
     assert [p.name for p in list_checkpoints(run)] == ["step_00000001"]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = Stage1Trainer(tiny_config(), run).fit(max_steps=1, progress=False)
     assert again["steps"] == 1 and not [w for w in caught if "past max_steps" in str(w.message)]
+
+
+def _assert_saved_stage1_model(trainer: Stage1Trainer, model: Path) -> None:
+    """The saved model is the trainer's EMA tokenizer, with stage 1's record and the latent statistics of 512
+    training crops drawn from train.seed + 7."""
+    from msdd.data import build_train_dataset
+    from msdd.train.stage1 import compute_latent_stats
+
+    saved, ema, cfg = Tokenizer.from_pretrained(model), trainer.ema.module, trainer.cfg
+    assert {k: saved.metadata[k] for k in ("stage", "steps_trained")} == {"stage": 1, "steps_trained": trainer.step}
+    assert saved.config == ema.config
+    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+    mean, std = compute_latent_stats(ema, build_train_dataset(cfg.data.source, cfg.model.image_size,
+                                                              seed=cfg.train.seed + 7, limit=512))
+    assert torch.equal(saved.latent_mean, mean) and torch.equal(saved.latent_std, std)
+    assert not torch.equal(mean, torch.zeros_like(mean)) and not torch.equal(std, torch.ones_like(std))
 
 
 def test_damaged_newest_checkpoint_falls_back(tmp_path):
