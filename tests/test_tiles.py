@@ -75,6 +75,36 @@ def test_every_image_and_key_draws_its_own_tile_noise(student):
     assert (both[0] - both[1]).abs().max() > 4 / 255
 
 
+def test_a_tiled_reconstruction_is_the_ramp_weighted_blend_of_its_tiles(student):
+    """Rebuilt by hand: each 64 px tile of a 100 x 164 photo reconstructed with the generator of its key and index,
+    weighted by the product of its row's and column's ramps, summed. The default overlap is a quarter tile
+    (16 px; at 12 px, for one, 3 tiles would span the 164 px width)."""
+    from msdd.seeding import image_generators
+
+    photo = torch.from_numpy(np.ascontiguousarray(load_photo("astronaut")[:100, 60:224])).permute(2, 0, 1)
+    x = photo.float() / 127.5 - 1
+    out = student.reconstruct(x[None], seed=3)[0]
+    assert torch.equal(student.reconstruct(x[None], seed=3, tile_overlap=16)[0], out)  # 64 // 4
+    ys, xs = tile_starts(100, 64, 16), tile_starts(164, 64, 16)
+    assert (ys, xs) == ([0, 36], [0, 33, 67, 100])
+    wy, wx = ramp_weights(ys, 64), ramp_weights(xs, 64)
+    gens = image_generators(3, [f"0#tile{k}" for k in range(len(ys) * len(xs))])
+    want, k = torch.zeros(3, 100, 164), 0
+    for i, y in enumerate(ys):
+        for j, x0 in enumerate(xs):
+            tile = x[None, :, y:y + 64, x0:x0 + 64]
+            want[:, y:y + 64, x0:x0 + 64] += student.decode(student.encode(tile), generator=gens[k])[0] * (
+                wy[i][:, None] * wx[j][None, :])
+            k += 1
+    assert (out - want.clamp(-1, 1)).abs().max() < 1e-5
+    # no seed: seed 0; decode's options reach every tile (two Euler steps a stage for this one-step student)
+    assert torch.equal(student.reconstruct(x[None])[0], reconstruct_tiled(student, x, key=0, seed=0))
+    with pytest.warns(UserWarning, match="distilled for one step per stage"):
+        two = student.reconstruct(x[None], seed=3, steps=2)[0]
+        assert torch.equal(two, reconstruct_tiled(student, x, key=0, seed=3, steps=2))
+    assert (two - out).abs().max() > 4 / 255
+
+
 def test_short_sides_are_padded_by_reflection_or_else_by_repeating_the_edge():
     """What the tiles of an image with a side under the model's see beyond it: its reflection, where the side is
     long enough to reflect, else its edge repeated; an image of at least the tile size is not padded."""
@@ -85,6 +115,10 @@ def test_short_sides_are_padded_by_reflection_or_else_by_repeating_the_edge():
     assert torch.equal(padded[:, :40, 50:], x.flip(2)[:, :, 1:15])
     thin = x[:, :3]  # 3 rows: too few to reflect 61 more
     assert torch.equal(_pad_to(thin, 64)[:, 3:, :50], thin[:, 2:3].expand(3, 61, 50))
+    half = x[:, :32]  # 32 rows: 32 more would reflect row 32, which it does not have
+    assert torch.equal(_pad_to(half, 64)[:, 32:, :50], half[:, 31:32].expand(3, 32, 50))
+    wide = torch.rand(3, 3, 100, generator=torch.Generator().manual_seed(1))  # wide enough, too few rows
+    assert torch.equal(_pad_to(wide, 64), torch.cat([wide, wide[:, 2:3].expand(3, 61, 100)], 1))
     assert _pad_to(x, 32) is x
 
 
