@@ -575,9 +575,17 @@ def test_damaged_model_folders_and_bad_folder_arguments_are_clear_errors(tmp_pat
 
     model = _tiny_model(tmp_path / "m")
     photo = _photo(tmp_path / "p.png")
+    from safetensors.torch import load as load_bytes, save as save_bytes
+
     weights = (model / "model.safetensors").read_bytes()
     meta = json.loads((model / "config.json").read_text())
+    state = load_bytes(weights)
+    last = sorted(state)[-1]
     cases = {
+        "one-extra": ("model.safetensors", save_bytes({**state, "extra.weight": torch.zeros(2)}),
+                      r"does not match its config.json: tensors 1 unexpected \(extra.weight\)\. The two files"),
+        "one-missing": ("model.safetensors", save_bytes({k: v for k, v in state.items() if k != last}),
+                        rf"does not match its config.json: tensors 1 missing \({re.escape(last)}\)\. The two files"),
         "truncated": ("model.safetensors", weights[: len(weights) // 2], "is damaged or not a safetensors file"),
         "cut-header": ("model.safetensors", weights[:1000], "is damaged or not a safetensors file"),
         "empty": ("model.safetensors", b"", r"is damaged or not a safetensors file \(0 bytes"),

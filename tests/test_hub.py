@@ -48,6 +48,7 @@ def test_only_a_files_suffix_makes_a_name_a_path():
 
     assert looks_like_path("someone/model.safetensors") and looks_like_path("runs/config.JSON")
     assert not looks_like_path("someone/tiny-64.en") and not looks_like_path("someone/model-v1.5")
+    assert looks_like_path("nowhere-here/a/model")  # a repo id has one "/"
 
 
 def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypatch):
@@ -154,3 +155,45 @@ def test_an_atomic_folder_clears_only_temporaries_of_dead_writers(tmp_path):
             (tmp / "b.txt").write_text("b")
             raise RuntimeError("interrupted")
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
+
+
+def test_a_latent_space_digest_covers_the_encoder_and_latent_statistics_only():
+    """A generator's latents fit any tokenizer of the same `latent_space_sha256`: the shipped teacher and its student
+    share it; a changed decoder keeps it, a changed encoder weight or latent statistic does not. The digest of named
+    tensors is sha256 over, per tensor, "name:dtype:(count,);" and its bytes: stable across versions (generators and
+    `msdd reconstruct --skip-existing` store it), blind to a reshape that the architecture would fix anyway."""
+    import hashlib
+
+    import numpy as np
+
+    from msdd.hub import latent_space_sha256, tensors_sha256
+
+    teacher, student = Tokenizer.from_pretrained("tiny-64-teacher"), Tokenizer.from_pretrained("tiny-64-student")
+    digest = latent_space_sha256(teacher)
+    assert latent_space_sha256(student) == digest
+    with torch.no_grad():
+        student.decoder.final.linear.bias.add_(1.0)
+        assert latent_space_sha256(student) == digest
+        student.latent_std[0] += 1e-3
+        assert latent_space_sha256(student) != digest
+        teacher.encoder.patch_embed.weight.view(-1)[0] += 1e-3
+        assert latent_space_sha256(teacher) != digest
+    t = torch.arange(6.0)
+    by_hand = hashlib.sha256(b"a:torch.float32:(6,);" + np.arange(6, dtype="<f4").tobytes()).hexdigest()
+    assert tensors_sha256({"a": t}) == tensors_sha256({"a": t.view(2, 3)}) == by_hand
+    digests = {tensors_sha256(d) for d in ({"a": t}, {"b": t}, {"a": t.double()}, {"a": t.flip(0)}, {"a": t[:5]},
+                                           {"a": t, "b": t})}
+    assert len(digests) == 6
+
+
+def test_a_model_card_describes_a_teacher_and_keeps_only_the_record(tmp_path):
+    """`msdd push --stage-only` of the shipped teacher saved under folders that do not exist yet: a stage-1 card whose
+    training record leaves out the file's own keys (format, format_version, the architecture)."""
+    model = tmp_path / "a" / "b" / "teacher"
+    Tokenizer.from_pretrained("tiny-64-teacher").save_pretrained(model)
+    staged = tmp_path / "c" / "staged"
+    assert main(["push", str(model), "me/teacher", "--stage-only", str(staged)]) == 0
+    card = (staged / "README.md").read_text()
+    assert "family `msdd`, stage 1 (the multi-step teacher): 64 x 64 px RGB images" in card
+    record = card.split("## Training record\n\n", 1)[1].split("\n\n", 1)[0].splitlines()
+    assert record == ["- stage: 1", f"- steps_trained: {Tokenizer.from_pretrained(model).metadata['steps_trained']}"]

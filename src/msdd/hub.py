@@ -37,7 +37,9 @@ def file_sha256(path: str | Path) -> str:
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
-    """A digest of named tensors in memory (names, dtypes, shapes, values), e.g. a module's state_dict."""
+    """A digest of named tensors in memory, e.g. a module's state_dict: their names, dtypes, element counts and
+    values (not their shapes, which a model's config fixes; the formula is kept as it is so that digests stored by
+    earlier runs still compare)."""
     h = hashlib.sha256()
     for name, t in tensors.items():
         t = t.detach().cpu().contiguous().reshape(-1)
