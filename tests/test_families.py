@@ -70,3 +70,47 @@ def test_plain_family_trains_on_the_mse_of_the_decode_it_gives():
         with_perc, terms = tok.family.loss(tok.decoder, images, z, None, perceptual=stand_in)
         torch.testing.assert_close(with_perc, mse + 0.5 * (x - images).abs().mean())
         assert set(terms) == {"loss_mse", "loss_lpips"}
+
+
+@pytest.mark.parametrize("setting, values", [
+    ("t_sampling", ("uniform", "logit_normal")),
+    ("loss_weighting", ("none", "stage", "sigmoid")),
+    ("sigmoid_bias", (0.0, 1.5)),  # with loss_weighting=sigmoid
+    ("loss_reduction", ("stage_sum", "sample_mean")),
+    ("prediction", ("x", "v")),
+    ("cfg_drop", (0.0, 0.5)),
+    ("lpips_weight", (0.0, 0.5)),  # with a perceptual network (a stand-in: the mean absolute error per image)
+])
+def test_the_msdd_familys_loss_is_flow_loss_with_its_model_flow_settings(setting, values):
+    """`Tokenizer.training_loss` of the msdd family is `flow_loss` given every model.flow setting: for each setting,
+    two or three values give two or three different losses, each equal to flow_loss called with it by hand (so that
+    a setting left out, or passed as a constant, is seen)."""
+    from msdd import Tokenizer
+    from msdd.flow.path import flow_loss
+
+    extra = ("model.flow.loss_weighting=sigmoid",) if setting == "sigmoid_bias" else ()
+    if setting in ("t_sampling", "loss_weighting", "sigmoid_bias"):
+        extra += ("model.flow.prediction=v",)  # tiny-test's x-prediction loss is not weighted
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def perceptual(x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+    losses = []
+    for value in values:
+        torch.manual_seed(0)
+        tok = Tokenizer(tiny_config(*extra, f"model.flow.{setting}={value}").model)
+        with torch.no_grad():  # a decoder whose output depends on its input (its last layer starts at zero)
+            for p in tok.decoder.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+        fc = tok.config.flow
+        assert getattr(fc, setting) == value
+        loss, _ = tok.training_loss(images, torch.Generator().manual_seed(2), perceptual=perceptual)
+        want, _ = flow_loss(tok.decoder, images, tok.encoder(images), tok.family.windows, t_sampling=fc.t_sampling,
+                            loss_weighting=fc.loss_weighting, sigmoid_bias=fc.sigmoid_bias,
+                            loss_reduction=fc.loss_reduction, prediction=fc.prediction, cfg_drop=fc.cfg_drop,
+                            null_context=tok.decoder.null_context, perceptual=perceptual,
+                            perceptual_weight=fc.lpips_weight, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
+        losses.append(loss.item())
+    assert len(set(losses)) == len(values), losses  # each value computes another loss
