@@ -42,6 +42,29 @@ def _randomise_output(tok: Tokenizer) -> Tokenizer:
     return tok.eval()
 
 
+@pytest.mark.parametrize("setting, values", [("t_sampling", ("logit_normal", "uniform")), ("lpips_weight", (0.0, 0.5))])
+def test_the_ssdd_familys_loss_is_ssdd_loss_with_its_model_ssdd_settings(setting, values):
+    """`Tokenizer.training_loss` of the SSDD family is `ssdd_loss` given model.ssdd's settings: each value gives
+    another loss, equal to ssdd_loss called with it by hand (LPIPS: a stand-in, the mean absolute error per image)."""
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def perceptual(x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+    losses = []
+    for value in values:
+        torch.manual_seed(0)
+        tok = _randomise_output(Tokenizer(ssdd_config(f"model.ssdd.{setting}={value}").model)).train()
+        sc = tok.config.ssdd
+        assert getattr(sc, setting) == value
+        loss, _ = tok.training_loss(images, torch.Generator().manual_seed(2), perceptual=perceptual)
+        want, _ = ssdd_loss(tok.decoder, images, tok.encoder(images), t_sampling=sc.t_sampling, perceptual=perceptual,
+                            lpips_weight=sc.lpips_weight, generator=torch.Generator().manual_seed(2))
+        torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
+        losses.append(loss.item())
+    assert len(set(losses)) == len(values), losses
+
+
 def _losses(run_dir):
     return [json.loads(line)["loss"] for line in open(run_dir / "log.jsonl")]
 
