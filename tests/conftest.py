@@ -48,6 +48,27 @@ def straight_and_resumed(make, root: Path, steps: int = 4):
     return straight, resumed
 
 
+def assert_training_loss_follows_a_setting(make_tokenizer, values, loss_by_hand) -> None:
+    """For each value, `make_tokenizer(value)` (built under seed 0) gives `training_loss` equal to `loss_by_hand(tok,
+    images, perceptual, generator)` from the same draws, and the values give as many different losses: a setting
+    dropped on its way to the loss, or passed as a constant, is seen. LPIPS is a stand-in: the mean absolute error
+    per image."""
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+
+    def perceptual(x, y):
+        return (x - y).abs().flatten(1).mean(1)
+
+    losses = []
+    for value in values:
+        torch.manual_seed(0)
+        tok = make_tokenizer(value)
+        loss, _ = tok.training_loss(images, torch.Generator().manual_seed(2), perceptual=perceptual)
+        want = loss_by_hand(tok, images, perceptual, torch.Generator().manual_seed(2))
+        torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
+        losses.append(loss.item())
+    assert len(set(losses)) == len(values), losses
+
+
 def assert_same_runs(run_a: Path, run_b: Path, keys: tuple[str, ...], modules: dict) -> None:
     """Two runs that should have trained alike (one straight, one stopped and resumed): the same values of `keys`
     in every line of their log.jsonl, and identical state dicts for every name of `modules` ((module a, module b))."""

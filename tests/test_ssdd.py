@@ -21,7 +21,9 @@ from msdd.train.distill import Distiller, build_distiller
 from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.stage1 import Stage1Trainer, compute_latent_stats
 
-from conftest import assert_same_runs, straight_and_resumed, tiny_args, tiny_config
+from conftest import (
+    assert_same_runs, assert_training_loss_follows_a_setting, straight_and_resumed, tiny_args, tiny_config,
+)  # fmt: skip
 
 # 32 px, U-Net 32 -> 16 px (8 / 16 channels), one transformer block of width 16 over 16 x 16 positions
 SSDD_TINY = [
@@ -46,23 +48,18 @@ def _randomise_output(tok: Tokenizer) -> Tokenizer:
 def test_the_ssdd_familys_loss_is_ssdd_loss_with_its_model_ssdd_settings(setting, values):
     """`Tokenizer.training_loss` of the SSDD family is `ssdd_loss` given model.ssdd's settings: each value gives
     another loss, equal to ssdd_loss called with it by hand (LPIPS: a stand-in, the mean absolute error per image)."""
-    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
-    def perceptual(x, y):
-        return (x - y).abs().flatten(1).mean(1)
-
-    losses = []
-    for value in values:
-        torch.manual_seed(0)
+    def make(value):
         tok = _randomise_output(Tokenizer(ssdd_config(f"model.ssdd.{setting}={value}").model)).train()
+        assert getattr(tok.config.ssdd, setting) == value
+        return tok
+
+    def by_hand(tok, images, perceptual, generator):
         sc = tok.config.ssdd
-        assert getattr(sc, setting) == value
-        loss, _ = tok.training_loss(images, torch.Generator().manual_seed(2), perceptual=perceptual)
-        want, _ = ssdd_loss(tok.decoder, images, tok.encoder(images), t_sampling=sc.t_sampling, perceptual=perceptual,
-                            lpips_weight=sc.lpips_weight, generator=torch.Generator().manual_seed(2))
-        torch.testing.assert_close(loss, want, rtol=0, atol=1e-6)
-        losses.append(loss.item())
-    assert len(set(losses)) == len(values), losses
+        return ssdd_loss(tok.decoder, images, tok.encoder(images), t_sampling=sc.t_sampling, perceptual=perceptual,
+                         lpips_weight=sc.lpips_weight, generator=generator)[0]
+
+    assert_training_loss_follows_a_setting(make, values, by_hand)
 
 
 def _losses(run_dir):
