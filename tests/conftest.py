@@ -48,6 +48,13 @@ def straight_and_resumed(make, root: Path, steps: int = 4):
     return straight, resumed
 
 
+def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """`a` and `b` hold the same tensors under the same names (a saved model and the module it was saved from)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
 def assert_training_loss_follows_a_setting(make_tokenizer, values, loss_by_hand) -> None:
     """For each value, `make_tokenizer(value)` (built under seed 0) gives `training_loss` equal to `loss_by_hand(tok,
     images, perceptual, generator)` from the same draws, and the values give as many different losses: a setting

@@ -13,7 +13,7 @@ from msdd.train.distill import Distiller, adaptive_loss, adaptive_weight, studen
 from msdd.train.ema import EMA
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import assert_same_runs, straight_and_resumed, tiny_config
+from conftest import assert_same_runs, assert_same_weights, straight_and_resumed, tiny_config
 
 
 class CountingDecoder(torch.nn.Module):
@@ -316,7 +316,7 @@ def test_distill_resume(teacher_dir, tmp_path):
 
     saved = Tokenizer.from_pretrained(tmp_path / "d" / "model")  # the EMA student and its training record
     assert saved.config.one_step and saved.config == d.ema.module.config
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), d.ema.module.state_dict().values()))
+    assert_same_weights(saved, d.ema.module)
     assert {k: saved.metadata[k] for k in ("stage", "steps_trained", "teacher_sha256", "distill")} == {
         "stage": 2, "steps_trained": 5, "teacher_sha256": file_sha256(teacher_dir / "model.safetensors"),
         "distill": to_dict(cfg.distill)}

@@ -13,6 +13,8 @@ from msdd.cli import main
 from msdd.hub import BUNDLED
 from msdd.tokenizer import Tokenizer
 
+from conftest import assert_same_weights
+
 REV = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -65,7 +67,7 @@ def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypa
     assert "latents (B, 32, 8) (256 floats, 48x" in card and "| this model | 256 | 27.80 | 0.7200 |" in card
     assert "| PCA-256 | 256 | 27.91 | 0.7350 |" in card and "steps_trained: 900" in card
     a, b = Tokenizer.from_pretrained(staged), Tokenizer.from_pretrained(model)  # what is uploaded loads as the model
-    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert_same_weights(a, b)
     (tmp_path / "bad.json").write_text("{not json")
     capsys.readouterr()
     assert main(["push", str(model), "me/tiny", "--eval-json", str(tmp_path / "bad.json"), "--stage-only",

@@ -14,7 +14,7 @@ from msdd.train.budget import budgeted_config, fixed_steps
 from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import tiny_config
+from conftest import assert_same_weights, tiny_config
 
 
 def _losses(run_dir):
@@ -84,7 +84,7 @@ def _assert_saved_stage1_model(trainer: Stage1Trainer, model: Path) -> None:
     saved, ema, cfg = Tokenizer.from_pretrained(model), trainer.ema.module, trainer.cfg
     assert {k: saved.metadata[k] for k in ("stage", "steps_trained")} == {"stage": 1, "steps_trained": trainer.step}
     assert saved.config == ema.config
-    assert all(torch.equal(a, b) for a, b in zip(saved.state_dict().values(), ema.state_dict().values()))
+    assert_same_weights(saved, ema)
     mean, std = compute_latent_stats(ema, build_train_dataset(cfg.data.source, cfg.model.image_size,
                                                               seed=cfg.train.seed + 7, limit=512))
     assert torch.equal(saved.latent_mean, mean) and torch.equal(saved.latent_std, std)
