@@ -55,6 +55,21 @@ def assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def assert_grid_shows(path: Path, columns: list[torch.Tensor], size: int, pad: int = 2) -> None:
+    """The grid PNG at `path` (`msdd.eval.grid.save_grid`) holds `columns` (each (N, 3, size, size) in [-1, 1]), one
+    image a row, under its row of labels: every panel within half a level of 255, and no row more."""
+    from msdd.eval.grid import HEADER
+
+    grid = np.asarray(Image.open(path)).astype(np.float64)
+    rows = len(columns[0])
+    assert grid.shape == (HEADER + pad + rows * (size + pad), pad + len(columns) * (size + pad), 3)
+    for j, want in enumerate(columns):
+        for i in range(rows):
+            y, x = HEADER + pad + i * (size + pad), pad + j * (size + pad)
+            pixels = (want[i].permute(1, 2, 0).numpy() + 1) / 2 * 255
+            assert np.abs(grid[y:y + size, x:x + size] - pixels).max() <= 0.51, (j, i)
+
+
 def assert_training_loss_follows_a_setting(make_tokenizer, values, loss_by_hand) -> None:
     """For each value, `make_tokenizer(value)` (built under seed 0) gives `training_loss` equal to `loss_by_hand(tok,
     images, perceptual, generator)` from the same draws, and the values give as many different losses: a setting

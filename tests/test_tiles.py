@@ -11,7 +11,7 @@ from PIL import Image
 
 from conftest import tiny_config
 from msdd.cli import main
-from msdd.data import load_photo
+from msdd.data import load_image, load_photo, to_tensor
 from msdd.models.precision import int8_engine, msdd_int8
 from msdd.tiles import _pad_to, ramp_weights, reconstruct_tiled, seam_mask, tile_starts
 from msdd.tokenizer import Tokenizer
@@ -128,6 +128,11 @@ def _write(path, arr):
     return path
 
 
+def _read(path) -> torch.Tensor:
+    """A PNG as (3, H, W) in [-1, 1], as the data pipeline reads it."""
+    return to_tensor(load_image(path))
+
+
 def _model_and_photos(tmp_path, tall: bool = True):
     """A random 32 px tiny model and a folder of crops of a photo: wider than the model, its size, taller."""
     model = tmp_path / "m"
@@ -230,3 +235,78 @@ def test_reconstruct_cli_int8(tmp_path, capsys):
         assert main(both) == 0 and len(list((tmp_path / "rec2" / "reconstructions").iterdir())) == 2
     else:  # torch.ao's int8 layers run in float32
         assert main(both) == 2 and "int8" in capsys.readouterr().err
+
+
+def test_reconstruct_files_decodes_in_batches_and_reports_the_means_of_what_it_wrote(tmp_path, monkeypatch):
+    """`reconstruct_files` on a folder of three 32 px crops, a wider photo and a corrupt file (batches of 2, a grid of
+    2 rows): the squares are decoded in batches of 2 then 1, each PNG exactly `reconstruct_images` of its batch with
+    its name's noise; the returned means are those of metrics.csv's rows, which score the PNGs; the corrupt file is
+    skipped with load_image's reason; the grid shows the first two images; decode time is that of the decodes. A
+    rerun without skip_existing decodes every image again (another seed: other PNGs)."""
+    import time
+
+    import msdd.eval.reconstruct_files as rf
+    from msdd.data import BadImageError
+    from msdd.eval.metrics import psnr_per_image, ssim_per_image
+    from msdd.eval.reconstruct import reconstruct_images
+
+    from conftest import assert_grid_shows
+
+    tok = Tokenizer(tiny_config().model)  # a decode that depends on its noise (a random final layer)
+    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.05, generator=torch.Generator().manual_seed(0))
+    china, photos = load_photo("china"), tmp_path / "photos"
+    for name, (y, x) in {"a": (100, 100), "b": (150, 200), "c": (40, 300)}.items():
+        _write(photos / f"{name}.png", china[y:y + 32, x:x + 32])
+    _write(photos / "w.png", china[:40, :70])
+    (photos / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    with pytest.raises(BadImageError) as bad:
+        load_image(photos / "bad.png")
+    batches, spent = [], []
+
+    def timed(decode):  # the real decode, its batch sizes and seconds recorded
+        def run(tok, images, *args, **kwargs):
+            t0 = time.perf_counter()
+            out = decode(tok, images, *args, **kwargs)
+            spent.append(time.perf_counter() - t0)
+            batches.append(len(images) if images.ndim == 4 else "tiled")
+            return out
+        return run
+
+    monkeypatch.setattr(rf, "reconstruct_images", timed(reconstruct_images))
+    monkeypatch.setattr(rf, "reconstruct_tiled", timed(reconstruct_tiled))
+    files, names, explicit, keys = rf.list_inputs([photos])
+    out = tmp_path / "rec"
+    with pytest.warns(UserWarning, match="skipping .*bad.png"):
+        res = rf.reconstruct_files(tok, files, names, explicit, out, seed=3, batch_size=2, grid_rows=2, keys=keys)
+    assert batches == [2, "tiled", 1] and res["n"] == 4 and res["reused"] == 0
+    assert res["skipped"] == [(str(photos / "bad.png"), bad.value.reason)]
+    real = {n: _read(photos / f"{n}.png") for n in "abcw"}
+    png = {n: _read(out / "reconstructions" / f"{n}.png") for n in "abcw"}
+    by_hand = [reconstruct_images(tok, torch.stack([real[n] for n in batch]), seed=3, keys=list(batch))[0]
+               for batch in ("ab", "c")]
+    assert torch.equal(torch.cat(by_hand), torch.stack([png[n] for n in "abc"]))
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "metrics.csv"))}
+    assert set(rows) == set("abcw")
+    for n in "abcw":
+        assert float(rows[n]["psnr_db"]) == pytest.approx(psnr_per_image(png[n][None], real[n][None]).item(), abs=6e-4)
+        assert float(rows[n]["ssim"]) == pytest.approx(ssim_per_image(png[n][None], real[n][None]).item(), abs=6e-5)
+    assert res["psnr"] == pytest.approx(np.mean([float(r["psnr_db"]) for r in rows.values()]), abs=6e-4)
+    assert res["ssim"] == pytest.approx(np.mean([float(r["ssim"]) for r in rows.values()]), abs=6e-5)
+    first, made = torch.stack([real["a"], real["b"]]), torch.stack([png["a"], png["b"]])
+    assert_grid_shows(out / "grid.png", [first, made, ((made - first).abs() * 4 - 1).clamp(-1, 1)], 32)
+    # skip_existing: "a" decoded again alone and "w" from its tiles, the others kept; decode seconds per image decoded
+    (out / "reconstructions" / "a.png").unlink(), (out / "reconstructions" / "w.png").unlink()
+    batches.clear(), spent.clear()
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match="skipping"):
+        res = rf.reconstruct_files(tok, files, names, explicit, out, seed=3, batch_size=2, grid_rows=2, keys=keys,
+                                   skip_existing=True)
+    wall = time.perf_counter() - t0
+    assert batches == ["tiled", 1] and res["reused"] == 2 and res["n"] == 4
+    assert sum(spent) <= 2 * res["decode_s"] <= wall
+    assert all(torch.equal(_read(out / "reconstructions" / f"{n}.png"), png[n]) for n in "aw")
+    # without skip_existing the PNGs in the folder are not kept: seed 1 writes its own
+    with pytest.warns(UserWarning, match="skipping"):
+        res = rf.reconstruct_files(tok, files, names, explicit, out, seed=1, batch_size=2, keys=keys)
+    assert res["reused"] == 0 and batches[2:] == [2, "tiled", 1]
+    assert all(not torch.equal(_read(out / "reconstructions" / f"{n}.png"), png[n]) for n in "abcw")
