@@ -70,6 +70,19 @@ def assert_grid_shows(path: Path, columns: list[torch.Tensor], size: int, pad: i
             assert np.abs(grid[y:y + size, x:x + size] - pixels).max() <= 0.51, (j, i)
 
 
+def random_vgg16_file(path: Path) -> Path:
+    """A torchvision VGG16 state dict at `path` with random features (LPIPS uses them) and a zero classifier (it does
+    not): an LPIPS network that runs offline, for tests of how a loss uses it, not of its values."""
+    import torchvision
+
+    with torch.device("meta"):  # the shapes only: torchvision's initialisation of 138M weights takes 10 s
+        shapes = {k: v.shape for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: torch.randn(v, generator=g) * 0.05 if k.startswith("features") else torch.zeros(v)
+                for k, v in shapes.items()}, path)
+    return path
+
+
 def assert_training_loss_follows_a_setting(make_tokenizer, values, loss_by_hand) -> None:
     """For each value, `make_tokenizer(value)` (built under seed 0) gives `training_loss` equal to `loss_by_hand(tok,
     images, perceptual, generator)` from the same draws, and the values give as many different losses: a setting

@@ -13,7 +13,9 @@ from msdd.train.distill import Distiller, adaptive_loss, adaptive_weight, studen
 from msdd.train.ema import EMA
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import assert_grid_shows, assert_same_runs, assert_same_weights, straight_and_resumed, tiny_config
+from conftest import (
+    assert_grid_shows, assert_same_runs, assert_same_weights, random_vgg16_file, straight_and_resumed, tiny_config,
+)  # fmt: skip
 
 
 class CountingDecoder(torch.nn.Module):
@@ -451,16 +453,7 @@ def test_the_generator_loss_is_its_terms_weighted_and_gives_their_gradients(teac
     lambda_adv times the adaptive weight (of that term, or of the reference's L_rec + lambda_pix L_pix + lambda_perc
     L_perc) or lambda_adv itself; the returned loss is it plus the discriminator's, and its gradients reach the
     student as those of the generator loss alone."""
-    vgg = None
-    if "distill.perceptual=lpips" in settings:
-        import torchvision
-
-        with torch.device("meta"):  # the shapes only: torchvision's initialisation of 138M weights takes 10 s
-            shapes = {k: v.shape for k, v in torchvision.models.vgg16(weights=None).state_dict().items()}
-        g = torch.Generator().manual_seed(0)  # random features (LPIPS uses them), zero classifier (it does not)
-        vgg = tmp_path / "vgg16.pth"
-        torch.save({k: torch.randn(v, generator=g) * 0.05 if k.startswith("features") else torch.zeros(v)
-                    for k, v in shapes.items()}, vgg)
+    vgg = random_vgg16_file(tmp_path / "vgg16.pth") if "distill.perceptual=lpips" in settings else None
     d = _distiller(teacher_dir, tmp_path / "d", "distill.lambda_adv=0.5", "distill.lambda_rec=2", *settings,
                    vgg_weights=vgg)
     dc = d.cfg.distill

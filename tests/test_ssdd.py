@@ -289,6 +289,49 @@ def test_ssdd_distill_ties_the_student_to_the_real_image_by_lambda_pix(tmp_path)
             assert "l_pix" not in out and out["l_gen"] == pytest.approx(out["l_mse"], rel=1e-6)
 
 
+def test_the_ssdd_distillers_step_and_grid_are_its_terms_by_hand(tmp_path):
+    """SSDDDistiller.micro_step redone by hand from the same draws: one noise per image shared by the teacher
+    (model.ssdd.steps = 3 steps at model.ssdd.shift = 2.5, clamped) and the student (one step from it, same shift), the
+    teacher's encoder's latents, and loss = MSE(student, teacher) + lambda_perc LPIPS(student, teacher) + lambda_pix
+    MSE(student, real) (a random VGG16 file); the grid shows real | teacher | clamped EMA student | error x 4 of the
+    eval images, decoded from seed 0's noise."""
+    from conftest import assert_grid_shows, random_vgg16_file
+
+    teacher = tmp_path / "teacher"
+    _randomise_output(Tokenizer(ssdd_config("model.ssdd.steps=3", "model.ssdd.shift=2.5").model)).save_pretrained(
+        teacher)
+    cfg = ssdd_config("distill.batch_size=2", "distill.perceptual=lpips", "distill.lambda_perc=0.5",
+                      "distill.lambda_pix=0.3")
+    d = SSDDDistiller(cfg, teacher, tmp_path / "d", vgg_weights=random_vgg16_file(tmp_path / "vgg16.pth"))
+    with torch.no_grad():  # a student, and its EMA, that are no longer the teacher
+        for seed, decoder in enumerate((d.student.decoder, d.ema.module.decoder)):
+            g = torch.Generator().manual_seed(seed)
+            for p in decoder.parameters():
+                p.add_(torch.randn(p.shape, generator=g) * 0.02)
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    loss, out = d.micro_step(images, torch.Generator().manual_seed(4))
+    noise = randn(tuple(images.shape), torch.Generator().manual_seed(4), images)
+    with torch.no_grad():
+        z = d.teacher.encoder(images)
+        target = sample_ssdd(d.teacher.decoder, z, 3, 2.5, noise=noise).clamp(-1, 1)
+        x = sample_ssdd(d.student.decoder, z, 1, 2.5, noise=noise)
+        terms = {"l_mse": F.mse_loss(x, target), "l_perc": d.perceptual(x, target).mean(),
+                 "l_pix": F.mse_loss(x, images)}
+    assert (target - sample_ssdd(d.teacher.decoder, z, 1, 2.5, noise=noise)).abs().max() > 1e-2  # 3 steps matter
+    for name, value in terms.items():
+        assert out[name] == pytest.approx(value.item(), rel=1e-5), name
+    want = terms["l_mse"] + 0.5 * terms["l_perc"] + 0.3 * terms["l_pix"]
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5) and out["l_gen"] == pytest.approx(want.item(), rel=1e-5)
+    real = d.eval_images
+    noise = randn(tuple(real.shape), torch.Generator().manual_seed(0), real)
+    with torch.no_grad():
+        z = d.teacher.encoder(real)
+        student = sample_ssdd(d.ema.module.decoder, z, 1, 2.5, noise=noise).clamp(-1, 1)
+        columns = [real, sample_ssdd(d.teacher.decoder, z, 3, 2.5, noise=noise).clamp(-1, 1), student,
+                   ((student - real).abs() * 4 - 1).clamp(-1, 1)]
+    assert_grid_shows(d.save_grid(), columns, 32)
+
+
 def test_ssdd_distill_resume_continues_exactly(tmp_path):
     """4 SSDD distillation steps in one run equal 2, a resume from their checkpoint and 2 more: the same logged
     losses, student and EMA (whose warm-up ramp needs the stored update count). The teacher is an untrained
