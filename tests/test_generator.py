@@ -7,6 +7,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from msdd.cli import main
@@ -18,6 +19,7 @@ from msdd.generator import (
 )  # fmt: skip
 from msdd.generator.config import GenDataConfig
 from msdd.generator.data import encode_latents, image_records
+from msdd.generator.flow import flow_matching_loss
 from msdd.generator.train import GeneratorTrainer
 from msdd.seeding import image_generators
 from msdd.tokenizer import Tokenizer
@@ -144,6 +146,46 @@ def test_sampling_is_deterministic_per_seed():
         sample_latents(unconditional, 4, steps=3, guidance=2.0, generator=gen(0))
 
 
+def test_the_loss_and_the_sampler_are_flow_matching_done_by_hand():
+    """The module docstring's convention, rebuilt from the same draws: x_t = (1 - t) x0 + t n with t ~ U(0, 1), the
+    loss MSE(v, n - x0), a share `label_dropout` of the labels (a uniform draw below it) replaced by the null class;
+    sampling from pure noise with Euler steps x += (t_next - t) v at t_i = 1 - i/N, the velocity guided as v_null +
+    g (v_label - v_null)."""
+    from msdd.flow.path import randn
+
+    model = randomised(build_generator(GeneratorConfig(width=32, depth=2, heads=2, mlp_hidden=64, num_classes=3),
+                                       (8, 4)))
+    x0 = torch.randn(4, 8, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 1, 2, 1])
+    losses = {}
+    for dropout in (0.0, 0.5, 1.0):
+        got = flow_matching_loss(model, x0, labels, torch.Generator().manual_seed(7), label_dropout=dropout)
+        g = torch.Generator().manual_seed(7)
+        noise, t = torch.randn(x0.shape, generator=g), torch.rand(4, generator=g)
+        kept = labels if dropout == 0 else torch.where(torch.rand(4, generator=g) < dropout, 3, labels)
+        with torch.no_grad():
+            v = model((1 - t.view(-1, 1, 1)) * x0 + t.view(-1, 1, 1) * noise, t, kept)
+        losses[dropout] = got.item()
+        assert got.item() == pytest.approx(F.mse_loss(v, noise - x0).item(), rel=1e-6), dropout
+    assert len(set(losses.values())) == 3
+    assert flow_matching_loss(model, x0, labels, torch.Generator().manual_seed(7)).item() == losses[0.0]  # no dropout
+    for steps, guidance in ((1, 1.0), (3, 2.0)):
+        got = sample_latents(model, 2, steps, guidance, class_labels=[2, 0], generator=torch.Generator().manual_seed(1))
+        g = torch.Generator().manual_seed(1)
+        x = randn((2, 8, 4), g, x0)
+        with torch.no_grad():
+            for i in range(steps):
+                t = 1 - i / steps
+                v = model(x, torch.full((2,), t), torch.tensor([2, 0]))
+                if guidance != 1:
+                    v_null = model(x, torch.full((2,), t), torch.tensor([3, 3]))
+                    v = v_null + guidance * (v - v_null)
+                x = x - v / steps
+        torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
+    seed0 = sample_latents(model, 2, 3, 2.0, [2, 0], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(sample_latents(model, 2, 3, 2.0, [2, 0]), seed0)  # no generator: seed 0's draws
+
+
 def test_generated_images_are_deterministic_for_both_tokenizers(shipped, spatial_tok):
     for tok in (shipped, spatial_tok):
         model = randomised(build_generator(TINY_GEN, tok.config.latent_shape))
@@ -152,6 +194,7 @@ def test_generated_images_are_deterministic_for_both_tokenizers(shipped, spatial
         x = run(0)
         assert x.shape == (2, 3, tok.config.image_size, tok.config.image_size) and x.abs().max() <= 1
         assert torch.equal(x, run(0)) and not torch.equal(x, run(1))
+        assert torch.equal(generate_images(model, tok, 2, steps=2), x)  # no generator: seed 0's draws
     with pytest.raises(ValueError, match="--tokenizer"):
         generate_images(model, shipped, 2, steps=2)
 
