@@ -19,6 +19,7 @@ from msdd.generator import (
 )  # fmt: skip
 from msdd.generator.config import GenDataConfig
 from msdd.generator.data import encode_latents, image_records
+from msdd.generator.files import sample_grid
 from msdd.generator.flow import flow_matching_loss
 from msdd.generator.train import GeneratorTrainer
 from msdd.seeding import image_generators
@@ -155,6 +156,7 @@ def test_the_loss_and_the_sampler_are_flow_matching_done_by_hand():
 
     model = randomised(build_generator(GeneratorConfig(width=32, depth=2, heads=2, mlp_hidden=64, num_classes=3),
                                        (8, 4)))
+    assert model.null_class == 3 and model.y_embed.num_embeddings == 4  # K classes and the null one
     x0 = torch.randn(4, 8, 4, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([0, 1, 2, 1])
     losses = {}
@@ -441,7 +443,8 @@ def test_sample_metrics_compare_normalised_latents(spatial_tok, tmp_path):
 
 def test_trainer_saves_its_ema_generator(tmp_path, spatial_tok):
     """The saved model is the EMA generator, updated every step: after 3 steps it equals the trainer's EMA copy
-    (not the raw weights it averages), and its zero-initialised output layer has learnt something."""
+    (not the raw weights it averages), and its zero-initialised output layer has learnt something. The tokenizer
+    stays frozen, and the training grid shows the EMA generator's samples."""
     cfg = load_gen_config("gen-tiny", [*TINY_SET, "train.grid_every=1000", "data.images=4"])
     trainer = GeneratorTrainer(cfg, tmp_path / "ssdd", tmp_path / "run")
     trainer.fit(max_steps=3, progress=False)
@@ -450,6 +453,15 @@ def test_trainer_saves_its_ema_generator(tmp_path, spatial_tok):
         assert torch.equal(saved[name], ema), name
     assert not torch.equal(saved["final.linear.weight"], trainer.model.state_dict()["final.linear.weight"])
     assert saved["final.linear.weight"].abs().max() > 0
+    assert not any(p.requires_grad for p in trainer.tokenizer.parameters())  # frozen: it only encodes and decodes
+    # the training grid: 16 samples of the EMA generator from seed 0, 25 steps without guidance, decoded (the output
+    # layers of both randomised: the images then show the latents, and the latents the number of steps)
+    randomised(trainer.ema.module)
+    torch.nn.init.normal_(trainer.tokenizer.decoder.out_conv.weight, std=0.05)
+    samples = generate_images(trainer.ema.module, trainer.tokenizer, 16, 25, 1.0, None, torch.Generator().manual_seed(0))
+    grid = trainer.save_grid()
+    assert grid == tmp_path / "run" / "grids" / "step_00000003.png"
+    assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(sample_grid(samples)))
 
 
 def test_gen_config_bare_keys_and_label_dropout_bounds():
