@@ -422,17 +422,18 @@ def test_sample_metrics_compare_normalised_latents(spatial_tok, tmp_path):
     """`sample_metrics` compares the samples' normalised latents with the data images' normalised latents (the
     spatial tokenizer's statistics are far from the identity): samples that are the data images themselves, with
     their normalised latents, are at latent FD 0; the N(0, I) baseline draws its noise from `generator`; the
-    floor compares the other data images' normalised latents; FID is skipped, with the reason, without Inception."""
+    floor compares the other data images' normalised latents (70 images each: more than one batch); FID is skipped,
+    with the reason, without Inception."""
     from msdd.generator.quality import data_images, frechet_distance, sample_metrics
 
-    data = data_images("embedded", 24, 32, seed=0)
-    other = data_images("embedded", 24, 32, seed=1)
-    assert data.shape == (24, 3, 32, 32) and not torch.equal(data, other)
+    data = data_images("embedded", 70, 32, seed=0)
+    other = data_images("embedded", 70, 32, seed=1)
+    assert data.shape == (70, 3, 32, 32) and not torch.equal(data, other)
     norm = lambda x: spatial_tok.normalize_latents(spatial_tok.encode(x))  # noqa: E731
     latents = norm(data)
     missing = tmp_path / "no-inception.pth"
     out = sample_metrics(data, latents, spatial_tok, data, other, torch.Generator().manual_seed(5), missing)
-    assert out["samples"] == out["data_images"] == 24 and out["latent_dims"] == 64
+    assert out["samples"] == out["data_images"] == 70 and out["latent_dims"] == 64
     assert out["latent_fd"] == pytest.approx(0, abs=1e-3)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
     assert out["latent_fd_gaussian_baseline"] == pytest.approx(frechet_distance(noise, latents), rel=1e-6)
