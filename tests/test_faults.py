@@ -700,6 +700,14 @@ def test_reconstruct_noise_is_seeded_per_image_not_per_batch(tmp_path):
     assert not torch.equal(x[0], draw(image_generators(1, ["m"]))[0])
     as_eval = torch.Generator().manual_seed(2 * 1_000_003 + 5)  # an index key: seeded as msdd eval seeds image 5
     assert torch.equal(draw(image_generators(2, [5]))[0], torch.randn(3, generator=as_eval))
+    # a name key: the first 63 bits of sha256("seed:name"), the name's own bytes where it is not UTF-8 (os.listdir's
+    # surrogates), so that a file's noise is the same on every machine and in every release
+    import hashlib
+
+    for name, raw in (("sub/b", b"1:sub/b"), ("caf\udce9", b"1:caf\xe9")):
+        value = int.from_bytes(hashlib.sha256(raw).digest()[:8], "big") >> 1
+        want = torch.randn(3, generator=torch.Generator().manual_seed(value))
+        assert torch.equal(draw(image_generators(1, [name]))[0], want), name
 
 
 # ---------------------------------------------------------------- more unclear errors (issue 14, second probe)
