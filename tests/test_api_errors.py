@@ -23,9 +23,11 @@ def z(tok):
 def test_decode_arguments_are_checked_first(tok, z):
     with pytest.raises(ValueError, match=r"no latents to decode: got an empty batch \(0, 32, 8\)"):
         tok.decode(z[:0])  # before: IndexError inside the decoder
-    for seed in (1.5, "3", None, True, torch.tensor(3), 2**64):
-        with pytest.raises(TypeError, match="seed must be a whole number"):
+    for seed in (1.5, "3", None, True, torch.tensor(3), 2**64, -2**63 - 1):  # the last two: torch's range, just out
+        with pytest.raises(TypeError, match=r"seed must be a whole number \(an int in \[-2\*\*63, 2\*\*64\)\)"):
             tok.decode(z, seed=seed)
+    for seed in (-2**63, 2**64 - 1):  # just in
+        assert tok.decode(z, seed=seed).shape == (2, 3, 64, 64)
     assert torch.equal(tok.decode(z, seed=np.int64(3)), tok.decode(z, seed=3))
     for generator in (3, "x", np.random.default_rng(0)):
         with pytest.raises(TypeError, match="generator must be a torch.Generator or a list of one per image"):
@@ -57,6 +59,15 @@ def test_image_inputs_are_checked_first(tok):
         tok.encode(x.masked_fill(x > 0.5, float("inf")))
     with pytest.raises(ValueError, match="no images to encode: got an empty batch"):
         tok.reconstruct(torch.zeros(1, 3, 0, 64))
+    # float images: [-1, 1] up to float rounding (1e-3), below as well as above; values of [0, 255] get the fix
+    ramp = torch.linspace(-1, 1, 3 * 64 * 64).reshape(1, 3, 64, 64)
+    assert tok.encode(ramp * 1.0009).shape == (1, 32, 8)  # within the rounding allowed
+    for bad, shown in ((ramp - 0.0011, r"\[-1, 0\.\d+\]"), (ramp + 0.0011, r"\[-0\.\d+, 1\]")):
+        with pytest.raises(ValueError, match=r"float images must be in \[-1, 1\], got values in " + shown + "$"):
+            tok.encode(bad)
+    with pytest.raises(ValueError, match=r"got values in \[0, 255\] \(looks like \[0, 255\]: pass uint8, or x / "
+                                         r"127\.5 - 1\)"):
+        tok.encode((ramp + 1) * 127.5)
     with pytest.raises(ValueError, match=r"an image of size \(0, 0\) has no pixels"):
         tok.reconstruct([Image.new("RGB", (0, 0))])
 
