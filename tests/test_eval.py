@@ -342,11 +342,12 @@ def test_reconstruct_images_draws_each_images_noise_from_its_key(monkeypatch):
     tok = Tokenizer.from_pretrained("tiny-64-student")
     x = embedded_eval_set(64)[0][:4]
     full, _ = reconstruct_images(tok, x, batch_size=4)
-    clock = iter([0.0, 1.0, 1.0, 2.0])
+    clock = iter([0.0, 1.0, 1.0, 2.0, 5.0, 6.0])
     monkeypatch.setattr(rec, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
     pairs, seconds = reconstruct_images(tok, x, batch_size=2)
-    monkeypatch.undo()
     assert seconds == pytest.approx(2.0 / 4)
+    assert reconstruct_images(tok, x[:1])[1] == pytest.approx(1.0)  # one image: its batch's second
+    monkeypatch.undo()
     assert (pairs - full).abs().max() <= 1 / 127.5 + 1e-6
     alone, _ = reconstruct_images(tok, x[3:], keys=[3])
     assert (alone[0] - full[3]).abs().max() <= 1 / 127.5 + 1e-6
@@ -369,6 +370,8 @@ def test_reconstruct_images_in_int8_encodes_in_int8_too():
     assert not torch.equal(tok.encode(x, int8=True), tok.encode(x))
     ours, _ = reconstruct_images(tok, x, int8=True)
     assert torch.equal(ours, quantize(tok.reconstruct(x, int8=True, generator=image_generators(0, [0, 1]))))
+    plain = quantize(tok.reconstruct(x, generator=image_generators(0, [0, 1])))  # the default: float32
+    assert torch.equal(reconstruct_images(tok, x)[0], plain) and not torch.equal(ours, plain)
 
 
 def test_stage_fidelity_coarse_psnr_is_at_the_first_stages_resolution():
