@@ -375,6 +375,14 @@ def test_a_seed_out_of_range_is_refused_with_the_range(tmp_path, capsys):
         assert f"--seed: {2**70} is out of range; give a whole number in [0, 2**63)" in _error(capsys)
     assert main(["train", "--preset", "tiny-test", "--run-dir", str(never), "--set", f"train.seed={2**63}"]) == 2
     assert "`train.seed`: must be in [0, 2**63)" in _error(capsys) and not never.exists()
+    import argparse
+
+    from msdd.cli.common import seed_arg
+
+    assert [seed_arg(t) for t in ("0", str(2**63 - 1))] == [0, 2**63 - 1]  # both ends of the range
+    for text in ("-1", str(2**63)):  # one past either end
+        with pytest.raises(argparse.ArgumentTypeError, match=r"out of range; give a whole number in \[0, 2\*\*63\)"):
+            seed_arg(text)
 
 
 def test_large_seeds_seed_every_derived_generator():
@@ -456,3 +464,26 @@ def test_version_and_python_dash_m(capsys):
     assert e.value.code == 0 and capsys.readouterr().out == f"msdd {msdd.__version__}\n"
     r = subprocess.run([sys.executable, "-m", "msdd", "--version"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout == f"msdd {msdd.__version__}\n", r.stderr  # was: no msdd.__main__
+
+
+def test_a_finished_training_prints_its_summary_and_an_interrupted_one_exits_128_plus_the_signal(tmp_path, capsys):
+    """`finish_training` (the end of `msdd train`, `distill` and `gen-train`): the summary as JSON with its "last"
+    record at the end, then where the model went, exit 0; interrupted, no "written to" and 128 + the signal (the
+    code a scheduler reads as "stopped by SIGTERM"), 1 for a stop that is not a signal. The trainer is a stand-in
+    with the two attributes the function reads (the end of real runs is tested in tests/test_robust.py, slow)."""
+    import json
+    import signal
+    from types import SimpleNamespace
+
+    from msdd.cli.common import finish_training
+
+    trainer = SimpleNamespace(dist=SimpleNamespace(is_main=True), run_dir=tmp_path)
+    summary = {"last": {"loss": 0.5}, "steps": 3, "interrupted": None}
+    assert finish_training(trainer, summary, "one-step student") == 0
+    out = capsys.readouterr().out
+    shown, written = out.rsplit("\n", 2)[:2]
+    assert list(json.loads(shown)) == ["steps", "interrupted", "last"] and json.loads(shown)["last"] == {"loss": 0.5}
+    assert written == f"one-step student written to {tmp_path / 'model'}"
+    for stop, code in (("SIGTERM", 128 + signal.SIGTERM), ("SIGINT", 128 + signal.SIGINT), ("time budget", 1)):
+        assert finish_training(trainer, {**summary, "interrupted": stop}, "model") == code, stop
+        assert "written to" not in capsys.readouterr().out

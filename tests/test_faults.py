@@ -617,7 +617,9 @@ def test_damaged_model_folders_and_bad_folder_arguments_are_clear_errors(tmp_pat
                         "--run-dir")]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
-        assert f"error: {flag} {argv[argv.index(flag) + 1]} is an existing file, not a folder" in err
+        given = argv[argv.index(flag) + 1]
+        where = f" ({afile} is a file)" if given != str(afile) else ""  # a parent folder that is a file is named
+        assert f"error: {flag} {given} is an existing file, not a folder{where}; pass a folder" in err
     assert afile.read_text() == "not a folder"
 
 
