@@ -153,8 +153,8 @@ def test_rfid_compares_the_uint8_crops_with_the_reconstructions(model_dir, monke
 
 def test_generate_metrics_fid_feeds_every_data_image_as_real_and_every_sample_as_fake(monkeypatch):
     """`msdd generate --metrics`' FID (`fid_against`) through torchmetrics' FID with a small recording feature
-    extractor: all 70 data images as real and all 67 samples as fake (more than one batch of each), uint8, and the Frechet distance
-    of their features (checked by hand)."""
+    extractor: all 70 data images as real and all 67 samples as fake (more than one batch of each), uint8, and the
+    Frechet distance of their features (checked by hand)."""
     import msdd.eval.evaluate as ev
     from msdd.generator.quality import fid_against
     from torchmetrics.image.fid import FrechetInceptionDistance
@@ -168,7 +168,7 @@ def test_generate_metrics_fid_feeds_every_data_image_as_real_and_every_sample_as
     to_u8 = lambda x: ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)  # noqa: E731
     assert torch.equal(torch.cat(features.seen), torch.cat([to_u8(data), to_u8(samples)]))  # real, then fake
     with torch.no_grad():
-        f_real, f_fake = features.forward(to_u8(data)).double().numpy(), features.forward(to_u8(samples)).double().numpy()
+        f_real, f_fake = (features.forward(to_u8(x)).double().numpy() for x in (data, samples))
     assert fid == pytest.approx(_frechet(f_real, f_fake), rel=1e-3, abs=1e-6) and fid > 1e-3
 
 

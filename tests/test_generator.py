@@ -459,7 +459,8 @@ def test_trainer_saves_its_ema_generator(tmp_path, spatial_tok):
     # layers of both randomised: the images then show the latents, and the latents the number of steps)
     randomised(trainer.ema.module)
     torch.nn.init.normal_(trainer.tokenizer.decoder.out_conv.weight, std=0.05)
-    samples = generate_images(trainer.ema.module, trainer.tokenizer, 16, 25, 1.0, None, torch.Generator().manual_seed(0))
+    samples = generate_images(trainer.ema.module, trainer.tokenizer, 16, 25, 1.0, None,
+                              torch.Generator().manual_seed(0))
     grid = trainer.save_grid()
     assert grid == tmp_path / "run" / "grids" / "step_00000003.png"
     assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(sample_grid(samples)))
