@@ -22,7 +22,8 @@ from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.stage1 import Stage1Trainer, compute_latent_stats
 
 from conftest import (
-    assert_same_runs, assert_training_loss_follows_a_setting, straight_and_resumed, tiny_args, tiny_config,
+    assert_grid_shows, assert_same_runs, assert_training_loss_follows_a_setting, random_vgg16_file, straight_and_resumed,
+    tiny_args, tiny_config,
 )  # fmt: skip
 
 # 32 px, U-Net 32 -> 16 px (8 / 16 channels), one transformer block of width 16 over 16 x 16 positions
@@ -295,8 +296,6 @@ def test_the_ssdd_distillers_step_and_grid_are_its_terms_by_hand(tmp_path):
     teacher's encoder's latents, and loss = MSE(student, teacher) + lambda_perc LPIPS(student, teacher) + lambda_pix
     MSE(student, real) (a random VGG16 file); the grid shows real | teacher | clamped EMA student | error x 4 of the
     eval images, decoded from seed 0's noise."""
-    from conftest import assert_grid_shows, random_vgg16_file
-
     teacher = tmp_path / "teacher"
     _randomise_output(Tokenizer(ssdd_config("model.ssdd.steps=3", "model.ssdd.shift=2.5").model)).save_pretrained(
         teacher)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import tiny_config
+from conftest import assert_grid_shows, tiny_config
 from msdd.cli import main
 from msdd.data import load_image, load_photo, to_tensor
 from msdd.models.precision import int8_engine, msdd_int8
@@ -249,8 +249,6 @@ def test_reconstruct_files_decodes_in_batches_and_reports_the_means_of_what_it_w
     from msdd.data import BadImageError
     from msdd.eval.metrics import psnr_per_image, ssim_per_image
     from msdd.eval.reconstruct import reconstruct_images
-
-    from conftest import assert_grid_shows
 
     tok = Tokenizer(tiny_config().model)  # a decode that depends on its noise (a random final layer)
     torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.05, generator=torch.Generator().manual_seed(0))
