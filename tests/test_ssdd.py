@@ -22,8 +22,8 @@ from msdd.train.distill_ssdd import SSDDDistiller
 from msdd.train.stage1 import Stage1Trainer, compute_latent_stats
 
 from conftest import (
-    assert_grid_shows, assert_same_runs, assert_training_loss_follows_a_setting, random_vgg16_file, straight_and_resumed,
-    tiny_args, tiny_config,
+    assert_grid_shows, assert_same_runs, assert_training_loss_follows_a_setting, random_vgg16_file,
+    straight_and_resumed, tiny_args, tiny_config,
 )  # fmt: skip
 
 # 32 px, U-Net 32 -> 16 px (8 / 16 channels), one transformer block of width 16 over 16 x 16 positions
