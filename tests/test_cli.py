@@ -28,6 +28,10 @@ def test_info_preset(capsys):
     assert [s["image_tokens"] for s in info["stages"]] == [16, 64, 256, 1024]
     assert 240 < info["params_decoder_M"] < 260
     assert info["decode"]["steps_per_stage"] == [30] * 4 and info["decode"]["cfg"] == 2.0
+    assert info["one_step"] is False and info["recipe"]["stage2"]["discriminator"] == "dino"
+    assert main(["info", "--model", "tiny-64"]) == 0  # the shipped student: described as trained, no preset recipe
+    info = json.loads(capsys.readouterr().out)
+    assert info["one_step"] is True and info["decode"]["steps_per_stage"] == [1] * 4 and "recipe" not in info
     # the GFLOP numbers against a count of the real decode: tests/test_flops.py (tiny-64, runnable on a CPU)
 
 

@@ -80,6 +80,13 @@ def test_info_gflops_equal_a_count_of_the_real_decode(capsys):
     for stage, w in zip(info["stages"], tok.windows):
         x = torch.zeros(1, 3, w.resolution, w.resolution)
         assert stage["gflop_per_pass"] == pytest.approx(gflop(counted(tok.decoder, x, torch.zeros(1), z)), abs=6e-4)
+    # the head: sizes, parameters and the encoder's FLOPs of the same network
+    params = lambda net: round(sum(p.numel() for p in net.parameters()) / 1e6, 3)  # noqa: E731
+    assert (info["image_size"], info["latent"], info["compression"], info["one_step"]) == (64, [32, 8], 48.0, False)
+    assert (info["params_encoder_M"], info["params_decoder_M"]) == (params(tok.encoder), params(tok.decoder))
+    assert info["params_encoder_M"] != info["params_decoder_M"]
+    encode = counted(tok.encoder, torch.zeros(1, 3, 64, 64))
+    assert info["encoder_gflop_per_image"] == pytest.approx(gflop(encode), abs=6e-4) and encode > 1e6
 
 
 def test_ssdd_info_gflops_equal_a_count_of_the_real_decode(capsys):
