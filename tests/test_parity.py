@@ -75,6 +75,40 @@ def test_info_prints_the_effective_recipe(capsys):
                                   "time_scale": 1.0}
 
 
+def test_info_recipe_shows_each_setting_it_names(capsys):
+    """Every entry of the recipe `msdd info` prints is its own setting: each set here to a value no other entry
+    has, so that an entry showing another setting (stage 1's where stage 2's belongs, say) or a default is seen;
+    stage 2's learning rates scaled by batch_size / lr_reference_batch."""
+    import json
+
+    from msdd.cli import main
+
+    stage1 = {"model.flow.loss_weighting": "sigmoid", "model.flow.sigmoid_bias": 0.37,
+              "model.flow.loss_reduction": "sample_mean", "model.flow.t_sampling": "uniform",
+              "model.flow.prediction": "x", "model.flow.lpips_weight": 0.41, "model.flow.cfg_drop": 0.13,
+              "train.batch_size": 7, "train.lr": 0.00123, "train.warmup_steps": 17, "train.max_steps": 1234,
+              "train.min_lr_ratio": 0.23, "train.ema_decay": 0.987, "train.ema_warmup": False,
+              "train.grad_clip": 2.7, "train.bf16": True}
+    stage2 = {"distill.batch_size": 6, "distill.lr_reference_batch": 24, "distill.disc_grad_clip": 3.1,
+              "distill.max_steps": 321, "distill.ema_decay": 0.995, "distill.ema_warmup": True,
+              "distill.discriminator": "patch", "distill.disc_heads": "reference", "distill.student_cfg_drop": 0.07,
+              "distill.perceptual": "none", "distill.lambda_rec": 2.2, "distill.lambda_perc": 0.55,
+              "distill.lambda_adv": 0.33, "distill.lambda_pix": 0.44, "distill.adaptive_adv": False,
+              "distill.adaptive_of": "reference", "distill.cfg": 1.7}
+    networks = {"model.encoder.init": "reference", "model.decoder.init": "zero", "model.encoder.context_pos": "1d",
+                "model.decoder.context_pos": "cross_both", "model.decoder.time_scale": 12.5}
+    settings = {**stage1, **stage2, **networks, "distill.lr": 0.0004, "distill.disc_lr": 0.0008}
+    overrides = [a for k, v in settings.items() for a in ("--set", f"{k}={json.dumps(v)}")]
+    assert main(["info", "--preset", "tiny-64", *overrides]) == 0
+    recipe = json.loads(capsys.readouterr().out)["recipe"]
+    assert recipe["stage1"] == {k.rsplit(".", 1)[1]: v for k, v in stage1.items()}
+    expected = {k.split(".", 1)[1]: v for k, v in stage2.items()}
+    expected["teacher_cfg"] = expected.pop("cfg")
+    assert recipe["stage2"] == {**expected, "lr": pytest.approx(0.0004 * 6 / 24), "disc_lr": pytest.approx(0.0008 / 4)}
+    assert recipe["networks"] == {"init": ["reference", "zero"], "context_pos": ["1d", "cross_both"],
+                                  "time_scale": 12.5}
+
+
 def test_time_embedding_scale():
     """D8: the decoder's sinusoidal time embedding sees time_scale * tau (the reference: tau itself)."""
     import math
