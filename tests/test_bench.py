@@ -502,6 +502,38 @@ def test_the_report_command_repeats_the_run():
     assert "--contenders" not in BenchSettings().command() and "--cfg" not in BenchSettings().command()
 
 
+def test_every_bench_option_reaches_its_setting(tmp_path, monkeypatch):
+    """`msdd bench` hands each option to the `BenchSettings` field of its name (`--cfg`: guidance), lists as
+    tuples; `--quick` fills in only the options not given (run_bench replaced by one that keeps its settings)."""
+    import msdd.eval.bench
+    from msdd.eval.bench.settings import QUICK, BenchSettings
+
+    class Seen(Exception):
+        pass
+
+    def keep(settings):
+        raise Seen(settings)
+
+    monkeypatch.setattr(msdd.eval.bench, "run_bench", keep)
+    given = ["--preset", "tiny-64", "--set", "model.decoder.depth=1", "--student", "stu", "--dtype", "bf16",
+             "--compile", "--batch-size", "3", "--resolution", "48", "--steps", "2,3,4,5", "--cfg", "1.5", "--rounds",
+             "7", "--warmup", "4", "--min-time", "0.25", "--threads", "2", "--contenders", "teacher,student",
+             "--resolutions", "32,64", "--ssdd-preset", "ssdd-tiny-64", "--ssdd-steps", "6", "--device", "cpu"]
+    with pytest.raises(Seen) as seen:
+        main(["bench", *given, "--json", str(tmp_path / "b.json")])
+    assert seen.value.args[0] == BenchSettings(
+        preset="tiny-64", overrides=("model.decoder.depth=1",), student="stu", dtype="bf16", compile=True,
+        batch_size=3, resolution=48, steps=(2, 3, 4, 5), guidance=1.5, rounds=7, warmup=4, min_time=0.25, threads=2,
+        contenders=("teacher", "student"), resolutions=(32, 64), ssdd_preset="ssdd-tiny-64", ssdd_steps=6)
+    with pytest.raises(Seen) as seen:
+        main(["bench", "--quick", "--model", "m", "--batch-size", "5", "--steps", "3", "--pipeline", "--gen-preset",
+              "gen-tiny", "--gen-steps", "9", "--gen-cfg", "2.5", "--json", str(tmp_path / "b.json")])
+    assert seen.value.args[0] == BenchSettings(**{**QUICK, "model": "m", "batch_size": 5, "steps": 3, "pipeline": True,
+                                                  "gen_preset": "gen-tiny", "gen_steps": 9, "gen_cfg": 2.5,
+                                                  "quick": True})
+    assert seen.value.args[0].warmup == QUICK["warmup"] != BenchSettings.warmup
+
+
 def test_pipeline_decoder_shares_use_the_timed_calls():
     """`decoder_shares` (--pipeline rows): the generator's seconds recorded inside every call, of which the last
     `rounds` were the timed ones (the first here is a slow warm-up call); each timed call's decoder share is its time
