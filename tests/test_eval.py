@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, qu
 from msdd.eval.plots import plot_pareto
 from msdd.tokenizer import Tokenizer
 
-from conftest import tiny_config
+from conftest import random_vgg16_file, tiny_config
 
 
 @pytest.fixture
@@ -402,6 +403,60 @@ def test_eval_cli_writes_json_and_plot(model_dir, tmp_path):
     results = json.loads(out.read_text())
     assert [r["protocol"]["steps_per_stage"] for r in results] == [[1, 1, 1], [2, 2, 2]]
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_eval_cli_compares_models_in_one_run_and_prints_each(tmp_path, monkeypatch, capsys):
+    """`msdd eval --compare`: one result per model, in order, each labelled with its kind, schedule and guidance and
+    naming its model folder; a line per model with its metrics, baselines and skipped metrics; the plot given every
+    model's point and the first model's baselines (plot_pareto replaced by one that keeps its arguments)."""
+    import msdd.eval.plots
+    from msdd.hub import resolve_model_dir
+
+    drawn = {}
+
+    def plot(points, path, **kw):
+        drawn.update(points=points, **kw)
+        return path
+
+    monkeypatch.setattr(msdd.eval.plots, "plot_pareto", plot)
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", "tiny-64", "--compare", "tiny-64-teacher", "--limit", "2", "--pca-source", "none",
+                 "--cfg", "1.5", "--out", str(out), "--plot", str(tmp_path / "p.png"),
+                 "--vgg-weights", str(random_vgg16_file(tmp_path / "vgg16.pth"))]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert [r["label"] for r in results] == ["student [1, 1, 1, 1] cfg 1.5", "teacher [10, 10, 10, 10] cfg 1.5"]
+    assert [r["model"] for r in results] == [str(resolve_model_dir(n)) for n in ("tiny-64", "tiny-64-teacher")]
+    assert results[0]["metrics"]["psnr"] != results[1]["metrics"]["psnr"]
+    lines = []
+    for r in results:
+        m, b = r["metrics"], r["baselines"]["bicubic"]
+        lines.append(f"{r['label']}: 2 images, PSNR {m['psnr']:.3f} dB, SSIM {m['ssim']:.4f}, lpips {m['lpips']:.4f}, "
+                     f"decode {r['img_per_s']:.2f} img/s\n  baseline {b['method']} ({b['floats']} floats): PSNR "
+                     f"{b['psnr']:.3f} dB, SSIM {b['ssim']:.4f}\n")
+        lines += [f"  skipped {k}: {why}\n" for k, why in r["skipped_metrics"].items()]
+    assert printed == "".join(lines) + f"results -> {out}\nplot -> {tmp_path / 'p.png'}\n"
+    assert "skipped rfid: " in printed and "skipped lpips" not in printed
+    assert drawn["points"] == [{"label": r["label"], "img_per_s": r["img_per_s"], "psnr": r["metrics"]["psnr"],
+                                "rfid": None} for r in results]
+    b = results[0]["baselines"]["bicubic"]
+    assert drawn["baselines"] == {f"bicubic ({b['floats']} floats)": b["psnr"]}
+    assert drawn["title"] == "embedded, cpu, fp32"
+
+
+def test_eval_warns_when_the_pca_baseline_is_fitted_on_the_scored_images(tmp_path, monkeypatch, capsys):
+    """--pca-source naming the --data folder (however the path is written) flatters the PCA baseline: a warning
+    before anything is decoded (here the unknown --model stops the run next)."""
+    (tmp_path / "photos").mkdir()
+    Image.new("RGB", (64, 64)).save(tmp_path / "photos" / "a.png")
+    monkeypatch.chdir(tmp_path)
+    argv = ["eval", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.json")]
+    with pytest.warns(UserWarning, match=r"--pca-source .*photos is the --data folder: the PCA baseline is fitted on"):
+        assert main([*argv, "--data", "photos", "--pca-source", str(tmp_path / "photos")]) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*argv, "--data", "photos", "--pca-source", "embedded"]) == 2
+    assert "nowhere" in capsys.readouterr().err
 
 
 def test_eval_cli_int8(model_dir, tmp_path, capsys):
