@@ -176,7 +176,8 @@ def test_fetch_weights_offline_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     assert main(["fetch-weights", "vgg16"]) == 2
     err = _error(capsys)
-    assert "could not download vgg16 from https://download.pytorch.org/" in err
+    assert "could not download vgg16 from https://download.pytorch.org/models/vgg16-397923af.pth ([Errno -2] Name or " \
+           "service not known); check the network, or fetch the file elsewhere and copy it to " in err  # the reason
     assert str(tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth") in err and "--vgg-weights" in err
 
 

@@ -86,6 +86,31 @@ def test_uint8_images_encode_as_the_same_pixels_in_floats():
             tok.encode(floats * 1.2)
 
 
+def test_fetch_weights_copies_the_file_into_the_torch_hub_cache_once(tmp_path, monkeypatch, capsys):
+    """`msdd fetch-weights NAME` downloads the file with torch's downloader (here from a file:// address: no network)
+    to the torch hub cache, where `resolve_weights` finds it, prints where it is, and leaves a file already there."""
+    import dataclasses
+
+    import msdd.weights
+    from msdd.cli import main
+    from msdd.weights import PRETRAINED, cache_path, resolve_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    source = tmp_path / "served" / "vgg16-397923af.pth"
+    source.parent.mkdir()
+    source.write_bytes(b"weights")
+    spec = dataclasses.replace(PRETRAINED["vgg16"], url=source.as_uri())
+    monkeypatch.setitem(msdd.weights.PRETRAINED, "vgg16", spec)
+    dest = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    assert cache_path(spec) == dest and not dest.exists()
+    assert main(["fetch-weights", "vgg16"]) == 0
+    assert capsys.readouterr().out == f"vgg16: {dest}\n"
+    assert dest.read_bytes() == b"weights" and resolve_weights("vgg16") == dest
+    source.unlink()  # a second fetch finds the file in the cache and downloads nothing
+    assert main(["fetch-weights", "vgg16"]) == 0
+    assert capsys.readouterr().out == f"vgg16: {dest}\n" and dest.read_bytes() == b"weights"
+
+
 def test_pretrained_files_are_found_explicit_path_first_then_env_then_caches(tmp_path, monkeypatch):
     """Where `resolve_weights` looks for a pretrained file: the option's path first (even when the environment
     variable names another file), then $MSDD_..._WEIGHTS, then the torch hub cache, then timm's copy in the Hugging
