@@ -266,3 +266,67 @@ def test_latent_stats_use_at_most_max_images(tmp_path, photo_folder, capsys):
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     mean, _, _ = _hand_latent_stats(tok, photo_folder, 4)
     torch.testing.assert_close(torch.tensor(printed["mean"], dtype=torch.float64), mean, rtol=0, atol=2e-5)
+
+
+def test_the_training_commands_hand_every_option_to_what_runs_them(tmp_path, monkeypatch):
+    """`msdd train`, `distill`, `demo` and `fidelity` pass each option on: --limit and --init-from as config fields
+    beside --set, the weight files, --resume, --max-steps and --minutes, the fidelity table's folder and seeds (each
+    runner replaced by one that keeps its arguments and stops; the real ones run in test_train, test_distill,
+    test_demo and test_fidelity)."""
+    import msdd.demo
+    import msdd.eval.fidelity
+    import msdd.train.distill
+    import msdd.train.stage1
+    from msdd.config import load_config
+
+    class Seen(Exception):
+        pass
+
+    class Runner:
+        def __init__(self, *args, **kwargs):
+            self.made = (args, kwargs)
+
+        def fit(self, **kwargs):
+            raise Seen(*self.made, kwargs)
+
+        def run(self):
+            raise Seen(*self.made)
+
+    def kept(argv):
+        with pytest.raises(Seen) as seen:
+            main(argv)
+        return seen.value.args
+
+    monkeypatch.setattr(msdd.train.stage1, "Stage1Trainer", Runner)
+    monkeypatch.setattr(msdd.train.distill, "build_distiller", Runner)
+    monkeypatch.setattr(msdd.eval.fidelity, "Fidelity", Runner)
+    monkeypatch.setattr(msdd.demo, "run_demo", lambda *args, **kwargs: Runner(*args, **kwargs).run())
+    monkeypatch.chdir(tmp_path)
+    run = str(tmp_path / "run")
+    train = ["train", "--preset", "tiny-64", "--set", "train.lr=0.002", "--run-dir", run]
+    args, kwargs, fit = kept([*train, "--resume", "--max-steps", "7", "--minutes", "1.5", "--limit", "9", "--init-from",
+                              "tiny-64-teacher", "--vgg-weights", "v.pth", "--dinov2-weights", "d.pth"])
+    given = ["train.lr=0.002", "data.limit=9", "train.init_from=tiny-64-teacher"]
+    assert args == (load_config("tiny-64", given), run)
+    assert kwargs == {"device": "cpu", "require_resume": True, "vgg_weights": "v.pth", "dinov2_weights": "d.pth"}
+    assert fit == {"max_steps": 7, "minutes": 1.5}
+    assert kept(train) == ((load_config("tiny-64", ["train.lr=0.002"]), run),
+                           {"device": "cpu", "require_resume": False, "vgg_weights": None, "dinov2_weights": None},
+                           {"max_steps": None, "minutes": None})
+    distill = ["distill", "--teacher", "tiny-64-teacher", "--set", "distill.lr=0.003", "--run-dir", run]
+    args, kwargs, fit = kept([*distill, "--resume", "--max-steps", "5", "--minutes", "2.5", "--limit", "8",
+                              "--vgg-weights", "v.pth", "--dino-weights", "o.pth"])
+    assert args == (load_config("tiny-64", ["distill.lr=0.003", "data.limit=8"]), "tiny-64-teacher", run)
+    assert kwargs == {"device": "cpu", "vgg_weights": "v.pth", "dino_weights": "o.pth", "require_resume": True}
+    assert fit == {"max_steps": 5, "minutes": 2.5}
+    assert not (tmp_path / "run").exists()
+    assert kept(["demo", "--minutes", "3", "--set", "train.lr=0.004", "--out", "d"]) == (
+        ("d",), {"minutes": 3.0, "preset": "tiny-64", "overrides": ("train.lr=0.004",), "device": "cpu"})
+    fidelity = {"preset": "tiny-64", "overrides": (), "seeds": 2, "total_steps": 40, "quick": False, "device": "cpu",
+                "ssdd_overrides": (), "train_steps": None, "distill_steps": None}
+    assert kept(["fidelity"]) == (("benchmarks/fidelity/latest", 120.0), fidelity)
+    assert kept(["fidelity", "--quick"]) == (("msdd-fidelity-quick", 120.0), {**fidelity, "quick": True})
+    assert kept(["fidelity", "--out", "f", "--minutes", "9", "--set", "a=1", "--seeds", "3", "--total-steps", "12",
+                 "--ssdd-set", "b=2", "--train-steps", "4", "--distill-steps", "6"]) == (
+        ("f", 9.0), {**fidelity, "overrides": ("a=1",), "seeds": 3, "total_steps": 12, "ssdd_overrides": ("b=2",),
+                     "train_steps": 4, "distill_steps": 6})
