@@ -349,6 +349,56 @@ def test_generate_bad_inputs(tmp_path, capsys, extra, match):
     assert match in err and "Traceback" not in err
 
 
+def test_generate_writes_the_samples_of_the_api_and_their_metrics(tmp_path, capsys):
+    """`msdd generate` writes what `generate` gives for the same seed, steps and guidance (sample i from
+    `image_generators(seed, [i])`, in the command's batches), and --metrics is `sample_metrics` of those samples
+    against 2n data images drawn with seed + 1, split in halves, the N(0, I) baseline drawn with the seed, recorded
+    with the command's settings. A generator saved before `latent_space_sha256` is checked by its tokenizer's file."""
+    from msdd.data.images import to_uint8
+    from msdd.generator.files import save_generator
+    from msdd.generator.quality import data_images, sample_metrics
+
+    run = tmp_path / "run"
+    assert main(["gen-train", "--tokenizer", "tiny-64", "--run-dir", str(run), "--max-steps", "1", *gen_args()]) == 0
+    model, meta = load_generator(run / "model")
+    torch.manual_seed(0)
+    randomised(model)  # samples that depend on the steps and the seed
+    save_generator(model, tmp_path / "gen", **{k: v for k, v in meta.items() if k not in ("generator", "latent_shape")})
+    capsys.readouterr()
+    out, missing = tmp_path / "out", tmp_path / "no-inception.pth"
+    with pytest.warns(UserWarning, match="latent FD from 5 samples"):
+        assert main(["generate", "--generator", str(tmp_path / "gen"), "--tokenizer", "tiny-64", "--n", "5", "--steps",
+                     "3", "--seed", "7", "--batch-size", "2", "--out", str(out), "--metrics", "--inception-weights",
+                     str(missing)]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"5 samples (3 steps, cfg 1, seed 7) written to {out / 'images'}; grid "
+                              f"{out / 'grid.png'}\nlatent FD ")
+    tok = Tokenizer.from_pretrained("tiny-64")
+    parts = [generate(model, tok, len(b), 3, 1.0, None, image_generators(7, b)) for b in (range(2), range(2, 4), [4])]
+    images, latents = torch.cat([p.images for p in parts]), torch.cat([p.latents for p in parts])
+    pngs = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(5)]
+    for png, image in zip(pngs, to_uint8(images)):
+        assert np.array_equal(np.asarray(Image.open(png)), image.permute(1, 2, 0).numpy())
+    data = data_images("embedded", 10, 64, 8)
+    expected = sample_metrics(images, latents, tok, data[:5], data[5:], torch.Generator().manual_seed(7), missing)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == {"generator": str(tmp_path / "gen"), "tokenizer": "tiny-64", "steps": 3, "cfg": 1.0, "seed": 7,
+                       "data": "embedded", **{k: pytest.approx(v, rel=1e-6) if isinstance(v, float) else v
+                                              for k, v in expected.items()}}
+    assert f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}, " \
+           f"other data images: {metrics['latent_fd_data_floor']:.2f}) over 256 dims; FID skipped (" in printed
+    # an older generator: no latent_space_sha256, so the tokenizer's weights file is compared
+    old = {k: v for k, v in meta.items() if k not in ("generator", "latent_shape", "latent_space_sha256")}
+    save_generator(model, tmp_path / "old", **old)
+    one = ["generate", "--generator", str(tmp_path / "old"), "--n", "1", "--steps", "1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main([*one, "--tokenizer", "tiny-64", "--out", str(tmp_path / "o1")]) == 0
+    with pytest.warns(UserWarning, match="--tokenizer tiny-64-teacher is not the tokenizer this generator was trained"):
+        assert main([*one, "--tokenizer", "tiny-64-teacher", "--out", str(tmp_path / "o2")]) == 0
+
+
 def test_generate_refuses_a_tokenizer_as_generator(tmp_path, capsys):
     from msdd.hub import BUNDLED
 
