@@ -111,6 +111,32 @@ def test_fetch_weights_copies_the_file_into_the_torch_hub_cache_once(tmp_path, m
     assert capsys.readouterr().out == f"vgg16: {dest}\n" and dest.read_bytes() == b"weights"
 
 
+def test_a_pretrained_file_must_be_a_state_dict_of_tensors(tmp_path):
+    """`load_tensor_file` reads tensors only: a torch file of tensors or a .safetensors file; a list of tensors or a
+    dict with a value that is not a tensor is refused by name, and a pickled object is never unpickled."""
+    import argparse
+
+    from safetensors.torch import save_file
+
+    from msdd.weights import load_tensor_file
+
+    state = {"features.0.weight": torch.randn(2, 3)}
+    torch.save(state, tmp_path / "a.pth")
+    save_file(state, tmp_path / "a.safetensors")
+    for name in ("a.pth", "a.safetensors"):
+        loaded = load_tensor_file(tmp_path / name, "vgg16")
+        assert loaded.keys() == state.keys() and torch.equal(loaded["features.0.weight"], state["features.0.weight"])
+    for value, kind in [([torch.zeros(1)], "list"), ({"w": torch.zeros(1), "step": 3}, "dict")]:
+        torch.save(value, tmp_path / "b.pth")
+        with pytest.raises(ValueError, match=rf"--vgg-weights .*b.pth holds a {kind}, not a state dict of tensors: "
+                                             "give vgg16-397923af.pth"):
+            load_tensor_file(tmp_path / "b.pth", "vgg16")
+    torch.save({"net": argparse.Namespace(a=1)}, tmp_path / "c.pth")
+    refused = r"--dino-weights .*c.pth is not a plain tensor state dict \(UnpicklingError\); refusing to load it: give"
+    with pytest.raises(ValueError, match=rf"{refused} dino_deitsmall16_pretrain.pth"):
+        load_tensor_file(tmp_path / "c.pth", "dino_vits16")
+
+
 def test_pretrained_files_are_found_explicit_path_first_then_env_then_caches(tmp_path, monkeypatch):
     """Where `resolve_weights` looks for a pretrained file: the option's path first (even when the environment
     variable names another file), then $MSDD_..._WEIGHTS, then the torch hub cache, then timm's copy in the Hugging
