@@ -453,9 +453,10 @@ def test_eval_warns_when_the_pca_baseline_is_fitted_on_the_scored_images(tmp_pat
     argv = ["eval", "--model", str(tmp_path / "nowhere"), "--out", str(tmp_path / "e.json")]
     with pytest.warns(UserWarning, match=r"--pca-source .*photos is the --data folder: the PCA baseline is fitted on"):
         assert main([*argv, "--data", "photos", "--pca-source", str(tmp_path / "photos")]) == 2
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert main([*argv, "--data", "photos", "--pca-source", "embedded"]) == 2
+    for other in (["--data", "photos"], []):  # PCA fitted on the embedded training photos (default), scored on others
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert main([*argv, *other, "--pca-source", "embedded"]) == 2
     assert "nowhere" in capsys.readouterr().err
 
 

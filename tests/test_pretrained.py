@@ -133,7 +133,7 @@ def test_a_pretrained_file_must_be_a_state_dict_of_tensors(tmp_path):
             load_tensor_file(tmp_path / "b.pth", "vgg16")
     torch.save({"net": argparse.Namespace(a=1)}, tmp_path / "c.pth")
     refused = r"--dino-weights .*c.pth is not a plain tensor state dict \(UnpicklingError\); refusing to load it: give"
-    with pytest.raises(ValueError, match=rf"{refused} dino_deitsmall16_pretrain.pth"):
+    with pytest.raises(ValueError, match=rf"{refused} dino_deitsmall16_pretrain.pth \(https://.*\) or its .safet"):
         load_tensor_file(tmp_path / "c.pth", "dino_vits16")
 
 
