@@ -159,6 +159,53 @@ def test_an_atomic_folder_clears_only_temporaries_of_dead_writers(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "out"]
 
 
+def test_atomic_writes_replace_a_file_whole_or_leave_the_old_one(tmp_path, monkeypatch):
+    """`atomic_write_bytes` and `atomic_save_safetensors` replace a file whole; a write that fails (a full disk: the
+    fsync there, safetensors' own error here, after part of the file was written) leaves the old file and no
+    temporary, and safetensors' error is an OSError naming the file. Weights are written contiguous, on the CPU,
+    with their metadata, and readable by all (0644) as model folders are shared."""
+    import errno
+    import os
+
+    import safetensors
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    import msdd.io
+    from msdd.io import atomic_save_safetensors, atomic_write_bytes, atomic_write_text
+
+    path = tmp_path / "f.txt"
+    atomic_write_text(path, "old")
+    atomic_write_bytes(path, b"new")
+    assert path.read_bytes() == b"new"
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", full_disk)
+        with pytest.raises(OSError, match="No space left on device"):
+            atomic_write_bytes(path, b"newer")
+    assert path.read_bytes() == b"new" and [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+    weights = tmp_path / "w.safetensors"
+    transposed = torch.arange(6.0).view(2, 3).t()
+    atomic_save_safetensors({"a": torch.ones(2, requires_grad=True), "t": transposed}, weights, metadata={"k": "v"})
+    assert torch.equal(load_file(weights)["t"], transposed) and weights.stat().st_mode & 0o777 == 0o644
+    with safe_open(weights, "pt") as f:
+        assert f.metadata() == {"k": "v"}
+
+    def partial(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"part")
+        raise safetensors.SafetensorError("I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(msdd.io, "save_file", partial)
+    with pytest.raises(OSError, match=f"cannot write {weights}: I/O error: No space left"):
+        atomic_save_safetensors({"a": torch.zeros(2)}, weights)
+    assert torch.equal(load_file(weights)["a"], torch.ones(2))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.txt", "w.safetensors"]
+
+
 def test_a_latent_space_digest_covers_the_encoder_and_latent_statistics_only():
     """A generator's latents fit any tokenizer of the same `latent_space_sha256`: the shipped teacher and its student
     share it; a changed decoder keeps it, a changed encoder weight or latent statistic does not. The digest of named
