@@ -16,6 +16,7 @@ def test_every_configurable_family_has_an_object():
     for name in FAMILIES:
         config = tiny_config(f"model.family={name}").model
         assert family_of(config).name == name
+        assert family_of(config).multi_scale == (name == "msdd")  # the one family decoding through stage windows
 
 
 def test_parse_steps():
