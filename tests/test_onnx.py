@@ -78,3 +78,28 @@ def test_onnx_without_its_extra_is_a_clear_error_before_any_work(tmp_path, capsy
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ValueError, match="onnx and onnxruntime not installed"):
         BenchSettings(contenders=("onnx-student",))
+
+
+def test_onnx_export_of_a_guided_teacher_at_a_given_schedule(tmp_path):
+    """`export_onnx` of a Tokenizer object with steps and guidance of its own: the graph decodes that schedule (guided
+    passes included) as PyTorch does with the same noise, `onnx.json` records it with the shapes and stage windows, the
+    caller's model is left as it was (its dtype and training mode), and `OnnxTokenizer.reconstruct` with a thread
+    count is encode then decode."""
+    from msdd.integrations.onnx import export_onnx
+
+    tok = Tokenizer.from_pretrained("tiny-64-teacher")
+    mine = Tokenizer.from_pretrained("tiny-64-teacher").double().train()  # exported as float32: the same weights
+    out = export_onnx(mine, tmp_path / "teacher", steps=[2, 1, 1, 2], guidance=2.0)
+    assert next(mine.parameters()).dtype == torch.float64 and mine.training
+    info = json.loads((out / "onnx.json").read_text())
+    assert info == {"image_size": 64, "latent_shape": [32, 8], "steps": [2, 1, 1, 2], "guidance": 2.0,
+                    "stage_resolutions": [8, 16, 32, 64], "stage_gamma": [w.gamma for w in tok.windows],
+                    "decoder_inputs": ["z", "x0", "bn1", "bn2", "bn3"], "opset": 17}
+    ort_tok = OnnxTokenizer(out, threads=1)
+    images = embedded_eval_set(64)[0][:2]
+    want = tok.decode(tok.encode(images), steps=[2, 1, 1, 2], guidance=2.0, generator=torch.Generator().manual_seed(4))
+    got = ort_tok.reconstruct(images, generator=torch.Generator().manual_seed(4))
+    assert (got - want).abs().max() < 1e-4
+    unguided = tok.decode(tok.encode(images), steps=[2, 1, 1, 2], guidance=1.0, seed=4)
+    assert (unguided - want).abs().max() > 1e-2  # guidance changes the image, so the check above can fail
+    assert ort_tok.encoder.get_session_options().intra_op_num_threads == 1
