@@ -633,6 +633,12 @@ def test_decode_refuses_steps_that_are_not_whole_numbers():
             tok.decode(z, steps=steps)
     assert tok.resolve_steps(2) == (2, 2, 2) and tok.resolve_steps([np.int64(1), 2, 3]) == (1, 2, 3)
     assert tok.resolve_steps(torch.tensor([1, 1, 2])) == (1, 1, 2)
+    for steps, got in (([1, 0, 1], "(1, 0, 1)"), ([1, 1], "(1, 1)"), (0, "(0, 0, 0)")):
+        with pytest.raises(ValueError, match=re.escape(f"steps must be an int >= 1 or a list of 3 ints >= 1 (one per "
+                                                       f"stage), got {got}")):
+            tok.resolve_steps(steps)
+    with pytest.raises(ValueError, match="steps 1,000,000,000 per stage is more than msdd decodes"):
+        tok.resolve_steps([1, 10**9, 1])  # the largest entry, wherever it is
 
 
 def test_encode_refuses_an_empty_batch():
