@@ -52,7 +52,8 @@ def test_round_trip_matches_tokenizer(student, images):
     assert isinstance(out.latent_dist, DeterministicLatent)
     z = out.latent_dist.mode()
     assert torch.equal(z, student.encode(images))
-    assert torch.equal(out.latent_dist.sample(gen(5)), z)
+    assert torch.equal(out.latent_dist.sample(gen(5)), z) and torch.equal(out.latent_dist.mean, z)
+    assert torch.equal(out.latent_dist.std, torch.zeros_like(z)) and torch.equal(out.latent_dist.kl(), torch.zeros(2))
     assert torch.equal(vae.encode(images, return_dict=False)[0].mode(), z)
     assert z.shape == (2, 32, 8)
     x = vae.decode(z, generator=gen(0)).sample
@@ -64,6 +65,9 @@ def test_round_trip_matches_tokenizer(student, images):
     with pytest.warns(UserWarning, match="distilled for one step"):
         x2 = vae.decode(z, generator=gen(3), num_inference_steps=2).sample
     assert torch.equal(x2, student.decode(z, steps=[2, 2, 2, 2], generator=gen(3)))
+    guided = vae.decode(z, generator=gen(3), num_inference_steps=2, guidance=2.0).sample  # warned once, above
+    assert torch.equal(guided, student.decode(z, steps=2, guidance=2.0, generator=gen(3)))
+    assert (guided - x2).abs().max() > 1e-3  # guidance reaches the decode
     per_image = vae.decode(z, generator=[gen(7), gen(8)]).sample
     assert torch.equal(per_image[1:], student.decode(z[1:], generator=gen(8)))
     # the wrapper shares the Tokenizer's weights, and gives it back with its metadata
