@@ -34,7 +34,7 @@ def test_decode_arguments_are_checked_first(tok, z):
             tok.decode(z, generator=generator)
     with pytest.raises(ValueError, match=r"one torch.Generator per image \(2\)"):
         tok.decode(z, generator=[torch.Generator(), 5])
-    for guidance in ("2", True, [1.0]):
+    for guidance in ("2", True, [1.0], -0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="guidance .* must be a finite number >= 0"):
             tok.decode(z, guidance=guidance)
     for flag in ("bf16", "int8", "return_stages"):  # before: "no" and "False" were true, 0.0 false

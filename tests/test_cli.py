@@ -320,8 +320,8 @@ def test_the_training_commands_hand_every_option_to_what_runs_them(tmp_path, mon
     assert kwargs == {"device": "cpu", "vgg_weights": "v.pth", "dino_weights": "o.pth", "require_resume": True}
     assert fit == {"max_steps": 5, "minutes": 2.5}
     assert not (tmp_path / "run").exists()
-    assert kept(["demo", "--minutes", "3", "--set", "train.lr=0.004", "--out", "d"]) == (
-        ("d",), {"minutes": 3.0, "preset": "tiny-64", "overrides": ("train.lr=0.004",), "device": "cpu"})
+    assert kept(["demo", "--minutes", "3", "--preset", "tiny-test", "--set", "train.lr=0.004", "--out", "d"]) == (
+        ("d",), {"minutes": 3.0, "preset": "tiny-test", "overrides": ("train.lr=0.004",), "device": "cpu"})
     fidelity = {"preset": "tiny-64", "overrides": (), "seeds": 2, "total_steps": 40, "quick": False, "device": "cpu",
                 "ssdd_overrides": (), "train_steps": None, "distill_steps": None}
     assert kept(["fidelity"]) == (("benchmarks/fidelity/latest", 120.0), fidelity)

@@ -624,6 +624,7 @@ def test_damaged_model_folders_and_bad_folder_arguments_are_clear_errors(tmp_pat
 
 
 def test_decode_refuses_steps_that_are_not_whole_numbers():
+    from msdd.config.model import MAX_STEPS
     from msdd.tokenizer import Tokenizer
 
     tok = Tokenizer(tiny_config().model)  # 3 stages
@@ -639,6 +640,7 @@ def test_decode_refuses_steps_that_are_not_whole_numbers():
             tok.resolve_steps(steps)
     with pytest.raises(ValueError, match="steps 1,000,000,000 per stage is more than msdd decodes"):
         tok.resolve_steps([1, 10**9, 1])  # the largest entry, wherever it is
+    assert tok.resolve_steps(MAX_STEPS) == (MAX_STEPS,) * 3  # the limit itself is decoded
 
 
 def test_encode_refuses_an_empty_batch():

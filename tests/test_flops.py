@@ -91,9 +91,11 @@ def test_info_gflops_equal_a_count_of_the_real_decode(capsys):
 
 def test_ssdd_info_gflops_equal_a_count_of_the_real_decode(capsys):
     assert main(["info", "--preset", "ssdd-tiny-64", "--set", "model.ssdd.steps=2"]) == 0
-    d = json.loads(capsys.readouterr().out)["decode"]
+    info = json.loads(capsys.readouterr().out)
+    d = info["decode"]
     tok = Tokenizer(load_config("ssdd-tiny-64", ["model.ssdd.steps=2"]).model).eval()
     z = torch.randn(1, *tok.config.latent_shape)
+    assert info["gflop_per_pass"] == pytest.approx(counted(tok.decode, z, steps=1) / 1e9, abs=6e-4)  # one pass
     assert d["steps"] == 2
     assert d["gflop_per_image"] == pytest.approx(counted(tok.decode, z) / 1e9, abs=6e-4)
     assert d["one_step_gflop_per_image"] == pytest.approx(counted(tok.decode, z, steps=1) / 1e9, abs=6e-4)
