@@ -269,15 +269,17 @@ def test_latent_stats_use_at_most_max_images(tmp_path, photo_folder, capsys):
 
 
 def test_the_training_commands_hand_every_option_to_what_runs_them(tmp_path, monkeypatch):
-    """`msdd train`, `distill`, `demo` and `fidelity` pass each option on: --limit and --init-from as config fields
-    beside --set, the weight files, --resume, --max-steps and --minutes, the fidelity table's folder and seeds (each
-    runner replaced by one that keeps its arguments and stops; the real ones run in test_train, test_distill,
-    test_demo and test_fidelity)."""
+    """`msdd train`, `distill`, `gen-train`, `demo` and `fidelity` pass each option on: --limit and --init-from as
+    config fields beside --set, the weight files, --resume, --max-steps and --minutes, the fidelity table's folder and
+    seeds (each runner replaced by one that keeps its arguments and stops; the real ones run in test_train,
+    test_distill, test_generator, test_demo and test_fidelity)."""
     import msdd.demo
     import msdd.eval.fidelity
+    import msdd.generator.train
     import msdd.train.distill
     import msdd.train.stage1
     from msdd.config import load_config
+    from msdd.generator.config import load_gen_config
 
     class Seen(Exception):
         pass
@@ -300,6 +302,7 @@ def test_the_training_commands_hand_every_option_to_what_runs_them(tmp_path, mon
     monkeypatch.setattr(msdd.train.stage1, "Stage1Trainer", Runner)
     monkeypatch.setattr(msdd.train.distill, "build_distiller", Runner)
     monkeypatch.setattr(msdd.eval.fidelity, "Fidelity", Runner)
+    monkeypatch.setattr(msdd.generator.train, "GeneratorTrainer", Runner)
     monkeypatch.setattr(msdd.demo, "run_demo", lambda *args, **kwargs: Runner(*args, **kwargs).run())
     monkeypatch.chdir(tmp_path)
     run = str(tmp_path / "run")
@@ -320,6 +323,11 @@ def test_the_training_commands_hand_every_option_to_what_runs_them(tmp_path, mon
     assert kwargs == {"device": "cpu", "vgg_weights": "v.pth", "dino_weights": "o.pth", "require_resume": True}
     assert fit == {"max_steps": 5, "minutes": 2.5}
     assert not (tmp_path / "run").exists()
+    gen = ["gen-train", "--tokenizer", "tiny-64-teacher", "--run-dir", run, "--preset", "gen-xl", "--set", "depth=3"]
+    assert kept([*gen, "--resume", "--max-steps", "6", "--minutes", "0.5"]) == (
+        (load_gen_config("gen-xl", ["depth=3"]), "tiny-64-teacher", run), {"device": "cpu", "require_resume": True},
+        {"max_steps": 6, "minutes": 0.5})
+    assert kept(gen)[1:] == ({"device": "cpu", "require_resume": False}, {"max_steps": None, "minutes": None})
     assert kept(["demo", "--minutes", "3", "--preset", "tiny-test", "--set", "train.lr=0.004", "--out", "d"]) == (
         ("d",), {"minutes": 3.0, "preset": "tiny-test", "overrides": ("train.lr=0.004",), "device": "cpu"})
     fidelity = {"preset": "tiny-64", "overrides": (), "seeds": 2, "total_steps": 40, "quick": False, "device": "cpu",
