@@ -412,6 +412,8 @@ def test_generate_refuses_a_tokenizer_as_generator(tmp_path, capsys):
 
 def test_class_conditional_from_class_subfolders(tmp_path, capsys):
     from msdd.data import load_photo
+    from msdd.data.images import to_uint8
+    from msdd.generator.files import save_generator
 
     data = tmp_path / "classes"
     for name in ("coffee", "astronaut"):
@@ -426,9 +428,18 @@ def test_class_conditional_from_class_subfolders(tmp_path, capsys):
     assert main([*common, *gen_args(f"data.source={data}", "generator.num_classes=2")]) == 0
     model, meta = load_generator(run / "model")
     assert model.conditional and meta["class_names"] == ["astronaut", "coffee"]
-    args = ["generate", "--generator", str(run / "model"), "--tokenizer", "tiny-64", "--n", "2", "--steps", "2"]
+    torch.manual_seed(0)
+    save_generator(randomised(model), tmp_path / "gen",  # samples that depend on the class and the guidance
+                   **{k: v for k, v in meta.items() if k not in ("generator", "latent_shape")})
+    args = ["generate", "--generator", str(tmp_path / "gen"), "--tokenizer", "tiny-64", "--n", "2", "--steps", "2"]
     assert main([*args, "--class-label", "1", "--cfg", "2", "--out", str(tmp_path / "o")]) == 0
-    assert len(list((tmp_path / "o" / "images").glob("*.png"))) == 2
+    pngs = sorted((tmp_path / "o" / "images").glob("*.png"))
+    tok = Tokenizer.from_pretrained("tiny-64")
+    sampled = {(label, cfg): to_uint8(generate(model, tok, 2, 2, cfg, label, image_generators(0, range(2))).images)
+               for label, cfg in ((1, 2.0), (0, 2.0), (1, 1.0))}
+    assert len(pngs) == 2 and all(np.array_equal(np.asarray(Image.open(png)), image.permute(1, 2, 0).numpy())
+                                  for png, image in zip(pngs, sampled[1, 2.0]))  # class 1 at guidance 2
+    assert not torch.equal(sampled[0, 2.0], sampled[1, 2.0]) and not torch.equal(sampled[1, 1.0], sampled[1, 2.0])
     assert main([*args, "--class-label", "2", "--out", str(tmp_path / "o")]) == 2
     assert "--class-label" in capsys.readouterr().err
 
