@@ -433,9 +433,10 @@ def test_class_conditional_from_class_subfolders(tmp_path, capsys):
                    **{k: v for k, v in meta.items() if k not in ("generator", "latent_shape")})
     args = ["generate", "--generator", str(tmp_path / "gen"), "--tokenizer", "tiny-64", "--n", "2", "--steps", "2"]
     with pytest.warns(UserWarning, match="latent FD from 2 samples"):
-        assert main([*args, "--class-label", "1", "--cfg", "2", "--out", str(tmp_path / "o"), "--metrics",
-                     "--inception-weights", str(tmp_path / "no-inception.pth")]) == 0
-    assert json.loads((tmp_path / "o" / "metrics.json").read_text())["cfg"] == 2.0
+        assert main([*args, "--class-label", "1", "--cfg", "2", "--out", str(tmp_path / "o"), "--metrics", "--data",
+                     str(data), "--inception-weights", str(tmp_path / "no-inception.pth")]) == 0
+    metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
+    assert (metrics["cfg"], metrics["data"], metrics["data_images"]) == (2.0, str(data), 2)
     pngs = sorted((tmp_path / "o" / "images").glob("*.png"))
     tok = Tokenizer.from_pretrained("tiny-64")
     sampled = {(label, cfg): to_uint8(generate(model, tok, 2, 2, cfg, label, image_generators(0, range(2))).images)
