@@ -61,6 +61,7 @@ def test_round_trip_matches_tokenizer(student, images):
     assert x.shape == images.shape and x.min() >= -1 and x.max() <= 1
     assert torch.equal(vae.decode(z, generator=gen(0), return_dict=False)[0], x)
     assert torch.equal(vae(images, generator=gen(0)).sample, x)
+    assert torch.equal(vae(images, generator=gen(3)).sample, student.decode(z, generator=gen(3)))  # its generator
     # num_inference_steps is msdd's steps; a list of generators is one per image
     with pytest.warns(UserWarning, match="distilled for one step"):
         x2 = vae.decode(z, generator=gen(3), num_inference_steps=2).sample
@@ -108,6 +109,14 @@ def test_save_load_and_conversions(student, images, tmp_path, offline):
     assert own.keys() == theirs.keys() and all(torch.equal(own[k], theirs[k]) for k in own)
     assert back.config == student.config
     assert back.metadata["teacher_sha256"] == student.metadata["teacher_sha256"]
+    assert back.metadata["stage"] == student.metadata["stage"] == 2
+    # a ModelConfig given directly is stored as its dict, as from_tokenizer stores it
+    from msdd.config import to_dict
+
+    direct = AutoencoderMSDD(msdd_config=student.config)
+    assert direct.config.msdd_config == to_dict(student.config) == vae.config.msdd_config
+    direct.save_pretrained(tmp_path / "direct")
+    assert json.loads((tmp_path / "direct" / "config.json").read_text())["msdd_config"] == to_dict(student.config)
 
 
 def test_scaling_factor_as_pipelines_use_it():
