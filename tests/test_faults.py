@@ -510,7 +510,9 @@ def test_latent_stats_writes_where_asked_in_the_stored_dtype(tmp_path, monkeypat
     out = tmp_path / "stats"
     assert main(["latent-stats", "--model", "tiny-64", "--out", str(out), "--max-images", "4"]) == 0
     printed = capsys.readouterr().out
-    assert f"wrote {out} " in printed and "weights stored as fp16" in printed
+    assert f"wrote {out} (latent statistics of embedded; weights stored as fp16, as in {BUNDLED['tiny-64']})" in printed
+    record, written = Tokenizer.from_pretrained("tiny-64").metadata, Tokenizer.from_pretrained(out).metadata
+    assert all(written[k] == record[k] for k in ("stage", "steps_trained", "teacher_sha256", "distill"))  # kept
     assert stored_dtype(out) == {"F16"} == stored_dtype(BUNDLED["tiny-64"])
     assert (out / "model.safetensors").stat().st_size == (BUNDLED["tiny-64"] / "model.safetensors").stat().st_size
     mean = torch.tensor(__import__("json").loads(printed.splitlines()[0])["mean"])
