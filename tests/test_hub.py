@@ -68,6 +68,16 @@ def test_push_stages_a_model_card_and_refuses_offline(tmp_path, capsys, monkeypa
     assert "| PCA-256 | 256 | 27.91 | 0.7350 |" in card and "steps_trained: 900" in card
     a, b = Tokenizer.from_pretrained(staged), Tokenizer.from_pretrained(model)  # what is uploaded loads as the model
     assert_same_weights(a, b)
+    assert capsys.readouterr().out == f"wrote {staged} (nothing uploaded)\n"
+    # without --eval-json: the eval.json inside the model folder, if there is one
+    local = tmp_path / "model"
+    Tokenizer.from_pretrained(model).save_pretrained(local)
+    (local / "eval.json").write_text(json.dumps(evaluation))
+    assert main(["push", str(local), "me/tiny", "--stage-only", str(tmp_path / "s1")]) == 0
+    assert "| this model | 256 | 27.80 | 0.7200 |" in (tmp_path / "s1" / "README.md").read_text()
+    (local / "eval.json").write_text("[]")  # checked as --eval-json is, naming the file
+    assert main(["push", str(local), "me/tiny", "--stage-only", str(tmp_path / "s3")]) == 2
+    assert f"error: {local / 'eval.json'}: not the results of one model" in capsys.readouterr().err
     (tmp_path / "bad.json").write_text("{not json")
     capsys.readouterr()
     assert main(["push", str(model), "me/tiny", "--eval-json", str(tmp_path / "bad.json"), "--stage-only",
