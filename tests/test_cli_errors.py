@@ -115,7 +115,9 @@ def test_push_checks_the_repo_id_and_the_evaluation_first(tmp_path, capsys):
     stage = tmp_path / "stage"
     assert main(["push", "tiny-64", "not a repo id!!", "--stage-only", str(stage)]) == 2
     assert "is not a Hub repo id" in _error(capsys)
-    for content in ("[1, 2]", '{"metrics": 5}', '{"metrics": {"psnr": "high"}}', "{not json"):
+    for content in ("[1, 2]", '{"metrics": 5}', '{"metrics": {"psnr": "high"}}', "{not json",
+                    '{"metrics": {}, "protocol": 3}', '{"metrics": {}, "baselines": []}',
+                    '{"metrics": {}, "baselines": {"pca": 27.9}}'):
         bad = tmp_path / "eval.json"
         bad.write_text(content)
         assert main(["push", "tiny-64", "me/tok", "--eval-json", str(bad), "--stage-only", str(stage)]) == 2
