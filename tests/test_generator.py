@@ -17,9 +17,10 @@ from msdd.generator import (
     GeneratorConfig, build_generator, generate, generate_images, generator_flops, load_gen_config, load_generator,
     sample_latents, sampling_flops,
 )  # fmt: skip
+from msdd.data.images import to_uint8
 from msdd.generator.config import GenDataConfig
 from msdd.generator.data import encode_latents, image_records
-from msdd.generator.files import sample_grid
+from msdd.generator.files import sample_grid, save_generator
 from msdd.generator.flow import flow_matching_loss
 from msdd.generator.train import GeneratorTrainer
 from msdd.seeding import image_generators
@@ -38,6 +39,22 @@ SSDD_SPATIAL = ["model.ssdd.latent_kind=spatial", "model.ssdd.base_channels=8", 
 
 def gen_args(*extra: str) -> list[str]:
     return [a for o in (*TINY_SET, *extra) for a in ("--set", o)]
+
+
+def resaved(model, meta: dict, directory, drop=()):
+    """`model` saved to `directory` with the record of the saved generator `meta` is the metadata of (less `drop`)."""
+    return save_generator(model, directory, **{k: v for k, v in meta.items()
+                                               if k not in ("generator", "latent_shape", *drop)})
+
+
+def sample_pixels(folder) -> list[np.ndarray]:
+    """The (R, R, 3) pixels of folder/images/*.png, in order."""
+    return [np.asarray(Image.open(p)) for p in sorted((folder / "images").glob("*.png"))]
+
+
+def as_pixels(images: torch.Tensor) -> list[np.ndarray]:
+    """Images (N, 3, R, R) in [-1, 1] as the (R, R, 3) pixels a PNG of each holds."""
+    return [x.permute(1, 2, 0).numpy() for x in to_uint8(images)]
 
 
 def randomised(model):
@@ -354,8 +371,6 @@ def test_generate_writes_the_samples_of_the_api_and_their_metrics(tmp_path, caps
     `image_generators(seed, [i])`, in the command's batches), and --metrics is `sample_metrics` of those samples
     against 2n data images drawn with seed + 1, split in halves, the N(0, I) baseline drawn with the seed, recorded
     with the command's settings. A generator saved before `latent_space_sha256` is checked by its tokenizer's file."""
-    from msdd.data.images import to_uint8
-    from msdd.generator.files import save_generator
     from msdd.generator.quality import data_images, sample_metrics
 
     run = tmp_path / "run"
@@ -363,7 +378,7 @@ def test_generate_writes_the_samples_of_the_api_and_their_metrics(tmp_path, caps
     model, meta = load_generator(run / "model")
     torch.manual_seed(0)
     randomised(model)  # samples that depend on the steps and the seed
-    save_generator(model, tmp_path / "gen", **{k: v for k, v in meta.items() if k not in ("generator", "latent_shape")})
+    resaved(model, meta, tmp_path / "gen")
     capsys.readouterr()
     out, missing = tmp_path / "out", tmp_path / "no-inception.pth"
     with pytest.warns(UserWarning, match="latent FD from 5 samples"):
@@ -376,10 +391,8 @@ def test_generate_writes_the_samples_of_the_api_and_their_metrics(tmp_path, caps
     tok = Tokenizer.from_pretrained("tiny-64")
     parts = [generate(model, tok, len(b), 3, 1.0, None, image_generators(7, b)) for b in (range(2), range(2, 4), [4])]
     images, latents = torch.cat([p.images for p in parts]), torch.cat([p.latents for p in parts])
-    pngs = sorted((out / "images").glob("*.png"))
-    assert [p.name for p in pngs] == [f"{i:05d}.png" for i in range(5)]
-    for png, image in zip(pngs, to_uint8(images)):
-        assert np.array_equal(np.asarray(Image.open(png)), image.permute(1, 2, 0).numpy())
+    assert sorted(p.name for p in (out / "images").iterdir()) == [f"{i:05d}.png" for i in range(5)]
+    assert all(np.array_equal(a, b) for a, b in zip(sample_pixels(out), as_pixels(images), strict=True))
     data = data_images("embedded", 10, 64, 8)
     expected = sample_metrics(images, latents, tok, data[:5], data[5:], torch.Generator().manual_seed(7), missing)
     metrics = json.loads((out / "metrics.json").read_text())
@@ -389,8 +402,7 @@ def test_generate_writes_the_samples_of_the_api_and_their_metrics(tmp_path, caps
     assert f"latent FD {metrics['latent_fd']:.2f} (N(0, I) latents: {metrics['latent_fd_gaussian_baseline']:.2f}, " \
            f"other data images: {metrics['latent_fd_data_floor']:.2f}) over 256 dims; FID skipped (" in printed
     # an older generator: no latent_space_sha256, so the tokenizer's weights file is compared
-    old = {k: v for k, v in meta.items() if k not in ("generator", "latent_shape", "latent_space_sha256")}
-    save_generator(model, tmp_path / "old", **old)
+    resaved(model, meta, tmp_path / "old", drop=("latent_space_sha256",))
     one = ["generate", "--generator", str(tmp_path / "old"), "--n", "1", "--steps", "1"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -412,8 +424,6 @@ def test_generate_refuses_a_tokenizer_as_generator(tmp_path, capsys):
 
 def test_class_conditional_from_class_subfolders(tmp_path, capsys):
     from msdd.data import load_photo
-    from msdd.data.images import to_uint8
-    from msdd.generator.files import save_generator
 
     data = tmp_path / "classes"
     for name in ("coffee", "astronaut"):
@@ -429,21 +439,19 @@ def test_class_conditional_from_class_subfolders(tmp_path, capsys):
     model, meta = load_generator(run / "model")
     assert model.conditional and meta["class_names"] == ["astronaut", "coffee"]
     torch.manual_seed(0)
-    save_generator(randomised(model), tmp_path / "gen",  # samples that depend on the class and the guidance
-                   **{k: v for k, v in meta.items() if k not in ("generator", "latent_shape")})
+    resaved(randomised(model), meta, tmp_path / "gen")  # samples that depend on the class and the guidance
     args = ["generate", "--generator", str(tmp_path / "gen"), "--tokenizer", "tiny-64", "--n", "2", "--steps", "2"]
     with pytest.warns(UserWarning, match="latent FD from 2 samples"):
         assert main([*args, "--class-label", "1", "--cfg", "2", "--out", str(tmp_path / "o"), "--metrics", "--data",
                      str(data), "--inception-weights", str(tmp_path / "no-inception.pth")]) == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
     assert (metrics["cfg"], metrics["data"], metrics["data_images"]) == (2.0, str(data), 2)
-    pngs = sorted((tmp_path / "o" / "images").glob("*.png"))
     tok = Tokenizer.from_pretrained("tiny-64")
-    sampled = {(label, cfg): to_uint8(generate(model, tok, 2, 2, cfg, label, image_generators(0, range(2))).images)
+    sampled = {(label, cfg): as_pixels(generate(model, tok, 2, 2, cfg, label, image_generators(0, range(2))).images)
                for label, cfg in ((1, 2.0), (0, 2.0), (1, 1.0))}
-    assert len(pngs) == 2 and all(np.array_equal(np.asarray(Image.open(png)), image.permute(1, 2, 0).numpy())
-                                  for png, image in zip(pngs, sampled[1, 2.0]))  # class 1 at guidance 2
-    assert not torch.equal(sampled[0, 2.0], sampled[1, 2.0]) and not torch.equal(sampled[1, 1.0], sampled[1, 2.0])
+    same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))  # noqa: E731
+    assert same(sample_pixels(tmp_path / "o"), sampled[1, 2.0])  # class 1 at guidance 2
+    assert not same(sampled[0, 2.0], sampled[1, 2.0]) and not same(sampled[1, 1.0], sampled[1, 2.0])
     assert main([*args, "--class-label", "2", "--out", str(tmp_path / "o")]) == 2
     assert "--class-label" in capsys.readouterr().err
 
@@ -455,15 +463,15 @@ def test_class_conditional_from_class_subfolders(tmp_path, capsys):
 def test_written_samples_and_grid_hold_the_images_in_reading_order(tmp_path):
     """`write_samples`: images/0000i.png is image i as it is (not transposed: the images are not symmetric), and
     grid.png reads row by row on ceil(sqrt 5) = 3 columns, the sixth cell white."""
-    from msdd.data import to_uint8
     from msdd.generator.files import write_samples
 
     images = torch.rand(5, 3, 6, 6, generator=torch.Generator().manual_seed(0)) * 2 - 1
     grid = np.asarray(Image.open(write_samples(images, tmp_path)).convert("RGB")).astype(int)
     assert grid.shape == (2 * 8 + 2, 3 * 8 + 2, 3)  # 2 rows, 3 columns of 6 px cells, 2 px padding
-    for i in range(5):
-        want = to_uint8(images[i]).permute(1, 2, 0).numpy()  # (R, R, 3)
-        assert np.array_equal(np.asarray(Image.open(tmp_path / "images" / f"{i:05d}.png")), want)
+    written = sample_pixels(tmp_path)
+    assert len(written) == 5
+    for i, want in enumerate(as_pixels(images)):  # (R, R, 3)
+        assert np.array_equal(written[i], want)
         y, x = 2 + (i // 3) * 8, 2 + (i % 3) * 8  # row i // 3, column i % 3
         assert np.abs(grid[y:y + 6, x:x + 6] - want).max() <= 1
     assert (grid[10:16, 18:24] == 255).all()  # the cell after the last image: white
@@ -472,8 +480,6 @@ def test_written_samples_and_grid_hold_the_images_in_reading_order(tmp_path):
 def test_load_generator_refuses_a_newer_or_invalid_format_version(tmp_path):
     """A config.json of a later format (or a non-integer version) is refused with the upgrade hint, not read as
     if it were format 1; format 1 loads."""
-    from msdd.generator.files import save_generator
-
     directory = save_generator(build_generator(TINY_GEN, (8, 4)), tmp_path / "g")
     meta = json.loads((directory / "config.json").read_text())
     assert load_generator(directory)[0].latent_shape == (8, 4)
