@@ -2,15 +2,13 @@
 
 A decode allocates and frees activations of several MB in every layer. Under glibc's defaults the larger ones get
 fresh pages of their own (mmap), and the heap's free top goes back to the system after each spell of large blocks,
-so the next allocation faults its pages in again: 9,500-12,200 page faults and 44-62 ms of system time per
-paper-256 float32 student decode on the 2-core Zen 5 EPYC (65-115 faults in bf16, whose activations are half the
-size). `tune` serves every block from the heap (no mmap; glibc would still map blocks above 32 MiB, its largest
-mmap threshold, and a batch-16 decode has many: 1.5 million faults per float32 decode, 0.88 s per image against
-0.78 s without them, bf16 0.41 against 0.39) and returns the heap's free top to the system only beyond 256 MiB:
-0-900 faults per batch-1 decode; medians of 5 float32 decodes in 5 alternating pairs of processes 787-831 ms
-(median 825) against 802-877 (median 847). The cost is memory kept after a large decode: what its freed blocks
-leave below the heap's top stays with the process for the next one (after a batch-16 float32 paper-256 decode, 765
-MiB more than with mmap, given back once a smaller job's frees reach the top).
+so the next allocation faults its pages in again, many times per float32 student decode (far fewer times in bf16,
+whose activations are half the size). `tune` serves every block from the heap (no mmap; glibc would still map
+blocks above 32 MiB, its largest mmap threshold, and a batch-16 decode has many, each faulted in again at every
+layer) and returns the heap's free top to the system only beyond 256 MiB. The cost is memory kept after a large
+decode: what its freed blocks leave below the heap's top stays with the process for the next one, given back once a
+smaller job's frees reach the top (benchmarks/README.md, "Gated residuals prefetched, glibc malloc tuned, and what
+did not help" and "Batch 16: inputs in chunks, and no mmap").
 
 Library users opt in with `msdd.malloc.tune()`; `MSDD_MALLOC=glibc` keeps glibc's own behaviour in the command too,
 and glibc's own malloc settings (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_MMAP_MAX_`, `MALLOC_TRIM_THRESHOLD_`,

@@ -4,13 +4,13 @@ Between calls the fast path keeps work derived from the weights: packed copies i
 oneDNN's layout), the fused blocks' gathered weights (`fused_blocks._WEIGHTS`), a decoder's modulation vectors
 (`ModulationCache`) and a Tokenizer's bf16 / int8 copies (`precision.WeightCopies`). Each is keyed by its tensors'
 addresses and version counters, which an optimiser step, `load_state_dict`, `.to()` or an in-place edit under
-`torch.no_grad()` change. Two kinds of edits change the values and neither: a write through `p.data` (an alias with
-a version counter of its own: `p.data.copy_(w)`, an EMA's `p.data.mul_(d)`) and an in-place write to an inference
-tensor (weights loaded under `torch.inference_mode()` have no version counter). `ValuesCheck` sees those by the
-values themselves: it keeps a sample of every weight (16 evenly spaced values of each parameter and buffer, 0.1 ms
-per call for the shipped tiny-64 decoder) and, when any sampled value has changed since the previous call, `forget`
-drops every cache of the module. An edit that leaves all the sampled values as they were (a few elements of a weight)
-is not seen: call `Tokenizer.forget_caches()` after one.
+`torch.no_grad()` change. Two kinds of edits change the values and neither: a write through `p.data` (an alias with a
+version counter of its own: `p.data.copy_(w)`, an EMA's `p.data.mul_(d)`) and an in-place write to an inference tensor
+(weights loaded under `torch.inference_mode()` have no version counter). `ValuesCheck` sees those by the values
+themselves: it keeps a sample of every weight (16 evenly spaced values of each parameter and buffer, a small share of a
+call; benchmarks/README.md, "The optimised decode against the reference path") and, when any sampled value has changed
+since the previous call, `forget` drops every cache of the module. An edit that leaves all the sampled values as they
+were (a few elements of a weight) is not seen: call `Tokenizer.forget_caches()` after one.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def forget(module: nn.Module) -> None:
 
 class _Sample:
     """SAMPLES evenly spaced values of every parameter and buffer of a module: views of them kept from one call to the
-    next (re-slicing 121 tensors took 0.5 ms; the shipped tiny-64 student decodes in 21 ms), the values copied."""
+    next (re-slicing every tensor at each call was a visible share of a small model's decode), the values copied."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module

@@ -1,27 +1,27 @@
 """Fused CPU kernels for inference, built on first use: attention (with RoPE), adaLN, SwiGLU's gate, linear layers.
 
-PyTorch's CPU flash-attention kernel runs bf16 at 30% of this machine's bf16 matmul rate on CPUs without AMX and
-float32 at 70% of the float32 rate (benchmarks/README.md): attention was the whole gap between a paper-256 decode
-and the machine's peak. `kernels/cpu_kernels.cpp` computes the same attention with the same precision (bf16: bf16
-products summed in float32, float32 softmax, bf16 probabilities; float32: float32 throughout) on AVX-512, RoPE on
-queries and keys included: 1.9-3.4x the flash kernel in bf16 and 1.1-1.9x in float32 at the paper decoder's
-144-1152 tokens over four runs, 12 heads of 64 (`benchmarks/attention_kernels.py`). An MMDiT block's joint
-attention reads its two streams' qkv projections in place, with their q_norm and k_norm applied while packing, and
-writes each stream's output: no split, concatenation, normalisation or slicing ops around it. adaLN computes
-LayerNorm and modulation (and the gated residual before it) in one pass, SwiGLU's silu(a) * b in one pass over the
-first linear layer's output. Linear layers on token sequences run the attention's products too (`pack_linear` once
-per weight, then `linear`: 3-28% faster than oneDNN's packed kernel at the decoder's shapes, weights cold as in a
-decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer is an MLP's first, and an
-MMDiT stream's gated residual x + gate * layer(y) added to the sums of its output projection and second MLP layer
-(no pass over the residual stream after them; the adaLN kernel's gated residual remains where those cannot);
-`linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; 1.85x the bf16 kernel,
-`msdd.models.precision.Int8Linear`). All of them compute in float32 and round once. `blocks` runs a decoder pass's
-MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's 150 kernel
-calls, 1.5-4% of a paper-256 student decode.
+PyTorch's CPU flash-attention kernel runs bf16 far below the bf16 matmul rate on CPUs without AMX, and float32 below
+the float32 rate (benchmarks/README.md, "How far the efficiency targets are: `profile_student.py --bound`"):
+attention was the whole gap between a paper-256 decode and the machine's peak. `kernels/cpu_kernels.cpp` computes the
+same attention with the same precision (bf16: bf16 products summed in float32, float32 softmax, bf16 probabilities;
+float32: float32 throughout) on AVX-512, RoPE on queries and keys included, faster than the flash kernel at the paper
+decoder's 144-1152 tokens, in bf16 most (`benchmarks/attention_kernels.py`; benchmarks/README.md, "Fused CPU
+kernels"). An MMDiT block's joint attention reads its two streams' qkv projections in place, with their q_norm and
+k_norm applied while packing, and writes each stream's output: no split, concatenation, normalisation or slicing ops
+around it. adaLN computes LayerNorm and modulation (and the gated residual before it) in one pass, SwiGLU's
+silu(a) * b in one pass over the first linear layer's output. Linear layers on token sequences run the attention's
+products too (`pack_linear` once per weight, then `linear`: faster than oneDNN's packed kernel at the decoder's
+shapes, weights cold as in a decode), with SwiGLU's gate computed from the first layer's float32 sums where the layer
+is an MLP's first, and an MMDiT stream's gated residual x + gate * layer(y) added to the sums of its output projection
+and second MLP layer (no pass over the residual stream after them; the adaLN kernel's gated residual remains where
+those cannot); `linear_int8` is the same on int8 weights and per-row int8 inputs (VNNI, exact int32 sums; faster than
+the bf16 kernel, `msdd.models.precision.Int8Linear`). All of them compute in float32 and round once. `blocks` runs a
+decoder pass's MMDiT blocks with these kernels in one call (`msdd.models.fused_blocks`): no Python between a pass's
+150 kernel calls, whose Python and dispatch were a visible share of a paper-256 student decode.
 
-The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (15-25 s on 2 cores;
-cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, one folder per installed source path,
-rebuilt when the source changes) and used by
+The library is built with `torch.utils.cpp_extension` the first time a CPU decode needs it (a one-time compile, timed
+in README.md; cached in `TORCH_EXTENSIONS_DIR`, by default `~/.cache/torch_extensions`, one folder per installed
+source path, rebuilt when the source changes) and used by
 `msdd.models.layers` on the optimised path only (the `student-eager` row of `msdd bench` keeps PyTorch's ops).
 Where the CPU lacks AVX512-BF16 or AVX512-VNNI, a shape does not fit (head dimension or hidden width not a multiple
 of 32, head dimension above 256; float32 attention under 128 tokens) or the build fails (no C++ compiler or ninja:
@@ -47,7 +47,7 @@ SOURCE = Path(__file__).with_name("kernels") / "cpu_kernels.cpp"
 ENV = "MSDD_CPU_KERNELS"
 DTYPES = (torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256  # the kernels' row buffers (kMaxHeadDim)
-MIN_TOKENS_FP32 = 128  # float32 attention below: 0.95-1.9x the flash kernel at 37 tokens, run to run
+MIN_TOKENS_FP32 = 128  # float32 attention below: no reliable gain over the flash kernel, run to run
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni")
 CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-fopenmp"]
 # the blocks op's phases as `phase_times` returns them (the Phase enum of kernels/cpu_kernels.cpp): the adaLN kernels,
@@ -98,7 +98,7 @@ def library():
 
         phases = os.environ.get(ENV, "").strip().lower() == "phases"
         # one build folder per source path: its build file names the path, so two checkouts (or installs) under one
-        # name rebuilt each other's library (15-25 s) at each one's first decode
+        # name rebuilt each other's library (a full compile) at each one's first decode
         where = hashlib.sha256(str(SOURCE.resolve()).encode()).hexdigest()[:8]
         name = f"msdd_cpu_kernels{'_phases' if phases else ''}_{where}"
         cpp_extension.load(name=name, sources=[str(SOURCE)],

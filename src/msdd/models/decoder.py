@@ -61,8 +61,9 @@ class FinalLayer(nn.Module):
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, (H / p) (W / p), p p C): "b c (h p) (w q) -> b (h w) (p q c)", channels last first (a 256-px
-    image: 55 us against 118 for the one copy that gathers every element across the channels)."""
+    """(B, C, H, W) -> (B, (H / p) (W / p), p p C): "b c (h p) (w q) -> b (h w) (p q c)", channels last first: faster
+    than the one copy that gathers every element across the channels (benchmarks/README.md, "Less outside the blocks
+    op, and the 32-px stage's two streams as pairs")."""
     b, c, h, w = x.shape
     x = x.permute(0, 2, 3, 1).contiguous()
     return x.reshape(b, h // p, p, w // p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(b, (h // p) * (w // p), p * p * c)
@@ -89,8 +90,7 @@ class ModulationCache:
         """The cache key of times tau (B,), or None when the vectors must be computed. params: the weights the
         vectors depend on; scope: a dict that lives for one decode (`Decoder.same_latents`: the weights do not
         change within it), which keeps the weights' part of the key after its first call (54 weights of a
-        paper-256 decoder: 0.26 ms per pass in a bf16 student decode, where the blocks before it leave the caches
-        cold)."""
+        paper-256 decoder, costly to read at every pass with caches the blocks before it leave cold)."""
         if (not optimised() or tau.device.type != "cpu" or torch.is_grad_enabled() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling()):
             return None
@@ -201,9 +201,10 @@ class Decoder(nn.Module):
     @contextlib.contextmanager
     def same_latents(self):
         """Within (a decode: every pass sees the same latents and weights), `linear_image` keeps its images for the
-        latest latent tensor instead of mapping z through from_linear (3 x R x R outputs) at every pass: 1.3x the
-        shipped tiny-64 student's decode at batch 1; and the passes check the weights (`ModulationCache.key`,
-        `run_blocks`) at the first pass only."""
+        latest latent tensor instead of mapping z through from_linear (3 x R x R outputs, a large weight read from
+        memory) at every pass, a visible share of a small model's decode at batch 1 (benchmarks/README.md, "Gated
+        residuals in the linear epilogue, and the batch-1 student against the batch-2 teacher"); and the passes check
+        the weights (`ModulationCache.key`, `run_blocks`) at the first pass only."""
         token = _SCOPES.set({**(_SCOPES.get() or {}), id(self): ([None, {}], {})})
         try:
             yield
@@ -263,8 +264,8 @@ class Decoder(nn.Module):
 
     def modulation_params(self) -> list[nn.Parameter]:
         """What the modulation vectors depend on: the time embedding's parameters and every adaLN layer's (read
-        from the modules on every call, so a replaced layer or parameter is seen; a tenth of the time of filtering
-        `named_parameters()`, which took 0.7 ms per pass)."""
+        from the modules on every call, so a replaced layer or parameter is seen; much faster than filtering
+        `named_parameters()` on every pass)."""
         layers = [stream.adaln for block in self.blocks for stream in (block.img, block.ctx)] + [self.final.adaln]
         return [*self.t_embed.parameters(), *(p for layer in layers for p in (layer.weight, layer.bias))]
 

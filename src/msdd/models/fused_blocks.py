@@ -1,7 +1,8 @@
 """A decoder pass's MMDiT blocks in one call of msdd's CPU kernels (`cpu_kernels.blocks`).
 
 Block by block, a paper-256 pass makes about 150 kernel calls from Python, each through a module's forward, the
-optimised path's checks and the op dispatcher: 1.5-4% of a student decode on the 2-core Zen 5 EPYC. `run_blocks`
+optimised path's checks and the op dispatcher, a visible share of a student decode (benchmarks/README.md, "A decoder
+pass's blocks in one call, and what a batch-1 pass pays"). `run_blocks`
 makes one call where every block would run msdd's kernels anyway, with the same kernels in the same order (outputs
 bit-identical; an MLP whose hidden size the kernel's panels do not fit runs on zero-padded copies of its weights,
 `_mlp_panels`), msdd's int8 layers included, and runs the blocks one by one everywhere else: off the optimised CPU
@@ -64,10 +65,10 @@ def _fused_blocks(blocks: nn.ModuleList, x: torch.Tensor, ctx: torch.Tensor, rop
     """`run_blocks` by `cpu_kernels.blocks`, or None where the blocks' forwards would not all run msdd's kernels
     (`_plan`; a modulation vector not (1, W) in bf16 or float32: one per batch element takes the per-call path's
     `gated_adaln`; with int8 layers, not in x's dtype: they take their input as adaLN gives it), or a module has hooks
-    (the block-by-block path calls them). Checking the weights and hooks and gathering the op's arguments took 0.49 ms
-    of Python per pass of a bf16 paper-256 student decode (the blocks before it leave the caches cold): the weights
-    and hooks are checked once per `scope`, the arguments gathered once per set of modulation vectors (`_Weights`
-    keeps them)."""
+    (the block-by-block path calls them). Checking the weights and hooks and gathering the op's arguments cost Python
+    time at every pass of a student decode, with caches the blocks before it leave cold: the weights and hooks are
+    checked once per `scope`, the arguments gathered once per set of modulation vectors (`_Weights` keeps them;
+    benchmarks/README.md, "Less outside the blocks op, and the 32-px stage's two streams as pairs")."""
     dtype = x.dtype
     hooks = nn.modules.module
     if not (_fast_cpu_inference(x) and x.dim() == ctx.dim() == 3 and ctx.dtype == dtype
@@ -116,8 +117,9 @@ class _Weights(NamedTuple):
     not take msdd's kernel), gathered for `plan` through `Linear.panels` / `Int8Linear.panels` (the MLP's through
     `_mlp_panels`), with what they came from: each parameter and buffer of those modules (its module's dict, its name,
     the tensor or None) and the tensors' data addresses and in-place versions then. `current` checks those on every
-    pass: `_fused_blocks` takes 85 us of Python per paper-256 pass, 351 when it asked every layer (`panels`, the
-    modules' attribute lookups)."""
+    pass, a fraction of the Python of asking every layer (`panels`, the modules' attribute lookups;
+    benchmarks/README.md, "The probe with msdd's own kernel, less Python per pass, the shipped models in the blocks op,
+    where a batch-1 pass loses by op")."""
 
     plan: _Plan
     streams: list[list[torch.Tensor]] | None

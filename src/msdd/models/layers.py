@@ -72,16 +72,17 @@ class Linear(nn.Linear):
     """nn.Linear whose CPU inference runs faster kernels on a copy of its weight packed once per weight version (as
     much memory as the weight): on token sequences (3-D inputs) msdd's linear kernel (`cpu_kernels.linear`: bf16 or
     float32, output features a multiple of 64; with a SwiGLU MLP's gate: `panel_forward(x, swiglu=True)`); elsewhere
-    oneDNN's (`torch.ops.mkldnn._linear_pointwise`, 13-15% faster than `F.linear`'s BLAS on the 2-core AMD EPYC) on the
-    weight in oneDNN's blocked layout: bf16 weights always, float32 ones for inputs of more than one row (vectors, such
-    as the modulation's, keep the weight as it is). Everything else (gradients, float32 weights under autocast, CUDA,
-    tracing for ONNX or compile, the reference path) is nn.Linear's forward."""
+    oneDNN's (`torch.ops.mkldnn._linear_pointwise`, faster than `F.linear`'s BLAS; benchmarks/README.md, "The
+    optimised decode against the reference path") on the weight in oneDNN's blocked layout: bf16 weights always,
+    float32 ones for inputs of more than one row (vectors, such as the modulation's, keep the weight as it is).
+    Everything else (gradients, float32 weights under autocast, CUDA, tracing for ONNX or compile, the reference path)
+    is nn.Linear's forward."""
 
     _packed: tuple[tuple, torch.Tensor] | None = None  # (the weight's version_key, oneDNN's packed weight)
     _panels: tuple[tuple, tuple | None, tuple] | None = None  # (key, msdd's packed weight and bias, storages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _fast_cpu_inference(x):  # a call costs ~25 us of Python at batch 1: no needless ops
+        if _fast_cpu_inference(x):  # a call's Python is a visible share of a batch-1 pass: no needless ops
             if x.dim() >= 3 and (out := self.panel_forward(x)) is not None:
                 return out
             if ONEDNN_LINEAR:
@@ -176,7 +177,7 @@ def attention(
 
 
 # Up to this many keys PyTorch's CPU flash attention computes forward and backward faster in float32 than in bf16
-# (1.02-2.35x for 96-576 keys, head sizes 32 and 64; 0.85-1.03x at 1152), benchmarks/README.md "Training step"
+# (head sizes 32 and 64; at 1152 keys no longer: benchmarks/README.md, "Training step")
 FP32_CPU_ATTENTION_MAX_KEYS = 768
 
 
@@ -314,8 +315,8 @@ class Stream(Tracked, nn.Module):
 
     def affine_mods(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
         """An unmodulated stream's affine LayerNorms as modulation vectors, shift = bias and scale = weight - 1 with
-        gates of 1, so that its CPU inference runs a modulated stream's fused kernels (an encode at paper-256: 3-7%
-        shorter, benchmarks/README.md); None off the optimised path (the norms run as modules)."""
+        gates of 1, so that its CPU inference runs a modulated stream's fused kernels (a shorter encode at paper-256:
+        benchmarks/README.md, "Encode"); None off the optimised path (the norms run as modules)."""
         if not _fast_cpu_inference(x):
             return None
         norms = (self.norm1,) if self.pre_only else (self.norm1, self.norm2)

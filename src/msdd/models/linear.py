@@ -33,10 +33,10 @@ def fit_pca(x: torch.Tensor, k: int, seed: int = 0) -> PCA:
     """Top-k principal components of x (N, ...) flattened to (N, D).
 
     Exact when the smaller side is at most 4096: with more samples than values, from the eigendecomposition of the
-    D x D scatter matrix in float32 (10,000 crops of 32 px on 2 Zen 4 cores: 2.8 s, against 13 s for the float64
-    SVD of the crops, with the same reconstruction error to 8 digits), else the float64 SVD of the crops; above 4096
-    a randomised SVD (Halko et al.) with 64 extra columns and 6 power iterations, seeded, so the fit is a pure
-    function of (x, k, seed)."""
+    D x D scatter matrix in float32 (faster than the float64 SVD of the crops, with the same reconstruction error to
+    8 digits; benchmarks/README.md, "tiny-64: making the tokenizer reconstruct (issue 12)"), else the float64 SVD of
+    the crops; above 4096 a randomised SVD (Halko et al.) with 64 extra columns and 6 power iterations, seeded, so the
+    fit is a pure function of (x, k, seed)."""
     n, d = x.shape[0], x[0].numel()
     if k > min(n, d):
         raise ValueError(f"PCA with {k} components needs at least {k} samples of at least {k} values, got {n} x {d}")

@@ -1,17 +1,19 @@
 """Reduced-precision inference: bf16 weights, int8 matmuls.
 
 Under `torch.autocast(bfloat16)` a linear or convolution layer with float32 weights casts its weight
-on every call: 16-17% of a paper-256 student decode on the CPU (benchmarks/README.md, profile).
+on every call, a large share of a paper-256 student decode on the CPU (benchmarks/README.md, "The first
+profile, before msdd's kernels").
 `cast_weights` stores those weights in bf16 once (norms, embeddings and buffers stay float32; so do the
 linear path's maps `to_linear` and `from_linear`, which run in float32 outside autocast). The result of a call
 under autocast is the same: autocast rounds a float32 weight to the same bf16 values.
 `quantise_int8` replaces the matmuls of the transformer streams (queries/keys/values, output projection,
 SwiGLU MLP) by int8 linear layers: weights int8 per output channel, activations quantised per call, int32 sums.
 Where msdd's CPU kernels run (AVX512-BF16 and VNNI), `Int8Linear`: activations per token (row), symmetric, the
-VNNI kernel `cpu_kernels.linear_int8` (1.85x msdd's bf16 kernel at the decoder's shapes on the 2-core EPYC), bf16
-or float32 around it (`decode(int8=True, bf16=True)` / `int8=True`); elsewhere PyTorch's `torch.ao` dynamic
-quantisation (per-tensor activations, fbgemm), float32 around it. On the shipped tiny-64 student either costs
-0.03 dB of PSNR or less (benchmarks/README.md).
+VNNI kernel `cpu_kernels.linear_int8` (faster than msdd's bf16 kernel at the decoder's shapes: benchmarks/README.md,
+"int8 on msdd's own VNNI kernel, with bf16 around it"), bf16 or float32 around it (`decode(int8=True, bf16=True)` /
+`int8=True`); elsewhere PyTorch's `torch.ao` dynamic quantisation (per-tensor activations, fbgemm), float32 around
+it. On the shipped tiny-64 student either stays within the issue's bar of 0.1 dB of PSNR (benchmarks/README.md,
+"int8 matmuls: `decode(int8=True)` and the `student-int8` row").
 `WeightCopies` keeps such a copy per module and kind for `Tokenizer.encode/decode(bf16=True)` and
 `decode(int8=True)`, rebuilt when the float32 weights change (an optimiser step, `load_state_dict`, `.to()`).
 """
@@ -177,8 +179,8 @@ class WeightCopies:
         kept = self.copies.get((id(module), kind))
         if kept is None or kept[0] != key:
             # made as ordinary tensors even inside inference_mode: inference tensors have no version counter, so the
-            # decoder's modulation cache (keyed by versions) would never apply to the copy (the shipped tiny-64
-            # student's bf16 decode inside inference_mode took 1.15x its time under no_grad)
+            # decoder's modulation cache (keyed by versions) would never apply to the copy, and a bf16 decode inside
+            # inference_mode would run slower than under no_grad
             with torch.inference_mode(False):
                 self.copies[(id(module), kind)] = (key, self.MAKERS[kind](copy.deepcopy(module)))
         return self.copies[(id(module), kind)][1]

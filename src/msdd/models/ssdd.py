@@ -185,8 +185,8 @@ class SSDDDecoder(nn.Module):
         self.out_conv = nn.Conv2d(c, 3, 3, padding=1)
         nn.init.zeros_(self.out_conv.weight)
         nn.init.zeros_(self.out_conv.bias)
-        # channels-last (NHWC) convolutions: forward + backward about 1.8x faster on 2 CPU cores (oneDNN,
-        # measured on ssdd-tiny-64), and the layout cuDNN prefers for bf16
+        # channels-last (NHWC) convolutions: oneDNN's forward and backward run faster on the CPU in this layout
+        # (benchmarks/README.md, "Training step"), and it is the layout cuDNN prefers for bf16
         self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

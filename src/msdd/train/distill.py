@@ -23,8 +23,9 @@ Per step, for real images x and latents z = E(x) (the frozen, shared encoder):
               distill.adaptive_of=reference the numerator is that of L_rec + lambda_perc L_perc
               (+ lambda_pix L_pix), without lambda_rec and 1 / (1 + u), as the reference code.
               By default (`adaptive_loss`) the step's gradients come from two full backward passes, of
-              L_nonadv and of L_adv, which also give lambda_adv': 6-8% shorter steps than two passes to
-              the last layer and a third through the total (still the way for adaptive_of=reference)
+              L_nonadv and of L_adv, which also give lambda_adv': shorter steps on tiny-64 than two passes
+              to the last layer and a third through the total (still the way for adaptive_of=reference;
+              benchmarks/README.md, "Stage 2")
     discriminator  hinge loss (fp32) on x vs the detached student image, its own AdamW and schedule
 
 The student is saved as a normal msdd model marked `one_step` (decodes with one step per stage).

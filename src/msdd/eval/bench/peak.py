@@ -18,9 +18,9 @@ from msdd.models.layers import BF16_PACKING, FP32_PACKING, ONEDNN_LINEAR
 
 def peak_sizes(dtype: torch.dtype, device: torch.device) -> tuple[int, int]:
     """The square products the probe times: n / 2 and n, n = 2048 (fp32) / 4096 (bf16) on CPU, twice that on
-    CUDA. Both sizes, because neither is the fastest everywhere: on the 2-core AMD EPYC, oneDNN's packed bf16 kernel
-    ran 4096^3 at 429-431 GFLOP/s and 2048^3 at 452-454, the rate the decoders' own shapes reach (1024 x 768 x
-    4096: 448-451), so a 4096-only probe put a bf16 decode 6% closer to the peak than it is."""
+    CUDA. Both sizes, because neither is the fastest everywhere: oneDNN's packed bf16 kernel ran 4096^3 slower than
+    2048^3, which runs at the rate the decoders' own shapes reach, so a 4096-only probe put a bf16 decode closer to
+    the peak than it is (benchmarks/README.md, "How")."""
     n = 2048 if dtype == torch.float32 else 4096
     n = n * 2 if device.type == "cuda" else n
     return n // 2, n
@@ -55,14 +55,14 @@ def _best_gflops(fn: Callable[[], object], flops: int, device: torch.device, rep
 def matmul_peaks(dtype: torch.dtype = torch.float32, threads: int | None = None,
                  device: torch.device | str = "cpu", n: int | None = None, repeats: int = 5,
                  only: str | None = None) -> dict[str, float]:
-    """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that
-    the models here run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
-    (`msdd.models.layers.Linear`'s fp32 inference kernel; 10-18% faster than BLAS on the AMD EPYC
-    development machine), also with the weight pre-packed as that layer packs it (bf16, float32), and msdd's own
-    (`msdd.models.cpu_kernels.linear`, which the decoders' token layers run on the optimised CPU path; on the 2-core
-    Zen 5 EPYC the fastest of them, 2-4% above oneDNN's packed kernel at 1024^3 float32 and 2048^3 bf16, slower at
-    4096^3 bf16: benchmarks/README.md); `only`: that kernel alone. Without n, each kernel's best over the sizes of
-    `peak_sizes`."""
+    """GFLOP/s of the best of `repeats` n x n @ n x n products (2 n^3 FLOPs each) per matmul kernel that the models here
+    run: `torch.mm` (BLAS on the CPU) and, on the CPU where PyTorch has it, oneDNN's linear
+    (`msdd.models.layers.Linear`'s fp32 inference kernel, faster than BLAS), also with the weight pre-packed as that
+    layer packs it (bf16, float32), and msdd's own (`msdd.models.cpu_kernels.linear`, which the decoders' token layers
+    run on the optimised CPU path; the fastest of them at 1024^3 float32 and 2048^3 bf16, slower at 4096^3 bf16:
+    benchmarks/README.md, "How" and "The probe with msdd's own kernel, less Python per pass, the shipped models in the
+    blocks op, where a batch-1 pass loses by op"); `only`: that kernel alone. Without n, each kernel's best over the
+    sizes of `peak_sizes`."""
     device = torch.device(device)
     if n is None:
         by_size = [matmul_peaks(dtype, threads, device, size, repeats, only) for size in peak_sizes(dtype, device)]

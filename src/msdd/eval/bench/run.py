@@ -119,18 +119,18 @@ def run_bench(settings: BenchSettings, log: Callable[[str], None] = log_stderr) 
 
 
 def _weights(settings: BenchSettings) -> torch.dtype | None:
-    """bf16 runs keep the weights of every contender's matmuls and convolutions in bf16 (autocast would
-    otherwise cast them again on every call: 17% of a paper-256 student decode on the 2-core CPU)."""
+    """bf16 runs keep the weights of every contender's matmuls and convolutions in bf16 (autocast would otherwise cast
+    them again on every call, a large share of a paper-256 student decode on the CPU; benchmarks/README.md, "How")."""
     return torch.bfloat16 if settings.dtype == "bf16" else None
 
 
 def _round_probe(kernel_peaks: dict[str, float], dtype: torch.dtype, device: torch.device,
                  quick: bool) -> Callable[[], float]:
     """The probe taken after every timed sample: the fastest kernel of the first probe alone, best of 3 at the sizes
-    of `peak_sizes` (quick: one call at the smaller size), about 0.8 s in bf16 and 0.2 s in float32 on the 2-core
-    Zen 5. The peak moved by 5-10% within a run there (bf16 954 -> 1021 GFLOP/s), as much as a row's distance to it:
-    `fraction_of_round_peak` sets each sample against the probe beside it, `fraction_of_peak` (the headline %)
-    against the highest probe before or after the rounds."""
+    of `peak_sizes` (quick: one call at the smaller size), a short call beside each sample. The peak moves within a
+    run by as much as a row's distance to it (benchmarks/README.md, "The machine's state, a peak probed beside each
+    sample, faster adaLN rows"): `fraction_of_round_peak` sets each sample against the probe beside it,
+    `fraction_of_peak` (the headline %) against the highest probe before or after the rounds."""
     kernel = max(kernel_peaks, key=kernel_peaks.get)
     if quick:
         n = _peak_sizes(dtype, device, quick)[0]
@@ -140,8 +140,7 @@ def _round_probe(kernel_peaks: dict[str, float], dtype: torch.dtype, device: tor
 
 def _peak_sizes(dtype: torch.dtype, device: torch.device, quick: bool) -> tuple[int, ...]:
     """The sizes the run's peak probes time: both of `peak_sizes`; quick: the smaller alone, whose calls take an
-    eighth of the larger's (a smoke run's probes before and after the rounds: 2.5 s instead of 22 s in bf16 on
-    one Zen 4 core)."""
+    eighth of the larger's (benchmarks/README.md, "How")."""
     return peak_sizes(dtype, device)[:1] if quick else peak_sizes(dtype, device)
 
 
@@ -192,8 +191,8 @@ def _run_bench(settings: BenchSettings, log: Callable[[str], None]) -> dict:
         log(f"each row: {gen.preset} generator, {gen.steps} steps, cfg {gen.guidance:g}, then its decoder")
     log(f"decoding {settings.batch_size} x {teacher.config.image_size} px: {', '.join(c.name for c in contenders)}")
     rows = measure(contenders, settings, peak, device, log, _round_probe(kernel_peaks, dtype, device, settings.quick))
-    # the probe again after the timed rounds: the peak moves by 10-20% here between spells, and a probe taken in a
-    # slow one alone would put every row closer to the peak than it is; the % uses the higher of the two
+    # the probe again after the timed rounds: the peak moves between spells (benchmarks/README.md, "How"), and a probe
+    # taken in a slow one alone would put every row closer to the peak than it is; the % uses the higher of the two
     end_peaks = _peaks(dtype, device, settings.quick)
     start_peak, end_peak = peak, max(end_peaks.values())
     peak = max(start_peak, end_peak)

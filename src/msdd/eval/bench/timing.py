@@ -44,10 +44,10 @@ def time_contenders(decoders: dict[str, Callable[[], object]], rounds: int, warm
                     probe: Callable[[], float] | None = None) -> Timings:
     """Every contender timed: `warmup` untimed rounds of one call each, then `rounds` timed rounds in rotated order, in
     which a contender's sample is its calls back to back until they last `min_time` seconds (at least one call) and its
-    time per call their mean: throughput is what calls back to back sustain, and a single call of under half a second
-    after a pause ran 10% slower (2-core Zen 5 EPYC, paper-256 bf16 student: 484-514 ms after a 1 s sleep, 437-462
-    back to back). `probe` (GFLOP/s now), where given, runs after each timed sample, outside it: the machine's peak
-    beside each sample, since it moves by 5-10% within a run."""
+    time per call their mean: throughput is what calls back to back sustain, and a single short call after a pause
+    runs slower, as the core comes back from whatever ran before it (benchmarks/README.md, "How"). `probe` (GFLOP/s
+    now), where given, runs after each timed sample, outside it: the machine's peak beside each sample, since it moves
+    within a run."""
     sync = synchronizer(device)
 
     def timed(fn: Callable[[], object], least: float = 0.0) -> float:

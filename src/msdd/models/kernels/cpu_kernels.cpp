@@ -248,8 +248,9 @@ struct Rows {
 // words][64], values into vp's words along the keys [B H][Npad / kPerWord][D], queries into qp [B H][N][D]; q and k
 // LayerNormed and rotated first where the rows and cos say so; zeros past N. From qkv projections token by token, all
 // heads of a token together, so that their rows are read in order (head by head they would be read at a stride of
-// 3 W: 2 ms more of a 1152-token bf16 attention); from (B, heads, N, D) head by head. Keys go through a buffer of 16
-// tokens per head and into the panel 16 x 16 words at a time, transposed in registers (a word at a time they took 25%
+// 3 W, a visible share of the attention; benchmarks/README.md, "Joint attention and adaLN kernels: the ops around the
+// matmuls"); from (B, heads, N, D) head by head. Keys go through a buffer of 16 tokens per head and into the panel
+// 16 x 16 words at a time, transposed in registers (stored a word at a time across the panel, they took a large share
 // of the packing in float32).
 template <class T, int V>
 void pack_panel(const Rows<T>& q, const Rows<T>& k, const Rows<T>& v, int64_t b, int64_t H, int64_t h0, int64_t h1,
@@ -319,8 +320,9 @@ void pack_panel_d(int64_t d, const Rows<T>& q, const Rows<T>& k, const Rows<T>& 
 // acc[r][c] = sum over `words` words w of a[r * lda + w] . bp[w * 64 + 16 c .. + 16): R rows of a (queries, or a linear
 // layer's inputs) against one panel of 64 columns (keys, or output features) in float32 sums (int32 for Int8);
 // before(w) and after(w) around word w's products: work for the core to overlap with them (a linear layer's prefetches
-// before: after them they made the int8 products 1.5-1.9x slower; the attention's probabilities after: 1.01-1.04x
-// against before); W: `words` at compile time (0: not)
+// before: after them they held up the int8 products; the attention's probabilities after, where they ran faster than
+// before; benchmarks/README.md, "The attention's probabilities among the score products, and a faster peak"); W:
+// `words` at compile time (0: not)
 struct Nothing {
   void operator()(int64_t) const {}
 };
@@ -349,8 +351,8 @@ inline void dot_tile(const uint32_t* a, int64_t lda, const uint32_t* bp, int64_t
 
 // 2^x for x below 128 (below -149: zero): a degree-5 polynomial on the fraction in [-1/2, 1/2] (near-minimax for the
 // relative error: 7.5e-8, 2.1e-7 with float32's roundings, as with the degree-6 one it replaced), exact scaling by the
-// integer part. The attention's float32 probabilities (x <= 0) take it without a clamp: a float32 attention 1.002-1.02x
-// (1152 tokens 1.005-1.009x) on the 2-core Zen 5
+// integer part. The attention's float32 probabilities (x <= 0) take it without a clamp, which makes a float32 attention
+// slightly faster (benchmarks/README.md, "The machine's state, a peak probed beside each sample, faster adaLN rows")
 inline __m512 exp2v_unclamped(__m512 x) {
   const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, i);
@@ -371,7 +373,8 @@ inline __m512 exp2v(__m512 x) {
 // 2^x for results rounded to bf16 (attention's probabilities, SwiGLU's gate): degree-3 polynomial on the fraction
 // in [-1/2, 1/2] (relative error < 7.5e-5, 26 times below a bf16 rounding's 2^-9), exact scaling by the integer part,
 // which takes x below -149 to zero and x of 128 or more to infinity without a clamp. Three multiply-adds fewer than
-// exp2v: 7% less time for a 1152-token bf16 attention
+// exp2v, time a bf16 attention saves (benchmarks/README.md, "Shorter bf16 exponentials, the fixed cost of a pass, and
+// the runs after them")
 inline __m512 exp2v_bf16(__m512 x) {
   const __m512 i = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, i);
@@ -423,9 +426,9 @@ struct ProbPanel {
 // s[r][c] = q[r] . k[c] for 6 queries and one panel of 64 keys (float32 sums); mx[r] = the max of mx[r] and the
 // row's scores of the panel's first `valid` keys (the rest are padding). Where `prob` is given (a full panel of the
 // previous tile), its 24 probability vectors are computed among the products, one every words / 24 words (run
-// after the tile's products instead, the exponentials held the products' units back: the whole attention 1.01-1.04x
-// at 1152 tokens and 1.00-1.03x at 384 in both dtypes, eight interleaved runs on the 2-core Zen 5); W: the words per
-// key at compile time (0: `words`)
+// after the tile's products instead, the exponentials held the products' units back; benchmarks/README.md, "The
+// attention's probabilities among the score products, and a faster peak"); W: the words per key at compile time
+// (0: `words`)
 template <class T, int W = 0>
 inline void score_tile(const uint32_t* q, const uint32_t* kp, int64_t words_in, float* s, int64_t lds, __m512* mx,
                        int64_t valid, const ProbPanel<T>* prob) {
@@ -540,7 +543,7 @@ void attention_tiles(const Packed<T>& pk, typename T::Elem* out0, typename T::El
   // Tiles of 6 queries (a head's rows 6 t .. 6 t + 5), each thread through its own run of them as a pipeline: tile
   // i's scores, panel by panel, with tile i - 1's probabilities of the same panel among their products (independent
   // work that the core overlaps with them), then tile i - 1's values. A tile's probabilities replace its scores (one
-  // buffer of two tiles' rows: 1.013x a 1152-token float32 attention against a buffer of their own, bf16 1.00x)
+  // buffer of two tiles' rows, which a float32 attention ran faster than a buffer of their own)
   const int64_t head_tiles = (N + kTile - 1) / kTile;
   at::parallel_for(0, B * H * head_tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> s(2 * kTile * npad);
@@ -580,8 +583,9 @@ void attention_tiles(const Packed<T>& pk, typename T::Elem* out0, typename T::El
         if (has_cur) {
           float* sc = s_cur + panel * kPanel;
           const uint32_t* kpp = kh + panel * words * kPanel;
-          // compiled for the paper's word counts: with the probabilities among the products, the general loop took
-          // 1.05-1.06x the time of a bf16 attention, 1.00-1.02x in float32
+          // compiled for the paper's word counts: with the probabilities among the products, the general loop was
+          // slower, in bf16 most (benchmarks/README.md, "The attention's probabilities among the score products, and
+          // a faster peak")
           if (words == 64)  // float32 D = 64, bf16 128
             score_tile<T, 64>(qb.data(), kpp, words, sc, npad, mx[cur], valid, inside ? &prob : nullptr);
           else if (words == 32)  // float32 D = 32, bf16 64
@@ -755,8 +759,8 @@ inline __m512 sum4(const __m512 (&v)[4]) {
 }
 
 // adaLN for x's and out's dtypes (bf16: X16, O16), template arguments. A row's sums run in four chains (in one, each
-// vector's add waited for the last: 48 dependent steps per pass at W = 768): with the dtypes fixed, 1.05-1.09x for 16
-// rows, 1.2-1.34x for 128-1024 (bf16 and float32) on the 2-core Zen 5
+// vector's add waited for the last: 48 dependent steps per pass at W = 768), faster with the dtypes fixed, most at 128
+// rows and more (benchmarks/README.md, "The machine's state, a peak probed beside each sample, faster adaLN rows")
 template <bool X16, bool O16>
 void adaln_rows(const AdalnArgs& a) {
   at::parallel_for(0, a.rows, 8, [&](int64_t begin, int64_t end) {
@@ -810,8 +814,8 @@ void adaln_impl(const AdalnArgs& a) {
 }
 
 // a bf16 or float32 tensor's values as float32 (bf16 widened exactly) in a buffer of the kernel's own: a decode's
-// modulation is cached in bf16, and a conversion op per vector took 4 ms of a decode (adaLN's vectors) and 1 ms (the
-// linear layers' gates)
+// modulation is cached in bf16, and a conversion op per vector (adaLN's vectors, the linear layers' gates) was an
+// allocation, a copy and a dispatch each, hundreds per decode
 std::vector<float> float_values(const at::Tensor& t_in, const char* op) {
   check_dtype(t_in.scalar_type(), op);
   const at::Tensor t = t_in.contiguous();
@@ -890,7 +894,8 @@ std::tuple<at::Tensor, at::Tensor> gated_adaln(const at::Tensor& x_in, const at:
 }
 
 // swiglu: (..., 2H) [a, b] -> (..., H) silu(a) * b = a b / (1 + exp(-a)), in float32, rounded once; for bf16
-// outputs exp and the division to 1.4e-4 (relative), under the bf16 rounding: 23% less time at 1024 x 2048
+// outputs exp and the division to 1.4e-4 (relative), under the bf16 rounding, which saves time (benchmarks/README.md,
+// "Shorter bf16 exponentials, the fixed cost of a pass, and the runs after them")
 template <class T>
 inline __m512 silu_mul(__m512 a, __m512 b) {
   const __m512 one = _mm512_set1_ps(1.0f), minus_log2e = _mm512_set1_ps(-1.4426950408889634f);
@@ -938,7 +943,8 @@ at::Tensor swiglu(const at::Tensor& h_in) {
 // ones.
 // The products are the attention's (dot_tile: 6 rows x 64 features per register tile); tasks are (panel, block of
 // rows), a thread's consecutive tasks sharing the panel, which stays in its L2. oneDNN's packed kernel ran the
-// decoder's shapes at the same rate or 1-4% slower; the SwiGLU gate here saves a pass over (M, 2 H) and the op.
+// decoder's shapes no faster (benchmarks/README.md, "msdd's own linear kernel, faster attention packing, and the runs
+// after them"); the SwiGLU gate here saves a pass over (M, 2 H) and the op.
 // int8 (linear_int8): x quantised per row, symmetric (q = round(x * 127 / max |x_r|), stored as q + 128), the weight
 // per output feature (s8, its scale s_c); the exact int32 sums less 128 times the weight's column sums, times
 // s_c max |x_r| / 127, plus the bias.
@@ -979,9 +985,8 @@ struct Int8Sums {
 
 // the gated residual around a tile's outputs: res + gate * sums (S: FloatSums or Int8Sums). Each tile prefetches the
 // next tile's residual rows (`prefetch`; the other epilogues read nothing per row): the rows lie a row length apart,
-// and their loads in the epilogue stalled the tile (a 1024-row layer to 768 features ran at 87% of its ungated rate;
-// 1.04-1.13x a gated bf16 layer alone, 1.01-1.06x float32; in a bf16 student decode on the Zen 5 the 1024-row
-// projections 857 -> 940 GFLOP/s)
+// and their loads in the epilogue stalled the tile, a gated layer running well below its ungated rate
+// (benchmarks/README.md, "Gated residuals prefetched, glibc malloc tuned, and what did not help")
 template <class S, class O>
 struct Gated {
   S sums;
@@ -1041,8 +1046,9 @@ inline void linear_rows(int64_t rows, const uint32_t* x, int64_t words, const ui
 // Rows r0 .. r1 of x (`words` words per row, T's products) against weight panel p, row r's outputs at o + r * ldo
 // (O's elements). The panel at `next` (the thread's next one, `words` words of 64 columns; null: none) goes into the
 // caches during this one's full tiles, a slice of its lines per tile between their products: its first tile no longer
-// waits for it (1.1-1.15x a 64-row layer, 1.05-1.08x a 128-row one on the 2-core Zen 5; the hardware prefetcher alone
-// fetched it too late, and prefetches issued all at once before each tile held up the tile's own loads: 0.85-0.95x).
+// waits for it (layers of 64 and 128 rows gain most; the hardware prefetcher alone fetched it too late, and
+// prefetches issued all at once before each tile held up the tile's own loads; benchmarks/README.md, "A Zen 5 machine:
+// the next weight panel prefetched, a pipelined attention, samples of a second").
 // after(r): rows r0 .. r - 1 are written (after each full tile and at the end)
 template <class T, class O, class S, bool kSwiglu, class After = Nothing>
 void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t p,
@@ -1068,8 +1074,8 @@ void panel_rows(const uint32_t* xw, int64_t words, const uint32_t* wp, const Lin
 
 // A layer's rows in chunks of about equal size whose inputs take at most chunk_bytes (8 MiB unless set), at least a
 // tile: `count` chunks of `size` rows. Taken a chunk at a time through every weight panel, the inputs are read from
-// memory once, instead of once per panel where they outgrow the caches (the blocks op at batch 16 and 256 px on the
-// 2-core Zen 5: float32 1.14x, bf16 1.07x; at batch 2 float32 0.99-1.02x, bf16 unchanged: one chunk)
+// memory once, instead of once per panel where they outgrow the caches, as at batch 16 (benchmarks/README.md, "Batch
+// 16: inputs in chunks, and no mmap")
 int64_t g_chunk_bytes = 8 << 20;
 // sets the chunks' bytes (n > 0; 0: unchanged) and returns the value before: another machine's caches may want
 // another, and the tests take chunks of a few rows
@@ -1097,8 +1103,9 @@ void linear_impl(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* w
   const Chunks chunks(M, words * 4);
   const int64_t rows = std::min(M, chunks.size);
   // blocks of a chunk's rows where the chunks' panels alone leave a thread idle (at least 4 tasks per thread), as many
-  // tasks for each thread where the rows allow: the final layer's 3 panels in 9 tasks gave one thread 5 (a float32
-  // 1024 x 768 -> 192 layer 627 us, in 12 tasks 540; 256 rows 172 -> 139 us on the 2-core Zen 5)
+  // tasks for each thread where the rows allow: the final layer's 3 panels in 9 tasks gave one thread 5 while the
+  // other waited (benchmarks/README.md, "Packing as the tiles finish, the final layer's tasks evenly, and what a
+  // batch-1 pass still pays")
   const int64_t threads = at::get_num_threads(), tasks = chunks.count * panels, tiles = (rows + kTile - 1) / kTile;
   int64_t blocks = std::min(tiles, std::max<int64_t>(1, (4 * threads + tasks - 1) / tasks));
   while (blocks < tiles && tasks * blocks % threads != 0) ++blocks;
@@ -1131,7 +1138,8 @@ void linear_any(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp
 // `words`) as one run of tasks, for an image stream of few rows: task p takes panel p of layer 0 (the context
 // stream's) over all its rows, then panel p of layer 1 (the image stream's). Alone, a layer of 16 rows waits for its
 // weights, which come from memory once per pass, its few tiles too short to fetch the next panel (the 32-px stage's
-// image layers after the attention: 3.4 ms of a 27-ms bf16 pass, 590 GFLOP/s, float32 370, on the 2-core Zen 5);
+// image layers after the attention ran far below the matmul rate; benchmarks/README.md, "Less outside the blocks op,
+// and the 32-px stage's two streams as pairs");
 // here the first half of layer 0's tiles fetch layer 1's panel and the second half layer 0's next one. Every row's
 // outputs are those of linear_impl (the same tiles' products in the same order). Both layers' inputs in one chunk.
 template <class T, class O, class S, bool kSwiglu>
@@ -1262,9 +1270,9 @@ void pair_any(const uint32_t* const (&xw)[2], const int64_t (&M)[2], int64_t wor
     pair_impl<T, O, S, false>(xw, M, words, wp, args, N, out);
 }
 
-// image-stream rows up to which `blocks` runs the two streams' layers after the attention as pairs (pair_impl). The
-// blocks op at 32 px, 2-core Zen 5: 16 rows (batch 1) bf16 1.024-1.035x, float32 1.047x; 32 rows (batch 2) bf16
-// 0.983x, float32 1.006x; 64 rows (64 px) bf16 0.99-1.00x, float32 0.96x
+// image-stream rows up to which `blocks` runs the two streams' layers after the attention as pairs (pair_impl): the
+// pairs made the blocks op faster at 16 rows (batch 1 at 32 px), not at 32 rows (batch 2) nor at 64 (64 px)
+// (benchmarks/README.md, "Less outside the blocks op, and the 32-px stage's two streams as pairs")
 constexpr int64_t kPairRows = 24;
 
 // linear() of the two streams' same layer, the weight and bias of layer l at params[idx[l]] and params[idx[l] + 1], on
@@ -1427,13 +1435,13 @@ void pack_qkv_panel(const typename T::Elem* src, int64_t b, int64_t i0, int64_t 
 // KB for a 1024-token bf16 stream, in its L2) and packed from there (pack_qkv_panel), instead of the (B, n, 3 W)
 // tensor and the attention's packing pass over it, which read the tensor back from L3 or memory. A thread's run of
 // tasks takes the q, k and v panels of the same heads in turn (the panels in order would give one thread the queries
-// and the other the values, which need no LayerNorm). The blocks op per stage, bit for bit as before, on the 2-core
-// Zen 5: bf16 1.021-1.024x, float32 1.006-1.021x; whole student decodes bf16 1.008-1.009x, float32 1.014x.
+// and the other the values, which need no LayerNorm). Bit for bit as before, and faster (benchmarks/README.md, "The
+// qkv layers write the attention's packed operands").
 // The rows are packed as the tiles finish them, 16 tokens (a group of keys) at a time, between the tiles' products
 // (panel_rows' `after`), not in a pass after the panel's tiles: the packing's stores overlap the next tile's products
-// (packing took 5.2 ms of the 256-px stage's 83.5 ms of float32 image-stream qkv layers, 3.4 of 42.7 in bf16; now
-// those layers 1.3-2.3% faster, the 128- and 256-px stages' blocks op float32 1.003x, bf16 1.001x, bit for bit: a
-// gain within a whole decode's noise). norms: q_norm's weight and bias, k_norm's (null: none); D 32 or 64.
+// (bit for bit; faster qkv layers, a gain within a whole decode's noise: benchmarks/README.md, "Packing as the tiles
+// finish, the final layer's tasks evenly, and what a batch-1 pass still pays"). norms: q_norm's weight and bias,
+// k_norm's (null: none); D 32 or 64.
 template <class T, class O, class S>
 void qkv_packed(const uint32_t* xw, int64_t M, int64_t words, const uint32_t* wp, const LinearArgs& args, int64_t n,
                 int64_t t0, bool last, const float* const (&norms)[4], float eps, const float* cos, const float* sin,
@@ -1536,9 +1544,11 @@ std::tuple<at::Tensor, at::Tensor> qkv_attention(const at::Tensor (&h)[2], at::T
 // q_norm's weight and bias and k_norm's; eps the adaLN norms', qk_eps q_norm's and k_norm's; cos and sin the RoPE
 // tables of the joint sequence. Every matmul computes in `bf16` or float32 (what the weights were packed from; int8
 // products with bf16 or float32 around them); an input in another dtype is converted first, as the linear layers'
-// forward does. One call instead of a Python loop over the blocks' 13 kernel calls: 1.5-4% of a paper-256 student
-// decode. The qkv layers and the attention through qkv_attention where it applies (see qkv_packed); the layers after
-// the attention as pairs of the two streams' (linear_pair) where the image stream has at most kPairRows rows.
+// forward does. One call instead of a Python loop over the blocks' 13 kernel calls, whose Python and dispatch were a
+// visible share of a paper-256 student decode (benchmarks/README.md, "A decoder pass's blocks in one call, and what a
+// batch-1 pass pays"). The qkv layers and the attention through qkv_attention where it applies (see qkv_packed); the
+// layers after the attention as pairs of the two streams' (linear_pair) where the image stream has at most kPairRows
+// rows.
 at::Tensor blocks(const at::Tensor& x, const at::Tensor& c, at::TensorList params, at::IntArrayRef full, int64_t heads,
                   double eps, double qk_eps, const at::Tensor& cos, const at::Tensor& sin, bool bf16, bool int8) {
   TORCH_CHECK(!full.empty() && full.size() % 2 == 0, "msdd blocks: give two flags per block (image stream, context "
