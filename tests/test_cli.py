@@ -158,6 +158,19 @@ def test_demo_writes_a_report(tmp_path, capsys, monkeypatch):
     assert (out / "report" / "grid.png").exists()
     assert "bicubic" in (out / "report" / "summary.md").read_text()
     assert "msdd demo" in capsys.readouterr().out
+    # run again (as after an interruption): both stages continue from their run directories with their own configs
+    # (--minutes is not measured again), nothing more is trained, and the report is the same but for its timings
+    budgets.clear()
+    assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
+    printed = capsys.readouterr().out
+    assert f"continuing stage 1 in {out / 'stage1'}" in printed and f"continuing stage 2 in {out / 'stage2'}" in printed
+    assert budgets == {}
+    again = json.loads((out / "report" / "metrics.json").read_text())
+    logged = [json.loads(line) for line in (out / "stage1" / "log.jsonl").read_text().splitlines()]
+    assert again["stage1"] == {**metrics["stage1"], "final_loss": logged[-1]["loss"]}  # this call trained no step
+    assert again["stage2"] == metrics["stage2"]
+    for key in ("teacher", "student"):
+        assert {**again[key], "decode_seconds_per_image": 0} == {**metrics[key], "decode_seconds_per_image": 0}
 
 
 def test_demo_stops_when_a_stage_is_interrupted(tmp_path):

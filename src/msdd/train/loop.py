@@ -286,7 +286,8 @@ class TrainerBase:
     def fit(self, max_steps: int | None = None, minutes: float | None = None, progress: bool = True) -> dict:
         """Train until `max_steps` (default: the config's) or `minutes` of wall time, then save a
         checkpoint, a grid and the final model (`finalize`). SIGTERM / SIGINT stop early: a checkpoint
-        is written and the summary says `interrupted` (no final model). Returns a summary."""
+        is written and the summary says `interrupted` (no final model). Returns a summary (`last`: the metrics of
+        the last step trained, or of the last logged step where this call trained none)."""
         settings, main = self.settings, self.dist.is_main
         max_steps = settings.max_steps if max_steps is None else max_steps
         if self.step > max_steps and main:
@@ -295,7 +296,7 @@ class TrainerBase:
         deadline = None if minutes is None else time.monotonic() + 60 * minutes
         bar = tqdm(total=max_steps, initial=self.step, disable=not (progress and main), desc=self.desc,
                    unit="step", dynamic_ncols=True)
-        meter, t_start, last, stop = Throughput(), time.monotonic(), {}, None
+        meter, t_start, last, stop = Throughput(), time.monotonic(), self.run_log.last() if main else {}, None
         self._fit_t0 = t_start
         with StopSignals() as signals:
             while self.step < max_steps and stop is None:

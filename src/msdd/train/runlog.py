@@ -27,7 +27,7 @@ class Throughput:
         return r
 
 
-def read_log(path: Path, max_step: int) -> list[str]:
+def read_log(path: Path, max_step: float) -> list[str]:
     """Lines of log.jsonl up to `max_step` (a line cut short by a killed process is dropped)."""
     keep = []
     for line in path.read_text().splitlines():
@@ -52,6 +52,11 @@ class RunLog:
         self._purge_step = step + 1
         if self.path.exists():
             atomic_write_text(self.path, "".join(read_log(self.path, step)))
+
+    def last(self) -> dict:
+        """The metrics of the last step in log.jsonl ({} before the first line)."""
+        lines = read_log(self.path, float("inf")) if self.path.exists() else []
+        return {k: v for k, v in json.loads(lines[-1]).items() if k != "step"} if lines else {}
 
     def write(self, step: int, out: dict) -> None:
         if self._writer is None:
