@@ -101,6 +101,17 @@ def test_ssdd_info_gflops_equal_a_count_of_the_real_decode(capsys):
     assert d["one_step_gflop_per_image"] == pytest.approx(counted(tok.decode, z, steps=1) / 1e9, abs=6e-4)
 
 
+def test_plain_info_gflops_equal_a_count_of_the_real_decode(capsys):
+    """`msdd info` of the single-scale baseline (model.family=plain): one pass per image, whatever steps and cfg."""
+    over = ["model.family=plain", "model.sampling.cfg=2.0"]
+    assert main(["info", "--preset", "tiny-64", *[a for o in over for a in ("--set", o)]]) == 0
+    info = json.loads(capsys.readouterr().out)
+    tok = Tokenizer(load_config("tiny-64", over).model).eval()
+    decode = counted(tok.decode, torch.randn(1, 32, 8))
+    assert info["decode"] == {"passes": 1, "gflop_per_image": pytest.approx(decode / 1e9, abs=6e-4)}
+    assert decode > 1e6 and info["params_decoder_M"] == round(sum(p.numel() for p in tok.decoder.parameters()) / 1e6, 3)
+
+
 def test_encoder_flops_equal_a_count_of_the_real_encode():
     """`encoder_flops(tok, batch)`: the FLOPs of encoding `batch` images, twice one image's for two."""
     from msdd.eval.flops import encoder_flops
