@@ -377,7 +377,7 @@ def export_tokenizer(source: str | Path, destination: str | Path, dtype: str = "
     the metadata keeps the source's training record and names the source file's sha256)."""
     dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if dtype not in dtypes:
-        raise ValueError(f"--dtype {dtype!r}: expected one of {list(dtypes)}")
+        raise ValueError(f"dtype={dtype!r}: expected one of {list(dtypes)} (the type the weights are stored in)")
     tok = Tokenizer.from_pretrained(source)
     extra = {k: v for k, v in tok.metadata.items() if k not in FILE_METADATA}
     extra.update(weights_dtype=dtype, exported_from_sha256=file_sha256(resolve_model_dir(source) / WEIGHTS_NAME))

@@ -28,7 +28,7 @@ def grid_image(columns: list[torch.Tensor], pad: int = 2, labels: list[str] | No
     if not labels:
         return grid
     if len(labels) != len(cols):
-        raise ValueError(f"{len(labels)} labels for {len(cols)} columns")
+        raise ValueError(f"labels: got {len(labels)} for {len(cols)} columns; give one label per column, or none")
     out = Image.new("RGB", (grid.width, grid.height + HEADER), "white")
     out.paste(grid, (0, HEADER))
     draw, font = ImageDraw.Draw(out), ImageFont.load_default()

@@ -54,7 +54,8 @@ def reconstruct_images(
         keys = range(len(images))
     keys = list(keys)
     if len(keys) != len(images):
-        raise ValueError(f"got {len(keys)} keys for {len(images)} images")
+        raise ValueError(f"keys: got {len(keys)} for {len(images)} images; give one key per image, or None (the "
+                         "images' indices)")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     outs, decode_s = [], 0.0
