@@ -252,6 +252,12 @@ def test_int8_decode_runs_msdds_int8_kernel_in_float32_and_bf16():
     assert copy.patch_embed.weight.dtype == torch.bfloat16 and isinstance(copy.blocks[0].img.mlp.w12, Int8Linear)
     for out in (int8, int8_bf16):
         assert out.dtype == torch.float32 and (out - fp32).abs().max() < 0.1
+    # activations scaled per token: an image decodes to the same pixels alone as in its batch (torch.ao's layers,
+    # the fallback, scale a whole batch at once)
+    seeded = lambda n: [torch.Generator().manual_seed(i) for i in range(n)]  # noqa: E731
+    for bf16 in (False, True):
+        both = tok.decode(z, steps=(1, 1, 1), generator=seeded(2), int8=True, bf16=bf16)
+        assert torch.equal(tok.decode(z[:1], steps=(1, 1, 1), generator=seeded(1), int8=True, bf16=bf16), both[:1])
 
 
 def _layer_norm64(x, w=None, b=None, eps=1e-6):

@@ -11,9 +11,10 @@ SwiGLU MLP) by int8 linear layers: weights int8 per output channel, activations 
 Where msdd's CPU kernels run (AVX512-BF16 and VNNI), `Int8Linear`: activations per token (row), symmetric, the
 VNNI kernel `cpu_kernels.linear_int8` (faster than msdd's bf16 kernel at the decoder's shapes: benchmarks/README.md,
 "int8 on msdd's own VNNI kernel, with bf16 around it"), bf16 or float32 around it (`decode(int8=True, bf16=True)` /
-`int8=True`); elsewhere PyTorch's `torch.ao` dynamic quantisation (per-tensor activations, fbgemm), float32 around
-it. On the shipped tiny-64 student either stays within the issue's bar of 0.1 dB of PSNR (benchmarks/README.md,
-"int8 matmuls: `decode(int8=True)` and the `student-int8` row").
+`int8=True`); elsewhere PyTorch's `torch.ao` dynamic quantisation (per-tensor activations, fbgemm: one scale for the
+whole batch, so that an image's result depends on the others in its batch), float32 around it. On the shipped
+tiny-64 student either stays within the issue's bar of 0.1 dB of PSNR (benchmarks/README.md, "int8 matmuls:
+`decode(int8=True)` and the `student-int8` row").
 `WeightCopies` keeps such a copy per module and kind for `Tokenizer.encode/decode(bf16=True)` and
 `decode(int8=True)`, rebuilt when the float32 weights change (an optimiser step, `load_state_dict`, `.to()`).
 """
