@@ -143,7 +143,8 @@ def read_model_metadata(directory: Path) -> dict:
                          f"\"{FORMAT}\"); pass a directory written by `msdd train` or `Tokenizer.save_pretrained`")
     version = meta.get("format_version", FORMAT_VERSION)
     if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise ValueError(f"{path}: format_version must be an int >= 1, got {version!r}")
+        raise ValueError(f"{path}: format_version must be an int >= 1, got {version!r}; restore it from the original "
+                         "model, or save the model again with `Tokenizer.save_pretrained`")
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {version}, newer than this msdd reads ({FORMAT_VERSION}); "
                          "upgrade msdd (pip install -U msdd) to load it")

@@ -66,7 +66,8 @@ def parse_override(text: str, sections: set[str] | None = None, default: str = "
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
-        raise ValueError(f"invalid override {text!r}: value is not valid YAML ({e})") from None
+        raise ValueError(f"invalid override {text!r}: value is not valid YAML ({' '.join(str(e).split())}); "
+                         f"write KEY=VALUE with a YAML value, e.g. {example}") from None
     if key.split(".")[0] not in (sections or {f.name for f in fields(Config)}):
         key = f"{default}.{key}"  # `decoder.depth=4` means `model.decoder.depth=4`
     return key, value

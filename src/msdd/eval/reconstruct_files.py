@@ -62,8 +62,10 @@ def list_inputs(inputs: Sequence[str | Path],
             resolved = f.resolve()
             if not any(q == resolved or q in resolved.parents for q in skip):
                 found.append((f, f.relative_to(p).with_suffix("").as_posix(), False))
-    if not found:
-        raise ValueError(f"no usable image in {list(map(str, inputs))}")
+    if not found:  # every image found lies in an output folder (an earlier run's reconstructions, its grid)
+        raise ValueError(f"no image to reconstruct in {list(map(str, inputs))}: the images there are this command's "
+                         "own outputs (reconstructions/, grid.png), which are not read as inputs; pass the original "
+                         "images, or another --out")
     files, names, explicit = (list(column) for column in zip(*found))
     return files, unique_names(names, files), explicit, names
 
@@ -222,7 +224,8 @@ def reconstruct_files(tok, files: Sequence[Path], names: Sequence[str], explicit
         if csv_file is not None:
             csv_file.close()
     if not rows:
-        raise ValueError(f"no usable image among {len(files)} files ({len(skipped)} skipped)")
+        raise ValueError(f"no usable image among {len(files)} files ({len(skipped)} skipped); the warnings above say "
+                         "why each was skipped and how to make it usable")
     real, recon = torch.stack([g[0] for g in grid]), torch.stack([g[1] for g in grid])
     save_grid([real, recon, ((recon - real).abs() * 4 - 1).clamp(-1, 1)], out / "grid.png",
               labels=["input", "output", "error x4"])

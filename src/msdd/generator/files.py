@@ -58,6 +58,14 @@ def read_generator_metadata(directory: Path) -> dict:
     if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version <= FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {version!r} is not one this msdd reads (1 to {FORMAT_VERSION}); "
                          "upgrade msdd to load it")
+    if not isinstance(meta.get("generator"), dict):  # read by `load_generator`: a KeyError or TypeError otherwise
+        raise ValueError(f"{path} has no \"generator\" section (the network's settings) or it is not an object; "
+                         f"{_HINT}")
+    shape = meta.get("latent_shape")
+    if not (isinstance(shape, list) and len(shape) in (2, 3)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape)):
+        raise ValueError(f"{path}: latent_shape must be [tokens, channels] or [channels, height, width] (ints >= 1), "
+                         f"got {shape!r}; {_HINT}")
     return meta
 
 

@@ -150,7 +150,8 @@ class DistillerBase(TrainerBase):
     def load_optim_state(self, state: dict) -> None:
         if state["teacher_sha256"] != self.teacher_hash:
             raise ValueError(f"cannot resume {self.run_dir}: it was distilled from a different teacher (sha256 "
-                             f"{state['teacher_sha256'][:12]}..., now {self.teacher_hash[:12]}...)")
+                             f"{state['teacher_sha256'][:12]}..., now {self.teacher_hash[:12]}...); pass the "
+                             "teacher it started from, or start a new run directory")
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         if self.disc is not None:

@@ -195,8 +195,9 @@ class Stage1Trainer(TrainerBase):
 @torch.no_grad()
 def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_images: int = 512):
     """Per-channel mean and std of z over up to `max_images` images of `dataset`."""
-    total, total_sq, n, seen = 0.0, 0.0, 0, 0
-    for images, _, _ in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+    total, total_sq, n, seen, skipped, example = 0.0, 0.0, 0, 0, 0, None  # example: a skipped (path, reason)
+    for images, n_skipped, bad in DataLoader(dataset, batch_size=batch_size, collate_fn=collate_skip_bad):
+        skipped, example = skipped + n_skipped, example or (bad[0] if bad else None)
         images = images[: max_images - seen]  # never more than max_images in all
         if len(images) == 0:
             continue
@@ -206,7 +207,9 @@ def compute_latent_stats(tok: Tokenizer, dataset, batch_size: int = 64, max_imag
         if seen >= max_images:
             break
     if n == 0:
-        raise ValueError("no usable images to compute latent statistics from")
+        e_g = f", e.g. {example[0]}: {example[1]}" if example else ""
+        raise ValueError(f"no usable images to compute latent statistics from ({skipped} skipped{e_g}); "
+                         "give data with usable images (`msdd latent-stats --data`, data.source)")
     mean = total / n
     std = (total_sq / n - mean.pow(2)).clamp_min(1e-12).sqrt()
     return mean.cpu(), std.cpu()

@@ -25,7 +25,8 @@ class ResumableSampler(Sampler[int]):
         self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
         self.batch = world_size if batch is None else batch
         if self.batch % world_size:
-            raise ValueError(f"a global batch of {self.batch} cannot be split evenly over {world_size} processes")
+            raise ValueError(f"a global batch of {self.batch} cannot be split evenly over {world_size} processes; "
+                             "make the batch size a multiple of the number of processes")
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:

@@ -70,8 +70,9 @@ def at_resolution(config: ModelConfig, resolution: int) -> ModelConfig:
         raise ValueError(f"--resolutions: {resolution} is not {config.image_size} px times a power of two")
     stages = config.flow.num_stages + k
     if stages < 1:
+        smallest = config.image_size // 2 ** (config.flow.num_stages - 1)
         raise ValueError(f"--resolutions: {resolution} px would leave {stages} stages for this "
-                         f"{config.flow.num_stages}-stage {config.image_size} px model")
+                         f"{config.flow.num_stages}-stage {config.image_size} px model; give {smallest} px or more")
     steps = (tuple(config.sampling.steps) + (config.sampling.steps[-1],) * max(0, k))[:stages]
     new = dataclasses.replace(config, image_size=resolution,
                               flow=dataclasses.replace(config.flow, num_stages=stages),
