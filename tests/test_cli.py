@@ -145,7 +145,8 @@ def test_demo_writes_a_report(tmp_path, capsys, monkeypatch):
     for name in ("budgeted_config", "budgeted_distill"):
         monkeypatch.setattr(msdd.demo, name, recording(name))
     out = tmp_path / "demo"
-    assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
+    with pytest.warns(UserWarning, match="train.max_steps=200, .*: not used, the demo sizes its own steps"):
+        assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
     assert budgets == pytest.approx({"budgeted_config": 0.035, "budgeted_distill": 0.015})
     metrics = json.loads((out / "report" / "metrics.json").read_text())
     assert metrics["eval_set"]["images"] == 42
@@ -161,7 +162,8 @@ def test_demo_writes_a_report(tmp_path, capsys, monkeypatch):
     # run again (as after an interruption): both stages continue from their run directories with their own configs
     # (--minutes is not measured again), nothing more is trained, and the report is the same but for its timings
     budgets.clear()
-    assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
+    with pytest.warns(UserWarning, match="not used, the demo sizes its own steps"):  # tiny_args' step settings
+        assert main(["demo", "--minutes", "0.05", "--out", str(out), *tiny_args()]) == 0
     printed = capsys.readouterr().out
     assert f"continuing stage 1 in {out / 'stage1'}" in printed and f"continuing stage 2 in {out / 'stage2'}" in printed
     assert budgets == {}
