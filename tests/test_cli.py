@@ -175,6 +175,39 @@ def test_demo_writes_a_report(tmp_path, capsys, monkeypatch):
         assert {**again[key], "decode_seconds_per_image": 0} == {**metrics[key], "decode_seconds_per_image": 0}
 
 
+@pytest.mark.slow
+def test_the_tiny_64_demo_shows_the_shipped_student_beside_its_own(tmp_path, capsys, monkeypatch):
+    """At the shipped model's preset the demo decodes the same images with the pretrained student too: its row in
+    metrics.json and summary.md, its column last in the grid, each the decode of the bundled model with the demo's
+    seed (a 30-second demo: the fewest steps, a PCA of 1000 crops)."""
+    from msdd.data import embedded_eval_set
+    from msdd.eval.baselines import pca_baseline, pca_for_source
+    from msdd.eval.metrics import bicubic_baseline, psnr_per_image
+    from msdd.eval.reconstruct import reconstruct_images
+    from msdd.tokenizer import Tokenizer
+
+    from conftest import assert_grid_shows
+
+    monkeypatch.setenv("MSDD_PCA_CROPS", "1000")
+    out = tmp_path / "demo"
+    assert main(["demo", "--minutes", "0.01", "--out", str(out), "--set", "train.pca_crops=300"]) == 0
+    metrics = json.loads((out / "report" / "metrics.json").read_text())
+    images, names = embedded_eval_set(64)
+    shipped, _ = reconstruct_images(Tokenizer.from_pretrained("tiny-64-student"), images, seed=0)
+    row = metrics["shipped_student"]
+    assert row["model"] == "tiny-64-student" and row["steps_per_stage"] == [1, 1, 1, 1] and row["decoder_passes"] == 4
+    assert row["psnr"] == round(psnr_per_image(shipped, images).mean().item(), 3) != metrics["student"]["psnr"]
+    summary = (out / "report" / "summary.md").read_text()
+    assert f"| shipped tiny-64-student (pretrained), steps [1, 1, 1, 1], cfg 1.0 | 256 | {row['psnr']:.2f} |" in summary
+    assert "Grid (real | bicubic | PCA | teacher | student | shipped student)" in capsys.readouterr().out
+    own = [reconstruct_images(Tokenizer.from_pretrained(out / f"stage{i}" / "model"), images, seed=0)[0]
+           for i in (1, 2)]
+    pca = pca_baseline(pca_for_source("embedded", 64, 256), images)
+    order = [i for i, n in enumerate(names) if "_" not in n] + [i for i, n in enumerate(names) if "_" in n]
+    columns = [images, bicubic_baseline(images, 256), pca, *own, shipped]
+    assert_grid_shows(out / "report" / "grid.png", [c[order[:12]] for c in columns], 64)
+
+
 def test_demo_stops_when_a_stage_is_interrupted(tmp_path):
     """A stage stopped by SIGTERM ends the demo with 128 + 15 instead of going on without its model."""
     from msdd.demo import _stop_if_interrupted
