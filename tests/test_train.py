@@ -14,7 +14,7 @@ from msdd.train.budget import budgeted_config, fixed_steps
 from msdd.train.optim import cosine_schedule, make_optimizer
 from msdd.train.stage1 import Stage1Trainer
 
-from conftest import assert_same_weights, tiny_config
+from conftest import assert_same_weights, random_vgg16_file, tiny_config
 
 
 def _losses(run_dir):
@@ -130,6 +130,22 @@ def test_missing_vgg_weights_for_lpips_names_file_and_option(tmp_path, monkeypat
     monkeypatch.delenv("MSDD_VGG16_WEIGHTS", raising=False)
     with pytest.raises(FileNotFoundError, match=r"vgg16-397923af\.pth.*--vgg-weights[\s\S]*lpips_weight"):
         Stage1Trainer(tiny_config("model.flow.lpips_weight=0.1"), tmp_path / "r")
+
+
+def test_stage_1_with_lpips_trains_on_the_vgg16_file_it_is_given(tmp_path):
+    """model.flow.lpips_weight > 0: the trainer builds LPIPS from `vgg_weights` (here random features: a network that
+    runs offline) and adds it to the last stage's loss; the same run without it has the same earlier stages' losses."""
+    vgg = random_vgg16_file(tmp_path / "vgg16.pth")
+    logs = {}
+    for weight in (0.0, 0.5):
+        cfg = tiny_config(f"model.flow.lpips_weight={weight}", "train.log_every=1")
+        trainer = Stage1Trainer(cfg, tmp_path / str(weight), vgg_weights=vgg if weight else None)
+        trainer.fit(max_steps=1, progress=False)
+        logs[weight] = json.loads((tmp_path / str(weight) / "log.jsonl").read_text())
+    assert torch.equal(trainer.perceptual.features[0].weight, torch.load(vgg, weights_only=True)["features.0.weight"])
+    without, with_lpips = logs[0.0], logs[0.5]
+    assert (with_lpips["loss_stage0"], with_lpips["loss_stage1"]) == (without["loss_stage0"], without["loss_stage1"])
+    assert with_lpips["loss_stage2"] > without["loss_stage2"] + 1e-4
 
 
 def test_init_from_fine_tunes_a_trained_model_and_resume_takes_precedence(tmp_path, capsys):
