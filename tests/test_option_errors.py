@@ -14,19 +14,13 @@ from PIL import Image
 
 from msdd.cli import main
 from msdd.data import load_photo
-from msdd.generator import GeneratorConfig, build_generator
+from msdd.generator import build_generator
 from msdd.generator.files import save_generator
 from msdd.tokenizer import Tokenizer
 
 from conftest import TINY_PRESET, tiny_args, tiny_config
-
-TINY_GEN = GeneratorConfig(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=2)
-
-
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
+from test_cli_errors import _error
+from test_generator import TINY_GEN
 
 
 def _photos(folder, n: int, size: int = 80):
