@@ -408,8 +408,12 @@ def test_repa_loss_with_a_dinov2_weights_file(tmp_path):
     feats = dino(images)
     assert feats.shape == (2, 256, 384) and not feats.requires_grad
     tok = Tokenizer(ssdd_config("model.ssdd.repa_weight=0.5").model)
+    projected = []
+    tok.decoder.repa_proj.register_forward_hook(lambda module, args, out: projected.append(out.detach()))
     loss, terms = tok.training_loss(images, torch.Generator().manual_seed(0), repa=dino)
     assert "loss_repa" in terms and 0 < terms["loss_repa"] < 2
+    # the term aligns the projected bottleneck tokens with the features of the clean images
+    assert len(projected) == 1 and terms["loss_repa"] == repa_loss(projected[0], dino(images))
     loss.backward()
     assert tok.decoder.repa_proj[0].weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in dino.parameters())
@@ -417,6 +421,30 @@ def test_repa_loss_with_a_dinov2_weights_file(tmp_path):
     target = torch.randn(2, 16, 384)
     assert repa_loss(target.clone(), target).item() == pytest.approx(0.0, abs=1e-5)
     assert repa_loss(torch.randn(2, 64, 384), target).item() > 0.5
+
+
+def test_stage_1_with_repa_trains_on_the_dinov2_file_it_is_given(tmp_path):
+    """model.ssdd.repa_weight > 0: the trainer builds the REPA target network from `dinov2_weights` (a random ViT-S/14
+    file: a network that runs offline), logs the REPA term and adds weight x term to the loss; the flow term of the
+    first step is that of the same run without REPA (the same noise and times), and the projection head trains."""
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
+    dino = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 384)}, dino)
+    logs, trainers = {}, {}
+    for weight in (0.0, 0.5):
+        cfg = ssdd_config(f"model.ssdd.repa_weight={weight}", "train.log_every=1")
+        trainers[weight] = Stage1Trainer(cfg, tmp_path / str(weight), dinov2_weights=dino if weight else None)
+        if weight:
+            start = trainers[weight].tok.decoder.repa_proj[0].weight.detach().clone()
+        trainers[weight].fit(max_steps=1, progress=False)
+        logs[weight] = json.loads((tmp_path / str(weight) / "log.jsonl").read_text())
+    with_repa = trainers[0.5]
+    assert trainers[0.0].repa is None and "loss_repa" not in logs[0.0]
+    assert torch.equal(with_repa.repa.vit.patch_embed.proj.weight, vit.patch_embed.proj.weight)
+    assert logs[0.5]["loss_fm"] == logs[0.0]["loss_fm"] and logs[0.5]["loss_repa"] > 0.1
+    assert logs[0.5]["loss"] == pytest.approx(logs[0.0]["loss_fm"] + 0.5 * logs[0.5]["loss_repa"], rel=1e-5)
+    assert not torch.equal(with_repa.tok.decoder.repa_proj[0].weight, start)
 
 
 @pytest.mark.parametrize("kind", ["tokens", "spatial"])
