@@ -184,6 +184,28 @@ def test_a_signal_to_one_process_stops_every_process_with_its_name(tmp_path):
     # process", so `msdd train` exited 1 there and torchrun reported a crash rather than the pre-emption (128 + 15)
 
 
+def test_two_processes_pre_empted_and_resumed_end_as_two_that_ran_straight(tmp_path):
+    """A pre-emption of a two-process run (SIGTERM to one process) leaves a checkpoint at the step where both stopped;
+    two processes started again resume from it, each at its own place in its share of the data, and end with the
+    weights and the log of two processes that never stopped."""
+    extra = ["train.log_every=1", "train.ckpt_every=1000"]
+    _torchrun(tmp_path / "straight", tmp_path / "straight-dump", 6, *extra)
+    _torchrun(tmp_path / "run", tmp_path / "cut", 6, "--sigterm-on", "1", *extra)
+    cut = json.loads((tmp_path / "cut/rank0.json").read_text())
+    assert cut["interrupted"] == "SIGTERM" and 0 < cut["steps"] < 6
+    assert [p.name for p in list_checkpoints(tmp_path / "run")] == [f"step_{cut['steps']:08d}"]
+    _torchrun(tmp_path / "run", tmp_path / "dump", 6, *extra)
+    assert _log(tmp_path / "run") == _log(tmp_path / "straight")
+    for rank in (0, 1):
+        got = load_file(str(tmp_path / f"dump/rank{rank}.safetensors"))
+        want = load_file(str(tmp_path / f"straight-dump/rank{rank}.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want), rank
+    for name in ("model", "ema"):
+        got = load_file(str(latest_checkpoint(tmp_path / "run") / f"{name}.safetensors"))
+        want = load_file(str(latest_checkpoint(tmp_path / "straight") / f"{name}.safetensors"))
+        assert all(torch.equal(got[k], want[k]) for k in want), name
+
+
 def test_global_batch_must_split_evenly(tmp_path):
     with pytest.raises(ValueError, match=r"train\.batch_size=8 .* 1 x 3"):
         Stage1Trainer(tiny_config("train.grad_accum=3"), tmp_path / "r")
