@@ -184,11 +184,20 @@ def test_a_signal_to_one_process_stops_every_process_with_its_name(tmp_path):
     # process", so `msdd train` exited 1 there and torchrun reported a crash rather than the pre-emption (128 + 15)
 
 
-def test_two_processes_pre_empted_and_resumed_end_as_two_that_ran_straight(tmp_path):
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["stage 1", "distillation"])
+def test_two_processes_pre_empted_and_resumed_end_as_two_that_ran_straight(tmp_path, stage):
     """A pre-emption of a two-process run (SIGTERM to one process) leaves a checkpoint at the step where both stopped;
     two processes started again resume from it, each at its own place in its share of the data, and end with the
-    weights and the log of two processes that never stopped."""
-    extra = ["train.log_every=1", "train.ckpt_every=1000"]
+    weights (the distillation's discriminator included) and the log of two processes that never stopped."""
+    if stage == "stage 1":
+        extra = ["train.log_every=1", "train.ckpt_every=1000"]
+    else:
+        from msdd.tokenizer import Tokenizer
+
+        Tokenizer(tiny_config().model).save_pretrained(tmp_path / "teacher")  # random weights, as above
+        extra = ["--teacher", tmp_path / "teacher", "distill.batch_size=4", "distill.log_every=1",
+                 "distill.ckpt_every=1000", "distill.adv_start_step=0", "distill.grid_every=1000"]
     _torchrun(tmp_path / "straight", tmp_path / "straight-dump", 6, *extra)
     _torchrun(tmp_path / "run", tmp_path / "cut", 6, "--sigterm-on", "1", *extra)
     cut = json.loads((tmp_path / "cut/rank0.json").read_text())
@@ -200,9 +209,11 @@ def test_two_processes_pre_empted_and_resumed_end_as_two_that_ran_straight(tmp_p
         got = load_file(str(tmp_path / f"dump/rank{rank}.safetensors"))
         want = load_file(str(tmp_path / f"straight-dump/rank{rank}.safetensors"))
         assert all(torch.equal(got[k], want[k]) for k in want), rank
-    for name in ("model", "ema"):
-        got = load_file(str(latest_checkpoint(tmp_path / "run") / f"{name}.safetensors"))
-        want = load_file(str(latest_checkpoint(tmp_path / "straight") / f"{name}.safetensors"))
+    files = sorted(p.name for p in latest_checkpoint(tmp_path / "straight").glob("*.safetensors"))
+    assert len(files) == (2 if stage == "stage 1" else 3)
+    for name in files:
+        got = load_file(str(latest_checkpoint(tmp_path / "run") / name))
+        want = load_file(str(latest_checkpoint(tmp_path / "straight") / name))
         assert all(torch.equal(got[k], want[k]) for k in want), name
 
 
