@@ -1,7 +1,8 @@
 """Shared fixtures: tiny configs (a few channels, 32 px) and a small folder of real photo crops.
 
-Tests over ~10 s on 2 CPU cores (torchrun subprocesses, SSDD training and distillation) are marked `slow`
-(declared in pyproject.toml); `pytest -m "not slow"` leaves them out for a quick run."""
+Tests over ~10 s on 2 CPU cores (torchrun subprocesses, torch.compile, killed and resumed runs, training to a goal,
+the demo's shipped column) are marked `slow` (declared in pyproject.toml); `pytest -m "not slow"` leaves them out for a
+quick run."""
 
 from __future__ import annotations
 

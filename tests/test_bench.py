@@ -122,6 +122,7 @@ def test_first_is_the_warm_up_call_and_memory_the_last_rounds_sample():
         assert t.memory["a"] >= 48
 
 
+@pytest.mark.slow
 def test_quick_report_has_every_contender(quick):
     report, stdout = quick
     assert all(k in report for k in TOP_LEVEL)

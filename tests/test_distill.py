@@ -199,6 +199,7 @@ def test_adaptive_loss_gives_the_three_pass_gradients_in_two():
         torch.testing.assert_close(p.grad, 0.25 * e, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_distill_compile_runs_the_students_blocks_compiled_with_the_eager_loss_and_gradients(teacher_dir, tmp_path,
                                                                                               monkeypatch):
     """distill.compile: the student decoder's transformer blocks run compiled (not its frozen encoder's, not the

@@ -568,6 +568,7 @@ def test_torchrun_two_processes_match_one(model_dir, tmp_path):
     assert b["metrics"]["ssim"] == pytest.approx(a["metrics"]["ssim"], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_lpips_matches_torchmetrics_given_the_same_vgg16_file(model_dir, tmp_path, monkeypatch):
     """Our differentiable LPIPS (msdd.models.perceptual) against torchmetrics' reference implementation,
     both reading one VGG16 file: a stand-in with random weights (the real one is 528 MB and online), put

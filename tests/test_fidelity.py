@@ -10,6 +10,7 @@ import torch
 from msdd.cli import main
 
 
+@pytest.mark.slow
 def test_fidelity_quick_writes_the_table(tmp_path, capsys):
     out = tmp_path / "fid"
     assert main(["fidelity", "--quick", "--out", str(out), "--total-steps", "6", "--set", "train.pca_crops=500",

@@ -37,6 +37,7 @@ def test_sampling_flops_equal_a_count_of_real_sampling():
         assert sampling_flops(model, steps, guidance, batch=2) == real > 0
 
 
+@pytest.mark.slow
 def test_pipeline_rows_add_generator_and_decoder(tmp_path):
     rows = ("student", "teacher", "ssdd-student", "sd-vae")
     report, stdout = _bench(tmp_path, "--pipeline", "--gen-steps", "3")

@@ -61,6 +61,7 @@ def _train_cmd(run_dir, *extra):
 # ---------------------------------------------------------------- several processes
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
     """2 processes x 4 images = 1 process x 2 accumulated micro-batches of 4: the same images and the
     same noise in every micro-batch slot, so the same training run."""
@@ -94,6 +95,7 @@ def test_two_processes_agree_with_each_other_and_with_one_process(tmp_path):
         Stage1Trainer(tiny_config("train.log_every=1"), tmp_path / "ddp")
 
 
+@pytest.mark.slow
 def test_distillation_in_two_processes_agrees_with_one(tmp_path):
     """Stage 2 under torchrun, adversarial from the first step (each process's adaptive weight from its own
     gradients, `adaptive_loss`, as DDP's autograd.grad gives the reference code) and the discriminator trained beside
@@ -168,6 +170,7 @@ def test_gen_train_processes_share_the_encoding_of_its_images(tmp_path):
     assert ranks[0]["encoded"].tolist() == [2, 2, 1, 1] and ranks[1]["encoded"].tolist() == [2, 2, 2, 2]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_on_one_process_is_skipped_by_all(tmp_path):
     """Only rank 1 sees NaN (its null context is poisoned): both processes skip the same steps."""
     _torchrun(tmp_path / "ddp", tmp_path / "dump", 6, "--poison-null-on", "1")
@@ -177,6 +180,7 @@ def test_non_finite_loss_on_one_process_is_skipped_by_all(tmp_path):
     assert all(torch.equal(r0[k], r1[k]) for k in r0)
 
 
+@pytest.mark.slow
 def test_a_signal_to_one_process_stops_every_process_with_its_name(tmp_path):
     _torchrun(tmp_path / "ddp", tmp_path / "dump", 6, "--sigterm-on", "1")
     s0, s1 = (json.loads((tmp_path / f"dump/rank{k}.json").read_text()) for k in (0, 1))
@@ -225,6 +229,7 @@ def test_global_batch_must_split_evenly(tmp_path):
 # ---------------------------------------------------------------- pre-emption
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     steps, extra = 30, ["train.log_every=1", "train.ckpt_every=4"]
     ref = subprocess.run(_train_cmd(tmp_path / "ref", *extra) + ["--max-steps", str(steps)], env=ENV,
@@ -260,6 +265,7 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert diff == 0.0
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_its_log_afresh(tmp_path):
     extra = ["train.log_every=1", "train.ckpt_every=1000"]
     ref = subprocess.run(_train_cmd(tmp_path / "ref", *extra) + ["--max-steps", "8"], env=ENV, capture_output=True,

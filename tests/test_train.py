@@ -21,6 +21,7 @@ def _losses(run_dir):
     return [json.loads(line)["loss"] for line in open(run_dir / "log.jsonl")]
 
 
+@pytest.mark.slow
 def test_overfit_few_images_drives_loss_down(photo_folder, tmp_path):
     # the paper's network (no linear path, v-prediction): with the PCA start the loss has little left to lose
     cfg = tiny_config(f"data.source={photo_folder}", f"data.eval_source={photo_folder}", "train.log_every=1",
@@ -274,6 +275,7 @@ def test_a_cpu_training_steps_attention_computes_in_float32_up_to_its_key_limit(
     assert torch.equal(attend(), bf16_attention())
 
 
+@pytest.mark.slow
 def test_train_compile_runs_the_trained_models_blocks_compiled_with_the_eager_loss_and_gradients(tmp_path,
                                                                                                 monkeypatch):
     """train.compile: every transformer block of the trained tokenizer runs compiled (graphs per block form and input
