@@ -26,6 +26,8 @@ from msdd.generator.train import GeneratorTrainer
 from msdd.seeding import image_generators
 from msdd.tokenizer import Tokenizer
 
+from conftest import assert_same_runs, straight_and_resumed
+
 TINY_GEN = GeneratorConfig(width=32, depth=2, heads=2, mlp_hidden=64, patch_size=2)
 # gen-tiny shrunk for the tests: `--set` arguments of `msdd gen-train`
 TINY_SET = ["generator.width=32", "generator.depth=2", "generator.heads=2", "generator.mlp_hidden=64",
@@ -535,6 +537,19 @@ def test_trainer_saves_its_ema_generator(tmp_path, spatial_tok):
     grid = trainer.save_grid()
     assert grid == tmp_path / "run" / "grids" / "step_00000003.png"
     assert np.array_equal(np.asarray(Image.open(grid)), np.asarray(sample_grid(samples)))
+
+
+def test_a_resumed_generator_run_trains_as_a_straight_one(tmp_path, spatial_tok):
+    """4 steps of the latent generator in one run equal 2, a resume from their checkpoint and 2 more: the same logged
+    losses, generator and EMA (a step's noise and times come from its seed, the latents' order from the stored data
+    position: 6 latents in batches of 4 make every step a new epoch; the EMA's warm-up from its stored update count)."""
+    cfg = load_gen_config("gen-tiny", [*TINY_SET, "train.grid_every=1000", "data.images=6", "train.batch_size=4"])
+    straight, resumed = straight_and_resumed(
+        lambda run, require_resume: GeneratorTrainer(cfg, tmp_path / "ssdd", run, require_resume=require_resume),
+        tmp_path)
+    assert len(open(tmp_path / "a" / "log.jsonl").readlines()) == 4
+    assert_same_runs(tmp_path / "a", tmp_path / "b", ("loss", "grad_norm", "lr"),
+                     {"model": (straight.model, resumed.model), "ema": (straight.ema.module, resumed.ema.module)})
 
 
 def test_gen_config_bare_keys_and_label_dropout_bounds():
