@@ -7,6 +7,7 @@ quick run."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+import msdd
 from msdd.config import load_config
+
+# Subprocesses (the command line, torchrun, fresh interpreters) import the msdd these tests import, not whichever one
+# the environment has installed: a second checkout, or a copy of the tree under test, is then tested whole.
+SOURCE = str(Path(msdd.__file__).resolve().parent.parent)
+os.environ["PYTHONPATH"] = os.pathsep.join([SOURCE, *filter(None, [os.environ.get("PYTHONPATH")])])
 
 TINY_PRESET = "tiny-test"  # a 32 px toy tiny-64 (configs/tiny-test.yaml), also `msdd fidelity --quick`'s
 # Short runs on top of it: 3 stages of 2 steps, a 200-step schedule with frequent logs and checkpoints, and

@@ -1,6 +1,7 @@
 """The Hugging Face Hub: loading by repo id from the standard cache offline, and `msdd push` (issue 17)."""
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -39,7 +40,8 @@ def test_repo_id_resolves_from_a_real_hub_cache_offline(tmp_path):
             assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), bundled.state_dict().values()))
         assert main(["info", "--model", "someone/missing"]) == 2
     """)
-    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "PYTHONPATH": os.environ["PYTHONPATH"]}
     r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "'someone/missing' is not a local directory" in r.stderr and "could not be downloaded" in r.stderr

@@ -32,7 +32,7 @@ from msdd.train.stage1 import Stage1Trainer
 from conftest import tiny_args, tiny_config
 
 TESTS = Path(__file__).parent
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS)}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ["PYTHONPATH"]])}
 
 
 def _free_port() -> int:
