@@ -45,8 +45,9 @@ def test_attention_kernels(in_tmp, monkeypatch):
     run_script("attention_kernels", "--tokens", "64", "--repeats", "1", "--out", "a.json", monkeypatch=monkeypatch)
     rows = json.loads(Path("a.json").read_text())["rows"]
     assert {(r["dtype"], r["tokens"]) for r in rows} == {("bf16", 64), ("fp32", 64)}
-    for r in rows:  # the fused kernel against float64 attention, as close as PyTorch's flash kernel
+    for r in rows:  # both kernels against float64 attention: the fused one about as close as PyTorch's flash kernel
         assert r["fused_ms"] > 0 and r["fused_max_abs_error"] < (0.05 if r["dtype"] == "bf16" else 1e-4), r
+        assert r["fused_max_abs_error"] <= 2 * r["flash_max_abs_error"] + 1e-6, r
 
 
 @KERNELS
