@@ -15,6 +15,8 @@ from PIL import Image
 from msdd.cli import main
 from msdd.models import cpu_kernels
 
+from test_generator import gen_args
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 KERNELS = pytest.mark.skipif(not (cpu_kernels.cpu_supported() and cpu_kernels.library() is not None),
                              reason="msdd's CPU kernels do not run here")
@@ -93,10 +95,7 @@ def test_learning_curves(in_tmp, monkeypatch):
 
 def test_generator_scripts(in_tmp, monkeypatch, capsys):
     """generator_fd.py and generation_decoders.py on a generator trained for two steps."""
-    tiny = ["generator.width=32", "generator.depth=2", "generator.heads=2", "generator.mlp_hidden=64",
-            "train.batch_size=8", "data.images=8"]
-    assert main(["gen-train", "--tokenizer", "tiny-64", "--run-dir", "gen", "--max-steps", "2",
-                 *[a for o in tiny for a in ("--set", o)]]) == 0
+    assert main(["gen-train", "--tokenizer", "tiny-64", "--run-dir", "gen", "--max-steps", "2", *gen_args()]) == 0
     capsys.readouterr()
     run_script("generator_fd", "4", "gen/model", monkeypatch=monkeypatch)
     assert "gen/model" in capsys.readouterr().out

@@ -394,15 +394,21 @@ def test_missing_dinov2_weights_for_repa_names_file_and_option(tmp_path, monkeyp
     assert "--dinov2-weights" in capsys.readouterr().err
 
 
+def random_dinov2_file(path):
+    """timm's ViT-S/14 (DINOv2's network) with random weights, saved at `path` as Meta's file is (with its mask
+    token): a REPA target network that runs offline. Returns the network (eval mode, any image size)."""
+    timm = pytest.importorskip("timm")
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True).eval()
+    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 384)}, path)
+    return vit
+
+
 def test_repa_loss_with_a_dinov2_weights_file(tmp_path):
     """REPA end to end with a real ViT-S/14 state dict file (randomly initialised: the test checks loading,
     shapes and where gradients go, not DINOv2's features)."""
-    timm = pytest.importorskip("timm")
     from msdd.models.repa import DinoV2Features
 
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
-    state = {**vit.state_dict(), "mask_token": torch.zeros(1, 384)}  # Meta's file has a mask token
-    torch.save(state, tmp_path / "dinov2_vits14_pretrain.pth")
+    random_dinov2_file(tmp_path / "dinov2_vits14_pretrain.pth")
     dino = DinoV2Features(tmp_path / "dinov2_vits14_pretrain.pth")
     images = torch.rand(2, 3, 32, 32) * 2 - 1
     feats = dino(images)
@@ -427,10 +433,8 @@ def test_stage_1_with_repa_trains_on_the_dinov2_file_it_is_given(tmp_path):
     """model.ssdd.repa_weight > 0: the trainer builds the REPA target network from `dinov2_weights` (a random ViT-S/14
     file: a network that runs offline), logs the REPA term and adds weight x term to the loss; the flow term of the
     first step is that of the same run without REPA (the same noise and times), and the projection head trains."""
-    timm = pytest.importorskip("timm")
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0)
     dino = tmp_path / "dinov2_vits14_pretrain.pth"
-    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 384)}, dino)
+    vit = random_dinov2_file(dino)
     logs, trainers = {}, {}
     for weight in (0.0, 0.5):
         cfg = ssdd_config(f"model.ssdd.repa_weight={weight}", "train.log_every=1")
@@ -468,13 +472,11 @@ def test_repa_features_see_the_images_with_imagenet_normalisation(tmp_path):
     """DINOv2 was trained on ImageNet-normalised [0, 1] pixels: the REPA target of images in [-1, 1] is the ViT's
     patch tokens of ((x + 1) / 2 - mean) / std resized to 224 px. Feeding [-1, 1] straight in (or a wrong mean / std)
     gives the ViT other inputs than it knows, and REPA aligns the decoder with features of wrong images."""
-    timm = pytest.importorskip("timm")
     from msdd.models.discriminator import IMAGENET_MEAN, IMAGENET_STD
     from msdd.models.repa import DinoV2Features
 
     torch.manual_seed(0)
-    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0, dynamic_img_size=True).eval()
-    torch.save({**vit.state_dict(), "mask_token": torch.zeros(1, 384)}, tmp_path / "dinov2_vits14_pretrain.pth")
+    vit = random_dinov2_file(tmp_path / "dinov2_vits14_pretrain.pth")
     dino = DinoV2Features(tmp_path / "dinov2_vits14_pretrain.pth")
     images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
