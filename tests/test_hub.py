@@ -22,7 +22,8 @@ REV = "0123456789abcdef0123456789abcdef01234567"
 def test_repo_id_resolves_from_a_real_hub_cache_offline(tmp_path):
     """A real huggingface_hub cache layout (models--owner--name/snapshots/REV, refs/main) under HF_HUB_CACHE:
     with HF_HUB_OFFLINE=1 the repo id loads from it, and an uncached repo id fails with a clear error."""
-    for name in ("tiny-64", "tiny-64.en"):  # a dotted repo name (as whisper-tiny.en) was taken for a file path
+    # a dotted repo name (as whisper-tiny.en) was taken for a file path; a name's case is its own in the cache
+    for name in ("tiny-64", "Tiny-64.en"):
         repo = tmp_path / "hub" / f"models--someone--{name}"
         snap = repo / "snapshots" / REV
         snap.mkdir(parents=True)
@@ -35,7 +36,7 @@ def test_repo_id_resolves_from_a_real_hub_cache_offline(tmp_path):
         from msdd.cli import main
         from msdd.tokenizer import Tokenizer
         bundled = Tokenizer.from_pretrained("tiny-64-student")
-        for repo_id in ("someone/tiny-64", "someone/tiny-64.en"):
+        for repo_id in ("someone/tiny-64", "someone/Tiny-64.en"):
             hub = Tokenizer.from_pretrained(repo_id)
             assert all(torch.equal(a, b) for a, b in zip(hub.state_dict().values(), bundled.state_dict().values()))
         assert main(["info", "--model", "someone/missing"]) == 2
