@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from msdd.flow.path import (
-    balanced_stages, block_noise, flow_loss, local_sigmoid_weight, noisy_at, renoise, sigmoid_weight, stage_ends,
-    velocity_from_end,
+    balanced_stages, block_noise, flow_loss, local_sigmoid_weight, noisy_at, renoise, sample_r, sigmoid_weight,
+    stage_ends, velocity_from_end,
 )  # fmt: skip
 from msdd.flow.sampler import sample_multiscale
 from msdd.flow.schedule import stage_windows
@@ -115,6 +115,28 @@ def test_balanced_stage_assignment():
     a = balanced_stages(10, 4, torch.Generator().manual_seed(0))
     counts = torch.bincount(a, minlength=4)
     assert counts.max() - counts.min() <= 1 and counts.sum() == 10
+    # shuffled: a batch's order (the loader's, or an image's place in it) does not fix the stage it trains
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([balanced_stages(10, 4, g) for _ in range(200)])  # (200, 10)
+    assert all(torch.equal(torch.bincount(d, minlength=4), counts) for d in draws)
+    per_place = torch.stack([torch.bincount(col, minlength=4) for col in draws.T])  # (10 places, 4 stages)
+    assert per_place.min() >= 25  # each place trains every stage: 50 times each expected, binomial sd 6
+
+
+def test_training_times_are_logit_normal_or_uniform():
+    """t_sampling: logit_normal draws r = sigmoid(n) with n ~ N(0, 1) (the paper's), uniform r ~ U(0, 1); each from
+    the generator it is given."""
+    like = torch.zeros(())
+    r = sample_r(20000, "logit_normal", torch.Generator().manual_seed(0), like)
+    logit = torch.log(r / (1 - r))
+    assert abs(logit.mean().item()) < 0.03 and logit.std().item() == pytest.approx(1.0, abs=0.03)
+    u = sample_r(20000, "uniform", torch.Generator().manual_seed(0), like)
+    assert 0 < u.min() and u.max() < 1 and u.mean().item() == pytest.approx(0.5, abs=0.01)
+    assert u.std().item() == pytest.approx(math.sqrt(1 / 12), abs=0.01)
+    assert torch.equal(sample_r(8, "uniform", torch.Generator().manual_seed(3), like),
+                       sample_r(8, "uniform", torch.Generator().manual_seed(3), like))
+    with pytest.raises(ValueError, match="unknown t_sampling 'beta'"):
+        sample_r(8, "beta", None, like)
 
 
 @pytest.mark.parametrize("stages", [1, 3, 4])
