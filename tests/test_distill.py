@@ -641,3 +641,14 @@ def test_the_distillers_networks_follow_its_config(teacher_dir, tmp_path):
         assert d.disc.reference == (heads == "reference")
         assert [id(p) for p in d.disc_params] == [id(p) for p in d.disc.heads.parameters()]  # not the frozen ViT
         assert not any(p.requires_grad for p in d.disc.vit.parameters())
+
+
+def test_a_guided_teachers_student_decodes_unguided(tmp_path):
+    """The teacher's stored schedule may guide (model.sampling.cfg 2: two passes a step); its student learns the guided
+    decode in one pass a stage, so its own stored schedule is one step per stage at guidance 1."""
+    teacher = Tokenizer(tiny_config("model.sampling.cfg=2").model)
+    teacher.save_pretrained(tmp_path / "teacher")
+    d = Distiller(tiny_config("distill.cfg=2"), tmp_path / "teacher", tmp_path / "d")
+    assert d.teacher.config.sampling.cfg == 2.0 and d.student.config.sampling.cfg == 1.0
+    assert d.student.default_steps() == (1, 1, 1) and d.student.resolve_guidance(None) == 1.0
+    assert d.student.passes_per_image(d.student.default_steps(), 1.0) == 3
