@@ -291,9 +291,9 @@ def test_pca_fits_are_cached_per_seed():
 
 
 def test_pca_fits_are_keyed_by_resolution_and_size_and_its_reconstructions_are_8_bit(tmp_path, monkeypatch):
-    """The cached fit's key holds the resolution and the number of components too (a 16 px fit is not a 32 px one);
-    `cache=False` neither reads nor writes the cache. The baseline's reconstructions are rounded to the 8-bit grid,
-    as every reconstruction a report scores."""
+    """The cached fit's key holds the resolution, the number of components, of crops and the seed (a 16 px fit is not a
+    32 px one); `cache=False` neither reads nor writes the cache. The baseline's reconstructions are rounded to the
+    8-bit grid, as every reconstruction a report scores."""
     import msdd.eval.baselines as baselines
 
     monkeypatch.setenv("MSDD_CACHE", str(tmp_path))
@@ -307,6 +307,10 @@ def test_pca_fits_are_keyed_by_resolution_and_size_and_its_reconstructions_are_8
     baselines.pca_for_source("embedded", 32, 8, crops=64, cache=False)  # a cached fit: not read
     baselines.pca_for_source("embedded", 32, 8, crops=64, seed=5, cache=False)  # a new one: not written
     assert fits == [8, 8, 4, 8, 8] and len(list(tmp_path.iterdir())) == 3
+    # and the number of crops and the seed (a quick fit of a few crops is not the 20,000-crop one reports name)
+    baselines.pca_for_source("embedded", 32, 8, crops=32)
+    baselines.pca_for_source("embedded", 32, 8, crops=64, seed=5)
+    assert fits == [8, 8, 4, 8, 8, 8, 8] and len(list(tmp_path.glob("pca-*.safetensors"))) == 5
     images = embedded_eval_set(32)[0][:4]
     rec = baselines.pca_baseline(pca, images)
     assert rec.shape == images.shape and torch.equal(rec, quantize(rec))
