@@ -22,6 +22,7 @@ from msdd.data import embedded_eval_set
 from msdd.eval.evaluate import evaluate
 from msdd.eval.metrics import bicubic_baseline, bicubic_side, psnr_per_image, quantize, ssim_per_image
 from msdd.eval.plots import plot_pareto
+from msdd.eval.reconstruct import reconstruct_images
 from msdd.tokenizer import Tokenizer
 
 from conftest import random_vgg16_file, tiny_config
@@ -211,8 +212,14 @@ def test_the_bicubic_baseline_of_the_embedded_held_out_set_is_the_one_reported()
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
+    """A random tiny model whose reconstructions depend on their images: every weight random (a fresh encoder's zero
+    output layer gives every image the latent 0, and a fresh decoder's zero gates leave only the noise to reach its
+    output: a reconstruction scored against another image's crop would pass)."""
     tok = Tokenizer(tiny_config().model)
-    torch.nn.init.normal_(tok.decoder.final.linear.weight, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in tok.parameters():
+            p.normal_(std=0.02, generator=g)
     path = tmp_path_factory.mktemp("m") / "model"
     tok.save_pretrained(path)
     return path
@@ -231,6 +238,11 @@ def test_evaluate_protocol_and_offline_skips(model_dir, tmp_path, monkeypatch):
     assert "weights-inception" in r["skipped_metrics"]["rfid"] and "--inception-weights" in r["skipped_metrics"]["rfid"]
     r2 = evaluate(tok, "embedded", limit=6, batch_size=6)
     assert r2["metrics"]["psnr"] == pytest.approx(r["metrics"]["psnr"], abs=1e-4)  # batch size does not matter
+    # each image's reconstruction, from its own latent and the noise of its index, scored against its own crop
+    crops = quantize(embedded_eval_set(32)[0][:6])
+    rec, _ = reconstruct_images(tok, crops, seed=0)
+    assert psnr_per_image(rec, crops).mean().item() == pytest.approx(r["metrics"]["psnr"], abs=1e-4)
+    assert ssim_per_image(rec, crops).mean().item() == pytest.approx(r["metrics"]["ssim"], abs=1e-5)
 
 
 def test_evaluate_reports_what_it_scored_skipped_and_decoded(model_dir, photo_folder):
@@ -342,7 +354,6 @@ def test_reconstruct_images_draws_each_images_noise_from_its_key(monkeypatch):
 
     import msdd.eval.reconstruct as rec
     from msdd.data import embedded_eval_set
-    from msdd.eval.reconstruct import reconstruct_images
 
     tok = Tokenizer.from_pretrained("tiny-64-student")
     x = embedded_eval_set(64)[0][:4]
