@@ -280,6 +280,8 @@ def test_cfg_one_equals_conditional_pass_and_cfg_mixes():
         cond = tok.decoder(x, torch.full((2,), 0.9), z)
         null = tok.decoder(x, torch.full((2,), 0.9), tok.decoder.null_like(z))
         assert (cond - null).abs().mean() > 0.05 * cond.abs().mean()  # the checks below tell the two passes apart
+        # the null pass sees the learned null context, the one training's context drop puts in (`drop_context`)
+        assert torch.equal(tok.decoder.null_like(z), tok.decoder.null_context.expand(2, -1, -1))
         assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 1.0), cond, atol=1e-6)
         assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 0.0), null, atol=1e-6)
         assert torch.allclose(guided_velocity(tok.decoder, x, 0.9, z, 2.5), null + 2.5 * (cond - null), atol=1e-5)
