@@ -146,7 +146,7 @@ def test_cross_rope_base_on_both_axes():
     assert math.isclose(both[i, 0].item(), cross[i, 0].item())  # frequency 0 has no base
     assert load_config("paper-256").model.decoder.context_pos == "cross_both"
     assert load_config("tiny-64").model.decoder.context_pos == "cross"
-    # the other two layouts: "1d" rotates every pair by the token's index i (base 10^4 over all pairs), "none" not at all
+    # the other two layouts: "1d" rotates every pair by the token index i (base 10^4 over all pairs), "none" none
     one_d = rope_angles(grid, full, L, head_dim, "1d")[grid * grid:]
     half = head_dim // 2
     assert one_d[i, 3].item() == pytest.approx(i * 10000.0 ** (-3 / half)) and one_d[0].abs().max() == 0
